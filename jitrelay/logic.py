@@ -1,0 +1,121 @@
+"""What makes one relay domain differ from another, and nothing else.
+
+A ``RelayLogic`` is data: the domain id, the TLV types it carries, whether it
+verifies checksums, its limits and its slow-subscriber policy. The engine
+never asks it anything per message; it turns itself once into the flat
+``KernelTables`` the compiled scan reads. A new domain is one subclass and
+one ``LOGICS`` entry.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from . import protocol
+from .kernels import KernelTables
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+DISCONNECT = "disconnect"
+BLOCK = "block"
+SLOW_POLICIES = (DISCONNECT, BLOCK)
+
+DEFAULT_SOCKET_DIR = "/tmp/jitrelay"
+SOCKET_DIR_ENV = "JITRELAY_SOCKET_DIR"
+
+
+def socket_dir() -> Path:
+    return Path(os.environ.get(SOCKET_DIR_ENV) or DEFAULT_SOCKET_DIR)
+
+
+@dataclass
+class RelayLogic:
+    """One relay domain. Subclasses set the class-level defaults; instances may override any field."""
+
+    name: ClassVar[str]
+    domain_id: ClassVar[int]
+    tlv_ranges: tuple[tuple[int, int], ...] = ()
+    verify_checksum: bool = False
+    max_payload: int = 1 * MiB
+    slow_policy: str = DISCONNECT
+    # Pending bytes per subscriber above which the policy acts, and (for
+    # ``block``) the level under which reading resumes.
+    pending_high: int = 8 * MiB
+    pending_low: int = 2 * MiB
+    # Receive buffer per connection; raised to hold at least two max-size messages.
+    buffer_size: int = 4 * MiB
+    socket_path: Path = field(default_factory=lambda: Path())
+
+    def __post_init__(self) -> None:
+        if self.slow_policy not in SLOW_POLICIES:
+            raise ValueError(f"slow_policy must be one of {SLOW_POLICIES}, not {self.slow_policy!r}")
+        if not 0 <= self.max_payload < (1 << 32):
+            raise ValueError("max_payload must fit in 32 bits")
+        if not 0 < self.pending_low <= self.pending_high:
+            raise ValueError("need 0 < pending_low <= pending_high")
+        for lo, hi in self.tlv_ranges:
+            if not 1 <= lo <= hi <= 255:
+                raise ValueError(f"TLV range {lo}..{hi} is not within 1..255")
+        if self.socket_path == Path():
+            self.socket_path = socket_dir() / f"{self.name}.sock"
+        self.buffer_size = max(self.buffer_size, 2 * (protocol.HEADER_SIZE + self.max_payload))
+
+    def type_allowed(self) -> np.ndarray:
+        allowed = np.zeros(256, dtype=np.uint8)
+        for lo, hi in self.tlv_ranges:
+            allowed[lo : hi + 1] = 1
+        return allowed
+
+    def kernel_tables(self) -> KernelTables:
+        return KernelTables(self.domain_id, self.max_payload, self.verify_checksum, self.type_allowed())
+
+
+@dataclass
+class MarketDataLogic(RelayLogic):
+    name: ClassVar[str] = "market_data"
+    domain_id: ClassVar[int] = protocol.MARKET_DATA
+    tlv_ranges: tuple[tuple[int, int], ...] = protocol.DOMAIN_TLV_RANGES[protocol.MARKET_DATA]
+    verify_checksum: bool = False
+    max_payload: int = 1 * MiB
+    slow_policy: str = DISCONNECT
+
+
+@dataclass
+class SignalLogic(RelayLogic):
+    name: ClassVar[str] = "signal"
+    domain_id: ClassVar[int] = protocol.SIGNAL
+    tlv_ranges: tuple[tuple[int, int], ...] = protocol.DOMAIN_TLV_RANGES[protocol.SIGNAL]
+    verify_checksum: bool = True
+    max_payload: int = 32 * KiB
+    slow_policy: str = DISCONNECT
+    buffer_size: int = 1 * MiB
+
+
+@dataclass
+class ExecutionLogic(RelayLogic):
+    name: ClassVar[str] = "execution"
+    domain_id: ClassVar[int] = protocol.EXECUTION
+    tlv_ranges: tuple[tuple[int, int], ...] = protocol.DOMAIN_TLV_RANGES[protocol.EXECUTION]
+    verify_checksum: bool = True
+    max_payload: int = 1 * MiB
+    slow_policy: str = BLOCK
+
+
+LOGICS: dict[str, type[RelayLogic]] = {
+    cls.name: cls for cls in (MarketDataLogic, SignalLogic, ExecutionLogic)
+}
+
+
+def logic_for(name: str, **overrides: object) -> RelayLogic:
+    """The logic registered under ``name``, with any fields overridden."""
+    try:
+        cls = LOGICS[name]
+    except KeyError:
+        raise ValueError(f"unknown domain {name!r}; choose one of {', '.join(LOGICS)}") from None
+    return cls(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,260 @@
+"""Protocol V2: wire constants, the header layout, a message builder and a decoder.
+
+Pure: no I/O, no compiled code. The relay's hot path lives in ``kernels``; this
+module is the readable statement of the wire format that tools, clients and
+tests build on. All integers are little-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = 0xDEADBEEF
+MAGIC_BYTES = b"\xef\xbe\xad\xde"
+VERSION = 2
+HEADER_SIZE = 32
+CHECKSUM_COVERED = 28  # header bytes 0..27 precede the payload in the CRC
+
+# Header field offsets, for code that reads single fields out of a buffer.
+OFF_MAGIC = 0
+OFF_DOMAIN = 4
+OFF_VERSION = 5
+OFF_SOURCE = 6
+OFF_FLAGS = 7
+OFF_SEQUENCE = 8
+OFF_TIMESTAMP = 16
+OFF_PAYLOAD_SIZE = 24
+OFF_CHECKSUM = 28
+
+HEADER_DTYPE = np.dtype(
+    [
+        ("magic", "<u4"),
+        ("relay_domain", "u1"),
+        ("version", "u1"),
+        ("source", "u1"),
+        ("flags", "u1"),
+        ("sequence", "<u8"),
+        ("timestamp_ns", "<u8"),
+        ("payload_size", "<u4"),
+        ("checksum", "<u4"),
+    ]
+)
+assert HEADER_DTYPE.itemsize == HEADER_SIZE
+
+_HEADER = struct.Struct("<IBBBBQQII")
+
+# Relay domains (header byte 4).
+MARKET_DATA = 1
+SIGNAL = 2
+EXECUTION = 3
+SYSTEM = 4
+DOMAIN_NAMES = {MARKET_DATA: "market_data", SIGNAL: "signal", EXECUTION: "execution", SYSTEM: "system"}
+DOMAIN_IDS = {name: ident for ident, name in DOMAIN_NAMES.items()}
+
+# TLV types each domain carries, as inclusive ranges.
+DOMAIN_TLV_RANGES: dict[int, tuple[tuple[int, int], ...]] = {
+    MARKET_DATA: ((1, 19),),
+    SIGNAL: ((20, 39),),
+    EXECUTION: ((40, 79),),
+    SYSTEM: ((100, 119),),
+}
+
+EXTENDED_TLV = 255
+MAX_STANDARD_VALUE = 255
+MAX_EXTENDED_VALUE = 65535
+
+# Verdicts the relay gives a complete message. 0 forwards; the rest are the
+# per-message rejects of PROTOCOL.md, in the order they are checked.
+FORWARD = 0
+BAD_VERSION = 1
+WRONG_DOMAIN = 2
+MALFORMED_TLV = 3
+TLV_OUT_OF_RANGE = 4
+BAD_CHECKSUM = 5
+VERDICT_NAMES = ("forward", "bad_version", "wrong_domain", "malformed_tlv", "tlv_out_of_range", "bad_checksum")
+REJECT_NAMES = VERDICT_NAMES[1:]
+
+# Stream-fatal faults: the connection cannot be trusted past them.
+NO_FAULT = 0
+BAD_MAGIC = 1
+OVERSIZE = 2
+FAULT_NAMES = ("none", "bad_magic", "oversize")
+
+
+class ProtocolError(ValueError):
+    """Bytes that do not follow Protocol V2."""
+
+
+@dataclass(frozen=True)
+class Header:
+    magic: int
+    relay_domain: int
+    version: int
+    source: int
+    flags: int
+    sequence: int
+    timestamp_ns: int
+    payload_size: int
+    checksum: int
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview, offset: int = 0) -> Header:
+        return cls(*_HEADER.unpack_from(data, offset))
+
+
+@dataclass(frozen=True)
+class Message:
+    """One decoded message: its header, its records and its exact bytes."""
+
+    header: Header
+    records: tuple[tuple[int, bytes], ...]
+    raw: bytes
+
+    @property
+    def checksum_ok(self) -> bool:
+        return message_checksum(self.raw) == self.header.checksum
+
+
+def encode_record(tlv_type: int, value: bytes, extended: bool | None = None) -> bytes:
+    """One TLV record; extended form when asked, or when the value needs it."""
+    if not 0 <= tlv_type <= 255:
+        raise ValueError(f"TLV type {tlv_type} is not a byte")
+    if extended is None:
+        extended = len(value) > MAX_STANDARD_VALUE or tlv_type == EXTENDED_TLV
+    if extended:
+        if len(value) > MAX_EXTENDED_VALUE:
+            raise ValueError(f"TLV value of {len(value)} bytes exceeds {MAX_EXTENDED_VALUE}")
+        return bytes((EXTENDED_TLV, 0, tlv_type)) + struct.pack("<H", len(value)) + value
+    if len(value) > MAX_STANDARD_VALUE:
+        raise ValueError(f"TLV value of {len(value)} bytes needs an extended record")
+    return bytes((tlv_type, len(value))) + value
+
+
+def encode_records(records: Iterable[tuple[int, bytes]]) -> bytes:
+    return b"".join(encode_record(t, bytes(v)) for t, v in records)
+
+
+def message_checksum(message: bytes | memoryview) -> int:
+    """CRC-32 of header bytes 0..27 followed by the payload."""
+    view = memoryview(message)
+    return zlib.crc32(view[HEADER_SIZE:], zlib.crc32(view[:CHECKSUM_COVERED]))
+
+
+def build_message(
+    domain: int,
+    records: Iterable[tuple[int, bytes]] = (),
+    *,
+    source: int = 0,
+    flags: int = 0,
+    sequence: int = 0,
+    timestamp_ns: int | None = None,
+    payload: bytes | None = None,
+    version: int = VERSION,
+    magic: int = MAGIC,
+    checksum: int | None = None,
+) -> bytes:
+    """A complete message, CRC-32 filled in.
+
+    ``payload`` replaces ``records`` with raw bytes and ``checksum``/``version``/
+    ``magic`` override the computed fields, so tests and fuzzers can build
+    messages the relay must reject.
+    """
+    body = encode_records(records) if payload is None else bytes(payload)
+    if timestamp_ns is None:
+        timestamp_ns = time.time_ns()
+    head = _HEADER.pack(magic, domain, version, source, flags, sequence, timestamp_ns, len(body), 0)
+    if checksum is None:
+        checksum = zlib.crc32(body, zlib.crc32(head[:CHECKSUM_COVERED]))
+    return head[:CHECKSUM_COVERED] + struct.pack("<I", checksum) + body
+
+
+def build_batch(
+    domain: int,
+    count: int,
+    records: Sequence[tuple[int, bytes]],
+    *,
+    source: int = 0,
+    flags: int = 0,
+    first_sequence: int = 0,
+    timestamp_ns: int | None = None,
+    checksums: bool = True,
+) -> np.ndarray:
+    """``count`` messages with the same records and consecutive sequence numbers.
+
+    Returns one uint8 array of ``count * message_size`` bytes, ready to send in
+    one write. Headers are filled with vectorised numpy; checksums (one
+    ``zlib.crc32`` per message) can be skipped for domains that do not verify
+    them, or filled later by ``kernels.stamp_batch``.
+    """
+    template = np.frombuffer(
+        build_message(domain, records, source=source, flags=flags, timestamp_ns=timestamp_ns or 0), dtype=np.uint8
+    )
+    size = template.size
+    batch = np.empty((count, size), dtype=np.uint8)
+    batch[:] = template
+    headers = batch[:, :HEADER_SIZE].copy().view(HEADER_DTYPE).reshape(count)
+    headers["sequence"] = np.arange(first_sequence, first_sequence + count, dtype=np.uint64)
+    headers["timestamp_ns"] = time.time_ns() if timestamp_ns is None else timestamp_ns
+    headers["checksum"] = 0
+    batch[:, :HEADER_SIZE] = headers.view(np.uint8).reshape(count, HEADER_SIZE)
+    if checksums:
+        flat = memoryview(batch.reshape(-1))
+        crcs = headers["checksum"]
+        for i in range(count):
+            crcs[i] = message_checksum(flat[i * size : (i + 1) * size])
+        batch[:, OFF_CHECKSUM:HEADER_SIZE] = crcs.astype("<u4").view(np.uint8).reshape(count, 4)
+    return batch.reshape(-1)
+
+
+def iter_records(payload: bytes | memoryview) -> Iterator[tuple[int, bytes]]:
+    """Yield (type, value) for each record; raise ProtocolError if they do not fill the payload."""
+    data = bytes(payload)
+    pos, end = 0, len(data)
+    while pos < end:
+        tlv_type = data[pos]
+        if tlv_type == EXTENDED_TLV:
+            if pos + 5 > end or data[pos + 1] != 0:
+                raise ProtocolError(f"truncated or invalid extended record at payload offset {pos}")
+            tlv_type = data[pos + 2]
+            length = data[pos + 3] | (data[pos + 4] << 8)
+            pos += 5
+        else:
+            if pos + 2 > end:
+                raise ProtocolError(f"truncated record at payload offset {pos}")
+            length = data[pos + 1]
+            pos += 2
+        if tlv_type == 0:
+            raise ProtocolError("record of type 0")
+        if pos + length > end:
+            raise ProtocolError(f"record value overruns the payload at offset {pos}")
+        yield tlv_type, data[pos : pos + length]
+        pos += length
+
+
+def decode_message(data: bytes | memoryview, offset: int = 0) -> tuple[Message, int]:
+    """Decode the message at ``offset``; return it and the offset just past it."""
+    view = memoryview(data)
+    if len(view) - offset < HEADER_SIZE:
+        raise ProtocolError("incomplete header")
+    header = Header.unpack(view, offset)
+    if header.magic != MAGIC:
+        raise ProtocolError(f"bad magic 0x{header.magic:08x} at offset {offset}")
+    end = offset + HEADER_SIZE + header.payload_size
+    if end > len(view):
+        raise ProtocolError("incomplete payload")
+    raw = bytes(view[offset:end])
+    return Message(header, tuple(iter_records(raw[HEADER_SIZE:])), raw), end
+
+
+def decode_messages(data: bytes | memoryview) -> Iterator[Message]:
+    """Decode back-to-back messages that fill ``data`` exactly."""
+    offset, end = 0, len(data)
+    while offset < end:
+        message, offset = decode_message(data, offset)
+        yield message

@@ -330,6 +330,4 @@ def stamp_batch(
     """
     if message_size < p.HEADER_SIZE or len(batch) % message_size:
         raise ValueError("batch is not a whole number of messages of that size")
-    _stamp_batch(
-        batch, message_size, len(batch) // message_size, first_sequence, timestamp_ns, checksums, CRC_TABLES
-    )
+    _stamp_batch(batch, message_size, len(batch) // message_size, first_sequence, timestamp_ns, checksums, CRC_TABLES)

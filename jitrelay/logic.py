@@ -107,9 +107,7 @@ class ExecutionLogic(RelayLogic):
     slow_policy: str = BLOCK
 
 
-LOGICS: dict[str, type[RelayLogic]] = {
-    cls.name: cls for cls in (MarketDataLogic, SignalLogic, ExecutionLogic)
-}
+LOGICS: dict[str, type[RelayLogic]] = {cls.name: cls for cls in (MarketDataLogic, SignalLogic, ExecutionLogic)}
 
 
 def logic_for(name: str, **overrides: object) -> RelayLogic:

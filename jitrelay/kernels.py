@@ -198,11 +198,20 @@ def _scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, v
     return n, pos, fault, n_runs, forwarded
 
 
-def scan_into(buf: np.ndarray, start: int, end: int, tables: KernelTables, out: ScanBuffers) -> ScanResult:
+def scan_into(
+    buf: np.ndarray,
+    start: int,
+    end: int,
+    tables: KernelTables,
+    out: ScanBuffers,
+    counts: np.ndarray | None = None,
+) -> ScanResult:
     """Frame and judge every complete message in ``buf[start:end]``.
 
-    Results go to ``out`` (see ``ScanBuffers``). On a fault, ``consumed`` is
-    the offset of the faulty header: messages before it were judged normally.
+    Results go to ``out`` (see ``ScanBuffers``); verdicts are tallied into
+    ``counts`` (default ``out.counts``), so one ``ScanBuffers`` can serve many
+    connections that keep their own tallies. On a fault, ``consumed`` is the
+    offset of the faulty header: messages before it were judged normally.
     """
     if end - start > out.capacity:
         raise ValueError(f"scan range of {end - start} bytes exceeds the buffers' capacity of {out.capacity}")
@@ -218,7 +227,7 @@ def scan_into(buf: np.ndarray, start: int, end: int, tables: KernelTables, out: 
             out.offsets,
             out.verdicts,
             out.runs,
-            out.counts,
+            out.counts if counts is None else counts,
             CRC_TABLES,
         )
     )

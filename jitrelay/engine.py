@@ -1,0 +1,357 @@
+"""The relay's I/O shell: sockets, receive buffers, fan-out, back-pressure, shutdown.
+
+Data path, per read: uvloop reads straight into the connection's numpy
+buffer (``BufferedProtocol``); one ``kernels.scan_into`` call frames and
+judges every complete message in it; the forwarded runs become one immutable
+batch (a single copy when every message passed, a compaction otherwise) that
+is written once to every other connection; the partial message at the end,
+if any, moves to the front of the buffer for the next read.
+
+Why a copy at all: uvloop keeps a reference to the memory of a write it
+cannot finish at once and sends whatever that memory holds later. The
+receive buffer is reused on the next read, so handing uvloop a view of it
+would corrupt slow subscribers' streams. The batch is built once and shared
+by all subscribers, so the cost is one memcpy per read however many
+subscribers there are.
+
+Memory is bounded: a receive buffer per connection (pages touched only by
+publishers), and per subscriber at most ``pending_high`` bytes plus one batch
+of pending writes before the slow-subscriber policy acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels, protocol
+from .logic import BLOCK, RelayLogic
+
+log = logging.getLogger("jitrelay.relay")
+
+SHUTDOWN_FLUSH_SECONDS = 1.0
+_PEERCRED = struct.Struct("3i")
+
+
+class RelayAlreadyRunning(RuntimeError):
+    """Another relay is listening on the socket path."""
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One client connection: a publisher, a subscriber, or both."""
+
+    def __init__(self, relay: Relay, conn_id: int):
+        self.relay = relay
+        self.conn_id = conn_id
+        self.transport: asyncio.Transport | None = None
+        self.peer = f"conn={conn_id}"
+        self.pid = self.uid = self.gid = -1
+        self.buf = np.empty(relay.logic.buffer_size, dtype=np.uint8)
+        self._view = memoryview(self.buf)
+        self.filled = 0
+        self.counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.fault = protocol.NO_FAULT
+        self.over_limit = False
+
+    # asyncio protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            self.pid, self.uid, self.gid = _PEERCRED.unpack(creds)
+            self.peer = f"conn={self.conn_id} pid={self.pid} uid={self.uid}"
+        transport.set_write_buffer_limits(high=self.relay.logic.pending_high, low=self.relay.logic.pending_low)
+        self.relay.add(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view[self.filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.filled += nbytes
+        self.bytes_in += nbytes
+        self.relay.on_data(self)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.filled and self.fault == protocol.NO_FAULT:
+            log.info("%s closed mid-message; discarded %d bytes of an unfinished message", self.peer, self.filled)
+        self.filled = 0
+        self.relay.remove(self)
+
+    def pause_writing(self) -> None:
+        self.over_limit = True
+        self.relay.on_over_limit(self)
+
+    def resume_writing(self) -> None:
+        self.over_limit = False
+        self.relay.on_under_limit(self)
+
+
+class Relay:
+    """Fans out every valid message a connection sends to all other connections."""
+
+    def __init__(self, logic: RelayLogic):
+        self.logic = logic
+        self.tables = logic.kernel_tables()
+        self.scan_out = kernels.ScanBuffers(logic.buffer_size)
+        self.connections: dict[int, Connection] = {}
+        self._targets: tuple[tuple[Connection, asyncio.Transport], ...] = ()
+        self._next_id = 0
+        self._blocked: set[Connection] = set()
+        self._to_drop: list[Connection] = []
+        self._reading = True
+        self.retired_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+        self.faults: Counter[str] = Counter()
+        self.slow_disconnects = 0
+        self.bytes_forwarded = 0
+        self.batches = 0
+        self.accepted = 0
+
+    def new_connection(self) -> Connection:
+        self._next_id += 1
+        return Connection(self, self._next_id)
+
+    # membership
+
+    def add(self, conn: Connection) -> None:
+        self.connections[conn.conn_id] = conn
+        self.accepted += 1
+        self._retarget()
+        if not self._reading:
+            conn.transport.pause_reading()
+        log.info("%s connected", conn.peer)
+
+    def remove(self, conn: Connection) -> None:
+        if self.connections.pop(conn.conn_id, None) is None:
+            return
+        self.retired_counts += conn.counts
+        self._retarget()
+        log.info("%s disconnected (received %d bytes, sent %d bytes)", conn.peer, conn.bytes_in, conn.bytes_out)
+        self.on_under_limit(conn)
+
+    def _retarget(self) -> None:
+        self._targets = tuple((c, c.transport) for c in self.connections.values() if not c.transport.is_closing())
+
+    # the data path
+
+    def on_data(self, conn: Connection) -> None:
+        result = kernels.scan_into(conn.buf, 0, conn.filled, self.tables, self.scan_out, conn.counts)
+        if result.forwarded_bytes:
+            self._forward(conn, result)
+        if result.fault != protocol.NO_FAULT:
+            self._close_faulty(conn, result.fault, result.consumed)
+            return
+        leftover = conn.filled - result.consumed
+        if leftover and result.consumed:
+            conn.buf[:leftover] = conn.buf[result.consumed : conn.filled]
+        conn.filled = leftover
+
+    def _forward(self, sender: Connection, result: kernels.ScanResult) -> None:
+        runs = self.scan_out.runs
+        if result.runs == 1:
+            batch: bytes | memoryview = sender.buf[runs[0] : runs[1]].tobytes()
+        else:
+            batch = kernels.compact(sender.buf, runs, result.runs).data
+        size = result.forwarded_bytes
+        sender_transport = sender.transport
+        for conn, transport in self._targets:
+            if transport is not sender_transport:
+                transport.write(batch)
+                conn.bytes_out += size
+        self.bytes_forwarded += size
+        self.batches += 1
+        if self._to_drop:
+            self._drop_slow()
+
+    def _close_faulty(self, conn: Connection, fault: int, offset: int) -> None:
+        reason = protocol.FAULT_NAMES[fault]
+        conn.fault = fault
+        self.faults[reason] += 1
+        log.warning(
+            "closing connection %s: %s at stream offset %d",
+            conn.peer,
+            reason,
+            conn.bytes_in - conn.filled + offset,
+        )
+        conn.filled = 0
+        conn.transport.close()
+        self._retarget()
+
+    # slow subscribers
+
+    def on_over_limit(self, conn: Connection) -> None:
+        if self.logic.slow_policy == BLOCK:
+            if not self._blocked:
+                log.info("%s has %d bytes pending; pausing publishers", conn.peer, self._pending(conn))
+            self._blocked.add(conn)
+            self._set_reading(False)
+        else:
+            self._to_drop.append(conn)
+
+    def on_under_limit(self, conn: Connection) -> None:
+        if conn in self._blocked:
+            self._blocked.discard(conn)
+            if not self._blocked:
+                log.info("subscribers caught up; resuming publishers")
+                self._set_reading(True)
+
+    def _drop_slow(self) -> None:
+        for conn in self._to_drop:
+            if conn.conn_id in self.connections and not conn.transport.is_closing():
+                self.slow_disconnects += 1
+                log.warning(
+                    "disconnecting slow subscriber %s: %d bytes pending (limit %d)",
+                    conn.peer,
+                    self._pending(conn),
+                    self.logic.pending_high,
+                )
+                conn.transport.abort()
+        self._to_drop.clear()
+        self._retarget()
+
+    @staticmethod
+    def _pending(conn: Connection) -> int:
+        return conn.transport.get_write_buffer_size() if conn.transport else 0
+
+    def _set_reading(self, reading: bool) -> None:
+        if reading == self._reading:
+            return
+        self._reading = reading
+        for conn in self.connections.values():
+            if conn.transport.is_closing():
+                continue
+            if reading:
+                conn.transport.resume_reading()
+            else:
+                conn.transport.pause_reading()
+
+    # figures
+
+    def verdict_counts(self) -> dict[str, int]:
+        total = self.retired_counts.copy()
+        for conn in self.connections.values():
+            total += conn.counts
+        return dict(zip(protocol.VERDICT_NAMES, total.tolist(), strict=True))
+
+    def summary(self) -> str:
+        counts = self.verdict_counts()
+        received = sum(counts.values())
+        rejected = {k: v for k, v in counts.items() if k != "forward" and v}
+        return (
+            f"received {received} messages, forwarded {counts['forward']} "
+            f"({self.bytes_forwarded} bytes in {self.batches} batches), rejected {rejected or 0}, "
+            f"faults {dict(self.faults) or 0}, slow subscribers dropped {self.slow_disconnects}, "
+            f"connections {self.accepted}"
+        )
+
+    async def drain_and_close(self, timeout: float) -> None:
+        """Stop reading, give pending writes ``timeout`` seconds, then close everything."""
+        self._set_reading(False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(self._pending(c) for c in self.connections.values()):
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections.values()):
+            conn.transport.abort() if self._pending(conn) else conn.transport.close()
+        await asyncio.sleep(0)
+
+
+def _probe(path: Path) -> bool:
+    """True when something accepts connections on ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return False
+            raise
+    return True
+
+
+def bind_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``: folder 0770, socket 0660, stale file replaced."""
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(mode=0o770, parents=True, exist_ok=True)
+        os.chmod(folder, 0o770)
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise RelayAlreadyRunning(f"{path} exists and is not a socket; not replacing it")
+        if _probe(path):
+            raise RelayAlreadyRunning(f"another relay is already listening on {path}")
+        log.info("replacing stale socket %s", path)
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o660)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def warm_up(logic: RelayLogic) -> float:
+    """Compile (or load from cache) the kernels before accepting traffic; return the seconds it took."""
+    started = time.perf_counter()
+    sample = np.frombuffer(protocol.build_message(logic.domain_id, [], timestamp_ns=0) * 3, dtype=np.uint8).copy()
+    result, out = kernels.scan(sample, logic.kernel_tables())
+    kernels.compact(sample, out.runs, result.runs)
+    return time.perf_counter() - started
+
+
+async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
+    """Run a relay until ``stop`` is set or SIGINT/SIGTERM arrives; return it for its figures."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    path = Path(logic.socket_path)
+    log.debug("kernels ready in %.3f s", warm_up(logic))
+    sock = bind_socket(path)
+    inode = os.stat(path).st_ino
+    relay = Relay(logic)
+    server = await loop.create_unix_server(relay.new_connection, sock=sock)
+    log.info("jitrelay %s relay listening on %s", logic.name, path)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        await relay.drain_and_close(SHUTDOWN_FLUSH_SECONDS)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == inode:
+                path.unlink()
+        log.info("jitrelay %s relay stopped: %s", logic.name, relay.summary())
+    return relay
+
+
+def run_relay(logic: RelayLogic) -> int:
+    """Serve ``logic`` on uvloop until SIGINT/SIGTERM; the exit code."""
+    import uvloop
+
+    uvloop.run(serve(logic))
+    return 0

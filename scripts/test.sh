@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, every test with the kernels compiled, the kernel
+# tests again as plain Python (NUMBA_DISABLE_JIT=1) so coverage sees kernel
+# code, then the combined coverage gate. Fails on the first failure; pytest's
+# "no tests ran" (exit 5) is a failure too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ruff check jitrelay tests benchmarks
+ruff format --check jitrelay tests benchmarks
+
+coverage erase
+python -m pytest --cov=jitrelay --cov-report= "$@"
+NUMBA_DISABLE_JIT=1 python -m pytest -m kernels --cov=jitrelay --cov-append --cov-report= "$@"
+coverage combine --append >/dev/null 2>&1 || true
+coverage report --fail-under=90

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels, protocol
-from .logic import BLOCK, RelayLogic
+from .logic import DISCONNECT, RelayLogic
 
 log = logging.getLogger("jitrelay.relay")
 
@@ -65,7 +65,7 @@ class Connection(asyncio.BufferedProtocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.fault = protocol.NO_FAULT
-        self.over_limit = False
+        self.slow_timer: asyncio.TimerHandle | None = None
 
     # asyncio protocol callbacks
 
@@ -97,11 +97,9 @@ class Connection(asyncio.BufferedProtocol):
         self.relay.remove(self)
 
     def pause_writing(self) -> None:
-        self.over_limit = True
         self.relay.on_over_limit(self)
 
     def resume_writing(self) -> None:
-        self.over_limit = False
         self.relay.on_under_limit(self)
 
 
@@ -116,7 +114,6 @@ class Relay:
         self._targets: tuple[tuple[Connection, asyncio.Transport], ...] = ()
         self._next_id = 0
         self._blocked: set[Connection] = set()
-        self._to_drop: list[Connection] = []
         self._reading = True
         self.retired_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
         self.faults: Counter[str] = Counter()
@@ -178,8 +175,6 @@ class Relay:
                 conn.bytes_out += size
         self.bytes_forwarded += size
         self.batches += 1
-        if self._to_drop:
-            self._drop_slow()
 
     def _close_faulty(self, conn: Connection, fault: int, offset: int) -> None:
         reason = protocol.FAULT_NAMES[fault]
@@ -198,33 +193,42 @@ class Relay:
     # slow subscribers
 
     def on_over_limit(self, conn: Connection) -> None:
-        if self.logic.slow_policy == BLOCK:
-            if not self._blocked:
-                log.info("%s has %d bytes pending; pausing publishers", conn.peer, self._pending(conn))
-            self._blocked.add(conn)
-            self._set_reading(False)
-        else:
-            self._to_drop.append(conn)
+        """A subscriber passed ``pending_high``: pause publishers until it drains.
+
+        Under ``disconnect`` it gets ``slow_timeout`` seconds to drain below
+        ``pending_low``; a subscriber that is stuck, not merely momentarily
+        behind, is then dropped and the publishers resume.
+        """
+        if not self._blocked:
+            log.info("%s has %d bytes pending; pausing publishers", conn.peer, self._pending(conn))
+        self._blocked.add(conn)
+        self._set_reading(False)
+        if self.logic.slow_policy == DISCONNECT and conn.slow_timer is None:
+            conn.slow_timer = asyncio.get_running_loop().call_later(self.logic.slow_timeout, self._drop_slow, conn)
 
     def on_under_limit(self, conn: Connection) -> None:
+        if conn.slow_timer is not None:
+            conn.slow_timer.cancel()
+            conn.slow_timer = None
         if conn in self._blocked:
             self._blocked.discard(conn)
             if not self._blocked:
                 log.info("subscribers caught up; resuming publishers")
                 self._set_reading(True)
 
-    def _drop_slow(self) -> None:
-        for conn in self._to_drop:
-            if conn.conn_id in self.connections and not conn.transport.is_closing():
-                self.slow_disconnects += 1
-                log.warning(
-                    "disconnecting slow subscriber %s: %d bytes pending (limit %d)",
-                    conn.peer,
-                    self._pending(conn),
-                    self.logic.pending_high,
-                )
-                conn.transport.abort()
-        self._to_drop.clear()
+    def _drop_slow(self, conn: Connection) -> None:
+        conn.slow_timer = None
+        if conn.conn_id not in self.connections or conn.transport.is_closing():
+            return
+        self.slow_disconnects += 1
+        log.warning(
+            "disconnecting slow subscriber %s: %d bytes pending after %.1f s (limit %d)",
+            conn.peer,
+            self._pending(conn),
+            self.logic.slow_timeout,
+            self.logic.pending_high,
+        )
+        conn.transport.abort()
         self._retarget()
 
     @staticmethod

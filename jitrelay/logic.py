@@ -44,10 +44,13 @@ class RelayLogic:
     verify_checksum: bool = False
     max_payload: int = 1 * MiB
     slow_policy: str = DISCONNECT
-    # Pending bytes per subscriber above which the policy acts, and (for
-    # ``block``) the level under which reading resumes.
+    # A subscriber with more than ``pending_high`` bytes pending pauses every
+    # publisher until it is back under ``pending_low``. Under ``disconnect`` a
+    # subscriber still above ``pending_low`` after ``slow_timeout`` seconds is
+    # dropped; under ``block`` it is waited for.
     pending_high: int = 8 * MiB
     pending_low: int = 2 * MiB
+    slow_timeout: float = 1.0
     # Receive buffer per connection; raised to hold at least two max-size messages.
     buffer_size: int = 4 * MiB
     socket_path: Path = field(default_factory=lambda: Path())
@@ -59,6 +62,8 @@ class RelayLogic:
             raise ValueError("max_payload must fit in 32 bits")
         if not 0 < self.pending_low <= self.pending_high:
             raise ValueError("need 0 < pending_low <= pending_high")
+        if not self.slow_timeout > 0:
+            raise ValueError("slow_timeout must be positive")
         for lo, hi in self.tlv_ranges:
             if not 1 <= lo <= hi <= 255:
                 raise ValueError(f"TLV range {lo}..{hi} is not within 1..255")

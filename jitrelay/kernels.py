@@ -339,4 +339,11 @@ def stamp_batch(
     """
     if message_size < p.HEADER_SIZE or len(batch) % message_size:
         raise ValueError("batch is not a whole number of messages of that size")
-    _stamp_batch(batch, message_size, len(batch) // message_size, first_sequence, timestamp_ns, checksums, CRC_TABLES)
+    count = len(batch) // message_size
+    _stamp_batch(batch, message_size, count, _as_int64(first_sequence), _as_int64(timestamp_ns), checksums, CRC_TABLES)
+
+
+def _as_int64(value: int) -> int:
+    """The int64 with the same 64 bits as ``value``: the kernel writes the bytes, not the sign."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value

@@ -1,0 +1,177 @@
+"""A plain-Python statement of Protocol V2, written from PROTOCOL.md alone.
+
+The kernel tests compare ``jitrelay.kernels`` against this module, so it must
+not share code with the project: it encodes with ``struct`` and checks with
+``zlib.crc32``, and takes only the verdict and fault codes from
+``jitrelay.protocol`` (they are names, not behaviour). It favours being
+obviously right over being fast.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from jitrelay.protocol import (
+    BAD_CHECKSUM,
+    BAD_MAGIC,
+    BAD_VERSION,
+    FORWARD,
+    MALFORMED_TLV,
+    NO_FAULT,
+    OVERSIZE,
+    TLV_OUT_OF_RANGE,
+    WRONG_DOMAIN,
+)
+
+MAGIC_WIRE = b"\xef\xbe\xad\xde"
+HEADER = 32
+VERSION = 2
+_HEADER = struct.Struct("<4sBBBBQQII")
+
+Ranges = Sequence[tuple[int, int]]
+Judged = tuple[int, int, int]  # (offset, length, verdict)
+
+
+class Domain(NamedTuple):
+    ident: int
+    ranges: tuple[tuple[int, int], ...]
+    verify: bool
+    max_payload: int
+
+
+# The domain table of PROTOCOL.md.
+DOMAINS = {
+    "market_data": Domain(1, ((1, 19),), False, 1 << 20),
+    "signal": Domain(2, ((20, 39),), True, 32 << 10),
+    "execution": Domain(3, ((40, 79),), True, 1 << 20),
+}
+
+
+def standard_record(tlv_type: int, value: bytes) -> bytes:
+    """``type``, ``length``, ``value``."""
+    return bytes((tlv_type, len(value))) + value
+
+
+def extended_record(tlv_type: int, value: bytes) -> bytes:
+    """``255``, ``0``, ``type``, 2-byte little-endian ``length``, ``value``."""
+    return bytes((255, 0, tlv_type)) + struct.pack("<H", len(value)) + value
+
+
+def message(
+    domain: int,
+    payload: bytes = b"",
+    *,
+    version: int = VERSION,
+    source: int = 0,
+    flags: int = 0,
+    sequence: int = 0,
+    timestamp_ns: int = 0,
+    magic: bytes = MAGIC_WIRE,
+    payload_size: int | None = None,
+    checksum: int | None = None,
+) -> bytes:
+    """Header plus payload; the CRC covers header bytes 0..27 then the payload."""
+    size = len(payload) if payload_size is None else payload_size
+    head = _HEADER.pack(magic, domain, version, source, flags, sequence, timestamp_ns, size, 0)[:28]
+    if checksum is None:
+        checksum = zlib.crc32(head + payload)
+    return head + struct.pack("<I", checksum) + payload
+
+
+def expected_checksum(msg: bytes) -> int:
+    return zlib.crc32(msg[:28] + msg[HEADER:])
+
+
+def in_ranges(tlv_type: int, ranges: Ranges) -> bool:
+    return any(lo <= tlv_type <= hi for lo, hi in ranges)
+
+
+def record_types(payload: bytes) -> list[int] | None:
+    """The TLV type of every record, or None if the records are malformed."""
+    types = []
+    pos, end = 0, len(payload)
+    while pos < end:
+        if payload[pos] == 255:
+            if end - pos < 5 or payload[pos + 1] != 0:
+                return None
+            tlv_type = payload[pos + 2]
+            length = payload[pos + 3] | payload[pos + 4] << 8
+            pos += 5
+        else:
+            if end - pos < 2:
+                return None
+            tlv_type, length = payload[pos], payload[pos + 1]
+            pos += 2
+        if tlv_type == 0 or pos + length > end:
+            return None
+        types.append(tlv_type)
+        pos += length
+    return types
+
+
+def verdict(msg: bytes, domain: int, verify: bool, ranges: Ranges) -> int:
+    """The per-message verdict of a relay of ``domain`` for one complete, well-framed message."""
+    if msg[5] != VERSION:
+        return BAD_VERSION
+    if msg[4] != domain:
+        return WRONG_DOMAIN
+    types = record_types(msg[HEADER:])
+    if types is None:
+        return MALFORMED_TLV
+    if not all(in_ranges(t, ranges) for t in types):
+        return TLV_OUT_OF_RANGE
+    if verify and struct.unpack_from("<I", msg, 28)[0] != expected_checksum(msg):
+        return BAD_CHECKSUM
+    return FORWARD
+
+
+def reference_scan(
+    data: bytes, domain: int, max_payload: int, verify: bool, ranges: Ranges
+) -> tuple[list[Judged], int, int]:
+    """Frame and judge ``data`` from its start.
+
+    Returns the judged messages, the offset just past the last one (or of the
+    faulty header), and the stream fault.
+    """
+    judged: list[Judged] = []
+    pos = 0
+    while True:
+        avail = len(data) - pos
+        if avail < 4:
+            return judged, pos, NO_FAULT
+        if data[pos : pos + 4] != MAGIC_WIRE:
+            return judged, pos, BAD_MAGIC
+        if avail < HEADER:
+            return judged, pos, NO_FAULT
+        size = struct.unpack_from("<I", data, pos + 24)[0]
+        if size > max_payload:
+            return judged, pos, OVERSIZE
+        if avail < HEADER + size:
+            return judged, pos, NO_FAULT
+        length = HEADER + size
+        judged.append((pos, length, verdict(data[pos : pos + length], domain, verify, ranges)))
+        pos += length
+
+
+def reference_runs(judged: Iterable[Judged]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of adjacent forwarded messages."""
+    runs: list[tuple[int, int]] = []
+    previous_forwarded = False
+    for offset, length, v in judged:
+        if v == FORWARD and previous_forwarded:
+            runs[-1] = (runs[-1][0], offset + length)
+        elif v == FORWARD:
+            runs.append((offset, offset + length))
+        previous_forwarded = v == FORWARD
+    return runs
+
+
+def reference_counts(judged: Iterable[Judged], kinds: int = 6) -> list[int]:
+    """Messages per verdict code."""
+    counts = [0] * kinds
+    for _, _, v in judged:
+        counts[v] += 1
+    return counts

@@ -42,6 +42,7 @@ from .logic import DISCONNECT, RelayLogic
 log = logging.getLogger("jitrelay.relay")
 
 SHUTDOWN_FLUSH_SECONDS = 1.0
+SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
 _PEERCRED = struct.Struct("3i")
 
 
@@ -66,6 +67,7 @@ class Connection(asyncio.BufferedProtocol):
         self.bytes_out = 0
         self.fault = protocol.NO_FAULT
         self.slow_timer: asyncio.TimerHandle | None = None
+        self._spare: socket.socket | None = None
 
     # asyncio protocol callbacks
 
@@ -76,6 +78,9 @@ class Connection(asyncio.BufferedProtocol):
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             self.pid, self.uid, self.gid = _PEERCRED.unpack(creds)
             self.peer = f"conn={self.conn_id} pid={self.pid} uid={self.uid}"
+        with contextlib.suppress(OSError, AttributeError):
+            self._spare = socket.socket(fileno=os.dup(sock.fileno()))
+            self._spare.setblocking(False)
         transport.set_write_buffer_limits(high=self.relay.logic.pending_high, low=self.relay.logic.pending_low)
         self.relay.add(self)
 
@@ -91,10 +96,34 @@ class Connection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._spare is not None:
+            if self.fault == protocol.NO_FAULT and not self.relay.stopping:
+                self._salvage()
+            self._spare.close()
         if self.filled and self.fault == protocol.NO_FAULT:
             log.info("%s closed mid-message; discarded %d bytes of an unfinished message", self.peer, self.filled)
         self.filled = 0
         self.relay.remove(self)
+
+    def _salvage(self) -> None:
+        """Forward what the peer sent before its transport closed under it.
+
+        uvloop closes a connection on a write error (a peer that exits with
+        unread data gets a reset) or on ``abort`` without reading what is still
+        queued on the socket. Those are complete messages the peer sent; the
+        spare descriptor reads them, up to what is queued now and at most
+        ``SALVAGE_LIMIT`` buffers.
+        """
+        budget = SALVAGE_LIMIT * len(self.buf)
+        while budget > 0 and self.fault == protocol.NO_FAULT:
+            try:
+                nbytes = self._spare.recv_into(self._view[self.filled :])
+            except OSError:
+                return
+            if not nbytes:
+                return
+            budget -= nbytes
+            self.buffer_updated(nbytes)
 
     def pause_writing(self) -> None:
         self.relay.on_over_limit(self)
@@ -121,6 +150,7 @@ class Relay:
         self.bytes_forwarded = 0
         self.batches = 0
         self.accepted = 0
+        self.stopping = False
 
     def new_connection(self) -> Connection:
         self._next_id += 1
@@ -170,7 +200,7 @@ class Relay:
         size = result.forwarded_bytes
         sender_transport = sender.transport
         for conn, transport in self._targets:
-            if transport is not sender_transport:
+            if transport is not sender_transport and not transport.is_closing():
                 transport.write(batch)
                 conn.bytes_out += size
         self.bytes_forwarded += size
@@ -268,6 +298,7 @@ class Relay:
 
     async def drain_and_close(self, timeout: float) -> None:
         """Stop reading, give pending writes ``timeout`` seconds, then close everything."""
+        self.stopping = True
         self._set_reading(False)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(self._pending(c) for c in self.connections.values()):
@@ -355,7 +386,14 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
 
 def run_relay(logic: RelayLogic) -> int:
     """Serve ``logic`` on uvloop until SIGINT/SIGTERM; the exit code."""
+    import resource
+
     import uvloop
 
+    # Two descriptors per connection (the transport's and the spare): take the hard limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     uvloop.run(serve(logic))
     return 0

@@ -718,3 +718,60 @@ def test_slow_reader_gets_exactly_the_bytes_sent(
         reader.wait_received(stream.total, 30)
         assert check.mismatch is None and check.offset == stream.total, check.verdict()
     assert relay.find_line("slow subscriber") is None
+
+
+def test_publisher_that_exits_with_unread_data_loses_none_of_its_messages(
+    start_relay: StartRelay, clients: Clients
+) -> None:
+    """A peer that closes with unread data makes the relay's next write to it fail.
+
+    The messages it sent before closing are complete and must still be
+    forwarded, even though the relay had not read them when the write failed.
+    """
+    relay = start_relay("execution", "--slow-policy", "block", "--pending-limit", str(64 * KiB))
+    subscriber = clients.reader(relay)
+    leaver = clients.connect(relay)  # publishes, never reads
+    talker = clients.connect(relay)  # fills the leaver's pending output
+    sync(talker, [subscriber], 3)
+    noise = [build_message(3, [(41, b"n" * 200)], source=2, sequence=i) for i in range(4000)]
+    ours = [build_message(3, [(40, i.to_bytes(4, "little") * 8)], source=1, sequence=i) for i in range(300)]
+    talker.settimeout(30)
+    # ~1 MiB the leaver never reads: the relay pauses every publisher until the leaver is gone.
+    thread = threading.Thread(target=talker.sendall, args=(b"".join(noise),))
+    thread.start()
+    relay.wait_line("pausing publishers")
+    leaver.sendall(b"".join(ours))
+    leaver.close()  # unread data in its queue: the relay's pending write to it fails
+    thread.join(30)
+    total = sum(map(len, noise)) + sum(map(len, ours))
+    assert subscriber.wait_received(total, 10), f"got {subscriber.received} of {total} bytes"
+    by_source: dict[int, list[bytes]] = {1: [], 2: []}
+    for message in decode_messages(bytes(subscriber.data)):
+        by_source[message.header.source].append(message.raw)
+    assert by_source[1] == ours
+    assert by_source[2] == noise
+
+
+def test_subscriber_behind_for_less_than_the_slow_timeout_loses_nothing(
+    start_relay: StartRelay, clients: Clients
+) -> None:
+    """Under ``disconnect`` a subscriber that stalls briefly is waited for, not dropped."""
+    relay = start_relay(
+        "market_data", "--slow-policy", "disconnect", "--pending-limit", str(256 * KiB), "--slow-timeout", "5"
+    )
+    stream = NumberedStream(1, [(1, b"m" * 37)], chunk_messages=14000, chunks=16)  # ~16 MiB of 71-byte messages
+    checks = [StreamCheck(stream) for _ in range(2)]
+    fast, stalling = (clients.reader(relay, sink=check) for check in checks)
+    publisher = clients.connect(relay)
+    sync(publisher, [fast, stalling], 1)
+    stalling.pause()
+    thread = threading.Thread(target=lambda: [publisher.sendall(stream.chunk(i)) for i in range(stream.chunks)])
+    thread.start()
+    relay.wait_line("pausing publishers")
+    time.sleep(1.0)  # well past a scheduler hiccup, well inside the timeout
+    stalling.resume()
+    thread.join(30)
+    for reader, check in ((fast, checks[0]), (stalling, checks[1])):
+        reader.wait_received(stream.total, 20)
+        assert check.mismatch is None and check.offset == stream.total, check.verdict()
+    assert relay.find_line("slow subscriber") is None

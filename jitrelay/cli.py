@@ -1,0 +1,262 @@
+"""The ``jitrelay`` command: run a relay, publish synthetic load, watch a domain.
+
+``main`` returns the exit code instead of exiting, so tests and other tools can
+call it: 0 for success, 1 when the relay cannot be reached or started, 2 for a
+bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, kernels, protocol
+from .client import Publisher, RelayConnectionError, Subscriber
+from .logic import LOGICS, SLOW_POLICIES, logic_for
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
+# Message sizes ``pub`` can make from one record.
+_MIN_SIZE = protocol.HEADER_SIZE + 2
+_STANDARD_MAX = protocol.HEADER_SIZE + 2 + protocol.MAX_STANDARD_VALUE
+_EXTENDED_MIN = protocol.HEADER_SIZE + 5 + protocol.MAX_STANDARD_VALUE + 1
+_MAX_SIZE = protocol.HEADER_SIZE + 5 + protocol.MAX_EXTENDED_VALUE
+
+
+class UsageError(Exception):
+    """A command line that parses but asks for something impossible."""
+
+
+def byte_count(text: str) -> int:
+    """``4194304``, ``4MiB``, ``64k``: a non-negative number of bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (examples: 65536, 64KiB, 4MiB)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a non-negative integer: {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"not a non-negative number: {text!r}")
+    return value
+
+
+def source_id(text: str) -> int:
+    value = non_negative(text)
+    if value > 255:
+        raise argparse.ArgumentTypeError(f"source must fit in one byte (0..255), not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jitrelay", description="A Protocol V2 message relay for trading systems.")
+    parser.add_argument("--version", action="version", version=f"jitrelay {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    domains = list(LOGICS)
+
+    run = commands.add_parser("run", help="run the relay of one domain until SIGINT or SIGTERM")
+    run.add_argument("domain", choices=domains, metavar="DOMAIN", help=f"one of: {', '.join(domains)}")
+    run.add_argument("--socket", type=Path, help="Unix socket path (default: $JITRELAY_SOCKET_DIR/DOMAIN.sock)")
+    run.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    run.add_argument("--slow-policy", choices=SLOW_POLICIES, help="what to do with a subscriber that falls behind")
+    run.add_argument(
+        "--pending-limit", type=byte_count, metavar="BYTES", help="pending bytes per subscriber before the policy acts"
+    )
+    run.add_argument(
+        "--slow-timeout",
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="under disconnect, how long a subscriber may stay over its limit before it is dropped",
+    )
+    run.add_argument("--max-payload", type=byte_count, metavar="BYTES", help="largest payload a message may carry")
+    run.set_defaults(handler=cmd_run)
+
+    pub = commands.add_parser("pub", help="publish synthetic messages")
+    pub.add_argument("domain", choices=domains, metavar="DOMAIN", help=f"one of: {', '.join(domains)}")
+    pub.add_argument("--socket", type=Path, help="Unix socket path of the relay")
+    pub.add_argument("--count", type=non_negative, default=1000, help="messages to send; 0 sends until SIGINT")
+    pub.add_argument("--rate", type=non_negative_float, default=0.0, help="messages per second; 0 for full speed")
+    pub.add_argument("--size", type=non_negative, default=71, help="bytes per message, header included (71)")
+    pub.add_argument("--source", type=source_id, default=0, help="source id written in each header")
+    pub.add_argument(
+        "--batch",
+        type=non_negative,
+        default=0,
+        help="messages per write (default: 1 when paced, else as many as fit in 1 MiB)",
+    )
+    pub.set_defaults(handler=cmd_pub)
+
+    sub = commands.add_parser("sub", help="print the messages a relay forwards")
+    sub.add_argument("domain", choices=domains, metavar="DOMAIN", help=f"one of: {', '.join(domains)}")
+    sub.add_argument("--socket", type=Path, help="Unix socket path of the relay")
+    sub.add_argument("--count", type=non_negative, default=0, help="stop after this many messages (0: never)")
+    sub.add_argument("--count-only", action="store_true", help="print only the number of messages received")
+    sub.set_defaults(handler=cmd_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.handler(args)
+    except UsageError as exc:
+        print(f"jitrelay {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (RelayConnectionError, protocol.ProtocolError) as exc:
+        print(f"jitrelay: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides: dict[str, object] = {}
+    if args.socket is not None:
+        overrides["socket_path"] = Path(args.socket)
+    if args.slow_policy is not None:
+        overrides["slow_policy"] = args.slow_policy
+    if args.pending_limit is not None:
+        overrides["pending_high"] = args.pending_limit
+        overrides["pending_low"] = max(1, args.pending_limit // 4)
+    if args.slow_timeout is not None:
+        overrides["slow_timeout"] = args.slow_timeout
+    if args.max_payload is not None:
+        overrides["max_payload"] = args.max_payload
+    try:
+        logic = logic_for(args.domain, **overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    logging.basicConfig(
+        stream=sys.stderr, level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("numba").setLevel(max(logging.WARNING, logging.getLogger().level))
+    from .engine import RelayAlreadyRunning, run_relay  # the relay's I/O loads only for this command
+
+    try:
+        return run_relay(logic)
+    except RelayAlreadyRunning as exc:
+        print(f"jitrelay: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"jitrelay: cannot run the {args.domain} relay on {logic.socket_path}: {exc}", file=sys.stderr)
+        return 1
+
+
+def synthetic_record(domain_id: int, size: int) -> tuple[int, bytes]:
+    """The one record of the domain's first TLV type that makes a message of exactly ``size`` bytes.
+
+    A value up to 255 bytes takes a standard record (2 bytes of type and
+    length), a longer one an extended record (5 bytes), so 290..292 bytes
+    cannot be made: 255 bytes of value is the most a standard record holds
+    and 256 the least an extended one is used for.
+    """
+    value_len = size - protocol.HEADER_SIZE - 2
+    if value_len > protocol.MAX_STANDARD_VALUE:
+        value_len = size - protocol.HEADER_SIZE - 5
+        if value_len <= protocol.MAX_STANDARD_VALUE:
+            value_len = -1
+    if not 0 <= value_len <= protocol.MAX_EXTENDED_VALUE:
+        raise UsageError(
+            f"cannot make a {size}-byte message of one record: sizes run from {_MIN_SIZE} to {_STANDARD_MAX} "
+            f"(standard record) and from {_EXTENDED_MIN} to {_MAX_SIZE} (extended record)"
+        )
+    tlv_type = protocol.DOMAIN_TLV_RANGES[domain_id][0][0]
+    return tlv_type, (np.arange(value_len) % 251).astype(np.uint8).tobytes()
+
+
+def cmd_pub(args: argparse.Namespace) -> int:
+    domain_id = LOGICS[args.domain].domain_id
+    size = args.size
+    record = synthetic_record(domain_id, size)
+    batch_len = args.batch or (1 if args.rate else max(1, (1 << 20) // size))
+    if args.count:
+        batch_len = min(batch_len, args.count)
+    batch = protocol.build_batch(domain_id, batch_len, [record], source=args.source)
+    kernels.stamp_batch(batch[:size], size, 0, 0)  # compile (or load) the kernel before the clock starts
+    sent = 0
+    with Publisher(args.domain, args.socket, source=args.source) as publisher:
+        started = time.monotonic()
+        try:
+            while not args.count or sent < args.count:
+                n = batch_len if not args.count else min(batch_len, args.count - sent)
+                if args.rate:
+                    delay = started + sent / args.rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                chunk = batch[: n * size]
+                kernels.stamp_batch(chunk, size, sent, time.time_ns())
+                publisher.publish_batch(chunk)
+                sent += n
+        except KeyboardInterrupt:
+            pass
+        elapsed = time.monotonic() - started
+    rate = sent / elapsed if elapsed > 0 else 0.0
+    print(
+        f"jitrelay pub {args.domain}: {sent} messages of {size} bytes in {elapsed:.3f} s ({rate:,.0f} msg/s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def format_message(message: protocol.Message) -> str:
+    """One line: header time (UTC), domain, source, sequence, size, then each record as type:hexvalue."""
+    head = message.header
+    seconds, nanos = divmod(head.timestamp_ns, 1_000_000_000)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
+    domain = protocol.DOMAIN_NAMES.get(head.relay_domain, str(head.relay_domain))
+    records = " ".join(f"{tlv_type}:{value.hex()}" for tlv_type, value in message.records)
+    return f"{stamp} {domain} source={head.source} seq={head.sequence} size={len(message.raw)} {records}".rstrip()
+
+
+def cmd_sub(args: argparse.Namespace) -> int:
+    received = 0
+    limit = args.count
+    try:
+        with Subscriber(args.domain, args.socket) as subscriber:
+            print(f"jitrelay sub: connected to the {args.domain} relay at {subscriber.socket_path}", file=sys.stderr)
+            for batch in subscriber.batches():
+                messages = kernels.frame(batch)[0]
+                if limit:
+                    messages = min(messages, limit - received)
+                if not args.count_only:
+                    lines = [format_message(m) for m in itertools.islice(protocol.decode_messages(batch), messages)]
+                    sys.stdout.write("\n".join(lines) + "\n")
+                    sys.stdout.flush()
+                received += messages
+                if limit and received >= limit:
+                    break
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # stdout closed early, as by `| head`: stop quietly, and let exit flush nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if args.count_only:
+        print(received)
+    return 0

@@ -1,0 +1,239 @@
+"""The ``jitrelay`` command line: exit codes, ``pub`` and ``sub`` against a real relay."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import RelayProcess, StartRelay
+from reference import extended_record, message, standard_record
+from test_client import receive, running_relay, stop
+
+from jitrelay import protocol
+from jitrelay.cli import main
+from jitrelay.client import Publisher, Subscriber
+
+MARKET_DATA, SIGNAL = 1, 2
+JITRELAY = [sys.executable, "-m", "jitrelay"]
+
+
+def jitrelay(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*JITRELAY, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def market_relay() -> Iterator[RelayProcess]:
+    with running_relay("market_data") as relay:
+        yield relay
+
+
+class SubProcess:
+    """``jitrelay sub`` in the background, its output read by threads; ready once it has connected."""
+
+    def __init__(self, relay: RelayProcess, *options: str):
+        self.proc = subprocess.Popen(
+            [*JITRELAY, "sub", relay.domain, "--socket", str(relay.socket_path), *options],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.stdout: queue.Queue[str] = queue.Queue()
+        self.stderr: list[str] = []
+        connected = threading.Event()
+
+        def read_err() -> None:
+            for line in self.proc.stderr:  # type: ignore[union-attr]
+                self.stderr.append(line)
+                if "connected to the" in line:
+                    connected.set()
+            connected.set()
+
+        def read_out() -> None:
+            for line in self.proc.stdout:  # type: ignore[union-attr]
+                self.stdout.put(line.rstrip("\n"))
+
+        self._threads = [threading.Thread(target=f, daemon=True) for f in (read_err, read_out)]
+        for t in self._threads:
+            t.start()
+        assert connected.wait(30), "sub did not start"
+        assert self.proc.poll() is None, "".join(self.stderr)
+
+    def lines(self, n: int) -> list[str]:
+        return [self.stdout.get(timeout=10) for _ in range(n)]
+
+    def wait(self) -> int:
+        code = self.proc.wait(timeout=30)
+        for t in self._threads:
+            t.join(timeout=5)
+        return code
+
+    def rest(self) -> list[str]:
+        return list(self.stdout.queue)
+
+
+# --- the command line itself ---------------------------------------------------------------------------------------
+
+
+def test_help() -> None:
+    result = jitrelay("--help")
+    assert result.returncode == 0
+    for command in ("run", "pub", "sub"):
+        assert command in result.stdout
+    result = jitrelay("run", "--help")
+    assert result.returncode == 0 and "--slow-policy" in result.stdout and "market_data" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bogus"],
+        ["run", "bogus"],
+        ["sub", "system"],
+        ["pub", "market_data", "--count", "-1"],
+        ["pub", "market_data", "--count", "many"],
+        ["pub", "market_data", "--rate", "fast"],
+        ["pub", "market_data", "--rate", "-5"],
+        ["pub", "market_data", "--source", "256"],
+        ["run", "market_data", "--slow-policy", "sometimes"],
+        ["run", "market_data", "--pending-limit", "ten"],
+        ["run", "market_data", "--no-such-option"],
+    ],
+)
+def test_bad_command_lines_exit_2(args: list[str]) -> None:
+    result = jitrelay(*args)
+    assert result.returncode == 2
+    assert "usage: jitrelay" in result.stderr and "error:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: jitrelay" in capsys.readouterr().err
+
+
+def test_run_rejects_impossible_limits(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "market_data", "--pending-limit", "0", "--socket", "/tmp/unused.sock"]) == 2
+    assert "pending_low" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [0, 33, 290, 292, 65573])
+def test_pub_refuses_sizes_one_record_cannot_make(size: int, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pub", "market_data", "--size", str(size), "--socket", "/tmp/unused.sock"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot make a {size}-byte message" in err and "34 to 289" in err and "293 to 65572" in err
+
+
+def test_pub_and_sub_without_a_relay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "none.sock"
+    for command in ("pub", "sub"):
+        assert main([command, "execution", "--socket", str(missing)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("jitrelay: no execution relay at ") and "jitrelay run execution" in err
+
+
+# --- jitrelay run --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_run_refuses_a_second_relay_and_stops_cleanly(start_relay: StartRelay, signum: int) -> None:
+    relay = start_relay("signal", "--log-level", "debug", "--max-payload", "64KiB")
+    second = jitrelay("run", "signal", "--socket", str(relay.socket_path))
+    assert second.returncode == 1
+    assert second.stderr.startswith("jitrelay: ") and str(relay.socket_path) in second.stderr
+    assert "Traceback" not in second.stderr
+    # The first relay still works, with its overridden limit: a 40 KiB payload passes.
+    with Subscriber("signal", relay.socket_path) as sub, Publisher("signal", relay.socket_path) as pub:
+        pub.publish([(20, bytes(40000))])
+        assert len(receive(sub, 32 + 5 + 40000)) == 40037
+    assert stop(relay, signum) == 0
+    assert not relay.socket_path.exists()
+    assert "DEBUG jitrelay.relay: " in relay.stderr
+
+
+def test_run_reports_a_socket_it_cannot_create() -> None:
+    result = jitrelay("run", "market_data", "--socket", "/proc/no-such-folder/market_data.sock")
+    assert result.returncode == 1
+    assert "jitrelay: cannot run the market_data relay on /proc/no-such-folder/market_data.sock: " in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- jitrelay pub --------------------------------------------------------------------------------------------------
+
+
+def test_pub_sends_exactly_what_was_asked(market_relay: RelayProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    with Subscriber("market_data", market_relay.socket_path) as sub:
+        argv = ["pub", "market_data", "--socket", str(market_relay.socket_path), "--count", "50", "--source", "9"]
+        assert main([*argv, "--batch", "7"]) == 0
+        got = list(protocol.decode_messages(receive(sub, 50 * 71)))
+        assert sub.recv_batch(timeout=0.2) is None
+    assert "jitrelay pub market_data: 50 messages of 71 bytes in " in capsys.readouterr().err
+    value = bytes(i % 251 for i in range(37))
+    assert [m.raw for m in got] == [
+        message(MARKET_DATA, standard_record(1, value), source=9, sequence=i, timestamp_ns=m.header.timestamp_ns)
+        for i, m in enumerate(got)
+    ]
+
+
+def test_pub_extended_records_pass_a_verifying_relay(start_relay: StartRelay) -> None:
+    relay = start_relay("signal")
+    with Subscriber("signal", relay.socket_path) as sub:
+        argv = ["pub", "signal", "--socket", str(relay.socket_path), "--count", "20", "--size", "300", "--rate", "2000"]
+        result = jitrelay(*argv, "--batch", "3")
+        assert result.returncode == 0, result.stderr
+        assert "20 messages of 300 bytes" in result.stderr
+        got = list(protocol.decode_messages(receive(sub, 20 * 300)))
+    value = bytes(i % 251 for i in range(263))
+    assert [m.raw for m in got] == [
+        message(SIGNAL, extended_record(20, value), sequence=i, timestamp_ns=m.header.timestamp_ns)
+        for i, m in enumerate(got)
+    ]
+    assert all(zlib.crc32(m.raw[:28] + m.raw[32:]) == m.header.checksum for m in got)
+
+
+# --- jitrelay sub --------------------------------------------------------------------------------------------------
+
+
+def test_sub_prints_one_line_per_message_and_stops_at_count(market_relay: RelayProcess) -> None:
+    sub = SubProcess(market_relay, "--count", "3")
+    with Publisher("market_data", market_relay.socket_path, source=3) as pub:
+        for seq in range(5):
+            pub.publish(
+                [(1, bytes([seq, 0xAB])), (19, b"")], sequence=100 + seq, timestamp_ns=1_700_000_000_000_000_005
+            )
+    assert sub.wait() == 0
+    assert sub.rest() == [
+        f"2023-11-14T22:13:20.000000005Z market_data source=3 seq={100 + seq} size=38 1:{seq:02x}ab 19:"
+        for seq in range(3)
+    ]
+
+
+def test_sub_count_only(market_relay: RelayProcess) -> None:
+    sub = SubProcess(market_relay, "--count-only", "--count", "1000")
+    with Publisher("market_data", market_relay.socket_path) as pub:
+        pub.publish_batch(protocol.build_batch(MARKET_DATA, 1500, [(1, bytes(37))]))
+    assert sub.wait() == 0
+    assert sub.rest() == ["1000"]
+
+
+def test_sub_stops_quietly_on_sigint_and_on_relay_shutdown(start_relay: StartRelay) -> None:
+    relay = start_relay("execution")
+    printing = SubProcess(relay, "--count", "0")
+    counting = SubProcess(relay, "--count-only")
+    with Subscriber("execution", relay.socket_path) as witness, Publisher("execution", relay.socket_path) as pub:
+        for _ in range(4):
+            pub.publish([(40, b"fill")])
+        receive(witness, 4 * 38)  # forwarded to every subscriber by now
+    assert len(printing.lines(4)) == 4
+    printing.proc.send_signal(signal.SIGINT)
+    assert printing.wait() == 0
+    assert "Traceback" not in "".join(printing.stderr)
+    assert stop(relay) == 0
+    assert counting.wait() == 0
+    assert counting.rest() == ["4"]

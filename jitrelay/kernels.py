@@ -5,9 +5,13 @@ headers of every complete message in ``buf[start:end]``, gives each a verdict
 (``protocol.FORWARD`` or a reject reason), merges adjacent forwarded messages
 into runs, and stops at the first partial message or at a stream-fatal fault.
 
-Goals: one pass, no allocation inside the loop, no Python objects, and work
+Goals: no allocation inside the loops, no Python objects, and work
 proportional to the bytes of complete messages: a partial message costs a
-re-read of its header only, never of its payload. CRC-32 is slicing-by-8.
+re-read of its header only, never of its payload. The scan is three tight
+loops rather than one: framing and the TLV walk; CRC-32 (slicing-by-8) over
+the messages still accepted, only for domains that verify; then runs and
+tallies from the verdicts. Keeping the CRC out of the framing loop more than
+doubles its speed (the compiler keeps the walk's state in registers).
 
 Each public function validates and allocates; a private ``@njit`` function of
 plain loops does the work. Run with ``NUMBA_DISABLE_JIT=1`` and the same code
@@ -122,7 +126,8 @@ def _message_crc(buf, pos, length, tables):
 
 
 @njit(**_JIT)
-def _verdict(buf, pos, length, domain, verify, type_allowed, tables):
+def _verdict(buf, pos, length, domain, type_allowed):
+    """The verdict of a complete message, short of its checksum."""
     if buf[pos + p.OFF_VERSION] != p.VERSION:
         return p.BAD_VERSION
     if buf[pos + p.OFF_DOMAIN] != domain:
@@ -150,20 +155,14 @@ def _verdict(buf, pos, length, domain, verify, type_allowed, tables):
             return p.MALFORMED_TLV
         if type_allowed[tlv_type] == 0:
             out_of_range = True
-    if out_of_range:
-        return p.TLV_OUT_OF_RANGE
-    if verify and _message_crc(buf, pos, length, tables) != _u32(buf, pos + p.OFF_CHECKSUM):
-        return p.BAD_CHECKSUM
-    return p.FORWARD
+    return p.TLV_OUT_OF_RANGE if out_of_range else p.FORWARD
 
 
 @njit(**_JIT)
-def _scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, tables):
+def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts):
     n = 0
-    n_runs = 0
-    forwarded = 0
-    fault = p.NO_FAULT
     pos = start
+    fault = p.NO_FAULT
     while True:
         avail = end - pos
         if avail < 4:
@@ -180,21 +179,59 @@ def _scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, v
         length = p.HEADER_SIZE + payload
         if avail < length:
             break
-        verdict = _verdict(buf, pos, length, domain, verify, type_allowed, tables)
         offsets[n] = pos
-        verdicts[n] = verdict
-        counts[verdict] += 1
+        verdicts[n] = _verdict(buf, pos, length, domain, type_allowed)
         n += 1
-        if verdict == p.FORWARD:
-            forwarded += length
-            if n_runs > 0 and runs[2 * n_runs - 1] == pos:
-                runs[2 * n_runs - 1] = pos + length
-            else:
-                runs[2 * n_runs] = pos
-                runs[2 * n_runs + 1] = pos + length
-                n_runs += 1
         pos += length
     offsets[n] = pos
+    return n, pos, fault
+
+
+@njit(**_JIT)
+def _verify_checksums(buf, offsets, verdicts, n, tables):
+    for k in range(n):
+        if verdicts[k] == p.FORWARD:
+            pos = offsets[k]
+            if _message_crc(buf, pos, offsets[k + 1] - pos, tables) != _u32(buf, pos + p.OFF_CHECKSUM):
+                verdicts[k] = p.BAD_CHECKSUM
+
+
+@njit(**_JIT)
+def _runs_and_counts(offsets, verdicts, n, runs, counts):
+    n_runs = 0
+    forwarded = 0
+    run_start = -1
+    run_end = -1
+    n_forward = 0
+    for k in range(n):
+        verdict = verdicts[k]
+        if verdict == p.FORWARD:
+            pos = offsets[k]
+            if pos != run_end:
+                if run_start >= 0:
+                    runs[2 * n_runs] = run_start
+                    runs[2 * n_runs + 1] = run_end
+                    n_runs += 1
+                run_start = pos
+            run_end = offsets[k + 1]
+            forwarded += run_end - pos
+            n_forward += 1
+        else:
+            counts[verdict] += 1
+    if run_start >= 0:
+        runs[2 * n_runs] = run_start
+        runs[2 * n_runs + 1] = run_end
+        n_runs += 1
+    counts[p.FORWARD] += n_forward
+    return n_runs, forwarded
+
+
+@njit(**_JIT)
+def _scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, tables):
+    n, pos, fault = _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts)
+    if verify:
+        _verify_checksums(buf, offsets, verdicts, n, tables)
+    n_runs, forwarded = _runs_and_counts(offsets, verdicts, n, runs, counts)
     return n, pos, fault, n_runs, forwarded
 
 

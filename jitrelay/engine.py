@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels, protocol
+from .histogram import Histogram
 from .logic import DISCONNECT, RelayLogic
 
 log = logging.getLogger("jitrelay.relay")
@@ -88,9 +89,10 @@ class Connection(asyncio.BufferedProtocol):
         return self._view[self.filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        arrived = time.perf_counter_ns()
         self.filled += nbytes
         self.bytes_in += nbytes
-        self.relay.on_data(self)
+        self.relay.on_data(self, arrived)
 
     def eof_received(self) -> bool:
         return False
@@ -151,6 +153,9 @@ class Relay:
         self.batches = 0
         self.accepted = 0
         self.stopping = False
+        # Nanoseconds from a read reaching the engine to the last subscriber write issued.
+        self.forward_time = Histogram()
+        self.messages_timed = 0
 
     def new_connection(self) -> Connection:
         self._next_id += 1
@@ -179,10 +184,12 @@ class Relay:
 
     # the data path
 
-    def on_data(self, conn: Connection) -> None:
+    def on_data(self, conn: Connection, arrived: int) -> None:
         result = kernels.scan_into(conn.buf, 0, conn.filled, self.tables, self.scan_out, conn.counts)
         if result.forwarded_bytes:
             self._forward(conn, result)
+            self.forward_time.record(time.perf_counter_ns() - arrived)
+            self.messages_timed += result.count
         if result.fault != protocol.NO_FAULT:
             self._close_faulty(conn, result.fault, result.consumed)
             return
@@ -296,6 +303,19 @@ class Relay:
             f"connections {self.accepted}"
         )
 
+    def timing(self) -> str:
+        h = self.forward_time
+        per_message = h.total / self.messages_timed if self.messages_timed else 0.0
+        return (
+            f"forwarding time per batch: p50 {h.percentile(50) / 1e3:.1f} us, p99 {h.percentile(99) / 1e3:.1f} us, "
+            f"p99.9 {h.percentile(99.9) / 1e3:.1f} us, max {h.max / 1e3:.1f} us over {h.count} batches; "
+            f"{per_message:.1f} ns per message"
+        )
+
+    def log_figures(self, state: str) -> None:
+        log.info("jitrelay %s relay %s: %s", self.logic.name, state, self.summary())
+        log.info("jitrelay %s relay %s", self.logic.name, self.timing())
+
     async def drain_and_close(self, timeout: float) -> None:
         """Stop reading, give pending writes ``timeout`` seconds, then close everything."""
         self.stopping = True
@@ -366,10 +386,11 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     path = Path(logic.socket_path)
-    log.debug("kernels ready in %.3f s", warm_up(logic))
+    log.info("kernels ready in %.3f s", warm_up(logic))
     sock = bind_socket(path)
     inode = os.stat(path).st_ino
     relay = Relay(logic)
+    loop.add_signal_handler(signal.SIGUSR1, relay.log_figures, "running")
     server = await loop.create_unix_server(relay.new_connection, sock=sock)
     log.info("jitrelay %s relay listening on %s", logic.name, path)
     try:
@@ -380,7 +401,7 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == inode:
                 path.unlink()
-        log.info("jitrelay %s relay stopped: %s", logic.name, relay.summary())
+        relay.log_figures("stopped")
     return relay
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
+import signal
 import socket
 import struct
 import threading
@@ -775,3 +777,31 @@ def test_subscriber_behind_for_less_than_the_slow_timeout_loses_nothing(
         reader.wait_received(stream.total, 20)
         assert check.mismatch is None and check.offset == stream.total, check.verdict()
     assert relay.find_line("slow subscriber") is None
+
+
+def test_relay_reports_its_counters_and_forwarding_time_on_sigusr1_and_exit(
+    start_relay: StartRelay, clients: Clients
+) -> None:
+    relay = start_relay("signal")
+    subscriber = clients.reader(relay)
+    publisher = clients.connect(relay)
+    sync(publisher, [subscriber], 2)
+    good = [build_message(2, [(20, b"s" * 10)], sequence=i) for i in range(50)]
+    bad = build_message(2, [(20, b"s" * 10)], checksum=1)
+    publisher.sendall(b"".join(good) + bad + bad)
+    assert subscriber.wait_received(sum(map(len, good)))
+    mark = len(relay.lines)
+    relay.send_signal(signal.SIGUSR1)
+    summary = relay.wait_line("relay running:", start=mark)
+    assert "'bad_checksum': 2" in summary
+    timing = relay.wait_line("forwarding time per batch", start=mark)
+    match = re.search(
+        r"p50 ([\d.]+) us, p99 ([\d.]+) us, p99\.9 ([\d.]+) us, max ([\d.]+) us over (\d+) batches", timing
+    )
+    assert match, timing
+    p50, p99, p999, top = (float(x) for x in match.groups()[:4])
+    assert 0 < p50 <= p99 <= p999 <= top and int(match.group(5)) >= 2
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait_exit(5) == 0
+    assert relay.find_line("relay stopped:", "'bad_checksum': 2", start=mark)
+    assert relay.find_line("relay forwarding time per batch", start=mark)

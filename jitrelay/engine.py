@@ -43,6 +43,7 @@ from .logic import DISCONNECT, RelayLogic
 log = logging.getLogger("jitrelay.relay")
 
 SHUTDOWN_FLUSH_SECONDS = 1.0
+MAX_IOV = 64  # runs sent with one sendmsg; more are compacted first
 SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
 _PEERCRED = struct.Struct("3i")
 
@@ -61,14 +62,14 @@ class Connection(asyncio.BufferedProtocol):
         self.peer = f"conn={conn_id}"
         self.pid = self.uid = self.gid = -1
         self.buf = np.empty(relay.logic.buffer_size, dtype=np.uint8)
-        self._view = memoryview(self.buf)
+        self.view = memoryview(self.buf)
         self.filled = 0
         self.counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
         self.bytes_in = 0
         self.bytes_out = 0
         self.fault = protocol.NO_FAULT
         self.slow_timer: asyncio.TimerHandle | None = None
-        self._spare: socket.socket | None = None
+        self.spare: socket.socket | None = None  # a second descriptor: zero-copy sends and salvage
 
     # asyncio protocol callbacks
 
@@ -79,14 +80,18 @@ class Connection(asyncio.BufferedProtocol):
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             self.pid, self.uid, self.gid = _PEERCRED.unpack(creds)
             self.peer = f"conn={self.conn_id} pid={self.pid} uid={self.uid}"
-        with contextlib.suppress(OSError, AttributeError):
-            self._spare = socket.socket(fileno=os.dup(sock.fileno()))
-            self._spare.setblocking(False)
+        try:
+            self.spare = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError as exc:
+            log.warning("refusing %s: %s", self.peer, exc)
+            transport.abort()
+            return
+        self.spare.setblocking(False)
         transport.set_write_buffer_limits(high=self.relay.logic.pending_high, low=self.relay.logic.pending_low)
         self.relay.add(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view[self.filled :]
+        return self.view[self.filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
         arrived = time.perf_counter_ns()
@@ -98,10 +103,10 @@ class Connection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._spare is not None:
+        if self.spare is not None:
             if self.fault == protocol.NO_FAULT and not self.relay.stopping:
                 self._salvage()
-            self._spare.close()
+            self.spare.close()
         if self.filled and self.fault == protocol.NO_FAULT:
             log.info("%s closed mid-message; discarded %d bytes of an unfinished message", self.peer, self.filled)
         self.filled = 0
@@ -119,7 +124,7 @@ class Connection(asyncio.BufferedProtocol):
         budget = SALVAGE_LIMIT * len(self.buf)
         while budget > 0 and self.fault == protocol.NO_FAULT:
             try:
-                nbytes = self._spare.recv_into(self._view[self.filled :])
+                nbytes = self.spare.recv_into(self.view[self.filled :])
             except OSError:
                 return
             if not nbytes:
@@ -199,17 +204,40 @@ class Relay:
         conn.filled = leftover
 
     def _forward(self, sender: Connection, result: kernels.ScanResult) -> None:
+        """Send the accepted runs to every other connection, zero-copy where the kernel takes them at once.
+
+        A subscriber with nothing pending gets the runs straight from the
+        receive buffer (``send``/``sendmsg`` on its spare descriptor: the
+        kernel copies them before the call returns). Whatever it cannot take
+        now, and everything for a subscriber that already has bytes pending,
+        goes to uvloop as an immutable copy made once per batch, since uvloop
+        keeps references to what it has not sent yet.
+        """
         runs = self.scan_out.runs
         if result.runs == 1:
-            batch: bytes | memoryview = sender.buf[runs[0] : runs[1]].tobytes()
+            pieces = [sender.view[runs[0] : runs[1]]]
+        elif result.runs <= MAX_IOV:
+            view = sender.view
+            pieces = [view[runs[2 * k] : runs[2 * k + 1]] for k in range(result.runs)]
         else:
-            batch = kernels.compact(sender.buf, runs, result.runs).data
+            pieces = [kernels.compact(sender.buf, runs, result.runs).data]
         size = result.forwarded_bytes
+        copy: memoryview | None = None
         sender_transport = sender.transport
         for conn, transport in self._targets:
-            if transport is not sender_transport and not transport.is_closing():
-                transport.write(batch)
-                conn.bytes_out += size
+            if transport is sender_transport or transport.is_closing():
+                continue
+            sent = 0
+            if not transport.get_write_buffer_size():
+                try:
+                    sent = conn.spare.send(pieces[0]) if len(pieces) == 1 else conn.spare.sendmsg(pieces)
+                except OSError:
+                    sent = 0  # would block, or an error the transport reports when it writes the rest
+            if sent < size:
+                if copy is None:
+                    copy = memoryview(b"".join(pieces))
+                transport.write(copy[sent:])
+            conn.bytes_out += size
         self.bytes_forwarded += size
         self.batches += 1
 

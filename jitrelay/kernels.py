@@ -8,7 +8,7 @@ into runs, and stops at the first partial message or at a stream-fatal fault.
 Goals: no allocation inside the loops, no Python objects, and work
 proportional to the bytes of complete messages: a partial message costs a
 re-read of its header only, never of its payload. The scan is three tight
-loops rather than one: framing and the TLV walk; CRC-32 (slicing-by-8) over
+loops rather than one: framing and the TLV walk; CRC-32 (zlib's, called as C) over
 the messages still accepted, only for domains that verify; then runs and
 tallies from the verdicts. Keeping the CRC out of the framing loop more than
 doubles its speed (the compiler keeps the walk's state in registers).
@@ -20,6 +20,8 @@ runs as Python, which is how the tests measure its coverage.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from typing import NamedTuple
 
 import numpy as np
@@ -30,6 +32,21 @@ from . import protocol as p
 _JIT = {"cache": True, "nogil": True}
 
 NO_LIMIT = (1 << 32) - 1
+
+
+def _zlib_crc32() -> ctypes._CFuncPtr:
+    """zlib's ``crc32`` as a C function the kernels call directly, without the Python layer.
+
+    Passed to the kernels as an argument (not read as a global) so that
+    numba can cache them. The same library backs Python's ``zlib`` module.
+    """
+    name = ctypes.util.find_library("z")
+    if name is None:
+        raise ImportError("jitrelay needs the zlib shared library (libz.so.1) for CRC-32")
+    fn = ctypes.CDLL(name).crc32
+    fn.argtypes = [ctypes.c_ulong, ctypes.c_void_p, ctypes.c_uint]
+    fn.restype = ctypes.c_ulong
+    return fn
 
 
 def _make_crc_tables() -> np.ndarray:
@@ -47,7 +64,17 @@ def _make_crc_tables() -> np.ndarray:
     return tables
 
 
-CRC_TABLES = _make_crc_tables()
+class Crc32(NamedTuple):
+    """The two CRC-32 implementations the kernels choose between by length."""
+
+    tables: np.ndarray  # slicing-by-8 tables
+    zlib: ctypes._CFuncPtr  # zlib's crc32
+
+
+CRC32 = Crc32(_make_crc_tables(), _zlib_crc32())
+# Below this many bytes a table-driven loop beats a call into zlib (whose fast
+# paths need setup); above it zlib's braided CRC is faster.
+CRC_ZLIB_MIN = 256
 
 
 class KernelTables(NamedTuple):
@@ -96,7 +123,7 @@ def _u32(buf, pos):
 
 
 @njit(**_JIT)
-def _crc32(buf, start, end, value, tables):
+def _crc32_table(buf, start, end, value, tables):
     c = value ^ 0xFFFFFFFF
     i = start
     while i + 8 <= end:
@@ -120,9 +147,23 @@ def _crc32(buf, start, end, value, tables):
 
 
 @njit(**_JIT)
-def _message_crc(buf, pos, length, tables):
-    head = _crc32(buf, pos, pos + p.CHECKSUM_COVERED, np.int64(0), tables)
-    return _crc32(buf, pos + p.HEADER_SIZE, pos + length, head, tables)
+def _crc32_zlib(buf, start, end, value, zlib_crc32):
+    return np.int64(zlib_crc32(int(value), int(buf.ctypes.data + start), int(end - start)))
+
+
+@njit(**_JIT)
+def _crc32(buf, start, end, value, crc):
+    if end - start < CRC_ZLIB_MIN:
+        return _crc32_table(buf, start, end, value, crc.tables)
+    return _crc32_zlib(buf, start, end, value, crc.zlib)
+
+
+@njit(**_JIT)
+def _message_crc(buf, pos, length, crc):
+    head = _crc32_table(buf, pos, pos + p.CHECKSUM_COVERED, np.int64(0), crc.tables)
+    if length < CRC_ZLIB_MIN:
+        return _crc32_table(buf, pos + p.HEADER_SIZE, pos + length, head, crc.tables)
+    return _crc32_zlib(buf, pos + p.HEADER_SIZE, pos + length, head, crc.zlib)
 
 
 @njit(**_JIT)
@@ -188,11 +229,11 @@ def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets
 
 
 @njit(**_JIT)
-def _verify_checksums(buf, offsets, verdicts, n, tables):
+def _verify_checksums(buf, offsets, verdicts, n, crc):
     for k in range(n):
         if verdicts[k] == p.FORWARD:
             pos = offsets[k]
-            if _message_crc(buf, pos, offsets[k + 1] - pos, tables) != _u32(buf, pos + p.OFF_CHECKSUM):
+            if _message_crc(buf, pos, offsets[k + 1] - pos, crc) != _u32(buf, pos + p.OFF_CHECKSUM):
                 verdicts[k] = p.BAD_CHECKSUM
 
 
@@ -227,10 +268,10 @@ def _runs_and_counts(offsets, verdicts, n, runs, counts):
 
 
 @njit(**_JIT)
-def _scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, tables):
+def _scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, crc):
     n, pos, fault = _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts)
     if verify:
-        _verify_checksums(buf, offsets, verdicts, n, tables)
+        _verify_checksums(buf, offsets, verdicts, n, crc)
     n_runs, forwarded = _runs_and_counts(offsets, verdicts, n, runs, counts)
     return n, pos, fault, n_runs, forwarded
 
@@ -265,7 +306,7 @@ def scan_into(
             out.verdicts,
             out.runs,
             out.counts if counts is None else counts,
-            CRC_TABLES,
+            CRC32,
         )
     )
 
@@ -335,14 +376,10 @@ def compact(buf: np.ndarray, runs: np.ndarray, n_runs: int, out: np.ndarray | No
     return out[:total]
 
 
-@njit(**_JIT)
-def _crc32_range(buf, start, end, value, tables):
-    return _crc32(buf, start, end, np.int64(value), tables)
-
-
 def crc32(data: np.ndarray, value: int = 0) -> int:
     """CRC-32 of a uint8 array, the same as ``zlib.crc32(data, value)``."""
-    return int(_crc32_range(data, 0, len(data), value, CRC_TABLES))
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    return int(_crc32(data, 0, len(data), value & 0xFFFFFFFF, CRC32))
 
 
 def message_crc(buf: np.ndarray, pos: int = 0) -> int:
@@ -350,11 +387,11 @@ def message_crc(buf: np.ndarray, pos: int = 0) -> int:
     end = _next_message_end(buf, pos, len(buf))
     if end < 0:
         raise ValueError("no complete message at that offset")
-    return int(_message_crc(buf, pos, end - pos, CRC_TABLES))
+    return int(_message_crc(buf, pos, end - pos, CRC32))
 
 
 @njit(**_JIT)
-def _stamp_batch(buf, size, count, first_sequence, timestamp_ns, checksums, tables):
+def _stamp_batch(buf, size, count, first_sequence, timestamp_ns, checksums, crc):
     for i in range(count):
         pos = i * size
         seq = first_sequence + i
@@ -362,9 +399,9 @@ def _stamp_batch(buf, size, count, first_sequence, timestamp_ns, checksums, tabl
             buf[pos + p.OFF_SEQUENCE + k] = (seq >> (8 * k)) & 0xFF
             buf[pos + p.OFF_TIMESTAMP + k] = (timestamp_ns >> (8 * k)) & 0xFF
         if checksums:
-            crc = _message_crc(buf, pos, size, tables)
+            checksum = _message_crc(buf, pos, size, crc)
             for k in range(4):
-                buf[pos + p.OFF_CHECKSUM + k] = (crc >> (8 * k)) & 0xFF
+                buf[pos + p.OFF_CHECKSUM + k] = (checksum >> (8 * k)) & 0xFF
 
 
 def stamp_batch(
@@ -377,7 +414,7 @@ def stamp_batch(
     if message_size < p.HEADER_SIZE or len(batch) % message_size:
         raise ValueError("batch is not a whole number of messages of that size")
     count = len(batch) // message_size
-    _stamp_batch(batch, message_size, count, _as_int64(first_sequence), _as_int64(timestamp_ns), checksums, CRC_TABLES)
+    _stamp_batch(batch, message_size, count, _as_int64(first_sequence), _as_int64(timestamp_ns), checksums, CRC32)
 
 
 def _as_int64(value: int) -> int:

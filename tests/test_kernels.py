@@ -446,3 +446,10 @@ def test_stamp_batch_refuses_a_ragged_batch(length: int, size: int) -> None:
     with pytest.raises(ValueError, match="whole number of messages"):
         kernels.stamp_batch(batch, size, 1, 2)
     assert not batch.any()
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, kernels.CRC_ZLIB_MIN - 1, kernels.CRC_ZLIB_MIN, 5000])
+def test_crc32_agrees_with_zlib_on_both_sides_of_the_zlib_threshold(size: int) -> None:
+    data = np.frombuffer(bytes((i * 37 + 11) & 0xFF for i in range(size)), dtype=np.uint8)
+    assert kernels.crc32(data) == zlib.crc32(data.tobytes())
+    assert kernels.crc32(data, 0xDEADBEEF) == zlib.crc32(data.tobytes(), 0xDEADBEEF)

@@ -8,10 +8,11 @@ into runs, and stops at the first partial message or at a stream-fatal fault.
 Goals: no allocation inside the loops, no Python objects, and work
 proportional to the bytes of complete messages: a partial message costs a
 re-read of its header only, never of its payload. The scan is three tight
-loops rather than one: framing and the TLV walk; CRC-32 (zlib's, called as C) over
-the messages still accepted, only for domains that verify; then runs and
-tallies from the verdicts. Keeping the CRC out of the framing loop more than
-doubles its speed (the compiler keeps the walk's state in registers).
+loops rather than one: framing and the TLV walk; CRC-32 over the messages
+still accepted, only for domains that verify; then runs and tallies from the
+verdicts. Keeping the CRC out of the framing loop more than doubles its speed
+(the compiler keeps the walk's state in registers). CRC-32 is a slicing-by-8
+loop for short ranges and zlib's own ``crc32``, called as C, for long ones.
 
 Each public function validates and allocates; a private ``@njit`` function of
 plain loops does the work. Run with ``NUMBA_DISABLE_JIT=1`` and the same code

@@ -114,6 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--count", type=non_negative, default=0, help="stop after this many messages (0: never)")
     sub.add_argument("--count-only", action="store_true", help="print only the number of messages received")
     sub.set_defaults(handler=cmd_sub)
+
+    bench = commands.add_parser(
+        "bench", help="measure the relay against the raw-bytes forwarder and pyzmq on workloads W1 and W2"
+    )
+    bench.add_argument(
+        "--relays",
+        default="jitrelay,raw,zmq,zmq-default",
+        help="comma-separated: jitrelay (or jitrelay:block, jitrelay:disconnect), raw, zmq, zmq-default",
+    )
+    bench.add_argument("--workloads", default="w1,w2", help="comma-separated: w1 (throughput), w2 (latency)")
+    bench.add_argument("--subscribers", default="1,4", help="W1 subscriber counts, comma-separated (1,4)")
+    bench.add_argument(
+        "--latency-subscribers", type=non_negative, help="W2 subscriber count (default: the largest W1 count)"
+    )
+    bench.add_argument("--size", type=non_negative, default=71, help="bytes per message, header included (71)")
+    bench.add_argument("--duration", type=non_negative_float, default=5.0, help="seconds of publishing per run (5)")
+    bench.add_argument("--rate", type=non_negative_float, default=5000.0, help="W2 messages per second (5000)")
+    bench.add_argument(
+        "--startup-runs",
+        type=non_negative,
+        default=3,
+        help="warm starts of `jitrelay run` to time, followed by one cold start; 0 skips it (3)",
+    )
+    bench.add_argument("--json", type=Path, help="where to write every figure (bench-results/<UTC time>.json)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 
@@ -260,3 +286,9 @@ def cmd_sub(args: argparse.Namespace) -> int:
     if args.count_only:
         print(received)
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench  # the benchmark's processes and baselines load only for this command
+
+    return run_bench(args)

@@ -1,0 +1,1227 @@
+"""``jitrelay bench``: the relay against its ceiling and against pyzmq, on the same workloads, in one run.
+
+Relays measured (``--relays``), each started by the benchmark as a child process:
+
+- ``jitrelay``: ``python -m jitrelay run market_data`` (``jitrelay:block`` and
+  ``jitrelay:disconnect`` pass ``--slow-policy``);
+- ``raw``: ``benchmarks/raw_forwarder.py``, a uvloop relay that copies bytes
+  from each connection to all others with no parsing: the ceiling for a Python
+  relay on this machine;
+- ``zmq`` and ``zmq-default``: ``benchmarks/zmq_proxy.py``, a pyzmq XSUB/XPUB
+  proxy, one frame per message; ``zmq`` with unlimited high-water marks on
+  every socket (loses nothing), ``zmq-default`` with libzmq's defaults (loses
+  what does not fit, and the figure says how much).
+
+Workloads (ARCHITECTURE.md), each with one publisher process and N subscriber
+processes, spawned:
+
+- W1 throughput: market_data messages of ``--size`` bytes (one type-1 record),
+  built once and renumbered before each 1 MiB batch with
+  ``kernels.stamp_batch``, published as fast as the relay takes them for
+  ``--duration`` seconds. A stream subscriber counts bytes / size and checks
+  the one header that starts in each read; a zmq publisher sends the same
+  messages one frame each and a zmq subscriber counts frames.
+- W2 latency: ``--rate`` messages per second, one per send, each stamped with
+  ``time.time_ns()``; every subscriber records receive time minus that stamp
+  for every message.
+
+"Lost" is exact: every subscriber is attached before the timed run starts, so
+it is messages sent minus messages received. On a stream relay each subscriber
+connects and receives a probe message before the publisher connects; PUB/SUB
+has a slow-joiner problem (a subscription takes a moment to reach the
+publisher), so the zmq publisher repeats the probe until every subscriber has
+seen one, and subscribers skip the extra probes.
+
+For the jitrelay relay the benchmark also reports its resident memory
+(VmRSS sampled every 50 ms during the run, and VmHWM), the forwarding-time
+figures it logs when it stops, and how long ``jitrelay run`` takes until it is
+listening, with the numba cache warm and with an empty cache (cold compile).
+
+The relay, publisher and subscribers share the machine's cores, so absolute
+figures move with anything else running; relays run side by side on each
+workload and the figures to read are their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import ctypes
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import re
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .cli import UsageError, synthetic_record
+
+MiB = 1 << 20
+BATCH_BYTES = 1 * MiB
+RECV_BUFFER = 4 * MiB
+POLL_SECONDS = 0.2  # subscriber receive timeout: how often it looks at the control values while idle
+IDLE_SECONDS = 1.0  # after the publisher is done, a subscriber silent this long has received all it will
+STARTUP_SECONDS = 60.0  # relay ready, processes spawned and connected (a first run may compile kernels)
+PROBE_INTERVAL = 0.05  # seconds between the zmq publisher's probes
+RSS_INTERVAL = 0.05
+SEQUENCE_CHECK_EVERY = 1024  # a zmq W1 subscriber checks the sequence of one frame in this many
+MAGIC = 0xDEADBEEF
+MARKET_DATA = 1
+PROBE_SEQUENCE = (1 << 64) - 1
+
+RELAYS = ("jitrelay", "raw", "zmq", "zmq-default")
+POLICIES = ("block", "disconnect")
+WORKLOADS = ("w1", "w2")
+DEFAULT_RELAYS = "jitrelay,raw,zmq,zmq-default"
+
+_HEAD = struct.Struct("<I")
+_SEQ = struct.Struct("<Q")
+_SEQ_TS = struct.Struct("<QQ")
+
+_FLOAT = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
+_FORWARDING = re.compile(rf"forwarding time per batch: p50 {_FLOAT} us, p99 {_FLOAT} us, p99\.9 {_FLOAT} us")
+_PER_MESSAGE = re.compile(rf"{_FLOAT} ns per message")
+_KERNELS_READY = re.compile(rf"kernels ready in {_FLOAT} s")
+
+
+class BenchError(RuntimeError):
+    """A run that could not produce figures: a process died, hung or misbehaved."""
+
+
+# The relays
+
+
+def benchmarks_dir() -> Path:
+    """The baselines live in the repository's ``benchmarks/``, next to the package; an installed wheel has none."""
+    import jitrelay
+
+    folder = Path(jitrelay.__file__).resolve().parents[1] / "benchmarks"
+    if not (folder / "raw_forwarder.py").is_file() or not (folder / "zmq_proxy.py").is_file():
+        raise UsageError(
+            f"the baseline relays are not in {folder}: `jitrelay bench` runs from a checkout of the repository "
+            "(pip install -e '.[bench]'), where benchmarks/raw_forwarder.py and benchmarks/zmq_proxy.py live"
+        )
+    return folder
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a worker connects: a Unix stream socket path, or a zmq endpoint and its high-water mark."""
+
+    transport: str  # "unix" or "zmq"
+    address: str
+    hwm: int | None = None  # zmq only: None keeps libzmq's default, 0 is unlimited
+
+
+@dataclass
+class RelaySpec:
+    """How to start one relay and where its publishers and subscribers connect."""
+
+    name: str
+    command: list[str]
+    marker: str  # a stderr line containing this says it is ready
+    publish: Endpoint
+    subscribe: Endpoint
+
+
+def relay_spec(name: str, folder: str) -> RelaySpec:
+    base, _, policy = name.partition(":")
+    if base in ("jitrelay", "raw"):
+        path = os.path.join(folder, "relay.sock")
+        end = Endpoint("unix", path)
+        if base == "jitrelay":
+            command = [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path]
+            command += ["--slow-policy", policy] if policy else []
+            return RelaySpec(name, command, "relay listening on", end, end)
+        command = [sys.executable, str(benchmarks_dir() / "raw_forwarder.py"), "--socket", path]
+        return RelaySpec(name, command, "raw forwarder listening on", end, end)
+    hwm = 0 if name == "zmq" else None
+    xsub, xpub = f"ipc://{folder}/xsub", f"ipc://{folder}/xpub"
+    command = [sys.executable, str(benchmarks_dir() / "zmq_proxy.py"), "--xsub", xsub, "--xpub", xpub]
+    command += ["--hwm", "0"] if hwm == 0 else []
+    return RelaySpec(name, command, "zmq proxy listening on", Endpoint("zmq", xsub, hwm), Endpoint("zmq", xpub, hwm))
+
+
+class RelayProcess:
+    """A relay started as a child process, ready once its stderr says so; always stopped on exit.
+
+    While it runs, a thread samples its resident memory; before stopping it
+    the peak (VmHWM) is read; after it stops, its last log lines are kept for
+    the figures it logs on exit.
+    """
+
+    def __init__(self, name: str, command: list[str], marker: str, env: dict[str, str] | None = None):
+        self.name = name
+        self.command = command
+        self.marker = marker
+        self.env = env
+        self.lines: collections.deque[str] = collections.deque(maxlen=1000)
+        self.ready = threading.Event()
+        self.started_at = self.ready_at = 0.0
+        self.proc: subprocess.Popen | None = None
+        self.rss_peak = 0
+        self.rss_samples = 0
+        self.hwm: int | None = None
+        self._sampling = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> RelayProcess:
+        self.started_at = time.perf_counter()
+        self.proc = subprocess.Popen(
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+            preexec_fn=_die_with_parent,
+        )
+        self._start(self._drain)
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while not self.ready.wait(0.01):
+            if self.proc.poll() is not None:
+                self._threads[0].join(1)
+                raise BenchError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name} not ready after {STARTUP_SECONDS:.0f} s: {self.log_tail()}")
+        return self
+
+    def _start(self, target: Any) -> None:
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            if not self.ready.is_set() and self.marker in line:
+                self.ready_at = time.perf_counter()
+                self.ready.set()
+            self.lines.append(line.rstrip())
+
+    def startup_seconds(self) -> float:
+        return self.ready_at - self.started_at
+
+    def sample_memory(self) -> None:
+        """Sample VmRSS every ``RSS_INTERVAL`` until ``stop``."""
+        self._sampling.set()
+        self._start(self._sample)
+
+    def _sample(self) -> None:
+        while self._sampling.is_set():
+            rss = self._status("VmRSS")
+            if rss is None:
+                return
+            self.rss_peak = max(self.rss_peak, rss)
+            self.rss_samples += 1
+            time.sleep(RSS_INTERVAL)
+
+    def _status(self, key: str) -> int | None:
+        """A ``/proc/<pid>/status`` figure in bytes, or None once the process is gone."""
+        assert self.proc is not None
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the relay has used so far, all threads."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def memory(self) -> dict:
+        return {
+            "peak_sampled_mib": self.rss_peak / MiB if self.rss_samples else None,
+            "vm_hwm_mib": self.hwm / MiB if self.hwm is not None else None,
+            "samples": self.rss_samples,
+        }
+
+    def log_tail(self, n: int = 10) -> str:
+        return " | ".join(list(self.lines)[-n:])
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        self._sampling.clear()
+        if self.proc.poll() is None:
+            self.hwm = self._status("VmHWM")
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for thread in self._threads:
+            thread.join(2)  # the drain thread has the lines written on exit once it ends
+
+
+def parse_forwarding(lines: Iterable[str]) -> dict | None:
+    """The forwarding-time figures the relay logs when it stops, or None when it logged none.
+
+    The line reads ``forwarding time per batch: p50 <f> us, p99 <f> us,
+    p99.9 <f> us`` and ``<f> ns per message``; a figure missing from it is None.
+    """
+    found: dict[str, float | None] = {}
+    for line in lines:
+        match = _FORWARDING.search(line)
+        if match:
+            found.update(zip(("p50_us", "p99_us", "p99_9_us"), map(float, match.groups()), strict=True))
+        match = _PER_MESSAGE.search(line)
+        if match:
+            found["ns_per_message"] = float(match.group(1))
+    if not found:
+        return None
+    return {key: found.get(key) for key in ("p50_us", "p99_us", "p99_9_us", "ns_per_message")}
+
+
+# Messages
+
+
+def records_for(size: int) -> list[tuple[int, bytes]]:
+    """The one type-1 record that makes a market_data message exactly ``size`` bytes long."""
+    return [synthetic_record(MARKET_DATA, size)]
+
+
+def probe_message(size: int) -> bytes:
+    """The attach probe: sequence 2**64-1, and never ``size`` bytes long, so a zmq subscriber tells it by length."""
+    from . import protocol
+
+    value = b"probe" if size != 39 else b"probe!"
+    return protocol.build_message(MARKET_DATA, [(1, value)], sequence=PROBE_SEQUENCE, timestamp_ns=0)
+
+
+# Worker processes (spawned; they report on one shared queue as (kind, who, payload))
+
+
+try:
+    _PRCTL = ctypes.CDLL(None).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the benchmark process dies, so nothing outlives a crash."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+def _worker(target: Any, who: str, reports: Any, *args: Any) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the benchmark process decides when to stop
+    try:
+        reports.put(("result", who, target(who, reports, *args)))
+    except BaseException:
+        reports.put(("error", who, traceback.format_exc()))
+
+
+def _connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    return sock
+
+
+def _zmq_socket(kind: str, end: Endpoint) -> Any:
+    """A connected PUB (``kind="pub"``) or SUB socket, subscribed to everything, with the endpoint's HWM."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PUB if kind == "pub" else zmq.SUB)
+    if end.hwm is not None:
+        sock.setsockopt(zmq.SNDHWM if kind == "pub" else zmq.RCVHWM, end.hwm)
+    if kind == "sub":
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(end.address)
+    return sock
+
+
+def _zmq_flush(sock: Any) -> None:
+    """Close a PUB socket and wait until libzmq has handed every queued frame on.
+
+    Closing alone returns at once, and a process that exits then takes the
+    frames still queued in libzmq's I/O thread with it.
+    """
+    sock.close()  # LINGER -1: the context's term waits for the queue to empty
+    sock.context.term()
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = bytearray(n)
+    view = memoryview(data)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise BenchError(f"relay closed the connection after {got} of {n} probe bytes")
+        got += k
+    return bytes(data)
+
+
+class _Ending:
+    """When a subscriber stops: the stream went quiet after the publisher finished, or time ran out."""
+
+    def __init__(self, expected: Any, limit_s: float):
+        self.expected = expected
+        self.deadline = time.monotonic() + limit_s
+        self.quiet_since = time.monotonic()
+        self.known_at: float | None = None
+
+    def data(self) -> None:
+        self.quiet_since = time.monotonic()
+
+    def on_timeout(self, received: int) -> str | None:
+        now = time.monotonic()
+        if now > self.deadline:
+            return "deadline"
+        if self.expected.value < 0:
+            return None
+        if received >= self.expected.value:
+            return "all received"
+        if self.known_at is None:
+            self.known_at = now
+        if now - max(self.quiet_since, self.known_at) > IDLE_SECONDS:
+            return "quiet"
+        return None
+
+
+def subscribe(
+    who: str, reports: Any, end: Endpoint, size: int, mode: str, probe: bytes, expected: Any, limit_s: float
+) -> dict:
+    """Attach, wait for the probe, then count (W1) or time (W2) messages until all sent have arrived."""
+    if end.transport == "zmq":
+        return _zmq_subscribe(who, reports, end, size, mode, probe, expected, limit_s)
+    sock = _connect(end.address)
+    reports.put(("connected", who, None))
+    sock.settimeout(STARTUP_SECONDS)
+    if _read_exactly(sock, len(probe)) != probe:
+        raise BenchError("the first bytes received were not the probe message")
+    reports.put(("ready", who, None))
+    sock.settimeout(POLL_SECONDS)
+    cpu = time.process_time()
+    result = _count(sock, size, expected, limit_s) if mode == "count" else _time(sock, size, expected, limit_s)
+    result["cpu_s"] = time.process_time() - cpu
+    return result
+
+
+def _count(sock: socket.socket, size: int, expected: Any, limit_s: float) -> dict:
+    buf = bytearray(RECV_BUFFER)
+    view = memoryview(buf)
+    keep = 2 * size
+    tail = b""
+    total = first_ns = last_ns = 0
+    seq_shift = gaps = bad_magic = 0
+    ending = _Ending(expected, limit_s)
+    stop = None
+    while stop is None:
+        try:
+            n = sock.recv_into(buf)
+        except TimeoutError:
+            stop = ending.on_timeout(total // size)
+            continue
+        if n == 0:
+            stop = "closed by relay"
+            break
+        last_ns = time.monotonic_ns()
+        if not total:
+            first_ns = last_ns
+        # The one message header that starts in this read, if it is whole: magic and sequence.
+        skip = -total % size
+        if skip + 16 <= n:
+            index = (total + skip) // size
+            if _HEAD.unpack_from(buf, skip)[0] != MAGIC:
+                bad_magic += 1
+            else:
+                seq = _SEQ.unpack_from(buf, skip + 8)[0]
+                if seq != index + seq_shift:
+                    gaps += 1
+                    seq_shift = seq - index
+        tail = bytes(view[n - keep : n]) if n >= keep else (tail + bytes(view[:n]))[-keep:]
+        total += n
+        ending.data()
+        if 0 <= expected.value * size <= total:
+            stop = "all received"
+    received, partial = divmod(total, size)
+    last_seq = _SEQ.unpack_from(tail, len(tail) - partial - size + 8)[0] if received else None
+    return {
+        "received": received,
+        "partial_bytes": partial,
+        "first_to_last_s": (last_ns - first_ns) / 1e9,
+        "last_sequence": last_seq,
+        "sequence_gaps": gaps,
+        "bad_magic": bad_magic,
+        "stop": stop,
+    }
+
+
+def _time(sock: socket.socket, size: int, expected: Any, limit_s: float) -> dict:
+    import numpy as np
+
+    buf = bytearray(RECV_BUFFER)
+    view = memoryview(buf)
+    latencies: list[int] = []
+    carry = b""
+    received = next_seq = gaps = bad_magic = first_ns = last_ns = 0
+    ending = _Ending(expected, limit_s)
+    stop = None
+    while stop is None:
+        try:
+            n = sock.recv_into(buf)
+        except TimeoutError:
+            stop = ending.on_timeout(received)
+            continue
+        now_ns = time.time_ns()
+        if n == 0:
+            stop = "closed by relay"
+            break
+        last_ns = time.monotonic_ns()
+        first_ns = first_ns or last_ns
+        data = carry + bytes(view[:n]) if carry else view[:n]
+        whole = len(data) // size
+        for k in range(whole):
+            pos = k * size
+            if _HEAD.unpack_from(data, pos)[0] != MAGIC:
+                bad_magic += 1
+                continue
+            seq, sent_ns = _SEQ_TS.unpack_from(data, pos + 8)
+            latencies.append(now_ns - sent_ns)
+            if seq != next_seq:
+                gaps += 1
+            next_seq = seq + 1
+        carry = bytes(data[whole * size :])
+        received += whole
+        ending.data()
+        if 0 <= expected.value <= received:
+            stop = "all received"
+    return {
+        "received": received,
+        "partial_bytes": len(carry),
+        "first_to_last_s": (last_ns - first_ns) / 1e9,
+        "last_sequence": next_seq - 1 if received else None,
+        "sequence_gaps": gaps,
+        "bad_magic": bad_magic,
+        "stop": stop,
+        "latency_ns": np.asarray(latencies, dtype=np.int64).tobytes(),
+    }
+
+
+def _zmq_subscribe(
+    who: str, reports: Any, end: Endpoint, size: int, mode: str, probe: bytes, expected: Any, limit_s: float
+) -> dict:
+    import numpy as np
+    import zmq
+
+    sock = _zmq_socket("sub", end)
+    reports.put(("connected", who, None))
+    sock.setsockopt(zmq.RCVTIMEO, int(STARTUP_SECONDS * 1000))
+    try:
+        first = sock.recv()
+    except zmq.Again:
+        raise BenchError(f"no probe within {STARTUP_SECONDS:.0f} s") from None
+    if first != probe:
+        raise BenchError("the first message received was not the probe")
+    reports.put(("ready", who, None))
+    sock.setsockopt(zmq.RCVTIMEO, int(POLL_SECONDS * 1000))
+    timing = mode == "time"
+    latencies: list[int] = []
+    received = probes = first_ns = last_ns = seq_shift = gaps = bad_magic = 0
+    last = b""
+    ending = _Ending(expected, limit_s)
+    stop = None
+    cpu = time.process_time()
+    recv = sock.recv
+    while stop is None:
+        try:
+            frame = recv()
+        except zmq.Again:
+            if received:
+                ending.quiet_since = max(ending.quiet_since, last_ns / 1e9)
+            stop = ending.on_timeout(received)
+            continue
+        last_ns = time.monotonic_ns()
+        if len(frame) != size:  # one of the probes repeated until every subscriber had one
+            probes += 1
+            continue
+        if timing:
+            seq, sent_ns = _SEQ_TS.unpack_from(frame, 8)
+            latencies.append(time.time_ns() - sent_ns)
+            gaps += seq != received + seq_shift
+            seq_shift = seq - received
+        elif not received % SEQUENCE_CHECK_EVERY:
+            if _HEAD.unpack_from(frame)[0] != MAGIC:
+                bad_magic += 1
+            seq = _SEQ.unpack_from(frame, 8)[0]
+            gaps += seq != received + seq_shift
+            seq_shift = seq - received
+        if not received:
+            first_ns = last_ns
+        received += 1
+        last = frame
+    sock.close(linger=0)
+    result = {
+        "received": received,
+        "partial_bytes": 0,
+        "first_to_last_s": (last_ns - first_ns) / 1e9,
+        "last_sequence": _SEQ.unpack_from(last, 8)[0] if received else None,
+        "sequence_gaps": gaps,
+        "bad_magic": bad_magic,
+        "extra_probes": probes,
+        "stop": stop,
+        "cpu_s": time.process_time() - cpu,
+    }
+    if timing:
+        result["latency_ns"] = np.asarray(latencies, dtype=np.int64).tobytes()
+    return result
+
+
+def _await_start(start: Any, sock: Any, probe: bytes | None) -> None:
+    """Wait for the go; a zmq publisher meanwhile repeats the probe so that late subscriptions catch one."""
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while not start.wait(PROBE_INTERVAL if probe is not None else 0.5):
+        if probe is not None:
+            sock.send(probe)
+        if time.monotonic() > deadline:
+            raise BenchError("never told to start")
+
+
+def publish_batches(who: str, reports: Any, end: Endpoint, size: int, duration: float, start: Any) -> dict:
+    """W1 publisher: 1 MiB batches, renumbered before each send, as fast as the relay takes them.
+
+    A zmq publisher sends the same batch one message per frame.
+    """
+    from . import kernels, protocol
+
+    count = BATCH_BYTES // size
+    batch = protocol.build_batch(MARKET_DATA, count, records_for(size), checksums=False)
+    kernels.stamp_batch(batch, size, 0, 0, checksums=False)  # compile or load before the clock starts
+    zmq_sock = _zmq_socket("pub", end) if end.transport == "zmq" else None
+    reports.put(("warm", who, None))
+    if zmq_sock is not None:
+        _await_start(start, zmq_sock, probe_message(size))
+        frames = [memoryview(batch)[i * size : (i + 1) * size] for i in range(count)]
+        send = zmq_sock.send
+    else:
+        _await_start(start, None, None)
+        sock = _connect(end.address)
+    seq = 0
+    cpu = time.process_time()
+    began = time.monotonic()
+    stop_at = began + duration
+    while time.monotonic() < stop_at:
+        kernels.stamp_batch(batch, size, seq, time.time_ns(), checksums=False)
+        if zmq_sock is not None:
+            for frame in frames:
+                send(frame)  # copied into a zmq message at once, so restamping the batch is safe
+        else:
+            sock.sendall(batch)
+        seq += count
+    elapsed = time.monotonic() - began
+    cpu = time.process_time() - cpu
+    if zmq_sock is not None:
+        _zmq_flush(zmq_sock)
+    else:
+        sock.close()
+    return {"sent": seq, "elapsed_s": elapsed, "cpu_s": cpu, "batch_messages": count}
+
+
+def publish_paced(who: str, reports: Any, end: Endpoint, size: int, duration: float, start: Any, rate: float) -> dict:
+    """W2 publisher: one message per send at ``rate`` per second, stamped with its send time."""
+    from . import protocol
+
+    message = bytearray(protocol.build_message(MARKET_DATA, records_for(size), timestamp_ns=0))
+    zmq_sock = _zmq_socket("pub", end) if end.transport == "zmq" else None
+    reports.put(("warm", who, None))
+    if zmq_sock is not None:
+        _await_start(start, zmq_sock, probe_message(size))
+        send = zmq_sock.send
+    else:
+        _await_start(start, None, None)
+        sock = _connect(end.address)
+        send = sock.sendall
+    interval = 1.0 / rate
+    total = int(duration * rate)
+    began = time.perf_counter()
+    late = 0
+    cpu = time.process_time()
+    for seq in range(total):
+        wait = began + seq * interval - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        elif wait < -interval:
+            late += 1
+        _SEQ_TS.pack_into(message, 8, seq, time.time_ns())
+        send(message)
+    elapsed = time.perf_counter() - began
+    cpu = time.process_time() - cpu
+    if zmq_sock is not None:
+        _zmq_flush(zmq_sock)
+    else:
+        sock.close()
+    return {"sent": total, "elapsed_s": elapsed, "cpu_s": cpu, "sent_late": late}
+
+
+# One run
+
+
+class Run:
+    """The worker processes of one run and the reports they send; kills whatever is left on exit."""
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        self.reports = ctx.Queue()
+        self.procs: dict[str, Any] = {}
+        self.seen: dict[tuple[str, str], Any] = {}
+
+    def spawn(self, who: str, target: Any, *args: Any) -> None:
+        proc = self.ctx.Process(target=_worker, args=(target, who, self.reports, *args), name=who, daemon=True)
+        proc.start()
+        self.procs[who] = proc
+
+    def wait_for(self, kind: str, whos: list[str], timeout: float) -> dict[str, Any]:
+        """Wait until each of ``whos`` has reported ``kind``; fail fast on an error or a dead process."""
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = [w for w in whos if (kind, w) not in self.seen]
+            if not missing:
+                return {w: self.seen[(kind, w)] for w in whos}
+            try:
+                got_kind, who, payload = self.reports.get(timeout=0.1)
+                if got_kind == "error":
+                    raise BenchError(f"{who} failed:\n{payload}")
+                self.seen[(got_kind, who)] = payload
+                continue
+            except queue.Empty:
+                pass
+            for w in missing:
+                if self.procs[w].exitcode is not None and not self.reports.qsize():
+                    raise BenchError(f"{w} exited with {self.procs[w].exitcode} before reporting {kind!r}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"no {kind!r} from {', '.join(missing)} within {timeout:.0f} s")
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.kill()
+        for proc in self.procs.values():
+            proc.join(2)
+        self.reports.close()
+        self.reports.join_thread()
+
+
+@dataclass
+class Options:
+    """What to run, resolved from the command line."""
+
+    relays: list[str]
+    workloads: list[str]
+    subscribers: list[int]
+    latency_subscribers: int
+    size: int
+    duration: float
+    rate: float
+    startup_runs: int
+    json_path: Path
+    progress: bool
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def drain_limit(self) -> float:
+        """How long subscribers may take after the publisher: a lossless zmq proxy queues what they cannot take."""
+        return 30.0 + 10.0 * self.duration
+
+
+def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> dict:
+    """Start a relay, attach the subscribers, publish, collect every process's figures."""
+    folder = tempfile.mkdtemp(prefix="jitrelay-bench-")
+    spec = relay_spec(relay_name, folder)
+    ctx = mp.get_context("spawn")
+    run = Run(ctx)
+    expected = ctx.RawValue("q", -1)
+    start = ctx.Event()
+    probe = probe_message(opts.size)
+    mode = "count" if workload == "w1" else "time"
+    subs = [f"sub{i}" for i in range(subscribers)]
+    try:
+        with RelayProcess(relay_name, spec.command, spec.marker) as relay:
+            relay.sample_memory()
+            if workload == "w1":
+                run.spawn("pub", publish_batches, spec.publish, opts.size, opts.duration, start)
+            else:
+                run.spawn("pub", publish_paced, spec.publish, opts.size, opts.duration, start, opts.rate)
+            for who in subs:
+                run.spawn(who, subscribe, spec.subscribe, opts.size, mode, probe, expected, opts.drain_limit)
+            run.wait_for("connected", subs, STARTUP_SECONDS)
+            if spec.publish.transport == "unix":
+                with _connect(spec.publish.address) as prober:
+                    prober.sendall(probe)
+                    run.wait_for("ready", subs, 10)
+                run.wait_for("warm", ["pub"], STARTUP_SECONDS)
+            else:  # the zmq publisher sends the probes once warm
+                run.wait_for("warm", ["pub"], STARTUP_SECONDS)
+                run.wait_for("ready", subs, 10)
+            cpu_before = relay.cpu_seconds()
+            start.set()
+            pub = run.wait_for("result", ["pub"], opts.duration + 60)["pub"]
+            expected.value = pub["sent"]
+            results = run.wait_for("result", subs, opts.drain_limit + 10)
+            cpu = relay.cpu_seconds() - cpu_before
+        figures = summarize(relay_name, workload, opts, pub, [results[w] for w in subs], cpu)
+        figures["relay_command"] = spec.command
+        figures["relay_memory"] = relay.memory()
+        figures["relay_forwarding"] = parse_forwarding(relay.lines)
+        figures["relay_log_tail"] = list(relay.lines)[-5:]
+        return figures
+    finally:
+        run.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _percentiles(values: Any) -> dict:
+    import numpy as np
+
+    if not len(values):
+        return {"samples": 0, "p50": None, "p99": None, "p99_9": None, "max": None, "mean": None}
+    p50, p99, p999 = np.percentile(values, [50, 99, 99.9])
+    return {
+        "samples": int(len(values)),
+        "p50": float(p50),
+        "p99": float(p99),
+        "p99_9": float(p999),
+        "max": float(values.max()),
+        "mean": float(values.mean()),
+    }
+
+
+def summarize(relay: str, workload: str, opts: Options, pub: dict, subs: list[dict], relay_cpu: float) -> dict:
+    import numpy as np
+
+    sent = pub["sent"]
+    elapsed = pub["elapsed_s"]
+    for sub in subs:
+        sub["lost"] = sent - sub["received"]
+        sub["last_sequence_ok"] = sub["last_sequence"] == sent - 1
+        span = sub["first_to_last_s"]
+        sub["msg_per_s"] = sub["received"] / span if span > 0 else 0.0
+    rates = [s["msg_per_s"] for s in subs]
+    lost = [s["lost"] for s in subs]
+    figures: dict[str, Any] = {
+        "relay": relay,
+        "workload": workload,
+        "subscribers": len(subs),
+        "message_size": opts.size,
+        "duration_s": opts.duration,
+        "sent": sent,
+        "publisher_msg_per_s": sent / elapsed if elapsed > 0 else 0.0,
+        "delivered_msg_per_s": rates,
+        "delivered_msg_per_s_mean": float(np.mean(rates)),
+        "delivered_mb_per_s_mean": float(np.mean(rates)) * opts.size / 1e6,
+        "lost": lost,
+        "lost_total": sum(lost),
+        "lost_fraction": sum(lost) / (sent * len(subs)) if sent else 0.0,
+        "latency_us": None,
+        "relay_cpu_percent": 100 * relay_cpu / elapsed if elapsed > 0 else 0.0,
+        "publisher_cpu_percent": 100 * pub["cpu_s"] / elapsed if elapsed > 0 else 0.0,
+        "subscriber_cpu_percent": [100 * s["cpu_s"] / elapsed if elapsed > 0 else 0.0 for s in subs],
+        "publisher": pub,
+        "per_subscriber": subs,
+    }
+    if workload == "w2":
+        figures["rate"] = opts.rate
+        samples = np.concatenate([np.frombuffer(s.pop("latency_ns"), dtype=np.int64) for s in subs])
+        figures["latency_us"] = _percentiles(samples / 1e3)
+    return figures
+
+
+def add_ratios(runs: list[dict]) -> None:
+    """Each run's figures over the raw forwarder's and over the lossless zmq proxy's on the same workload."""
+    done = [r for r in runs if "error" not in r]
+    for base_name, key in (("raw", "ratio_to_raw"), ("zmq", "ratio_to_zmq")):
+        bases = {(r["workload"], r["subscribers"]): r for r in done if r["relay"] == base_name}
+        for r in done:
+            r[key] = _ratio(r, bases.get((r["workload"], r["subscribers"])))
+
+
+def _ratio(run: dict, base: dict | None) -> dict | None:
+    def over(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    if base is None:
+        return None
+    if run["workload"] == "w1":
+        return {"delivered_msg_per_s": over(run["delivered_msg_per_s_mean"], base["delivered_msg_per_s_mean"])}
+    mine, theirs = run["latency_us"], base["latency_us"]
+    return {p: over(mine[p], theirs[p]) for p in ("p50", "p99", "p99_9")}
+
+
+# Startup
+
+
+def measure_startup(runs: int) -> dict:
+    """Seconds from spawning ``jitrelay run market_data`` to its listening line: warm ``runs`` times, then cold.
+
+    Cold runs with ``NUMBA_CACHE_DIR`` pointing at an empty folder, so numba
+    compiles every kernel; the difference is the compile time a fresh install
+    pays once. At DEBUG the relay also logs how long its kernels took to load
+    or compile.
+    """
+    warm = [_start_once(None) for _ in range(runs)]
+    with tempfile.TemporaryDirectory(prefix="jitrelay-numba-cache-") as cache:
+        cold = _start_once(cache)
+    warm_s = [w["seconds"] for w in warm]
+    warm_kernels = [w["kernels_s"] for w in warm if w["kernels_s"] is not None]
+    median = statistics.median(warm_s)
+    return {
+        "command": [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", "SOCKET"],
+        "warm_s": warm_s,
+        "warm_median_s": median,
+        "warm_kernels_s": statistics.median(warm_kernels) if warm_kernels else None,
+        "cold_s": cold["seconds"],
+        "cold_kernels_s": cold["kernels_s"],
+        "cold_compile_s": cold["seconds"] - median,
+    }
+
+
+def _start_once(cache_dir: str | None) -> dict:
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = cache_dir
+    with tempfile.TemporaryDirectory(prefix="jitrelay-start-") as folder:
+        path = os.path.join(folder, "relay.sock")
+        command = [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path, "--log-level", "DEBUG"]
+        with RelayProcess("jitrelay", command, "relay listening on", env) as relay:
+            seconds = relay.startup_seconds()
+        kernels = None
+        for line in relay.lines:
+            match = _KERNELS_READY.search(line)
+            if match:
+                kernels = float(match.group(1))
+    return {"seconds": seconds, "kernels_s": kernels}
+
+
+# Reporting
+
+
+def machine() -> dict:
+    model = None
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **{dist: version(dist) for dist in ("numpy", "numba", "uvloop", "pyzmq", "jitrelay")},
+    }
+
+
+def git_commit() -> dict:
+    """The checkout's commit and whether it has uncommitted changes; None for both outside a checkout."""
+    import jitrelay
+
+    root = Path(jitrelay.__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return {"git_commit": None, "git_dirty": None}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
+
+
+def _m(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x / 1e6:.3f} M" if x >= 1e5 else f"{x:,.0f}"
+
+
+def _us(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _x(ratio: dict | None, workload: str) -> str:
+    if not ratio:
+        return "-"
+    if workload == "w1":
+        value = ratio["delivered_msg_per_s"]
+        return "-" if value is None else f"{value:.2f}"
+    if ratio["p50"] is None or ratio["p99"] is None:
+        return "-"
+    return f"{ratio['p50']:.2f}/{ratio['p99']:.2f}"
+
+
+def format_report(report: dict) -> str:
+    """The table and the relay's own figures, as printed at the end of a run."""
+    m = report["machine"]
+    opts = report["options"]
+    out = [
+        f"{m['cores']} cores, {m['cpu_model']}, Python {m['python']}, numba {m['numba']}, pyzmq {m['pyzmq']}; "
+        f"commit {report['git_commit'] or '-'}" + (" (uncommitted changes)" if report["git_dirty"] else ""),
+        f"{opts['size']}-byte messages, {opts['duration']:g} s per run; W1 in 1 MiB batches (zmq: one frame each), "
+        f"W2 at {opts['rate']:g} msg/s; latency one-way in microseconds",
+        "",
+        f"{'relay':<20} {'load':<4} {'subs':>4} {'delivered/s per sub':>19} {'lost':>16} "
+        f"{'p50':>8} {'p99':>8} {'p99.9':>8} {'x raw':>11} {'x zmq':>11}",
+    ]
+    for r in report["runs"]:
+        head = f"{r['relay']:<20} {r['workload']:<4} {r['subscribers']:>4}"
+        if "error" in r:
+            out.append(f"{head}  failed: {r['error'].splitlines()[0][:80]}")
+            continue
+        lat = r["latency_us"] or {}
+        lost = f"{r['lost_total']}" + (f" ({100 * r['lost_fraction']:.1f}%)" if r["lost_total"] else "")
+        out.append(
+            f"{head} {_m(r['delivered_msg_per_s_mean']):>19} {lost:>16} {_us(lat.get('p50')):>8} "
+            f"{_us(lat.get('p99')):>8} {_us(lat.get('p99_9')):>8} {_x(r.get('ratio_to_raw'), r['workload']):>11} "
+            f"{_x(r.get('ratio_to_zmq'), r['workload']):>11}"
+        )
+    out.append("x raw, x zmq: W1 delivered msg/s over the baseline's; W2 p50/p99 latency over the baseline's")
+    own = report["jitrelay"]
+    if own:
+        out.append("")
+        rss = own["w1_peak_rss_mib"]
+        hwm = own["w1_vm_hwm_mib"]
+        out.append(
+            "jitrelay resident memory during W1: peak "
+            + ("-" if rss is None else f"{rss:.1f} MiB")
+            + " sampled every 50 ms, VmHWM "
+            + ("-" if hwm is None else f"{hwm:.1f} MiB")
+        )
+        for fwd in own["forwarding"]:
+            label = f"{fwd['relay']} {fwd['workload']} {fwd['subscribers']} sub"
+            if not fwd["logged"]:
+                out.append(f"jitrelay forwarding time per batch, {label}: not logged by this relay")
+            else:
+                ns = fwd["ns_per_message"]
+                out.append(
+                    f"jitrelay forwarding time per batch, {label}: p50 {_us(fwd['p50_us'])} us, "
+                    f"p99 {_us(fwd['p99_us'])} us, p99.9 {_us(fwd['p99_9_us'])} us; "
+                    + ("-" if ns is None else f"{ns:.1f}")
+                    + " ns per message"
+                )
+    start = report["startup"]
+    if start:
+        kernels = start["cold_kernels_s"]
+        out.append(
+            f"jitrelay run until listening: warm {start['warm_median_s']:.2f} s (median of {len(start['warm_s'])}), "
+            f"cold {start['cold_s']:.2f} s (empty numba cache: compiling costs {start['cold_compile_s']:.2f} s"
+            + ("" if kernels is None else f"; kernels ready in {kernels:.2f} s")
+            + ")"
+        )
+    return "\n".join(out)
+
+
+def jitrelay_summary(runs: list[dict]) -> dict | None:
+    """The jitrelay relay's own figures gathered over its runs: memory during W1 and forwarding time."""
+    mine = [r for r in runs if r["relay"].partition(":")[0] == "jitrelay" and "error" not in r]
+    if not mine:
+        return None
+    w1 = [r["relay_memory"] for r in mine if r["workload"] == "w1"]
+    peaks = [m["peak_sampled_mib"] for m in w1 if m["peak_sampled_mib"] is not None]
+    hwms = [m["vm_hwm_mib"] for m in w1 if m["vm_hwm_mib"] is not None]
+    return {
+        "w1_peak_rss_mib": max(peaks) if peaks else None,
+        "w1_vm_hwm_mib": max(hwms) if hwms else None,
+        "forwarding": [
+            {"relay": r["relay"], "workload": r["workload"], "subscribers": r["subscribers"], **_or_nulls(r)}
+            for r in mine
+        ],
+    }
+
+
+def _or_nulls(run: dict) -> dict:
+    fwd = run["relay_forwarding"]
+    keys = ("p50_us", "p99_us", "p99_9_us", "ns_per_message")
+    return {"logged": fwd is not None, **{k: fwd[k] if fwd else None for k in keys}}
+
+
+# Entry point
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip().lower() for part in text.split(",") if part.strip()]
+
+
+def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
+    """Check the ``bench`` command line; a :class:`UsageError` says what is wrong."""
+    relays = _names(args.relays)
+    for name in relays:
+        base, _, policy = name.partition(":")
+        if base not in RELAYS or (policy and (base != "jitrelay" or policy not in POLICIES)):
+            raise UsageError(f"unknown relay {name!r}; choose from {', '.join(RELAYS)}, jitrelay:block")
+    if not relays:
+        raise UsageError("no relay to run")
+    workloads = _names(args.workloads)
+    for name in workloads:
+        if name not in WORKLOADS:
+            raise UsageError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    try:
+        counts = [int(n) for n in _names(args.subscribers)]
+    except ValueError:
+        raise UsageError(f"--subscribers takes comma-separated counts, not {args.subscribers!r}") from None
+    if not counts or min(counts) < 1:
+        raise UsageError("--subscribers needs counts of at least 1")
+    latency_subs = max(counts) if args.latency_subscribers is None else args.latency_subscribers
+    if latency_subs < 1:
+        raise UsageError("--latency-subscribers needs at least 1")
+    if not args.duration > 0 or not args.rate > 0 or args.startup_runs < 0:
+        raise UsageError("--duration and --rate must be positive, --startup-runs at least 0")
+    records_for(args.size)  # a size one record cannot make raises UsageError
+    if any(r in ("raw", "zmq", "zmq-default") for r in relays):
+        benchmarks_dir()
+    if any(r.startswith("zmq") for r in relays):
+        try:
+            import zmq  # noqa: F401
+        except ImportError:
+            raise UsageError("the zmq relays need pyzmq: pip install 'jitrelay[bench]'") from None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Options(
+        relays=relays,
+        workloads=workloads,
+        subscribers=counts,
+        latency_subscribers=latency_subs,
+        size=args.size,
+        duration=args.duration,
+        rate=args.rate,
+        startup_runs=args.startup_runs,
+        json_path=args.json or Path("bench-results") / f"{stamp}.json",
+        progress=not args.no_progress,
+        argv=list(sys.argv if argv is None else argv),
+    )
+
+
+class _Progress:
+    """A tqdm bar over the runs on stderr, or nothing when hidden (tqdm is needed only to show one)."""
+
+    def __init__(self, total: int, shown: bool):
+        self.bar = None
+        if shown:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                raise UsageError("the progress bar needs tqdm (pip install 'jitrelay[bench]')") from None
+            self.bar = tqdm(total=total, file=sys.stderr, unit="run")
+
+    def set_description(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def write(self, text: str) -> None:
+        """A line on stderr that does not break the bar."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run every relay on every workload, print the table, write the JSON; 1 if any run failed."""
+    opts = options(args)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+    plan = [("w1", n) for n in opts.subscribers if "w1" in opts.workloads]
+    plan += [("w2", opts.latency_subscribers)] if "w2" in opts.workloads else []
+    steps = [(workload, n, relay) for workload, n in plan for relay in opts.relays]  # relays side by side
+    measure_start = opts.startup_runs > 0 and any(r.partition(":")[0] == "jitrelay" for r in opts.relays)
+    started = datetime.now(timezone.utc)
+    runs: list[dict] = []
+    startup = None
+    failed = False
+    bar = _Progress(len(steps) + measure_start, opts.progress)
+    try:
+        for workload, n, relay in steps:
+            bar.set_description(f"{relay} {workload} {n} sub")
+            try:
+                runs.append(run_one(relay, workload, n, opts))
+            except BenchError as exc:
+                failed = True
+                runs.append({"relay": relay, "workload": workload, "subscribers": n, "error": str(exc)})
+                bar.write(f"{relay} {workload} {n} sub failed: {exc}")
+            bar.update()
+        if measure_start:  # last, so the runs above have left the numba cache warm
+            bar.set_description("jitrelay startup")
+            try:
+                startup = measure_startup(opts.startup_runs)
+            except BenchError as exc:
+                failed = True
+                bar.write(f"startup measurement failed: {exc}")
+            bar.update()
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted", file=sys.stderr)
+        return 130
+    bar.close()
+    add_ratios(runs)
+    report = {
+        "timestamp_utc": started.isoformat(timespec="seconds"),
+        "command_line": opts.argv,
+        "options": {
+            "relays": opts.relays,
+            "workloads": opts.workloads,
+            "subscribers": opts.subscribers,
+            "latency_subscribers": opts.latency_subscribers,
+            "size": opts.size,
+            "duration": opts.duration,
+            "rate": opts.rate,
+            "startup_runs": opts.startup_runs,
+        },
+        **git_commit(),
+        "machine": machine(),
+        "runs": runs,
+        "jitrelay": jitrelay_summary(runs),
+        "startup": startup,
+    }
+    print(format_report(report))
+    opts.json_path.parent.mkdir(parents=True, exist_ok=True)
+    opts.json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nevery figure: {opts.json_path}")
+    return 1 if failed else 0

@@ -1,0 +1,205 @@
+"""``jitrelay bench`` end to end in a tiny mode: the JSON it writes and the figures in it.
+
+Figures are checked for what must hold whatever the machine's speed (every
+message delivered, nothing lost, percentiles in order), never against a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numba
+import numpy
+import pytest
+import uvloop
+import zmq  # the zmq baselines need it: a dependency of the bench extra
+
+from jitrelay.bench import parse_forwarding
+from jitrelay.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}  # relays run compiled
+    return subprocess.run(
+        [sys.executable, "-m", "jitrelay", "bench", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def by_run(report: dict) -> dict[tuple[str, str], dict]:
+    return {(r["relay"], r["workload"]): r for r in report["runs"]}
+
+
+def check_delivered_all(run: dict) -> None:
+    assert run["sent"] > 0
+    assert run["lost"] == [0] * run["subscribers"]
+    assert run["lost_total"] == 0
+    for sub in run["per_subscriber"]:
+        assert sub["received"] == run["sent"]
+        assert sub["last_sequence"] == run["sent"] - 1 and sub["last_sequence_ok"]
+        assert sub["sequence_gaps"] == 0 and sub["bad_magic"] == 0 and sub["partial_bytes"] == 0
+        assert sub["stop"] == "all received"
+    assert run["delivered_msg_per_s_mean"] > 0
+
+
+def check_latency(run: dict, expected_samples: int) -> None:
+    lat = run["latency_us"]
+    assert lat["samples"] == expected_samples
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["p99_9"] <= lat["max"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    path = tmp_path_factory.mktemp("bench") / "figures.json"
+    done = bench(
+        "--relays=jitrelay,raw",
+        "--workloads=w1,w2",
+        "--subscribers=1",
+        "--duration=0.5",
+        "--rate=500",
+        "--startup-runs=1",
+        f"--json={path}",
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"every figure: {path}" in done.stdout
+    assert "delivered/s per sub" in done.stdout
+    return json.loads(path.read_text())
+
+
+def test_report_describes_the_run(report: dict) -> None:
+    assert report["options"] == {
+        "relays": ["jitrelay", "raw"],
+        "workloads": ["w1", "w2"],
+        "subscribers": [1],
+        "latency_subscribers": 1,
+        "size": 71,
+        "duration": 0.5,
+        "rate": 500.0,
+        "startup_runs": 1,
+    }
+    assert report["command_line"][1:3] == ["bench", "--no-progress"]
+    assert datetime.fromisoformat(report["timestamp_utc"]).utcoffset().total_seconds() == 0
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert report["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    m = report["machine"]
+    assert m["cores"] == os.cpu_count()
+    assert isinstance(m["cpu_model"], str) and m["cpu_model"]
+    assert m["python"] == platform.python_version()
+    assert (m["numpy"], m["numba"], m["uvloop"]) == (numpy.__version__, numba.__version__, uvloop.__version__)
+    assert m["pyzmq"] == zmq.__version__
+
+
+def test_every_message_reaches_the_subscriber(report: dict) -> None:
+    runs = by_run(report)
+    assert sorted(runs) == [("jitrelay", "w1"), ("jitrelay", "w2"), ("raw", "w1"), ("raw", "w2")]
+    for run in runs.values():
+        assert run["subscribers"] == 1 and run["message_size"] == 71
+        check_delivered_all(run)
+    for relay in ("jitrelay", "raw"):
+        assert runs[relay, "w1"]["latency_us"] is None
+        assert runs[relay, "w1"]["publisher"]["batch_messages"] == (1 << 20) // 71
+        assert runs[relay, "w1"]["sent"] % ((1 << 20) // 71) == 0
+        assert runs[relay, "w2"]["sent"] == 250  # 0.5 s at 500 msg/s
+        check_latency(runs[relay, "w2"], 250)
+
+
+def test_ratios_are_to_the_baselines_of_the_same_workload(report: dict) -> None:
+    runs = by_run(report)
+    assert runs["raw", "w1"]["ratio_to_raw"] == {"delivered_msg_per_s": 1.0}
+    assert runs["raw", "w2"]["ratio_to_raw"] == {"p50": 1.0, "p99": 1.0, "p99_9": 1.0}
+    mine, raw = runs["jitrelay", "w1"], runs["raw", "w1"]
+    expected = mine["delivered_msg_per_s_mean"] / raw["delivered_msg_per_s_mean"]
+    assert mine["ratio_to_raw"]["delivered_msg_per_s"] == pytest.approx(expected)
+    mine, raw = runs["jitrelay", "w2"], runs["raw", "w2"]
+    assert mine["ratio_to_raw"]["p99"] == pytest.approx(mine["latency_us"]["p99"] / raw["latency_us"]["p99"])
+    assert all(run["ratio_to_zmq"] is None for run in runs.values())  # no zmq run to compare with
+
+
+def test_relay_memory_forwarding_time_and_startup(report: dict) -> None:
+    runs = by_run(report)
+    for run in runs.values():
+        memory = run["relay_memory"]
+        assert memory["samples"] > 0 and memory["peak_sampled_mib"] > 0 and memory["vm_hwm_mib"] > 0
+    for workload in ("w1", "w2"):
+        fwd = runs["jitrelay", workload]["relay_forwarding"]
+        assert 0 <= fwd["p50_us"] <= fwd["p99_us"] <= fwd["p99_9_us"]
+        assert fwd["ns_per_message"] > 0
+        assert runs["raw", workload]["relay_forwarding"] is None  # the raw forwarder logs no such line
+    own = report["jitrelay"]
+    assert own["w1_peak_rss_mib"] == runs["jitrelay", "w1"]["relay_memory"]["peak_sampled_mib"]
+    assert [(f["workload"], f["logged"]) for f in own["forwarding"]] == [("w1", True), ("w2", True)]
+    start = report["startup"]
+    assert len(start["warm_s"]) == 1 and start["warm_median_s"] == start["warm_s"][0] > 0
+    assert start["cold_s"] > 0 and start["cold_kernels_s"] > 0 and start["warm_kernels_s"] > 0
+    assert start["cold_compile_s"] == pytest.approx(start["cold_s"] - start["warm_median_s"])
+
+
+def test_zmq_proxy_lossless_and_default(tmp_path: Path) -> None:
+    done = bench(
+        "--relays=zmq,zmq-default",
+        "--workloads=w1,w2",
+        "--subscribers=1",
+        "--duration=0.3",
+        "--rate=500",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    (written,) = (tmp_path / "bench-results").glob("*.json")  # the default place
+    report = json.loads(written.read_text())
+    runs = by_run(report)
+    assert sorted(runs) == [("zmq", "w1"), ("zmq", "w2"), ("zmq-default", "w1"), ("zmq-default", "w2")]
+    check_delivered_all(runs["zmq", "w1"])
+    check_delivered_all(runs["zmq", "w2"])
+    check_latency(runs["zmq", "w2"], 150)
+    lossy = runs["zmq-default", "w1"]
+    (sub,) = lossy["per_subscriber"]
+    assert 0 < sub["received"] <= lossy["sent"]
+    assert lossy["lost"] == [lossy["sent"] - sub["received"]]
+    assert runs["zmq", "w1"]["ratio_to_zmq"] == {"delivered_msg_per_s": 1.0}
+    assert runs["zmq", "w1"]["ratio_to_raw"] is None
+    assert runs["zmq", "w1"]["relay_command"][-2:] == ["--hwm", "0"]
+    assert "--hwm" not in runs["zmq-default", "w1"]["relay_command"]
+    assert report["jitrelay"] is None and report["startup"] is None
+
+
+def test_forwarding_line_parsed_when_present() -> None:
+    lines = [
+        "2024-01-01 INFO jitrelay.relay: conn=1 disconnected",
+        "2024-01-01 INFO jitrelay.relay: forwarding time per batch: p50 4.2 us, p99 17.5 us, p99.9 31.0 us; "
+        "12.5 ns per message over 812 batches",
+    ]
+    assert parse_forwarding(lines) == {"p50_us": 4.2, "p99_us": 17.5, "p99_9_us": 31.0, "ns_per_message": 12.5}
+    assert parse_forwarding(lines[:1]) is None
+    assert parse_forwarding(["forwarding time per batch: p50 4 us, p99 17 us, p99.9 31 us"]) == {
+        "p50_us": 4.0,
+        "p99_us": 17.0,
+        "p99_9_us": 31.0,
+        "ns_per_message": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--relays=jitrelay,nats", "unknown relay 'nats'"),
+        ("--relays=raw:block", "unknown relay 'raw:block'"),
+        ("--workloads=w3", "unknown workload 'w3'"),
+        ("--subscribers=0", "--subscribers needs counts of at least 1"),
+        ("--size=20", "cannot make a 20-byte message"),
+    ],
+)
+def test_bad_command_line_exits_2(option: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", option]) == 2
+    assert message in capsys.readouterr().err

@@ -43,6 +43,7 @@ from .logic import DISCONNECT, RelayLogic
 log = logging.getLogger("jitrelay.relay")
 
 SHUTDOWN_FLUSH_SECONDS = 1.0
+SOCKET_BUFFER = 4 << 20  # kernel buffers per connection: fewer, larger reads and sends
 MAX_IOV = 64  # runs sent with one sendmsg; more are compacted first
 SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
 _PEERCRED = struct.Struct("3i")
@@ -87,6 +88,9 @@ class Connection(asyncio.BufferedProtocol):
             transport.abort()
             return
         self.spare.setblocking(False)
+        with contextlib.suppress(OSError):
+            self.spare.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            self.spare.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         transport.set_write_buffer_limits(high=self.relay.logic.pending_high, low=self.relay.logic.pending_low)
         self.relay.add(self)
 

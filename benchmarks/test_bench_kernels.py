@@ -1,0 +1,90 @@
+"""Kernel micro-benchmarks: ``python -m pytest benchmarks --benchmark-only``.
+
+Not part of the test suite: nothing here asserts a speed. Each benchmark times
+one kernel call on bytes built beforehand (the same builders as the asv suite,
+``asv_bench.common``), then times a baseline on the same bytes in the same run
+and attaches msg/s and the ratio to ``benchmark.extra_info``; the run ends with
+a summary of those figures. Baselines:
+
+- scan: ``kernels.frame`` over the same buffer, the bare header walk a scan
+  cannot beat;
+- scan with checksums and ``kernels.crc32``: one ``zlib.crc32`` over the same bytes;
+- compact and frame: one numpy copy of the same bytes, a yardstick for the machine.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+from asv_bench import common
+
+from jitrelay import kernels
+
+SIZE = 71  # W1's message: one type-1 record with a 37-byte value
+
+
+def test_scan_market_data(benchmark, figures):
+    f = common.scan_by_size(SIZE, False)
+    result = benchmark(f.scan)
+    assert result.count == f.result.count and result.runs == 1
+    figures.record(
+        benchmark,
+        messages=f.result.count,
+        nbytes=len(f.buf),
+        baseline="kernels.frame",
+        baseline_call=lambda: kernels.frame(f.buf),
+    )
+
+
+def test_scan_with_crc(benchmark, figures):
+    f = common.scan_by_size(SIZE, True)
+    result = benchmark(f.scan)
+    assert result.count == f.result.count and result.runs == 1  # every checksum verified and good
+    figures.record(
+        benchmark,
+        messages=f.result.count,
+        nbytes=len(f.buf),
+        baseline="zlib.crc32",
+        baseline_call=lambda: zlib.crc32(f.buf),
+    )
+
+
+def test_crc32_kernel(benchmark, figures):
+    data = common.crc_data()
+    assert benchmark(kernels.crc32, data) == zlib.crc32(data)
+    figures.record(benchmark, nbytes=len(data), baseline="zlib.crc32", baseline_call=lambda: zlib.crc32(data))
+
+
+def test_crc32_zlib(benchmark, figures):
+    data = common.crc_data()
+    benchmark(zlib.crc32, data)
+    figures.record(benchmark, nbytes=len(data))
+
+
+def test_compact_quarter_rejected(benchmark, figures):
+    f = common.compact_fixture(0.25)
+    kept = benchmark(kernels.compact, f.buf, f.runs, f.n_runs, f.out)
+    assert len(kept) == f.nbytes
+    source = np.ones(f.nbytes, dtype=np.uint8)
+    figures.record(
+        benchmark,
+        messages=f.nbytes // SIZE,
+        nbytes=f.nbytes,
+        baseline="numpy copy",
+        baseline_call=lambda: np.copyto(f.out[: f.nbytes], source),
+    )
+
+
+def test_frame(benchmark, figures):
+    buf = common.frame_fixture(SIZE)
+    count, consumed, fault = benchmark(kernels.frame, buf)
+    assert (count, consumed, fault) == (len(buf) // SIZE, len(buf), 0)
+    copy = np.empty_like(buf)
+    figures.record(
+        benchmark,
+        messages=count,
+        nbytes=len(buf),
+        baseline="numpy copy",
+        baseline_call=lambda: np.copyto(copy, buf),
+    )

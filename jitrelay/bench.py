@@ -616,6 +616,7 @@ def publish_batches(who: str, reports: Any, end: Endpoint, size: int, duration: 
     batch = protocol.build_batch(MARKET_DATA, count, records_for(size), checksums=False)
     kernels.stamp_batch(batch, size, 0, 0, checksums=False)  # compile or load before the clock starts
     zmq_sock = _zmq_socket("pub", end) if end.transport == "zmq" else None
+    sock = None
     reports.put(("warm", who, None))
     if zmq_sock is not None:
         _await_start(start, zmq_sock, probe_message(size))
@@ -638,10 +639,7 @@ def publish_batches(who: str, reports: Any, end: Endpoint, size: int, duration: 
         seq += count
     elapsed = time.monotonic() - began
     cpu = time.process_time() - cpu
-    if zmq_sock is not None:
-        _zmq_flush(zmq_sock)
-    else:
-        sock.close()
+    _close_publisher(zmq_sock, sock)
     return {"sent": seq, "elapsed_s": elapsed, "cpu_s": cpu, "batch_messages": count}
 
 
@@ -651,6 +649,7 @@ def publish_paced(who: str, reports: Any, end: Endpoint, size: int, duration: fl
 
     message = bytearray(protocol.build_message(MARKET_DATA, records_for(size), timestamp_ns=0))
     zmq_sock = _zmq_socket("pub", end) if end.transport == "zmq" else None
+    sock = None
     reports.put(("warm", who, None))
     if zmq_sock is not None:
         _await_start(start, zmq_sock, probe_message(size))
@@ -674,11 +673,15 @@ def publish_paced(who: str, reports: Any, end: Endpoint, size: int, duration: fl
         send(message)
     elapsed = time.perf_counter() - began
     cpu = time.process_time() - cpu
+    _close_publisher(zmq_sock, sock)
+    return {"sent": total, "elapsed_s": elapsed, "cpu_s": cpu, "sent_late": late}
+
+
+def _close_publisher(zmq_sock: Any, sock: Any) -> None:
     if zmq_sock is not None:
         _zmq_flush(zmq_sock)
     else:
         sock.close()
-    return {"sent": total, "elapsed_s": elapsed, "cpu_s": cpu, "sent_late": late}
 
 
 # One run

@@ -70,6 +70,12 @@ def source_id(text: str) -> int:
     return value
 
 
+def add_target(parser: argparse.ArgumentParser, domains: list[str]) -> None:
+    """The DOMAIN argument and --socket option every relay command takes."""
+    parser.add_argument("domain", choices=domains, metavar="DOMAIN", help=f"one of: {', '.join(domains)}")
+    parser.add_argument("--socket", type=Path, help="Unix socket path (default: $JITRELAY_SOCKET_DIR/DOMAIN.sock)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jitrelay", description="A Protocol V2 message relay for trading systems.")
     parser.add_argument("--version", action="version", version=f"jitrelay {__version__}")
@@ -77,8 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     domains = list(LOGICS)
 
     run = commands.add_parser("run", help="run the relay of one domain until SIGINT or SIGTERM")
-    run.add_argument("domain", choices=domains, metavar="DOMAIN", help=f"one of: {', '.join(domains)}")
-    run.add_argument("--socket", type=Path, help="Unix socket path (default: $JITRELAY_SOCKET_DIR/DOMAIN.sock)")
+    add_target(run, domains)
     run.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
     run.add_argument("--slow-policy", choices=SLOW_POLICIES, help="what to do with a subscriber that falls behind")
     run.add_argument(
@@ -94,8 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     pub = commands.add_parser("pub", help="publish synthetic messages")
-    pub.add_argument("domain", choices=domains, metavar="DOMAIN", help=f"one of: {', '.join(domains)}")
-    pub.add_argument("--socket", type=Path, help="Unix socket path of the relay")
+    add_target(pub, domains)
     pub.add_argument("--count", type=non_negative, default=1000, help="messages to send; 0 sends until SIGINT")
     pub.add_argument("--rate", type=non_negative_float, default=0.0, help="messages per second; 0 for full speed")
     pub.add_argument("--size", type=non_negative, default=71, help="bytes per message, header included (71)")
@@ -109,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.set_defaults(handler=cmd_pub)
 
     sub = commands.add_parser("sub", help="print the messages a relay forwards")
-    sub.add_argument("domain", choices=domains, metavar="DOMAIN", help=f"one of: {', '.join(domains)}")
-    sub.add_argument("--socket", type=Path, help="Unix socket path of the relay")
+    add_target(sub, domains)
     sub.add_argument("--count", type=non_negative, default=0, help="stop after this many messages (0: never)")
     sub.add_argument("--count-only", action="store_true", help="print only the number of messages received")
     sub.set_defaults(handler=cmd_sub)

@@ -418,9 +418,10 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     path = Path(logic.socket_path)
-    log.info("kernels ready in %.3f s", warm_up(logic))
-    sock = bind_socket(path)
+    log.debug("configuration: %s", logic)
+    sock = bind_socket(path)  # first: a second relay on a live path is refused before any compiling
     inode = os.stat(path).st_ino
+    log.info("kernels ready in %.3f s", warm_up(logic))
     relay = Relay(logic)
     loop.add_signal_handler(signal.SIGUSR1, relay.log_figures, "running")
     server = await loop.create_unix_server(relay.new_connection, sock=sock)

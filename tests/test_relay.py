@@ -651,7 +651,7 @@ def test_slow_subscriber_is_dropped_and_memory_stays_bounded(start_relay: StartR
 
 def test_blocked_subscriber_loses_nothing_under_block(start_relay: StartRelay, clients: Clients) -> None:
     relay = start_relay("execution", "--slow-policy", "block", "--pending-limit", str(1 * MiB))
-    stream = NumberedStream(3, [(40, b"e" * 2000)], chunk_messages=64, chunks=128)  # ~16 MiB of 2037-byte messages
+    stream = NumberedStream(3, [(40, b"e" * 2000)], chunk_messages=64, chunks=512)  # ~64 MiB of 2037-byte messages
     checks = [StreamCheck(stream) for _ in range(2)]
     other, slow = (clients.reader(relay, sink=check) for check in checks)
     publisher = clients.connect(relay)
@@ -735,10 +735,10 @@ def test_publisher_that_exits_with_unread_data_loses_none_of_its_messages(
     leaver = clients.connect(relay)  # publishes, never reads
     talker = clients.connect(relay)  # fills the leaver's pending output
     sync(talker, [subscriber], 3)
-    noise = [build_message(3, [(41, b"n" * 200)], source=2, sequence=i) for i in range(4000)]
+    noise = [build_message(3, [(41, b"n" * 200)], source=2, sequence=i) for i in range(40000)]
     ours = [build_message(3, [(40, i.to_bytes(4, "little") * 8)], source=1, sequence=i) for i in range(300)]
     talker.settimeout(30)
-    # ~1 MiB the leaver never reads: the relay pauses every publisher until the leaver is gone.
+    # ~9 MiB the leaver never reads, more than kernel buffers hold: the relay pauses publishers until it is gone.
     thread = threading.Thread(target=talker.sendall, args=(b"".join(noise),))
     thread.start()
     relay.wait_line("pausing publishers")

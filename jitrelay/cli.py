@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__, kernels, protocol
 from .client import Publisher, RelayConnectionError, Subscriber
-from .logic import LOGICS, SLOW_POLICIES, logic_for
+from .logic import JOURNAL_FSYNC, LOGICS, SLOW_POLICIES, logic_for
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
@@ -96,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="under disconnect, how long a subscriber may stay over its limit before it is dropped",
     )
     run.add_argument("--max-payload", type=byte_count, metavar="BYTES", help="largest payload a message may carry")
+    run.add_argument(
+        "--allow-uid",
+        type=non_negative,
+        action="append",
+        metavar="UID",
+        help="admit peers with this uid (repeatable; with --allow-gid replaces the domain's default list)",
+    )
+    run.add_argument("--allow-gid", type=non_negative, action="append", metavar="GID", help="admit peers in this gid")
+    run.add_argument("--max-connections", type=non_negative, metavar="N", help="refuse connections beyond N")
+    run.add_argument("--journal-dir", type=Path, metavar="DIR", help="where the journal segments go (enables it)")
+    run.add_argument("--journal-fsync", choices=JOURNAL_FSYNC, help="when the journal is flushed to disk (batch)")
+    run.add_argument("--journal-rotate", type=byte_count, metavar="BYTES", help="journal segment size (256MiB)")
+    run.add_argument("--no-journal", action="store_true", help="do not journal forwarded messages")
     run.set_defaults(handler=cmd_run)
 
     pub = commands.add_parser("pub", help="publish synthetic messages")
@@ -178,6 +191,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["slow_timeout"] = args.slow_timeout
     if args.max_payload is not None:
         overrides["max_payload"] = args.max_payload
+    if args.allow_uid is not None or args.allow_gid is not None:
+        overrides["allowed_uids"] = tuple(args.allow_uid or ())
+        overrides["allowed_gids"] = tuple(args.allow_gid or ())
+    if args.max_connections is not None:
+        overrides["max_connections"] = args.max_connections
+    if args.journal_dir is not None:
+        overrides["journal"] = True
+        overrides["journal_dir"] = args.journal_dir
+    if args.journal_fsync is not None:
+        overrides["journal_fsync"] = args.journal_fsync
+    if args.journal_rotate is not None:
+        overrides["journal_rotate_bytes"] = args.journal_rotate
+    if args.no_journal:
+        overrides["journal"] = False
     try:
         logic = logic_for(args.domain, **overrides)
     except ValueError as exc:

@@ -81,6 +81,11 @@ class Connection(asyncio.BufferedProtocol):
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             self.pid, self.uid, self.gid = _PEERCRED.unpack(creds)
             self.peer = f"conn={self.conn_id} pid={self.pid} uid={self.uid}"
+        refusal = self.relay.refusal(self)
+        if refusal:
+            log.warning("refusing %s gid=%d: %s", self.peer, self.gid, refusal)
+            transport.abort()
+            return
         try:
             self.spare = socket.socket(fileno=os.dup(sock.fileno()))
         except OSError as exc:
@@ -161,10 +166,21 @@ class Relay:
         self.bytes_forwarded = 0
         self.batches = 0
         self.accepted = 0
+        self.refused: Counter[str] = Counter()
         self.stopping = False
         # Nanoseconds from a read reaching the engine to the last subscriber write issued.
         self.forward_time = Histogram()
         self.messages_timed = 0
+
+    def refusal(self, conn: Connection) -> str | None:
+        """Why ``conn`` may not connect, or None."""
+        if not self.logic.admits(conn.uid, conn.gid):
+            self.refused["not_allowed"] += 1
+            return f"uid {conn.uid} / gid {conn.gid} not allowed"
+        if len(self.connections) >= self.logic.max_connections:
+            self.refused["connection_limit"] += 1
+            return f"connection limit {self.logic.max_connections} reached"
+        return None
 
     def new_connection(self) -> Connection:
         self._next_id += 1
@@ -332,7 +348,7 @@ class Relay:
             f"received {received} messages, forwarded {counts['forward']} "
             f"({self.bytes_forwarded} bytes in {self.batches} batches), rejected {rejected or 0}, "
             f"faults {dict(self.faults) or 0}, slow subscribers dropped {self.slow_disconnects}, "
-            f"connections {self.accepted}"
+            f"connections {self.accepted}, refused {dict(self.refused) or 0}"
         )
 
     def timing(self) -> str:

@@ -25,6 +25,7 @@ KiB = 1 << 10
 DISCONNECT = "disconnect"
 BLOCK = "block"
 SLOW_POLICIES = (DISCONNECT, BLOCK)
+JOURNAL_FSYNC = ("every", "batch", "none")
 
 DEFAULT_SOCKET_DIR = "/tmp/jitrelay"
 SOCKET_DIR_ENV = "JITRELAY_SOCKET_DIR"
@@ -54,6 +55,17 @@ class RelayLogic:
     # Receive buffer per connection; raised to hold at least two max-size messages.
     buffer_size: int = 4 * MiB
     socket_path: Path = field(default_factory=lambda: Path())
+    # Who may connect, checked with the peer's credentials at accept: a peer
+    # is allowed when its uid or its gid is listed. None admits anyone who can
+    # reach the socket (its folder and file modes still apply).
+    allowed_uids: tuple[int, ...] | None = None
+    allowed_gids: tuple[int, ...] = ()
+    max_connections: int = 5000
+    # Append every forwarded message to a journal (see ``journal.py``).
+    journal: bool = False
+    journal_dir: Path = field(default_factory=lambda: Path())
+    journal_fsync: str = "batch"
+    journal_rotate_bytes: int = 256 * MiB
 
     def __post_init__(self) -> None:
         if self.slow_policy not in SLOW_POLICIES:
@@ -69,7 +81,19 @@ class RelayLogic:
                 raise ValueError(f"TLV range {lo}..{hi} is not within 1..255")
         if self.socket_path == Path():
             self.socket_path = socket_dir() / f"{self.name}.sock"
+        if self.journal_dir == Path():
+            self.journal_dir = Path(self.socket_path).parent / "journal"
+        if self.journal_fsync not in JOURNAL_FSYNC:
+            raise ValueError(f"journal_fsync must be one of {JOURNAL_FSYNC}, not {self.journal_fsync!r}")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         self.buffer_size = max(self.buffer_size, 2 * (protocol.HEADER_SIZE + self.max_payload))
+
+    def admits(self, uid: int, gid: int) -> bool:
+        """Whether a peer with these credentials may connect."""
+        if self.allowed_uids is None and not self.allowed_gids:
+            return True
+        return uid in (self.allowed_uids or ()) or gid in self.allowed_gids
 
     def type_allowed(self) -> np.ndarray:
         allowed = np.zeros(256, dtype=np.uint8)
@@ -100,6 +124,7 @@ class SignalLogic(RelayLogic):
     max_payload: int = 32 * KiB
     slow_policy: str = DISCONNECT
     buffer_size: int = 1 * MiB
+    max_connections: int = 1000
 
 
 @dataclass
@@ -110,6 +135,9 @@ class ExecutionLogic(RelayLogic):
     verify_checksum: bool = True
     max_payload: int = 1 * MiB
     slow_policy: str = BLOCK
+    allowed_uids: tuple[int, ...] | None = field(default_factory=lambda: (os.getuid(),))
+    max_connections: int = 100
+    journal: bool = True
 
 
 LOGICS: dict[str, type[RelayLogic]] = {cls.name: cls for cls in (MarketDataLogic, SignalLogic, ExecutionLogic)}

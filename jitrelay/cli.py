@@ -8,7 +8,9 @@ bad command line.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
+import json
 import logging
 import os
 import re
@@ -156,6 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="where to write every figure (bench-results/<UTC time>.json)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(handler=cmd_bench)
+
+    audit = commands.add_parser("audit", help="print the messages an execution journal holds")
+    audit.add_argument("path", type=Path, metavar="PATH", help="a journal segment, a journal folder, or a name prefix")
+    audit.add_argument("--json", action="store_true", help="one JSON object per message instead of a line of text")
+    audit.add_argument("--since", type=time_ns_arg, metavar="T", help="messages stamped at or after T (ns or ISO-8601)")
+    audit.add_argument("--until", type=time_ns_arg, metavar="T", help="messages stamped before T")
+    audit.set_defaults(handler=cmd_audit)
+    soak = commands.add_parser(
+        "soak", help="run a relay under load, churn, stalls and SIGKILLs, and verify every message delivered"
+    )
+    soak.add_argument("--domain", choices=domains, default="market_data", help="relay domain (market_data)")
+    soak.add_argument("--duration", type=non_negative_float, default=300.0, help="seconds of load (300)")
+    soak.add_argument("--rate", type=non_negative_float, default=20000.0, help="messages per second, all publishers")
+    soak.add_argument("--publishers", type=non_negative, default=3, help="publisher processes at a time (3)")
+    soak.add_argument("--subscribers", type=non_negative, default=4, help="subscriber processes at a time (4)")
+    soak.add_argument("--churn", type=non_negative_float, default=1.0, help="clients killed and replaced per second")
+    soak.add_argument(
+        "--stall-prob", type=non_negative_float, default=0.2, help="chance per second that a subscriber stalls (0.2)"
+    )
+    soak.add_argument("--stall-max", type=non_negative_float, default=2.0, help="longest stall in seconds (2)")
+    soak.add_argument("--max-size", type=non_negative, default=1024, help="largest message in bytes (1024)")
+    soak.add_argument("--seed", type=non_negative, help="random seed, to repeat a run (default: random)")
+    soak.add_argument("--json", type=Path, help="also write the report, with memory samples, as JSON here")
+    soak.add_argument("--socket-dir", type=Path, help="where the relay's socket goes (default: a fresh /tmp folder)")
+    soak.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    soak.set_defaults(handler=cmd_soak)
     return parser
 
 
@@ -322,3 +350,78 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench  # the benchmark's processes and baselines load only for this command
 
     return run_bench(args)
+
+
+_ISO_TIME = re.compile(
+    r"(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d{1,9}))?)?\s*(Z|[+-]\d{2}:?\d{2})?", re.IGNORECASE
+)
+
+
+def time_ns_arg(text: str) -> int:
+    """Nanoseconds since the epoch, given as such or as ISO-8601 (``2026-11-24T21:00:00.5Z``; no zone means UTC)."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    match = _ISO_TIME.fullmatch(text)
+    if match:
+        day, clock, fraction, zone = match.groups()
+        zone = "+00:00" if zone is None or zone.upper() == "Z" else zone
+        if len(zone) == 5:
+            zone = zone[:3] + ":" + zone[3:]
+        try:
+            moment = datetime.datetime.fromisoformat(f"{day}T{clock or '00:00'}{zone}")
+        except ValueError:
+            moment = None
+        if moment is not None:
+            seconds = (moment - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)) // datetime.timedelta(
+                seconds=1
+            )
+            return seconds * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
+    raise argparse.ArgumentTypeError(
+        f"not a time: {text!r} (nanoseconds since the epoch, or ISO-8601 such as 2026-11-24T21:00:00Z)"
+    )
+
+
+def message_json(message: protocol.Message) -> str:
+    """Every header field, the header time as text, the records in hex, and whether the checksum holds."""
+    head = message.header
+    fields = {name: getattr(head, name) for name in protocol.HEADER_DTYPE.names}
+    fields["time"] = format_message(message).split(" ", 1)[0]
+    fields["domain"] = protocol.DOMAIN_NAMES.get(head.relay_domain, str(head.relay_domain))
+    fields["records"] = [{"type": tlv_type, "value_hex": value.hex()} for tlv_type, value in message.records]
+    fields["checksum_ok"] = message.checksum_ok
+    return json.dumps(fields)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .journal import read_journal  # the journal reader loads only for this command
+
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="jitrelay audit: %(message)s")
+    try:
+        messages = read_journal(args.path, since_ns=args.since, until_ns=args.until)
+    except OSError as exc:
+        reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        print(f"jitrelay audit: {reason}", file=sys.stderr)
+        return 1
+    show = message_json if args.json else format_message
+    try:
+        for message in messages:
+            sys.stdout.write(show(message) + "\n")
+        sys.stdout.flush()
+    except protocol.ProtocolError as exc:
+        sys.stdout.flush()
+        print(f"jitrelay audit: corrupt journal: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):  # stdout closed early, as by `| head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"jitrelay audit: cannot read {args.path}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from .soak import run_soak  # the soak's processes load only for this command
+
+    return run_soak(args)

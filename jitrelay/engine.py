@@ -38,6 +38,7 @@ import numpy as np
 
 from . import kernels, protocol
 from .histogram import Histogram
+from .journal import Journal
 from .logic import DISCONNECT, RelayLogic
 
 log = logging.getLogger("jitrelay.relay")
@@ -151,8 +152,11 @@ class Connection(asyncio.BufferedProtocol):
 class Relay:
     """Fans out every valid message a connection sends to all other connections."""
 
-    def __init__(self, logic: RelayLogic):
+    def __init__(self, logic: RelayLogic, journal: Journal | None = None):
         self.logic = logic
+        self.journal = journal
+        self.journal_errors = 0
+        self._journal_timer: asyncio.TimerHandle | None = None
         self.tables = logic.kernel_tables()
         self.scan_out = kernels.ScanBuffers(logic.buffer_size)
         self.connections: dict[int, Connection] = {}
@@ -242,6 +246,8 @@ class Relay:
         else:
             pieces = [kernels.compact(sender.buf, runs, result.runs).data]
         size = result.forwarded_bytes
+        if self.journal is not None:
+            self._journal(pieces)
         copy: memoryview | None = None
         sender_transport = sender.transport
         for conn, transport in self._targets:
@@ -260,6 +266,27 @@ class Relay:
             conn.bytes_out += size
         self.bytes_forwarded += size
         self.batches += 1
+
+    def _journal(self, pieces: list) -> None:
+        """Append a batch to the journal before anyone sees it; under ``batch`` fsync soon after."""
+        assert self.journal is not None
+        try:
+            self.journal.append(pieces)
+        except OSError as exc:
+            self.journal_errors += 1
+            log.error("journal %s: append failed, batch forwarded unjournaled: %s", self.journal.path, exc)
+            return
+        if self._journal_timer is None and self.logic.journal_fsync == "batch":
+            self._journal_timer = asyncio.get_running_loop().call_later(self.journal.sync_interval, self._sync_journal)
+
+    def _sync_journal(self) -> None:
+        self._journal_timer = None
+        assert self.journal is not None
+        try:
+            self.journal.sync()
+        except OSError as exc:
+            self.journal_errors += 1
+            log.error("journal %s: fsync failed: %s", self.journal.path, exc)
 
     def _close_faulty(self, conn: Connection, fault: int, offset: int) -> None:
         reason = protocol.FAULT_NAMES[fault]
@@ -348,7 +375,7 @@ class Relay:
             f"received {received} messages, forwarded {counts['forward']} "
             f"({self.bytes_forwarded} bytes in {self.batches} batches), rejected {rejected or 0}, "
             f"faults {dict(self.faults) or 0}, slow subscribers dropped {self.slow_disconnects}, "
-            f"connections {self.accepted}, refused {dict(self.refused) or 0}"
+            f"connections {self.accepted}, refused {dict(self.refused) or 0}, journal errors {self.journal_errors}"
         )
 
     def timing(self) -> str:
@@ -438,7 +465,21 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
     sock = bind_socket(path)  # first: a second relay on a live path is refused before any compiling
     inode = os.stat(path).st_ino
     log.info("kernels ready in %.3f s", warm_up(logic))
-    relay = Relay(logic)
+    try:
+        journal = (
+            Journal(
+                Path(logic.journal_dir), logic.name, fsync=logic.journal_fsync, rotate_bytes=logic.journal_rotate_bytes
+            )
+            if logic.journal
+            else None
+        )
+    except OSError:
+        sock.close()
+        path.unlink()
+        raise
+    if journal is not None:
+        log.info("journaling forwarded messages to %s (fsync %s)", journal.path, logic.journal_fsync)
+    relay = Relay(logic, journal)
     loop.add_signal_handler(signal.SIGUSR1, relay.log_figures, "running")
     server = await loop.create_unix_server(relay.new_connection, sock=sock)
     log.info("jitrelay %s relay listening on %s", logic.name, path)
@@ -450,6 +491,8 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == inode:
                 path.unlink()
+        if journal is not None:
+            journal.close()
         relay.log_figures("stopped")
     return relay
 

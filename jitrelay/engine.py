@@ -2,17 +2,16 @@
 
 Data path, per read: uvloop reads straight into the connection's numpy
 buffer (``BufferedProtocol``); one ``kernels.scan_into`` call frames and
-judges every complete message in it; the forwarded runs become one immutable
-batch (a single copy when every message passed, a compaction otherwise) that
-is written once to every other connection; the partial message at the end,
-if any, moves to the front of the buffer for the next read.
+judges every complete message in it; the accepted runs go to every other
+connection; the partial message at the end, if any, moves to the front of
+the buffer for the next read.
 
-Why a copy at all: uvloop keeps a reference to the memory of a write it
-cannot finish at once and sends whatever that memory holds later. The
-receive buffer is reused on the next read, so handing uvloop a view of it
-would corrupt slow subscribers' streams. The batch is built once and shared
-by all subscribers, so the cost is one memcpy per read however many
-subscribers there are.
+uvloop keeps a reference to the memory of a write it cannot finish at once
+and sends whatever that memory holds later, and the receive buffer is reused
+on the next read. So runs are sent zero-copy only with a synchronous
+``send``/``sendmsg`` on a spare descriptor, when the subscriber has nothing
+queued; anything left over is queued in uvloop as an immutable copy, made
+at most once per batch and shared by every subscriber that needs it.
 
 Memory is bounded: a receive buffer per connection (pages touched only by
 publishers), and per subscriber at most ``pending_high`` bytes plus one batch

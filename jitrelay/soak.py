@@ -1,0 +1,1009 @@
+"""``jitrelay soak``: run a relay under load and faults for a while, and check every message it delivers.
+
+The soak starts a relay (``python -m jitrelay run DOMAIN``) and client
+processes that connect, publish, subscribe, stall and get killed with SIGKILL
+at random, and replaces every client it kills. It answers three questions:
+
+- did any subscriber receive a message that is not exactly what a publisher
+  sent (CRC-32), or miss or repeat one (per-stream sequence with no gap)?
+- did the relay lose anything for subscribers that stayed connected (a
+  subscriber attached before any publisher must verify exactly as many
+  messages as the relay says it forwarded)?
+- does its resident memory stay flat once warm?
+
+Streams. Each publisher process is a new stream: its key is a 16-bit counter
+written in the header's ``source`` (low byte) and ``flags`` (high byte), both
+opaque to the relay, and its sequence numbers run from 0. A restarted
+publisher therefore never continues an old stream, and a subscriber checks
+for every key that each message is the previous one plus 1. Key 0 is the
+controller's attach probe. Keys are not reused, which bounds a run to 65,535
+publisher starts.
+
+Faults. Publishers write their stream cut at random byte offsets, so the relay
+nearly always holds part of a message from each of them; killing one leaves a
+torn message the relay must discard (it logs "closed mid-message"). A stalling
+subscriber stops reading for 0.1 s to ``--stall-max`` seconds; under the
+``disconnect`` policy a long enough stall gets it dropped, under ``block``
+(execution) every stall ends and the publishers simply wait. One subscriber,
+the witness, never stalls and is never killed, so every run has one complete
+stream to count.
+
+Clients are forked from a ``multiprocessing`` forkserver that has this module
+loaded, so churning costs milliseconds, not an interpreter start. They report
+through shared counters (``RawArray``), which stay readable after a SIGKILL,
+and write failure details to one file each in the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import ctypes
+import itertools
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .cli import UsageError
+from .logic import LOGICS, logic_for
+
+MiB = 1 << 20
+READY_TIMEOUT = 60.0  # a relay on a fresh checkout compiles its kernels first
+ATTACH_TIMEOUT = 30.0
+TICK = 0.005  # publisher pacing step
+POLL = 0.1  # subscriber receive timeout: how often it looks at the controller's phase
+STALL_MIN = 0.1
+RSS_INTERVAL = 0.5
+PROGRESS_INTERVAL = 10.0
+QUIET_SECONDS = 1.0  # after the publishers end, subscribers idle this long have everything
+DRAIN_TIMEOUT = 30.0
+MAX_DETAILS = 10  # failure details kept per subscriber
+MAX_KEYS = 1 << 16
+PROBE_KEY = 0
+RELAY_OPTIONS = {
+    # A stalled subscriber over 1 MiB pending pauses publishers; after 0.5 s it is dropped.
+    "disconnect": ("--slow-policy", "disconnect", "--pending-limit", "1MiB", "--slow-timeout", "0.5"),
+    # Nothing is dropped: publishers wait until every stall ends.
+    "block": ("--slow-policy", "block", "--pending-limit", "1MiB"),
+}
+
+_HEADER = struct.Struct("<IBBBBQQII")
+
+# The controller's phase, in the shared ``ctrl`` array.
+RUNNING, ENDING, STOPPING = 0, 1, 2
+# Shared counters of one client.
+(VERIFIED, CRC, SEQUENCE, HEAD, FRAMING, PROBES, STATE, STALLS, STALL_MS, TAIL, STREAMS, PUBLISHED) = range(12)
+STATS_LEN = 12
+# Client states.
+STARTING, CONNECTED, CLOSED_BY_RELAY, ENDED, ERROR = range(5)
+STATE_NAMES = ("starting", "connected", "closed_by_relay", "ended", "error")
+FAILURE_KINDS = ("crc", "sequence", "head", "framing")
+FAILURE_SLOTS = dict(zip(FAILURE_KINDS, (CRC, SEQUENCE, HEAD, FRAMING), strict=True))
+
+
+class SoakError(RuntimeError):
+    """The soak could not run: the relay would not start, clients would not attach."""
+
+
+# Checking a subscriber's stream
+
+
+class StreamVerifier:
+    """Check every message of one subscriber's byte stream as it arrives.
+
+    Each message must frame (magic, a payload within the domain's limit, its
+    domain and version), carry a CRC-32 that matches its bytes, and continue
+    its stream: sequence exactly previous + 1 for its key (``source | flags <<
+    8``). With ``from_start`` (a subscriber attached before any publisher) the
+    first message of every stream must also be sequence 0. A bad magic or an
+    impossible size means the stream lost its framing: the verifier stops
+    (``broken``), since nothing after it can be trusted.
+
+    Reads land in ``space()`` and are checked by ``commit()``; only the
+    unfinished message at the end is ever moved.
+    """
+
+    def __init__(
+        self,
+        domain_id: int,
+        max_payload: int,
+        *,
+        from_start: bool = False,
+        on_failure: Callable[[dict], None] | None = None,
+    ):
+        self.domain_id = domain_id
+        self.max_payload = max_payload
+        self.from_start = from_start
+        self.on_failure = on_failure
+        self._buf = bytearray(max(4 * MiB, 2 * (protocol.HEADER_SIZE + max_payload)))
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+        self.last: dict[int, int] = {}
+        self.seen = 0  # messages framed, valid or not
+        self.verified = 0
+        self.probes = 0
+        self.failures: Counter[str] = Counter()
+        self.details: list[dict] = []
+        self.broken = False
+
+    @property
+    def tail(self) -> int:
+        """Bytes of an unfinished message waiting for the rest."""
+        return self._end - self._start
+
+    def space(self) -> memoryview:
+        """Where the next read goes; never empty, since a message fits in half the buffer."""
+        if self._start:
+            tail = self._end - self._start
+            self._buf[:tail] = self._view[self._start : self._end]
+            self._start, self._end = 0, tail
+        return self._view[self._end :]
+
+    def commit(self, nbytes: int) -> None:
+        self._end += nbytes
+        self._check()
+
+    def feed(self, data: bytes) -> None:
+        """Copy ``data`` in and check it: for tests and tools that hold bytes, not a socket."""
+        view = memoryview(data)
+        while view:
+            space = self.space()
+            n = min(len(space), len(view))
+            space[:n] = view[:n]
+            self.commit(n)
+            view = view[n:]
+
+    def _fail(self, kind: str, **what: Any) -> None:
+        self.failures[kind] += 1
+        if len(self.details) < MAX_DETAILS:
+            detail = {"kind": kind, "message": self.seen, **what}
+            self.details.append(detail)
+            if self.on_failure is not None:
+                self.on_failure(detail)
+
+    def _check(self) -> None:
+        if self.broken:
+            self._start = self._end
+            return
+        buf, view, last = self._buf, self._view, self.last
+        pos, end = self._start, self._end
+        unpack, crc32 = _HEADER.unpack_from, zlib.crc32
+        while end - pos >= protocol.HEADER_SIZE:
+            magic, domain, version, source, flags, seq, _, size, checksum = unpack(buf, pos)
+            if magic != protocol.MAGIC or size > self.max_payload:
+                self._fail("framing", why="bad magic" if magic != protocol.MAGIC else f"payload of {size} bytes")
+                self.broken = True
+                pos = end
+                break
+            stop = pos + protocol.HEADER_SIZE + size
+            if stop > end:
+                break
+            key = source | flags << 8
+            if version != protocol.VERSION or domain != self.domain_id:
+                self._fail("framing", why=f"version {version}, domain {domain}", key=key, seq=seq)
+            elif crc32(view[pos + protocol.HEADER_SIZE : stop], crc32(view[pos : pos + protocol.CHECKSUM_COVERED])) != (
+                checksum
+            ):
+                self._fail("crc", key=key, seq=seq, size=stop - pos)
+            elif key == PROBE_KEY:
+                self.probes += 1
+            else:
+                previous = last.get(key)
+                if previous is None:
+                    if self.from_start and seq != 0:
+                        self._fail("head", key=key, seq=seq)
+                elif seq != previous + 1:
+                    self._fail("sequence", key=key, expected=previous + 1, got=seq)
+                last[key] = seq
+                self.verified += 1
+            self.seen += 1
+            pos = stop
+        self._start = pos
+
+
+# Client processes
+
+
+try:
+    _PRCTL = ctypes.CDLL(None).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies, so nothing outlives a crashed soak."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What every client needs to know, fixed for the run."""
+
+    socket_path: str
+    domain: str
+    domain_id: int
+    max_payload: int
+    publisher_rate: float
+    max_size: int
+    stall_prob: float
+    stall_max: float
+
+
+def client_main(kind: str, config: ClientConfig, stats: Any, ctrl: Any, detail_path: str, seed: int, arg: int) -> None:
+    """Entry point of a client process: ``arg`` is the stream key of a publisher, or a subscriber's role."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when to stop
+    rng = random.Random(seed)
+    with open(detail_path, "a", buffering=1) as details:
+        try:
+            if kind == "pub":
+                run_publisher(config, stats, ctrl, rng, arg)
+            else:
+                run_subscriber(config, stats, ctrl, rng, arg, details)
+        except BaseException:
+            stats[STATE] = ERROR
+            details.write(json.dumps({"kind": "error", "traceback": traceback.format_exc()}) + "\n")
+
+
+def _message_records(config: ClientConfig, rng: random.Random) -> list[tuple[int, bytes]]:
+    """One record of the domain's first TLV type, sized at random up to ``max_size`` bytes of message."""
+    tlv_type = protocol.DOMAIN_TLV_RANGES[config.domain_id][0][0]
+    longest = config.max_size - protocol.HEADER_SIZE - 2
+    value_len = rng.randint(0, max(0, longest))
+    if value_len > protocol.MAX_STANDARD_VALUE:  # an extended record: 3 more bytes of record header
+        value_len = value_len - 3 if value_len - 3 > protocol.MAX_STANDARD_VALUE else protocol.MAX_STANDARD_VALUE
+    return [(tlv_type, rng.randbytes(value_len))]
+
+
+def run_publisher(config: ClientConfig, stats: Any, ctrl: Any, rng: random.Random, key: int) -> None:
+    """Publish stream ``key`` at ``publisher_rate`` until ``ctrl[0]`` leaves ``RUNNING``; counters go to ``stats``.
+
+    ``stats`` and ``ctrl`` are sequences of ints: shared ``RawArray``s in the
+    soak, so the controller reads them even after a SIGKILL.
+
+    Each write stops at a random byte inside the last message, and the rest
+    goes first in the next write: the relay almost always holds a partial
+    message from us, so a SIGKILL tears one.
+    """
+    from .client import Publisher, RelayConnectionError
+
+    source, flags = key & 0xFF, key >> 8
+    made = 0  # messages built; the stream so far is sequences 0..made-1
+    pending = b""
+    try:
+        publisher = Publisher(config.domain, config.socket_path, source=source)
+    except RelayConnectionError:
+        stats[STATE] = CLOSED_BY_RELAY
+        return
+    stats[STATE] = CONNECTED
+    started = time.monotonic()
+    try:
+        while ctrl[0] == RUNNING:
+            due = int((time.monotonic() - started) * config.publisher_rate) - made
+            if due <= 0:
+                time.sleep(TICK)
+                continue
+            records = _message_records(config, rng)
+            size = protocol.HEADER_SIZE + len(protocol.encode_records(records))
+            count = min(due, max(1, MiB // size))
+            batch = protocol.build_batch(
+                config.domain_id, count, records, source=source, flags=flags, first_sequence=made, checksums=True
+            )
+            data = pending + batch.tobytes()
+            cut = len(data) - rng.randrange(size)
+            publisher.publish_raw(data[:cut])
+            pending = data[cut:]
+            made += count
+            stats[PUBLISHED] = made - (1 if pending else 0)
+        publisher.publish_raw(pending)
+        stats[PUBLISHED] = made
+        publisher.close()
+        stats[STATE] = ENDED
+    except RelayConnectionError:
+        stats[STATE] = CLOSED_BY_RELAY
+
+
+def run_subscriber(config: ClientConfig, stats: Any, ctrl: Any, rng: random.Random, role: int, details: Any) -> None:
+    """Read and verify every message until the relay closes the connection; stall now and then.
+
+    ``role`` bit 0: attached before any publisher (every stream must start at
+    0); bit 1: the witness, which never stalls.
+    """
+    from_start, witness = bool(role & 1), bool(role & 2)
+    verifier = StreamVerifier(
+        config.domain_id,
+        config.max_payload,
+        from_start=from_start,
+        on_failure=lambda d: details.write(json.dumps(d) + "\n"),
+    )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(config.socket_path)
+    except OSError:
+        stats[STATE] = CLOSED_BY_RELAY
+        return
+    sock.settimeout(POLL)
+    stats[STATE] = CONNECTED
+    next_stall = time.monotonic() + 1.0
+    while True:
+        if not witness and config.stall_prob and time.monotonic() >= next_stall:
+            if ctrl[0] == RUNNING and rng.random() < config.stall_prob:
+                _stall(rng.uniform(STALL_MIN, max(STALL_MIN, config.stall_max)), stats, ctrl)
+            next_stall = time.monotonic() + 1.0
+        try:
+            received = sock.recv_into(verifier.space())
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            received = 0
+        if received == 0:
+            stats[TAIL] = verifier.tail
+            stats[STATE] = ENDED if ctrl[0] == STOPPING else CLOSED_BY_RELAY
+            break
+        verifier.commit(received)
+        stats[VERIFIED] = verifier.verified
+        stats[PROBES] = verifier.probes
+        stats[STREAMS] = len(verifier.last)
+        for kind, slot in FAILURE_SLOTS.items():
+            stats[slot] = verifier.failures[kind]
+        if verifier.broken:
+            stats[STATE] = ERROR
+            break
+    sock.close()
+
+
+def _stall(seconds: float, stats: Any, ctrl: Any) -> None:
+    """Stop reading for ``seconds``, or until the controller ends the run."""
+    stats[STALLS] += 1
+    started = time.monotonic()
+    deadline = started + seconds
+    while ctrl[0] == RUNNING and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.05))
+    stats[STALL_MS] += int((time.monotonic() - started) * 1000)
+
+
+# The relay under test
+
+
+class RelayUnderTest:
+    """``jitrelay run`` as a child process: its stderr lines kept, its memory sampled on request."""
+
+    def __init__(self, domain: str, socket_path: Path, options: tuple[str, ...]):
+        self.domain = domain
+        self.socket_path = socket_path
+        self.command = [
+            sys.executable,
+            *("-m", "jitrelay", "run", domain, "--socket", str(socket_path), "--log-level", "INFO"),
+            *options,
+        ]
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}  # the relay runs compiled
+        self.proc = subprocess.Popen(
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            env=env,
+            start_new_session=True,  # a Ctrl-C reaches the soak, which stops the relay itself
+            preexec_fn=_die_with_parent,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        marker = f"relay listening on {self.socket_path}"
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if marker in line:
+                self._ready.set()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self._reader.join(1)
+                raise SoakError(f"the relay did not start (exit code {self.proc.poll()}):\n{self.tail()}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss(self) -> int | None:
+        """VmRSS in bytes, or None once the relay is gone."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM and wait; the exit code, or None when it had to be killed."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                self._reader.join(2)
+                return None
+        self._reader.join(5)
+        return self.proc.returncode
+
+    def tail(self, n: int = 20) -> str:
+        return "\n".join(self.lines[-n:])
+
+
+_STOPPED = re.compile(r"relay stopped: (.*)$")
+
+
+def parse_stop_summary(lines: list[str]) -> dict | None:
+    """The figures of the relay's ``relay stopped: received N messages, forwarded N ...`` line, or None."""
+    line = next((m.group(1) for m in map(_STOPPED.search, reversed(lines)) if m), None)
+    if line is None:
+        return None
+
+    def number(pattern: str) -> int | None:
+        match = re.search(pattern, line)
+        return int(match.group(1)) if match else None
+
+    def counts(name: str) -> dict[str, int] | None:
+        match = re.search(rf"{name} (\{{[^}}]*\}}|0)", line)
+        if not match:
+            return None
+        value = ast.literal_eval(match.group(1))
+        return value if isinstance(value, dict) else {}
+
+    return {
+        "received": number(r"received (\d+) messages"),
+        "forwarded": number(r"forwarded (\d+)"),
+        "rejected": counts("rejected"),
+        "faults": counts("faults"),
+        "slow_dropped": number(r"slow subscribers dropped (\d+)"),
+        "connections": number(r"connections (\d+)"),
+        "line": line,
+    }
+
+
+_SLOW_PID = re.compile(r"disconnecting slow subscriber .*?\bpid=(\d+)")
+
+
+def slow_dropped_pids(lines: list[str]) -> set[int]:
+    return {int(m.group(1)) for m in map(_SLOW_PID.search, lines) if m}
+
+
+def torn_messages(lines: list[str]) -> int:
+    return sum("closed mid-message" in line for line in lines)
+
+
+# The controller
+
+
+@dataclass
+class Client:
+    kind: str  # "pub" or "sub"
+    index: int
+    proc: Any
+    stats: Any
+    detail_path: Path
+    key: int = -1  # publisher's stream key
+    from_start: bool = False
+    witness: bool = False
+    killed: bool = False
+    replaced: bool = False
+    hung: bool = False
+
+    @property
+    def state(self) -> str:
+        return STATE_NAMES[self.stats[STATE]]
+
+
+@dataclass
+class SoakOptions:
+    domain: str = "market_data"
+    duration: float = 300.0
+    rate: float = 20000.0
+    publishers: int = 3
+    subscribers: int = 4
+    churn: float = 1.0
+    stall_prob: float = 0.2
+    stall_max: float = 2.0
+    max_size: int = 1024
+    seed: int | None = None
+    json_path: Path | None = None
+    socket_dir: Path | None = None
+    progress: bool = True
+    argv: list[str] = field(default_factory=list)
+
+
+class Soak:
+    """One soak run: the relay, the clients, the churn, the memory samples, the report."""
+
+    def __init__(self, opts: SoakOptions):
+        self.opts = opts
+        self.seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(1 << 32)
+        self.rng = random.Random(self.seed)
+        self.logic = logic_for(opts.domain)
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["jitrelay.soak", "jitrelay.client"])
+        self.ctrl = self.ctx.RawArray("q", 1)
+        self.clients: list[Client] = []
+        self._indexes = itertools.count()
+        self._keys = itertools.count(PROBE_KEY + 1)
+        self.rss_samples: list[tuple[float, int]] = []
+        self.kills = Counter()
+        self.replaced = Counter()
+        self.probes_sent = 0
+        self.t0 = 0.0
+        self.load_seconds = 0.0
+        self.interrupted = False
+        self.own_dir = opts.socket_dir is None
+        self.run_dir = Path(tempfile.mkdtemp(prefix="jitrelay-soak-", dir="/tmp")) if self.own_dir else opts.socket_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config = ClientConfig(
+            socket_path=str(self.run_dir / f"{opts.domain}.sock"),
+            domain=opts.domain,
+            domain_id=self.logic.domain_id,
+            max_payload=self.logic.max_payload,
+            publisher_rate=opts.rate / opts.publishers,
+            max_size=min(opts.max_size, protocol.HEADER_SIZE + self.logic.max_payload),
+            stall_prob=opts.stall_prob,
+            stall_max=opts.stall_max,
+        )
+        self.relay: RelayUnderTest | None = None
+
+    # clients
+
+    def spawn(self, kind: str, *, from_start: bool = False, witness: bool = False) -> Client:
+        index = next(self._indexes)
+        stats = self.ctx.RawArray("q", STATS_LEN)
+        detail_path = self.run_dir / f"{kind}-{index}.jsonl"
+        key = -1
+        if kind == "pub":
+            key = next(self._keys)
+            if key >= MAX_KEYS:
+                raise SoakError(f"ran out of stream keys after {MAX_KEYS - 1} publisher starts")
+            arg = key
+        else:
+            arg = int(from_start) | int(witness) << 1
+        seed = (self.seed * 1_000_003 + index) % (1 << 63)
+        proc = self.ctx.Process(
+            target=client_main,
+            args=(kind, self.config, stats, self.ctrl, str(detail_path), seed, arg),
+            name=f"soak-{kind}-{index}",
+            daemon=True,
+        )
+        proc.start()
+        client = Client(kind, index, proc, stats, detail_path, key, from_start, witness)
+        self.clients.append(client)
+        return client
+
+    def live(self, kind: str | None = None) -> list[Client]:
+        return [c for c in self.clients if not c.killed and c.proc.is_alive() and kind in (None, c.kind)]
+
+    def kill_one(self) -> None:
+        victims = [c for c in self.live() if not c.witness]
+        if not victims:
+            return
+        victim = self.rng.choice(victims)
+        victim.proc.kill()
+        victim.proc.join(2)
+        victim.killed = True
+        self.kills[victim.kind] += 1
+        self.spawn(victim.kind)
+
+    def replace_exited(self) -> None:
+        """A client that ended on its own (dropped as slow, refused) gets a successor, as a killed one does."""
+        for client in self.clients:
+            if not client.killed and not client.replaced and client.proc.exitcode is not None:
+                client.replaced = True
+                self.replaced[client.kind] += 1
+                self.spawn(client.kind)
+
+    # phases
+
+    def attach_subscribers(self) -> None:
+        """Start the subscribers and probe until each has a message: from then on it sees every publisher."""
+        subs = [self.spawn("sub", from_start=True, witness=i == 0) for i in range(self.opts.subscribers)]
+        tlv_type = protocol.DOMAIN_TLV_RANGES[self.logic.domain_id][0][0]
+        deadline = time.monotonic() + ATTACH_TIMEOUT
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(self.config.socket_path)
+            while not all(s.stats[PROBES] for s in subs):  # no one else publishes yet: nothing comes back
+                if time.monotonic() > deadline or not self.relay.alive():
+                    states = ", ".join(f"sub-{s.index} {s.state}" for s in subs)
+                    raise SoakError(f"subscribers did not attach within {ATTACH_TIMEOUT:.0f} s ({states})")
+                sock.sendall(
+                    protocol.build_message(self.logic.domain_id, [(tlv_type, b"probe")], sequence=self.probes_sent)
+                )
+                self.probes_sent += 1
+                time.sleep(0.02)
+            sock.shutdown(socket.SHUT_WR)  # graceful: the relay reads every probe, then closes its side
+            with contextlib.suppress(OSError):
+                while sock.recv(65536):
+                    pass
+
+    def sample_rss(self) -> None:
+        rss = self.relay.rss() if self.relay else None
+        if rss is not None:
+            self.rss_samples.append((time.monotonic() - self.t0 if self.t0 else 0.0, rss))
+
+    def load(self) -> None:
+        """The timed part: publishers run, the churn kills and replaces clients, memory is sampled."""
+        opts = self.opts
+        for _ in range(opts.publishers):
+            self.spawn("pub")
+        self.t0 = time.monotonic()
+        end = self.t0 + opts.duration
+        next_kill = self.t0 + self.rng.expovariate(opts.churn) if opts.churn > 0 else float("inf")
+        next_rss = self.t0
+        next_progress = self.t0 + PROGRESS_INTERVAL
+        try:
+            while (now := time.monotonic()) < end:
+                if not self.relay.alive():
+                    return
+                if now >= next_kill:
+                    self.kill_one()
+                    next_kill += self.rng.expovariate(opts.churn)
+                self.replace_exited()
+                if now >= next_rss:
+                    self.sample_rss()
+                    next_rss += RSS_INTERVAL
+                if opts.progress and now >= next_progress:
+                    next_progress += PROGRESS_INTERVAL
+                    self.progress(now - self.t0)
+                time.sleep(min(0.02, max(0.0, min(next_kill, next_rss, end) - time.monotonic())))
+        except KeyboardInterrupt:
+            self.interrupted = True
+        finally:
+            self.load_seconds = time.monotonic() - self.t0
+
+    def progress(self, elapsed: float) -> None:
+        published = sum(c.stats[PUBLISHED] for c in self.clients if c.kind == "pub")
+        verified = sum(c.stats[VERIFIED] for c in self.clients if c.kind == "sub")
+        failures = sum(c.stats[k] for c in self.clients if c.kind == "sub" for k in (CRC, SEQUENCE, HEAD, FRAMING))
+        rss = self.rss_samples[-1][1] / MiB if self.rss_samples else float("nan")
+        print(
+            f"soak {elapsed:5.0f} s: published {published:,}, verified {verified:,}, failures {failures}, "
+            f"killed {sum(self.kills.values())}, relay RSS {rss:.1f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def finish(self) -> int | None:
+        """End the run in order: stalls end, publishers flush and close, subscribers drain, the relay stops."""
+        self.ctrl[0] = ENDING
+        publishers = [c for c in self.live("pub")]
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        for client in publishers:
+            client.proc.join(max(0.0, deadline - time.monotonic()))
+            if client.proc.is_alive():
+                client.hung = True
+                client.proc.kill()
+                client.proc.join(2)
+        # Subscribers have everything once none of them has verified anything for a while.
+        last, quiet_since = None, time.monotonic()
+        while time.monotonic() < deadline and self.relay.alive():
+            now_counts = [c.stats[VERIFIED] for c in self.live("sub")]
+            if now_counts != last:
+                last, quiet_since = now_counts, time.monotonic()
+            elif time.monotonic() - quiet_since >= QUIET_SECONDS:
+                break
+            time.sleep(0.05)
+        self.sample_rss()
+        self.ctrl[0] = STOPPING
+        code = self.relay.stop()
+        for client in self.live("sub"):
+            client.proc.join(10)
+            if client.proc.is_alive():  # it never saw the relay close its connection
+                client.hung = True
+                client.proc.kill()
+                client.proc.join(2)
+        return code
+
+    def run(self) -> dict:
+        self.relay = RelayUnderTest(self.opts.domain, Path(self.config.socket_path), self.relay_options())
+        exit_code: int | None = None
+        try:
+            self.relay.wait_ready()
+            self.sample_rss()
+            self.attach_subscribers()
+            self.load()
+            exit_code = self.finish()
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self.ctrl[0] = STOPPING
+            exit_code = self.relay.stop()
+        finally:
+            for client in self.clients:
+                if client.proc.is_alive():
+                    client.proc.kill()
+                    client.proc.join(2)
+            self.relay.stop()
+        report = self.report(exit_code)
+        if self.own_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return report
+
+    def relay_options(self) -> tuple[str, ...]:
+        return RELAY_OPTIONS[self.logic.slow_policy]
+
+    # figures
+
+    def report(self, relay_exit: int | None) -> dict:
+        opts = self.opts
+        relay = self.relay
+        lines = relay.lines if relay else []
+        summary = parse_stop_summary(lines)
+        dropped_pids = slow_dropped_pids(lines)
+        dropped = Counter(c.kind for c in self.clients if c.proc.pid in dropped_pids)  # killed ones too
+        subs = [c for c in self.clients if c.kind == "sub"]
+        pubs = [c for c in self.clients if c.kind == "pub"]
+        failures = Counter()
+        for client in subs:
+            for kind, slot in FAILURE_SLOTS.items():
+                failures[kind] += client.stats[slot]
+        errors = [c for c in self.clients if c.stats[STATE] == ERROR and not self._broken(c)]
+        failures["client_error"] = len(errors)
+        hung = [c for c in self.clients if c.hung]
+        failures["client_hung"] = len(hung)
+        closed = [c for c in subs if not c.killed and c.stats[STATE] == CLOSED_BY_RELAY]
+        unexpected = [c for c in closed if c.proc.pid not in dropped_pids]
+        if not dropped_pids and summary and summary["slow_dropped"]:  # a log without pids: trust the count
+            unexpected = unexpected[summary["slow_dropped"] :]
+        failures["unexpected_close"] = len(unexpected)
+        # The relay closes a stream between messages; bytes left over at a clean end are a torn message.
+        torn = [c for c in subs if c.stats[STATE] == ENDED and c.stats[TAIL]]
+        failures["torn_tail"] = len(torn)
+        forwarded = summary["forwarded"] if summary else None
+        complete = [c for c in subs if c.from_start and not c.killed and c.stats[STATE] == ENDED]
+        missing = {}
+        if forwarded is not None:
+            expected = forwarded - self.probes_sent
+            missing = {f"sub-{c.index}": expected - c.stats[VERIFIED] for c in complete}
+            failures["missing"] = sum(1 for m in missing.values() if m)
+        rejected = summary["rejected"] if summary else None
+        faults = summary["faults"] if summary else None
+        failures["relay_rejected"] = sum((rejected or {}).values())
+        failures["relay_faults"] = sum((faults or {}).values())
+        relay_died = relay_exit != 0 or summary is None
+        details = []
+        for client in subs + errors:
+            if client.detail_path.exists():
+                for line in client.detail_path.read_text().splitlines()[:MAX_DETAILS]:
+                    details.append({"client": f"{client.kind}-{client.index}", **json.loads(line)})
+        for client in torn:
+            details.append({"client": f"sub-{client.index}", "kind": "torn_tail", "bytes": client.stats[TAIL]})
+        for client in hung:
+            details.append({"client": f"{client.kind}-{client.index}", "kind": "hung", "state": client.state})
+        for client in unexpected:
+            details.append({"client": f"sub-{client.index}", "kind": "unexpected_close", "pid": client.proc.pid})
+        for name, gap in missing.items():
+            if gap:
+                details.append({"client": name, "kind": "missing", "messages": gap})
+        gaps = failures["sequence"] + failures["head"]
+        total_failures = sum(failures.values())
+        rss = self._rss_figures()
+        report = {
+            "domain": opts.domain,
+            "seed": self.seed,
+            "argv": opts.argv,
+            "options": {
+                "duration_s": opts.duration,
+                "rate": opts.rate,
+                "publishers": opts.publishers,
+                "subscribers": opts.subscribers,
+                "churn_per_s": opts.churn,
+                "stall_prob": opts.stall_prob,
+                "stall_max_s": opts.stall_max,
+                "max_size": self.config.max_size,
+                "relay_options": list(self.relay_options()),
+            },
+            "load_seconds": round(self.load_seconds, 3),
+            "interrupted": self.interrupted,
+            "messages_published": sum(c.stats[PUBLISHED] for c in pubs),
+            "messages_verified": sum(c.stats[VERIFIED] for c in subs),
+            "verification_failures": total_failures,
+            "gaps": gaps,
+            "failures": dict(failures),
+            "failure_details": details[:20],
+            "complete_subscribers": {
+                "expected_each": None if forwarded is None else forwarded - self.probes_sent,
+                "missing": missing,
+            },
+            "faults": {
+                "clients_killed": sum(self.kills.values()),
+                "publishers_killed": self.kills["pub"],
+                "subscribers_killed": self.kills["sub"],
+                "torn_messages_discarded": torn_messages(lines),
+                "subscribers_dropped_slow": dropped["sub"],
+                "publishers_dropped_slow": dropped["pub"],
+                "relay_slow_dropped": summary["slow_dropped"] if summary else None,
+                "stalls": sum(c.stats[STALLS] for c in subs),
+                "stall_seconds": round(sum(c.stats[STALL_MS] for c in subs) / 1000, 1),
+                "clients_replaced_after_exit": dict(self.replaced),
+            },
+            "clients": {"publishers": len(pubs), "subscribers": len(subs)},
+            "relay": {
+                "exit_code": relay_exit,
+                "died": relay_died,
+                "summary": summary,
+                "probes": self.probes_sent,
+                "log_tail": relay.tail(10).splitlines() if relay and relay_died else [],
+            },
+            "rss": rss,
+        }
+        report["ok"] = total_failures == 0 and not relay_died
+        return report
+
+    @staticmethod
+    def _broken(client: Client) -> bool:
+        """A subscriber that stopped on a framing failure: counted under ``framing``, not as an error."""
+        return client.kind == "sub" and client.stats[FRAMING] > 0
+
+    def _rss_figures(self) -> dict:
+        samples = self.rss_samples
+        if not samples:
+            return {"start_mib": None, "warmup_mib": None, "max_mib": None, "end_mib": None, "samples": []}
+        warmup_at = max(5.0, 0.1 * self.opts.duration)
+        warm = next((rss for t, rss in samples if t >= warmup_at), samples[-1][1])
+        end = samples[-1][1]
+        return {
+            "start_mib": samples[0][1] / MiB,
+            "warmup_at_s": warmup_at,
+            "warmup_mib": warm / MiB,
+            "max_mib": max(rss for _, rss in samples) / MiB,
+            "end_mib": end / MiB,
+            "end_over_warmup": end / warm,
+            "samples": [[round(t, 2), rss] for t, rss in samples],
+        }
+
+
+def format_report(report: dict) -> str:
+    o, f, r = report["options"], report["faults"], report["rss"]
+    fail = report["failures"]
+    relay = report["relay"]
+    summary = relay["summary"] or {}
+    expected = report["complete_subscribers"]["expected_each"]
+    missing = report["complete_subscribers"]["missing"]
+
+    def mib(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    rows = [
+        ("load", f"{report['load_seconds']:.1f} s" + (" (interrupted)" if report["interrupted"] else "")),
+        ("messages published", f"{report['messages_published']:,}"),
+        (
+            "messages verified",
+            f"{report['messages_verified']:,} (CRC-32 and sequence, by {report['clients']['subscribers']} subscribers)",
+        ),
+        (
+            "verification failures",
+            f"{report['verification_failures']} ("
+            + ", ".join(f"{k} {v}" for k, v in fail.items() if v or k in ("crc", "sequence"))
+            + ")",
+        ),
+        ("gaps", str(report["gaps"])),
+        (
+            "complete subscribers",
+            "-"
+            if expected is None
+            else f"{len(missing)} verified {expected:,} each, missing {sum(abs(m) for m in missing.values())}",
+        ),
+        (
+            "clients killed (SIGKILL)",
+            f"{f['clients_killed']} ({f['publishers_killed']} pub, {f['subscribers_killed']} sub)",
+        ),
+        ("torn messages discarded", str(f["torn_messages_discarded"])),
+        (
+            "dropped as slow",
+            f"{f['subscribers_dropped_slow']} sub, {f['publishers_dropped_slow']} pub "
+            f"(relay's count: {f['relay_slow_dropped']})",
+        ),
+        ("stalls", f"{f['stalls']} ({f['stall_seconds']} s)"),
+        ("relay received/forwarded", f"{summary.get('received', '-')} / {summary.get('forwarded', '-')}"),
+        ("relay rejected / faults", f"{summary.get('rejected') or 0} / {summary.get('faults') or 0}"),
+        (
+            "relay RSS MiB",
+            f"start {mib(r['start_mib'])}, warm-up {mib(r['warmup_mib'])}, max {mib(r['max_mib'])}, "
+            f"end {mib(r['end_mib'])}",
+        ),
+        ("relay exit", "died" if relay["died"] else f"code {relay['exit_code']}"),
+        ("result", "OK" if report["ok"] else "FAILED"),
+    ]
+    head = (
+        f"jitrelay soak: {report['domain']} relay, {o['duration_s']:g} s at {o['rate']:g} msg/s, "
+        f"{o['publishers']} publishers, {o['subscribers']} subscribers, churn {o['churn_per_s']:g}/s, "
+        f"seed {report['seed']}"
+    )
+    width = max(len(k) for k, _ in rows)
+    body = [f"  {k:<{width}}  {v}" for k, v in rows]
+    for detail in report["failure_details"][:5]:
+        body.append(f"  ! {json.dumps(detail)[:300]}")
+    for line in relay["log_tail"]:
+        body.append(f"  relay: {line}")
+    return "\n".join([head, *body])
+
+
+def options(args: argparse.Namespace, argv: list[str] | None = None) -> SoakOptions:
+    """The run the command line asks for; ``UsageError`` when it asks for something impossible."""
+    if args.domain not in LOGICS:
+        raise UsageError(f"unknown domain {args.domain!r}; choose one of {', '.join(LOGICS)}")
+    if args.duration <= 0 or args.rate <= 0:
+        raise UsageError("--duration and --rate must be positive")
+    if args.publishers < 1 or args.subscribers < 1:
+        raise UsageError("need at least one publisher and one subscriber")
+    if not 0 <= args.stall_prob <= 1:
+        raise UsageError("--stall-prob is a probability per second, 0..1")
+    if args.max_size < protocol.HEADER_SIZE + 2:
+        raise UsageError(f"--max-size must be at least {protocol.HEADER_SIZE + 2} bytes (a header and one record)")
+    if args.churn * args.duration > MAX_KEYS // 4:
+        raise UsageError(f"--churn x --duration above {MAX_KEYS // 4} kills could run out of stream keys")
+    return SoakOptions(
+        domain=args.domain,
+        duration=args.duration,
+        rate=args.rate,
+        publishers=args.publishers,
+        subscribers=args.subscribers,
+        churn=args.churn,
+        stall_prob=args.stall_prob,
+        stall_max=args.stall_max,
+        max_size=args.max_size,
+        seed=args.seed,
+        json_path=args.json,
+        socket_dir=args.socket_dir,
+        progress=not args.quiet,
+        argv=list(sys.argv[1:] if argv is None else argv),
+    )
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    """The ``jitrelay soak`` command: 0 when every message checked out and the relay survived, else 1."""
+    opts = options(args)
+    soak = Soak(opts)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report = soak.run()
+    except SoakError as exc:
+        print(f"jitrelay soak: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(format_report(report))
+    if opts.json_path is not None:
+        opts.json_path.parent.mkdir(parents=True, exist_ok=True)
+        opts.json_path.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["ok"] else 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends a soak as Ctrl-C does: stop, clean up, report."""
+    raise KeyboardInterrupt

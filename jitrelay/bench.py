@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -72,6 +71,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .children import die_with_parent
 from .cli import UsageError, synthetic_record
 
 MiB = 1 << 20
@@ -192,7 +192,7 @@ class RelayProcess:
             stderr=subprocess.PIPE,
             text=True,
             env=self.env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._start(self._drain)
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -317,20 +317,8 @@ def probe_message(size: int) -> bytes:
 # Worker processes (spawned; they report on one shared queue as (kind, who, payload))
 
 
-try:
-    _PRCTL = ctypes.CDLL(None).prctl
-except (OSError, AttributeError):
-    _PRCTL = None
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when the benchmark process dies, so nothing outlives a crash."""
-    if _PRCTL is not None:
-        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
 def _worker(target: Any, who: str, reports: Any, *args: Any) -> None:
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the benchmark process decides when to stop
     try:
         reports.put(("result", who, target(who, reports, *args)))

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import ctypes
 import itertools
 import json
 import multiprocessing as mp
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
+from .children import die_with_parent
 from .cli import UsageError
 from .logic import LOGICS, logic_for
 
@@ -224,18 +224,6 @@ class StreamVerifier:
 # Client processes
 
 
-try:
-    _PRCTL = ctypes.CDLL(None).prctl
-except (OSError, AttributeError):
-    _PRCTL = None
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when its parent dies, so nothing outlives a crashed soak."""
-    if _PRCTL is not None:
-        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
 @dataclass(frozen=True)
 class ClientConfig:
     """What every client needs to know, fixed for the run."""
@@ -252,7 +240,7 @@ class ClientConfig:
 
 def client_main(kind: str, config: ClientConfig, stats: Any, ctrl: Any, detail_path: str, seed: int, arg: int) -> None:
     """Entry point of a client process: ``arg`` is the stream key of a publisher, or a subscriber's role."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when to stop
     rng = random.Random(seed)
     with open(detail_path, "a", buffering=1) as details:
@@ -409,7 +397,7 @@ class RelayUnderTest:
             errors="replace",
             env=env,
             start_new_session=True,  # a Ctrl-C reaches the soak, which stops the relay itself
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

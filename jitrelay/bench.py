@@ -178,6 +178,7 @@ class RelayProcess:
         self.started_at = self.ready_at = 0.0
         self.proc: subprocess.Popen | None = None
         self.rss_peak = 0
+        self.anon_peak = 0  # the private part: RssAnon (the rest is shared library pages)
         self.rss_samples = 0
         self.hwm: int | None = None
         self._sampling = threading.Event()
@@ -228,9 +229,11 @@ class RelayProcess:
     def _sample(self) -> None:
         while self._sampling.is_set():
             rss = self._status("VmRSS")
-            if rss is None:
+            anon = self._status("RssAnon")
+            if rss is None or anon is None:
                 return
             self.rss_peak = max(self.rss_peak, rss)
+            self.anon_peak = max(self.anon_peak, anon)
             self.rss_samples += 1
             time.sleep(RSS_INTERVAL)
 
@@ -256,6 +259,7 @@ class RelayProcess:
     def memory(self) -> dict:
         return {
             "peak_sampled_mib": self.rss_peak / MiB if self.rss_samples else None,
+            "peak_anon_mib": self.anon_peak / MiB if self.rss_samples else None,
             "vm_hwm_mib": self.hwm / MiB if self.hwm is not None else None,
             "samples": self.rss_samples,
         }
@@ -1014,6 +1018,8 @@ def format_report(report: dict) -> str:
             + ("-" if rss is None else f"{rss:.1f} MiB")
             + " sampled every 50 ms, VmHWM "
             + ("-" if hwm is None else f"{hwm:.1f} MiB")
+            + ", of which private (RssAnon) "
+            + ("-" if own["w1_peak_anon_mib"] is None else f"{own['w1_peak_anon_mib']:.1f} MiB")
         )
         for fwd in own["forwarding"]:
             label = f"{fwd['relay']} {fwd['workload']} {fwd['subscribers']} sub"
@@ -1047,8 +1053,10 @@ def jitrelay_summary(runs: list[dict]) -> dict | None:
     w1 = [r["relay_memory"] for r in mine if r["workload"] == "w1"]
     peaks = [m["peak_sampled_mib"] for m in w1 if m["peak_sampled_mib"] is not None]
     hwms = [m["vm_hwm_mib"] for m in w1 if m["vm_hwm_mib"] is not None]
+    anons = [m["peak_anon_mib"] for m in w1 if m.get("peak_anon_mib") is not None]
     return {
         "w1_peak_rss_mib": max(peaks) if peaks else None,
+        "w1_peak_anon_mib": max(anons) if anons else None,
         "w1_vm_hwm_mib": max(hwms) if hwms else None,
         "forwarding": [
             {"relay": r["relay"], "workload": r["workload"], "subscribers": r["subscribers"], **_or_nulls(r)}

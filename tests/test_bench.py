@@ -139,6 +139,7 @@ def test_relay_memory_forwarding_time_and_startup(report: dict) -> None:
         assert runs["raw", workload]["relay_forwarding"] is None  # the raw forwarder logs no such line
     own = report["jitrelay"]
     assert own["w1_peak_rss_mib"] == runs["jitrelay", "w1"]["relay_memory"]["peak_sampled_mib"]
+    assert 0 < own["w1_peak_anon_mib"] < own["w1_peak_rss_mib"]
     assert [(f["workload"], f["logged"]) for f in own["forwarding"]] == [("w1", True), ("w2", True)]
     start = report["startup"]
     assert len(start["warm_s"]) == 1 and start["warm_median_s"] == start["warm_s"][0] > 0

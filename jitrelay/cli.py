@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import json
 import logging
@@ -23,8 +24,10 @@ import numpy as np
 from . import __version__, kernels, protocol
 from .client import Publisher, RelayConnectionError, Subscriber
 from .logic import JOURNAL_FSYNC, LOGICS, SLOW_POLICIES, logic_for
+from .tap import MessageFilter, format_message, message_json
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 _UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
 # Message sizes ``pub`` can make from one record.
 _MIN_SIZE = protocol.HEADER_SIZE + 2
@@ -72,6 +75,14 @@ def source_id(text: str) -> int:
     return value
 
 
+def byte_list(text: str) -> frozenset[int]:
+    """``1,2,40``: a set of byte values, for the TLV type and source filters."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isascii() and part.isdigit() and int(part) <= 255 for part in parts):
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of bytes (0..255): {text!r}")
+    return frozenset(int(part) for part in parts)
+
+
 def add_target(parser: argparse.ArgumentParser, domains: list[str]) -> None:
     """The DOMAIN argument and --socket option every relay command takes."""
     parser.add_argument("domain", choices=domains, metavar="DOMAIN", help=f"one of: {', '.join(domains)}")
@@ -87,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the relay of one domain until SIGINT or SIGTERM")
     add_target(run, domains)
     run.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    run.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="text lines, or one JSON object per line (text)"
+    )
     run.add_argument("--slow-policy", choices=SLOW_POLICIES, help="what to do with a subscriber that falls behind")
     run.add_argument(
         "--pending-limit", type=byte_count, metavar="BYTES", help="pending bytes per subscriber before the policy acts"
@@ -129,8 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("sub", help="print the messages a relay forwards")
     add_target(sub, domains)
-    sub.add_argument("--count", type=non_negative, default=0, help="stop after this many messages (0: never)")
+    sub.add_argument(
+        "--count", type=non_negative, default=0, help="stop after this many messages pass the filters (0: never)"
+    )
     sub.add_argument("--count-only", action="store_true", help="print only the number of messages received")
+    sub.add_argument("--json", action="store_true", help="one JSON object per message instead of a line of text")
+    sub.add_argument(
+        "--types", type=byte_list, metavar="T,T", help="only messages with a record of one of these TLV types"
+    )
+    sub.add_argument("--sources", type=byte_list, metavar="S,S", help="only messages from one of these sources")
     sub.set_defaults(handler=cmd_sub)
 
     bench = commands.add_parser(
@@ -206,6 +227,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line, for log shippers that should not parse text."""
+
+    def __init__(self, domain: str) -> None:
+        super().__init__()
+        self.domain = domain
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        entry = {
+            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "domain": self.domain,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {}
     if args.socket is not None:
@@ -237,9 +279,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         logic = logic_for(args.domain, **overrides)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    logging.basicConfig(
-        stream=sys.stderr, level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_format == "json":
+        handler.setFormatter(JsonLogFormatter(args.domain))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     logging.getLogger("numba").setLevel(max(logging.WARNING, logging.getLogger().level))
     from .engine import RelayAlreadyRunning, run_relay  # the relay's I/O loads only for this command
 
@@ -309,31 +354,27 @@ def cmd_pub(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_message(message: protocol.Message) -> str:
-    """One line: header time (UTC), domain, source, sequence, size, then each record as type:hexvalue."""
-    head = message.header
-    seconds, nanos = divmod(head.timestamp_ns, 1_000_000_000)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
-    domain = protocol.DOMAIN_NAMES.get(head.relay_domain, str(head.relay_domain))
-    records = " ".join(f"{tlv_type}:{value.hex()}" for tlv_type, value in message.records)
-    return f"{stamp} {domain} source={head.source} seq={head.sequence} size={len(message.raw)} {records}".rstrip()
-
-
 def cmd_sub(args: argparse.Namespace) -> int:
     received = 0
     limit = args.count
+    keep = MessageFilter(args.types, args.sources)
+    show = functools.partial(message_json if args.json else format_message, names=True)
     try:
         with Subscriber(args.domain, args.socket) as subscriber:
             print(f"jitrelay sub: connected to the {args.domain} relay at {subscriber.socket_path}", file=sys.stderr)
             for batch in subscriber.batches():
-                messages = kernels.frame(batch)[0]
-                if limit:
-                    messages = min(messages, limit - received)
-                if not args.count_only:
-                    lines = [format_message(m) for m in itertools.islice(protocol.decode_messages(batch), messages)]
-                    sys.stdout.write("\n".join(lines) + "\n")
-                    sys.stdout.flush()
-                received += messages
+                left = limit - received if limit else None
+                if args.count_only and not keep.active:  # counting alone needs no decoding
+                    messages = kernels.frame(batch)[0]
+                    count = messages if left is None else min(messages, left)
+                else:
+                    selected = filter(keep.keeps, protocol.decode_messages(batch))
+                    shown = list(itertools.islice(selected, left))
+                    count = len(shown)
+                    if shown and not args.count_only:
+                        sys.stdout.write("\n".join(show(m) for m in shown) + "\n")
+                        sys.stdout.flush()
+                received += count
                 if limit and received >= limit:
                     break
     except KeyboardInterrupt:
@@ -380,17 +421,6 @@ def time_ns_arg(text: str) -> int:
     raise argparse.ArgumentTypeError(
         f"not a time: {text!r} (nanoseconds since the epoch, or ISO-8601 such as 2026-11-24T21:00:00Z)"
     )
-
-
-def message_json(message: protocol.Message) -> str:
-    """Every header field, the header time as text, the records in hex, and whether the checksum holds."""
-    head = message.header
-    fields = {name: getattr(head, name) for name in protocol.HEADER_DTYPE.names}
-    fields["time"] = format_message(message).split(" ", 1)[0]
-    fields["domain"] = protocol.DOMAIN_NAMES.get(head.relay_domain, str(head.relay_domain))
-    fields["records"] = [{"type": tlv_type, "value_hex": value.hex()} for tlv_type, value in message.records]
-    fields["checksum_ok"] = message.checksum_ok
-    return json.dumps(fields)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -65,6 +65,31 @@ DOMAIN_TLV_RANGES: dict[int, tuple[tuple[int, int], ...]] = {
     SYSTEM: ((100, 119),),
 }
 
+# Names of the TLV types tools print. Each domain owns a disjoint range, so one
+# table covers them all; a type missing here is printed as ``type<N>``.
+TLV_TYPE_NAMES: dict[int, str] = {
+    # market_data
+    1: "trade",
+    2: "quote",
+    3: "order_book",
+    4: "order_book_delta",
+    5: "bar",
+    6: "instrument",
+    7: "status",
+    # signal
+    20: "signal",
+    21: "prediction",
+    22: "feature",
+    # execution
+    40: "new_order",
+    41: "cancel",
+    42: "replace",
+    43: "ack",
+    44: "reject",
+    45: "fill",
+    46: "order_status",
+}
+
 EXTENDED_TLV = 255
 MAX_STANDARD_VALUE = 255
 MAX_EXTENDED_VALUE = 65535

@@ -209,7 +209,7 @@ def test_sub_prints_one_line_per_message_and_stops_at_count(market_relay: RelayP
             )
     assert sub.wait() == 0
     assert sub.rest() == [
-        f"2023-11-14T22:13:20.000000005Z market_data source=3 seq={100 + seq} size=38 1:{seq:02x}ab 19:"
+        f"2023-11-14T22:13:20.000000005Z market_data source=3 seq={100 + seq} size=38 trade:{seq:02x}ab type19:"
         for seq in range(3)
     ]
 

@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from .children import die_with_parent
-from .cli import UsageError, synthetic_record
+from .usage import UsageError
 
 MiB = 1 << 20
 BATCH_BYTES = 1 * MiB
@@ -307,7 +307,12 @@ def parse_forwarding(lines: Iterable[str]) -> dict | None:
 
 def records_for(size: int) -> list[tuple[int, bytes]]:
     """The one type-1 record that makes a market_data message exactly ``size`` bytes long."""
-    return [synthetic_record(MARKET_DATA, size)]
+    from . import protocol
+
+    try:
+        return [protocol.synthetic_record(MARKET_DATA, size)]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def probe_message(size: int) -> bytes:

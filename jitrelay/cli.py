@@ -19,25 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__, kernels, protocol
 from .client import Publisher, RelayConnectionError, Subscriber
 from .logic import JOURNAL_FSYNC, LOGICS, SLOW_POLICIES, logic_for
 from .tap import MessageFilter, format_message, message_json
+from .usage import UsageError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 _UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
 # Message sizes ``pub`` can make from one record.
-_MIN_SIZE = protocol.HEADER_SIZE + 2
-_STANDARD_MAX = protocol.HEADER_SIZE + 2 + protocol.MAX_STANDARD_VALUE
-_EXTENDED_MIN = protocol.HEADER_SIZE + 5 + protocol.MAX_STANDARD_VALUE + 1
-_MAX_SIZE = protocol.HEADER_SIZE + 5 + protocol.MAX_EXTENDED_VALUE
-
-
-class UsageError(Exception):
-    """A command line that parses but asks for something impossible."""
 
 
 def byte_count(text: str) -> int:
@@ -298,32 +289,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
-def synthetic_record(domain_id: int, size: int) -> tuple[int, bytes]:
-    """The one record of the domain's first TLV type that makes a message of exactly ``size`` bytes.
-
-    A value up to 255 bytes takes a standard record (2 bytes of type and
-    length), a longer one an extended record (5 bytes), so 290..292 bytes
-    cannot be made: 255 bytes of value is the most a standard record holds
-    and 256 the least an extended one is used for.
-    """
-    value_len = size - protocol.HEADER_SIZE - 2
-    if value_len > protocol.MAX_STANDARD_VALUE:
-        value_len = size - protocol.HEADER_SIZE - 5
-        if value_len <= protocol.MAX_STANDARD_VALUE:
-            value_len = -1
-    if not 0 <= value_len <= protocol.MAX_EXTENDED_VALUE:
-        raise UsageError(
-            f"cannot make a {size}-byte message of one record: sizes run from {_MIN_SIZE} to {_STANDARD_MAX} "
-            f"(standard record) and from {_EXTENDED_MIN} to {_MAX_SIZE} (extended record)"
-        )
-    tlv_type = protocol.DOMAIN_TLV_RANGES[domain_id][0][0]
-    return tlv_type, (np.arange(value_len) % 251).astype(np.uint8).tobytes()
-
-
 def cmd_pub(args: argparse.Namespace) -> int:
     domain_id = LOGICS[args.domain].domain_id
     size = args.size
-    record = synthetic_record(domain_id, size)
+    try:
+        record = protocol.synthetic_record(domain_id, size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     batch_len = args.batch or (1 if args.rate else max(1, (1 << 20) // size))
     if args.count:
         batch_len = min(batch_len, args.count)

@@ -283,3 +283,31 @@ def decode_messages(data: bytes | memoryview) -> Iterator[Message]:
     while offset < end:
         message, offset = decode_message(data, offset)
         yield message
+
+
+_MIN_SIZE = HEADER_SIZE + 2
+_STANDARD_MAX = HEADER_SIZE + 2 + MAX_STANDARD_VALUE
+_EXTENDED_MIN = HEADER_SIZE + 5 + MAX_STANDARD_VALUE + 1
+_MAX_SIZE = HEADER_SIZE + 5 + MAX_EXTENDED_VALUE
+
+
+def synthetic_record(domain_id: int, size: int) -> tuple[int, bytes]:
+    """The one record of the domain's first TLV type that makes a message of exactly ``size`` bytes.
+
+    A value up to 255 bytes takes a standard record (2 bytes of type and
+    length), a longer one an extended record (5 bytes), so 290..292 bytes
+    cannot be made: 255 bytes of value is the most a standard record holds
+    and 256 the least an extended one is used for.
+    """
+    value_len = size - HEADER_SIZE - 2
+    if value_len > MAX_STANDARD_VALUE:
+        value_len = size - HEADER_SIZE - 5
+        if value_len <= MAX_STANDARD_VALUE:
+            value_len = -1
+    if not 0 <= value_len <= MAX_EXTENDED_VALUE:
+        raise ValueError(
+            f"cannot make a {size}-byte message of one record: sizes run from {_MIN_SIZE} to {_STANDARD_MAX} "
+            f"(standard record) and from {_EXTENDED_MIN} to {_MAX_SIZE} (extended record)"
+        )
+    tlv_type = DOMAIN_TLV_RANGES[domain_id][0][0]
+    return tlv_type, (np.arange(value_len) % 251).astype(np.uint8).tobytes()

@@ -64,8 +64,8 @@ from typing import Any
 
 from . import protocol
 from .children import die_with_parent
-from .cli import UsageError
 from .logic import LOGICS, logic_for
+from .usage import UsageError
 
 MiB = 1 << 20
 READY_TIMEOUT = 60.0  # a relay on a fresh checkout compiles its kernels first

@@ -66,6 +66,8 @@ class RelayLogic:
     journal_dir: Path = field(default_factory=lambda: Path())
     journal_fsync: str = "batch"
     journal_rotate_bytes: int = 256 * MiB
+    # Serve Prometheus metrics over HTTP on 127.0.0.1 at this port; None serves none.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.slow_policy not in SLOW_POLICIES:
@@ -85,6 +87,8 @@ class RelayLogic:
             self.journal_dir = Path(self.socket_path).parent / "journal"
         if self.journal_fsync not in JOURNAL_FSYNC:
             raise ValueError(f"journal_fsync must be one of {JOURNAL_FSYNC}, not {self.journal_fsync!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be a TCP port (0..65535), not {self.metrics_port}")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.buffer_size = max(self.buffer_size, 2 * (protocol.HEADER_SIZE + self.max_payload))

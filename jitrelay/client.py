@@ -290,8 +290,20 @@ class Publisher(_PublisherState):
                 return
 
 
+def _subscription(tlv_types: Iterable[int] | None, sources: Iterable[int] | None) -> bytes | None:
+    """The control message for a subscription, or None for the whole domain."""
+    if tlv_types is None and sources is None:
+        return None
+    return protocol.subscribe_message(tlv_types, sources)
+
+
 class Subscriber:
-    """Receive every message the relay forwards, blocking.
+    """Receive the messages the relay forwards, blocking: all of them, or those a subscription selects.
+
+    With ``tlv_types`` and/or ``sources`` the relay sends only messages from
+    one of ``sources`` that carry a record of one of ``tlv_types`` (each set,
+    when given); ``subscribe``/``unsubscribe`` change that on the live
+    connection, effective from the next message the relay forwards.
 
     Iterating yields decoded ``protocol.Message`` objects; ``batches()`` yields
     uint8 arrays of whole messages. When the relay closes the connection
@@ -300,12 +312,40 @@ class Subscriber:
     making sense (bad magic) raises ``protocol.ProtocolError``.
     """
 
-    def __init__(self, domain: str, socket_path: str | Path | None = None, *, buffer_size: int = DEFAULT_BUFFER_SIZE):
+    def __init__(
+        self,
+        domain: str,
+        socket_path: str | Path | None = None,
+        *,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        tlv_types: Iterable[int] | None = None,
+        sources: Iterable[int] | None = None,
+    ):
         self.logic, self.socket_path = _target(domain, socket_path)
         self.domain = domain
         self._framer = MessageFramer(buffer_size)
+        control = _subscription(tlv_types, sources)  # before connecting: a bad value raises with nothing open
         self._sock: socket.socket | None = _connect(domain, self.socket_path)
         self._timeout: float | None = None
+        if control is not None:
+            self._control(control)
+
+    def subscribe(self, tlv_types: Iterable[int] | None = None, sources: Iterable[int] | None = None) -> None:
+        """Receive only messages from ``sources`` carrying a record of ``tlv_types``; None leaves that set as it is."""
+        self._control(protocol.subscribe_message(tlv_types, sources))
+
+    def unsubscribe(self) -> None:
+        """Receive the whole domain again."""
+        self._control(protocol.unsubscribe_message())
+
+    def _control(self, message: bytes) -> None:
+        if self._sock is None:
+            raise RelayConnectionError(f"subscriber to the {self.domain} relay at {self.socket_path} is closed")
+        self._set_timeout(None)
+        try:
+            self._sock.sendall(message)
+        except OSError as exc:
+            raise _lost(self.domain, self.socket_path, exc) from exc
 
     def recv_batch(self, timeout: float | None = None) -> np.ndarray | None:
         """The next batch of whole messages, or None if none completed within ``timeout`` seconds.
@@ -468,21 +508,49 @@ class AsyncPublisher(_PublisherState):
 class AsyncSubscriber:
     """``Subscriber`` for asyncio: ``async for message in sub``, ``async for batch in sub.batches()``.
 
-    Ends and raises exactly as ``Subscriber`` does.
+    Subscribes, ends and raises exactly as ``Subscriber`` does.
     """
 
-    def __init__(self, domain: str, socket_path: str | Path | None = None, *, buffer_size: int = DEFAULT_BUFFER_SIZE):
+    def __init__(
+        self,
+        domain: str,
+        socket_path: str | Path | None = None,
+        *,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        tlv_types: Iterable[int] | None = None,
+        sources: Iterable[int] | None = None,
+    ):
         self.logic, self.socket_path = _target(domain, socket_path)
         self.domain = domain
         self._framer = MessageFramer(buffer_size)
         self._buffer_size = buffer_size
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._initial = _subscription(tlv_types, sources)
 
     async def connect(self) -> AsyncSubscriber:
         if self._reader is None:
             self._reader, self._writer = await _open(self.domain, self.socket_path, self._buffer_size)
+            if self._initial is not None:
+                await self._control(self._initial)
         return self
+
+    async def subscribe(self, tlv_types: Iterable[int] | None = None, sources: Iterable[int] | None = None) -> None:
+        """As ``Subscriber.subscribe``."""
+        await self._control(protocol.subscribe_message(tlv_types, sources))
+
+    async def unsubscribe(self) -> None:
+        """Receive the whole domain again."""
+        await self._control(protocol.unsubscribe_message())
+
+    async def _control(self, message: bytes) -> None:
+        await self.connect()
+        assert self._writer is not None
+        self._writer.write(message)
+        try:
+            await self._writer.drain()
+        except ConnectionError as exc:
+            raise _lost(self.domain, self.socket_path, exc) from exc
 
     async def recv_batch(self, timeout: float | None = None) -> np.ndarray | None:
         """The next batch of whole messages, or None if none completed within ``timeout`` seconds.

@@ -93,6 +93,7 @@ class ScanResult(NamedTuple):
     fault: int  # protocol.NO_FAULT, BAD_MAGIC or OVERSIZE
     runs: int  # runs of forwarded messages written to ``ScanBuffers.runs``
     forwarded_bytes: int
+    controls: int = 0  # control messages among them (verdict ``protocol.CONTROL``)
 
 
 class ScanBuffers:
@@ -168,11 +169,44 @@ def _message_crc(buf, pos, length, crc):
 
 
 @njit(**_JIT)
+def _control_verdict(buf, pos, length):
+    """CONTROL when a system-domain message holds only well-formed subscription records, else MALFORMED_TLV."""
+    i = pos + p.HEADER_SIZE
+    end = pos + length
+    if i == end:
+        return p.MALFORMED_TLV
+    while i < end:
+        tlv_type = np.int64(buf[i])
+        if tlv_type == p.EXTENDED_TLV:
+            if i + 5 > end or buf[i + 1] != 0:
+                return p.MALFORMED_TLV
+            tlv_type = np.int64(buf[i + 2])
+            value_len = np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8)
+            i += 5
+        else:
+            if i + 2 > end:
+                return p.MALFORMED_TLV
+            value_len = np.int64(buf[i + 1])
+            i += 2
+        if tlv_type == p.SUBSCRIBE_TLV_TYPES or tlv_type == p.SUBSCRIBE_SOURCES:
+            if value_len != p.BITMAP_SIZE:
+                return p.MALFORMED_TLV
+        elif tlv_type != p.UNSUBSCRIBE or value_len != 0:
+            return p.MALFORMED_TLV
+        i += value_len
+        if i > end:
+            return p.MALFORMED_TLV
+    return p.CONTROL
+
+
+@njit(**_JIT)
 def _verdict(buf, pos, length, domain, type_allowed):
     """The verdict of a complete message, short of its checksum."""
     if buf[pos + p.OFF_VERSION] != p.VERSION:
         return p.BAD_VERSION
     if buf[pos + p.OFF_DOMAIN] != domain:
+        if buf[pos + p.OFF_DOMAIN] == p.SYSTEM:
+            return _control_verdict(buf, pos, length)
         return p.WRONG_DOMAIN
     i = pos + p.HEADER_SIZE
     end = pos + length
@@ -232,7 +266,7 @@ def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets
 @njit(**_JIT)
 def _verify_checksums(buf, offsets, verdicts, n, crc):
     for k in range(n):
-        if verdicts[k] == p.FORWARD:
+        if verdicts[k] == p.FORWARD or verdicts[k] == p.CONTROL:
             pos = offsets[k]
             if _message_crc(buf, pos, offsets[k + 1] - pos, crc) != _u32(buf, pos + p.OFF_CHECKSUM):
                 verdicts[k] = p.BAD_CHECKSUM
@@ -245,6 +279,7 @@ def _runs_and_counts(offsets, verdicts, n, runs, counts):
     run_start = -1
     run_end = -1
     n_forward = 0
+    n_controls = 0
     for k in range(n):
         verdict = verdicts[k]
         if verdict == p.FORWARD:
@@ -260,12 +295,14 @@ def _runs_and_counts(offsets, verdicts, n, runs, counts):
             n_forward += 1
         else:
             counts[verdict] += 1
+            if verdict == p.CONTROL:
+                n_controls += 1
     if run_start >= 0:
         runs[2 * n_runs] = run_start
         runs[2 * n_runs + 1] = run_end
         n_runs += 1
     counts[p.FORWARD] += n_forward
-    return n_runs, forwarded
+    return n_runs, forwarded, n_controls
 
 
 @njit(**_JIT)
@@ -273,8 +310,8 @@ def _scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, v
     n, pos, fault = _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts)
     if verify:
         _verify_checksums(buf, offsets, verdicts, n, crc)
-    n_runs, forwarded = _runs_and_counts(offsets, verdicts, n, runs, counts)
-    return n, pos, fault, n_runs, forwarded
+    n_runs, forwarded, n_controls = _runs_and_counts(offsets, verdicts, n, runs, counts)
+    return n, pos, fault, n_runs, forwarded, n_controls
 
 
 def scan_into(
@@ -294,6 +331,8 @@ def scan_into(
     """
     if end - start > out.capacity:
         raise ValueError(f"scan range of {end - start} bytes exceeds the buffers' capacity of {out.capacity}")
+    if counts is not None and len(counts) < len(p.VERDICT_NAMES):
+        raise ValueError(f"counts needs {len(p.VERDICT_NAMES)} slots, one per verdict")
     return ScanResult(
         *_scan(
             buf,
@@ -375,6 +414,180 @@ def compact(buf: np.ndarray, runs: np.ndarray, n_runs: int, out: np.ndarray | No
         raise ValueError(f"output of {len(out)} bytes cannot hold {total}")
     _compact(buf, runs, n_runs, out)
     return out[:total]
+
+
+_ONE = np.uint64(1)
+_ZERO = np.uint64(0)
+
+
+class GroupTables(NamedTuple):
+    """The filters of the subscriber groups, as per-byte-value bitmasks of groups (64 groups a word).
+
+    Bit ``g`` of ``type_groups[t]`` is set when group ``g`` wants TLV type
+    ``t``; of ``untyped``, when group ``g`` has no type filter; of
+    ``source_groups[s]``, when group ``g`` wants source ``s`` or has no source
+    filter. A message goes to group ``g`` when bit ``g`` of
+    ``(untyped | OR of type_groups[t] over its records) & source_groups[source]`` is set.
+    """
+
+    type_groups: np.ndarray  # uint64[256, words]
+    source_groups: np.ndarray  # uint64[256, words]
+    untyped: np.ndarray  # uint64[words]
+    groups: int
+
+
+def group_tables(filters: list[p.Filter]) -> GroupTables:
+    """The tables for groups ``0..len(filters)-1`` with these ``(tlv_types, sources)`` filters."""
+    words = max(1, (len(filters) + 63) // 64)
+    type_groups = np.zeros((256, words), dtype=np.uint64)
+    source_groups = np.zeros((256, words), dtype=np.uint64)
+    untyped = np.zeros(words, dtype=np.uint64)
+    for g, (tlv_types, sources) in enumerate(filters):
+        word, bit = divmod(g, 64)
+        flag = np.uint64(1 << bit)
+        if tlv_types is None:
+            untyped[word] |= flag
+        else:
+            type_groups[sorted(tlv_types), word] |= flag
+        if sources is None:
+            source_groups[:, word] |= flag
+        else:
+            source_groups[sorted(sources), word] |= flag
+    return GroupTables(type_groups, source_groups, untyped, len(filters))
+
+
+class RouteBuffers:
+    """Outputs of ``route``, reused across calls and grown when a batch needs more.
+
+    ``masks[i]`` holds the groups message ``i`` goes to; group ``g`` has
+    ``counts[g]`` runs at ``runs[2 * first[g]:]`` (start, end pairs) totalling
+    ``sizes[g]`` bytes.
+    """
+
+    def __init__(self, capacity: int, groups: int):
+        slots = capacity // p.HEADER_SIZE + 2
+        self.capacity = capacity
+        self.masks = np.zeros((slots, max(1, (groups + 63) // 64)), dtype=np.uint64)
+        self.first = np.zeros(max(1, groups), dtype=np.int64)
+        self.counts = np.zeros(max(1, groups), dtype=np.int64)
+        self.sizes = np.zeros(max(1, groups), dtype=np.int64)
+        self.runs = np.zeros(2 * slots, dtype=np.int64)
+
+    def group_runs(self, group: int) -> np.ndarray:
+        """The (start, end) pairs of ``group``'s runs, flat."""
+        first = self.first[group]
+        return self.runs[2 * first : 2 * (first + self.counts[group])]
+
+
+@njit(**_JIT)
+def _group_masks(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks):
+    words = masks.shape[1]
+    for k in range(n):
+        if verdicts[k] != p.FORWARD:
+            for w in range(words):
+                masks[k, w] = _ZERO
+            continue
+        for w in range(words):
+            masks[k, w] = untyped[w]
+        pos = offsets[k]
+        end = offsets[k + 1]
+        i = pos + p.HEADER_SIZE
+        while i < end:  # the scan has already checked these records are well formed
+            tlv_type = np.int64(buf[i])
+            if tlv_type == p.EXTENDED_TLV:
+                tlv_type = np.int64(buf[i + 2])
+                i += 5 + (np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8))
+            else:
+                i += 2 + np.int64(buf[i + 1])
+            for w in range(words):
+                masks[k, w] |= type_groups[tlv_type, w]
+        source = np.int64(buf[pos + p.OFF_SOURCE])
+        for w in range(words):
+            masks[k, w] &= source_groups[source, w]
+
+
+@njit(**_JIT)
+def _group_runs(offsets, masks, n, groups, first, counts, sizes, runs):
+    """Runs of each group from the per-message masks; returns the runs needed, filling only if they fit.
+
+    A run starts where a group's bit turns on and ends where it turns off, so
+    the work is proportional to messages plus runs, not messages times groups.
+    """
+    words = masks.shape[1]
+    for g in range(groups):
+        counts[g] = 0
+    total = 0
+    for w in range(words):
+        prev = _ZERO
+        for k in range(n):
+            cur = masks[k, w]
+            starts = cur & ~prev
+            g = w * 64
+            while starts != _ZERO:
+                if starts & _ONE:
+                    counts[g] += 1
+                    total += 1
+                starts >>= _ONE
+                g += 1
+            prev = cur
+    if 2 * total > len(runs):
+        return total
+    acc = 0
+    for g in range(groups):
+        first[g] = acc
+        acc += counts[g]
+        counts[g] = 0
+        sizes[g] = 0
+    for w in range(words):
+        prev = _ZERO
+        for k in range(n + 1):
+            cur = masks[k, w] if k < n else _ZERO
+            changed = cur ^ prev
+            on = cur
+            g = w * 64
+            pos = offsets[k]
+            while changed != _ZERO:
+                if changed & _ONE:
+                    slot = first[g] + counts[g]
+                    if on & _ONE:
+                        runs[2 * slot] = pos
+                    else:
+                        runs[2 * slot + 1] = pos
+                        sizes[g] += pos - runs[2 * slot]
+                        counts[g] += 1
+                changed >>= _ONE
+                on >>= _ONE
+                g += 1
+            prev = cur
+    return total
+
+
+def route(buf: np.ndarray, scanned: ScanBuffers, count: int, tables: GroupTables, out: RouteBuffers) -> RouteBuffers:
+    """Split the forwarded messages of the last scan of ``buf`` into runs per subscriber group.
+
+    ``scanned`` and ``count`` are that scan's buffers and message count. One
+    pass gives every message a mask of the groups that want it, a second cuts
+    the runs; ``out`` is returned, grown if this batch needed more room.
+    """
+    words = tables.type_groups.shape[1]
+    if out.masks.shape[1] != words or len(out.counts) < tables.groups or out.capacity < scanned.capacity:
+        out = RouteBuffers(max(out.capacity, scanned.capacity), tables.groups)
+    _group_masks(
+        buf,
+        scanned.offsets,
+        scanned.verdicts,
+        count,
+        tables.type_groups,
+        tables.source_groups,
+        tables.untyped,
+        out.masks,
+    )
+    args = (scanned.offsets, out.masks, count, tables.groups, out.first, out.counts, out.sizes)
+    needed = _group_runs(*args, out.runs)
+    if 2 * needed > len(out.runs):
+        out.runs = np.zeros(2 * needed, dtype=np.int64)
+        _group_runs(*args, out.runs)
+    return out
 
 
 def crc32(data: np.ndarray, value: int = 0) -> int:

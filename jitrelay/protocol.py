@@ -102,8 +102,25 @@ WRONG_DOMAIN = 2
 MALFORMED_TLV = 3
 TLV_OUT_OF_RANGE = 4
 BAD_CHECKSUM = 5
-VERDICT_NAMES = ("forward", "bad_version", "wrong_domain", "malformed_tlv", "tlv_out_of_range", "bad_checksum")
-REJECT_NAMES = VERDICT_NAMES[1:]
+# A well-formed control message (system domain): consumed by the relay, never forwarded.
+CONTROL = 6
+VERDICT_NAMES = (
+    "forward",
+    "bad_version",
+    "wrong_domain",
+    "malformed_tlv",
+    "tlv_out_of_range",
+    "bad_checksum",
+    "control",
+)
+REJECT_NAMES = VERDICT_NAMES[BAD_VERSION : BAD_CHECKSUM + 1]
+
+# Control records a client sends in a system-domain message to choose what it
+# receives. Bitmaps are 32 bytes: bit ``i % 8`` of byte ``i // 8`` stands for value ``i``.
+SUBSCRIBE_TLV_TYPES = 100
+SUBSCRIBE_SOURCES = 101
+UNSUBSCRIBE = 102
+BITMAP_SIZE = 32
 
 # Stream-fatal faults: the connection cannot be trusted past them.
 NO_FAULT = 0
@@ -235,6 +252,76 @@ def build_batch(
             crcs[i] = message_checksum(flat[i * size : (i + 1) * size])
         batch[:, OFF_CHECKSUM:HEADER_SIZE] = crcs.astype("<u4").view(np.uint8).reshape(count, 4)
     return batch.reshape(-1)
+
+
+def bitmap(values: Iterable[int]) -> bytes:
+    """The 32-byte bitmap of a set of byte values."""
+    bits = bytearray(BITMAP_SIZE)
+    for value in values:
+        if not 0 <= value <= 255:
+            raise ValueError(f"{value} is not a byte value (0..255)")
+        bits[value >> 3] |= 1 << (value & 7)
+    return bytes(bits)
+
+
+def bitmap_values(bits: bytes) -> frozenset[int]:
+    """The set of byte values a 32-byte bitmap holds."""
+    if len(bits) != BITMAP_SIZE:
+        raise ValueError(f"a bitmap has {BITMAP_SIZE} bytes, not {len(bits)}")
+    return frozenset(i for i in range(256) if bits[i >> 3] >> (i & 7) & 1)
+
+
+def subscribe_message(
+    tlv_types: Iterable[int] | None = None, sources: Iterable[int] | None = None, *, source: int = 0
+) -> bytes:
+    """A control message that sets the sender's TLV type set, source set, or both.
+
+    A set left as None keeps its current state at the relay; an empty set
+    receives nothing.
+    """
+    records = []
+    if tlv_types is not None:
+        records.append((SUBSCRIBE_TLV_TYPES, bitmap(tlv_types)))
+    if sources is not None:
+        records.append((SUBSCRIBE_SOURCES, bitmap(sources)))
+    if not records:
+        raise ValueError("a subscription needs tlv_types, sources, or both")
+    return build_message(SYSTEM, records, source=source)
+
+
+def unsubscribe_message(*, source: int = 0) -> bytes:
+    """A control message that returns the sender to receiving the whole domain."""
+    return build_message(SYSTEM, [(UNSUBSCRIBE, b"")], source=source)
+
+
+Filter = tuple[frozenset[int] | None, frozenset[int] | None]  # (TLV types, sources); None: any
+EVERYTHING: Filter = (None, None)
+
+
+def apply_control(current: Filter, message: bytes | memoryview) -> Filter:
+    """The filter a connection has after a well-formed control message, its records applied in order."""
+    tlv_types, sources = current
+    for tlv_type, value in iter_records(memoryview(message)[HEADER_SIZE:]):
+        if tlv_type == SUBSCRIBE_TLV_TYPES:
+            tlv_types = bitmap_values(value)
+        elif tlv_type == SUBSCRIBE_SOURCES:
+            sources = bitmap_values(value)
+        elif tlv_type == UNSUBSCRIBE:
+            tlv_types = sources = None
+        else:
+            raise ProtocolError(f"record type {tlv_type} is not a control record")
+    return tlv_types, sources
+
+
+def describe_filter(selection: Filter) -> str:
+    """``types 1,2; sources any``: a filter as an operator reads it."""
+
+    def listed(values: frozenset[int] | None) -> str:
+        if values is None:
+            return "any"
+        return ",".join(map(str, sorted(values))) or "none"
+
+    return f"types {listed(selection[0])}; sources {listed(selection[1])}"
 
 
 def iter_records(payload: bytes | memoryview) -> Iterator[tuple[int, bytes]]:

@@ -18,6 +18,7 @@ from jitrelay.protocol import (
     BAD_CHECKSUM,
     BAD_MAGIC,
     BAD_VERSION,
+    CONTROL,
     FORWARD,
     MALFORMED_TLV,
     NO_FAULT,
@@ -27,6 +28,9 @@ from jitrelay.protocol import (
 )
 
 MAGIC_WIRE = b"\xef\xbe\xad\xde"
+SYSTEM = 4
+# The control records of the subscription contract and the value length each must have.
+CONTROL_RECORDS = {100: 32, 101: 32, 102: 0}
 HEADER = 32
 VERSION = 2
 _HEADER = struct.Struct("<4sBBBBQQII")
@@ -91,7 +95,13 @@ def in_ranges(tlv_type: int, ranges: Ranges) -> bool:
 
 def record_types(payload: bytes) -> list[int] | None:
     """The TLV type of every record, or None if the records are malformed."""
-    types = []
+    found = records(payload)
+    return None if found is None else [t for t, _ in found]
+
+
+def records(payload: bytes) -> list[tuple[int, bytes]] | None:
+    """``(type, value)`` of every record, or None if the records are malformed."""
+    found = []
     pos, end = 0, len(payload)
     while pos < end:
         if payload[pos] == 255:
@@ -107,9 +117,9 @@ def record_types(payload: bytes) -> list[int] | None:
             pos += 2
         if tlv_type == 0 or pos + length > end:
             return None
-        types.append(tlv_type)
+        found.append((tlv_type, payload[pos : pos + length]))
         pos += length
-    return types
+    return found
 
 
 def verdict(msg: bytes, domain: int, verify: bool, ranges: Ranges) -> int:
@@ -117,7 +127,7 @@ def verdict(msg: bytes, domain: int, verify: bool, ranges: Ranges) -> int:
     if msg[5] != VERSION:
         return BAD_VERSION
     if msg[4] != domain:
-        return WRONG_DOMAIN
+        return control_verdict(msg, verify) if msg[4] == SYSTEM else WRONG_DOMAIN
     types = record_types(msg[HEADER:])
     if types is None:
         return MALFORMED_TLV
@@ -126,6 +136,41 @@ def verdict(msg: bytes, domain: int, verify: bool, ranges: Ranges) -> int:
     if verify and struct.unpack_from("<I", msg, 28)[0] != expected_checksum(msg):
         return BAD_CHECKSUM
     return FORWARD
+
+
+def control_verdict(msg: bytes, verify: bool) -> int:
+    """A system-domain message sent to a relay: a control message when it holds only subscription records."""
+    found = records(msg[HEADER:])
+    if not found or any(CONTROL_RECORDS.get(t) != len(v) for t, v in found):
+        return MALFORMED_TLV
+    if verify and struct.unpack_from("<I", msg, 28)[0] != expected_checksum(msg):
+        return BAD_CHECKSUM
+    return CONTROL
+
+
+Selection = tuple[frozenset[int] | None, frozenset[int] | None]  # (TLV types, sources); None means any
+
+
+def apply_control(selection: Selection, msg: bytes) -> Selection:
+    """A subscriber's selection after a control message: records in order, each set replaced whole."""
+    types, sources = selection
+    for tlv_type, value in records(msg[HEADER:]) or []:
+        chosen = frozenset(i for i in range(256) if value and value[i // 8] >> (i % 8) & 1)
+        if tlv_type == 100:
+            types = chosen
+        elif tlv_type == 101:
+            sources = chosen
+        else:
+            types = sources = None
+    return types, sources
+
+
+def selects(selection: Selection, msg: bytes) -> bool:
+    """Whether a subscriber with ``selection`` receives a forwarded message."""
+    types, sources = selection
+    if sources is not None and msg[6] not in sources:
+        return False
+    return types is None or any(t in types for t in record_types(msg[HEADER:]) or [])
 
 
 def reference_scan(
@@ -169,7 +214,7 @@ def reference_runs(judged: Iterable[Judged]) -> list[tuple[int, int]]:
     return runs
 
 
-def reference_counts(judged: Iterable[Judged], kinds: int = 6) -> list[int]:
+def reference_counts(judged: Iterable[Judged], kinds: int = 7) -> list[int]:
     """Messages per verdict code."""
     counts = [0] * kinds
     for _, _, v in judged:

@@ -15,13 +15,24 @@ from hypothesis import strategies as st
 from jitrelay.protocol import (
     BAD_CHECKSUM,
     BAD_VERSION,
+    CONTROL,
     FORWARD,
     MALFORMED_TLV,
     TLV_OUT_OF_RANGE,
     WRONG_DOMAIN,
 )
 
-KINDS = ("forward", "empty", "bad_version", "wrong_domain", "malformed_tlv", "tlv_out_of_range", "bad_checksum")
+KINDS = (
+    "forward",
+    "empty",
+    "bad_version",
+    "wrong_domain",
+    "malformed_tlv",
+    "tlv_out_of_range",
+    "bad_checksum",
+    "control",
+    "malformed_control",
+)
 EXPECTED = {
     "forward": FORWARD,
     "empty": FORWARD,
@@ -30,6 +41,8 @@ EXPECTED = {
     "malformed_tlv": MALFORMED_TLV,
     "tlv_out_of_range": TLV_OUT_OF_RANGE,
     "bad_checksum": BAD_CHECKSUM,
+    "control": CONTROL,
+    "malformed_control": MALFORMED_TLV,
 }
 MALFORMED_KINDS = (
     "dangling_byte",
@@ -135,8 +148,37 @@ def header_fields(draw: st.DrawFn) -> dict[str, int]:
     }
 
 
-def _other_than(value: int) -> st.SearchStrategy[int]:
-    return st.integers(0, 255).filter(lambda v: v != value)
+def _other_than(*values: int) -> st.SearchStrategy[int]:
+    return st.integers(0, 255).filter(lambda v: v not in values)
+
+
+@st.composite
+def control_payload(draw: st.DrawFn) -> bytes:
+    """One to three subscription records, standard or extended."""
+    chosen = draw(st.lists(st.sampled_from(sorted(ref.CONTROL_RECORDS)), min_size=1, max_size=3))
+    encode = draw(st.sampled_from([ref.standard_record, ref.extended_record]))
+    return b"".join(
+        encode(t, draw(st.binary(min_size=ref.CONTROL_RECORDS[t], max_size=ref.CONTROL_RECORDS[t]))) for t in chosen
+    )
+
+
+@st.composite
+def malformed_control_payload(draw: st.DrawFn) -> bytes:
+    """What a relay must count as ``malformed_tlv`` in a system-domain message."""
+    kind = draw(st.sampled_from(["empty", "bitmap_length", "unsubscribe_value", "other_type", "broken_records"]))
+    good = draw(control_payload())
+    if kind == "empty":
+        return b""
+    if kind == "bitmap_length":
+        tlv_type = draw(st.sampled_from([100, 101]))
+        bad = ref.standard_record(tlv_type, draw(st.binary(max_size=40).filter(lambda v: len(v) != 32)))
+    elif kind == "unsubscribe_value":
+        bad = ref.standard_record(102, draw(st.binary(min_size=1, max_size=8)))
+    elif kind == "other_type":
+        bad = ref.standard_record(draw(_other_than(0, 100, 101, 102, 255)), draw(st.binary(max_size=8)))
+    else:
+        return good + draw(malformed_payload(ref.DOMAINS["market_data"]))
+    return b"".join(draw(st.permutations([good, bad])))
 
 
 @st.composite
@@ -160,7 +202,7 @@ def judged_message(draw: st.DrawFn, domain: ref.Domain, kind: str) -> bytes:
     if kind == "wrong_domain":
         payload = draw(st.one_of(any_payload(domain), malformed_payload(domain)))
         checksum = draw(st.none() | st.integers(0, 2**32 - 1))
-        return ref.message(draw(_other_than(d)), payload, checksum=checksum, **fields)
+        return ref.message(draw(_other_than(d, ref.SYSTEM)), payload, checksum=checksum, **fields)
     if kind == "malformed_tlv":
         checksum = draw(st.none() | st.integers(0, 2**32 - 1))
         return ref.message(d, draw(malformed_payload(domain)), checksum=checksum, **fields)
@@ -171,6 +213,11 @@ def judged_message(draw: st.DrawFn, domain: ref.Domain, kind: str) -> bytes:
         good = ref.message(d, draw(valid_payload(domain)), **fields)
         wrong = ref.expected_checksum(good) ^ draw(st.integers(1, 2**32 - 1))
         return good[:28] + wrong.to_bytes(4, "little") + good[32:]
+    if kind == "control":
+        return ref.message(ref.SYSTEM, draw(control_payload()), **fields)
+    if kind == "malformed_control":
+        checksum = draw(st.none() | st.integers(0, 2**32 - 1))
+        return ref.message(ref.SYSTEM, draw(malformed_control_payload()), checksum=checksum, **fields)
     raise ValueError(kind)
 
 

@@ -174,7 +174,7 @@ def test_scan_of_a_buffer_full_of_heartbeats_fills_every_slot() -> None:
     assert result == kernels.ScanResult(50, len(data), p.NO_FAULT, 1, len(data))
     assert out.offsets[:51].tolist() == list(range(0, len(data) + 1, 32))
     assert out.runs[:2].tolist() == [0, len(data)]
-    assert out.counts.tolist() == [50, 0, 0, 0, 0, 0]
+    assert out.counts.tolist() == [50, 0, 0, 0, 0, 0, 0]
 
 
 def test_fault_at_the_start_leaves_nothing_consumed() -> None:
@@ -201,7 +201,7 @@ def test_scan_into_refuses_a_range_beyond_capacity() -> None:
     out = kernels.ScanBuffers(64)
     with pytest.raises(ValueError, match="capacity"):
         kernels.scan_into(data, 0, 96, tables_for("signal"), out)
-    assert out.counts.tolist() == [0] * 6
+    assert out.counts.tolist() == [0] * len(p.VERDICT_NAMES)
     assert kernels.scan_into(data, 32, 96, tables_for("signal"), out).count == 2
 
 
@@ -212,7 +212,7 @@ def test_counts_accumulate_across_calls() -> None:
     out = kernels.ScanBuffers(1024)
     for data in (good + wrong, good, wrong + wrong):
         kernels.scan_into(arr(data), 0, len(data), tables, out)
-    assert out.counts.tolist() == [2, 0, 3, 0, 0, 0]
+    assert out.counts.tolist() == [2, 0, 3, 0, 0, 0, 0]
 
 
 def test_scan_into_can_tally_into_the_callers_counts() -> None:
@@ -222,12 +222,12 @@ def test_scan_into_can_tally_into_the_callers_counts() -> None:
     bad = good[:28] + bytes(4) + good[32:]
     data = arr(good + bad + good)
     out = kernels.ScanBuffers(len(data))
-    mine = np.zeros(6, dtype=np.int64)
+    mine = np.zeros(len(p.VERDICT_NAMES), dtype=np.int64)
     for _ in range(2):
         result = kernels.scan_into(data, 0, len(data), tables, out, mine)
     assert result == kernels.ScanResult(3, len(data), p.NO_FAULT, 2, 2 * len(good))
-    assert mine.tolist() == [4, 0, 0, 0, 0, 2]
-    assert out.counts.tolist() == [0] * 6
+    assert mine.tolist() == [4, 0, 0, 0, 0, 2, 0]
+    assert out.counts.tolist() == [0] * len(p.VERDICT_NAMES)
 
 
 # --- feeding a stream in pieces ---------------------------------------------------

@@ -36,6 +36,7 @@ def test_constants_follow_the_contract() -> None:
         "malformed_tlv",
         "tlv_out_of_range",
         "bad_checksum",
+        "control",
     )
     assert [p.VERDICT_NAMES[v] for v in (p.FORWARD, p.BAD_VERSION, p.WRONG_DOMAIN)] == [
         "forward",
@@ -47,7 +48,8 @@ def test_constants_follow_the_contract() -> None:
         "tlv_out_of_range",
         "bad_checksum",
     ]
-    assert p.VERDICT_NAMES[1:] == p.REJECT_NAMES
+    assert p.VERDICT_NAMES[1:-1] == p.REJECT_NAMES
+    assert p.VERDICT_NAMES[p.CONTROL] == "control"
     assert [p.FAULT_NAMES[f] for f in (p.NO_FAULT, p.BAD_MAGIC, p.OVERSIZE)] == ["none", "bad_magic", "oversize"]
 
 
@@ -354,3 +356,46 @@ def test_build_batch_stamps_one_current_time() -> None:
     assert len(stamps) == 1
     assert before <= stamps.pop() <= after
     assert all(m.checksum_ok for m in p.decode_messages(batch.tobytes()))
+
+
+# --- subscriptions ----------------------------------------------------------------
+
+
+def test_bitmaps_put_value_i_at_bit_i_mod_8_of_byte_i_div_8() -> None:
+    bits = p.bitmap([0, 9, 255])
+    assert len(bits) == 32
+    assert bits[0] == 0b1 and bits[1] == 0b10 and bits[31] == 0b1000_0000
+    assert sum(bin(b).count("1") for b in bits) == 3
+    assert p.bitmap_values(bits) == {0, 9, 255}
+    assert p.bitmap_values(p.bitmap([])) == frozenset()
+    with pytest.raises(ValueError, match="byte value"):
+        p.bitmap([256])
+    with pytest.raises(ValueError, match="32 bytes"):
+        p.bitmap_values(bytes(31))
+
+
+def test_subscribe_and_unsubscribe_messages_are_system_domain_control_records() -> None:
+    message, _ = p.decode_message(p.subscribe_message([1, 2], [7]))
+    assert message.header.relay_domain == p.SYSTEM
+    assert message.checksum_ok
+    assert message.records == ((100, p.bitmap([1, 2])), (101, p.bitmap([7])))
+    only_types, _ = p.decode_message(p.subscribe_message(tlv_types=[]))
+    assert only_types.records == ((100, bytes(32)),)
+    everything, _ = p.decode_message(p.unsubscribe_message())
+    assert everything.records == ((102, b""),)
+    with pytest.raises(ValueError, match="tlv_types, sources"):
+        p.subscribe_message()
+
+
+def test_control_records_apply_in_order_each_replacing_its_own_set() -> None:
+    types_only = p.apply_control(p.EVERYTHING, p.subscribe_message(tlv_types=[3]))
+    assert types_only == (frozenset({3}), None)
+    both = p.apply_control(types_only, p.subscribe_message(sources=[1, 2]))
+    assert both == (frozenset({3}), frozenset({1, 2}))
+    assert p.apply_control(both, p.unsubscribe_message()) == p.EVERYTHING
+    reset_then_types = p.build_message(p.SYSTEM, [(102, b""), (100, p.bitmap([5]))])
+    assert p.apply_control(both, reset_then_types) == (frozenset({5}), None)
+    with pytest.raises(p.ProtocolError, match="not a control record"):
+        p.apply_control(both, p.build_message(p.SYSTEM, [(103, b"")]))
+    assert p.describe_filter(both) == "types 3; sources 1,2"
+    assert p.describe_filter((frozenset(), None)) == "types none; sources any"

@@ -1,0 +1,131 @@
+"""Subscriber groups: ``kernels.route`` agrees with the plain-Python selection rule on arbitrary streams.
+
+A message goes to a group when its source is in the group's source set and
+one of its record types is in its type set (each set, when present). Run with
+the kernel tests, compiled and as Python.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference as ref
+import strategies as gen
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jitrelay import kernels
+from jitrelay import protocol as p
+from jitrelay.logic import logic_for
+
+pytestmark = pytest.mark.kernels
+
+FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+NAMES = tuple(ref.DOMAINS)
+
+
+def arr(data: bytes) -> np.ndarray:
+    return np.frombuffer(bytearray(data), dtype=np.uint8)
+
+
+@st.composite
+def value_set(draw: st.DrawFn, seen: list[int]) -> frozenset[int] | None:
+    """None (any), or a set mixing values the stream holds with arbitrary ones; sometimes empty."""
+    if draw(st.booleans()):
+        return None
+    picked = draw(st.lists(st.sampled_from(seen), max_size=4)) if seen else []
+    return frozenset(picked + draw(st.lists(st.integers(0, 255), max_size=2)))
+
+
+@st.composite
+def stream_and_filters(draw: st.DrawFn, name: str, max_groups: int) -> tuple[bytes, list[p.Filter]]:
+    spec = ref.DOMAINS[name]
+    data = draw(gen.stream(spec, spec.max_payload))
+    judged, _, _ = ref.reference_scan(data, spec.ident, spec.max_payload, spec.verify, spec.ranges)
+    kept = [data[o : o + n] for o, n, v in judged if v == p.FORWARD]
+    types = sorted({t for m in kept for t in ref.record_types(m[ref.HEADER :]) or []})
+    sources = sorted({m[6] for m in kept})
+    count = draw(st.integers(1, max_groups))
+    filters = [(draw(value_set(types)), draw(value_set(sources))) for _ in range(count)]
+    return data, filters
+
+
+def expected_runs(data: bytes, name: str, selection: p.Filter) -> list[tuple[int, int]]:
+    spec = ref.DOMAINS[name]
+    judged, _, _ = ref.reference_scan(data, spec.ident, spec.max_payload, spec.verify, spec.ranges)
+    chosen = [
+        (o, n, p.FORWARD if v == p.FORWARD and ref.selects(selection, data[o : o + n]) else p.WRONG_DOMAIN)
+        for o, n, v in judged
+    ]
+    return ref.reference_runs(chosen)
+
+
+def check_route(name: str, data: bytes, filters: list[p.Filter]) -> None:
+    buf = arr(data)
+    result, scanned = kernels.scan(buf, logic_for(name).kernel_tables())
+    tables = kernels.group_tables(filters)
+    routed = kernels.route(buf, scanned, result.count, tables, kernels.RouteBuffers(len(buf), tables.groups))
+    for g, selection in enumerate(filters):
+        want = expected_runs(data, name, selection)
+        got = routed.group_runs(g).tolist()
+        assert got == [bound for run in want for bound in run], f"group {g} {selection}"
+        assert routed.counts[g] == len(want)
+        assert routed.sizes[g] == sum(b - a for a, b in want)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@FEW
+@given(data=st.data())
+def test_route_agrees_with_the_selection_rule(name: str, data: st.DataObject) -> None:
+    stream, filters = data.draw(stream_and_filters(name, 6))
+    check_route(name, stream, filters)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_more_than_64_groups_use_further_words(data: st.DataObject) -> None:
+    stream, filters = data.draw(stream_and_filters("market_data", 3))
+    many = filters + [(frozenset({t}), None) for t in range(1, 20)] * 4  # 3 + 76 groups: two words
+    check_route("market_data", stream, many)
+    assert kernels.group_tables(many).type_groups.shape[1] == 2
+
+
+def trade(source: int, *types: int) -> bytes:
+    return ref.message(1, b"".join(ref.standard_record(t, b"v") for t in types), source=source)
+
+
+def test_empty_sets_select_nothing_and_absent_sets_everything() -> None:
+    messages = [trade(0, 1), trade(1, 2), trade(2, 1, 2), trade(3), trade(1)]
+    data = b"".join(messages)
+    filters = [(frozenset(), None), (None, frozenset()), (None, None), (frozenset({2}), frozenset({1, 2}))]
+    buf = arr(data)
+    result, scanned = kernels.scan(buf, logic_for("market_data").kernel_tables())
+    routed = kernels.route(buf, scanned, result.count, kernels.group_tables(filters), kernels.RouteBuffers(64, 1))
+    assert routed.counts[:4].tolist() == [0, 0, 1, 1]
+    assert routed.group_runs(2).tolist() == [0, len(data)]
+    start = len(messages[0])
+    assert routed.group_runs(3).tolist() == [start, start + len(messages[1]) + len(messages[2])]
+
+
+def test_route_grows_its_runs_when_a_batch_needs_more() -> None:
+    messages = [trade(k % 2, 1) for k in range(40)]
+    buf = arr(b"".join(messages))
+    result, scanned = kernels.scan(buf, logic_for("market_data").kernel_tables())
+    tables = kernels.group_tables([(None, frozenset({0})), (None, frozenset({1}))])
+    out = kernels.RouteBuffers(len(buf), 2)
+    out.runs = np.zeros(4, dtype=np.int64)
+    routed = kernels.route(buf, scanned, result.count, tables, out)
+    assert routed.counts[:2].tolist() == [20, 20]
+    size = len(messages[0])
+    assert routed.group_runs(1).tolist() == [b for k in range(1, 40, 2) for b in (k * size, (k + 1) * size)]
+
+
+def test_compacted_group_runs_hold_exactly_the_selected_messages() -> None:
+    messages = [trade(k % 3, 1 + k % 4) for k in range(200)]
+    buf = arr(b"".join(messages))
+    result, scanned = kernels.scan(buf, logic_for("market_data").kernel_tables())
+    selection = (frozenset({2, 3}), frozenset({0, 2}))
+    tables = kernels.group_tables([selection])
+    routed = kernels.route(buf, scanned, result.count, tables, kernels.RouteBuffers(len(buf), 1))
+    packed = kernels.compact(buf, routed.group_runs(0), int(routed.counts[0]))
+    assert packed.tobytes() == b"".join(m for m in messages if ref.selects(selection, m))

@@ -21,22 +21,22 @@ from pathlib import Path
 
 from . import __version__, kernels, protocol
 from .client import Publisher, RelayConnectionError, Subscriber
-from .logic import JOURNAL_FSYNC, LOGICS, SLOW_POLICIES, logic_for
+from .config import ConfigError, build_logic, parse_byte_count, read_config, render_config
+from .logic import JOURNAL_FSYNC, LOGICS, SLOW_POLICIES, RelayLogic
 from .tap import MessageFilter, format_message, message_json
 from .usage import UsageError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
-_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
 # Message sizes ``pub`` can make from one record.
 
 
 def byte_count(text: str) -> int:
     """``4194304``, ``4MiB``, ``64k``: a non-negative number of bytes."""
-    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (examples: 65536, 64KiB, 4MiB)")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+    try:
+        return parse_byte_count(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def non_negative(text: str) -> int:
@@ -80,6 +80,102 @@ def add_target(parser: argparse.ArgumentParser, domains: list[str]) -> None:
     parser.add_argument("--socket", type=Path, help="Unix socket path (default: $JITRELAY_SOCKET_DIR/DOMAIN.sock)")
 
 
+def add_relay_options(parser: argparse.ArgumentParser) -> None:
+    """The relay's knobs on the command line, shared by ``run`` and ``config``; ``relay_overrides`` reads them."""
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML file of relay settings; options given here override it"
+    )
+    parser.add_argument("--slow-policy", choices=SLOW_POLICIES, help="what to do with a subscriber that falls behind")
+    parser.add_argument(
+        "--pending-limit", type=byte_count, metavar="BYTES", help="pending bytes per subscriber before the policy acts"
+    )
+    parser.add_argument(
+        "--slow-timeout",
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="under disconnect, how long a subscriber may stay over its limit before it is dropped",
+    )
+    parser.add_argument("--max-payload", type=byte_count, metavar="BYTES", help="largest payload a message may carry")
+    parser.add_argument(
+        "--allow-uid",
+        type=non_negative,
+        action="append",
+        metavar="UID",
+        help="admit peers with this uid (repeatable; with --allow-gid replaces the domain's default list)",
+    )
+    parser.add_argument(
+        "--allow-gid", type=non_negative, action="append", metavar="GID", help="admit peers in this gid"
+    )
+    parser.add_argument("--max-connections", type=non_negative, metavar="N", help="refuse connections beyond N")
+    parser.add_argument("--journal-dir", type=Path, metavar="DIR", help="where the journal segments go (enables it)")
+    parser.add_argument("--journal-fsync", choices=JOURNAL_FSYNC, help="when the journal is flushed to disk (batch)")
+    parser.add_argument("--journal-rotate", type=byte_count, metavar="BYTES", help="journal segment size (256MiB)")
+    parser.add_argument("--no-journal", action="store_true", help="do not journal forwarded messages")
+    parser.add_argument(
+        "--metrics-port", type=non_negative, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT"
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        metavar="tcp://HOST:PORT",
+        help="also accept TCP clients here (repeatable; port 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--allow-network",
+        action="append",
+        metavar="CIDR",
+        help="admit TCP clients from this network (repeatable; replaces the default 127.0.0.0/8 and ::1/128)",
+    )
+
+
+def relay_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The ``RelayLogic`` fields the command line sets; they win over the config file."""
+    overrides: dict[str, object] = {}
+    if args.socket is not None:
+        overrides["socket_path"] = Path(args.socket)
+    if args.slow_policy is not None:
+        overrides["slow_policy"] = args.slow_policy
+    if args.pending_limit is not None:
+        overrides["pending_high"] = args.pending_limit
+        overrides["pending_low"] = max(1, args.pending_limit // 4)
+    if args.slow_timeout is not None:
+        overrides["slow_timeout"] = args.slow_timeout
+    if args.max_payload is not None:
+        overrides["max_payload"] = args.max_payload
+    if args.allow_uid is not None or args.allow_gid is not None:
+        overrides["allowed_uids"] = tuple(args.allow_uid or ())
+        overrides["allowed_gids"] = tuple(args.allow_gid or ())
+    if args.max_connections is not None:
+        overrides["max_connections"] = args.max_connections
+    if args.journal_dir is not None:
+        overrides["journal"] = True
+        overrides["journal_dir"] = args.journal_dir
+    if args.journal_fsync is not None:
+        overrides["journal_fsync"] = args.journal_fsync
+    if args.journal_rotate is not None:
+        overrides["journal_rotate_bytes"] = args.journal_rotate
+    if args.no_journal:
+        overrides["journal"] = False
+    if args.metrics_port is not None:
+        overrides["metrics_port"] = args.metrics_port
+    if args.listen is not None:
+        overrides["listen"] = tuple(args.listen)
+    if args.allow_network is not None:
+        overrides["allowed_networks"] = tuple(args.allow_network)
+    return overrides
+
+
+def relay_logic(args: argparse.Namespace) -> RelayLogic:
+    """The domain's logic: its defaults, overridden by ``--config FILE``, overridden by the other options."""
+    try:
+        if args.config is None:
+            return build_logic(args.domain, {}, relay_overrides(args))
+        from_file = read_config(args.config, args.domain)
+        return build_logic(args.domain, from_file, relay_overrides(args), source=str(args.config))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jitrelay", description="A Protocol V2 message relay for trading systems.")
     parser.add_argument("--version", action="version", version=f"jitrelay {__version__}")
@@ -92,31 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="text lines, or one JSON object per line (text)"
     )
-    run.add_argument("--slow-policy", choices=SLOW_POLICIES, help="what to do with a subscriber that falls behind")
-    run.add_argument(
-        "--pending-limit", type=byte_count, metavar="BYTES", help="pending bytes per subscriber before the policy acts"
-    )
-    run.add_argument(
-        "--slow-timeout",
-        type=non_negative_float,
-        metavar="SECONDS",
-        help="under disconnect, how long a subscriber may stay over its limit before it is dropped",
-    )
-    run.add_argument("--max-payload", type=byte_count, metavar="BYTES", help="largest payload a message may carry")
-    run.add_argument(
-        "--allow-uid",
-        type=non_negative,
-        action="append",
-        metavar="UID",
-        help="admit peers with this uid (repeatable; with --allow-gid replaces the domain's default list)",
-    )
-    run.add_argument("--allow-gid", type=non_negative, action="append", metavar="GID", help="admit peers in this gid")
-    run.add_argument("--max-connections", type=non_negative, metavar="N", help="refuse connections beyond N")
-    run.add_argument("--journal-dir", type=Path, metavar="DIR", help="where the journal segments go (enables it)")
-    run.add_argument("--journal-fsync", choices=JOURNAL_FSYNC, help="when the journal is flushed to disk (batch)")
-    run.add_argument("--journal-rotate", type=byte_count, metavar="BYTES", help="journal segment size (256MiB)")
-    run.add_argument("--no-journal", action="store_true", help="do not journal forwarded messages")
+    add_relay_options(run)
     run.set_defaults(handler=cmd_run)
+
+    config = commands.add_parser(
+        "config", help="print, as TOML, the configuration `jitrelay run` would use with the same options"
+    )
+    add_target(config, domains)
+    add_relay_options(config)
+    config.set_defaults(handler=cmd_config)
 
     pub = commands.add_parser("pub", help="publish synthetic messages")
     add_target(pub, domains)
@@ -140,18 +220,62 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--count-only", action="store_true", help="print only the number of messages received")
     sub.add_argument("--json", action="store_true", help="one JSON object per message instead of a line of text")
     sub.add_argument(
-        "--types", type=byte_list, metavar="T,T", help="only messages with a record of one of these TLV types"
+        "--types",
+        type=byte_list,
+        metavar="T,T",
+        help="subscribe to messages with a record of one of these TLV types (filtered by the relay)",
     )
-    sub.add_argument("--sources", type=byte_list, metavar="S,S", help="only messages from one of these sources")
+    sub.add_argument("--sources", type=byte_list, metavar="S,S", help="subscribe to messages from one of these sources")
     sub.set_defaults(handler=cmd_sub)
+
+    stats = commands.add_parser("stats", help="print a running relay's counters as a table")
+    add_target(stats, domains)
+    stats.add_argument(
+        "--url", help="read this Prometheus endpoint (a relay run with --metrics-port) instead of the stats socket"
+    )
+    stats.add_argument("--watch", action="store_true", help="redraw every interval, with the rate of each counter")
+    stats.add_argument("--interval", type=non_negative_float, default=1.0, help="seconds between --watch tables (1)")
+    stats.add_argument("--count", type=non_negative, default=0, help="with --watch, stop after N tables (0: never)")
+    stats.set_defaults(handler=cmd_stats)
+
+    bridge = commands.add_parser(
+        "bridge", help="join this host's relay of one domain to the other hosts' through a NATS cluster"
+    )
+    add_target(bridge, domains)
+    bridge.add_argument(
+        "--nats",
+        action="append",
+        required=True,
+        metavar="URL[,URL...]",
+        help="NATS servers of the cluster, e.g. nats://10.0.0.1:4222,nats://10.0.0.2:4222 (repeatable)",
+    )
+    bridge.add_argument("--subject", help="NATS subject the domain's relays share (jitrelay.DOMAIN)")
+    bridge.add_argument(
+        "--reconnect-buffer",
+        type=byte_count,
+        default=8 << 20,
+        metavar="BYTES",
+        help="what to hold for NATS while reconnecting; more is dropped and counted as a gap (8MiB)",
+    )
+    bridge.add_argument(
+        "--max-payload", type=byte_count, metavar="BYTES", help="largest payload taken from NATS (the domain's)"
+    )
+    bridge.add_argument(
+        "--metrics-port", type=non_negative, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT"
+    )
+    bridge.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    bridge.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="text lines, or one JSON object per line (text)"
+    )
+    bridge.set_defaults(handler=cmd_bridge)
 
     bench = commands.add_parser(
         "bench", help="measure the relay against the raw-bytes forwarder and pyzmq on workloads W1 and W2"
     )
     bench.add_argument(
         "--relays",
-        default="jitrelay,raw,zmq,zmq-default",
-        help="comma-separated: jitrelay (or jitrelay:block, jitrelay:disconnect), raw, zmq, zmq-default",
+        default="jitrelay,raw,zmq,zmq-default,bridge",
+        help="comma-separated: jitrelay (or jitrelay:block, jitrelay:disconnect), raw, zmq, zmq-default, bridge",
     )
     bench.add_argument("--workloads", default="w1,w2", help="comma-separated: w1 (throughput), w2 (latency)")
     bench.add_argument("--subscribers", default="1,4", help="W1 subscriber counts, comma-separated (1,4)")
@@ -239,37 +363,13 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(render_config(relay_logic(args)))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    overrides: dict[str, object] = {}
-    if args.socket is not None:
-        overrides["socket_path"] = Path(args.socket)
-    if args.slow_policy is not None:
-        overrides["slow_policy"] = args.slow_policy
-    if args.pending_limit is not None:
-        overrides["pending_high"] = args.pending_limit
-        overrides["pending_low"] = max(1, args.pending_limit // 4)
-    if args.slow_timeout is not None:
-        overrides["slow_timeout"] = args.slow_timeout
-    if args.max_payload is not None:
-        overrides["max_payload"] = args.max_payload
-    if args.allow_uid is not None or args.allow_gid is not None:
-        overrides["allowed_uids"] = tuple(args.allow_uid or ())
-        overrides["allowed_gids"] = tuple(args.allow_gid or ())
-    if args.max_connections is not None:
-        overrides["max_connections"] = args.max_connections
-    if args.journal_dir is not None:
-        overrides["journal"] = True
-        overrides["journal_dir"] = args.journal_dir
-    if args.journal_fsync is not None:
-        overrides["journal_fsync"] = args.journal_fsync
-    if args.journal_rotate is not None:
-        overrides["journal_rotate_bytes"] = args.journal_rotate
-    if args.no_journal:
-        overrides["journal"] = False
-    try:
-        logic = logic_for(args.domain, **overrides)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+    logic = relay_logic(args)
     handler = logging.StreamHandler(sys.stderr)
     if args.log_format == "json":
         handler.setFormatter(JsonLogFormatter(args.domain))
@@ -332,7 +432,7 @@ def cmd_sub(args: argparse.Namespace) -> int:
     keep = MessageFilter(args.types, args.sources)
     show = functools.partial(message_json if args.json else format_message, names=True)
     try:
-        with Subscriber(args.domain, args.socket) as subscriber:
+        with Subscriber(args.domain, args.socket, tlv_types=args.types, sources=args.sources) as subscriber:
             print(f"jitrelay sub: connected to the {args.domain} relay at {subscriber.socket_path}", file=sys.stderr)
             for batch in subscriber.batches():
                 left = limit - received if limit else None
@@ -357,6 +457,38 @@ def cmd_sub(args: argparse.Namespace) -> int:
     if args.count_only:
         print(received)
     return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .stats import run_stats  # the Prometheus text parser loads only for this command
+
+    return run_stats(args)
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from .bridge import BridgeOptions, run_bridge  # nats-py loads only for this command
+
+    servers = tuple(url.strip() for urls in args.nats for url in urls.split(",") if url.strip())
+    try:
+        options = BridgeOptions(
+            args.domain,
+            servers,
+            socket_path=args.socket,
+            subject=args.subject,
+            metrics_port=args.metrics_port,
+            reconnect_buffer=args.reconnect_buffer,
+            max_payload=args.max_payload,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_format == "json":
+        handler.setFormatter(JsonLogFormatter(args.domain))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
+    logging.getLogger("numba").setLevel(max(logging.WARNING, logging.getLogger().level))
+    return run_bridge(options)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ import numpy as np
 from . import kernels, protocol
 from .histogram import Histogram
 from .journal import Journal
-from .logic import DISCONNECT, RelayLogic
+from .logic import DISCONNECT, RelayLogic, parse_listen
 
 log = logging.getLogger("jitrelay.relay")
 
@@ -71,19 +71,32 @@ class Connection(asyncio.BufferedProtocol):
         self.fault = protocol.NO_FAULT
         self.slow_timer: asyncio.TimerHandle | None = None
         self.spare: socket.socket | None = None  # a second descriptor: zero-copy sends and salvage
+        self.filter: protocol.Filter = protocol.EVERYTHING  # what it asked to receive (control messages)
 
     # asyncio protocol callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
-        with contextlib.suppress(OSError, AttributeError):
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-            self.pid, self.uid, self.gid = _PEERCRED.unpack(creds)
-            self.peer = f"conn={self.conn_id} pid={self.pid} uid={self.uid}"
-        refusal = self.relay.refusal(self)
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        # TCP peers have no credentials: their address, checked against the allowed networks, stands in for them.
+        self.address: str | None = None
+        refusal = None
+        if tcp:
+            host, port = transport.get_extra_info("peername")[:2]
+            self.address = host
+            self.peer = f"conn={self.conn_id} addr={f'[{host}]' if ':' in host else host}:{port}"
+            if not self.relay.logic.admits_address(host):
+                self.relay.refused["not_allowed"] += 1
+                refusal = f"address {host} is not in an allowed network"
+        else:
+            with contextlib.suppress(OSError, AttributeError):
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+                self.pid, self.uid, self.gid = _PEERCRED.unpack(creds)
+                self.peer = f"conn={self.conn_id} pid={self.pid} uid={self.uid}"
+        refusal = refusal or self.relay.refusal(self)
         if refusal:
-            log.warning("refusing %s gid=%d: %s", self.peer, self.gid, refusal)
+            log.warning("refusing %s%s: %s", self.peer, "" if tcp else f" gid={self.gid}", refusal)
             transport.abort()
             return
         try:
@@ -96,6 +109,8 @@ class Connection(asyncio.BufferedProtocol):
         with contextlib.suppress(OSError):
             self.spare.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             self.spare.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            if tcp:
+                self.spare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=self.relay.logic.pending_high, low=self.relay.logic.pending_low)
         self.relay.add(self)
 
@@ -159,13 +174,22 @@ class Relay:
         self.tables = logic.kernel_tables()
         self.scan_out = kernels.ScanBuffers(logic.buffer_size)
         self.connections: dict[int, Connection] = {}
-        self._targets: tuple[tuple[Connection, asyncio.Transport], ...] = ()
+        # Who receives what: connections without a filter get every forwarded
+        # run; each distinct filter is a group whose runs ``kernels.route`` cuts.
+        self._everyone: tuple[tuple[Connection, asyncio.Transport], ...] = ()
+        self._groups: tuple[tuple[tuple[Connection, asyncio.Transport], ...], ...] = ()
+        self._group_filters: list[protocol.Filter] = []
+        self._group_tables: kernels.GroupTables | None = None
+        self._routed = kernels.RouteBuffers(logic.buffer_size, 1)
+        self.subscription_changes = 0
         self._next_id = 0
         self._blocked: set[Connection] = set()
         self._reading = True
         self.retired_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
         self.faults: Counter[str] = Counter()
         self.slow_disconnects = 0
+        self.slow_pauses = 0  # times a subscriber passed pending_high and paused the publishers
+        self.retired_bytes_in = 0  # bytes read from connections that have closed
         self.bytes_forwarded = 0
         self.batches = 0
         self.accepted = 0
@@ -177,7 +201,7 @@ class Relay:
 
     def refusal(self, conn: Connection) -> str | None:
         """Why ``conn`` may not connect, or None."""
-        if not self.logic.admits(conn.uid, conn.gid):
+        if conn.address is None and not self.logic.admits(conn.uid, conn.gid):  # TCP peers: see connection_made
             self.refused["not_allowed"] += 1
             return f"uid {conn.uid} / gid {conn.gid} not allowed"
         if len(self.connections) >= self.logic.max_connections:
@@ -203,12 +227,23 @@ class Relay:
         if self.connections.pop(conn.conn_id, None) is None:
             return
         self.retired_counts += conn.counts
+        self.retired_bytes_in += conn.bytes_in
         self._retarget()
         log.info("%s disconnected (received %d bytes, sent %d bytes)", conn.peer, conn.bytes_in, conn.bytes_out)
         self.on_under_limit(conn)
 
     def _retarget(self) -> None:
-        self._targets = tuple((c, c.transport) for c in self.connections.values() if not c.transport.is_closing())
+        live = [(c, c.transport) for c in self.connections.values() if not c.transport.is_closing()]
+        self._everyone = tuple(target for target in live if target[0].filter == protocol.EVERYTHING)
+        groups: dict[protocol.Filter, list[tuple[Connection, asyncio.Transport]]] = {}
+        for target in live:
+            if target[0].filter != protocol.EVERYTHING:
+                groups.setdefault(target[0].filter, []).append(target)
+        filters = list(groups)
+        if filters != self._group_filters:
+            self._group_filters = filters
+            self._group_tables = kernels.group_tables(filters) if filters else None
+        self._groups = tuple(tuple(members) for members in groups.values())
 
     # the data path
 
@@ -218,6 +253,8 @@ class Relay:
             self._forward(conn, result)
             self.forward_time.record(time.perf_counter_ns() - arrived)
             self.messages_timed += result.count
+        if result.controls:
+            self._apply_controls(conn, result.count)
         if result.fault != protocol.NO_FAULT:
             self._close_faulty(conn, result.fault, result.consumed)
             return
@@ -227,29 +264,49 @@ class Relay:
         conn.filled = leftover
 
     def _forward(self, sender: Connection, result: kernels.ScanResult) -> None:
-        """Send the accepted runs to every other connection, zero-copy where the kernel takes them at once.
+        """Send the accepted runs to every other connection, and each filtered group its share of them."""
+        if self._everyone or self.journal is not None:
+            pieces = self._pieces(sender, self.scan_out.runs, result.runs)
+            if self.journal is not None:
+                self._journal(pieces)
+            if self._everyone:
+                self._send(sender, self._everyone, pieces, result.forwarded_bytes)
+        if self._groups:
+            assert self._group_tables is not None
+            routed = self._routed = kernels.route(
+                sender.buf, self.scan_out, result.count, self._group_tables, self._routed
+            )
+            for g, members in enumerate(self._groups):
+                size = int(routed.sizes[g])
+                if size:
+                    self._send(sender, members, self._pieces(sender, routed.group_runs(g), routed.counts[g]), size)
+        self.bytes_forwarded += result.forwarded_bytes
+        self.batches += 1
+
+    @staticmethod
+    def _pieces(sender: Connection, runs: np.ndarray, n_runs: int) -> list:
+        """Views of the runs in the sender's buffer; one compacted copy when there are too many for one sendmsg."""
+        if n_runs == 1:
+            return [sender.view[runs[0] : runs[1]]]
+        if n_runs <= MAX_IOV:
+            view = sender.view
+            return [view[runs[2 * k] : runs[2 * k + 1]] for k in range(n_runs)]
+        return [kernels.compact(sender.buf, runs, n_runs).data]
+
+    @staticmethod
+    def _send(sender: Connection, targets: tuple, pieces: list, size: int) -> None:
+        """Write ``pieces`` to every target but the sender, zero-copy where the kernel takes them at once.
 
         A subscriber with nothing pending gets the runs straight from the
         receive buffer (``send``/``sendmsg`` on its spare descriptor: the
         kernel copies them before the call returns). Whatever it cannot take
         now, and everything for a subscriber that already has bytes pending,
-        goes to uvloop as an immutable copy made once per batch, since uvloop
+        goes to uvloop as an immutable copy made once per call, since uvloop
         keeps references to what it has not sent yet.
         """
-        runs = self.scan_out.runs
-        if result.runs == 1:
-            pieces = [sender.view[runs[0] : runs[1]]]
-        elif result.runs <= MAX_IOV:
-            view = sender.view
-            pieces = [view[runs[2 * k] : runs[2 * k + 1]] for k in range(result.runs)]
-        else:
-            pieces = [kernels.compact(sender.buf, runs, result.runs).data]
-        size = result.forwarded_bytes
-        if self.journal is not None:
-            self._journal(pieces)
         copy: memoryview | None = None
         sender_transport = sender.transport
-        for conn, transport in self._targets:
+        for conn, transport in targets:
             if transport is sender_transport or transport.is_closing():
                 continue
             sent = 0
@@ -263,8 +320,15 @@ class Relay:
                     copy = memoryview(b"".join(pieces))
                 transport.write(copy[sent:])
             conn.bytes_out += size
-        self.bytes_forwarded += size
-        self.batches += 1
+
+    def _apply_controls(self, conn: Connection, count: int) -> None:
+        """Apply the connection's control messages, in order, to what it receives from now on."""
+        offsets = self.scan_out.offsets
+        for k in np.flatnonzero(self.scan_out.verdicts[:count] == protocol.CONTROL):
+            conn.filter = protocol.apply_control(conn.filter, conn.view[offsets[k] : offsets[k + 1]])
+            self.subscription_changes += 1
+        log.info("%s subscribes to %s", conn.peer, protocol.describe_filter(conn.filter))
+        self._retarget()
 
     def _journal(self, pieces: list) -> None:
         """Append a batch to the journal before anyone sees it; under ``batch`` fsync soon after."""
@@ -312,6 +376,7 @@ class Relay:
         """
         if not self._blocked:
             log.info("%s has %d bytes pending; pausing publishers", conn.peer, self._pending(conn))
+        self.slow_pauses += 1
         self._blocked.add(conn)
         self._set_reading(False)
         if self.logic.slow_policy == DISCONNECT and conn.slow_timer is None:
@@ -369,10 +434,11 @@ class Relay:
     def summary(self) -> str:
         counts = self.verdict_counts()
         received = sum(counts.values())
-        rejected = {k: v for k, v in counts.items() if k != "forward" and v}
+        rejected = {k: counts[k] for k in protocol.REJECT_NAMES if counts[k]}
         return (
             f"received {received} messages, forwarded {counts['forward']} "
             f"({self.bytes_forwarded} bytes in {self.batches} batches), rejected {rejected or 0}, "
+            f"control messages {counts['control']}, "
             f"faults {dict(self.faults) or 0}, slow subscribers dropped {self.slow_disconnects}, "
             f"connections {self.accepted}, refused {dict(self.refused) or 0}, journal errors {self.journal_errors}"
         )
@@ -450,6 +516,8 @@ def warm_up(logic: RelayLogic) -> float:
     sample = np.frombuffer(protocol.build_message(logic.domain_id, [], timestamp_ns=0) * 3, dtype=np.uint8).copy()
     result, out = kernels.scan(sample, logic.kernel_tables())
     kernels.compact(sample, out.runs, result.runs)
+    tables = kernels.group_tables([(frozenset({1}), None)])
+    kernels.route(sample, out, result.count, tables, kernels.RouteBuffers(len(sample), tables.groups))
     return time.perf_counter() - started
 
 
@@ -481,12 +549,28 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
     relay = Relay(logic, journal)
     loop.add_signal_handler(signal.SIGUSR1, relay.log_figures, "running")
     server = await loop.create_unix_server(relay.new_connection, sock=sock)
-    log.info("jitrelay %s relay listening on %s", logic.name, path)
+    tcp_servers: list[asyncio.AbstractServer] = []
+    figures = None
     try:
+        for address in logic.listen:
+            host, port = parse_listen(address)
+            tcp_servers.append(await loop.create_server(relay.new_connection, host, port, backlog=1024))
+            for bound in tcp_servers[-1].sockets:
+                where = bound.getsockname()
+                shown = f"[{where[0]}]" if bound.family == socket.AF_INET6 else where[0]
+                log.info("jitrelay %s relay listening on tcp://%s:%d", logic.name, shown, where[1])
+        from .metrics import RelayMetrics  # metrics.py builds on this module, so it loads here
+
+        figures = await RelayMetrics.start(relay)  # the stats socket, and the HTTP endpoint if asked for
+        log.info("jitrelay %s relay listening on %s", logic.name, path)
         await stop.wait()
     finally:
         server.close()
+        for tcp_server in tcp_servers:
+            tcp_server.close()
         await relay.drain_and_close(SHUTDOWN_FLUSH_SECONDS)
+        if figures is not None:
+            await figures.close()
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == inode:
                 path.unlink()

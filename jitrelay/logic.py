@@ -9,7 +9,9 @@ one ``LOGICS`` entry.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -68,6 +70,11 @@ class RelayLogic:
     journal_rotate_bytes: int = 256 * MiB
     # Serve Prometheus metrics over HTTP on 127.0.0.1 at this port; None serves none.
     metrics_port: int | None = None
+    # TCP listeners beside the Unix socket, as ``tcp://HOST:PORT`` (port 0 picks a free one). TCP peers
+    # have no credentials, so instead of the uid/gid allow-list their address must be in one of
+    # ``allowed_networks``.
+    listen: tuple[str, ...] = ()
+    allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 
     def __post_init__(self) -> None:
         if self.slow_policy not in SLOW_POLICIES:
@@ -91,6 +98,12 @@ class RelayLogic:
             raise ValueError(f"metrics_port must be a TCP port (0..65535), not {self.metrics_port}")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        for address in self.listen:
+            parse_listen(address)
+        try:
+            self._networks = tuple(ipaddress.ip_network(net, strict=False) for net in self.allowed_networks)
+        except ValueError as exc:
+            raise ValueError(f"allowed_networks: {exc}") from None
         self.buffer_size = max(self.buffer_size, 2 * (protocol.HEADER_SIZE + self.max_payload))
 
     def admits(self, uid: int, gid: int) -> bool:
@@ -98,6 +111,13 @@ class RelayLogic:
         if self.allowed_uids is None and not self.allowed_gids:
             return True
         return uid in (self.allowed_uids or ()) or gid in self.allowed_gids
+
+    def admits_address(self, host: str) -> bool:
+        """Whether a TCP peer at ``host`` (an IP address) may connect."""
+        ip = ipaddress.ip_address(host.partition("%")[0])
+        if ip.version == 6 and ip.ipv4_mapped is not None:  # a v4 peer of a dual-stack listener
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self._networks)
 
     def type_allowed(self) -> np.ndarray:
         allowed = np.zeros(256, dtype=np.uint8)
@@ -142,6 +162,18 @@ class ExecutionLogic(RelayLogic):
     allowed_uids: tuple[int, ...] | None = field(default_factory=lambda: (os.getuid(),))
     max_connections: int = 100
     journal: bool = True
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` (``tcp://[::1]:PORT`` for IPv6) as ``(host, port)``; ValueError for anything else."""
+    url = urllib.parse.urlsplit(address)
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    if url.scheme != "tcp" or not url.hostname or port is None or url.path or url.query or url.fragment:
+        raise ValueError(f"not a TCP listen address: {address!r} (examples: tcp://127.0.0.1:7001, tcp://[::1]:7001)")
+    return url.hostname, port
 
 
 LOGICS: dict[str, type[RelayLogic]] = {cls.name: cls for cls in (MarketDataLogic, SignalLogic, ExecutionLogic)}

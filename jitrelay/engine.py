@@ -425,6 +425,11 @@ class Relay:
 
     # figures
 
+    @property
+    def subscriber_groups(self) -> int:
+        """Distinct subscription filters in force."""
+        return len(self._groups)
+
     def verdict_counts(self) -> dict[str, int]:
         total = self.retired_counts.copy()
         for conn in self.connections.values():

@@ -71,6 +71,8 @@ class Figures:
     forward_buckets: tuple[int, ...]  # the relay's log-linear histogram, nanoseconds
     forward_count: int
     forward_total_ns: int
+    subscriber_groups: int = 0
+    subscription_changes: int = 0
 
 
 def read_figures(relay: Relay) -> Figures:
@@ -93,6 +95,8 @@ def read_figures(relay: Relay) -> Figures:
         forward_buckets=tuple(timing.counts),
         forward_count=timing.count,
         forward_total_ns=timing.total,
+        subscriber_groups=relay.subscriber_groups,
+        subscription_changes=relay.subscription_changes,
     )
 
 
@@ -194,6 +198,16 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
     )
     yield _labelled(slow, figures.domain, figures.slow_actions)
     yield counter("jitrelay_journal_errors_total", "Journal appends or fsyncs that failed.", figures.journal_errors)
+    yield gauge(
+        "jitrelay_subscriber_groups",
+        "Distinct subscription filters in force now (connections with the same filter share one).",
+        figures.subscriber_groups,
+    )
+    yield counter(
+        "jitrelay_subscription_changes_total",
+        "Subscription control messages applied.",
+        figures.subscription_changes,
+    )
     timing = HistogramMetricFamily(
         "jitrelay_forwarding_seconds",
         "Time per batch from its bytes reaching the engine to the last subscriber write issued.",

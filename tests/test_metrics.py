@@ -172,6 +172,26 @@ def test_figures_match_the_traffic_exactly(start_relay: StartRelay) -> None:
         sock.close()
 
 
+def test_subscriptions_are_counted(start_relay: StartRelay) -> None:
+    relay = start_relay("market_data", "--metrics-port", "0")
+    port = metrics_port(relay)
+    quotes, also_quotes, trades_from_4 = (relay.connect(TIMEOUT) for _ in range(3))
+    quotes.sendall(protocol.subscribe_message(tlv_types=[2]))
+    also_quotes.sendall(protocol.subscribe_message(tlv_types=[2]) + protocol.unsubscribe_message())
+    also_quotes.sendall(protocol.subscribe_message(tlv_types=[2]))
+    malformed = build_message(protocol.SYSTEM, [(protocol.SUBSCRIBE_SOURCES, bytes(8))])
+    trades_from_4.sendall(malformed + protocol.subscribe_message([1], [4]))
+    samples = wait_for(port, lambda s: value(s, "jitrelay_subscription_changes_total") == 5, "five changes applied")
+    assert value(samples, "jitrelay_control_messages_total") == 5
+    assert value(samples, "jitrelay_subscriber_groups") == 2  # types {2} twice, and types {1} from source 4
+    assert value(samples, "jitrelay_messages_rejected_total", reason="malformed_tlv") == 1
+    assert value(samples, "jitrelay_messages_forwarded_total") == 0
+    trades_from_4.close()
+    samples = wait_for(port, lambda s: value(s, "jitrelay_subscriber_groups") == 1, "one group left")
+    for sock in (quotes, also_quotes):
+        sock.close()
+
+
 def test_exposition_format(start_relay: StartRelay) -> None:
     relay = start_relay("market_data", "--metrics-port", "0")
     text, content_type = fetch(metrics_port(relay))
@@ -192,6 +212,9 @@ def test_exposition_format(start_relay: StartRelay) -> None:
         "jitrelay_slow_subscriber_actions_total": "counter",
         "jitrelay_journal_errors_total": "counter",
         "jitrelay_forwarding_seconds": "histogram",
+        "jitrelay_control_messages_total": "counter",
+        "jitrelay_subscriber_groups": "gauge",
+        "jitrelay_subscription_changes_total": "counter",
     }
     for name, kind in expected.items():
         assert families.get(name) == kind, name

@@ -62,6 +62,20 @@ def test_crc32_zlib(benchmark, figures):
     figures.record(benchmark, nbytes=len(data))
 
 
+def test_route_four_groups(benchmark, figures):
+    f = common.route_fixture(4)
+    routed = benchmark(f.route)
+    count = f.scan.result.count
+    assert routed.counts[:4].tolist() == [(count - g + 3) // 4 for g in range(4)]  # one-message runs, a quarter each
+    figures.record(
+        benchmark,
+        messages=f.scan.result.count,
+        nbytes=len(f.scan.buf),
+        baseline="scan of the same buffer",
+        baseline_call=f.scan.scan,
+    )
+
+
 def test_compact_quarter_rejected(benchmark, figures):
     f = common.compact_fixture(0.25)
     kept = benchmark(kernels.compact, f.buf, f.runs, f.n_runs, f.out)

@@ -254,6 +254,42 @@ def build_batch(
     return batch.reshape(-1)
 
 
+def build_cycled_batch(
+    domain: int,
+    count: int,
+    record_sets: Sequence[Sequence[tuple[int, bytes]]],
+    *,
+    source: int = 0,
+    timestamp_ns: int | None = None,
+    checksums: bool = True,
+) -> np.ndarray:
+    """``build_batch`` whose message ``k`` carries ``record_sets[k % len(record_sets)]``: a stream for filters.
+
+    Every set must make messages of one size, so the batch can still be
+    restamped in place (``kernels.stamp_batch``).
+    """
+    kinds = len(record_sets)
+    rows = -(-count // kinds)
+    parts = [
+        build_batch(domain, rows, recs, source=source, timestamp_ns=timestamp_ns, checksums=False)
+        for recs in record_sets
+    ]
+    if len({len(part) for part in parts}) != 1:
+        raise ValueError("every record set must make messages of the same size")
+    size = len(parts[0]) // rows
+    batch = np.stack([part.reshape(rows, size) for part in parts], axis=1).reshape(-1, size)[:count]
+    headers = batch[:, :HEADER_SIZE].copy().view(HEADER_DTYPE).reshape(count)
+    headers["sequence"] = np.arange(count, dtype=np.uint64)
+    headers["checksum"] = 0
+    batch[:, :HEADER_SIZE] = headers.view(np.uint8).reshape(count, HEADER_SIZE)
+    flat = np.ascontiguousarray(batch).reshape(-1)
+    if checksums:
+        view = memoryview(flat)
+        crcs = np.array([message_checksum(view[i * size : (i + 1) * size]) for i in range(count)], dtype="<u4")
+        flat.reshape(count, size)[:, OFF_CHECKSUM:HEADER_SIZE] = crcs.view(np.uint8).reshape(count, 4)
+    return flat
+
+
 def bitmap(values: Iterable[int]) -> bytes:
     """The 32-byte bitmap of a set of byte values."""
     bits = bytearray(BITMAP_SIZE)

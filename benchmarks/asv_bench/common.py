@@ -71,6 +71,37 @@ def mixed_batch(size: int, reject_share: float, total: int = BUFFER_BYTES) -> np
     return rows.reshape(-1)
 
 
+def quartered_batch(size: int, total: int = BUFFER_BYTES) -> np.ndarray:
+    """market_data messages whose single record cycles through types 1..4: each filter on one type takes a quarter."""
+    sets = [[record_for(size, tlv_type)] for tlv_type in (1, 2, 3, 4)]
+    return protocol.build_cycled_batch(protocol.MARKET_DATA, total // size, sets, timestamp_ns=1)
+
+
+class RouteFixture(NamedTuple):
+    scan: ScanFixture
+    tables: kernels.GroupTables
+    out: kernels.RouteBuffers
+
+    def route(self) -> kernels.RouteBuffers:
+        f = self.scan
+        return kernels.route(f.buf, f.out, f.result.count, self.tables, self.out)
+
+
+@functools.lru_cache(maxsize=8)
+def route_fixture(groups: int, size: int = 71) -> RouteFixture:
+    """``groups`` subscriber groups over a stream of four TLV types; group ``g`` wants type ``1 + g % 4``.
+
+    With more than four groups the later ones also narrow by source, so every
+    group has its own filter, as subscribers with distinct subscriptions would.
+    """
+    scanned = _scan_fixture(quartered_batch(size), False)
+    filters = [(frozenset({1 + g % 4}), None if g < 4 else frozenset({0, g})) for g in range(groups)]
+    tables_ = kernels.group_tables(filters)
+    fixture = RouteFixture(scanned, tables_, kernels.RouteBuffers(len(scanned.buf), groups))
+    fixture.route()  # warm-up: numba loads or compiles here, and the buffers reach their size
+    return fixture
+
+
 def tables(crc: bool) -> kernels.KernelTables:
     """market_data's kernel tables; with ``crc`` the same domain verifying checksums."""
     return MarketDataLogic(verify_checksum=crc).kernel_tables()

@@ -74,6 +74,29 @@ class ScanRecords(_Scan):
         return common.scan_by_records(records, crc)
 
 
+class Route:
+    """``kernels.route`` after a scan of 71-byte messages: masks and runs for 1, 4, 16 or 64 subscriber groups.
+
+    Per message of the scanned batch; the stream cycles through four TLV types,
+    so each single-type group takes every fourth message (runs of one message).
+    """
+
+    param_names = ["groups"]
+    params = [[1, 4, 16, 64]]
+    repeat = (10, 200, 1.0)
+
+    def setup(self, groups):
+        self.f = common.route_fixture(groups)
+
+    def time_route(self, groups):
+        self.f.route()
+
+    def track_messages_per_second(self, groups):
+        return self.f.scan.result.count / common.best_time(self.f.route)
+
+    track_messages_per_second.unit = "messages/s"
+
+
 class Compact:
     """``kernels.compact`` of the runs a scan of 71-byte messages left, over reject share."""
 

@@ -132,3 +132,90 @@ def _receive(sock: socket.socket, nbytes: int, inbox: memoryview) -> None:
         if n == 0:
             raise ConnectionError(f"relay closed the connection after {got} of {nbytes} bytes")
         got += n
+
+
+class EndToEndW1Filtered(EndToEndW1):
+    """W1 with four subscribers: each subscribed to one of four TLV types (a quarter of the stream), or unfiltered.
+
+    Tracks delivered messages per second per subscriber in both cases on the
+    same relay, and the filtered stream's rate over the unfiltered one: the
+    stream cycles through types 1..4, so each filtered subscriber receives
+    every fourth message while the relay still judges and routes them all.
+    """
+
+    SUBSCRIBERS = 4
+
+    def setup(self):
+        super().setup()
+        self.batch = common.quartered_batch(SIZE, BATCH_BYTES)
+
+    def track_filtered_messages_per_second_per_subscriber(self):
+        return self._delivered(filtered=True)
+
+    track_filtered_messages_per_second_per_subscriber.unit = "messages/s"
+
+    def track_unfiltered_messages_per_second_per_subscriber(self):
+        return self._delivered(filtered=False)
+
+    track_unfiltered_messages_per_second_per_subscriber.unit = "messages/s"
+
+    def track_filtered_over_unfiltered_stream_rate(self):
+        """Published messages per second the relay carries with the four filters, over without them."""
+        filtered = self._delivered(filtered=True) * self.SUBSCRIBERS
+        return filtered / self._delivered(filtered=False)
+
+    track_filtered_over_unfiltered_stream_rate.unit = "ratio"
+
+    def _delivered(self, filtered: bool) -> float:
+        """Best of the bursts: messages each subscriber received per second."""
+        subs = [_connect(self.path) for _ in range(self.SUBSCRIBERS)]
+        try:
+            with _connect(self.path) as pub:
+                probe = protocol.build_message(protocol.MARKET_DATA, [(t, b"p") for t in (1, 2, 3, 4)], timestamp_ns=0)
+                for k, sub in enumerate(subs):
+                    if filtered:
+                        sub.sendall(protocol.subscribe_message(tlv_types=[1 + k]))
+                pub.sendall(probe)
+                for sub in subs:
+                    _receive(sub, len(probe), self.inbox)
+                count = len(self.batch) // SIZE
+                n = self.SUBSCRIBERS
+                shares = [(count - k + n - 1) // n if filtered else count for k in range(n)]
+                best = min(
+                    self._fan_out(pub, subs, [BATCHES_PER_BURST * s * SIZE for s in shares]) for _ in range(BURSTS)
+                )
+                return BATCHES_PER_BURST * sum(shares) / n / best
+        finally:
+            for sub in subs:
+                sub.close()
+
+    def _fan_out(self, pub: socket.socket, subs: list[socket.socket], nbytes: list[int]) -> float:
+        """Seconds from the first send until every subscriber has its ``nbytes``."""
+        errors: list[BaseException] = []
+
+        def run(fn, *args):
+            try:
+                fn(*args)
+            except BaseException as exc:
+                errors.append(exc)
+
+        def publish():
+            for _ in range(BATCHES_PER_BURST):
+                pub.sendall(self.batch)
+
+        readers = [
+            threading.Thread(target=run, args=(_receive, sub, want, memoryview(bytearray(4 * common.MiB))))
+            for sub, want in zip(subs, nbytes, strict=True)
+        ]
+        start = time.perf_counter()
+        for reader in readers:
+            reader.start()
+        sender = threading.Thread(target=run, args=(publish,))
+        sender.start()
+        for reader in readers:
+            reader.join()
+        elapsed = time.perf_counter() - start
+        sender.join()
+        if errors:
+            raise errors[0]
+        return elapsed

@@ -181,6 +181,8 @@ class Relay:
         self._group_filters: list[protocol.Filter] = []
         self._group_tables: kernels.GroupTables | None = None
         self._routed = kernels.RouteBuffers(logic.buffer_size, 1)
+        # Where runs too many for one sendmsg are packed; reused, as every send copies or finishes before the next.
+        self._packed = np.empty(logic.buffer_size, dtype=np.uint8)
         self.subscription_changes = 0
         self._next_id = 0
         self._blocked: set[Connection] = set()
@@ -283,15 +285,14 @@ class Relay:
         self.bytes_forwarded += result.forwarded_bytes
         self.batches += 1
 
-    @staticmethod
-    def _pieces(sender: Connection, runs: np.ndarray, n_runs: int) -> list:
-        """Views of the runs in the sender's buffer; one compacted copy when there are too many for one sendmsg."""
+    def _pieces(self, sender: Connection, runs: np.ndarray, n_runs: int) -> list:
+        """Views of the runs in the sender's buffer; packed back to back when there are too many for one sendmsg."""
         if n_runs == 1:
             return [sender.view[runs[0] : runs[1]]]
         if n_runs <= MAX_IOV:
             view = sender.view
             return [view[runs[2 * k] : runs[2 * k + 1]] for k in range(n_runs)]
-        return [kernels.compact(sender.buf, runs, n_runs).data]
+        return [kernels.compact(sender.buf, runs, n_runs, self._packed).data]
 
     @staticmethod
     def _send(sender: Connection, targets: tuple, pieces: list, size: int) -> None:

@@ -10,7 +10,13 @@ Relays measured (``--relays``), each started by the benchmark as a child process
 - ``zmq`` and ``zmq-default``: ``benchmarks/zmq_proxy.py``, a pyzmq XSUB/XPUB
   proxy, one frame per message; ``zmq`` with unlimited high-water marks on
   every socket (loses nothing), ``zmq-default`` with libzmq's defaults (loses
-  what does not fit, and the figure says how much).
+  what does not fit, and the figure says how much);
+- ``bridge``: two "hosts" on this machine, each a ``jitrelay run
+  market_data`` in its own folder with a ``jitrelay bridge`` to a three-node
+  NATS cluster on loopback; the publisher is on host A and the subscribers on
+  host B. Its W1 figure is also given over the local relay's (``jitrelay``) in
+  the same run, and its W2 latency minus the local relay's: what the bridges
+  and the cluster add.
 
 Workloads (ARCHITECTURE.md), each with one publisher process and N subscriber
 processes, spawned:
@@ -64,7 +70,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -87,10 +93,11 @@ MAGIC = 0xDEADBEEF
 MARKET_DATA = 1
 PROBE_SEQUENCE = (1 << 64) - 1
 
-RELAYS = ("jitrelay", "raw", "zmq", "zmq-default")
+RELAYS = ("jitrelay", "raw", "zmq", "zmq-default", "bridge")
 POLICIES = ("block", "disconnect")
 WORKLOADS = ("w1", "w2")
-DEFAULT_RELAYS = "jitrelay,raw,zmq,zmq-default"
+DEFAULT_RELAYS = "jitrelay,raw,zmq,zmq-default,bridge"
+PATH_CHECK_SECONDS = 0.2  # a bridged run's path check waits this long for each check message
 
 _HEAD = struct.Struct("<I")
 _SEQ = struct.Struct("<Q")
@@ -144,6 +151,10 @@ class RelaySpec:
 
 def relay_spec(name: str, folder: str) -> RelaySpec:
     base, _, policy = name.partition(":")
+    if base == "bridge":  # the relay of host A; host B, the bridges and the cluster come from ``bridged_hosts``
+        path_a, path_b = (os.path.join(folder, host, "relay.sock") for host in ("a", "b"))
+        command = [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path_a]
+        return RelaySpec(name, command, "relay listening on", Endpoint("unix", path_a), Endpoint("unix", path_b))
     if base in ("jitrelay", "raw"):
         path = os.path.join(folder, "relay.sock")
         end = Endpoint("unix", path)
@@ -281,6 +292,59 @@ class RelayProcess:
                 self.proc.wait()
         for thread in self._threads:
             thread.join(2)  # the drain thread has the lines written on exit once it ends
+
+
+@contextlib.contextmanager
+def bridged_hosts(spec: RelaySpec, notes: dict) -> Iterator[None]:
+    """For a ``bridge`` run: the cluster, host B's relay and both bridges, with the path from A to B checked.
+
+    Host A's relay is already running. Once both bridges are ready, check
+    messages go into host A one at a time until one reaches host B, and then
+    host B is read until it has been quiet for a moment: from then on NATS has
+    B's interest everywhere, and no check message is still on its way to the
+    subscribers that attach next. When it ends, ``notes["bridges"]`` holds
+    the figures each bridge logged as it stopped (traffic, gaps, reconnects):
+    where any lost message went missing.
+    """
+    from .nats_cluster import NatsCluster, NatsClusterError
+
+    path_b = spec.subscribe.address
+    relay_b = [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path_b]
+    with contextlib.ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(NatsCluster(3))
+        except NatsClusterError as exc:
+            raise BenchError(str(exc)) from exc
+        stack.enter_context(RelayProcess("host B relay", relay_b, "relay listening on"))
+        bridges: list[RelayProcess] = []
+        stack.callback(_note_bridges, notes, bridges)  # first in, so it runs once the bridges have stopped
+        for host, path in (("A", spec.publish.address), ("B", path_b)):
+            command = [sys.executable, "-m", "jitrelay", "bridge", "market_data", "--socket", path, "--nats"]
+            bridges.append(RelayProcess(f"host {host} bridge", [*command, cluster.servers], "bridge market_data ready"))
+            stack.enter_context(bridges[-1])
+        _check_path(spec.publish.address, path_b)
+        yield
+
+
+def _note_bridges(notes: dict, bridges: list[RelayProcess]) -> None:
+    notes["bridges"] = {b.name: next((x for x in reversed(b.lines) if "stopped:" in x), None) for b in bridges}
+
+
+def _check_path(path_a: str, path_b: str) -> None:
+    from . import protocol
+
+    with _connect(path_b) as checker, _connect(path_a) as sender:
+        checker.settimeout(PATH_CHECK_SECONDS)
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            sender.sendall(protocol.build_message(MARKET_DATA, [(1, b"path check")], timestamp_ns=0))
+            with contextlib.suppress(TimeoutError):
+                if checker.recv(1 << 16):
+                    with contextlib.suppress(TimeoutError):  # until the check messages still on their way are in
+                        while checker.recv(1 << 16):
+                            pass
+                    return
+        raise BenchError(f"nothing published on host A reached host B within {STARTUP_SECONDS:.0f} s")
 
 
 def parse_forwarding(lines: Iterable[str]) -> dict | None:
@@ -763,7 +827,9 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
     mode = "count" if workload == "w1" else "time"
     subs = [f"sub{i}" for i in range(subscribers)]
     try:
-        with RelayProcess(relay_name, spec.command, spec.marker) as relay:
+        notes: dict = {}
+        bridged = bridged_hosts(spec, notes) if relay_name == "bridge" else contextlib.nullcontext()
+        with RelayProcess(relay_name, spec.command, spec.marker) as relay, bridged:
             relay.sample_memory()
             if workload == "w1":
                 run.spawn("pub", publish_batches, spec.publish, opts.size, opts.duration, start)
@@ -791,6 +857,7 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
         figures["relay_memory"] = relay.memory()
         figures["relay_forwarding"] = parse_forwarding(relay.lines)
         figures["relay_log_tail"] = list(relay.lines)[-5:]
+        figures.update(notes)
         return figures
     finally:
         run.close()
@@ -854,12 +921,28 @@ def summarize(relay: str, workload: str, opts: Options, pub: dict, subs: list[di
 
 
 def add_ratios(runs: list[dict]) -> None:
-    """Each run's figures over the raw forwarder's and over the lossless zmq proxy's on the same workload."""
+    """Each run's figures over the raw forwarder's and over the lossless zmq proxy's on the same workload.
+
+    A bridged run is also set against the local relay's: its W1 rate over the
+    local one (``ratio_to_local``), and on W2 the latency the bridges add
+    (``latency_added_us``: bridged percentile minus local percentile).
+    """
     done = [r for r in runs if "error" not in r]
-    for base_name, key in (("raw", "ratio_to_raw"), ("zmq", "ratio_to_zmq")):
+    for base_name, key in (("raw", "ratio_to_raw"), ("zmq", "ratio_to_zmq"), ("jitrelay", "ratio_to_local")):
         bases = {(r["workload"], r["subscribers"]): r for r in done if r["relay"] == base_name}
         for r in done:
-            r[key] = _ratio(r, bases.get((r["workload"], r["subscribers"])))
+            if key == "ratio_to_local" and r["relay"] != "bridge":
+                continue
+            base = bases.get((r["workload"], r["subscribers"]))
+            r[key] = _ratio(r, base)
+            if key == "ratio_to_local" and r["workload"] == "w2":
+                r["latency_added_us"] = _added(r, base)
+
+
+def _added(run: dict, base: dict | None) -> dict | None:
+    if base is None or run["latency_us"]["p50"] is None or base["latency_us"]["p50"] is None:
+        return None
+    return {p: run["latency_us"][p] - base["latency_us"][p] for p in ("p50", "p99")}
 
 
 def _ratio(run: dict, base: dict | None) -> dict | None:
@@ -1013,6 +1096,20 @@ def format_report(report: dict) -> str:
             f"{_x(r.get('ratio_to_zmq'), r['workload']):>11}"
         )
     out.append("x raw, x zmq: W1 delivered msg/s over the baseline's; W2 p50/p99 latency over the baseline's")
+    bridged = [r for r in report["runs"] if r["relay"] == "bridge" and "error" not in r]
+    if bridged:
+        out.append("")
+        out.append("bridge: publisher on host A, subscribers on host B, through two bridges and a 3-node NATS cluster")
+    for r in bridged:
+        label = f"bridge {r['workload']} {r['subscribers']} sub"
+        if r["workload"] == "w1":
+            ratio = (r.get("ratio_to_local") or {}).get("delivered_msg_per_s")
+            share = "-" if ratio is None else f"{ratio:.3f}"
+            out.append(f"{label}: {_m(r['delivered_msg_per_s_mean'])} msg/s delivered, {share} of the local relay's")
+        else:
+            added = r.get("latency_added_us")
+            shown = "-" if added is None else f"p50 {added['p50']:+.1f} us, p99 {added['p99']:+.1f} us"
+            out.append(f"{label}: latency added by the bridge {shown}")
     own = report["jitrelay"]
     if own:
         out.append("")
@@ -1090,6 +1187,14 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
         base, _, policy = name.partition(":")
         if base not in RELAYS or (policy and (base != "jitrelay" or policy not in POLICIES)):
             raise UsageError(f"unknown relay {name!r}; choose from {', '.join(RELAYS)}, jitrelay:block")
+    if "bridge" in relays:
+        from .nats_cluster import nats_server_path
+
+        if nats_server_path() is None:
+            if args.relays != DEFAULT_RELAYS:
+                raise UsageError("the bridge runs need nats-server (Debian: apt-get install nats-server)")
+            relays.remove("bridge")
+            print("jitrelay bench: no nats-server, so no bridge runs (apt-get install nats-server)", file=sys.stderr)
     if not relays:
         raise UsageError("no relay to run")
     workloads = _names(args.workloads)

@@ -6,6 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The bridge tests start a real NATS cluster: Debian's nats-server, installed here when missing.
+if ! command -v nats-server >/dev/null && ! [ -x /usr/sbin/nats-server ]; then
+    sudo=$([ "$(id -u)" -eq 0 ] || echo sudo)
+    echo "installing nats-server (Debian) for the bridge tests" >&2
+    { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server; } >/dev/null
+fi
+
 ruff check jitrelay tests benchmarks
 ruff format --check jitrelay tests benchmarks
 

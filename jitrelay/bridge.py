@@ -1,0 +1,676 @@
+"""``jitrelay bridge``: one domain's relays on several hosts, joined through a NATS cluster.
+
+The bridge is an ordinary client of the local relay and a client of NATS, and
+nothing more. Every batch the relay forwards to it goes out on the subject
+(``jitrelay.<domain>`` by default) as NATS messages that hold whole protocol
+messages only, each no larger than the server's ``max_payload``; every NATS
+message on the subject is written into the relay, which validates it again,
+so an invalid message never crosses. There are no loops: the NATS connection
+is made with ``no_echo``, and the relay never echoes a message to its sender.
+Run one bridge per relay and host.
+
+Core NATS delivers at most once, so the bridge accounts for what it cannot
+deliver instead of hiding it, in messages and bytes:
+
+- gap to NATS: messages the relay gave the bridge that it could not hand to
+  the NATS client: while disconnected, once the reconnect buffer is full
+  (publishes that fail), and any message larger than a NATS message can hold.
+  Logged as a WARNING with its size when the gap closes (or every few seconds
+  while it lasts).
+- gap from NATS: every NATS message the bridge sends carries headers with the
+  bridge's id, the index of its first protocol message and its byte offset in
+  that bridge's outgoing stream. A receiving bridge that sees the index jump
+  counts the messages and bytes it never got, whatever lost them: a node that
+  died with them in flight, its own subscription being away while it
+  reconnected, or the sender's own gap. Logged as a WARNING at once.
+
+Both figures, with the traffic counts and reconnects, are served to Prometheus
+with ``--metrics-port`` and logged on SIGUSR1 and at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from . import kernels, protocol
+from .client import MessageFramer
+from .logic import MiB, logic_for
+
+log = logging.getLogger("jitrelay.bridge")
+
+SUBJECT_PREFIX = "jitrelay"
+HEADER_BRIDGE = "Jitrelay-Bridge"  # the sending bridge's id
+HEADER_SEQUENCE = "Jitrelay-Sequence"  # index of the payload's first message in the sender's stream
+HEADER_OFFSET = "Jitrelay-Offset"  # byte offset of the payload in the sender's stream
+HEADER_ROOM = 256  # bytes of max_payload kept for the header block
+READ_BUFFER = 4 * MiB
+OUTBOX_HIGH = 16 * MiB  # read from the relay no further while this much waits for NATS
+OUTBOX_LOW = 4 * MiB
+RELAY_WRITE_HIGH = 8 * MiB  # bytes queued towards the relay before the NATS callback waits
+RELAY_WRITE_LOW = 2 * MiB
+SUBSCRIPTION_PENDING_BYTES = 256 * MiB  # what nats-py may hold for the callback before it drops (a gap)
+GAP_LOG_INTERVAL = 5.0  # an open gap to NATS is logged at least this often
+ERROR_LOG_INTERVAL = 5.0  # the same NATS client error is logged at most this often
+STOP_FLUSH_SECONDS = 1.0
+SNAPSHOT_TIMEOUT = 5.0
+MAX_STREAMS = 4096  # remote bridges whose position is remembered
+_SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
+T = TypeVar("T")
+
+
+class BridgeError(RuntimeError):
+    """The bridge cannot start or cannot go on: no relay, the relay went away, or NATS closed for good."""
+
+
+@dataclass
+class BridgeOptions:
+    """What ``jitrelay bridge`` is told."""
+
+    domain: str
+    servers: tuple[str, ...]
+    socket_path: Path | None = None  # default: the domain's socket
+    subject: str | None = None  # default: jitrelay.<domain>
+    metrics_port: int | None = None
+    reconnect_buffer: int = 8 * MiB  # bytes buffered for NATS while reconnecting
+    reconnect_wait: float = 0.1  # seconds between attempts on the same server
+    max_payload: int | None = None  # largest message payload taken from NATS; default: the domain's
+
+    def __post_init__(self) -> None:
+        logic = logic_for(self.domain)  # ValueError for an unknown domain
+        if not self.servers:
+            raise ValueError("no NATS server given")
+        if self.socket_path is None:
+            self.socket_path = Path(logic.socket_path)
+        if self.subject is None:
+            self.subject = f"{SUBJECT_PREFIX}.{self.domain}"
+        if not _SUBJECT.fullmatch(self.subject):
+            raise ValueError(f"not a NATS subject one can publish to: {self.subject!r}")
+        if self.max_payload is None:
+            self.max_payload = logic.max_payload
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be 0..65535, not {self.metrics_port}")
+        if not self.reconnect_wait >= 0:
+            raise ValueError("reconnect wait must not be negative")
+
+
+@dataclass
+class Traffic:
+    """Protocol messages and bytes one way, and the NATS messages that carried them."""
+
+    messages: int = 0
+    bytes: int = 0
+    payloads: int = 0
+
+
+@dataclass
+class Gaps:
+    """Protocol messages and bytes one way that did not make it, and how many separate gaps."""
+
+    messages: int = 0
+    bytes: int = 0
+    events: int = 0
+
+
+@dataclass
+class BridgeFigures:
+    """Everything the bridge counts, updated on its event loop."""
+
+    to_nats: Traffic = field(default_factory=Traffic)
+    from_nats: Traffic = field(default_factory=Traffic)
+    gap_to_nats: Gaps = field(default_factory=Gaps)
+    gap_from_nats: Gaps = field(default_factory=Gaps)
+    refused_payloads: int = 0  # NATS messages that were not whole protocol messages of this domain
+    reconnects: int = 0
+    disconnected_seconds: float = 0.0
+    connected: bool = False
+
+    def summary(self) -> str:
+        t, f, gt, gf = self.to_nats, self.from_nats, self.gap_to_nats, self.gap_from_nats
+        return (
+            f"to NATS {t.messages} messages ({t.bytes} bytes in {t.payloads} NATS messages), "
+            f"from NATS {f.messages} messages ({f.bytes} bytes in {f.payloads} NATS messages), "
+            f"refused {self.refused_payloads} NATS messages; "
+            f"gaps: to NATS {gt.messages} messages ({gt.bytes} bytes) in {gt.events}, "
+            f"from NATS {gf.messages} messages ({gf.bytes} bytes) in {gf.events}; "
+            f"reconnects {self.reconnects} ({self.disconnected_seconds:.2f} s disconnected)"
+        )
+
+
+class _OpenGap:
+    """Messages not sent to NATS since the last one that was: logged with its size when it closes."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.messages = 0
+        self.bytes = 0
+        self.started = self.logged = time.monotonic()
+
+    def log(self, state: str) -> None:
+        log.warning(
+            "gap to NATS%s: %d messages (%d bytes) not sent in %.2f s: %s",
+            state,
+            self.messages,
+            self.bytes,
+            time.monotonic() - self.started,
+            self.reason,
+        )
+        self.logged = time.monotonic()
+
+
+class _RelayLink(asyncio.BufferedProtocol):
+    """The bridge's one connection to the local relay: batches of whole messages in, NATS payloads out."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.framer = MessageFramer(READ_BUFFER)
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(high=RELAY_WRITE_HIGH, low=RELAY_WRITE_LOW)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self.framer.space())
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.framer.commit(nbytes)
+        try:
+            batch = self.framer.maybe_extract_batch()
+        except protocol.ProtocolError as exc:  # the relay forwards whole valid messages only; never expected
+            log.error("the relay sent bytes that are not messages (%s); closing", exc)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        if batch is not None:
+            self.bridge.queue_for_nats(batch)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.writable.set()
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+
+class Bridge:
+    """Joins the local relay of one domain to a NATS subject, both ways; ``run`` until told to stop."""
+
+    def __init__(self, options: BridgeOptions) -> None:
+        self.options = options
+        self.domain = options.domain
+        self.subject = options.subject
+        self.id = uuid.uuid4().hex[:16]
+        self.figures = BridgeFigures()
+        self.nc = None  # the nats.aio.client.Client, once connected
+        self.nats_url = ""
+        self._link: _RelayLink | None = None
+        self._outbox: collections.deque[np.ndarray] = collections.deque()
+        self._outbox_bytes = 0
+        self._outbox_ready = asyncio.Event()
+        self._reading = True
+        self._sequence = 0  # protocol messages this bridge has taken from the relay
+        self._offset = 0  # and their bytes
+        self._gap: _OpenGap | None = None
+        self._streams: dict[str, tuple[int, int]] = {}  # remote bridge id -> next (sequence, offset) expected
+        self._disconnected_at: float | None = None
+        self._last_error: tuple[str, float] = ("", 0.0)
+        self._stopping = False
+        logic = logic_for(self.domain, max_payload=options.max_payload)
+        tables = logic.kernel_tables()
+        self._tables = kernels.KernelTables(tables.domain, tables.max_payload, False, tables.type_allowed)
+        self._scan_out = kernels.ScanBuffers(64 * 1024)
+        self._scan_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+
+    # relay -> NATS
+
+    def queue_for_nats(self, batch: np.ndarray) -> None:
+        """A batch of whole messages from the relay: queue it for NATS, and stop reading if too much waits."""
+        self._outbox.append(batch)
+        self._outbox_bytes += len(batch)
+        self._outbox_ready.set()
+        if self._outbox_bytes > OUTBOX_HIGH and self._reading and self._link is not None:
+            self._reading = False
+            self._link.transport.pause_reading()
+
+    async def _pump_to_nats(self) -> None:
+        while True:
+            while not self._outbox:
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+            batch = self._outbox.popleft()
+            self._outbox_bytes -= len(batch)
+            if not self._reading and self._outbox_bytes < OUTBOX_LOW and self._link is not None:
+                self._reading = True
+                self._link.transport.resume_reading()
+            await self.publish_batch(batch)
+
+    async def publish_batch(self, batch: np.ndarray) -> None:
+        """Publish whole messages as NATS messages of at most max_payload, each cut at a message boundary."""
+        from nats.errors import Error as NatsError
+
+        view = memoryview(batch)
+        end = len(batch)
+        if self.nc is None:
+            self._drop(kernels.frame(batch)[0], end, "not connected to NATS yet")
+            return
+        pos = 0
+        while pos < end:
+            limit = self.nc.max_payload - HEADER_ROOM
+            count, stop, _ = kernels.frame(batch, pos, min(end, pos + limit))
+            if count == 0:  # one message larger than a NATS message can carry
+                at = pos + protocol.OFF_PAYLOAD_SIZE
+                size = protocol.HEADER_SIZE + int(batch[at : at + 4].view("<u4")[0])
+                self._drop(1, size, f"a message of {size} bytes is larger than NATS max_payload {self.nc.max_payload}")
+                self._close_gap()  # not a state: report it at once
+                pos += size
+                continue
+            headers = {HEADER_BRIDGE: self.id, HEADER_SEQUENCE: str(self._sequence), HEADER_OFFSET: str(self._offset)}
+            try:
+                await self.nc.publish(self.subject, view[pos:stop], headers=headers)
+            except NatsError as exc:
+                self._drop(count, stop - pos, _gap_reason(exc, self.options.reconnect_buffer))
+            else:
+                if self._gap is not None:
+                    self._close_gap()
+                traffic = self.figures.to_nats
+                traffic.messages += count
+                traffic.bytes += stop - pos
+                traffic.payloads += 1
+                self._sequence += count
+                self._offset += stop - pos
+            pos = stop
+
+    def _drop(self, count: int, size: int, reason: str) -> None:
+        if self._gap is not None and self._gap.reason != reason:
+            self._close_gap()
+        gap = self._gap
+        if gap is None:
+            gap = self._gap = _OpenGap(reason)
+            self.figures.gap_to_nats.events += 1
+        gap.messages += count
+        gap.bytes += size
+        self.figures.gap_to_nats.messages += count
+        self.figures.gap_to_nats.bytes += size
+        self._sequence += count
+        self._offset += size
+        if time.monotonic() - gap.logged > GAP_LOG_INTERVAL:
+            gap.log(" so far")
+
+    def _close_gap(self) -> None:
+        if self._gap is not None:
+            self._gap.log("")
+            self._gap = None
+
+    # NATS -> relay
+
+    async def _on_nats(self, msg: object) -> None:
+        data: bytes = msg.data  # type: ignore[attr-defined]
+        count, refusal = self._whole_messages(data)
+        if refusal is not None:
+            self.figures.refused_payloads += 1
+            log.warning("refusing a NATS message of %d bytes on %s: %s", len(data), self.subject, refusal)
+            return
+        self._follow_stream(msg.headers, count, len(data))  # type: ignore[attr-defined]
+        if not count:
+            return
+        link = self._link
+        if link is None or link.transport is None or link.transport.is_closing():
+            return
+        link.transport.write(data)
+        traffic = self.figures.from_nats
+        traffic.messages += count
+        traffic.bytes += len(data)
+        traffic.payloads += 1
+        if not link.writable.is_set():
+            await link.writable.wait()  # the relay is behind: let nats-py hold the rest
+
+    def _whole_messages(self, data: bytes) -> tuple[int, str | None]:
+        """How many messages ``data`` holds, or why it must not reach the relay.
+
+        The relay judges every message again; this only keeps out what would
+        make it close the bridge's connection (bad magic, oversize, a torn
+        message) or change what the bridge receives (a control message).
+        """
+        buf = np.frombuffer(data, dtype=np.uint8)
+        if len(buf) > self._scan_out.capacity:
+            self._scan_out = kernels.ScanBuffers(len(buf))
+        result = kernels.scan_into(buf, 0, len(buf), self._tables, self._scan_out, self._scan_counts)
+        if result.fault != protocol.NO_FAULT:
+            return 0, f"{protocol.FAULT_NAMES[result.fault]} at byte {result.consumed}"
+        if result.consumed != len(buf):
+            return 0, f"ends {len(buf) - result.consumed} bytes into an unfinished message"
+        if (
+            result.count
+            and (buf[self._scan_out.offsets[: result.count] + protocol.OFF_DOMAIN] == protocol.SYSTEM).any()
+        ):
+            return 0, "it holds a control message"
+        return result.count, None
+
+    def _follow_stream(self, headers: dict[str, str] | None, count: int, size: int) -> None:
+        """Check a NATS message's place in its sender's stream; count and log what went missing before it."""
+        if not headers or HEADER_BRIDGE not in headers:
+            return  # not from a bridge: nothing to check against
+        sender = headers[HEADER_BRIDGE]
+        try:
+            sequence = int(headers[HEADER_SEQUENCE])
+            offset = int(headers[HEADER_OFFSET])
+        except (KeyError, ValueError):
+            return
+        expected = self._streams.pop(sender, None)
+        if expected is not None:
+            missing, missing_bytes = sequence - expected[0], offset - expected[1]
+            if missing > 0:
+                gap = self.figures.gap_from_nats
+                gap.messages += missing
+                gap.bytes += missing_bytes
+                gap.events += 1
+                log.warning(
+                    "gap from NATS: %d messages (%d bytes) of bridge %s never arrived (messages %d to %d)",
+                    missing,
+                    missing_bytes,
+                    sender,
+                    expected[0],
+                    sequence - 1,
+                )
+            elif missing < 0:
+                log.warning("bridge %s: messages from %d arrived after %d; out of order", sender, sequence, expected[0])
+        elif len(self._streams) >= MAX_STREAMS:
+            del self._streams[next(iter(self._streams))]
+        self._streams[sender] = (sequence + count, offset + size)
+
+    # NATS connection events
+
+    async def _on_disconnected(self) -> None:
+        self.figures.connected = False
+        if self._stopping:
+            return
+        self._disconnected_at = time.monotonic()
+        log.warning(
+            "disconnected from NATS at %s; reconnecting, buffering up to %d bytes meanwhile",
+            self.nats_url,
+            self.options.reconnect_buffer,
+        )
+
+    async def _on_reconnected(self) -> None:
+        self.figures.connected = True
+        self.figures.reconnects += 1
+        outage = time.monotonic() - self._disconnected_at if self._disconnected_at is not None else 0.0
+        self.figures.disconnected_seconds += outage
+        self._disconnected_at = None
+        self.nats_url = _url(self.nc)
+        log.warning("reconnected to NATS at %s after %.3f s", self.nats_url, outage)
+
+    async def _on_error(self, exc: Exception) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if text != self._last_error[0] or now - self._last_error[1] > ERROR_LOG_INTERVAL:
+            self._last_error = (text, now)
+            log.warning("NATS: %s", text)
+
+    # running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect to the relay and to NATS, bridge until ``stop`` is set; BridgeError if either goes away."""
+        loop = asyncio.get_running_loop()
+        self._warm_up()
+        path = self.options.socket_path
+        try:
+            _, self._link = await loop.create_unix_connection(lambda: _RelayLink(self), str(path))
+        except OSError as exc:
+            raise BridgeError(
+                f"no {self.domain} relay at {path} ({exc.strerror or exc}); start one with `jitrelay run {self.domain}`"
+            ) from exc
+        pump = loop.create_task(self._pump_to_nats())  # until NATS is reached, what the relay sends is a gap
+        closed: asyncio.Future[None] = loop.create_future()
+        metrics = None
+        try:
+            self.nc = await _unless_stopped(stop, self._connect_nats(closed))
+            if self.nc is None:
+                return
+            self.nats_url = _url(self.nc)
+            self.figures.connected = True
+            log.info("connected to NATS at %s (max_payload %d)", self.nats_url, self.nc.max_payload)
+            await self.nc.subscribe(self.subject, cb=self._on_nats, pending_bytes_limit=SUBSCRIPTION_PENDING_BYTES)
+            await self.nc.flush()
+            if self.options.metrics_port is not None:
+                metrics = serve_metrics(self, loop, self.options.metrics_port)
+            log.info(
+                "jitrelay bridge %s ready: relay %s <-> NATS subject %s (bridge id %s)",
+                self.domain,
+                path,
+                self.subject,
+                self.id,
+            )
+            stopping = loop.create_task(stop.wait())
+            await asyncio.wait([stopping, self._link.lost, closed, pump], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if pump.done():
+                pump.result()  # raises what stopped it
+            if not stop.is_set():
+                if self._link.lost.done():
+                    raise BridgeError(f"the {self.domain} relay at {path} closed the connection")
+                raise BridgeError("the NATS connection closed and will not reconnect")
+            await self._flush_outbox(pump)
+        finally:
+            self._stopping = True
+            pump.cancel()
+            self._close_gap()
+            if self.nc is not None and not self.nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.nc.close(), STOP_FLUSH_SECONDS)
+            if self._link.transport is not None:
+                self._link.transport.close()
+            if metrics is not None:
+                await loop.run_in_executor(None, metrics.shutdown)
+                metrics.server_close()
+
+    async def _connect_nats(self, closed: asyncio.Future[None]) -> object:
+        """A nats-py client with no echo that reconnects forever, to the next server of the cluster at once.
+
+        ``closed`` is set if the client ever gives up for good.
+        """
+        import nats
+
+        async def on_closed() -> None:
+            if not closed.done():
+                closed.set_result(None)
+
+        return await nats.connect(
+            list(self.options.servers),
+            name=f"jitrelay-bridge {self.domain} {socket.gethostname()} {os.getpid()}",
+            no_echo=True,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=self.options.reconnect_wait,  # type: ignore[arg-type]
+            connect_timeout=2,
+            pending_size=self.options.reconnect_buffer,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            closed_cb=on_closed,
+        )
+
+    async def _flush_outbox(self, pump: asyncio.Task) -> None:
+        """On a stop, give what the relay already handed over up to a second to reach NATS."""
+        if self._link is not None and self._link.transport is not None:
+            self._link.transport.pause_reading()
+        deadline = time.monotonic() + STOP_FLUSH_SECONDS
+        while self._outbox and not pump.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(Exception):
+            await self.nc.flush(timeout=max(0.1, deadline - time.monotonic()))
+
+    def _warm_up(self) -> None:
+        """Compile (or load) the kernels the bridge calls, for writable and read-only buffers, before traffic."""
+        sample = protocol.build_message(logic_for(self.domain).domain_id, [], timestamp_ns=0) * 2
+        kernels.frame(np.frombuffer(sample, dtype=np.uint8).copy(), 0, len(sample))
+        self._whole_messages(sample)
+
+    def log_figures(self, state: str) -> None:
+        log.info("jitrelay bridge %s %s: %s", self.domain, state, self.figures.summary())
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """The result of ``work``, or None if ``stop`` is set first (``work`` is then cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not task.done():
+        task.cancel()
+        return None
+    return task.result()
+
+
+def _gap_reason(exc: Exception, buffer: int) -> str:
+    from nats.errors import OutboundBufferLimitError
+
+    if isinstance(exc, OutboundBufferLimitError):
+        return f"disconnected from NATS and the {buffer}-byte reconnect buffer is full"
+    return f"publish failed: {type(exc).__name__}: {exc}"
+
+
+def _url(nc: object) -> str:
+    url = getattr(nc, "connected_url", None)
+    return f"nats://{url.hostname}:{url.port}" if url is not None else "?"
+
+
+# Metrics
+
+
+class _BridgeCollector:
+    """The bridge's figures as Prometheus metric families, read on the event-loop thread at scrape time."""
+
+    def __init__(self, bridge: Bridge, loop: asyncio.AbstractEventLoop) -> None:
+        self.bridge = bridge
+        self.loop = loop
+
+    async def _snapshot(self) -> BridgeFigures:
+        f = self.bridge.figures
+        return BridgeFigures(
+            Traffic(**vars(f.to_nats)),
+            Traffic(**vars(f.from_nats)),
+            Gaps(**vars(f.gap_to_nats)),
+            Gaps(**vars(f.gap_from_nats)),
+            f.refused_payloads,
+            f.reconnects,
+            f.disconnected_seconds,
+            f.connected,
+        )
+
+    def collect(self) -> Iterator[object]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        f = asyncio.run_coroutine_threadsafe(self._snapshot(), self.loop).result(SNAPSHOT_TIMEOUT)
+        domain = self.bridge.domain
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=["domain"])
+            family.add_metric([domain], value)
+            return family
+
+        def by_direction(name: str, doc: str, to_nats: float, from_nats: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=["domain", "direction"])
+            family.add_metric([domain, "to_nats"], to_nats)
+            family.add_metric([domain, "from_nats"], from_nats)
+            return family
+
+        to, back = f.to_nats, f.from_nats
+        yield by_direction("jitrelay_bridge_messages_total", "Protocol messages carried.", to.messages, back.messages)
+        yield by_direction("jitrelay_bridge_bytes_total", "Bytes of protocol messages carried.", to.bytes, back.bytes)
+        yield by_direction(
+            "jitrelay_bridge_nats_messages_total", "NATS messages that carried them.", to.payloads, back.payloads
+        )
+        lost, missed = f.gap_to_nats, f.gap_from_nats
+        yield by_direction(
+            "jitrelay_bridge_gap_messages_total",
+            "Protocol messages lost: not handed to NATS (to_nats), or missing from a remote bridge's stream.",
+            lost.messages,
+            missed.messages,
+        )
+        yield by_direction(
+            "jitrelay_bridge_gap_bytes_total", "Bytes of the messages counted as lost.", lost.bytes, missed.bytes
+        )
+        yield by_direction("jitrelay_bridge_gaps_total", "Separate gaps.", lost.events, missed.events)
+        yield counter(
+            "jitrelay_bridge_refused_total",
+            "NATS messages not written to the relay: not whole messages, oversize, or holding control messages.",
+            f.refused_payloads,
+        )
+        yield counter("jitrelay_bridge_reconnects_total", "Reconnections to NATS.", f.reconnects)
+        yield counter(
+            "jitrelay_bridge_disconnected_seconds_total", "Time spent reconnecting to NATS.", f.disconnected_seconds
+        )
+        connected = GaugeMetricFamily("jitrelay_bridge_connected", "1 while connected to NATS.", labels=["domain"])
+        connected.add_metric([domain], 1.0 if f.connected else 0.0)
+        yield connected
+
+
+def serve_metrics(bridge: Bridge, loop: asyncio.AbstractEventLoop, port: int) -> object:
+    """Serve the bridge's figures on http://127.0.0.1:PORT/metrics (port 0 picks one); the server."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_BridgeCollector(bridge, loop))  # type: ignore[arg-type]
+    ProcessCollector(registry=registry)
+    try:
+        server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    except OSError as exc:
+        raise BridgeError(f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}") from exc
+    log.info("metrics on http://127.0.0.1:%d/metrics", server.server_port)
+    return server
+
+
+async def serve_bridge(options: BridgeOptions) -> Bridge:
+    """Run a bridge until SIGINT/SIGTERM; return it for its figures."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    bridge = Bridge(options)
+    loop.add_signal_handler(signal.SIGUSR1, bridge.log_figures, "running")
+    try:
+        await bridge.run(stop)
+    finally:
+        bridge.log_figures("stopped")
+    return bridge
+
+
+def run_bridge(options: BridgeOptions) -> int:
+    """``jitrelay bridge`` on uvloop: 0 after SIGINT/SIGTERM, 1 when the relay or NATS cannot be used."""
+    import uvloop
+
+    try:
+        uvloop.run(serve_bridge(options))
+    except BridgeError as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot reach NATS at %s: %s", ",".join(options.servers), exc)
+        return 1
+    return 0

@@ -1,0 +1,246 @@
+"""A NATS cluster on loopback, for the bridge's tests and ``jitrelay bench``: nats-server processes routed together.
+
+Each node is a ``nats-server`` child listening on 127.0.0.1 with free ports
+picked at start (clients, cluster routes, HTTP monitoring), logging to a file
+in a temporary folder. ``start`` returns once every node's monitoring
+endpoint reports a route to every other node, so a message published on any
+node reaches subscribers on all of them. Ports are found by binding port 0
+and releasing it, so another process may take one in between: a node that
+does not come up makes ``start`` try again with fresh ports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .children import die_with_parent
+
+START_ATTEMPTS = 3
+STOP_SECONDS = 5.0
+
+
+class NatsClusterError(RuntimeError):
+    """The cluster could not be started."""
+
+
+def nats_server_path() -> str | None:
+    """Where ``nats-server`` is: on PATH, or in the sbin folders Debian's package installs to."""
+    return shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback TCP ports that were free a moment ago."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@dataclass
+class NatsNode:
+    """One nats-server of the cluster."""
+
+    name: str
+    client_port: int
+    cluster_port: int
+    monitor_port: int
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    killed: bool = False  # stopped on purpose by ``NatsCluster.kill``
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client_port}"
+
+    @property
+    def route_url(self) -> str:
+        return f"nats://127.0.0.1:{self.cluster_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def monitor(self, endpoint: str, timeout: float = 1.0) -> dict:
+        """A monitoring endpoint's JSON (``varz``, ``routez``, ``connz``, ...)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}/{endpoint}", timeout=timeout) as reply:
+            return json.load(reply)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class NatsCluster:
+    """``size`` nats-server processes on 127.0.0.1, each with routes to all the others.
+
+    Use as a context manager, or ``start()`` and ``stop()``. ``kill(i)``
+    SIGKILLs one node, as a crash would.
+    """
+
+    def __init__(
+        self, size: int = 3, executable: str | None = None, name: str = "jitrelay", max_payload: int | None = None
+    ):
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.size = size
+        self.name = name
+        self.max_payload = max_payload  # the servers' limit on one NATS message; None keeps theirs (1 MiB)
+        self.executable = executable or nats_server_path()
+        self.folder: Path | None = None
+        self.nodes: list[NatsNode] = []
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def servers(self) -> str:
+        """Every node's client URL, comma-separated, as ``jitrelay bridge --nats`` takes them."""
+        return ",".join(self.urls)
+
+    def node_at(self, url: str) -> int:
+        """The index of the node whose client URL is ``url`` (``nats://127.0.0.1:PORT``)."""
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        for index, node in enumerate(self.nodes):
+            if node.client_port == port:
+                return index
+        raise KeyError(f"no node of this cluster listens on {url}")
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        if self.executable is None:
+            raise NatsClusterError("nats-server is not installed (Debian: apt-get install nats-server)")
+        self.folder = Path(tempfile.mkdtemp(prefix="jitrelay-nats-"))
+        error = ""
+        for _ in range(START_ATTEMPTS):
+            ports = free_ports(3 * self.size)
+            self.nodes = [
+                NatsNode(f"{self.name}-{i}", *ports[3 * i : 3 * i + 3], self.folder / f"node{i}.log")
+                for i in range(self.size)
+            ]
+            for node in self.nodes:
+                self._launch(node)
+            try:
+                self.wait_routed(timeout)
+                return self
+            except NatsClusterError as exc:
+                error = str(exc)
+                self._stop_nodes()
+        self.stop()
+        raise NatsClusterError(error)
+
+    def _launch(self, node: NatsNode) -> None:
+        assert self.executable is not None
+        routes = ",".join(other.route_url for other in self.nodes if other is not node)
+        command = [
+            self.executable,
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(node.client_port),
+            "-m",
+            str(node.monitor_port),
+            "-n",
+            node.name,
+            "--cluster_name",
+            self.name,
+            "--cluster",
+            node.route_url,
+            "-l",
+            str(node.log_path),
+        ]
+        if routes:
+            command += ["--routes", routes]
+        if self.max_payload is not None:
+            config = node.log_path.with_suffix(".conf")
+            config.write_text(f"max_payload: {self.max_payload}\n")
+            command += ["-c", str(config)]
+        node.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
+
+    def wait_routed(self, timeout: float = 30.0) -> None:
+        """Wait until every running node has a route to every other running node; a node that died fails it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            running = [node for node in self.nodes if node.running]
+            dead = [node for node in self.nodes if node.proc is not None and not node.running and not node.killed]
+            pending = []
+            for node in running:
+                try:
+                    routes = node.monitor("routez").get("num_routes", 0)
+                except (OSError, urllib.error.URLError, ValueError):
+                    routes = -1
+                if routes < len(running) - 1:
+                    pending.append(f"{node.name}: {routes} routes")
+            if dead:
+                raise NatsClusterError(f"{dead[0].name} exited: {dead[0].log_tail()}")
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise NatsClusterError(f"cluster not routed within {timeout:.0f} s: {', '.join(pending)}")
+            time.sleep(0.05)
+
+    def kill(self, index: int) -> None:
+        """SIGKILL node ``index``: its clients see their connection drop, as in a crash."""
+        node = self.nodes[index]
+        node.killed = True
+        if node.proc is not None and node.running:
+            node.proc.send_signal(signal.SIGKILL)
+            node.proc.wait(STOP_SECONDS)
+
+    def restart(self, index: int, timeout: float = 30.0) -> None:
+        """Start node ``index`` again on the same ports, after ``kill``, and wait until it has its routes."""
+        node = self.nodes[index]
+        if node.running:
+            raise NatsClusterError(f"{node.name} is running")
+        node.killed = False
+        self._launch(node)
+        self.wait_routed(timeout)
+
+    def _stop_nodes(self) -> None:
+        for node in self.nodes:
+            if node.running:
+                node.proc.terminate()
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            try:
+                node.proc.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait()
+
+    def stop(self) -> None:
+        """Stop every node and remove the folder."""
+        self._stop_nodes()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+    def __enter__(self) -> NatsCluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -27,6 +27,12 @@ processes, spawned:
   ``--duration`` seconds. A stream subscriber counts bytes / size and checks
   the one header that starts in each read; a zmq publisher sends the same
   messages one frame each and a zmq subscriber counts frames.
+- W1f, W1 filtered (jitrelay relays only): four subscribers, each
+  subscribed at the relay to one of four TLV types; the publisher's messages
+  cycle through types 1..4, so each subscriber receives every fourth message.
+  Set against the unfiltered W1 with four subscribers of the same run: per
+  subscriber (``ratio_to_unfiltered``) and as the stream rate the relay
+  carries (``stream_ratio_to_unfiltered``).
 - W2 latency: ``--rate`` messages per second, one per send, each stamped with
   ``time.time_ns()``; every subscriber records receive time minus that stamp
   for every message.
@@ -95,7 +101,8 @@ PROBE_SEQUENCE = (1 << 64) - 1
 
 RELAYS = ("jitrelay", "raw", "zmq", "zmq-default", "bridge")
 POLICIES = ("block", "disconnect")
-WORKLOADS = ("w1", "w2")
+WORKLOADS = ("w1", "w2", "w1f")
+FILTERED_SUBSCRIBERS = 4  # W1f: one subscriber per TLV type 1..4
 DEFAULT_RELAYS = "jitrelay,raw,zmq,zmq-default,bridge"
 PATH_CHECK_SECONDS = 0.2  # a bridged run's path check waits this long for each check message
 
@@ -379,12 +386,18 @@ def records_for(size: int) -> list[tuple[int, bytes]]:
         raise UsageError(str(exc)) from exc
 
 
-def probe_message(size: int) -> bytes:
-    """The attach probe: sequence 2**64-1, and never ``size`` bytes long, so a zmq subscriber tells it by length."""
+def probe_message(size: int, types: int = 1) -> bytes:
+    """The attach probe: sequence 2**64-1, and never ``size`` bytes long, so a zmq subscriber tells it by length.
+
+    With ``types`` > 1 it carries a record of each type 1..``types``, so every W1f filter selects it.
+    """
     from . import protocol
 
-    value = b"probe" if size != 39 else b"probe!"
-    return protocol.build_message(MARKET_DATA, [(1, value)], sequence=PROBE_SEQUENCE, timestamp_ns=0)
+    records = [(t, b"probe" if size != 39 else b"probe!") for t in range(1, types + 1)]
+    probe = protocol.build_message(MARKET_DATA, records, sequence=PROBE_SEQUENCE, timestamp_ns=0)
+    if len(probe) == size:
+        probe = protocol.build_message(MARKET_DATA, records + [(1, b"")], sequence=PROBE_SEQUENCE, timestamp_ns=0)
+    return probe
 
 
 # Worker processes (spawned; they report on one shared queue as (kind, who, payload))
@@ -468,12 +481,28 @@ class _Ending:
 
 
 def subscribe(
-    who: str, reports: Any, end: Endpoint, size: int, mode: str, probe: bytes, expected: Any, limit_s: float
+    who: str,
+    reports: Any,
+    end: Endpoint,
+    size: int,
+    mode: str,
+    probe: bytes,
+    expected: Any,
+    limit_s: float,
+    tlv_type: int | None = None,
 ) -> dict:
-    """Attach, wait for the probe, then count (W1) or time (W2) messages until all sent have arrived."""
+    """Attach, wait for the probe, then count (W1) or time (W2) messages until all sent have arrived.
+
+    With ``tlv_type`` (W1f) it first subscribes to that type at the relay and
+    expects every ``FILTERED_SUBSCRIBERS``-th sequence number from ``tlv_type - 1``.
+    """
     if end.transport == "zmq":
         return _zmq_subscribe(who, reports, end, size, mode, probe, expected, limit_s)
+    from . import protocol
+
     sock = _connect(end.address)
+    if tlv_type is not None:
+        sock.sendall(protocol.subscribe_message(tlv_types=[tlv_type]))
     reports.put(("connected", who, None))
     sock.settimeout(STARTUP_SECONDS)
     if _read_exactly(sock, len(probe)) != probe:
@@ -481,18 +510,24 @@ def subscribe(
     reports.put(("ready", who, None))
     sock.settimeout(POLL_SECONDS)
     cpu = time.process_time()
-    result = _count(sock, size, expected, limit_s) if mode == "count" else _time(sock, size, expected, limit_s)
+    if mode == "count":
+        stride = 1 if tlv_type is None else FILTERED_SUBSCRIBERS
+        result = _count(sock, size, expected, limit_s, stride, 0 if tlv_type is None else tlv_type - 1)
+    else:
+        result = _time(sock, size, expected, limit_s)
     result["cpu_s"] = time.process_time() - cpu
     return result
 
 
-def _count(sock: socket.socket, size: int, expected: Any, limit_s: float) -> dict:
+def _count(sock: socket.socket, size: int, expected: Any, limit_s: float, stride: int = 1, first: int = 0) -> dict:
+    """Count whole messages; message ``i`` received should carry sequence ``first + i * stride``."""
     buf = bytearray(RECV_BUFFER)
     view = memoryview(buf)
     keep = 2 * size
     tail = b""
     total = first_ns = last_ns = 0
-    seq_shift = gaps = bad_magic = 0
+    seq_shift = first
+    gaps = bad_magic = 0
     ending = _Ending(expected, limit_s)
     stop = None
     while stop is None:
@@ -515,9 +550,9 @@ def _count(sock: socket.socket, size: int, expected: Any, limit_s: float) -> dic
                 bad_magic += 1
             else:
                 seq = _SEQ.unpack_from(buf, skip + 8)[0]
-                if seq != index + seq_shift:
+                if seq != index * stride + seq_shift:
                     gaps += 1
-                    seq_shift = seq - index
+                    seq_shift = seq - index * stride
         tail = bytes(view[n - keep : n]) if n >= keep else (tail + bytes(view[:n]))[-keep:]
         total += n
         ending.data()
@@ -666,15 +701,20 @@ def _await_start(start: Any, sock: Any, probe: bytes | None) -> None:
             raise BenchError("never told to start")
 
 
-def publish_batches(who: str, reports: Any, end: Endpoint, size: int, duration: float, start: Any) -> dict:
+def publish_batches(
+    who: str, reports: Any, end: Endpoint, size: int, duration: float, start: Any, types: int = 1
+) -> dict:
     """W1 publisher: 1 MiB batches, renumbered before each send, as fast as the relay takes them.
 
+    With ``types`` > 1 (W1f) message ``k`` carries TLV type ``1 + k % types``.
     A zmq publisher sends the same batch one message per frame.
     """
     from . import kernels, protocol
 
-    count = BATCH_BYTES // size
-    batch = protocol.build_batch(MARKET_DATA, count, records_for(size), checksums=False)
+    count = BATCH_BYTES // size // types * types  # whole cycles, so the types follow the sequence numbers
+    value = records_for(size)[0][1]
+    cycle = [[(tlv_type, value)] for tlv_type in range(1, types + 1)]
+    batch = protocol.build_cycled_batch(MARKET_DATA, count, cycle, checksums=False)
     kernels.stamp_batch(batch, size, 0, 0, checksums=False)  # compile or load before the clock starts
     zmq_sock = _zmq_socket("pub", end) if end.transport == "zmq" else None
     sock = None
@@ -821,22 +861,27 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
     spec = relay_spec(relay_name, folder)
     ctx = mp.get_context("spawn")
     run = Run(ctx)
-    expected = ctx.RawValue("q", -1)
+    filtered = workload == "w1f"
+    if filtered:
+        subscribers = FILTERED_SUBSCRIBERS
+    expected = [ctx.RawValue("q", -1) for _ in range(subscribers)]
     start = ctx.Event()
-    probe = probe_message(opts.size)
-    mode = "count" if workload == "w1" else "time"
+    probe = probe_message(opts.size, FILTERED_SUBSCRIBERS if filtered else 1)
+    mode = "time" if workload == "w2" else "count"
     subs = [f"sub{i}" for i in range(subscribers)]
     try:
         notes: dict = {}
         bridged = bridged_hosts(spec, notes) if relay_name == "bridge" else contextlib.nullcontext()
         with RelayProcess(relay_name, spec.command, spec.marker) as relay, bridged:
             relay.sample_memory()
-            if workload == "w1":
-                run.spawn("pub", publish_batches, spec.publish, opts.size, opts.duration, start)
-            else:
+            if workload == "w2":
                 run.spawn("pub", publish_paced, spec.publish, opts.size, opts.duration, start, opts.rate)
-            for who in subs:
-                run.spawn(who, subscribe, spec.subscribe, opts.size, mode, probe, expected, opts.drain_limit)
+            else:
+                types = FILTERED_SUBSCRIBERS if filtered else 1
+                run.spawn("pub", publish_batches, spec.publish, opts.size, opts.duration, start, types)
+            for k, who in enumerate(subs):
+                args = (spec.subscribe, opts.size, mode, probe, expected[k], opts.drain_limit)
+                run.spawn(who, subscribe, *args, *((k + 1,) if filtered else ()))
             run.wait_for("connected", subs, STARTUP_SECONDS)
             if spec.publish.transport == "unix":
                 with _connect(spec.publish.address) as prober:
@@ -849,10 +894,14 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
             cpu_before = relay.cpu_seconds()
             start.set()
             pub = run.wait_for("result", ["pub"], opts.duration + 60)["pub"]
-            expected.value = pub["sent"]
+            for k, value in enumerate(expected):  # W1f: subscriber k gets sequences k, k + 4, ...
+                value.value = (
+                    (pub["sent"] - k + FILTERED_SUBSCRIBERS - 1) // FILTERED_SUBSCRIBERS if filtered else pub["sent"]
+                )
             results = run.wait_for("result", subs, opts.drain_limit + 10)
             cpu = relay.cpu_seconds() - cpu_before
-        figures = summarize(relay_name, workload, opts, pub, [results[w] for w in subs], cpu)
+        wanted = [value.value for value in expected]
+        figures = summarize(relay_name, workload, opts, pub, [results[w] for w in subs], cpu, wanted)
         figures["relay_command"] = spec.command
         figures["relay_memory"] = relay.memory()
         figures["relay_forwarding"] = parse_forwarding(relay.lines)
@@ -880,14 +929,26 @@ def _percentiles(values: Any) -> dict:
     }
 
 
-def summarize(relay: str, workload: str, opts: Options, pub: dict, subs: list[dict], relay_cpu: float) -> dict:
+def summarize(
+    relay: str,
+    workload: str,
+    opts: Options,
+    pub: dict,
+    subs: list[dict],
+    relay_cpu: float,
+    wanted: list[int] | None = None,
+) -> dict:
+    """One run's figures; ``wanted`` is how many messages each subscriber should get (default: all sent)."""
     import numpy as np
 
     sent = pub["sent"]
     elapsed = pub["elapsed_s"]
-    for sub in subs:
-        sub["lost"] = sent - sub["received"]
-        sub["last_sequence_ok"] = sub["last_sequence"] == sent - 1
+    wanted = wanted or [sent] * len(subs)
+    for k, (sub, want) in enumerate(zip(subs, wanted, strict=True)):
+        sub["expected"] = want
+        sub["lost"] = want - sub["received"]
+        last = sent - 1 if workload != "w1f" else sent - 1 - (sent - 1 - k) % FILTERED_SUBSCRIBERS
+        sub["last_sequence_ok"] = sub["last_sequence"] == last
         span = sub["first_to_last_s"]
         sub["msg_per_s"] = sub["received"] / span if span > 0 else 0.0
     rates = [s["msg_per_s"] for s in subs]
@@ -905,7 +966,7 @@ def summarize(relay: str, workload: str, opts: Options, pub: dict, subs: list[di
         "delivered_mb_per_s_mean": float(np.mean(rates)) * opts.size / 1e6,
         "lost": lost,
         "lost_total": sum(lost),
-        "lost_fraction": sum(lost) / (sent * len(subs)) if sent else 0.0,
+        "lost_fraction": sum(lost) / sum(wanted) if sum(wanted) else 0.0,
         "latency_us": None,
         "relay_cpu_percent": 100 * relay_cpu / elapsed if elapsed > 0 else 0.0,
         "publisher_cpu_percent": 100 * pub["cpu_s"] / elapsed if elapsed > 0 else 0.0,
@@ -928,6 +989,14 @@ def add_ratios(runs: list[dict]) -> None:
     (``latency_added_us``: bridged percentile minus local percentile).
     """
     done = [r for r in runs if "error" not in r]
+    unfiltered = {r["relay"]: r for r in done if r["workload"] == "w1" and r["subscribers"] == FILTERED_SUBSCRIBERS}
+    for r in done:
+        base = unfiltered.get(r["relay"]) if r["workload"] == "w1f" else None
+        if base is not None and base["delivered_msg_per_s_mean"]:
+            per_sub = r["delivered_msg_per_s_mean"] / base["delivered_msg_per_s_mean"]
+            r["ratio_to_unfiltered"] = per_sub
+            # Each filtered subscriber gets a quarter of the stream: the stream rate is four times its rate.
+            r["stream_ratio_to_unfiltered"] = per_sub * FILTERED_SUBSCRIBERS
     for base_name, key in (("raw", "ratio_to_raw"), ("zmq", "ratio_to_zmq"), ("jitrelay", "ratio_to_local")):
         bases = {(r["workload"], r["subscribers"]): r for r in done if r["relay"] == base_name}
         for r in done:
@@ -951,7 +1020,7 @@ def _ratio(run: dict, base: dict | None) -> dict | None:
 
     if base is None:
         return None
-    if run["workload"] == "w1":
+    if run["workload"] != "w2":
         return {"delivered_msg_per_s": over(run["delivered_msg_per_s_mean"], base["delivered_msg_per_s_mean"])}
     mine, theirs = run["latency_us"], base["latency_us"]
     return {p: over(mine[p], theirs[p]) for p in ("p50", "p99", "p99_9")}
@@ -1096,6 +1165,14 @@ def format_report(report: dict) -> str:
             f"{_x(r.get('ratio_to_zmq'), r['workload']):>11}"
         )
     out.append("x raw, x zmq: W1 delivered msg/s over the baseline's; W2 p50/p99 latency over the baseline's")
+    for r in report["runs"]:
+        if r["workload"] == "w1f" and "error" not in r:
+            per_sub, stream = r.get("ratio_to_unfiltered"), r.get("stream_ratio_to_unfiltered")
+            out.append(
+                f"{r['relay']} w1f: four subscribers, one TLV type each (a quarter of the stream): "
+                f"{_m(r['delivered_msg_per_s_mean'])} msg/s per subscriber"
+                + ("" if per_sub is None else f" = {per_sub:.2f} x unfiltered W1 with 4, stream rate {stream:.2f} x")
+            )
     bridged = [r for r in report["runs"] if r["relay"] == "bridge" and "error" not in r]
     if bridged:
         out.append("")
@@ -1279,7 +1356,13 @@ def run_bench(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, on_term)
     plan = [("w1", n) for n in opts.subscribers if "w1" in opts.workloads]
     plan += [("w2", opts.latency_subscribers)] if "w2" in opts.workloads else []
-    steps = [(workload, n, relay) for workload, n in plan for relay in opts.relays]  # relays side by side
+    plan += [("w1f", FILTERED_SUBSCRIBERS)] if "w1f" in opts.workloads else []
+    steps = [
+        (workload, n, relay)
+        for workload, n in plan
+        for relay in opts.relays  # relays side by side
+        if workload != "w1f" or relay.partition(":")[0] == "jitrelay"  # only jitrelay filters at the relay
+    ]
     measure_start = opts.startup_runs > 0 and any(r.partition(":")[0] == "jitrelay" for r in opts.relays)
     started = datetime.now(timezone.utc)
     runs: list[dict] = []

@@ -277,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="jitrelay,raw,zmq,zmq-default,bridge",
         help="comma-separated: jitrelay (or jitrelay:block, jitrelay:disconnect), raw, zmq, zmq-default, bridge",
     )
-    bench.add_argument("--workloads", default="w1,w2", help="comma-separated: w1 (throughput), w2 (latency)")
+    bench.add_argument(
+        "--workloads",
+        default="w1,w2,w1f",
+        help="comma-separated: w1 (throughput), w2 (latency), w1f (w1 with 4 filtered subscribers)",
+    )
     bench.add_argument("--subscribers", default="1,4", help="W1 subscriber counts, comma-separated (1,4)")
     bench.add_argument(
         "--latency-subscribers", type=non_negative, help="W2 subscriber count (default: the largest W1 count)"

@@ -204,3 +204,29 @@ def test_forwarding_line_parsed_when_present() -> None:
 def test_bad_command_line_exits_2(option: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", option]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_filtered_w1_gives_each_subscriber_its_quarter(tmp_path: Path) -> None:
+    path = tmp_path / "filtered.json"
+    done = bench(
+        "--relays=jitrelay,raw",
+        "--workloads=w1,w1f",
+        "--subscribers=4",
+        "--duration=0.5",
+        "--startup-runs=0",
+        f"--json={path}",
+    )
+    assert done.returncode == 0, done.stderr
+    runs = by_run(json.loads(path.read_text()))
+    assert sorted(runs) == [("jitrelay", "w1"), ("jitrelay", "w1f"), ("raw", "w1")]  # raw cannot filter
+    filtered, unfiltered = runs["jitrelay", "w1f"], runs["jitrelay", "w1"]
+    sent = filtered["sent"]
+    assert filtered["subscribers"] == 4 and sent % 4 == 0
+    for k, sub in enumerate(filtered["per_subscriber"]):
+        assert sub["expected"] == (sent - k + 3) // 4
+        assert (sub["received"], sub["lost"], sub["partial_bytes"]) == (sub["expected"], 0, 0), sub
+        assert sub["sequence_gaps"] == 0 and sub["bad_magic"] == 0 and sub["last_sequence_ok"], sub
+    ratio = filtered["delivered_msg_per_s_mean"] / unfiltered["delivered_msg_per_s_mean"]
+    assert filtered["ratio_to_unfiltered"] == pytest.approx(ratio)
+    assert filtered["stream_ratio_to_unfiltered"] == pytest.approx(4 * ratio)
+    assert "jitrelay w1f: four subscribers, one TLV type each" in done.stdout

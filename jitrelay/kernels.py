@@ -480,8 +480,34 @@ class RouteBuffers:
 
 
 @njit(**_JIT)
+def _group_masks_one_word(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks):
+    """``_group_masks`` for up to 64 groups: the mask stays in a register."""
+    base = untyped[0]
+    for k in range(n):
+        if verdicts[k] != p.FORWARD:
+            masks[k, 0] = _ZERO
+            continue
+        mask = base
+        pos = offsets[k]
+        end = offsets[k + 1]
+        i = pos + p.HEADER_SIZE
+        while i < end:
+            tlv_type = np.int64(buf[i])
+            if tlv_type == p.EXTENDED_TLV:
+                tlv_type = np.int64(buf[i + 2])
+                i += 5 + (np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8))
+            else:
+                i += 2 + np.int64(buf[i + 1])
+            mask |= type_groups[tlv_type, 0]
+        masks[k, 0] = mask & source_groups[np.int64(buf[pos + p.OFF_SOURCE]), 0]
+
+
+@njit(**_JIT)
 def _group_masks(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks):
     words = masks.shape[1]
+    if words == 1:
+        _group_masks_one_word(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks)
+        return
     for k in range(n):
         if verdicts[k] != p.FORWARD:
             for w in range(words):

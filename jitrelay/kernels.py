@@ -205,9 +205,7 @@ def _verdict(buf, pos, length, domain, type_allowed):
     if buf[pos + p.OFF_VERSION] != p.VERSION:
         return p.BAD_VERSION
     if buf[pos + p.OFF_DOMAIN] != domain:
-        if buf[pos + p.OFF_DOMAIN] == p.SYSTEM:
-            return _control_verdict(buf, pos, length)
-        return p.WRONG_DOMAIN
+        return p.WRONG_DOMAIN  # system-domain messages are looked at again by ``_controls``
     i = pos + p.HEADER_SIZE
     end = pos + length
     out_of_range = False
@@ -266,7 +264,7 @@ def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets
 @njit(**_JIT)
 def _verify_checksums(buf, offsets, verdicts, n, crc):
     for k in range(n):
-        if verdicts[k] == p.FORWARD or verdicts[k] == p.CONTROL:
+        if verdicts[k] == p.FORWARD:
             pos = offsets[k]
             if _message_crc(buf, pos, offsets[k + 1] - pos, crc) != _u32(buf, pos + p.OFF_CHECKSUM):
                 verdicts[k] = p.BAD_CHECKSUM
@@ -279,7 +277,6 @@ def _runs_and_counts(offsets, verdicts, n, runs, counts):
     run_start = -1
     run_end = -1
     n_forward = 0
-    n_controls = 0
     for k in range(n):
         verdict = verdicts[k]
         if verdict == p.FORWARD:
@@ -295,14 +292,36 @@ def _runs_and_counts(offsets, verdicts, n, runs, counts):
             n_forward += 1
         else:
             counts[verdict] += 1
-            if verdict == p.CONTROL:
-                n_controls += 1
     if run_start >= 0:
         runs[2 * n_runs] = run_start
         runs[2 * n_runs + 1] = run_end
         n_runs += 1
     counts[p.FORWARD] += n_forward
-    return n_runs, forwarded, n_controls
+    return n_runs, forwarded
+
+
+@njit(**_JIT)
+def _controls(buf, offsets, verdicts, n, verify, crc, counts):
+    """Give the system-domain messages among the ``wrong_domain`` ones their control verdict; return how many.
+
+    A pass of its own, run only for batches with a wrong-domain message, so
+    control messages cost the framing loop nothing.
+    """
+    n_controls = 0
+    for k in range(n):
+        pos = offsets[k]
+        if verdicts[k] != p.WRONG_DOMAIN or buf[pos + p.OFF_DOMAIN] != p.SYSTEM:
+            continue
+        length = offsets[k + 1] - pos
+        verdict = _control_verdict(buf, pos, length)
+        if verdict == p.CONTROL and verify and _message_crc(buf, pos, length, crc) != _u32(buf, pos + p.OFF_CHECKSUM):
+            verdict = p.BAD_CHECKSUM
+        verdicts[k] = verdict
+        counts[p.WRONG_DOMAIN] -= 1
+        counts[verdict] += 1
+        if verdict == p.CONTROL:
+            n_controls += 1
+    return n_controls
 
 
 @njit(**_JIT)
@@ -310,7 +329,11 @@ def _scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, v
     n, pos, fault = _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts)
     if verify:
         _verify_checksums(buf, offsets, verdicts, n, crc)
-    n_runs, forwarded, n_controls = _runs_and_counts(offsets, verdicts, n, runs, counts)
+    wrong_domain = counts[p.WRONG_DOMAIN]
+    n_runs, forwarded = _runs_and_counts(offsets, verdicts, n, runs, counts)
+    n_controls = 0
+    if counts[p.WRONG_DOMAIN] != wrong_domain:
+        n_controls = _controls(buf, offsets, verdicts, n, verify, crc, counts)
     return n, pos, fault, n_runs, forwarded, n_controls
 
 

@@ -25,8 +25,9 @@ import ctypes
 import ctypes.util
 from typing import NamedTuple
 
+import llvmlite.binding as llvm
 import numpy as np
-from numba import njit
+from numba import config, njit, types
 
 from . import protocol as p
 
@@ -35,30 +36,48 @@ _JIT = {"cache": True, "nogil": True}
 NO_LIMIT = (1 << 32) - 1
 
 
-def _zlib_crc32() -> ctypes._CFuncPtr:
-    """zlib's ``crc32`` as a C function the kernels call directly, without the Python layer.
+def _c_function(library: str | None, name: str, symbol: str, argtypes: list, restype: object, signature: object):
+    """A C function the kernels call directly, as an external symbol numba links by name.
 
-    Passed to the kernels as an argument (not read as a global) so that
-    numba can cache them. The same library backs Python's ``zlib`` module.
+    The symbol is registered with LLVM at import, so cached kernels link to
+    this process's copy of the library; a ctypes function passed as an
+    argument would work too, but numba types it on every call (about 2 us).
+    Without the JIT (``NUMBA_DISABLE_JIT=1``) the kernels call the ctypes function.
     """
+    fn = getattr(ctypes.CDLL(library), name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+    if config.DISABLE_JIT:
+        return fn
+    llvm.add_symbol(symbol, ctypes.cast(fn, ctypes.c_void_p).value)
+    return types.ExternalFunction(symbol, signature)
+
+
+def _zlib_library() -> str:
     name = ctypes.util.find_library("z")
     if name is None:
         raise ImportError("jitrelay needs the zlib shared library (libz.so.1) for CRC-32")
-    fn = ctypes.CDLL(name).crc32
-    fn.argtypes = [ctypes.c_ulong, ctypes.c_void_p, ctypes.c_uint]
-    fn.restype = ctypes.c_ulong
-    return fn
+    return name
 
 
-def _libc_memcpy() -> ctypes._CFuncPtr:
-    """The C library's ``memcpy``, passed to the kernels like zlib's ``crc32``: numba's slice copy is slower."""
-    fn = ctypes.CDLL(None).memcpy
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    fn.restype = ctypes.c_void_p
-    return fn
-
-
-MEMCPY = _libc_memcpy()
+# zlib's crc32 (the library behind Python's zlib module) and the C library's
+# memcpy: for long ranges both beat what numba generates for the same loops.
+_ZLIB_CRC32 = _c_function(
+    _zlib_library(),
+    "crc32",
+    "jitrelay_zlib_crc32",
+    [ctypes.c_ulong, ctypes.c_size_t, ctypes.c_uint],
+    ctypes.c_ulong,
+    types.uint64(types.uint64, types.uintp, types.uint32),
+)
+_MEMCPY = _c_function(
+    None,
+    "memcpy",
+    "jitrelay_memcpy",
+    [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t],
+    ctypes.c_size_t,
+    types.uintp(types.uintp, types.uintp, types.uintp),
+)
 
 
 def _make_crc_tables() -> np.ndarray:
@@ -76,14 +95,7 @@ def _make_crc_tables() -> np.ndarray:
     return tables
 
 
-class Crc32(NamedTuple):
-    """The two CRC-32 implementations the kernels choose between by length."""
-
-    tables: np.ndarray  # slicing-by-8 tables
-    zlib: ctypes._CFuncPtr  # zlib's crc32
-
-
-CRC32 = Crc32(_make_crc_tables(), _zlib_crc32())
+CRC_TABLES = _make_crc_tables()  # slicing-by-8
 # Below this many bytes a table-driven loop beats a call into zlib (whose fast
 # paths need setup); above it zlib's braided CRC is faster.
 CRC_ZLIB_MIN = 256
@@ -160,23 +172,23 @@ def _crc32_table(buf, start, end, value, tables):
 
 
 @njit(**_JIT)
-def _crc32_zlib(buf, start, end, value, zlib_crc32):
-    return np.int64(zlib_crc32(int(value), int(buf.ctypes.data + start), int(end - start)))
+def _crc32_zlib(buf, start, end, value):
+    return np.int64(_ZLIB_CRC32(np.uint64(value), np.uint64(buf.ctypes.data + start), np.uint32(end - start)))
 
 
 @njit(**_JIT)
-def _crc32(buf, start, end, value, crc):
+def _crc32(buf, start, end, value, crc_tables):
     if end - start < CRC_ZLIB_MIN:
-        return _crc32_table(buf, start, end, value, crc.tables)
-    return _crc32_zlib(buf, start, end, value, crc.zlib)
+        return _crc32_table(buf, start, end, value, crc_tables)
+    return _crc32_zlib(buf, start, end, value)
 
 
 @njit(**_JIT)
-def _message_crc(buf, pos, length, crc):
-    head = _crc32_table(buf, pos, pos + p.CHECKSUM_COVERED, np.int64(0), crc.tables)
+def _message_crc(buf, pos, length, crc_tables):
+    head = _crc32_table(buf, pos, pos + p.CHECKSUM_COVERED, np.int64(0), crc_tables)
     if length < CRC_ZLIB_MIN:
-        return _crc32_table(buf, pos + p.HEADER_SIZE, pos + length, head, crc.tables)
-    return _crc32_zlib(buf, pos + p.HEADER_SIZE, pos + length, head, crc.zlib)
+        return _crc32_table(buf, pos + p.HEADER_SIZE, pos + length, head, crc_tables)
+    return _crc32_zlib(buf, pos + p.HEADER_SIZE, pos + length, head)
 
 
 @njit(**_JIT)
@@ -273,11 +285,11 @@ def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets
 
 
 @njit(**_JIT)
-def _verify_checksums(buf, offsets, verdicts, n, crc):
+def _verify_checksums(buf, offsets, verdicts, n, crc_tables):
     for k in range(n):
         if verdicts[k] == p.FORWARD:
             pos = offsets[k]
-            if _message_crc(buf, pos, offsets[k + 1] - pos, crc) != _u32(buf, pos + p.OFF_CHECKSUM):
+            if _message_crc(buf, pos, offsets[k + 1] - pos, crc_tables) != _u32(buf, pos + p.OFF_CHECKSUM):
                 verdicts[k] = p.BAD_CHECKSUM
 
 
@@ -312,7 +324,7 @@ def _runs_and_counts(offsets, verdicts, n, runs, counts):
 
 
 @njit(**_JIT)
-def _controls(buf, offsets, verdicts, n, verify, crc, counts):
+def _controls(buf, offsets, verdicts, n, verify, crc_tables, counts):
     """Give the system-domain messages among the ``wrong_domain`` ones their control verdict; return how many.
 
     A pass of its own, run only for batches with a wrong-domain message, so
@@ -325,7 +337,11 @@ def _controls(buf, offsets, verdicts, n, verify, crc, counts):
             continue
         length = offsets[k + 1] - pos
         verdict = _control_verdict(buf, pos, length)
-        if verdict == p.CONTROL and verify and _message_crc(buf, pos, length, crc) != _u32(buf, pos + p.OFF_CHECKSUM):
+        if (
+            verdict == p.CONTROL
+            and verify
+            and _message_crc(buf, pos, length, crc_tables) != _u32(buf, pos + p.OFF_CHECKSUM)
+        ):
             verdict = p.BAD_CHECKSUM
         verdicts[k] = verdict
         counts[p.WRONG_DOMAIN] -= 1
@@ -336,15 +352,15 @@ def _controls(buf, offsets, verdicts, n, verify, crc, counts):
 
 
 @njit(**_JIT)
-def _scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, crc):
+def _scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, crc_tables):
     n, pos, fault = _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts)
     if verify:
-        _verify_checksums(buf, offsets, verdicts, n, crc)
+        _verify_checksums(buf, offsets, verdicts, n, crc_tables)
     wrong_domain = counts[p.WRONG_DOMAIN]
     n_runs, forwarded = _runs_and_counts(offsets, verdicts, n, runs, counts)
     n_controls = 0
     if counts[p.WRONG_DOMAIN] != wrong_domain:
-        n_controls = _controls(buf, offsets, verdicts, n, verify, crc, counts)
+        n_controls = _controls(buf, offsets, verdicts, n, verify, crc_tables, counts)
     return n, pos, fault, n_runs, forwarded, n_controls
 
 
@@ -380,7 +396,7 @@ def scan_into(
             out.verdicts,
             out.runs,
             out.counts if counts is None else counts,
-            CRC32,
+            CRC_TABLES,
         )
     )
 
@@ -429,14 +445,14 @@ def _next_message_end(buf, start, end):
 
 
 @njit(**_JIT)
-def _compact(buf, runs, n_runs, out, memcpy):
+def _compact(buf, runs, n_runs, out):
     source = buf.ctypes.data
     target = out.ctypes.data
     o = 0
     for k in range(n_runs):
         a = runs[2 * k]
         b = runs[2 * k + 1]
-        memcpy(int(target + o), int(source + a), int(b - a))
+        _MEMCPY(np.uint64(target + o), np.uint64(source + a), np.uint64(b - a))
         o += b - a
     return o
 
@@ -452,7 +468,7 @@ def compact(buf: np.ndarray, runs: np.ndarray, n_runs: int, out: np.ndarray | No
         raise ValueError("compact needs contiguous uint8 arrays")
     if n_runs and (runs[0] < 0 or runs[2 * n_runs - 1] > len(buf)):
         raise ValueError("runs reach outside the buffer")
-    _compact(buf, runs, n_runs, out, MEMCPY)
+    _compact(buf, runs, n_runs, out)
     return out[:total]
 
 
@@ -659,7 +675,7 @@ def route(buf: np.ndarray, scanned: ScanBuffers, count: int, tables: GroupTables
 def crc32(data: np.ndarray, value: int = 0) -> int:
     """CRC-32 of a uint8 array, the same as ``zlib.crc32(data, value)``."""
     data = np.ascontiguousarray(data, dtype=np.uint8)
-    return int(_crc32(data, 0, len(data), value & 0xFFFFFFFF, CRC32))
+    return int(_crc32(data, 0, len(data), value & 0xFFFFFFFF, CRC_TABLES))
 
 
 def message_crc(buf: np.ndarray, pos: int = 0) -> int:
@@ -667,11 +683,11 @@ def message_crc(buf: np.ndarray, pos: int = 0) -> int:
     end = _next_message_end(buf, pos, len(buf))
     if end < 0:
         raise ValueError("no complete message at that offset")
-    return int(_message_crc(buf, pos, end - pos, CRC32))
+    return int(_message_crc(buf, pos, end - pos, CRC_TABLES))
 
 
 @njit(**_JIT)
-def _stamp_batch(buf, size, count, first_sequence, timestamp_ns, checksums, crc):
+def _stamp_batch(buf, size, count, first_sequence, timestamp_ns, checksums, crc_tables):
     for i in range(count):
         pos = i * size
         seq = first_sequence + i
@@ -679,7 +695,7 @@ def _stamp_batch(buf, size, count, first_sequence, timestamp_ns, checksums, crc)
             buf[pos + p.OFF_SEQUENCE + k] = (seq >> (8 * k)) & 0xFF
             buf[pos + p.OFF_TIMESTAMP + k] = (timestamp_ns >> (8 * k)) & 0xFF
         if checksums:
-            checksum = _message_crc(buf, pos, size, crc)
+            checksum = _message_crc(buf, pos, size, crc_tables)
             for k in range(4):
                 buf[pos + p.OFF_CHECKSUM + k] = (checksum >> (8 * k)) & 0xFF
 
@@ -694,7 +710,7 @@ def stamp_batch(
     if message_size < p.HEADER_SIZE or len(batch) % message_size:
         raise ValueError("batch is not a whole number of messages of that size")
     count = len(batch) // message_size
-    _stamp_batch(batch, message_size, count, _as_int64(first_sequence), _as_int64(timestamp_ns), checksums, CRC32)
+    _stamp_batch(batch, message_size, count, _as_int64(first_sequence), _as_int64(timestamp_ns), checksums, CRC_TABLES)
 
 
 def _as_int64(value: int) -> int:

@@ -250,7 +250,12 @@ class Relay:
     # the data path
 
     def on_data(self, conn: Connection, arrived: int) -> None:
-        result = kernels.scan_into(conn.buf, 0, conn.filled, self.tables, self.scan_out, conn.counts)
+        if self._groups:  # some subscriber has a filter: the same compiled call cuts each group's runs
+            result, self._routed = kernels.scan_and_route(
+                conn.buf, 0, conn.filled, self.tables, self.scan_out, self._group_tables, self._routed, conn.counts
+            )
+        else:
+            result = kernels.scan_into(conn.buf, 0, conn.filled, self.tables, self.scan_out, conn.counts)
         if result.forwarded_bytes:
             self._forward(conn, result)
             self.forward_time.record(time.perf_counter_ns() - arrived)
@@ -274,10 +279,7 @@ class Relay:
             if self._everyone:
                 self._send(sender, self._everyone, pieces, result.forwarded_bytes)
         if self._groups:
-            assert self._group_tables is not None
-            routed = self._routed = kernels.route(
-                sender.buf, self.scan_out, result.count, self._group_tables, self._routed
-            )
+            routed = self._routed  # cut by ``scan_and_route`` in on_data
             for g, members in enumerate(self._groups):
                 size = int(routed.sizes[g])
                 if size:
@@ -522,8 +524,9 @@ def warm_up(logic: RelayLogic) -> float:
     sample = np.frombuffer(protocol.build_message(logic.domain_id, [], timestamp_ns=0) * 3, dtype=np.uint8).copy()
     result, out = kernels.scan(sample, logic.kernel_tables())
     kernels.compact(sample, out.runs, result.runs)
-    tables = kernels.group_tables([(frozenset({1}), None)])
-    kernels.route(sample, out, result.count, tables, kernels.RouteBuffers(len(sample), tables.groups))
+    groups = kernels.group_tables([(frozenset({1}), None)])
+    routed = kernels.RouteBuffers(len(sample), groups.groups)
+    kernels.scan_and_route(sample, 0, len(sample), logic.kernel_tables(), out, groups, routed)
     return time.perf_counter() - started
 
 

@@ -379,10 +379,7 @@ def scan_into(
     connections that keep their own tallies. On a fault, ``consumed`` is the
     offset of the faulty header: messages before it were judged normally.
     """
-    if end - start > out.capacity:
-        raise ValueError(f"scan range of {end - start} bytes exceeds the buffers' capacity of {out.capacity}")
-    if counts is not None and len(counts) < len(p.VERDICT_NAMES):
-        raise ValueError(f"counts needs {len(p.VERDICT_NAMES)} slots, one per verdict")
+    _check_scan(start, end, out, counts)
     return ScanResult(
         *_scan(
             buf,
@@ -399,6 +396,13 @@ def scan_into(
             CRC_TABLES,
         )
     )
+
+
+def _check_scan(start: int, end: int, out: ScanBuffers, counts: np.ndarray | None) -> None:
+    if end - start > out.capacity:
+        raise ValueError(f"scan range of {end - start} bytes exceeds the buffers' capacity of {out.capacity}")
+    if counts is not None and len(counts) < len(p.VERDICT_NAMES):
+        raise ValueError(f"counts needs {len(p.VERDICT_NAMES)} slots, one per verdict")
 
 
 def scan(
@@ -651,9 +655,7 @@ def route(buf: np.ndarray, scanned: ScanBuffers, count: int, tables: GroupTables
     pass gives every message a mask of the groups that want it, a second cuts
     the runs; ``out`` is returned, grown if this batch needed more room.
     """
-    words = tables.type_groups.shape[1]
-    if out.masks.shape[1] != words or len(out.counts) < tables.groups or out.capacity < scanned.capacity:
-        out = RouteBuffers(max(out.capacity, scanned.capacity), tables.groups)
+    out = _fitted(out, tables, scanned)
     _group_masks(
         buf,
         scanned.offsets,
@@ -664,12 +666,100 @@ def route(buf: np.ndarray, scanned: ScanBuffers, count: int, tables: GroupTables
         tables.untyped,
         out.masks,
     )
-    args = (scanned.offsets, out.masks, count, tables.groups, out.first, out.counts, out.sizes)
-    needed = _group_runs(*args, out.runs)
+    needed = _group_runs(scanned.offsets, out.masks, count, tables.groups, out.first, out.counts, out.sizes, out.runs)
+    return _runs_fitted(out, tables, scanned, count, needed)
+
+
+def _fitted(out: RouteBuffers, tables: GroupTables, scanned: ScanBuffers) -> RouteBuffers:
+    """``out``, or new buffers when it is too small for these groups or this scan."""
+    words = tables.type_groups.shape[1]
+    if out.masks.shape[1] != words or len(out.counts) < tables.groups or out.capacity < scanned.capacity:
+        return RouteBuffers(max(out.capacity, scanned.capacity), tables.groups)
+    return out
+
+
+def _runs_fitted(out: RouteBuffers, tables: GroupTables, scanned: ScanBuffers, count: int, needed: int) -> RouteBuffers:
+    """Cut the runs again into a larger array when the batch had more runs than ``out.runs`` holds."""
     if 2 * needed > len(out.runs):
         out.runs = np.zeros(2 * needed, dtype=np.int64)
-        _group_runs(*args, out.runs)
+        _group_runs(scanned.offsets, out.masks, count, tables.groups, out.first, out.counts, out.sizes, out.runs)
     return out
+
+
+@njit(**_JIT)
+def _scan_route(
+    buf,
+    start,
+    end,
+    domain,
+    max_payload,
+    verify,
+    type_allowed,
+    offsets,
+    verdicts,
+    runs,
+    counts,
+    crc_tables,
+    type_groups,
+    source_groups,
+    untyped,
+    groups,
+    masks,
+    first,
+    group_counts,
+    sizes,
+    group_runs,
+):
+    n, pos, fault, n_runs, forwarded, n_controls = _scan(
+        buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, crc_tables
+    )
+    _group_masks(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks)
+    needed = _group_runs(offsets, masks, n, groups, first, group_counts, sizes, group_runs)
+    return n, pos, fault, n_runs, forwarded, n_controls, needed
+
+
+def scan_and_route(
+    buf: np.ndarray,
+    start: int,
+    end: int,
+    tables: KernelTables,
+    out: ScanBuffers,
+    groups: GroupTables,
+    routed: RouteBuffers,
+    counts: np.ndarray | None = None,
+) -> tuple[ScanResult, RouteBuffers]:
+    """``scan_into`` and ``route`` in one compiled call: what the relay runs while any subscriber has a filter.
+
+    Returns the scan's result and the route buffers (``routed``, or larger
+    ones if this batch needed them).
+    """
+    _check_scan(start, end, out, counts)
+    routed = _fitted(routed, groups, out)
+    *scanned, needed = _scan_route(
+        buf,
+        start,
+        end,
+        tables.domain,
+        tables.max_payload,
+        tables.verify_checksum,
+        tables.type_allowed,
+        out.offsets,
+        out.verdicts,
+        out.runs,
+        out.counts if counts is None else counts,
+        CRC_TABLES,
+        groups.type_groups,
+        groups.source_groups,
+        groups.untyped,
+        groups.groups,
+        routed.masks,
+        routed.first,
+        routed.counts,
+        routed.sizes,
+        routed.runs,
+    )
+    result = ScanResult(*scanned)
+    return result, _runs_fitted(routed, groups, out, result.count, needed)
 
 
 def crc32(data: np.ndarray, value: int = 0) -> int:

@@ -129,3 +129,26 @@ def test_compacted_group_runs_hold_exactly_the_selected_messages() -> None:
     routed = kernels.route(buf, scanned, result.count, tables, kernels.RouteBuffers(len(buf), 1))
     packed = kernels.compact(buf, routed.group_runs(0), int(routed.counts[0]))
     assert packed.tobytes() == b"".join(m for m in messages if ref.selects(selection, m))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@FEW
+@given(data=st.data())
+def test_scan_and_route_is_a_scan_then_a_route_in_one_call(name: str, data: st.DataObject) -> None:
+    stream, filters = data.draw(stream_and_filters(name, 6))
+    tables = logic_for(name).kernel_tables()
+    groups = kernels.group_tables(filters)
+    separate, scanned = kernels.scan(arr(stream), tables)
+    routed = kernels.route(
+        arr(stream), scanned, separate.count, groups, kernels.RouteBuffers(len(stream), groups.groups)
+    )
+    out = kernels.ScanBuffers(len(stream))
+    small = kernels.RouteBuffers(len(stream), 1)
+    small.runs = np.zeros(2, dtype=np.int64)  # too few: the call must grow it and cut the runs again
+    together, fused = kernels.scan_and_route(arr(stream), 0, len(stream), tables, out, groups, small)
+    assert together == separate
+    assert out.verdicts[: together.count].tolist() == scanned.verdicts[: separate.count].tolist()
+    assert out.counts.tolist() == scanned.counts.tolist()
+    for g in range(len(filters)):
+        assert fused.group_runs(g).tolist() == routed.group_runs(g).tolist()
+        assert fused.sizes[g] == routed.sizes[g]

@@ -192,6 +192,18 @@ def _message_crc(buf, pos, length, crc_tables):
 
 
 @njit(**_JIT)
+def _record_at(buf, i, end):
+    """The record at ``i``: ``(type, value length, offset of the value)``, or type -1 if its header is cut or bad."""
+    if buf[i] == p.EXTENDED_TLV:
+        if i + 5 > end or buf[i + 1] != 0:
+            return -1, 0, i
+        return np.int64(buf[i + 2]), np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8), i + 5
+    if i + 2 > end:
+        return -1, 0, i
+    return np.int64(buf[i]), np.int64(buf[i + 1]), i + 2
+
+
+@njit(**_JIT)
 def _control_verdict(buf, pos, length):
     """CONTROL when a system-domain message holds only well-formed subscription records, else MALFORMED_TLV."""
     i = pos + p.HEADER_SIZE
@@ -199,18 +211,7 @@ def _control_verdict(buf, pos, length):
     if i == end:
         return p.MALFORMED_TLV
     while i < end:
-        tlv_type = np.int64(buf[i])
-        if tlv_type == p.EXTENDED_TLV:
-            if i + 5 > end or buf[i + 1] != 0:
-                return p.MALFORMED_TLV
-            tlv_type = np.int64(buf[i + 2])
-            value_len = np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8)
-            i += 5
-        else:
-            if i + 2 > end:
-                return p.MALFORMED_TLV
-            value_len = np.int64(buf[i + 1])
-            i += 2
+        tlv_type, value_len, i = _record_at(buf, i, end)
         if tlv_type == p.SUBSCRIBE_TLV_TYPES or tlv_type == p.SUBSCRIBE_SOURCES:
             if value_len != p.BITMAP_SIZE:
                 return p.MALFORMED_TLV
@@ -233,19 +234,8 @@ def _verdict(buf, pos, length, domain, type_allowed):
     end = pos + length
     out_of_range = False
     while i < end:
-        tlv_type = np.int64(buf[i])
-        if tlv_type == p.EXTENDED_TLV:
-            if i + 5 > end or buf[i + 1] != 0:
-                return p.MALFORMED_TLV
-            tlv_type = np.int64(buf[i + 2])
-            value_len = np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8)
-            i += 5
-        else:
-            if i + 2 > end:
-                return p.MALFORMED_TLV
-            value_len = np.int64(buf[i + 1])
-            i += 2
-        if tlv_type == 0:
+        tlv_type, value_len, i = _record_at(buf, i, end)
+        if tlv_type <= 0:
             return p.MALFORMED_TLV
         i += value_len
         if i > end:

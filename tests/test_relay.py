@@ -514,8 +514,16 @@ FAULT_CASES = {
 }
 
 
+@pytest.fixture
+def peer_name() -> Callable[[socket.socket], str]:
+    """How the relay's log names the peer of a client socket: by pid on a Unix socket (test_tcp: by address)."""
+    return lambda sock: f"pid={os.getpid()}"
+
+
 @pytest.mark.parametrize("case", list(FAULT_CASES))
-def test_stream_fault_closes_only_that_connection(start_relay: StartRelay, clients: Clients, case: str) -> None:
+def test_stream_fault_closes_only_that_connection(
+    start_relay: StartRelay, clients: Clients, peer_name: Callable[[socket.socket], str], case: str
+) -> None:
     domain, options, reason, limit, fatal = FAULT_CASES[case]
     domain_id, lo, hi, _ = DOMAINS[domain]
     relay = start_relay(domain, *options)
@@ -532,7 +540,7 @@ def test_stream_fault_closes_only_that_connection(start_relay: StartRelay, clien
     after = build_message(domain_id, [(lo, b"after the fault")], sequence=5)
     faulty.sendall(b"".join(before) + fatal + after)
 
-    relay.wait_line(reason, f"pid={os.getpid()}")
+    relay.wait_line(reason, peer_name(faulty))
     faulty.settimeout(5)
     with contextlib.suppress(ConnectionResetError):
         assert faulty.recv(1) == b"", "the relay should have closed the faulty connection"

@@ -1,12 +1,11 @@
 """The relay's TCP listener: the same contract as on the Unix socket, an allow-list of networks, TCP_NODELAY.
 
 The forwarding contract tests of ``test_relay.py`` (a mixed stream sent in
-random chunks, a publisher that leaves mid-message) run here again unchanged,
-over TCP: this module's ``start_relay`` starts each relay with
-``--listen tcp://127.0.0.1:0`` and hands the test a relay whose ``connect()``
-opens a TCP connection to the port the relay reports. Stream-fatal faults are
-checked here with their own test, since a TCP peer is named in the log by its
-address, not by a pid.
+random chunks, a publisher that leaves mid-message, stream-fatal faults) run
+here again unchanged, over TCP: this module's ``start_relay`` starts each
+relay with ``--listen tcp://127.0.0.1:0`` and hands the test a relay whose
+``connect()`` opens a TCP connection to the port the relay reports, and its
+``peer_name`` names a peer in the log by address instead of pid.
 """
 
 from __future__ import annotations
@@ -27,11 +26,8 @@ import pytest
 import test_relay
 from conftest import RelayProcess, StartRelay
 from test_relay import (
-    DOMAINS,
-    FAULT_CASES,
     Clients,
     assert_stream,
-    exact_payload,
     mixed_messages,
     send_chunked,
     sync,
@@ -99,38 +95,13 @@ test_mixed_stream_in_tiny_chunks_over_tcp = test_relay.test_mixed_stream_in_tiny
 test_publisher_leaving_mid_message_over_tcp = test_relay.test_publisher_leaving_mid_message_forwards_nothing_of_it
 
 
-@pytest.mark.parametrize("case", list(FAULT_CASES))
-def test_stream_fault_over_tcp_closes_only_that_connection(start_relay: Callable, clients: Clients, case: str) -> None:
-    domain, options, reason, limit, fatal = FAULT_CASES[case]
-    domain_id, lo, hi, _ = DOMAINS[domain]
-    relay = start_relay(domain, *options)
-    subscriber = clients.reader(relay)
-    other = clients.connect(relay)
-    other_reader = clients.reader(relay, other)
-    faulty = clients.connect(relay)
-    sync(faulty, [subscriber, other_reader], domain_id)
+@pytest.fixture
+def peer_name() -> Callable[[socket.socket], str]:
+    """A TCP peer is named in the relay's log by its address and port."""
+    return lambda sock: f"addr=127.0.0.1:{sock.getsockname()[1]}"
 
-    before = [build_message(domain_id, [(lo, b"before %d" % k)], sequence=k) for k in range(3)]
-    if limit is not None:
-        before.append(build_message(domain_id, payload=exact_payload(hi, limit), sequence=3))
-        fatal = build_message(domain_id, payload=exact_payload(hi, limit + 1), sequence=4)[:32]
-    after = build_message(domain_id, [(lo, b"after the fault")], sequence=5)
-    faulty.sendall(b"".join(before) + fatal + after)
 
-    relay.wait_line(reason, f"addr=127.0.0.1:{faulty.getsockname()[1]}")
-    faulty.settimeout(5)
-    with contextlib.suppress(ConnectionResetError):
-        assert faulty.recv(1) == b"", "the relay should have closed the faulty connection"
-
-    others = [build_message(domain_id, [(hi, b"still here %d" % k)], sequence=10 + k) for k in range(2)]
-    other.sendall(b"".join(others))
-    expected = b"".join(before) + b"".join(others)
-    subscriber.wait_received(len(expected))
-    other_reader.wait_received(len(b"".join(before)))
-    time.sleep(0.2)
-    assert_stream(subscriber.data, expected, "subscriber")
-    assert_stream(other_reader.data, b"".join(before), "the other client")
-    assert relay.proc.poll() is None
+test_stream_fault_over_tcp_closes_only_that_connection = test_relay.test_stream_fault_closes_only_that_connection
 
 
 def test_unix_and_tcp_clients_share_one_stream(start_relay: Callable, clients: Clients) -> None:

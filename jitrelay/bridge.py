@@ -64,6 +64,7 @@ OUTBOX_LOW = 4 * MiB
 RELAY_WRITE_HIGH = 8 * MiB  # bytes queued towards the relay before the NATS callback waits
 RELAY_WRITE_LOW = 2 * MiB
 SUBSCRIPTION_PENDING_BYTES = 256 * MiB  # what nats-py may hold for the callback before it drops (a gap)
+NATS_READ_SIZE = 1 * MiB  # what nats-py reads from its socket at once; its own 32 KiB costs twice the CPU per byte
 GAP_LOG_INTERVAL = 5.0  # an open gap to NATS is logged at least this often
 ERROR_LOG_INTERVAL = 5.0  # the same NATS client error is logged at most this often
 STOP_FLUSH_SECONDS = 1.0
@@ -89,6 +90,7 @@ class BridgeOptions:
     reconnect_buffer: int = 8 * MiB  # bytes buffered for NATS while reconnecting
     reconnect_wait: float = 0.1  # seconds between attempts on the same server
     max_payload: int | None = None  # largest message payload taken from NATS; default: the domain's
+    nats_pending_limit: int = SUBSCRIPTION_PENDING_BYTES  # bytes nats-py may hold while the relay is behind
 
     def __post_init__(self) -> None:
         logic = logic_for(self.domain)  # ValueError for an unknown domain
@@ -106,6 +108,8 @@ class BridgeOptions:
             raise ValueError(f"metrics port must be 0..65535, not {self.metrics_port}")
         if not self.reconnect_wait >= 0:
             raise ValueError("reconnect wait must not be negative")
+        if self.nats_pending_limit < 1:
+            raise ValueError("the NATS pending limit must be at least one byte")
 
 
 @dataclass
@@ -138,6 +142,8 @@ class BridgeFigures:
     reconnects: int = 0
     disconnected_seconds: float = 0.0
     connected: bool = False
+    client_drops: int = 0  # NATS messages nats-py dropped: the relay was behind and its pending limit was reached
+    pending_bytes: int = 0  # what nats-py holds for the relay now (read at scrape time)
 
     def summary(self) -> str:
         t, f, gt, gf = self.to_nats, self.from_nats, self.gap_to_nats, self.gap_from_nats
@@ -147,7 +153,8 @@ class BridgeFigures:
             f"refused {self.refused_payloads} NATS messages; "
             f"gaps: to NATS {gt.messages} messages ({gt.bytes} bytes) in {gt.events}, "
             f"from NATS {gf.messages} messages ({gf.bytes} bytes) in {gf.events}; "
-            f"reconnects {self.reconnects} ({self.disconnected_seconds:.2f} s disconnected)"
+            f"reconnects {self.reconnects} ({self.disconnected_seconds:.2f} s disconnected); "
+            f"dropped by the NATS client {self.client_drops} NATS messages"
         )
 
 
@@ -227,6 +234,7 @@ class Bridge:
         self.id = uuid.uuid4().hex[:16]
         self.figures = BridgeFigures()
         self.nc = None  # the nats.aio.client.Client, once connected
+        self.subscription = None  # its subscription to the subject
         self.nats_url = ""
         self._link: _RelayLink | None = None
         self._outbox: collections.deque[np.ndarray] = collections.deque()
@@ -426,7 +434,14 @@ class Bridge:
         log.warning("reconnected to NATS at %s after %.3f s", self.nats_url, outage)
 
     async def _on_error(self, exc: Exception) -> None:
-        text = f"{type(exc).__name__}: {exc}"
+        from nats.errors import SlowConsumerError
+
+        if isinstance(exc, SlowConsumerError):  # one NATS message dropped; its messages become a gap from NATS
+            self.figures.client_drops += 1
+            limit = self.options.nats_pending_limit
+            text = f"the relay is behind and {limit} bytes wait for it; the NATS client drops NATS messages"
+        else:
+            text = f"{type(exc).__name__}: {exc}"
         now = time.monotonic()
         if text != self._last_error[0] or now - self._last_error[1] > ERROR_LOG_INTERVAL:
             self._last_error = (text, now)
@@ -455,7 +470,9 @@ class Bridge:
             self.nats_url = _url(self.nc)
             self.figures.connected = True
             log.info("connected to NATS at %s (max_payload %d)", self.nats_url, self.nc.max_payload)
-            await self.nc.subscribe(self.subject, cb=self._on_nats, pending_bytes_limit=SUBSCRIPTION_PENDING_BYTES)
+            self.subscription = await self.nc.subscribe(
+                self.subject, cb=self._on_nats, pending_bytes_limit=self.options.nats_pending_limit
+            )
             await self.nc.flush()
             if self.options.metrics_port is not None:
                 metrics = serve_metrics(self, loop, self.options.metrics_port)
@@ -495,6 +512,8 @@ class Bridge:
         ``closed`` is set if the client ever gives up for good.
         """
         import nats
+
+        _widen_nats_reads()
 
         async def on_closed() -> None:
             if not closed.done():
@@ -547,6 +566,21 @@ async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
     return task.result()
 
 
+def _widen_nats_reads() -> None:
+    """Make nats-py read its socket ``NATS_READ_SIZE`` bytes at a time instead of 32 KiB.
+
+    nats-py has no option for it: its read loop and its transports look up
+    the module constant ``DEFAULT_BUFFER_SIZE`` each time. With 32 KiB reads a
+    receiving bridge spends about twice the CPU per byte (a read-loop turn,
+    a StreamReader pause and resume and a growth of the parser's buffer per
+    32 KiB), and at full speed the server drops it as a slow consumer sooner.
+    """
+    import nats.aio.client
+
+    if getattr(nats.aio.client, "DEFAULT_BUFFER_SIZE", NATS_READ_SIZE) < NATS_READ_SIZE:
+        nats.aio.client.DEFAULT_BUFFER_SIZE = NATS_READ_SIZE
+
+
 def _gap_reason(exc: Exception, buffer: int) -> str:
     from nats.errors import OutboundBufferLimitError
 
@@ -572,6 +606,7 @@ class _BridgeCollector:
 
     async def _snapshot(self) -> BridgeFigures:
         f = self.bridge.figures
+        subscription = self.bridge.subscription
         return BridgeFigures(
             Traffic(**vars(f.to_nats)),
             Traffic(**vars(f.from_nats)),
@@ -581,6 +616,8 @@ class _BridgeCollector:
             f.reconnects,
             f.disconnected_seconds,
             f.connected,
+            f.client_drops,
+            subscription.pending_bytes if subscription is not None else 0,
         )
 
     def collect(self) -> Iterator[object]:
@@ -626,9 +663,19 @@ class _BridgeCollector:
         yield counter(
             "jitrelay_bridge_disconnected_seconds_total", "Time spent reconnecting to NATS.", f.disconnected_seconds
         )
-        connected = GaugeMetricFamily("jitrelay_bridge_connected", "1 while connected to NATS.", labels=["domain"])
-        connected.add_metric([domain], 1.0 if f.connected else 0.0)
-        yield connected
+        yield counter(
+            "jitrelay_bridge_client_drops_total",
+            "NATS messages the NATS client dropped because the relay was behind (their messages are a gap from NATS).",
+            f.client_drops,
+        )
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=["domain"])
+            family.add_metric([domain], value)
+            return family
+
+        yield gauge("jitrelay_bridge_connected", "1 while connected to NATS.", 1.0 if f.connected else 0.0)
+        yield gauge("jitrelay_bridge_nats_pending_bytes", "Bytes the NATS client holds for the relay.", f.pending_bytes)
 
 
 def serve_metrics(bridge: Bridge, loop: asyncio.AbstractEventLoop, port: int) -> object:

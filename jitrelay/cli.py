@@ -228,10 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--sources", type=byte_list, metavar="S,S", help="subscribe to messages from one of these sources")
     sub.set_defaults(handler=cmd_sub)
 
-    stats = commands.add_parser("stats", help="print a running relay's counters as a table")
+    stats = commands.add_parser("stats", help="print a running relay's or bridge's counters as a table")
     add_target(stats, domains)
     stats.add_argument(
-        "--url", help="read this Prometheus endpoint (a relay run with --metrics-port) instead of the stats socket"
+        "--url",
+        help="read this Prometheus endpoint instead of the stats socket: a relay's or a bridge's --metrics-port "
+        "(a bridge's figures get the bridge's table)",
     )
     stats.add_argument("--watch", action="store_true", help="redraw every interval, with the rate of each counter")
     stats.add_argument("--interval", type=non_negative_float, default=1.0, help="seconds between --watch tables (1)")
@@ -259,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bridge.add_argument(
         "--max-payload", type=byte_count, metavar="BYTES", help="largest payload taken from NATS (the domain's)"
+    )
+    bridge.add_argument(
+        "--nats-pending-limit",
+        type=byte_count,
+        default=256 << 20,
+        metavar="BYTES",
+        help="what the NATS client may hold while the relay is behind; more is dropped and counted as a gap (256MiB)",
     )
     bridge.add_argument(
         "--metrics-port", type=non_negative, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT"
@@ -318,6 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--stall-prob", type=non_negative_float, default=0.2, help="chance per second that a subscriber stalls (0.2)"
     )
     soak.add_argument("--stall-max", type=non_negative_float, default=2.0, help="longest stall in seconds (2)")
+    soak.add_argument(
+        "--filtered",
+        type=non_negative_float,
+        default=0.5,
+        help="share of subscribers that subscribe at connect to some publishers' sources (0.5)",
+    )
+    soak.add_argument(
+        "--resubscribe",
+        type=non_negative_float,
+        default=0.2,
+        help="chance per second that a subscriber changes its subscription (0.2)",
+    )
     soak.add_argument("--max-size", type=non_negative, default=1024, help="largest message in bytes (1024)")
     soak.add_argument("--seed", type=non_negative, help="random seed, to repeat a run (default: random)")
     soak.add_argument("--json", type=Path, help="also write the report, with memory samples, as JSON here")
@@ -482,6 +503,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             reconnect_buffer=args.reconnect_buffer,
             max_payload=args.max_payload,
+            nats_pending_limit=args.nats_pending_limit,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -1,8 +1,10 @@
-"""``jitrelay stats``: a running relay's figures as a table, once or refreshed with per-second rates.
+"""``jitrelay stats``: a running relay's or bridge's figures as a table, once or refreshed with per-second rates.
 
 The relay serves its figures in Prometheus text format on a control socket
-beside its own socket (and over HTTP when run with ``--metrics-port``); this
-module reads that text, from either place, and lays it out for a person.
+beside its own socket (and over HTTP when run with ``--metrics-port``); a
+``jitrelay bridge`` serves its own over HTTP only. This module reads that
+text, from either place, tells a bridge's from a relay's by its
+``jitrelay_bridge_`` families, and lays it out for a person.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .logic import logic_for
 from .usage import UsageError
 
 STATS_SOCKET_SUFFIX = ".stats.sock"
+BRIDGE_PREFIX = "jitrelay_bridge_"
 READ_TIMEOUT = 5.0
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
@@ -75,6 +78,11 @@ class Reading:
     taken: float
     samples: dict[tuple[str, Labels], float]
 
+    @property
+    def kind(self) -> str:
+        """``bridge`` when the figures are a ``jitrelay bridge``'s, else ``relay``."""
+        return "bridge" if any(name.startswith(BRIDGE_PREFIX) for name, _ in self.samples) else "relay"
+
     def value(self, name: str, **labels: str) -> float:
         return self.samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
@@ -113,6 +121,9 @@ class Row:
 
 
 def table_rows(reading: Reading) -> list[Row]:
+    if reading.kind == "bridge":
+        return bridge_rows(reading)
+
     def each(title: str, name: str, key: str) -> list[Row]:
         return [Row(f"{title} {v}", name, ((key, v),)) for v in reading.label_values(name, key)]
 
@@ -135,6 +146,39 @@ def table_rows(reading: Reading) -> list[Row]:
         *each("slow subscriber actions", "jitrelay_slow_subscriber_actions_total", "action"),
         Row("journal errors", "jitrelay_journal_errors_total"),
     ]
+    return rows + process_rows(reading)
+
+
+def bridge_rows(reading: Reading) -> list[Row]:
+    """A bridge's traffic and gaps, each way, then its NATS connection."""
+    rows = []
+    for way, label in (("to NATS", "to_nats"), ("from NATS", "from_nats")):
+        direction = (("direction", label),)
+        rows += [
+            Row(f"messages {way}", "jitrelay_bridge_messages_total", direction),
+            Row(f"bytes {way}", "jitrelay_bridge_bytes_total", direction),
+            Row(
+                f"NATS messages {'sent' if label == 'to_nats' else 'received'}",
+                "jitrelay_bridge_nats_messages_total",
+                direction,
+            ),
+            Row(f"gap {way} messages", "jitrelay_bridge_gap_messages_total", direction),
+            Row(f"gap {way} bytes", "jitrelay_bridge_gap_bytes_total", direction),
+            Row(f"gaps {way}", "jitrelay_bridge_gaps_total", direction),
+        ]
+    rows += [
+        Row("NATS messages refused", "jitrelay_bridge_refused_total"),
+        Row("NATS messages dropped by the client", "jitrelay_bridge_client_drops_total"),
+        Row("NATS pending bytes", "jitrelay_bridge_nats_pending_bytes", counter=False),
+        Row("reconnects", "jitrelay_bridge_reconnects_total"),
+        Row("seconds disconnected", "jitrelay_bridge_disconnected_seconds_total"),
+        Row("connected to NATS", "jitrelay_bridge_connected", counter=False),
+    ]
+    return rows + process_rows(reading)
+
+
+def process_rows(reading: Reading) -> list[Row]:
+    rows = []
     if ("process_resident_memory_bytes", ()) in reading.samples:
         rows.append(Row("resident memory bytes", "process_resident_memory_bytes", counter=False))
     if ("process_cpu_seconds_total", ()) in reading.samples:
@@ -174,6 +218,19 @@ def forwarding_summary(reading: Reading) -> str:
     return f"forwarding time per batch: {', '.join(parts)} over {_number(count)} batches"
 
 
+def bridge_summary(reading: Reading) -> str:
+    """Each way: the share of messages lost to gaps, and the mean size of the NATS messages that carried the rest."""
+    parts = []
+    for way, label in (("to NATS", "to_nats"), ("from NATS", "from_nats")):
+        carried = reading.value("jitrelay_bridge_messages_total", direction=label)
+        lost = reading.value("jitrelay_bridge_gap_messages_total", direction=label)
+        payloads = reading.value("jitrelay_bridge_nats_messages_total", direction=label)
+        size = reading.value("jitrelay_bridge_bytes_total", direction=label) / payloads if payloads else 0.0
+        share = 100 * lost / (carried + lost) if carried + lost else 0.0
+        parts.append(f"{way} {share:.2f}% of messages lost, {_number(round(size))} bytes per NATS message")
+    return "; ".join(parts)
+
+
 def format_table(reading: Reading, previous: Reading | None = None, source: str = "") -> str:
     """The figures as aligned columns; with an earlier reading, the change since it and the rate per second."""
     rows = table_rows(reading)
@@ -192,14 +249,16 @@ def format_table(reading: Reading, previous: Reading | None = None, source: str 
                 cells += ["", ""]
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    title = f"jitrelay {reading.domain} relay" + (f" ({source})" if source else "")
+    kind = reading.kind
+    title = f"jitrelay {reading.domain} {kind}" + (f" ({source})" if source else "")
     if previous is not None:
         title += f", over the last {elapsed:.2f} s"
     body = [
         "  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)]).rstrip()
         for line in lines
     ]
-    return "\n".join([title, *body, forwarding_summary(reading)])
+    summary = bridge_summary(reading) if kind == "bridge" else forwarding_summary(reading)
+    return "\n".join([title, *body, summary])
 
 
 def watch(fetch: Callable[[], Reading], source: str, out: TextIO, *, interval: float, count: int, clear: bool) -> None:

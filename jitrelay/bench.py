@@ -104,6 +104,7 @@ POLICIES = ("block", "disconnect")
 WORKLOADS = ("w1", "w2", "w1f")
 FILTERED_SUBSCRIBERS = 4  # W1f: one subscriber per TLV type 1..4
 DEFAULT_RELAYS = "jitrelay,raw,zmq,zmq-default,bridge"
+BRIDGE_MAX_PENDING = 256 * MiB  # the servers' queue per client: the bench measures throughput, not their 64 MiB
 PATH_CHECK_SECONDS = 0.2  # a bridged run's path check waits this long for each check message
 
 _HEAD = struct.Struct("<I")
@@ -319,7 +320,7 @@ def bridged_hosts(spec: RelaySpec, notes: dict) -> Iterator[None]:
     relay_b = [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path_b]
     with contextlib.ExitStack() as stack:
         try:
-            cluster = stack.enter_context(NatsCluster(3))
+            cluster = stack.enter_context(NatsCluster(3, max_pending=BRIDGE_MAX_PENDING))
         except NatsClusterError as exc:
             raise BenchError(str(exc)) from exc
         stack.enter_context(RelayProcess("host B relay", relay_b, "relay listening on"))

@@ -96,13 +96,20 @@ class NatsCluster:
     """
 
     def __init__(
-        self, size: int = 3, executable: str | None = None, name: str = "jitrelay", max_payload: int | None = None
+        self,
+        size: int = 3,
+        executable: str | None = None,
+        name: str = "jitrelay",
+        max_payload: int | None = None,
+        max_pending: int | None = None,
     ):
         if size < 1:
             raise ValueError("a cluster needs at least one node")
         self.size = size
         self.name = name
         self.max_payload = max_payload  # the servers' limit on one NATS message; None keeps theirs (1 MiB)
+        # Bytes a server queues for one client before it drops it as a slow consumer; None keeps theirs (64 MiB).
+        self.max_pending = max_pending
         self.executable = executable or nats_server_path()
         self.folder: Path | None = None
         self.nodes: list[NatsNode] = []
@@ -168,9 +175,11 @@ class NatsCluster:
         ]
         if routes:
             command += ["--routes", routes]
-        if self.max_payload is not None:
+        settings = {"max_payload": self.max_payload, "max_pending": self.max_pending}
+        lines = [f"{key}: {value}\n" for key, value in settings.items() if value is not None]
+        if lines:
             config = node.log_path.with_suffix(".conf")
-            config.write_text(f"max_payload: {self.max_payload}\n")
+            config.write_text("".join(lines))
             command += ["-c", str(config)]
         node.proc = subprocess.Popen(
             command,

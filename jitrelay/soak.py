@@ -5,19 +5,38 @@ processes that connect, publish, subscribe, stall and get killed with SIGKILL
 at random, and replaces every client it kills. It answers three questions:
 
 - did any subscriber receive a message that is not exactly what a publisher
-  sent (CRC-32), or miss or repeat one (per-stream sequence with no gap)?
+  sent (CRC-32), miss or repeat one (per-stream sequence with no gap), or
+  receive one its subscription did not ask for?
 - did the relay lose anything for subscribers that stayed connected (a
   subscriber attached before any publisher must verify exactly as many
   messages as the relay says it forwarded)?
 - does its resident memory stay flat once warm?
 
-Streams. Each publisher process is a new stream: its key is a 16-bit counter
-written in the header's ``source`` (low byte) and ``flags`` (high byte), both
-opaque to the relay, and its sequence numbers run from 0. A restarted
-publisher therefore never continues an old stream, and a subscriber checks
-for every key that each message is the previous one plus 1. Key 0 is the
-controller's attach probe. Keys are not reused, which bounds a run to 65,535
-publisher starts.
+Streams. Each publisher process is a new stream, and its sequence numbers
+run from 0. Its key is 16 bits written in the header's ``source`` (low byte)
+and ``flags`` (high byte): the source byte is its publisher slot's (slot 0
+starts on source 1, slot 1 on source 2, ...), so the publishers running at
+any one time have distinct sources and a subscription by source selects whole
+publishers; the flags byte counts the starts on that source, so a replacement
+never continues an old stream. A subscriber checks for every key that each
+message is the previous one plus 1. Keys are not reused: a source moves to a
+free byte after 256 starts, which bounds a run to 65,280 publisher starts.
+Source 0 is the soak's own traffic: the controller's attach probes and the
+subscription beacons and echoes below.
+
+Subscriptions. A ``--filtered`` share of the subscribers (never the witness)
+subscribes at connect to a random subset of the publishers' sources, and any
+subscriber but the witness changes its subscription now and then (another
+subset, or everything again). A change takes effect once the relay has read
+it, so for a while only ``old | new`` is checked; the switch window closes at
+the first message only the new set allows or at the subscriber's echo,
+whichever comes first. The echo makes narrowing changes checkable (from
+everything, no message is ever allowed by the new set only): right behind its
+control message the subscriber sends a beacon on the same connection, and the
+controller's echo connection answers every beacon it receives. The relay
+reads that echo only after it has finished with the beacon, and so with the
+control message before it: the echo, and whatever reaches the subscriber
+after it, was forwarded under the new subscription.
 
 Faults. Publishers write their stream cut at random byte offsets, so the relay
 nearly always holds part of a message from each of them; killing one leaves a
@@ -57,7 +76,7 @@ import time
 import traceback
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +98,12 @@ QUIET_SECONDS = 1.0  # after the publishers end, subscribers idle this long have
 DRAIN_TIMEOUT = 30.0
 MAX_DETAILS = 10  # failure details kept per subscriber
 MAX_KEYS = 1 << 16
-PROBE_KEY = 0
+STARTS_PER_SOURCE = 256  # the flags byte of a stream key
+# Source 0 carries the soak's own traffic, told apart by flags; every subscription includes it.
+SOAK_SOURCE = 0
+PROBE_FLAGS, BEACON_FLAGS, ECHO_FLAGS = 0, 1, 2
+PROBE_KEY = SOAK_SOURCE | PROBE_FLAGS << 8
+UNSUBSCRIBE_SHARE = 0.25  # of a filtered subscriber's changes
 RELAY_OPTIONS = {
     # A stalled subscriber over 1 MiB pending pauses publishers; after 0.5 s it is dropped.
     "disconnect": ("--slow-policy", "disconnect", "--pending-limit", "1MiB", "--slow-timeout", "0.5"),
@@ -93,12 +117,14 @@ _HEADER = struct.Struct("<IBBBBQQII")
 RUNNING, ENDING, STOPPING = 0, 1, 2
 # Shared counters of one client.
 (VERIFIED, CRC, SEQUENCE, HEAD, FRAMING, PROBES, STATE, STALLS, STALL_MS, TAIL, STREAMS, PUBLISHED) = range(12)
-STATS_LEN = 12
+# ... and of a subscriber's subscriptions.
+(SUBSCRIPTION, FILTERED_VERIFIED, SUBSCRIBED, CHANGES, UNSUBSCRIBES, MARKERS, BY_MESSAGE, BY_ECHO) = range(12, 20)
+STATS_LEN = 20
 # Client states.
 STARTING, CONNECTED, CLOSED_BY_RELAY, ENDED, ERROR = range(5)
 STATE_NAMES = ("starting", "connected", "closed_by_relay", "ended", "error")
-FAILURE_KINDS = ("crc", "sequence", "head", "framing")
-FAILURE_SLOTS = dict(zip(FAILURE_KINDS, (CRC, SEQUENCE, HEAD, FRAMING), strict=True))
+FAILURE_KINDS = ("crc", "sequence", "head", "framing", "subscription")
+FAILURE_SLOTS = dict(zip(FAILURE_KINDS, (CRC, SEQUENCE, HEAD, FRAMING, SUBSCRIPTION), strict=True))
 
 
 class SoakError(RuntimeError):
@@ -106,6 +132,13 @@ class SoakError(RuntimeError):
 
 
 # Checking a subscriber's stream
+
+
+Sources = frozenset[int] | None  # the source bytes a subscription allows; None: every source
+
+
+def allows(sources: Sources, source: int) -> bool:
+    return sources is None or source in sources
 
 
 class StreamVerifier:
@@ -118,6 +151,14 @@ class StreamVerifier:
     first message of every stream must also be sequence 0. A bad magic or an
     impossible size means the stream lost its framing: the verifier stops
     (``broken``), since nothing after it can be trusted.
+
+    ``subscribe()`` records a subscription the subscriber has just sent. Until
+    the relay is known to apply it, a message may come from the old set or the
+    new one; this switch window closes at the first message only the new set
+    allows, or at the echo named in the call. From then on a message from
+    another source is a ``subscription`` failure. A source the change adds
+    starts its streams afresh (the relay skipped some of them meanwhile); the
+    streams of a source kept stay whole.
 
     Reads land in ``space()`` and are checked by ``commit()``; only the
     unfinished message at the end is ever moved.
@@ -142,9 +183,19 @@ class StreamVerifier:
         self.seen = 0  # messages framed, valid or not
         self.verified = 0
         self.probes = 0
+        self.markers = 0  # beacons and echoes: source 0, not a stream
         self.failures: Counter[str] = Counter()
         self.details: list[dict] = []
         self.broken = False
+        self.sources: Sources = None  # the latest subscription sent
+        self.allowed: Sources = None  # what may arrive now: ``sources``, or old | new in a switch window
+        self.switching = False
+        self._old: Sources = None
+        self._echo: int | None = None
+        self._whole: Sources = None  # sources selected ever since the start: their streams begin at 0
+        self.filtered_verified = 0  # verified while ``allowed`` was narrower than everything
+        self.closed_by_message = 0
+        self.closed_by_echo = 0
 
     @property
     def tail(self) -> int:
@@ -173,6 +224,29 @@ class StreamVerifier:
             self.commit(n)
             view = view[n:]
 
+    def subscribe(self, sources: Sources, echo: int | None = None) -> None:
+        """The subscriber has just sent a subscription to ``sources`` (None: everything again).
+
+        ``echo`` is the sequence of the echo that proves the relay applies it.
+        Call it only with the previous window closed: a subscriber waits.
+        """
+        if self.switching:
+            raise ValueError("the previous subscription change is still in its switch window")
+        old = self.sources
+        if old is not None:
+            for key in [k for k in self.last if k & 0xFF not in old and allows(sources, k & 0xFF)]:
+                del self.last[key]
+        self._old, self.sources = old, sources
+        self.allowed = None if old is None or sources is None else old | sources
+        if sources is not None:
+            self._whole = sources if self._whole is None else self._whole & sources
+        self._echo = echo
+        self.switching = True
+
+    def _settle(self) -> None:
+        self.allowed = self.sources
+        self.switching = False
+
     def _fail(self, kind: str, **what: Any) -> None:
         self.failures[kind] += 1
         if len(self.details) < MAX_DETAILS:
@@ -199,23 +273,37 @@ class StreamVerifier:
             if stop > end:
                 break
             key = source | flags << 8
+            allowed = self.allowed
             if version != protocol.VERSION or domain != self.domain_id:
                 self._fail("framing", why=f"version {version}, domain {domain}", key=key, seq=seq)
             elif crc32(view[pos + protocol.HEADER_SIZE : stop], crc32(view[pos : pos + protocol.CHECKSUM_COVERED])) != (
                 checksum
             ):
                 self._fail("crc", key=key, seq=seq, size=stop - pos)
-            elif key == PROBE_KEY:
-                self.probes += 1
+            elif allowed is not None and source not in allowed:
+                self._fail("subscription", key=key, seq=seq, allowed=sorted(allowed))
+            elif source == SOAK_SOURCE:
+                if flags == PROBE_FLAGS:
+                    self.probes += 1
+                else:
+                    self.markers += 1
+                    if self.switching and flags == ECHO_FLAGS and seq == self._echo:
+                        self._settle()
+                        self.closed_by_echo += 1
             else:
+                if self.switching and self._old is not None and source not in self._old:
+                    self._settle()  # only the new set allows it: the relay forwarded it under the new one
+                    self.closed_by_message += 1
                 previous = last.get(key)
                 if previous is None:
-                    if self.from_start and seq != 0:
+                    if self.from_start and seq != 0 and allows(self._whole, source):
                         self._fail("head", key=key, seq=seq)
                 elif seq != previous + 1:
                     self._fail("sequence", key=key, expected=previous + 1, got=seq)
                 last[key] = seq
                 self.verified += 1
+                if allowed is not None:
+                    self.filtered_verified += 1
             self.seen += 1
             pos = stop
         self._start = pos
@@ -236,19 +324,32 @@ class ClientConfig:
     max_size: int
     stall_prob: float
     stall_max: float
+    resubscribe_prob: float = 0.0
 
 
-def client_main(kind: str, config: ClientConfig, stats: Any, ctrl: Any, detail_path: str, seed: int, arg: int) -> None:
+@dataclass(frozen=True)
+class SubscriberRole:
+    """Who a subscriber is: its index names its beacons; ``sources`` is its subscription at connect (None: all)."""
+
+    index: int
+    from_start: bool = False  # attached before any publisher: every stream must start at 0
+    witness: bool = False  # never stalls, never changes its subscription
+    sources: Sources = None
+
+
+def client_main(
+    kind: str, config: ClientConfig, stats: Any, ctrl: Any, detail_path: str, seed: int, arg: int | SubscriberRole
+) -> None:
     """Entry point of a client process: ``arg`` is the stream key of a publisher, or a subscriber's role."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when to stop
     rng = random.Random(seed)
     with open(detail_path, "a", buffering=1) as details:
         try:
-            if kind == "pub":
-                run_publisher(config, stats, ctrl, rng, arg)
-            else:
+            if isinstance(arg, SubscriberRole):
                 run_subscriber(config, stats, ctrl, rng, arg, details)
+            else:
+                run_publisher(config, stats, ctrl, rng, arg)
         except BaseException:
             stats[STATE] = ERROR
             details.write(json.dumps({"kind": "error", "traceback": traceback.format_exc()}) + "\n")
@@ -312,17 +413,46 @@ def run_publisher(config: ClientConfig, stats: Any, ctrl: Any, rng: random.Rando
         stats[STATE] = CLOSED_BY_RELAY
 
 
-def run_subscriber(config: ClientConfig, stats: Any, ctrl: Any, rng: random.Random, role: int, details: Any) -> None:
-    """Read and verify every message until the relay closes the connection; stall now and then.
+def soak_message(domain_id: int, flags: int, sequence: int) -> bytes:
+    """A message of the soak's own source: a beacon or an echo, ``sequence`` naming the change it is for."""
+    tlv_type = protocol.DOMAIN_TLV_RANGES[domain_id][0][0]
+    name = b"echo" if flags == ECHO_FLAGS else b"beacon"
+    return protocol.build_message(domain_id, [(tlv_type, name)], source=SOAK_SOURCE, flags=flags, sequence=sequence)
 
-    ``role`` bit 0: attached before any publisher (every stream must start at
-    0); bit 1: the witness, which never stalls.
+
+def pick_sources(rng: random.Random, live: Iterable[int]) -> frozenset[int]:
+    """A random subset of the publishers' sources (one to all but one of them), with the soak's own source."""
+    publishers = sorted({s for s in live if s != SOAK_SOURCE})
+    chosen = rng.sample(publishers, rng.randint(1, max(1, len(publishers) - 1))) if publishers else []
+    return frozenset([SOAK_SOURCE, *chosen])
+
+
+def next_subscription(rng: random.Random, current: Sources, live: Iterable[int]) -> Sources:
+    """A subscriber's next subscription: now and then everything again (None), else another subset."""
+    if current is not None and rng.random() < UNSUBSCRIBE_SHARE:
+        return None
+    live = list(live)
+    sources = pick_sources(rng, live)
+    for _ in range(3):  # another subset, when there is one
+        if sources != current:
+            break
+        sources = pick_sources(rng, live)
+    return sources
+
+
+def run_subscriber(
+    config: ClientConfig, stats: Any, ctrl: Any, rng: random.Random, role: SubscriberRole, details: Any
+) -> None:
+    """Read and verify every message until the relay closes the connection; stall and resubscribe now and then.
+
+    A subscription goes out with a beacon right behind it (``index << 32 |
+    change number``); the echo of that beacon ends the switch window. New
+    subsets are drawn from the publishers' current sources, ``ctrl[1:]``.
     """
-    from_start, witness = bool(role & 1), bool(role & 2)
     verifier = StreamVerifier(
         config.domain_id,
         config.max_payload,
-        from_start=from_start,
+        from_start=role.from_start,
         on_failure=lambda d: details.write(json.dumps(d) + "\n"),
     )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -331,14 +461,40 @@ def run_subscriber(config: ClientConfig, stats: Any, ctrl: Any, rng: random.Rand
     except OSError:
         stats[STATE] = CLOSED_BY_RELAY
         return
-    sock.settimeout(POLL)
     stats[STATE] = CONNECTED
-    next_stall = time.monotonic() + 1.0
+    changes = 0
+
+    def subscribe(sources: Sources) -> bool:
+        """Send the subscription and its beacon; False when the relay has closed the connection."""
+        nonlocal changes
+        changes += 1
+        tag = role.index << 32 | changes
+        control = protocol.unsubscribe_message() if sources is None else protocol.subscribe_message(sources=sources)
+        verifier.subscribe(sources, echo=tag)
+        try:
+            sock.sendall(control + soak_message(config.domain_id, BEACON_FLAGS, tag))
+        except OSError:
+            return False  # the next read sees the close
+        return True
+
+    if role.sources is not None and subscribe(role.sources):
+        stats[SUBSCRIBED] = 1
+    sock.settimeout(POLL)
+    next_stall = next_change = time.monotonic() + 1.0
     while True:
-        if not witness and config.stall_prob and time.monotonic() >= next_stall:
+        if not role.witness and config.stall_prob and time.monotonic() >= next_stall:
             if ctrl[0] == RUNNING and rng.random() < config.stall_prob:
                 _stall(rng.uniform(STALL_MIN, max(STALL_MIN, config.stall_max)), stats, ctrl)
             next_stall = time.monotonic() + 1.0
+        if not role.witness and config.resubscribe_prob and time.monotonic() >= next_change:
+            if ctrl[0] == RUNNING and not verifier.switching and rng.random() < config.resubscribe_prob:
+                sources = next_subscription(rng, verifier.sources, ctrl[1:])
+                sock.settimeout(None)  # a few bytes: never a partial send
+                if subscribe(sources):
+                    stats[CHANGES] += 1
+                    stats[UNSUBSCRIBES] += int(sources is None)
+                sock.settimeout(POLL)
+            next_change = time.monotonic() + 1.0
         try:
             received = sock.recv_into(verifier.space())
         except TimeoutError:
@@ -353,6 +509,10 @@ def run_subscriber(config: ClientConfig, stats: Any, ctrl: Any, rng: random.Rand
         stats[VERIFIED] = verifier.verified
         stats[PROBES] = verifier.probes
         stats[STREAMS] = len(verifier.last)
+        stats[FILTERED_VERIFIED] = verifier.filtered_verified
+        stats[MARKERS] = verifier.markers
+        stats[BY_MESSAGE] = verifier.closed_by_message
+        stats[BY_ECHO] = verifier.closed_by_echo
         for kind, slot in FAILURE_SLOTS.items():
             stats[slot] = verifier.failures[kind]
         if verifier.broken:
@@ -474,6 +634,7 @@ def parse_stop_summary(lines: list[str]) -> dict | None:
         "forwarded": number(r"forwarded (\d+)"),
         "rejected": counts("rejected"),
         "faults": counts("faults"),
+        "control": number(r"control messages (\d+)"),
         "slow_dropped": number(r"slow subscribers dropped (\d+)"),
         "connections": number(r"connections (\d+)"),
         "line": line,
@@ -491,6 +652,61 @@ def torn_messages(lines: list[str]) -> int:
     return sum("closed mid-message" in line for line in lines)
 
 
+class Echo:
+    """The controller's connection that answers every subscriber's beacon with an echo.
+
+    It subscribes to the soak's source only. The relay reads an echo only
+    after it has finished with the beacon it answers, and so with the
+    subscription sent just before that beacon: the echo reaches the
+    subscriber under its new subscription.
+    """
+
+    def __init__(self, config: ClientConfig):
+        self.domain_id = config.domain_id
+        self.beacons = 0
+        self.echoes = 0
+        self.error: str | None = None
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(config.socket_path)
+            self.sock.sendall(protocol.subscribe_message(sources=[SOAK_SOURCE]))
+        except OSError as exc:
+            self.sock.close()
+            raise SoakError(f"the echo connection could not subscribe: {exc}") from exc
+        self._thread = threading.Thread(target=self._run, name="soak-echo", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        buf = bytearray()
+        try:
+            while data := self.sock.recv(MiB):
+                buf += data
+                pos = 0
+                while len(buf) - pos >= protocol.HEADER_SIZE:
+                    magic, _, _, source, flags, seq, _, size, _ = _HEADER.unpack_from(buf, pos)
+                    if magic != protocol.MAGIC:
+                        self.error = f"bad magic after {self.beacons} beacons"
+                        return
+                    stop = pos + protocol.HEADER_SIZE + size
+                    if stop > len(buf):
+                        break
+                    if source == SOAK_SOURCE and flags == BEACON_FLAGS:
+                        self.beacons += 1
+                        self.sock.sendall(soak_message(self.domain_id, ECHO_FLAGS, seq))
+                        self.echoes += 1
+                    pos = stop
+                del buf[:pos]
+        except OSError as exc:
+            self.error = repr(exc)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send nothing more: the relay reads what was sent, then closes its side and the reader ends."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        self._thread.join(timeout)
+        self.sock.close()
+
+
 # The controller
 
 
@@ -502,8 +718,10 @@ class Client:
     stats: Any
     detail_path: Path
     key: int = -1  # publisher's stream key
+    slot: int = -1  # publisher's slot: its source byte is the slot's
     from_start: bool = False
     witness: bool = False
+    filtered: bool = False  # subscribed at connect
     killed: bool = False
     replaced: bool = False
     hung: bool = False
@@ -523,6 +741,8 @@ class SoakOptions:
     churn: float = 1.0
     stall_prob: float = 0.2
     stall_max: float = 2.0
+    filtered: float = 0.5
+    resubscribe: float = 0.2
     max_size: int = 1024
     seed: int | None = None
     json_path: Path | None = None
@@ -541,10 +761,13 @@ class Soak:
         self.logic = logic_for(opts.domain)
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(["jitrelay.soak", "jitrelay.client"])
-        self.ctrl = self.ctx.RawArray("q", 1)
+        # The phase, then each publisher slot's source: slot i starts on source i + 1.
+        self.ctrl = self.ctx.RawArray("q", 1 + opts.publishers)
+        self.ctrl[1:] = list(range(1, 1 + opts.publishers))
         self.clients: list[Client] = []
         self._indexes = itertools.count()
-        self._keys = itertools.count(PROBE_KEY + 1)
+        self._starts: Counter[int] = Counter()  # publisher starts per source byte
+        self.echo: Echo | None = None
         self.rss_samples: list[tuple[float, int]] = []
         self.kills = Counter()
         self.replaced = Counter()
@@ -564,23 +787,26 @@ class Soak:
             max_size=min(opts.max_size, protocol.HEADER_SIZE + self.logic.max_payload),
             stall_prob=opts.stall_prob,
             stall_max=opts.stall_max,
+            resubscribe_prob=opts.resubscribe,
         )
         self.relay: RelayUnderTest | None = None
 
     # clients
 
-    def spawn(self, kind: str, *, from_start: bool = False, witness: bool = False) -> Client:
+    def spawn(self, kind: str, *, slot: int = -1, from_start: bool = False, witness: bool = False) -> Client:
+        """Start a publisher in ``slot``, or a subscriber (filtered at connect by the ``--filtered`` share)."""
         index = next(self._indexes)
         stats = self.ctx.RawArray("q", STATS_LEN)
         detail_path = self.run_dir / f"{kind}-{index}.jsonl"
         key = -1
+        filtered = False
+        arg: int | SubscriberRole
         if kind == "pub":
-            key = next(self._keys)
-            if key >= MAX_KEYS:
-                raise SoakError(f"ran out of stream keys after {MAX_KEYS - 1} publisher starts")
-            arg = key
+            key = arg = self._stream_key(slot)
         else:
-            arg = int(from_start) | int(witness) << 1
+            filtered = not witness and self.rng.random() < self.opts.filtered
+            sources = pick_sources(self.rng, self.ctrl[1:]) if filtered else None
+            arg = SubscriberRole(index, from_start=from_start, witness=witness, sources=sources)
         seed = (self.seed * 1_000_003 + index) % (1 << 63)
         proc = self.ctx.Process(
             target=client_main,
@@ -589,9 +815,23 @@ class Soak:
             daemon=True,
         )
         proc.start()
-        client = Client(kind, index, proc, stats, detail_path, key, from_start, witness)
+        client = Client(kind, index, proc, stats, detail_path, key, slot, from_start, witness, filtered)
         self.clients.append(client)
         return client
+
+    def _stream_key(self, slot: int) -> int:
+        """A new stream for ``slot``: its source byte, unless that has had its 256 starts, and the next flags."""
+        source = self.ctrl[1 + slot]
+        if self._starts[source] >= STARTS_PER_SOURCE:
+            held = set(self.ctrl[1:])
+            free = [s for s in range(1, 256) if s not in held and self._starts[s] < STARTS_PER_SOURCE]
+            if not free:
+                raise SoakError(f"ran out of stream keys after {sum(self._starts.values())} publisher starts")
+            source = min(free, key=lambda s: (self._starts[s], s))
+            self.ctrl[1 + slot] = source
+        flags = self._starts[source]
+        self._starts[source] += 1
+        return source | flags << 8
 
     def live(self, kind: str | None = None) -> list[Client]:
         return [c for c in self.clients if not c.killed and c.proc.is_alive() and kind in (None, c.kind)]
@@ -605,7 +845,7 @@ class Soak:
         victim.proc.join(2)
         victim.killed = True
         self.kills[victim.kind] += 1
-        self.spawn(victim.kind)
+        self.spawn(victim.kind, slot=victim.slot)
 
     def replace_exited(self) -> None:
         """A client that ended on its own (dropped as slow, refused) gets a successor, as a killed one does."""
@@ -613,7 +853,7 @@ class Soak:
             if not client.killed and not client.replaced and client.proc.exitcode is not None:
                 client.replaced = True
                 self.replaced[client.kind] += 1
-                self.spawn(client.kind)
+                self.spawn(client.kind, slot=client.slot)
 
     # phases
 
@@ -647,8 +887,8 @@ class Soak:
     def load(self) -> None:
         """The timed part: publishers run, the churn kills and replaces clients, memory is sampled."""
         opts = self.opts
-        for _ in range(opts.publishers):
-            self.spawn("pub")
+        for slot in range(opts.publishers):
+            self.spawn("pub", slot=slot)
         self.t0 = time.monotonic()
         end = self.t0 + opts.duration
         next_kill = self.t0 + self.rng.expovariate(opts.churn) if opts.churn > 0 else float("inf")
@@ -677,7 +917,7 @@ class Soak:
     def progress(self, elapsed: float) -> None:
         published = sum(c.stats[PUBLISHED] for c in self.clients if c.kind == "pub")
         verified = sum(c.stats[VERIFIED] for c in self.clients if c.kind == "sub")
-        failures = sum(c.stats[k] for c in self.clients if c.kind == "sub" for k in (CRC, SEQUENCE, HEAD, FRAMING))
+        failures = sum(c.stats[k] for c in self.clients if c.kind == "sub" for k in FAILURE_SLOTS.values())
         rss = self.rss_samples[-1][1] / MiB if self.rss_samples else float("nan")
         print(
             f"soak {elapsed:5.0f} s: published {published:,}, verified {verified:,}, failures {failures}, "
@@ -706,6 +946,8 @@ class Soak:
             elif time.monotonic() - quiet_since >= QUIET_SECONDS:
                 break
             time.sleep(0.05)
+        if self.echo is not None:
+            self.echo.close()
         self.sample_rss()
         self.ctrl[0] = STOPPING
         code = self.relay.stop()
@@ -723,6 +965,8 @@ class Soak:
         try:
             self.relay.wait_ready()
             self.sample_rss()
+            if self.opts.filtered or self.opts.resubscribe:
+                self.echo = Echo(self.config)
             self.attach_subscribers()
             self.load()
             exit_code = self.finish()
@@ -736,6 +980,8 @@ class Soak:
                     client.proc.kill()
                     client.proc.join(2)
             self.relay.stop()
+            if self.echo is not None:
+                self.echo.close(timeout=2.0)
         report = self.report(exit_code)
         if self.own_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -760,7 +1006,9 @@ class Soak:
             for kind, slot in FAILURE_SLOTS.items():
                 failures[kind] += client.stats[slot]
         errors = [c for c in self.clients if c.stats[STATE] == ERROR and not self._broken(c)]
-        failures["client_error"] = len(errors)
+        echo = self.echo
+        echo_error = echo.error if echo is not None else None
+        failures["client_error"] = len(errors) + (echo_error is not None)
         hung = [c for c in self.clients if c.hung]
         failures["client_hung"] = len(hung)
         closed = [c for c in subs if not c.killed and c.stats[STATE] == CLOSED_BY_RELAY]
@@ -772,10 +1020,15 @@ class Soak:
         torn = [c for c in subs if c.stats[STATE] == ENDED and c.stats[TAIL]]
         failures["torn_tail"] = len(torn)
         forwarded = summary["forwarded"] if summary else None
-        complete = [c for c in subs if c.from_start and not c.killed and c.stats[STATE] == ENDED]
+        complete = [
+            c
+            for c in subs
+            if c.from_start and not c.killed and c.stats[STATE] == ENDED and not c.filtered and not c.stats[CHANGES]
+        ]
+        soak_traffic = self.probes_sent + (echo.beacons + echo.echoes if echo is not None else 0)
         missing = {}
         if forwarded is not None:
-            expected = forwarded - self.probes_sent
+            expected = forwarded - soak_traffic
             missing = {f"sub-{c.index}": expected - c.stats[VERIFIED] for c in complete}
             failures["missing"] = sum(1 for m in missing.values() if m)
         rejected = summary["rejected"] if summary else None
@@ -788,6 +1041,8 @@ class Soak:
             if client.detail_path.exists():
                 for line in client.detail_path.read_text().splitlines()[:MAX_DETAILS]:
                     details.append({"client": f"{client.kind}-{client.index}", **json.loads(line)})
+        if echo_error is not None:
+            details.append({"client": "echo", "kind": "error", "error": echo_error})
         for client in torn:
             details.append({"client": f"sub-{client.index}", "kind": "torn_tail", "bytes": client.stats[TAIL]})
         for client in hung:
@@ -812,6 +1067,8 @@ class Soak:
                 "churn_per_s": opts.churn,
                 "stall_prob": opts.stall_prob,
                 "stall_max_s": opts.stall_max,
+                "filtered": opts.filtered,
+                "resubscribe_prob": opts.resubscribe,
                 "max_size": self.config.max_size,
                 "relay_options": list(self.relay_options()),
             },
@@ -824,8 +1081,19 @@ class Soak:
             "failures": dict(failures),
             "failure_details": details[:20],
             "complete_subscribers": {
-                "expected_each": None if forwarded is None else forwarded - self.probes_sent,
+                "expected_each": None if forwarded is None else forwarded - soak_traffic,
                 "missing": missing,
+            },
+            "subscriptions": {
+                "subscribed_at_connect": sum(1 for c in subs if c.stats[SUBSCRIBED]),
+                "subscribers_changed": sum(1 for c in subs if c.stats[CHANGES]),
+                "changes": sum(c.stats[CHANGES] for c in subs),
+                "unsubscribes": sum(c.stats[UNSUBSCRIBES] for c in subs),
+                "messages_verified": sum(c.stats[FILTERED_VERIFIED] for c in subs),
+                "windows_closed_by_message": sum(c.stats[BY_MESSAGE] for c in subs),
+                "windows_closed_by_echo": sum(c.stats[BY_ECHO] for c in subs),
+                "beacons_echoed": echo.beacons if echo is not None else 0,
+                "relay_control_messages": summary["control"] if summary else None,
             },
             "faults": {
                 "clients_killed": sum(self.kills.values()),
@@ -882,6 +1150,7 @@ def format_report(report: dict) -> str:
     summary = relay["summary"] or {}
     expected = report["complete_subscribers"]["expected_each"]
     missing = report["complete_subscribers"]["missing"]
+    subs = report["subscriptions"]
 
     def mib(x: float | None) -> str:
         return "-" if x is None else f"{x:.1f}"
@@ -896,10 +1165,22 @@ def format_report(report: dict) -> str:
         (
             "verification failures",
             f"{report['verification_failures']} ("
-            + ", ".join(f"{k} {v}" for k, v in fail.items() if v or k in ("crc", "sequence"))
+            + ", ".join(f"{k} {v}" for k, v in fail.items() if v or k in ("crc", "sequence", "subscription"))
             + ")",
         ),
         ("gaps", str(report["gaps"])),
+        (
+            "subscriptions",
+            f"{subs['subscribed_at_connect']} at connect, {subs['changes']} changes by "
+            f"{subs['subscribers_changed']} subscribers ({subs['unsubscribes']} unsubscribes); "
+            f"relay read {'-' if subs['relay_control_messages'] is None else subs['relay_control_messages']} "
+            "control messages",
+        ),
+        (
+            "verified under a subscription",
+            f"{subs['messages_verified']:,} (switch windows closed: {subs['windows_closed_by_message']} by a "
+            f"message, {subs['windows_closed_by_echo']} by the echo)",
+        ),
         (
             "complete subscribers",
             "-"
@@ -951,6 +1232,12 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> SoakOpti
         raise UsageError("need at least one publisher and one subscriber")
     if not 0 <= args.stall_prob <= 1:
         raise UsageError("--stall-prob is a probability per second, 0..1")
+    if not 0 <= args.filtered <= 1:
+        raise UsageError("--filtered is a share of the subscribers, 0..1")
+    if not 0 <= args.resubscribe <= 1:
+        raise UsageError("--resubscribe is a probability per second, 0..1")
+    if args.publishers > 255:
+        raise UsageError("at most 255 publishers: each has a source byte of its own")
     if args.max_size < protocol.HEADER_SIZE + 2:
         raise UsageError(f"--max-size must be at least {protocol.HEADER_SIZE + 2} bytes (a header and one record)")
     if args.churn * args.duration > MAX_KEYS // 4:
@@ -964,6 +1251,8 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> SoakOpti
         churn=args.churn,
         stall_prob=args.stall_prob,
         stall_max=args.stall_max,
+        filtered=args.filtered,
+        resubscribe=args.resubscribe,
         max_size=args.max_size,
         seed=args.seed,
         json_path=args.json,

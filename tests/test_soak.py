@@ -18,15 +18,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import StartRelay
+from conftest import RelayProcess, StartRelay
 from reference import message, standard_record
 
 from jitrelay import soak
 from jitrelay.cli import main
-from jitrelay.soak import StreamVerifier, parse_stop_summary, slow_dropped_pids, torn_messages
+from jitrelay.soak import (
+    ECHO_FLAGS,
+    SoakOptions,
+    StreamVerifier,
+    parse_stop_summary,
+    pick_sources,
+    slow_dropped_pids,
+    torn_messages,
+)
 
 MARKET_DATA = 1
 MAX_PAYLOAD = 1 << 20
@@ -43,6 +52,20 @@ def stream(key: int, sequences: range | list[int], value: bytes = b"tick") -> li
 
 def verifier(**kwargs: object) -> StreamVerifier:
     return StreamVerifier(MARKET_DATA, MAX_PAYLOAD, **kwargs)
+
+
+def echo(sequence: int) -> bytes:
+    """The controller's answer to a subscriber's beacon: source 0, echo flags, the beacon's sequence."""
+    return message(MARKET_DATA, standard_record(1, b"echo"), source=0, flags=ECHO_FLAGS, sequence=sequence)
+
+
+def subscribed(sources: set[int], **kwargs: object) -> StreamVerifier:
+    """A verifier whose subscription to ``sources`` is in force (its echo has come back)."""
+    v = verifier(**kwargs)
+    v.subscribe(frozenset(sources), echo=1)
+    v.feed(echo(1))
+    assert not v.switching
+    return v
 
 
 def test_interleaved_streams_verify_byte_by_byte() -> None:
@@ -137,10 +160,121 @@ def test_failure_details_reach_the_callback() -> None:
     assert seen == [{"kind": "sequence", "message": 1, "key": 1, "expected": 1, "got": 2}]
 
 
+def test_message_outside_the_subscription_fails() -> None:
+    v = verifier()
+    v.subscribe(frozenset({0, 1}), echo=7)
+    v.feed(b"".join(stream(2, [0])))  # before the echo the relay may still send everything
+    v.feed(echo(7))
+    v.feed(b"".join(stream(2, [1]) + stream(1, range(3))))
+    assert v.failures == {"subscription": 1}
+    assert v.details == [{"kind": "subscription", "message": 2, "key": 2, "seq": 1, "allowed": [0, 1]}]
+    assert (v.verified, v.filtered_verified, v.markers) == (4, 3, 1)
+    assert (v.closed_by_echo, v.closed_by_message) == (1, 0)
+
+
+def test_switch_window_allows_old_or_new_until_a_message_only_the_new_set_allows() -> None:
+    v = subscribed({0, 1, 2})
+    v.subscribe(frozenset({0, 2, 3}), echo=9)
+    a1, a2, a3 = stream(1, range(10)), stream(2, range(10)), stream(3, range(10))
+    v.feed(a1[0] + a2[0] + a1[1] + a2[1])  # old and kept sources: the relay has not read the change yet
+    assert not v.failures and v.switching
+    v.feed(a3[0])  # only the new set allows source 3: the change is in force
+    assert not v.switching and v.closed_by_message == 1
+    v.feed(a2[2] + a1[2] + a3[1] + echo(9))  # source 1 now comes too late; the echo changes nothing
+    assert v.failures == {"subscription": 1}
+    assert v.details[0] == {"kind": "subscription", "message": 7, "key": 1, "seq": 2, "allowed": [0, 2, 3]}
+    assert v.verified == 7 and v.closed_by_echo == 1  # the first subscription's, from ``subscribed``
+
+
+def test_narrowing_change_closes_at_its_own_echo() -> None:
+    """From {1, 2} to {1}: no message is allowed by the new set only, so the echo closes the window."""
+    v = subscribed({0, 1, 2})
+    v.subscribe(frozenset({0, 1}), echo=5 << 32 | 2)
+    v.feed(b"".join(stream(2, range(3)) + stream(1, range(3))))
+    v.feed(echo(6 << 32 | 2))  # another subscriber's echo
+    v.feed(b"".join(stream(2, [3])))
+    assert not v.failures and v.switching
+    v.feed(echo(5 << 32 | 2) + b"".join(stream(1, [3]) + stream(2, [4])))
+    assert v.failures == {"subscription": 1} and v.details[0]["key"] == 2
+    assert v.closed_by_echo == 2 and v.markers == 3
+
+
+def test_subscription_from_everything_is_checked_only_after_its_echo() -> None:
+    v = verifier()
+    v.subscribe(frozenset({1}), echo=3)
+    v.feed(b"".join(stream(2, range(5))))  # the change may not be in force yet: all of these are fine
+    assert not v.failures and v.filtered_verified == 0
+    v.feed(echo(3) + b"".join(stream(2, [5])))
+    assert v.failures == {"subscription": 1}
+
+
+def test_gap_in_a_selected_source_fails() -> None:
+    v = subscribed({0, 1, 2})
+    v.feed(b"".join(stream(1, [0, 1, 3])))
+    assert v.failures == {"sequence": 1}
+    assert v.details[0] == {"kind": "sequence", "message": 3, "key": 1, "expected": 2, "got": 3}
+
+
+def test_gap_across_a_change_that_keeps_the_source_fails() -> None:
+    v = subscribed({0, 1, 2})
+    v.feed(b"".join(stream(1, [0, 1])))
+    v.subscribe(frozenset({0, 1, 3}), echo=2)
+    v.feed(echo(2) + b"".join(stream(1, [5])))
+    assert v.failures == {"sequence": 1} and v.details[0]["expected"] == 2
+
+
+def test_added_source_starts_its_streams_afresh() -> None:
+    v = subscribed({0, 1, 2}, from_start=True)
+    v.feed(b"".join(stream(2, [0, 1]) + stream(1, [0])))
+    v.subscribe(frozenset({0, 1}), echo=2)
+    v.feed(echo(2))
+    v.subscribe(frozenset({0, 1, 2}), echo=3)
+    v.feed(b"".join(stream(2, [40, 41]) + stream(1, [1])))  # source 2 is back: its stream goes on from where it is
+    assert not v.failures
+    v.feed(b"".join(stream(0x101, [5])))  # a new stream on source 1, selected all along, must start at 0
+    assert v.failures == {"head": 1} and v.details[0]["key"] == 0x101
+
+
+def test_unsubscribe_closes_at_the_first_message_of_another_source() -> None:
+    v = subscribed({1})
+    v.subscribe(None, echo=2)
+    v.feed(b"".join(stream(1, range(2))))
+    assert v.switching
+    v.feed(b"".join(stream(7, range(2))))
+    assert not v.switching and v.closed_by_message == 1 and v.allowed is None
+    assert not v.failures and v.verified == 4
+
+
+def test_a_change_waits_for_the_previous_window() -> None:
+    v = verifier()
+    v.subscribe(frozenset({1}), echo=1)
+    with pytest.raises(ValueError, match="switch window"):
+        v.subscribe(frozenset({2}), echo=2)
+
+
+def test_picked_sources_are_a_proper_subset_with_the_soak_source() -> None:
+    rng = random.Random(3)
+    picks = {pick_sources(rng, [0, 4, 5, 6]) for _ in range(200)}
+    assert all(0 in p and 2 <= len(p) <= 3 and p <= {0, 4, 5, 6} for p in picks)
+    assert len(picks) == 6  # every subset of one or two of the three publishers
+    assert pick_sources(rng, [9]) == {0, 9}
+
+
+def test_publisher_slots_keep_distinct_sources(tmp_path: Path) -> None:
+    """Replacements take their slot's source with the next flags; after 256 starts the slot moves to a free byte."""
+    run = soak.Soak(SoakOptions(publishers=3, socket_dir=tmp_path))
+    keys = [run._stream_key(0) for _ in range(258)]
+    assert keys[:3] == [0x001, 0x101, 0x201] and keys[255] == 0xFF01
+    assert keys[256:] == [0x004, 0x104]  # 2 and 3 are held by slots 1 and 2
+    assert list(run.ctrl[1:]) == [4, 2, 3]
+    assert run._stream_key(1) == 0x002
+    assert len(set(keys)) == len(keys)
+
+
 STOP_LINE = (
     "2024-05-01 10:00:00,000 INFO jitrelay.relay: jitrelay market_data relay stopped: received 1200 messages, "
-    "forwarded 1190 (84490 bytes in 31 batches), rejected {'bad_checksum': 7, 'malformed_tlv': 3}, faults 0, "
-    "slow subscribers dropped 2, connections 9"
+    "forwarded 1190 (84490 bytes in 31 batches), rejected {'bad_checksum': 7, 'malformed_tlv': 3}, "
+    "control messages 4, faults 0, slow subscribers dropped 2, connections 9, refused 0, journal errors 0"
 )
 
 
@@ -153,6 +287,7 @@ def test_parse_stop_summary() -> None:
         "forwarded": 1190,
         "rejected": {"bad_checksum": 7, "malformed_tlv": 3},
         "faults": {},
+        "control": 4,
         "slow_dropped": 2,
         "connections": 9,
     }
@@ -168,6 +303,24 @@ def test_log_lines_for_drops_and_torn_messages() -> None:
     ]
     assert slow_dropped_pids(lines) == {81240}
     assert torn_messages(lines) == 2
+
+
+def probe_until_attached(relay: RelayProcess, stats: list[int]) -> None:
+    """Until the subscriber hears a probe, the relay may not have it yet."""
+    with relay.connect() as probe:
+        deadline = time.monotonic() + 10
+        while not stats[soak.PROBES]:
+            assert time.monotonic() < deadline, "the subscriber never attached"
+            probe.sendall(message(MARKET_DATA, standard_record(1, b"probe")))
+            time.sleep(0.02)
+        probe.shutdown(socket.SHUT_WR)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
 
 
 def test_publisher_and_subscriber_roles(start_relay: StartRelay) -> None:
@@ -186,18 +339,12 @@ def test_publisher_and_subscriber_roles(start_relay: StartRelay) -> None:
     ctrl = [soak.RUNNING]
     sub_stats, pub_stats = [0] * soak.STATS_LEN, [0] * soak.STATS_LEN
     details = io.StringIO()
-    from_start = 1
+    role = soak.SubscriberRole(0, from_start=True)
     subscriber = threading.Thread(
-        target=soak.run_subscriber, args=(config, sub_stats, ctrl, random.Random(1), from_start, details)
+        target=soak.run_subscriber, args=(config, sub_stats, ctrl, random.Random(1), role, details)
     )
     subscriber.start()
-    with relay.connect() as probe:  # until the subscriber hears a probe, the relay may not have it yet
-        deadline = time.monotonic() + 10
-        while not sub_stats[soak.PROBES]:
-            assert time.monotonic() < deadline, "the subscriber never attached"
-            probe.sendall(message(MARKET_DATA, standard_record(1, b"probe")))
-            time.sleep(0.02)
-        probe.shutdown(socket.SHUT_WR)
+    probe_until_attached(relay, sub_stats)
     publisher = threading.Thread(target=soak.run_publisher, args=(config, pub_stats, ctrl, random.Random(2), 0x0102))
     publisher.start()
     time.sleep(1.6)
@@ -215,8 +362,73 @@ def test_publisher_and_subscriber_roles(start_relay: StartRelay) -> None:
     assert sub_stats[soak.VERIFIED] == pub_stats[soak.PUBLISHED]
     assert sub_stats[soak.STREAMS] == 1 and sub_stats[soak.TAIL] == 0
     assert sub_stats[soak.STALLS] >= 1
-    assert [sub_stats[slot] for slot in soak.FAILURE_SLOTS.values()] == [0, 0, 0, 0], details.getvalue()
+    assert [sub_stats[slot] for slot in soak.FAILURE_SLOTS.values()] == [0] * 5, details.getvalue()
     assert details.getvalue() == ""
+
+
+def test_filtered_subscriber_receives_exactly_its_sources(start_relay: StartRelay) -> None:
+    """Two publishers, one subscriber to source 1 only and one to everything, all checked against a real relay.
+
+    The filtered subscriber subscribes at connect and waits for its echo before
+    the publishers start: from then on it must verify every message of
+    publisher 1 and nothing of publisher 2, while the other verifies both
+    streams, the beacon and the echo.
+    """
+    relay = start_relay("market_data")
+    config = soak.ClientConfig(
+        socket_path=str(relay.socket_path),
+        domain="market_data",
+        domain_id=MARKET_DATA,
+        max_payload=MAX_PAYLOAD,
+        publisher_rate=2000.0,
+        max_size=300,
+        stall_prob=0.0,
+        stall_max=0.0,
+    )
+    ctrl = [soak.RUNNING, 1, 2]  # the phase, then the publishers' sources
+    echo_connection = soak.Echo(config)
+    everything, one = [0] * soak.STATS_LEN, [0] * soak.STATS_LEN
+    pubs = [[0] * soak.STATS_LEN, [0] * soak.STATS_LEN]
+    details = io.StringIO()
+    roles = [soak.SubscriberRole(3, from_start=True, witness=True), soak.SubscriberRole(4, sources=frozenset({0, 1}))]
+    subscribers = [
+        threading.Thread(target=soak.run_subscriber, args=(config, stats, ctrl, random.Random(i), role, details))
+        for i, (stats, role) in enumerate(zip([everything, one], roles, strict=True))
+    ]
+    subscribers[0].start()
+    probe_until_attached(relay, everything)
+    subscribers[1].start()
+    wait_for(lambda: one[soak.BY_ECHO] == 1, "the filtered subscriber's echo never came")
+    publishers = [
+        threading.Thread(target=soak.run_publisher, args=(config, stats, ctrl, random.Random(10 + key), key))
+        for key, stats in zip([1, 2], pubs, strict=True)
+    ]
+    for thread in publishers:
+        thread.start()
+    time.sleep(1.5)
+    ctrl[0] = soak.ENDING
+    for thread in publishers:
+        thread.join(10)
+    published = [stats[soak.PUBLISHED] for stats in pubs]
+    wait_for(lambda: everything[soak.VERIFIED] == sum(published), "the unfiltered subscriber fell short")
+    wait_for(lambda: one[soak.VERIFIED] >= published[0], "the filtered subscriber fell short")
+    echo_connection.close()
+    ctrl[0] = soak.STOPPING
+    relay.kill()
+    for thread in subscribers:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in publishers + subscribers)
+    assert details.getvalue() == ""
+    assert min(published) > 500 and [stats[soak.STATE] for stats in pubs] == [soak.ENDED, soak.ENDED]
+    assert one[soak.STATE] == everything[soak.STATE] == soak.ENDED
+    assert (one[soak.VERIFIED], one[soak.FILTERED_VERIFIED], one[soak.STREAMS]) == (published[0], published[0], 1)
+    assert (one[soak.SUBSCRIBED], one[soak.MARKERS], one[soak.BY_MESSAGE]) == (1, 1, 0)
+    assert (everything[soak.VERIFIED], everything[soak.STREAMS], everything[soak.MARKERS]) == (sum(published), 2, 2)
+    assert everything[soak.FILTERED_VERIFIED] == 0
+    for stats in (one, everything):
+        assert [stats[slot] for slot in soak.FAILURE_SLOTS.values()] == [0] * len(soak.FAILURE_SLOTS)
+        assert stats[soak.TAIL] == 0
+    assert (echo_connection.beacons, echo_connection.echoes, echo_connection.error) == (1, 1, None)
 
 
 @pytest.mark.parametrize(
@@ -229,6 +441,9 @@ def test_publisher_and_subscriber_roles(start_relay: StartRelay) -> None:
         (["--stall-prob", "1.5"], "probability"),
         (["--max-size", "33"], "at least 34 bytes"),
         (["--churn", "1000", "--duration", "100"], "stream keys"),
+        (["--filtered", "1.5"], "share of the subscribers"),
+        (["--resubscribe", "2"], "probability per second"),
+        (["--publishers", "256"], "at most 255 publishers"),
     ],
 )
 def test_impossible_soak_is_a_usage_error(args: list[str], error: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -238,10 +453,11 @@ def test_impossible_soak_is_a_usage_error(args: list[str], error: str, capsys: p
 
 @pytest.mark.timeout(150)
 def test_short_soak(tmp_path: Path) -> None:
-    """20 s of load with a SIGKILL a second: every message checks out and memory stays flat."""
+    """20 s of load with a SIGKILL a second and filtered subscribers: every message checks out, memory stays flat."""
     report_path = tmp_path / "soak.json"
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}  # the relay runs compiled
     args = ["--duration", "20", "--rate", "5000", "--churn", "1", "--seed", "1", "--quiet", "--json", str(report_path)]
+    args += ["--filtered", "0.5", "--resubscribe", "0.2"]
     done = subprocess.run(
         [sys.executable, "-m", "jitrelay", "soak", *args], capture_output=True, text=True, timeout=140, env=env
     )
@@ -255,9 +471,18 @@ def test_short_soak(tmp_path: Path) -> None:
     # The witness at least stayed from first message to last: it verified exactly what the relay forwarded.
     missing = report["complete_subscribers"]["missing"]
     assert missing and set(missing.values()) == {0}
+    # Filtered subscribers ran, changed their subscriptions, and every message they verified was one they asked for.
+    subscriptions = report["subscriptions"]
+    assert subscriptions["subscribed_at_connect"] >= 1 and subscriptions["changes"] >= 1, subscriptions
+    assert subscriptions["messages_verified"] > 0
+    assert subscriptions["windows_closed_by_echo"] >= 1
+    assert report["failures"]["subscription"] == 0
     summary = report["relay"]["summary"]
     assert summary["rejected"] == {} and summary["faults"] == {}
-    assert report["complete_subscribers"]["expected_each"] == summary["forwarded"] - report["relay"]["probes"]
+    assert summary["control"] >= subscriptions["subscribed_at_connect"] + 1  # and the echo connection's own
+    beacons = subscriptions["beacons_echoed"]
+    soak_traffic = report["relay"]["probes"] + 2 * beacons  # each beacon and its echo
+    assert report["complete_subscribers"]["expected_each"] == summary["forwarded"] - soak_traffic
     rss = report["rss"]
     assert 0.8 <= rss["end_mib"] / rss["warmup_mib"] <= 1.2, rss
     assert re.search(r"^  result +OK$", done.stdout, re.MULTILINE), done.stdout

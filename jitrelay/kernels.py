@@ -369,30 +369,31 @@ def scan_into(
     connections that keep their own tallies. On a fault, ``consumed`` is the
     offset of the faulty header: messages before it were judged normally.
     """
-    _check_scan(start, end, out, counts)
-    return ScanResult(
-        *_scan(
-            buf,
-            start,
-            end,
-            tables.domain,
-            tables.max_payload,
-            tables.verify_checksum,
-            tables.type_allowed,
-            out.offsets,
-            out.verdicts,
-            out.runs,
-            out.counts if counts is None else counts,
-            CRC_TABLES,
-        )
-    )
+    return ScanResult(*_scan(*_scan_args(buf, start, end, tables, out, counts)))
 
 
-def _check_scan(start: int, end: int, out: ScanBuffers, counts: np.ndarray | None) -> None:
+def _scan_args(
+    buf: np.ndarray, start: int, end: int, tables: KernelTables, out: ScanBuffers, counts: np.ndarray | None
+) -> tuple:
+    """The arguments of ``_scan``, checked."""
     if end - start > out.capacity:
         raise ValueError(f"scan range of {end - start} bytes exceeds the buffers' capacity of {out.capacity}")
     if counts is not None and len(counts) < len(p.VERDICT_NAMES):
         raise ValueError(f"counts needs {len(p.VERDICT_NAMES)} slots, one per verdict")
+    return (
+        buf,
+        start,
+        end,
+        tables.domain,
+        tables.max_payload,
+        tables.verify_checksum,
+        tables.type_allowed,
+        out.offsets,
+        out.verdicts,
+        out.runs,
+        out.counts if counts is None else counts,
+        CRC_TABLES,
+    )
 
 
 def scan(
@@ -723,21 +724,10 @@ def scan_and_route(
     Returns the scan's result and the route buffers (``routed``, or larger
     ones if this batch needed them).
     """
-    _check_scan(start, end, out, counts)
+    scan_args = _scan_args(buf, start, end, tables, out, counts)
     routed = _fitted(routed, groups, out)
     *scanned, needed = _scan_route(
-        buf,
-        start,
-        end,
-        tables.domain,
-        tables.max_payload,
-        tables.verify_checksum,
-        tables.type_allowed,
-        out.offsets,
-        out.verdicts,
-        out.runs,
-        out.counts if counts is None else counts,
-        CRC_TABLES,
+        *scan_args,
         groups.type_groups,
         groups.source_groups,
         groups.untyped,

@@ -234,12 +234,42 @@ def build_batch(
     ``zlib.crc32`` per message) can be skipped for domains that do not verify
     them, or filled later by ``kernels.stamp_batch``.
     """
-    template = np.frombuffer(
-        build_message(domain, records, source=source, flags=flags, timestamp_ns=timestamp_ns or 0), dtype=np.uint8
+    return build_cycled_batch(
+        domain,
+        count,
+        [records],
+        source=source,
+        flags=flags,
+        first_sequence=first_sequence,
+        timestamp_ns=timestamp_ns,
+        checksums=checksums,
     )
-    size = template.size
-    batch = np.empty((count, size), dtype=np.uint8)
-    batch[:] = template
+
+
+def build_cycled_batch(
+    domain: int,
+    count: int,
+    record_sets: Sequence[Sequence[tuple[int, bytes]]],
+    *,
+    source: int = 0,
+    flags: int = 0,
+    first_sequence: int = 0,
+    timestamp_ns: int | None = None,
+    checksums: bool = True,
+) -> np.ndarray:
+    """``build_batch`` whose message ``k`` carries ``record_sets[k % len(record_sets)]``: a stream for filters.
+
+    Every set must make messages of one size, so the batch can still be
+    restamped in place (``kernels.stamp_batch``).
+    """
+    templates = [
+        np.frombuffer(build_message(domain, recs, source=source, flags=flags, timestamp_ns=0), dtype=np.uint8)
+        for recs in record_sets
+    ]
+    if len({template.size for template in templates}) != 1:
+        raise ValueError("every record set must make messages of the same size")
+    size = templates[0].size
+    batch = np.stack(templates)[np.arange(count) % len(templates)]
     headers = batch[:, :HEADER_SIZE].copy().view(HEADER_DTYPE).reshape(count)
     headers["sequence"] = np.arange(first_sequence, first_sequence + count, dtype=np.uint64)
     headers["timestamp_ns"] = time.time_ns() if timestamp_ns is None else timestamp_ns
@@ -252,42 +282,6 @@ def build_batch(
             crcs[i] = message_checksum(flat[i * size : (i + 1) * size])
         batch[:, OFF_CHECKSUM:HEADER_SIZE] = crcs.astype("<u4").view(np.uint8).reshape(count, 4)
     return batch.reshape(-1)
-
-
-def build_cycled_batch(
-    domain: int,
-    count: int,
-    record_sets: Sequence[Sequence[tuple[int, bytes]]],
-    *,
-    source: int = 0,
-    timestamp_ns: int | None = None,
-    checksums: bool = True,
-) -> np.ndarray:
-    """``build_batch`` whose message ``k`` carries ``record_sets[k % len(record_sets)]``: a stream for filters.
-
-    Every set must make messages of one size, so the batch can still be
-    restamped in place (``kernels.stamp_batch``).
-    """
-    kinds = len(record_sets)
-    rows = -(-count // kinds)
-    parts = [
-        build_batch(domain, rows, recs, source=source, timestamp_ns=timestamp_ns, checksums=False)
-        for recs in record_sets
-    ]
-    if len({len(part) for part in parts}) != 1:
-        raise ValueError("every record set must make messages of the same size")
-    size = len(parts[0]) // rows
-    batch = np.stack([part.reshape(rows, size) for part in parts], axis=1).reshape(-1, size)[:count]
-    headers = batch[:, :HEADER_SIZE].copy().view(HEADER_DTYPE).reshape(count)
-    headers["sequence"] = np.arange(count, dtype=np.uint64)
-    headers["checksum"] = 0
-    batch[:, :HEADER_SIZE] = headers.view(np.uint8).reshape(count, HEADER_SIZE)
-    flat = np.ascontiguousarray(batch).reshape(-1)
-    if checksums:
-        view = memoryview(flat)
-        crcs = np.array([message_checksum(view[i * size : (i + 1) * size]) for i in range(count)], dtype="<u4")
-        flat.reshape(count, size)[:, OFF_CHECKSUM:HEADER_SIZE] = crcs.view(np.uint8).reshape(count, 4)
-    return flat
 
 
 def bitmap(values: Iterable[int]) -> bytes:

@@ -175,7 +175,7 @@ class Relay:
         self.scan_out = kernels.ScanBuffers(logic.buffer_size)
         self.connections: dict[int, Connection] = {}
         # Who receives what: connections without a filter get every forwarded
-        # run; each distinct filter is a group whose runs ``kernels.route`` cuts.
+        # run; each distinct filter is a group whose runs ``kernels.scan_and_route`` cuts.
         self._everyone: tuple[tuple[Connection, asyncio.Transport], ...] = ()
         self._groups: tuple[tuple[tuple[Connection, asyncio.Transport], ...], ...] = ()
         self._group_filters: list[protocol.Filter] = []
@@ -183,7 +183,6 @@ class Relay:
         self._routed = kernels.RouteBuffers(logic.buffer_size, 1)
         # Where runs too many for one sendmsg are packed; reused, as every send copies or finishes before the next.
         self._packed = np.empty(logic.buffer_size, dtype=np.uint8)
-        self.subscription_changes = 0
         self._next_id = 0
         self._blocked: set[Connection] = set()
         self._reading = True
@@ -329,7 +328,6 @@ class Relay:
         offsets = self.scan_out.offsets
         for k in np.flatnonzero(self.scan_out.verdicts[:count] == protocol.CONTROL):
             conn.filter = protocol.apply_control(conn.filter, conn.view[offsets[k] : offsets[k + 1]])
-            self.subscription_changes += 1
         log.info("%s subscribes to %s", conn.peer, protocol.describe_filter(conn.filter))
         self._retarget()
 

@@ -18,16 +18,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest, start_http_server
@@ -41,6 +42,7 @@ from .histogram import bucket_floor
 from .stats import stats_socket_path
 
 log = logging.getLogger("jitrelay.metrics")
+T = TypeVar("T")
 
 # Upper bounds of the exported forwarding-time buckets, in seconds.
 FORWARDING_BUCKETS = (
@@ -72,7 +74,6 @@ class Figures:
     forward_count: int
     forward_total_ns: int
     subscriber_groups: int = 0
-    subscription_changes: int = 0
 
 
 def read_figures(relay: Relay) -> Figures:
@@ -96,7 +97,6 @@ def read_figures(relay: Relay) -> Figures:
         forward_count=timing.count,
         forward_total_ns=timing.total,
         subscriber_groups=relay.subscriber_groups,
-        subscription_changes=relay.subscription_changes,
     )
 
 
@@ -128,20 +128,50 @@ def _labelled(family: CounterMetricFamily, domain: str, values: dict[str, int]) 
     return family
 
 
+def domain_counter(domain: str, name: str, doc: str, value: float) -> CounterMetricFamily:
+    """A counter family with one sample, labelled with the domain."""
+    family = CounterMetricFamily(name, doc, labels=["domain"])
+    family.add_metric([domain], value)
+    return family
+
+
+def domain_gauge(domain: str, name: str, doc: str, value: float) -> GaugeMetricFamily:
+    """A gauge family with one sample, labelled with the domain."""
+    family = GaugeMetricFamily(name, doc, labels=["domain"])
+    family.add_metric([domain], value)
+    return family
+
+
+def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> T:
+    """``fn()`` run on ``loop``'s thread for a caller on another (an HTTP scrape), waited for up to SNAPSHOT_TIMEOUT."""
+
+    async def call() -> T:
+        return fn()
+
+    future = asyncio.run_coroutine_threadsafe(call(), loop)
+    try:
+        return future.result(SNAPSHOT_TIMEOUT)
+    except concurrent.futures.TimeoutError:  # the builtin TimeoutError only from Python 3.11
+        future.cancel()
+        raise
+
+
+def serve_http(registry: CollectorRegistry, port: int) -> tuple[WSGIServer, threading.Thread]:
+    """Serve ``registry`` on http://127.0.0.1:PORT/metrics (0 picks a port); an OSError that names the address."""
+    try:
+        server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}") from exc
+    log.info("metrics on http://127.0.0.1:%d/metrics", server.server_port)
+    return server, thread
+
+
 def metric_families(figures: Figures) -> Iterator[Metric]:
     """The Prometheus metric families of one reading, every one labelled with the domain."""
     domain = [figures.domain]
     verdicts = figures.verdicts
-
-    def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-        family = CounterMetricFamily(name, doc, labels=["domain"])
-        family.add_metric(domain, value)
-        return family
-
-    def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(name, doc, labels=["domain"])
-        family.add_metric(domain, value)
-        return family
+    counter = functools.partial(domain_counter, figures.domain)
+    gauge = functools.partial(domain_gauge, figures.domain)
 
     yield counter("jitrelay_messages_received_total", "Complete messages read and judged.", sum(verdicts.values()))
     yield counter(
@@ -206,7 +236,7 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
     yield counter(
         "jitrelay_subscription_changes_total",
         "Subscription control messages applied.",
-        figures.subscription_changes,
+        verdicts.get("control", 0),  # every control message the relay judged well formed is applied
     )
     timing = HistogramMetricFamily(
         "jitrelay_forwarding_seconds",
@@ -228,18 +258,10 @@ class RelayCollector(Collector):
         self.loop = loop
         self._loop_thread = threading.get_ident()  # made on the loop's thread
 
-    async def _read(self) -> Figures:
-        return read_figures(self.relay)
-
     def snapshot(self) -> Figures:
         if threading.get_ident() == self._loop_thread:
             return read_figures(self.relay)
-        future = asyncio.run_coroutine_threadsafe(self._read(), self.loop)
-        try:
-            return future.result(SNAPSHOT_TIMEOUT)
-        except concurrent.futures.TimeoutError:  # the builtin TimeoutError only from Python 3.11
-            future.cancel()
-            raise
+        return call_on_loop(self.loop, lambda: read_figures(self.relay))
 
     def collect(self) -> Iterator[Metric]:
         return metric_families(self.snapshot())
@@ -316,13 +338,11 @@ class RelayMetrics:
         port = relay.logic.metrics_port
         if port is not None:
             try:
-                server, thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
-            except OSError as exc:
+                metrics._http = serve_http(metrics.registry, port)
+            except OSError:
                 await metrics.close()
-                raise OSError(exc.errno, f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}") from exc
-            metrics._http = (server, thread)
-            metrics.http_port = server.server_port
-            log.info("metrics on http://127.0.0.1:%d/metrics", metrics.http_port)
+                raise
+            metrics.http_port = metrics._http[0].server_port
         return metrics
 
     async def _serve_stats(self, loop: asyncio.AbstractEventLoop) -> None:

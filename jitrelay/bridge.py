@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -68,7 +69,6 @@ NATS_READ_SIZE = 1 * MiB  # what nats-py reads from its socket at once; its own 
 GAP_LOG_INTERVAL = 5.0  # an open gap to NATS is logged at least this often
 ERROR_LOG_INTERVAL = 5.0  # the same NATS client error is logged at most this often
 STOP_FLUSH_SECONDS = 1.0
-SNAPSHOT_TIMEOUT = 5.0
 MAX_STREAMS = 4096  # remote bridges whose position is remembered
 _SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
 T = TypeVar("T")
@@ -604,7 +604,7 @@ class _BridgeCollector:
         self.bridge = bridge
         self.loop = loop
 
-    async def _snapshot(self) -> BridgeFigures:
+    def _snapshot(self) -> BridgeFigures:
         f = self.bridge.figures
         subscription = self.bridge.subscription
         return BridgeFigures(
@@ -621,15 +621,14 @@ class _BridgeCollector:
         )
 
     def collect(self) -> Iterator[object]:
-        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.metrics_core import CounterMetricFamily
 
-        f = asyncio.run_coroutine_threadsafe(self._snapshot(), self.loop).result(SNAPSHOT_TIMEOUT)
+        from .metrics import call_on_loop, domain_counter, domain_gauge
+
+        f = call_on_loop(self.loop, self._snapshot)
         domain = self.bridge.domain
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            family = CounterMetricFamily(name, doc, labels=["domain"])
-            family.add_metric([domain], value)
-            return family
+        counter = functools.partial(domain_counter, domain)
+        gauge = functools.partial(domain_gauge, domain)
 
         def by_direction(name: str, doc: str, to_nats: float, from_nats: float) -> CounterMetricFamily:
             family = CounterMetricFamily(name, doc, labels=["domain", "direction"])
@@ -669,27 +668,23 @@ class _BridgeCollector:
             f.client_drops,
         )
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(name, doc, labels=["domain"])
-            family.add_metric([domain], value)
-            return family
-
         yield gauge("jitrelay_bridge_connected", "1 while connected to NATS.", 1.0 if f.connected else 0.0)
         yield gauge("jitrelay_bridge_nats_pending_bytes", "Bytes the NATS client holds for the relay.", f.pending_bytes)
 
 
 def serve_metrics(bridge: Bridge, loop: asyncio.AbstractEventLoop, port: int) -> object:
     """Serve the bridge's figures on http://127.0.0.1:PORT/metrics (port 0 picks one); the server."""
-    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    from .metrics import serve_http
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_BridgeCollector(bridge, loop))  # type: ignore[arg-type]
     ProcessCollector(registry=registry)
     try:
-        server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+        server, _ = serve_http(registry, port)
     except OSError as exc:
-        raise BridgeError(f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}") from exc
-    log.info("metrics on http://127.0.0.1:%d/metrics", server.server_port)
+        raise BridgeError(exc.strerror or str(exc)) from exc
     return server
 
 

@@ -33,8 +33,6 @@ from . import protocol as p
 
 _JIT = {"cache": True, "nogil": True}
 
-NO_LIMIT = (1 << 32) - 1
-
 
 def _c_function(library: str | None, name: str, symbol: str, argtypes: list, restype: object, signature: object):
     """A C function the kernels call directly, as an external symbol numba links by name.

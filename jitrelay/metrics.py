@@ -71,7 +71,6 @@ class Figures:
     slow_actions: dict[str, int]
     journal_errors: int
     forward_buckets: tuple[int, ...]  # the relay's log-linear histogram, nanoseconds
-    forward_count: int
     forward_total_ns: int
     subscriber_groups: int = 0
 
@@ -94,7 +93,6 @@ def read_figures(relay: Relay) -> Figures:
         slow_actions={"pause": relay.slow_pauses, "disconnect": relay.slow_disconnects},
         journal_errors=relay.journal_errors,
         forward_buckets=tuple(timing.counts),
-        forward_count=timing.count,
         forward_total_ns=timing.total,
         subscriber_groups=relay.subscriber_groups,
     )

@@ -129,26 +129,9 @@ class MessageFramer:
         return batch
 
 
-def _target(domain: str, socket_path: str | Path | None) -> tuple[RelayLogic, Path]:
-    logic = logic_for(domain)
-    return logic, Path(socket_path) if socket_path is not None else logic.socket_path
-
-
 def _missing(domain: str, path: Path, exc: OSError) -> RelayConnectionError:
     return RelayConnectionError(
         f"no {domain} relay at {path} ({exc.strerror or exc}); start one with `jitrelay run {domain}`"
-    )
-
-
-def _lost(domain: str, path: Path, exc: OSError | None = None) -> RelayConnectionError:
-    why = f" ({exc.strerror or exc})" if exc is not None else ""
-    return RelayConnectionError(f"the {domain} relay at {path} closed the connection{why}")
-
-
-def _unfinished(domain: str, path: Path, framer: MessageFramer) -> RelayConnectionError:
-    return RelayConnectionError(
-        f"the {domain} relay at {path} closed the connection in the middle of a message "
-        f"({framer.buffered} bytes of it received)"
     )
 
 
@@ -165,12 +148,31 @@ def _connect(domain: str, path: Path) -> socket.socket:
     return sock
 
 
-class _PublisherState:
+class _Endpoint:
+    """What every client shares: the relay it talks to, and the errors that name it."""
+
+    kind = "client"
+
+    def __init__(self, domain: str, socket_path: str | Path | None):
+        self.logic: RelayLogic = logic_for(domain)
+        self.socket_path = Path(socket_path) if socket_path is not None else self.logic.socket_path
+        self.domain = domain
+
+    def _closed(self) -> RelayConnectionError:
+        return RelayConnectionError(f"{self.kind} to the {self.domain} relay at {self.socket_path} is closed")
+
+    def _lost(self, exc: OSError | None = None) -> RelayConnectionError:
+        why = f" ({exc.strerror or exc})" if exc is not None else ""
+        return RelayConnectionError(f"the {self.domain} relay at {self.socket_path} closed the connection{why}")
+
+
+class _PublisherState(_Endpoint):
     """What both publishers share: the target, the source id and the sequence counter."""
 
+    kind = "publisher"
+
     def __init__(self, domain: str, socket_path: str | Path | None, source: int):
-        self.logic, self.socket_path = _target(domain, socket_path)
-        self.domain = domain
+        super().__init__(domain, socket_path)
         self.domain_id = self.logic.domain_id
         self.source = source
         self.next_sequence = 0
@@ -257,7 +259,7 @@ class Publisher(_PublisherState):
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
-            raise RelayConnectionError(f"publisher to the {self.domain} relay at {self.socket_path} is closed")
+            raise self._closed()
         return self._sock
 
     def _send(self, data: Buffer) -> None:
@@ -273,7 +275,7 @@ class Publisher(_PublisherState):
                     if events & select.POLLIN:
                         self._discard()
             except OSError as exc:
-                raise _lost(self.domain, self.socket_path, exc) from exc
+                raise self._lost(exc) from exc
 
     def _discard(self) -> None:
         sock = self._socket()
@@ -283,9 +285,9 @@ class Publisher(_PublisherState):
             except BlockingIOError:
                 return
             except OSError as exc:
-                raise _lost(self.domain, self.socket_path, exc) from exc
+                raise self._lost(exc) from exc
             if received == 0:
-                raise _lost(self.domain, self.socket_path)
+                raise self._lost()
             if received < len(self._scratch):
                 return
 
@@ -297,7 +299,34 @@ def _subscription(tlv_types: Iterable[int] | None, sources: Iterable[int] | None
     return protocol.subscribe_message(tlv_types, sources)
 
 
-class Subscriber:
+class _SubscriberState(_Endpoint):
+    """What both subscribers share: the target, the framer, the subscription sent on connecting, how a stream ends."""
+
+    kind = "subscriber"
+
+    def __init__(
+        self,
+        domain: str,
+        socket_path: str | Path | None,
+        buffer_size: int,
+        tlv_types: Iterable[int] | None,
+        sources: Iterable[int] | None,
+    ):
+        super().__init__(domain, socket_path)
+        self._framer = MessageFramer(buffer_size)
+        self._initial = _subscription(tlv_types, sources)  # before connecting: a bad value raises with nothing open
+
+    def _ended(self) -> EOFError | RelayConnectionError:
+        """What the relay closing the connection means: the end between messages, a lost connection within one."""
+        if self._framer.buffered:
+            return RelayConnectionError(
+                f"the {self.domain} relay at {self.socket_path} closed the connection in the middle of a message "
+                f"({self._framer.buffered} bytes of it received)"
+            )
+        return EOFError(f"the {self.domain} relay at {self.socket_path} closed the connection")
+
+
+class Subscriber(_SubscriberState):
     """Receive the messages the relay forwards, blocking: all of them, or those a subscription selects.
 
     With ``tlv_types`` and/or ``sources`` the relay sends only messages from
@@ -321,14 +350,11 @@ class Subscriber:
         tlv_types: Iterable[int] | None = None,
         sources: Iterable[int] | None = None,
     ):
-        self.logic, self.socket_path = _target(domain, socket_path)
-        self.domain = domain
-        self._framer = MessageFramer(buffer_size)
-        control = _subscription(tlv_types, sources)  # before connecting: a bad value raises with nothing open
+        super().__init__(domain, socket_path, buffer_size, tlv_types, sources)
         self._sock: socket.socket | None = _connect(domain, self.socket_path)
         self._timeout: float | None = None
-        if control is not None:
-            self._control(control)
+        if self._initial is not None:
+            self._control(self._initial)
 
     def subscribe(self, tlv_types: Iterable[int] | None = None, sources: Iterable[int] | None = None) -> None:
         """Receive only messages from ``sources`` carrying a record of ``tlv_types``; None leaves that set as it is."""
@@ -339,13 +365,12 @@ class Subscriber:
         self._control(protocol.unsubscribe_message())
 
     def _control(self, message: bytes) -> None:
-        if self._sock is None:
-            raise RelayConnectionError(f"subscriber to the {self.domain} relay at {self.socket_path} is closed")
+        sock = self._socket()
         self._set_timeout(None)
         try:
-            self._sock.sendall(message)
+            sock.sendall(message)
         except OSError as exc:
-            raise _lost(self.domain, self.socket_path, exc) from exc
+            raise self._lost(exc) from exc
 
     def recv_batch(self, timeout: float | None = None) -> np.ndarray | None:
         """The next batch of whole messages, or None if none completed within ``timeout`` seconds.
@@ -353,8 +378,7 @@ class Subscriber:
         Raises ``EOFError`` when the relay has closed the connection between
         messages, ``RelayConnectionError`` when it closed it mid-message.
         """
-        if self._sock is None:
-            raise RelayConnectionError(f"subscriber to the {self.domain} relay at {self.socket_path} is closed")
+        sock = self._socket()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             batch = self._framer.maybe_extract_batch()
@@ -362,15 +386,13 @@ class Subscriber:
                 return batch
             self._set_timeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
             try:
-                received = self._sock.recv_into(self._framer.space())
+                received = sock.recv_into(self._framer.space())
             except (TimeoutError, BlockingIOError):
                 return None
             except OSError as exc:
-                raise _lost(self.domain, self.socket_path, exc) from exc
+                raise self._lost(exc) from exc
             if received == 0:
-                if self._framer.buffered:
-                    raise _unfinished(self.domain, self.socket_path, self._framer)
-                raise EOFError(f"the {self.domain} relay at {self.socket_path} closed the connection")
+                raise self._ended()
             self._framer.commit(received)
 
     def batches(self) -> Iterator[np.ndarray]:
@@ -397,6 +419,11 @@ class Subscriber:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            raise self._closed()
+        return self._sock
 
     def _set_timeout(self, timeout: float | None) -> None:
         if timeout != self._timeout:
@@ -490,13 +517,13 @@ class AsyncPublisher(_PublisherState):
         writer = self._writer
         assert writer is not None
         if self._closed_by_relay or writer.transport.is_closing():
-            raise _lost(self.domain, self.socket_path)
+            raise self._lost()
         try:
             if len(data):
                 writer.write(memoryview(data).cast("B"))
             await writer.drain()
         except ConnectionError as exc:
-            raise _lost(self.domain, self.socket_path, exc) from exc
+            raise self._lost(exc) from exc
 
     async def _discard(self, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(ConnectionError):
@@ -505,7 +532,7 @@ class AsyncPublisher(_PublisherState):
         self._closed_by_relay = True
 
 
-class AsyncSubscriber:
+class AsyncSubscriber(_SubscriberState):
     """``Subscriber`` for asyncio: ``async for message in sub``, ``async for batch in sub.batches()``.
 
     Subscribes, ends and raises exactly as ``Subscriber`` does.
@@ -520,13 +547,10 @@ class AsyncSubscriber:
         tlv_types: Iterable[int] | None = None,
         sources: Iterable[int] | None = None,
     ):
-        self.logic, self.socket_path = _target(domain, socket_path)
-        self.domain = domain
-        self._framer = MessageFramer(buffer_size)
+        super().__init__(domain, socket_path, buffer_size, tlv_types, sources)
         self._buffer_size = buffer_size
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._initial = _subscription(tlv_types, sources)
 
     async def connect(self) -> AsyncSubscriber:
         if self._reader is None:
@@ -550,7 +574,7 @@ class AsyncSubscriber:
         try:
             await self._writer.drain()
         except ConnectionError as exc:
-            raise _lost(self.domain, self.socket_path, exc) from exc
+            raise self._lost(exc) from exc
 
     async def recv_batch(self, timeout: float | None = None) -> np.ndarray | None:
         """The next batch of whole messages, or None if none completed within ``timeout`` seconds.
@@ -575,11 +599,9 @@ class AsyncSubscriber:
             except asyncio.TimeoutError:
                 return None
             except ConnectionError as exc:
-                raise _lost(self.domain, self.socket_path, exc) from exc
+                raise self._lost(exc) from exc
             if not data:
-                if self._framer.buffered:
-                    raise _unfinished(self.domain, self.socket_path, self._framer)
-                raise EOFError(f"the {self.domain} relay at {self.socket_path} closed the connection")
+                raise self._ended()
             self._framer.feed(data)
 
     async def batches(self) -> AsyncIterator[np.ndarray]:

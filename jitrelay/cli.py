@@ -28,7 +28,6 @@ from .usage import UsageError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
-# Message sizes ``pub`` can make from one record.
 
 
 def byte_count(text: str) -> int:
@@ -80,22 +79,33 @@ def add_target(parser: argparse.ArgumentParser, domains: list[str]) -> None:
     parser.add_argument("--socket", type=Path, help="Unix socket path (default: $JITRELAY_SOCKET_DIR/DOMAIN.sock)")
 
 
+def add_byte_option(parser: argparse.ArgumentParser, flag: str, help: str, default: int | None = None) -> None:
+    """An option taking a byte count, such as ``--max-payload 64KiB``."""
+    parser.add_argument(flag, type=byte_count, default=default, metavar="BYTES", help=help)
+
+
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """The --log-level and --log-format options of the long-running commands; ``configure_logging`` reads them."""
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="text lines, or one JSON object per line (text)"
+    )
+
+
 def add_relay_options(parser: argparse.ArgumentParser) -> None:
     """The relay's knobs on the command line, shared by ``run`` and ``config``; ``relay_overrides`` reads them."""
     parser.add_argument(
         "--config", type=Path, metavar="FILE", help="TOML file of relay settings; options given here override it"
     )
     parser.add_argument("--slow-policy", choices=SLOW_POLICIES, help="what to do with a subscriber that falls behind")
-    parser.add_argument(
-        "--pending-limit", type=byte_count, metavar="BYTES", help="pending bytes per subscriber before the policy acts"
-    )
+    add_byte_option(parser, "--pending-limit", "pending bytes per subscriber before the policy acts")
     parser.add_argument(
         "--slow-timeout",
         type=non_negative_float,
         metavar="SECONDS",
         help="under disconnect, how long a subscriber may stay over its limit before it is dropped",
     )
-    parser.add_argument("--max-payload", type=byte_count, metavar="BYTES", help="largest payload a message may carry")
+    add_byte_option(parser, "--max-payload", "largest payload a message may carry")
     parser.add_argument(
         "--allow-uid",
         type=non_negative,
@@ -109,7 +119,7 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", type=non_negative, metavar="N", help="refuse connections beyond N")
     parser.add_argument("--journal-dir", type=Path, metavar="DIR", help="where the journal segments go (enables it)")
     parser.add_argument("--journal-fsync", choices=JOURNAL_FSYNC, help="when the journal is flushed to disk (batch)")
-    parser.add_argument("--journal-rotate", type=byte_count, metavar="BYTES", help="journal segment size (256MiB)")
+    add_byte_option(parser, "--journal-rotate", "journal segment size (256MiB)")
     parser.add_argument("--no-journal", action="store_true", help="do not journal forwarded messages")
     parser.add_argument(
         "--metrics-port", type=non_negative, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT"
@@ -128,36 +138,36 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The relay options that set one ``RelayLogic`` field to their value as given: option's dest -> field.
+_FIELD_OPTIONS = {
+    "slow_policy": "slow_policy",
+    "slow_timeout": "slow_timeout",
+    "max_payload": "max_payload",
+    "max_connections": "max_connections",
+    "journal_fsync": "journal_fsync",
+    "journal_rotate": "journal_rotate_bytes",
+    "metrics_port": "metrics_port",
+}
+
+
 def relay_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The ``RelayLogic`` fields the command line sets; they win over the config file."""
-    overrides: dict[str, object] = {}
+    overrides: dict[str, object] = {
+        field: getattr(args, dest) for dest, field in _FIELD_OPTIONS.items() if getattr(args, dest) is not None
+    }
     if args.socket is not None:
         overrides["socket_path"] = Path(args.socket)
-    if args.slow_policy is not None:
-        overrides["slow_policy"] = args.slow_policy
     if args.pending_limit is not None:
         overrides["pending_high"] = args.pending_limit
         overrides["pending_low"] = max(1, args.pending_limit // 4)
-    if args.slow_timeout is not None:
-        overrides["slow_timeout"] = args.slow_timeout
-    if args.max_payload is not None:
-        overrides["max_payload"] = args.max_payload
     if args.allow_uid is not None or args.allow_gid is not None:
         overrides["allowed_uids"] = tuple(args.allow_uid or ())
         overrides["allowed_gids"] = tuple(args.allow_gid or ())
-    if args.max_connections is not None:
-        overrides["max_connections"] = args.max_connections
     if args.journal_dir is not None:
         overrides["journal"] = True
         overrides["journal_dir"] = args.journal_dir
-    if args.journal_fsync is not None:
-        overrides["journal_fsync"] = args.journal_fsync
-    if args.journal_rotate is not None:
-        overrides["journal_rotate_bytes"] = args.journal_rotate
     if args.no_journal:
         overrides["journal"] = False
-    if args.metrics_port is not None:
-        overrides["metrics_port"] = args.metrics_port
     if args.listen is not None:
         overrides["listen"] = tuple(args.listen)
     if args.allow_network is not None:
@@ -184,10 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the relay of one domain until SIGINT or SIGTERM")
     add_target(run, domains)
-    run.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
-    run.add_argument(
-        "--log-format", choices=LOG_FORMATS, default="text", help="text lines, or one JSON object per line (text)"
-    )
+    add_log_options(run)
     add_relay_options(run)
     run.set_defaults(handler=cmd_run)
 
@@ -252,30 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="NATS servers of the cluster, e.g. nats://10.0.0.1:4222,nats://10.0.0.2:4222 (repeatable)",
     )
     bridge.add_argument("--subject", help="NATS subject the domain's relays share (jitrelay.DOMAIN)")
-    bridge.add_argument(
+    add_byte_option(
+        bridge,
         "--reconnect-buffer",
-        type=byte_count,
+        "what to hold for NATS while reconnecting; more is dropped and counted as a gap (8MiB)",
         default=8 << 20,
-        metavar="BYTES",
-        help="what to hold for NATS while reconnecting; more is dropped and counted as a gap (8MiB)",
     )
-    bridge.add_argument(
-        "--max-payload", type=byte_count, metavar="BYTES", help="largest payload taken from NATS (the domain's)"
-    )
-    bridge.add_argument(
+    add_byte_option(bridge, "--max-payload", "largest payload taken from NATS (the domain's)")
+    add_byte_option(
+        bridge,
         "--nats-pending-limit",
-        type=byte_count,
+        "what the NATS client may hold while the relay is behind; more is dropped and counted as a gap (256MiB)",
         default=256 << 20,
-        metavar="BYTES",
-        help="what the NATS client may hold while the relay is behind; more is dropped and counted as a gap (256MiB)",
     )
     bridge.add_argument(
         "--metrics-port", type=non_negative, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT"
     )
-    bridge.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
-    bridge.add_argument(
-        "--log-format", choices=LOG_FORMATS, default="text", help="text lines, or one JSON object per line (text)"
-    )
+    add_log_options(bridge)
     bridge.set_defaults(handler=cmd_bridge)
 
     bench = commands.add_parser(
@@ -388,13 +388,8 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def cmd_config(args: argparse.Namespace) -> int:
-    sys.stdout.write(render_config(relay_logic(args)))
-    return 0
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    logic = relay_logic(args)
+def configure_logging(args: argparse.Namespace) -> None:
+    """Log to stderr at ``--log-level`` in ``--log-format``; numba's own chatter only from WARNING up."""
     handler = logging.StreamHandler(sys.stderr)
     if args.log_format == "json":
         handler.setFormatter(JsonLogFormatter(args.domain))
@@ -402,6 +397,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level, handlers=[handler])
     logging.getLogger("numba").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(render_config(relay_logic(args)))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    logic = relay_logic(args)
+    configure_logging(args)
     from .engine import RelayAlreadyRunning, run_relay  # the relay's I/O loads only for this command
 
     try:
@@ -507,13 +512,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    handler = logging.StreamHandler(sys.stderr)
-    if args.log_format == "json":
-        handler.setFormatter(JsonLogFormatter(args.domain))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=args.log_level, handlers=[handler])
-    logging.getLogger("numba").setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure_logging(args)
     return run_bridge(options)
 
 

@@ -24,30 +24,26 @@ from jitrelay import kernels
 SIZE = 71  # W1's message: one type-1 record with a 37-byte value
 
 
-def test_scan_market_data(benchmark, figures):
-    f = common.scan_by_size(SIZE, False)
+def _scan(benchmark, figures, crc: bool, baseline: str, baseline_fn) -> None:
+    """Time a scan of W1 messages, every one accepted in one run (with ``crc``, every checksum verified and good)."""
+    f = common.scan_by_size(SIZE, crc)
     result = benchmark(f.scan)
     assert result.count == f.result.count and result.runs == 1
     figures.record(
         benchmark,
         messages=f.result.count,
         nbytes=len(f.buf),
-        baseline="kernels.frame",
-        baseline_call=lambda: kernels.frame(f.buf),
+        baseline=baseline,
+        baseline_call=lambda: baseline_fn(f.buf),
     )
+
+
+def test_scan_market_data(benchmark, figures):
+    _scan(benchmark, figures, False, "kernels.frame", kernels.frame)
 
 
 def test_scan_with_crc(benchmark, figures):
-    f = common.scan_by_size(SIZE, True)
-    result = benchmark(f.scan)
-    assert result.count == f.result.count and result.runs == 1  # every checksum verified and good
-    figures.record(
-        benchmark,
-        messages=f.result.count,
-        nbytes=len(f.buf),
-        baseline="zlib.crc32",
-        baseline_call=lambda: zlib.crc32(f.buf),
-    )
+    _scan(benchmark, figures, True, "zlib.crc32", zlib.crc32)
 
 
 def test_crc32_kernel(benchmark, figures):
@@ -68,11 +64,7 @@ def test_route_four_groups(benchmark, figures):
     count = f.scan.result.count
     assert routed.counts[:4].tolist() == [(count - g + 3) // 4 for g in range(4)]  # one-message runs, a quarter each
     figures.record(
-        benchmark,
-        messages=f.scan.result.count,
-        nbytes=len(f.scan.buf),
-        baseline="scan of the same buffer",
-        baseline_call=f.scan.scan,
+        benchmark, messages=count, nbytes=len(f.scan.buf), baseline="scan of the same buffer", baseline_call=f.scan.scan
     )
 
 
@@ -96,9 +88,5 @@ def test_frame(benchmark, figures):
     assert (count, consumed, fault) == (len(buf) // SIZE, len(buf), 0)
     copy = np.empty_like(buf)
     figures.record(
-        benchmark,
-        messages=count,
-        nbytes=len(buf),
-        baseline="numpy copy",
-        baseline_call=lambda: np.copyto(copy, buf),
+        benchmark, messages=count, nbytes=len(buf), baseline="numpy copy", baseline_call=lambda: np.copyto(copy, buf)
     )

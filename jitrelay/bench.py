@@ -76,7 +76,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -157,18 +157,23 @@ class RelaySpec:
     subscribe: Endpoint
 
 
+def jitrelay_run(path: str) -> list[str]:
+    """The command line of a market_data relay on ``path``."""
+    return [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path]
+
+
 def relay_spec(name: str, folder: str) -> RelaySpec:
     base, _, policy = name.partition(":")
     if base == "bridge":  # the relay of host A; host B, the bridges and the cluster come from ``bridged_hosts``
         path_a, path_b = (os.path.join(folder, host, "relay.sock") for host in ("a", "b"))
-        command = [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path_a]
-        return RelaySpec(name, command, "relay listening on", Endpoint("unix", path_a), Endpoint("unix", path_b))
+        return RelaySpec(
+            name, jitrelay_run(path_a), "relay listening on", Endpoint("unix", path_a), Endpoint("unix", path_b)
+        )
     if base in ("jitrelay", "raw"):
         path = os.path.join(folder, "relay.sock")
         end = Endpoint("unix", path)
         if base == "jitrelay":
-            command = [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path]
-            command += ["--slow-policy", policy] if policy else []
+            command = jitrelay_run(path) + (["--slow-policy", policy] if policy else [])
             return RelaySpec(name, command, "relay listening on", end, end)
         command = [sys.executable, str(benchmarks_dir() / "raw_forwarder.py"), "--socket", path]
         return RelaySpec(name, command, "raw forwarder listening on", end, end)
@@ -317,13 +322,12 @@ def bridged_hosts(spec: RelaySpec, notes: dict) -> Iterator[None]:
     from .nats_cluster import NatsCluster, NatsClusterError
 
     path_b = spec.subscribe.address
-    relay_b = [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path_b]
     with contextlib.ExitStack() as stack:
         try:
             cluster = stack.enter_context(NatsCluster(3, max_pending=BRIDGE_MAX_PENDING))
         except NatsClusterError as exc:
             raise BenchError(str(exc)) from exc
-        stack.enter_context(RelayProcess("host B relay", relay_b, "relay listening on"))
+        stack.enter_context(RelayProcess("host B relay", jitrelay_run(path_b), "relay listening on"))
         bridges: list[RelayProcess] = []
         stack.callback(_note_bridges, notes, bridges)  # first in, so it runs once the bridges have stopped
         for host, path in (("A", spec.publish.address), ("B", path_b)):
@@ -463,8 +467,9 @@ class _Ending:
         self.quiet_since = time.monotonic()
         self.known_at: float | None = None
 
-    def data(self) -> None:
-        self.quiet_since = time.monotonic()
+    def data(self, at: float | None = None) -> None:
+        """Data arrived now, or at monotonic time ``at`` (a receiver that skips the call per message)."""
+        self.quiet_since = max(self.quiet_since, time.monotonic() if at is None else at)
 
     def on_timeout(self, received: int) -> str | None:
         now = time.monotonic()
@@ -481,6 +486,14 @@ class _Ending:
         return None
 
 
+def share(sent: int, stride: int = 1, first: int = 0) -> tuple[int, int]:
+    """Of sequences ``0..sent-1``, how many a subscriber gets and the last one, when it gets ``first + i * stride``.
+
+    Unfiltered (stride 1) that is every message; a W1f subscriber ``k`` gets sequences ``k, k + 4, ...``.
+    """
+    return (sent - first + stride - 1) // stride, sent - 1 - (sent - 1 - first) % stride
+
+
 def subscribe(
     who: str,
     reports: Any,
@@ -494,24 +507,26 @@ def subscribe(
 ) -> dict:
     """Attach, wait for the probe, then count (W1) or time (W2) messages until all sent have arrived.
 
-    With ``tlv_type`` (W1f) it first subscribes to that type at the relay and
+    With ``tlv_type`` (W1f, stream relays only) it first subscribes to that type at the relay and
     expects every ``FILTERED_SUBSCRIBERS``-th sequence number from ``tlv_type - 1``.
     """
     if end.transport == "zmq":
-        return _zmq_subscribe(who, reports, end, size, mode, probe, expected, limit_s)
-    from . import protocol
+        sock = _zmq_socket("sub", end)
+        reports.put(("connected", who, None))
+        _zmq_await_probe(sock, probe)
+    else:
+        sock = _connect(end.address)
+        if tlv_type is not None:
+            from . import protocol
 
-    sock = _connect(end.address)
-    if tlv_type is not None:
-        sock.sendall(protocol.subscribe_message(tlv_types=[tlv_type]))
-    reports.put(("connected", who, None))
-    sock.settimeout(STARTUP_SECONDS)
-    if _read_exactly(sock, len(probe)) != probe:
-        raise BenchError("the first bytes received were not the probe message")
+            sock.sendall(protocol.subscribe_message(tlv_types=[tlv_type]))
+        reports.put(("connected", who, None))
+        _await_probe(sock, probe)
     reports.put(("ready", who, None))
-    sock.settimeout(POLL_SECONDS)
     cpu = time.process_time()
-    if mode == "count":
+    if end.transport == "zmq":
+        result = _zmq_receive(sock, size, mode == "time", expected, limit_s)
+    elif mode == "count":
         stride = 1 if tlv_type is None else FILTERED_SUBSCRIBERS
         result = _count(sock, size, expected, limit_s, stride, 0 if tlv_type is None else tlv_type - 1)
     else:
@@ -520,29 +535,89 @@ def subscribe(
     return result
 
 
+def _await_probe(sock: socket.socket, probe: bytes) -> None:
+    """The probe comes first on a stream; after it, reads time out every ``POLL_SECONDS``."""
+    sock.settimeout(STARTUP_SECONDS)
+    if _read_exactly(sock, len(probe)) != probe:
+        raise BenchError("the first bytes received were not the probe message")
+    sock.settimeout(POLL_SECONDS)
+
+
+def _zmq_await_probe(sock: Any, probe: bytes) -> None:
+    """The first frame is the probe; after it, receives time out every ``POLL_SECONDS``."""
+    import zmq
+
+    sock.setsockopt(zmq.RCVTIMEO, int(STARTUP_SECONDS * 1000))
+    try:
+        first = sock.recv()
+    except zmq.Again:
+        raise BenchError(f"no probe within {STARTUP_SECONDS:.0f} s") from None
+    if first != probe:
+        raise BenchError("the first message received was not the probe")
+    sock.setsockopt(zmq.RCVTIMEO, int(POLL_SECONDS * 1000))
+
+
+class _Reads:
+    """A stream subscriber's reads into one reused buffer, until its ``_Ending`` or the relay says stop.
+
+    Iterating yields each read's byte count (the bytes are in ``buf``);
+    ``received`` tells how many whole messages the caller has taken so far.
+    ``wall_ns`` is ``time.time_ns()`` right after the latest read,
+    ``first_ns``/``last_ns`` the monotonic times of the first and latest, and
+    ``stop`` why the reads ended.
+    """
+
+    def __init__(self, sock: socket.socket, expected: Any, limit_s: float, received: Callable[[], int]):
+        self.sock = sock
+        self.buf = bytearray(RECV_BUFFER)
+        self.view = memoryview(self.buf)
+        self.ending = _Ending(expected, limit_s)
+        self.received = received
+        self.stop: str | None = None
+        self.wall_ns = self.first_ns = self.last_ns = 0
+
+    def __iter__(self) -> Iterator[int]:
+        recv_into, buf, ending = self.sock.recv_into, self.buf, self.ending
+        while self.stop is None:
+            try:
+                n = recv_into(buf)
+            except TimeoutError:
+                self.stop = ending.on_timeout(self.received())
+                continue
+            self.wall_ns = time.time_ns()
+            if n == 0:
+                self.stop = "closed by relay"
+                return
+            self.last_ns = time.monotonic_ns()
+            self.first_ns = self.first_ns or self.last_ns
+            yield n
+            ending.data()
+            if 0 <= ending.expected.value <= self.received():
+                self.stop = "all received"
+
+    def result(self, received: int, partial: int, last_sequence: int | None, gaps: int, bad_magic: int) -> dict:
+        """The figures every subscriber reports."""
+        return {
+            "received": received,
+            "partial_bytes": partial,
+            "first_to_last_s": (self.last_ns - self.first_ns) / 1e9,
+            "last_sequence": last_sequence,
+            "sequence_gaps": gaps,
+            "bad_magic": bad_magic,
+            "stop": self.stop,
+        }
+
+
 def _count(sock: socket.socket, size: int, expected: Any, limit_s: float, stride: int = 1, first: int = 0) -> dict:
     """Count whole messages; message ``i`` received should carry sequence ``first + i * stride``."""
-    buf = bytearray(RECV_BUFFER)
-    view = memoryview(buf)
     keep = 2 * size
     tail = b""
-    total = first_ns = last_ns = 0
+    total = 0
     seq_shift = first
     gaps = bad_magic = 0
-    ending = _Ending(expected, limit_s)
-    stop = None
-    while stop is None:
-        try:
-            n = sock.recv_into(buf)
-        except TimeoutError:
-            stop = ending.on_timeout(total // size)
-            continue
-        if n == 0:
-            stop = "closed by relay"
-            break
-        last_ns = time.monotonic_ns()
-        if not total:
-            first_ns = last_ns
+    reads = _Reads(sock, expected, limit_s, lambda: total // size)
+    buf, view = reads.buf, reads.view
+    for n in reads:
         # The one message header that starts in this read, if it is whole: magic and sequence.
         skip = -total % size
         if skip + 16 <= n:
@@ -556,44 +631,22 @@ def _count(sock: socket.socket, size: int, expected: Any, limit_s: float, stride
                     seq_shift = seq - index * stride
         tail = bytes(view[n - keep : n]) if n >= keep else (tail + bytes(view[:n]))[-keep:]
         total += n
-        ending.data()
-        if 0 <= expected.value * size <= total:
-            stop = "all received"
     received, partial = divmod(total, size)
     last_seq = _SEQ.unpack_from(tail, len(tail) - partial - size + 8)[0] if received else None
-    return {
-        "received": received,
-        "partial_bytes": partial,
-        "first_to_last_s": (last_ns - first_ns) / 1e9,
-        "last_sequence": last_seq,
-        "sequence_gaps": gaps,
-        "bad_magic": bad_magic,
-        "stop": stop,
-    }
+    return reads.result(received, partial, last_seq, gaps, bad_magic)
 
 
 def _time(sock: socket.socket, size: int, expected: Any, limit_s: float) -> dict:
+    """Time every message: receive time minus the send time it carries."""
     import numpy as np
 
-    buf = bytearray(RECV_BUFFER)
-    view = memoryview(buf)
     latencies: list[int] = []
     carry = b""
-    received = next_seq = gaps = bad_magic = first_ns = last_ns = 0
-    ending = _Ending(expected, limit_s)
-    stop = None
-    while stop is None:
-        try:
-            n = sock.recv_into(buf)
-        except TimeoutError:
-            stop = ending.on_timeout(received)
-            continue
-        now_ns = time.time_ns()
-        if n == 0:
-            stop = "closed by relay"
-            break
-        last_ns = time.monotonic_ns()
-        first_ns = first_ns or last_ns
+    received = next_seq = gaps = bad_magic = 0
+    reads = _Reads(sock, expected, limit_s, lambda: received)
+    view = reads.view
+    for n in reads:
+        now_ns = reads.wall_ns
         data = carry + bytes(view[:n]) if carry else view[:n]
         whole = len(data) // size
         for k in range(whole):
@@ -608,52 +661,28 @@ def _time(sock: socket.socket, size: int, expected: Any, limit_s: float) -> dict
             next_seq = seq + 1
         carry = bytes(data[whole * size :])
         received += whole
-        ending.data()
-        if 0 <= expected.value <= received:
-            stop = "all received"
-    return {
-        "received": received,
-        "partial_bytes": len(carry),
-        "first_to_last_s": (last_ns - first_ns) / 1e9,
-        "last_sequence": next_seq - 1 if received else None,
-        "sequence_gaps": gaps,
-        "bad_magic": bad_magic,
-        "stop": stop,
-        "latency_ns": np.asarray(latencies, dtype=np.int64).tobytes(),
-    }
+    result = reads.result(received, len(carry), next_seq - 1 if received else None, gaps, bad_magic)
+    result["latency_ns"] = np.asarray(latencies, dtype=np.int64).tobytes()
+    return result
 
 
-def _zmq_subscribe(
-    who: str, reports: Any, end: Endpoint, size: int, mode: str, probe: bytes, expected: Any, limit_s: float
-) -> dict:
+def _zmq_receive(sock: Any, size: int, timing: bool, expected: Any, limit_s: float) -> dict:
+    """Count (or with ``timing`` time) frames; per frame only what it must, so the baseline is not slowed."""
     import numpy as np
     import zmq
 
-    sock = _zmq_socket("sub", end)
-    reports.put(("connected", who, None))
-    sock.setsockopt(zmq.RCVTIMEO, int(STARTUP_SECONDS * 1000))
-    try:
-        first = sock.recv()
-    except zmq.Again:
-        raise BenchError(f"no probe within {STARTUP_SECONDS:.0f} s") from None
-    if first != probe:
-        raise BenchError("the first message received was not the probe")
-    reports.put(("ready", who, None))
-    sock.setsockopt(zmq.RCVTIMEO, int(POLL_SECONDS * 1000))
-    timing = mode == "time"
     latencies: list[int] = []
     received = probes = first_ns = last_ns = seq_shift = gaps = bad_magic = 0
     last = b""
     ending = _Ending(expected, limit_s)
     stop = None
-    cpu = time.process_time()
     recv = sock.recv
     while stop is None:
         try:
             frame = recv()
         except zmq.Again:
             if received:
-                ending.quiet_since = max(ending.quiet_since, last_ns / 1e9)
+                ending.data(at=last_ns / 1e9)
             stop = ending.on_timeout(received)
             continue
         last_ns = time.monotonic_ns()
@@ -685,7 +714,6 @@ def _zmq_subscribe(
         "bad_magic": bad_magic,
         "extra_probes": probes,
         "stop": stop,
-        "cpu_s": time.process_time() - cpu,
     }
     if timing:
         result["latency_ns"] = np.asarray(latencies, dtype=np.int64).tobytes()
@@ -863,11 +891,12 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
     ctx = mp.get_context("spawn")
     run = Run(ctx)
     filtered = workload == "w1f"
+    stride = _stride(workload)  # W1f: the publisher cycles through this many types, one per subscriber
     if filtered:
         subscribers = FILTERED_SUBSCRIBERS
     expected = [ctx.RawValue("q", -1) for _ in range(subscribers)]
     start = ctx.Event()
-    probe = probe_message(opts.size, FILTERED_SUBSCRIBERS if filtered else 1)
+    probe = probe_message(opts.size, stride)
     mode = "time" if workload == "w2" else "count"
     subs = [f"sub{i}" for i in range(subscribers)]
     try:
@@ -878,8 +907,7 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
             if workload == "w2":
                 run.spawn("pub", publish_paced, spec.publish, opts.size, opts.duration, start, opts.rate)
             else:
-                types = FILTERED_SUBSCRIBERS if filtered else 1
-                run.spawn("pub", publish_batches, spec.publish, opts.size, opts.duration, start, types)
+                run.spawn("pub", publish_batches, spec.publish, opts.size, opts.duration, start, stride)
             for k, who in enumerate(subs):
                 args = (spec.subscribe, opts.size, mode, probe, expected[k], opts.drain_limit)
                 run.spawn(who, subscribe, *args, *((k + 1,) if filtered else ()))
@@ -895,14 +923,11 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
             cpu_before = relay.cpu_seconds()
             start.set()
             pub = run.wait_for("result", ["pub"], opts.duration + 60)["pub"]
-            for k, value in enumerate(expected):  # W1f: subscriber k gets sequences k, k + 4, ...
-                value.value = (
-                    (pub["sent"] - k + FILTERED_SUBSCRIBERS - 1) // FILTERED_SUBSCRIBERS if filtered else pub["sent"]
-                )
+            for k, value in enumerate(expected):
+                value.value = share(pub["sent"], stride, k % stride)[0]
             results = run.wait_for("result", subs, opts.drain_limit + 10)
             cpu = relay.cpu_seconds() - cpu_before
-        wanted = [value.value for value in expected]
-        figures = summarize(relay_name, workload, opts, pub, [results[w] for w in subs], cpu, wanted)
+        figures = summarize(relay_name, workload, opts, pub, [results[w] for w in subs], cpu)
         figures["relay_command"] = spec.command
         figures["relay_memory"] = relay.memory()
         figures["relay_forwarding"] = parse_forwarding(relay.lines)
@@ -930,25 +955,24 @@ def _percentiles(values: Any) -> dict:
     }
 
 
-def summarize(
-    relay: str,
-    workload: str,
-    opts: Options,
-    pub: dict,
-    subs: list[dict],
-    relay_cpu: float,
-    wanted: list[int] | None = None,
-) -> dict:
-    """One run's figures; ``wanted`` is how many messages each subscriber should get (default: all sent)."""
+def _stride(workload: str) -> int:
+    """A subscriber gets every ``_stride``-th message: W1f subscriber ``k`` those with sequence ``k`` modulo 4."""
+    return FILTERED_SUBSCRIBERS if workload == "w1f" else 1
+
+
+def summarize(relay: str, workload: str, opts: Options, pub: dict, subs: list[dict], relay_cpu: float) -> dict:
+    """One run's figures: each subscriber against its ``share`` of the messages sent."""
     import numpy as np
 
     sent = pub["sent"]
     elapsed = pub["elapsed_s"]
-    wanted = wanted or [sent] * len(subs)
-    for k, (sub, want) in enumerate(zip(subs, wanted, strict=True)):
+    stride = _stride(workload)
+    wanted = []
+    for k, sub in enumerate(subs):
+        want, last = share(sent, stride, k % stride)
+        wanted.append(want)
         sub["expected"] = want
         sub["lost"] = want - sub["received"]
-        last = sent - 1 if workload != "w1f" else sent - 1 - (sent - 1 - k) % FILTERED_SUBSCRIBERS
         sub["last_sequence_ok"] = sub["last_sequence"] == last
         span = sub["first_to_last_s"]
         sub["msg_per_s"] = sub["received"] / span if span > 0 else 0.0
@@ -990,22 +1014,29 @@ def add_ratios(runs: list[dict]) -> None:
     (``latency_added_us``: bridged percentile minus local percentile).
     """
     done = [r for r in runs if "error" not in r]
-    unfiltered = {r["relay"]: r for r in done if r["workload"] == "w1" and r["subscribers"] == FILTERED_SUBSCRIBERS}
+
+    def by_workload(relay: str) -> dict[tuple[str, int], dict]:
+        return {(r["workload"], r["subscribers"]): r for r in done if r["relay"] == relay}
+
     for r in done:
-        base = unfiltered.get(r["relay"]) if r["workload"] == "w1f" else None
+        if r["workload"] != "w1f":
+            continue
+        base = by_workload(r["relay"]).get(("w1", FILTERED_SUBSCRIBERS))
         if base is not None and base["delivered_msg_per_s_mean"]:
             per_sub = r["delivered_msg_per_s_mean"] / base["delivered_msg_per_s_mean"]
             r["ratio_to_unfiltered"] = per_sub
             # Each filtered subscriber gets a quarter of the stream: the stream rate is four times its rate.
             r["stream_ratio_to_unfiltered"] = per_sub * FILTERED_SUBSCRIBERS
-    for base_name, key in (("raw", "ratio_to_raw"), ("zmq", "ratio_to_zmq"), ("jitrelay", "ratio_to_local")):
-        bases = {(r["workload"], r["subscribers"]): r for r in done if r["relay"] == base_name}
+    for base_name, key in (("raw", "ratio_to_raw"), ("zmq", "ratio_to_zmq")):
+        bases = by_workload(base_name)
         for r in done:
-            if key == "ratio_to_local" and r["relay"] != "bridge":
-                continue
-            base = bases.get((r["workload"], r["subscribers"]))
-            r[key] = _ratio(r, base)
-            if key == "ratio_to_local" and r["workload"] == "w2":
+            r[key] = _ratio(r, bases.get((r["workload"], r["subscribers"])))
+    local = by_workload("jitrelay")
+    for r in done:
+        if r["relay"] == "bridge":
+            base = local.get((r["workload"], r["subscribers"]))
+            r["ratio_to_local"] = _ratio(r, base)
+            if r["workload"] == "w2":
                 r["latency_added_us"] = _added(r, base)
 
 
@@ -1045,7 +1076,7 @@ def measure_startup(runs: int) -> dict:
     warm_kernels = [w["kernels_s"] for w in warm if w["kernels_s"] is not None]
     median = statistics.median(warm_s)
     return {
-        "command": [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", "SOCKET"],
+        "command": jitrelay_run("SOCKET"),
         "warm_s": warm_s,
         "warm_median_s": median,
         "warm_kernels_s": statistics.median(warm_kernels) if warm_kernels else None,
@@ -1061,8 +1092,9 @@ def _start_once(cache_dir: str | None) -> dict:
         env["NUMBA_CACHE_DIR"] = cache_dir
     with tempfile.TemporaryDirectory(prefix="jitrelay-start-") as folder:
         path = os.path.join(folder, "relay.sock")
-        command = [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path, "--log-level", "DEBUG"]
-        with RelayProcess("jitrelay", command, "relay listening on", env) as relay:
+        with RelayProcess(
+            "jitrelay", [*jitrelay_run(path), "--log-level", "DEBUG"], "relay listening on", env
+        ) as relay:
             seconds = relay.startup_seconds()
         kernels = None
         for line in relay.lines:

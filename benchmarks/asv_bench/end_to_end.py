@@ -42,6 +42,7 @@ class EndToEndW1:
     """Delivered messages per second of 71-byte market_data, 1 MiB batches, one subscriber: best of 5 bursts."""
 
     timeout = 300.0
+    SUBSCRIBERS = 1
 
     def setup(self):
         self.tmp = tempfile.mkdtemp(prefix="jitrelay-asv-")
@@ -62,7 +63,7 @@ class EndToEndW1:
                 self.teardown()
                 raise RuntimeError(f"relay not ready (exit code {self.relay.returncode}): {' | '.join(self.log)}")
         self.batch = common.market_batch(SIZE, BATCH_BYTES)
-        self.inbox = memoryview(bytearray(4 * common.MiB))
+        self.inboxes = [memoryview(bytearray(4 * common.MiB)) for _ in range(self.SUBSCRIBERS)]  # one per reader
 
     def _drain(self):
         # Read stderr to the end, or the relay would block once the pipe is full.
@@ -85,31 +86,42 @@ class EndToEndW1:
         with _connect(self.path) as sub, _connect(self.path) as pub:
             probe = protocol.build_message(protocol.MARKET_DATA, [(1, b"probe")], timestamp_ns=0)
             pub.sendall(probe)
-            _receive(sub, len(probe), self.inbox)
-            per_burst = BATCHES_PER_BURST * (len(self.batch) // SIZE)
-            return max(per_burst / self._burst(pub, sub) for _ in range(BURSTS))
+            _receive(sub, len(probe), self.inboxes[0])
+            nbytes = BATCHES_PER_BURST * len(self.batch)
+            return max(nbytes // SIZE / self._burst(pub, [sub], [nbytes]) for _ in range(BURSTS))
 
     track_w1_messages_per_second.unit = "messages/s"
 
-    def _burst(self, pub: socket.socket, sub: socket.socket) -> float:
-        """Seconds from the first send to the last byte received."""
+    def _burst(self, pub: socket.socket, subs: list[socket.socket], nbytes: list[int]) -> float:
+        """Seconds from the first send until every subscriber has its ``nbytes``.
+
+        One thread sends the batch ``BATCHES_PER_BURST`` times while one thread per subscriber reads.
+        """
         errors: list[BaseException] = []
 
-        def publish():
+        def run(fn, *args):
             try:
-                for _ in range(BATCHES_PER_BURST):
-                    pub.sendall(self.batch)
+                fn(*args)
             except BaseException as exc:
                 errors.append(exc)
 
-        sender = threading.Thread(target=publish)
+        def publish():
+            for _ in range(BATCHES_PER_BURST):
+                pub.sendall(self.batch)
+
+        readers = [
+            threading.Thread(target=run, args=(_receive, sub, want, inbox))
+            for sub, want, inbox in zip(subs, nbytes, self.inboxes, strict=True)
+        ]
+        for reader in readers:
+            reader.start()  # each waits in recv_into until the first bytes arrive
+        sender = threading.Thread(target=run, args=(publish,))
         start = time.perf_counter()
         sender.start()
-        try:
-            _receive(sub, BATCHES_PER_BURST * len(self.batch), self.inbox)
-            elapsed = time.perf_counter() - start
-        finally:
-            sender.join()
+        for reader in readers:
+            reader.join()
+        elapsed = time.perf_counter() - start
+        sender.join()
         if errors:
             raise errors[0]
         return elapsed
@@ -177,45 +189,14 @@ class EndToEndW1Filtered(EndToEndW1):
                         sub.sendall(protocol.subscribe_message(tlv_types=[1 + k]))
                 pub.sendall(probe)
                 for sub in subs:
-                    _receive(sub, len(probe), self.inbox)
+                    _receive(sub, len(probe), self.inboxes[0])
                 count = len(self.batch) // SIZE
                 n = self.SUBSCRIBERS
                 shares = [(count - k + n - 1) // n if filtered else count for k in range(n)]
                 best = min(
-                    self._fan_out(pub, subs, [BATCHES_PER_BURST * s * SIZE for s in shares]) for _ in range(BURSTS)
+                    self._burst(pub, subs, [BATCHES_PER_BURST * s * SIZE for s in shares]) for _ in range(BURSTS)
                 )
                 return BATCHES_PER_BURST * sum(shares) / n / best
         finally:
             for sub in subs:
                 sub.close()
-
-    def _fan_out(self, pub: socket.socket, subs: list[socket.socket], nbytes: list[int]) -> float:
-        """Seconds from the first send until every subscriber has its ``nbytes``."""
-        errors: list[BaseException] = []
-
-        def run(fn, *args):
-            try:
-                fn(*args)
-            except BaseException as exc:
-                errors.append(exc)
-
-        def publish():
-            for _ in range(BATCHES_PER_BURST):
-                pub.sendall(self.batch)
-
-        readers = [
-            threading.Thread(target=run, args=(_receive, sub, want, memoryview(bytearray(4 * common.MiB))))
-            for sub, want in zip(subs, nbytes, strict=True)
-        ]
-        start = time.perf_counter()
-        for reader in readers:
-            reader.start()
-        sender = threading.Thread(target=run, args=(publish,))
-        sender.start()
-        for reader in readers:
-            reader.join()
-        elapsed = time.perf_counter() - start
-        sender.join()
-        if errors:
-            raise errors[0]
-        return elapsed

@@ -44,6 +44,7 @@ import strategies
 from conftest import RelayProcess
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from streams import ThreadedReader, send_chunked
 
 from jitrelay.protocol import BAD_MAGIC, FAULT_NAMES, FORWARD, NO_FAULT, OVERSIZE, VERDICT_NAMES
 
@@ -62,72 +63,49 @@ FUZZ_SETTINGS = settings(
 # -- the observers -----------------------------------------------------------------
 
 
-class Observer:
+class Observer(ThreadedReader):
     """A long-lived connection whose incoming stream a thread reads; ``stream_until`` cuts it at probes."""
 
     def __init__(self, relay: RelayProcess, domain: ref.Domain) -> None:
         self.sock = relay.connect(CLOSE_TIMEOUT)
+        super().__init__(self.sock, 1 << 16)
         self.domain = domain
         self.data = bytearray()
         self.pos = 0  # stream offset of the first byte not yet handed out
-        self.closed: str | None = None
-        self._changed = threading.Condition()
-        self._reader = self.sock.dup()
-        self._reader.settimeout(0.1)
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.start()
 
-    def _run(self) -> None:
-        while not self._stopping:
-            try:
-                chunk = self._reader.recv(1 << 16)
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                chunk, self.closed = b"", repr(exc)
-            with self._changed:
-                if not chunk:
-                    self.closed = self.closed or "EOF"
-                    self._changed.notify_all()
-                    return
-                self.data += chunk
-                self._changed.notify_all()
+    @property
+    def closed(self) -> str | None:
+        """Why the relay closed this connection, or None while it is open."""
+        if self.error is not None:
+            return repr(self.error)
+        return "EOF" if self.eof else None
+
+    def _received(self, chunk: memoryview) -> None:
+        with self.changed:
+            self.data += chunk
+            self.changed.notify_all()
 
     def stream_until(self, probe: bytes, timeout: float = CLOSE_TIMEOUT) -> bytes | None:
         """The bytes that arrive before ``probe``, which is consumed too; None if it does not come in time."""
         deadline = time.monotonic() + timeout
-        with self._changed:
+        with self.changed:
             while (at := self.data.find(probe, self.pos)) < 0:
                 assert self.closed is None, f"the relay closed an observer ({self.closed})"
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
-                self._changed.wait(left)
+                self.changed.wait(left)
             segment = bytes(self.data[self.pos : at])
             self.pos = at + len(probe)
             return segment
 
     def send(self, data: bytes, rng: random.Random) -> None:
-        send_chunked(self.sock, data, rng)
+        send_chunked(self.sock, data, rng, CHUNK_SIZES, pause_chance=0.15)
 
     def close(self) -> None:
-        self._stopping = True
-        self._thread.join(5)
-        self._reader.close()
+        self.stop()
         self.sock.close()
-
-
-def send_chunked(sock: socket.socket, data: bytes, rng: random.Random) -> None:
-    """Send ``data`` in random pieces, now and then pausing so the relay sees them apart."""
-    view = memoryview(data)
-    pos = 0
-    while pos < len(view):
-        n = rng.choice(CHUNK_SIZES)
-        sock.sendall(view[pos : pos + n])
-        pos += n
-        if rng.random() < 0.15:
-            time.sleep(0.0002)
 
 
 @dataclass
@@ -318,7 +296,7 @@ class Fuzzer:
     def _run(self) -> None:
         try:
             try:
-                send_chunked(self.sock, self.data, self.rng)
+                send_chunked(self.sock, self.data, self.rng, CHUNK_SIZES, pause_chance=0.15)
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError as exc:
                 if isinstance(exc, TimeoutError):

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from conftest import RelayProcess, StartRelay
 from reference import extended_record, standard_record
+from streams import ThreadedReader, send_chunked
 
 from jitrelay.protocol import MAGIC_BYTES, build_batch, build_message, decode_messages
 
@@ -53,7 +54,7 @@ def probe(domain_id: int, n: int) -> bytes:
     return build_message(domain_id, source=PROBE_MARK, flags=PROBE_MARK, sequence=n, timestamp_ns=0)
 
 
-class Reader:
+class Reader(ThreadedReader):
     """Reads one connection on a thread until EOF or error, handing what arrives to ``sink``.
 
     Leading probes are counted and dropped; by default the rest is kept in
@@ -70,49 +71,28 @@ class Reader:
         recv_size: int = 1 * MiB,
         pace: random.Random | None = None,
     ) -> None:
-        self.sock = sock.dup()  # own timeout, so the test may still send on ``sock``
-        self.sock.settimeout(0.1)
+        super().__init__(sock, recv_size)
         self.data = bytearray()
         self.sink = sink or self.data.extend
         self.received = 0  # bytes handed to the sink
         self.last_probe = -1
-        self.eof = False
-        self.error: OSError | None = None
         self._probe_prefix = MAGIC_BYTES + bytes((domain_id, 2, PROBE_MARK, PROBE_MARK))
         self._head: bytearray | None = bytearray()  # None once past the probes
-        self._recv_size = recv_size
         self._pace = pace
         self._open = threading.Event()
         self._open.set()
-        self._stopping = False
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.start()
 
-    def _run(self) -> None:
-        buf = bytearray(self._recv_size)
-        view = memoryview(buf)
-        try:
-            while not self._stopping:
-                if not self._open.wait(0.1):
-                    continue
-                size = self._recv_size if self._pace is None else self._pace.choice(SLOW_READS)
-                try:
-                    n = self.sock.recv_into(view[:size])
-                except TimeoutError:
-                    continue
-                except OSError as exc:
-                    self.error = exc
-                    return
-                if n == 0:
-                    self.eof = True
-                    return
-                self._deliver(view[:n])
-                if self._pace is not None:
-                    time.sleep(0.001)
-        finally:
-            with self._changed:
-                self._changed.notify_all()
+    def _may_read(self) -> bool:
+        return self._open.wait(0.1)
+
+    def _read_size(self) -> int:
+        return super()._read_size() if self._pace is None else self._pace.choice(SLOW_READS)
+
+    def _received(self, chunk: memoryview) -> None:
+        self._deliver(chunk)
+        if self._pace is not None:
+            time.sleep(0.001)
 
     def _deliver(self, chunk: memoryview) -> None:
         if self._head is not None:
@@ -124,24 +104,24 @@ class Reader:
                 self.last_probe = struct.unpack_from("<Q", head, 8)[0]
                 del head[:32]
             if len(head) < 8:
-                with self._changed:
-                    self._changed.notify_all()
+                with self.changed:
+                    self.changed.notify_all()
                 return
             self._head = None
             chunk = memoryview(bytes(head))
         self.sink(chunk)
-        with self._changed:
+        with self.changed:
             self.received += len(chunk)
-            self._changed.notify_all()
+            self.changed.notify_all()
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        with self._changed:
+        with self.changed:
             while not predicate():
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
+                if left <= 0 or not self.running:
                     return predicate()
-                self._changed.wait(left)
+                self.changed.wait(left)
         return True
 
     def wait_received(self, n: int, timeout: float = 10.0) -> bool:
@@ -149,20 +129,13 @@ class Reader:
 
     def wait_closed(self, timeout: float = 10.0) -> bool:
         """Wait until the relay closed this connection (EOF or an error such as ECONNRESET)."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive() and not self._stopping
+        return self.wait_ended(timeout) and not self._stopping
 
     def pause(self) -> None:
         self._open.clear()
 
     def resume(self) -> None:
         self._open.set()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._open.set()
-        self._thread.join(5)
-        self.sock.close()
 
 
 class Clients:
@@ -207,18 +180,6 @@ def sync(publisher: socket.socket, readers: list[Reader], domain_id: int, timeou
             return
         n += 1
         assert time.monotonic() < deadline, f"readers did not all receive a probe within {timeout} s"
-
-
-def send_chunked(sock: socket.socket, data: bytes, rng: random.Random, sizes: tuple[int, ...]) -> None:
-    """Send ``data`` in pieces of sizes drawn from ``sizes``, pausing now and then so the relay sees the pieces."""
-    view = memoryview(data)
-    pos = 0
-    while pos < len(view):
-        n = rng.choice(sizes)
-        sock.sendall(view[pos : pos + n])
-        pos += n
-        if rng.random() < 0.2:
-            time.sleep(0.0002)
 
 
 def first_difference(got: bytes | bytearray, expected: bytes) -> int:
@@ -387,6 +348,30 @@ class StreamCheck:
             f"first wrong byte at offset {self.mismatch} (message #{msg}, byte {within} of "
             f"{self.stream.message_size}); {self.offset} bytes received of {self.stream.total} sent"
         )
+
+
+def checked_readers(
+    relay: RelayProcess, clients: Clients, stream: NumberedStream, **second: object
+) -> tuple[list[Reader], list[StreamCheck], socket.socket]:
+    """Two readers that check what they get against ``stream``, and a publisher synced to both.
+
+    ``second`` holds options of the second reader only (a ``pace``, say).
+    """
+    checks = [StreamCheck(stream) for _ in range(2)]
+    readers = [clients.reader(relay, sink=checks[0]), clients.reader(relay, sink=checks[1], **second)]
+    publisher = clients.connect(relay)
+    sync(publisher, readers, stream.domain_id)
+    return readers, checks, publisher
+
+
+def assert_each_got_the_stream(
+    relay: RelayProcess, stream: NumberedStream, readers: list[Reader], checks: list[StreamCheck], timeout: float
+) -> None:
+    """Every reader got the whole stream, each byte as sent, and the relay dropped no subscriber."""
+    for reader, check in zip(readers, checks, strict=True):
+        reader.wait_received(stream.total, timeout)
+        assert check.mismatch is None and check.offset == stream.total, check.verdict()
+    assert relay.find_line("slow subscriber") is None
 
 
 # -- forwarding ------------------------------------------------------------------
@@ -660,10 +645,7 @@ def test_slow_subscriber_is_dropped_and_memory_stays_bounded(start_relay: StartR
 def test_blocked_subscriber_loses_nothing_under_block(start_relay: StartRelay, clients: Clients) -> None:
     relay = start_relay("execution", "--slow-policy", "block", "--pending-limit", str(1 * MiB))
     stream = NumberedStream(3, [(40, b"e" * 2000)], chunk_messages=64, chunks=512)  # ~64 MiB of 2037-byte messages
-    checks = [StreamCheck(stream) for _ in range(2)]
-    other, slow = (clients.reader(relay, sink=check) for check in checks)
-    publisher = clients.connect(relay)
-    sync(publisher, [other, slow], 3)
+    (other, slow), checks, publisher = checked_readers(relay, clients, stream)
     slow.pause()
 
     publisher.settimeout(60)
@@ -696,10 +678,7 @@ def test_blocked_subscriber_loses_nothing_under_block(start_relay: StartRelay, c
     slow.resume()
     thread.join(30)
     assert not thread.is_alive() and not errors
-    for reader, check in ((other, checks[0]), (slow, checks[1])):
-        reader.wait_received(stream.total, 20)
-        assert check.mismatch is None and check.offset == stream.total, check.verdict()
-    assert relay.find_line("slow subscriber") is None
+    assert_each_got_the_stream(relay, stream, [other, slow], checks, 20)
 
 
 @pytest.mark.parametrize(
@@ -715,19 +694,12 @@ def test_slow_reader_gets_exactly_the_bytes_sent(
 ) -> None:
     relay = start_relay("market_data", *options)
     stream = NumberedStream(1, [(1, b"s" * 37)], chunk_messages=14768, chunks=24)  # ~24 MiB of 71-byte messages
-    checks = [StreamCheck(stream) for _ in range(2)]
-    fast = clients.reader(relay, sink=checks[0])
-    slow = clients.reader(relay, sink=checks[1], pace=random.Random("slow"))
-    publisher = clients.connect(relay)
-    sync(publisher, [fast, slow], 1)
+    (fast, slow), checks, publisher = checked_readers(relay, clients, stream, pace=random.Random("slow"))
 
     publisher.settimeout(60)
     for i in range(stream.chunks):
         publisher.sendall(stream.chunk(i))
-    for reader, check in ((fast, checks[0]), (slow, checks[1])):
-        reader.wait_received(stream.total, 30)
-        assert check.mismatch is None and check.offset == stream.total, check.verdict()
-    assert relay.find_line("slow subscriber") is None
+    assert_each_got_the_stream(relay, stream, [fast, slow], checks, 30)
 
 
 def test_publisher_that_exits_with_unread_data_loses_none_of_its_messages(
@@ -770,10 +742,7 @@ def test_subscriber_behind_for_less_than_the_slow_timeout_loses_nothing(
         "market_data", "--slow-policy", "disconnect", "--pending-limit", str(256 * KiB), "--slow-timeout", "5"
     )
     stream = NumberedStream(1, [(1, b"m" * 37)], chunk_messages=14000, chunks=16)  # ~16 MiB of 71-byte messages
-    checks = [StreamCheck(stream) for _ in range(2)]
-    fast, stalling = (clients.reader(relay, sink=check) for check in checks)
-    publisher = clients.connect(relay)
-    sync(publisher, [fast, stalling], 1)
+    (fast, stalling), checks, publisher = checked_readers(relay, clients, stream)
     stalling.pause()
     thread = threading.Thread(target=lambda: [publisher.sendall(stream.chunk(i)) for i in range(stream.chunks)])
     thread.start()
@@ -781,10 +750,7 @@ def test_subscriber_behind_for_less_than_the_slow_timeout_loses_nothing(
     time.sleep(1.0)  # well past a scheduler hiccup, well inside the timeout
     stalling.resume()
     thread.join(30)
-    for reader, check in ((fast, checks[0]), (stalling, checks[1])):
-        reader.wait_received(stream.total, 20)
-        assert check.mismatch is None and check.offset == stream.total, check.verdict()
-    assert relay.find_line("slow subscriber") is None
+    assert_each_got_the_stream(relay, stream, [fast, stalling], checks, 20)
 
 
 def test_relay_reports_its_counters_and_forwarding_time_on_sigusr1_and_exit(

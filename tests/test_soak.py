@@ -323,19 +323,26 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) ->
         time.sleep(0.02)
 
 
-def test_publisher_and_subscriber_roles(start_relay: StartRelay) -> None:
-    """The soak's two client roles, in threads: writes cut mid-message arrive whole, every one, after stalls."""
-    relay = start_relay("market_data")
-    config = soak.ClientConfig(
+def client_config(
+    relay: RelayProcess, *, publisher_rate: float, max_size: int, stall_prob: float, stall_max: float
+) -> soak.ClientConfig:
+    """What the soak's client roles need to talk to ``relay``, a market_data relay."""
+    return soak.ClientConfig(
         socket_path=str(relay.socket_path),
         domain="market_data",
         domain_id=MARKET_DATA,
         max_payload=MAX_PAYLOAD,
-        publisher_rate=3000.0,
-        max_size=700,
-        stall_prob=1.0,
-        stall_max=0.2,
+        publisher_rate=publisher_rate,
+        max_size=max_size,
+        stall_prob=stall_prob,
+        stall_max=stall_max,
     )
+
+
+def test_publisher_and_subscriber_roles(start_relay: StartRelay) -> None:
+    """The soak's two client roles, in threads: writes cut mid-message arrive whole, every one, after stalls."""
+    relay = start_relay("market_data")
+    config = client_config(relay, publisher_rate=3000.0, max_size=700, stall_prob=1.0, stall_max=0.2)
     ctrl = [soak.RUNNING]
     sub_stats, pub_stats = [0] * soak.STATS_LEN, [0] * soak.STATS_LEN
     details = io.StringIO()
@@ -375,16 +382,7 @@ def test_filtered_subscriber_receives_exactly_its_sources(start_relay: StartRela
     streams, the beacon and the echo.
     """
     relay = start_relay("market_data")
-    config = soak.ClientConfig(
-        socket_path=str(relay.socket_path),
-        domain="market_data",
-        domain_id=MARKET_DATA,
-        max_payload=MAX_PAYLOAD,
-        publisher_rate=2000.0,
-        max_size=300,
-        stall_prob=0.0,
-        stall_max=0.0,
-    )
+    config = client_config(relay, publisher_rate=2000.0, max_size=300, stall_prob=0.0, stall_max=0.0)
     ctrl = [soak.RUNNING, 1, 2]  # the phase, then the publishers' sources
     echo_connection = soak.Echo(config)
     everything, one = [0] * soak.STATS_LEN, [0] * soak.STATS_LEN

@@ -29,6 +29,7 @@ import strategies as gen
 from conftest import RelayProcess, StartRelay
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from streams import ThreadedReader
 
 from jitrelay import kernels
 from jitrelay import protocol as p
@@ -46,62 +47,47 @@ def is_marker(message: bytes) -> bool:
     return message[6] == MARK and message[7] in (MARK, MARK + 1)
 
 
-class Peer:
+class Peer(ThreadedReader):
     """A raw connection whose reader thread cuts what arrives into whole messages."""
 
     def __init__(self, relay: RelayProcess) -> None:
         self.sock = relay.connect(WAIT)
+        super().__init__(self.sock, 1 << 20)
         self.messages: list[bytes] = []
         self._pending = bytearray()
-        self._changed = threading.Condition()
-        self._reader = self.sock.dup()
-        self._reader.settimeout(0.1)
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.start()
 
-    def _run(self) -> None:
-        while not self._stopping:
-            try:
-                chunk = self._reader.recv(1 << 20)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not chunk:
-                return
-            self._pending += chunk
-            _, consumed, fault = kernels.frame(np.frombuffer(bytes(self._pending), dtype=np.uint8))
-            assert fault == p.NO_FAULT, "the relay sent bytes that are not whole messages"
-            found = [m.raw for m in p.decode_messages(bytes(self._pending[:consumed]))]
-            del self._pending[:consumed]
-            with self._changed:
-                self.messages += found
-                self._changed.notify_all()
+    def _received(self, chunk: memoryview) -> None:
+        self._pending += chunk
+        _, consumed, fault = kernels.frame(np.frombuffer(bytes(self._pending), dtype=np.uint8))
+        assert fault == p.NO_FAULT, "the relay sent bytes that are not whole messages"
+        found = [m.raw for m in p.decode_messages(bytes(self._pending[:consumed]))]
+        del self._pending[:consumed]
+        with self.changed:
+            self.messages += found
+            self.changed.notify_all()
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
     def wait_count(self, count: int, timeout: float = WAIT) -> None:
-        with self._changed:
-            assert self._changed.wait_for(lambda: len(self.messages) >= count, timeout), f"fewer than {count} messages"
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.messages) >= count, timeout), f"fewer than {count} messages"
 
     def wait_for(self, message: bytes, timeout: float = WAIT) -> list[bytes]:
         """Everything received before ``message`` (dropping markers), once ``message`` has arrived."""
         deadline = time.monotonic() + timeout
-        with self._changed:
+        with self.changed:
             while message not in self.messages:
                 left = deadline - time.monotonic()
                 assert left > 0, f"{message.hex()} did not arrive within {timeout} s"
-                self._changed.wait(left)
+                self.changed.wait(left)
             before = self.messages[: self.messages.index(message)]
             del self.messages[: self.messages.index(message) + 1]
         return [m for m in before if not is_marker(m)]
 
     def close(self) -> None:
-        self._stopping = True
-        self._thread.join(5)
-        self._reader.close()
+        self.stop()
         self.sock.close()
 
 

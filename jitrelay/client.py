@@ -354,7 +354,11 @@ class Subscriber(_SubscriberState):
         self._sock: socket.socket | None = _connect(domain, self.socket_path)
         self._timeout: float | None = None
         if self._initial is not None:
-            self._control(self._initial)
+            try:
+                self._control(self._initial)
+            except BaseException:
+                self.close()  # the caller never gets the object, so nobody else would close the socket
+                raise
 
     def subscribe(self, tlv_types: Iterable[int] | None = None, sources: Iterable[int] | None = None) -> None:
         """Receive only messages from ``sources`` carrying a record of ``tlv_types``; None leaves that set as it is."""

@@ -28,6 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import extended_record, message, standard_record
 
+from jitrelay import client as client_module
 from jitrelay import protocol
 from jitrelay.client import (
     AsyncPublisher,
@@ -581,3 +582,21 @@ def test_async_shutdown_ends_subscription_and_fails_publishing(start_relay: Star
                     await asyncio.sleep(0.05)
 
     asyncio.run(scenario(start_relay("signal")))
+
+
+def test_subscriber_closes_its_socket_when_the_first_subscription_cannot_be_sent(
+    start_relay: StartRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relay = start_relay("market_data")
+    opened: list[socket.socket] = []
+    real_connect = client_module._connect
+
+    def connect(domain: str, path: Path) -> socket.socket:
+        opened.append(real_connect(domain, path))
+        opened[-1].shutdown(socket.SHUT_WR)  # the subscription's send now fails with EPIPE
+        return opened[-1]
+
+    monkeypatch.setattr(client_module, "_connect", connect)
+    with pytest.raises(RelayConnectionError):
+        Subscriber("market_data", relay.socket_path, tlv_types=[1])
+    assert len(opened) == 1 and opened[0].fileno() == -1, "the socket was left open"

@@ -517,7 +517,7 @@ def bind_socket(path: Path) -> socket.socket:
 
 
 def warm_up(logic: RelayLogic) -> float:
-    """Compile (or load from cache) the kernels before accepting traffic; return the seconds it took."""
+    """Load (or build, or compile) the kernels before accepting traffic; return the seconds it took."""
     started = time.perf_counter()
     sample = np.frombuffer(protocol.build_message(logic.domain_id, [], timestamp_ns=0) * 3, dtype=np.uint8).copy()
     result, out = kernels.scan(sample, logic.kernel_tables())
@@ -538,7 +538,9 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
     log.debug("configuration: %s", logic)
     sock = bind_socket(path)  # first: a second relay on a live path is refused before any compiling
     inode = os.stat(path).st_ino
-    log.info("kernels ready in %.3f s", warm_up(logic))
+    seconds = warm_up(logic)
+    loaded = kernels.backend()
+    log.info("kernels ready in %.3f s (%s: %s)", seconds, loaded["name"], loaded["path"])
     try:
         journal = (
             Journal(

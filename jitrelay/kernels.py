@@ -1,4 +1,4 @@
-"""Compiled kernels over uint8 buffers: framing, validation, runs, compaction, CRC-32.
+"""The kernels' public face: framing, validation, runs, routing, compaction, CRC-32 over uint8 buffers.
 
 The relay hands each read to ``scan_into`` once. The scan walks the 32-byte
 headers of every complete message in ``buf[start:end]``, gives each a verdict
@@ -7,75 +7,96 @@ into runs, and stops at the first partial message or at a stream-fatal fault.
 
 Goals: no allocation inside the loops, no Python objects, and work
 proportional to the bytes of complete messages: a partial message costs a
-re-read of its header only, never of its payload. The scan is three tight
-loops rather than one: framing and the TLV walk; CRC-32 over the messages
-still accepted, only for domains that verify; then runs and tallies from the
-verdicts. Keeping the CRC out of the framing loop more than doubles its speed
-(the compiler keeps the walk's state in registers). CRC-32 is a slicing-by-8
-loop for short ranges and zlib's own ``crc32``, called as C, for long ones.
+re-read of its header only, never of its payload.
 
-Each public function validates and allocates; a private ``@njit`` function of
-plain loops does the work. Run with ``NUMBA_DISABLE_JIT=1`` and the same code
-runs as Python, which is how the tests measure its coverage.
+Each public function here checks its arguments and allocates; the loops that
+do the work live in ``loops``. Which build of them runs is chosen once, at
+the first call (``backend``): the ahead-of-time module from ``aot`` by
+default, numba's JIT with ``JITRELAY_KERNELS=jit`` or when no module can be
+built, and plain Python under ``NUMBA_DISABLE_JIT=1``. The ahead-of-time
+module trusts its arguments, so the checks here are what keeps a wrong dtype
+from reading the wrong memory.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import logging
+import os
+import time
+from types import ModuleType
 from typing import NamedTuple
 
-import llvmlite.binding as llvm
 import numpy as np
-from numba import config, njit, types
 
+from . import aot
 from . import protocol as p
 
-_JIT = {"cache": True, "nogil": True}
+log = logging.getLogger("jitrelay.kernels")
+
+BACKENDS = ("aot", "jit")
 
 
-def _c_function(library: str | None, name: str, symbol: str, argtypes: list, restype: object, signature: object):
-    """A C function the kernels call directly, as an external symbol numba links by name.
+class _Backend:
+    """Stands in for the loops until the first call, which loads them and replaces it."""
 
-    The symbol is registered with LLVM at import, so cached kernels link to
-    this process's copy of the library; a ctypes function passed as an
-    argument would work too, but numba types it on every call (about 2 us).
-    Without the JIT (``NUMBA_DISABLE_JIT=1``) the kernels call the ctypes function.
-    """
-    fn = getattr(ctypes.CDLL(library), name)
-    fn.argtypes = argtypes
-    fn.restype = restype
-    if config.DISABLE_JIT:
-        return fn
-    llvm.add_symbol(symbol, ctypes.cast(fn, ctypes.c_void_p).value)
-    return types.ExternalFunction(symbol, signature)
+    def __getattr__(self, name: str) -> object:
+        global _loops
+        _loops = _load()
+        return getattr(_loops, name)
 
 
-def _zlib_library() -> str:
-    name = ctypes.util.find_library("z")
-    if name is None:
-        raise ImportError("jitrelay needs the zlib shared library (libz.so.1) for CRC-32")
-    return name
+def _load() -> ModuleType:
+    started = time.perf_counter()
+    choice = os.environ.get("JITRELAY_KERNELS", "aot")
+    if choice not in BACKENDS:
+        raise ValueError(f"JITRELAY_KERNELS must be one of {', '.join(BACKENDS)}, not {choice!r}")
+    if os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
+        choice = "python"
+    if choice == "aot":
+        try:
+            module = aot.load()
+        except aot.Unavailable as error:
+            log.warning(
+                "no ahead-of-time build of the kernels (%s); compiling them with numba in this process instead", error
+            )
+        else:
+            _BACKEND_INFO.update(name="aot", path=module.__file__, seconds=time.perf_counter() - started)
+            return module
+        choice = "jit"
+    from . import loops
+
+    _BACKEND_INFO.update(name=choice, path=loops.__file__, seconds=time.perf_counter() - started)
+    return loops
 
 
-# zlib's crc32 (the library behind Python's zlib module) and the C library's
-# memcpy: for long ranges both beat what numba generates for the same loops.
-_ZLIB_CRC32 = _c_function(
-    _zlib_library(),
-    "crc32",
-    "jitrelay_zlib_crc32",
-    [ctypes.c_ulong, ctypes.c_size_t, ctypes.c_uint],
-    ctypes.c_ulong,
-    types.uint64(types.uint64, types.uintp, types.uint32),
-)
-_MEMCPY = _c_function(
-    None,
-    "memcpy",
-    "jitrelay_memcpy",
-    [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t],
-    ctypes.c_size_t,
-    types.uintp(types.uintp, types.uintp, types.uintp),
-)
+_BACKEND_INFO: dict = {"name": None, "path": None, "seconds": None}
+_loops: ModuleType | _Backend = _Backend()
+
+
+def backend() -> dict:
+    """Which build of the loops runs here (``aot``, ``jit`` or ``python``), where from, and how long loading took."""
+    _loops.frame  # noqa: B018 - loads the backend
+    return dict(_BACKEND_INFO)
+
+
+def _bytes(buf: object, name: str = "buf", writable: bool = False) -> np.ndarray:
+    """``buf`` when it is a contiguous 1-D uint8 array, else a clear error (the loops would read past it)."""
+    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.c_contiguous:
+        raise TypeError(f"{name} must be a contiguous one-dimensional uint8 numpy array")
+    if writable and not buf.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return buf
+
+
+def _array(a: object, dtype: type, ndim: int, name: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != ndim or not a.flags.c_contiguous:
+        raise TypeError(f"{name} must be a contiguous {ndim}-D {np.dtype(dtype).name} numpy array")
+    return a
+
+
+def _range(buf: np.ndarray, start: int, end: int) -> None:
+    if not 0 <= start <= end <= len(buf):
+        raise ValueError(f"range {start}..{end} is outside a buffer of {len(buf)} bytes")
 
 
 def _make_crc_tables() -> np.ndarray:
@@ -94,9 +115,6 @@ def _make_crc_tables() -> np.ndarray:
 
 
 CRC_TABLES = _make_crc_tables()  # slicing-by-8
-# Below this many bytes a table-driven loop beats a call into zlib (whose fast
-# paths need setup); above it zlib's braided CRC is faster.
-CRC_ZLIB_MIN = 256
 
 
 class KernelTables(NamedTuple):
@@ -135,223 +153,6 @@ class ScanBuffers:
         self.counts = np.zeros(len(p.VERDICT_NAMES), dtype=np.int64)
 
 
-@njit(**_JIT)
-def _u32(buf, pos):
-    return (
-        np.int64(buf[pos])
-        | (np.int64(buf[pos + 1]) << 8)
-        | (np.int64(buf[pos + 2]) << 16)
-        | (np.int64(buf[pos + 3]) << 24)
-    )
-
-
-@njit(**_JIT)
-def _crc32_table(buf, start, end, value, tables):
-    c = value ^ 0xFFFFFFFF
-    i = start
-    while i + 8 <= end:
-        one = c ^ _u32(buf, i)
-        two = _u32(buf, i + 4)
-        c = (
-            tables[7, one & 0xFF]
-            ^ tables[6, (one >> 8) & 0xFF]
-            ^ tables[5, (one >> 16) & 0xFF]
-            ^ tables[4, one >> 24]
-            ^ tables[3, two & 0xFF]
-            ^ tables[2, (two >> 8) & 0xFF]
-            ^ tables[1, (two >> 16) & 0xFF]
-            ^ tables[0, two >> 24]
-        )
-        i += 8
-    while i < end:
-        c = tables[0, (c ^ np.int64(buf[i])) & 0xFF] ^ (c >> 8)
-        i += 1
-    return c ^ 0xFFFFFFFF
-
-
-@njit(**_JIT)
-def _crc32_zlib(buf, start, end, value):
-    return np.int64(_ZLIB_CRC32(np.uint64(value), np.uint64(buf.ctypes.data + start), np.uint32(end - start)))
-
-
-@njit(**_JIT)
-def _crc32(buf, start, end, value, crc_tables):
-    if end - start < CRC_ZLIB_MIN:
-        return _crc32_table(buf, start, end, value, crc_tables)
-    return _crc32_zlib(buf, start, end, value)
-
-
-@njit(**_JIT)
-def _message_crc(buf, pos, length, crc_tables):
-    head = _crc32_table(buf, pos, pos + p.CHECKSUM_COVERED, np.int64(0), crc_tables)
-    if length < CRC_ZLIB_MIN:
-        return _crc32_table(buf, pos + p.HEADER_SIZE, pos + length, head, crc_tables)
-    return _crc32_zlib(buf, pos + p.HEADER_SIZE, pos + length, head)
-
-
-@njit(**_JIT)
-def _record_at(buf, i, end):
-    """The record at ``i``: ``(type, value length, offset of the value)``, or type -1 if its header is cut or bad."""
-    if buf[i] == p.EXTENDED_TLV:
-        if i + 5 > end or buf[i + 1] != 0:
-            return -1, 0, i
-        return np.int64(buf[i + 2]), np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8), i + 5
-    if i + 2 > end:
-        return -1, 0, i
-    return np.int64(buf[i]), np.int64(buf[i + 1]), i + 2
-
-
-@njit(**_JIT)
-def _control_verdict(buf, pos, length):
-    """CONTROL when a system-domain message holds only well-formed subscription records, else MALFORMED_TLV."""
-    i = pos + p.HEADER_SIZE
-    end = pos + length
-    if i == end:
-        return p.MALFORMED_TLV
-    while i < end:
-        tlv_type, value_len, i = _record_at(buf, i, end)
-        if tlv_type == p.SUBSCRIBE_TLV_TYPES or tlv_type == p.SUBSCRIBE_SOURCES:
-            if value_len != p.BITMAP_SIZE:
-                return p.MALFORMED_TLV
-        elif tlv_type != p.UNSUBSCRIBE or value_len != 0:
-            return p.MALFORMED_TLV
-        i += value_len
-        if i > end:
-            return p.MALFORMED_TLV
-    return p.CONTROL
-
-
-@njit(**_JIT)
-def _verdict(buf, pos, length, domain, type_allowed):
-    """The verdict of a complete message, short of its checksum."""
-    if buf[pos + p.OFF_VERSION] != p.VERSION:
-        return p.BAD_VERSION
-    if buf[pos + p.OFF_DOMAIN] != domain:
-        return p.WRONG_DOMAIN  # system-domain messages are looked at again by ``_controls``
-    i = pos + p.HEADER_SIZE
-    end = pos + length
-    out_of_range = False
-    while i < end:
-        tlv_type, value_len, i = _record_at(buf, i, end)
-        if tlv_type <= 0:
-            return p.MALFORMED_TLV
-        i += value_len
-        if i > end:
-            return p.MALFORMED_TLV
-        if type_allowed[tlv_type] == 0:
-            out_of_range = True
-    return p.TLV_OUT_OF_RANGE if out_of_range else p.FORWARD
-
-
-@njit(**_JIT)
-def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts):
-    n = 0
-    pos = start
-    fault = p.NO_FAULT
-    while True:
-        avail = end - pos
-        if avail < 4:
-            break
-        if _u32(buf, pos) != p.MAGIC:
-            fault = p.BAD_MAGIC
-            break
-        if avail < p.HEADER_SIZE:
-            break
-        payload = _u32(buf, pos + p.OFF_PAYLOAD_SIZE)
-        if payload > max_payload:
-            fault = p.OVERSIZE
-            break
-        length = p.HEADER_SIZE + payload
-        if avail < length:
-            break
-        offsets[n] = pos
-        verdicts[n] = _verdict(buf, pos, length, domain, type_allowed)
-        n += 1
-        pos += length
-    offsets[n] = pos
-    return n, pos, fault
-
-
-@njit(**_JIT)
-def _verify_checksums(buf, offsets, verdicts, n, crc_tables):
-    for k in range(n):
-        if verdicts[k] == p.FORWARD:
-            pos = offsets[k]
-            if _message_crc(buf, pos, offsets[k + 1] - pos, crc_tables) != _u32(buf, pos + p.OFF_CHECKSUM):
-                verdicts[k] = p.BAD_CHECKSUM
-
-
-@njit(**_JIT)
-def _runs_and_counts(offsets, verdicts, n, runs, counts):
-    n_runs = 0
-    forwarded = 0
-    run_start = -1
-    run_end = -1
-    n_forward = 0
-    for k in range(n):
-        verdict = verdicts[k]
-        if verdict == p.FORWARD:
-            pos = offsets[k]
-            if pos != run_end:
-                if run_start >= 0:
-                    runs[2 * n_runs] = run_start
-                    runs[2 * n_runs + 1] = run_end
-                    n_runs += 1
-                run_start = pos
-            run_end = offsets[k + 1]
-            forwarded += run_end - pos
-            n_forward += 1
-        else:
-            counts[verdict] += 1
-    if run_start >= 0:
-        runs[2 * n_runs] = run_start
-        runs[2 * n_runs + 1] = run_end
-        n_runs += 1
-    counts[p.FORWARD] += n_forward
-    return n_runs, forwarded
-
-
-@njit(**_JIT)
-def _controls(buf, offsets, verdicts, n, verify, crc_tables, counts):
-    """Give the system-domain messages among the ``wrong_domain`` ones their control verdict; return how many.
-
-    A pass of its own, run only for batches with a wrong-domain message, so
-    control messages cost the framing loop nothing.
-    """
-    n_controls = 0
-    for k in range(n):
-        pos = offsets[k]
-        if verdicts[k] != p.WRONG_DOMAIN or buf[pos + p.OFF_DOMAIN] != p.SYSTEM:
-            continue
-        length = offsets[k + 1] - pos
-        verdict = _control_verdict(buf, pos, length)
-        if (
-            verdict == p.CONTROL
-            and verify
-            and _message_crc(buf, pos, length, crc_tables) != _u32(buf, pos + p.OFF_CHECKSUM)
-        ):
-            verdict = p.BAD_CHECKSUM
-        verdicts[k] = verdict
-        counts[p.WRONG_DOMAIN] -= 1
-        counts[verdict] += 1
-        if verdict == p.CONTROL:
-            n_controls += 1
-    return n_controls
-
-
-@njit(**_JIT)
-def _scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, crc_tables):
-    n, pos, fault = _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts)
-    if verify:
-        _verify_checksums(buf, offsets, verdicts, n, crc_tables)
-    wrong_domain = counts[p.WRONG_DOMAIN]
-    n_runs, forwarded = _runs_and_counts(offsets, verdicts, n, runs, counts)
-    n_controls = 0
-    if counts[p.WRONG_DOMAIN] != wrong_domain:
-        n_controls = _controls(buf, offsets, verdicts, n, verify, crc_tables, counts)
-    return n, pos, fault, n_runs, forwarded, n_controls
-
-
 def scan_into(
     buf: np.ndarray,
     start: int,
@@ -367,17 +168,23 @@ def scan_into(
     connections that keep their own tallies. On a fault, ``consumed`` is the
     offset of the faulty header: messages before it were judged normally.
     """
-    return ScanResult(*_scan(*_scan_args(buf, start, end, tables, out, counts)))
+    return ScanResult(*_loops.scan(*_scan_args(buf, start, end, tables, out, counts)))
 
 
 def _scan_args(
     buf: np.ndarray, start: int, end: int, tables: KernelTables, out: ScanBuffers, counts: np.ndarray | None
 ) -> tuple:
-    """The arguments of ``_scan``, checked."""
+    """The arguments of ``loops.scan``, checked."""
+    _bytes(buf)
+    _range(buf, start, end)
     if end - start > out.capacity:
         raise ValueError(f"scan range of {end - start} bytes exceeds the buffers' capacity of {out.capacity}")
     if counts is not None and len(counts) < len(p.VERDICT_NAMES):
         raise ValueError(f"counts needs {len(p.VERDICT_NAMES)} slots, one per verdict")
+    if counts is not None:
+        _array(counts, np.int64, 1, "counts")
+    if len(_array(tables.type_allowed, np.uint8, 1, "type_allowed")) != 256:
+        raise ValueError("type_allowed needs 256 entries, one per TLV type")
     return (
         buf,
         start,
@@ -403,70 +210,32 @@ def scan(
     return scan_into(buf, start, end, tables, out), out
 
 
-@njit(**_JIT)
-def _frame(buf, start, end):
-    n = 0
-    pos = start
-    while end - pos >= 4:
-        if _u32(buf, pos) != p.MAGIC:
-            return n, pos, p.BAD_MAGIC
-        if end - pos < p.HEADER_SIZE:
-            break
-        length = p.HEADER_SIZE + _u32(buf, pos + p.OFF_PAYLOAD_SIZE)
-        if end - pos < length:
-            break
-        pos += length
-        n += 1
-    return n, pos, p.NO_FAULT
-
-
 def frame(buf: np.ndarray, start: int = 0, end: int | None = None) -> tuple[int, int, int]:
     """Count the complete messages in ``buf[start:end]`` without judging them.
 
     Returns ``(count, consumed, fault)``; subscribers use it to cut a stream
     into whole messages.
     """
-    return _frame(buf, start, len(buf) if end is None else end)
-
-
-@njit(**_JIT)
-def _next_message_end(buf, start, end):
-    if end - start < p.HEADER_SIZE:
-        return -1
-    length = p.HEADER_SIZE + _u32(buf, start + p.OFF_PAYLOAD_SIZE)
-    return start + length if end - start >= length else -1
-
-
-@njit(**_JIT)
-def _compact(buf, runs, n_runs, out):
-    source = buf.ctypes.data
-    target = out.ctypes.data
-    o = 0
-    for k in range(n_runs):
-        a = runs[2 * k]
-        b = runs[2 * k + 1]
-        _MEMCPY(np.uint64(target + o), np.uint64(source + a), np.uint64(b - a))
-        o += b - a
-    return o
+    end = len(_bytes(buf)) if end is None else end
+    _range(buf, start, end)
+    return _loops.frame(buf, start, end)
 
 
 def compact(buf: np.ndarray, runs: np.ndarray, n_runs: int, out: np.ndarray | None = None) -> np.ndarray:
     """Copy the forwarded runs of a scan back to back into one array."""
-    total = int((runs[1 : 2 * n_runs : 2] - runs[0 : 2 * n_runs : 2]).sum())
+    _bytes(buf)
+    if not 0 <= n_runs <= len(_array(runs, np.int64, 1, "runs")) // 2:
+        raise ValueError(f"{n_runs} runs do not fit in an array of {len(runs)} bounds")
+    starts, ends = runs[0 : 2 * n_runs : 2], runs[1 : 2 * n_runs : 2]
+    if n_runs and (starts.min() < 0 or ends.max() > len(buf) or (ends < starts).any()):
+        raise ValueError("runs reach outside the buffer")
+    total = int((ends - starts).sum())
     if out is None:
         out = np.empty(total, dtype=np.uint8)
-    elif len(out) < total:
+    elif len(_bytes(out, "out", writable=True)) < total:
         raise ValueError(f"output of {len(out)} bytes cannot hold {total}")
-    if not (buf.flags.c_contiguous and out.flags.c_contiguous and buf.dtype == out.dtype == np.uint8):
-        raise ValueError("compact needs contiguous uint8 arrays")
-    if n_runs and (runs[0] < 0 or runs[2 * n_runs - 1] > len(buf)):
-        raise ValueError("runs reach outside the buffer")
-    _compact(buf, runs, n_runs, out)
+    _loops.compact(buf, runs, n_runs, out)
     return out[:total]
-
-
-_ONE = np.uint64(1)
-_ZERO = np.uint64(0)
 
 
 class GroupTables(NamedTuple):
@@ -528,115 +297,6 @@ class RouteBuffers:
         return self.runs[2 * first : 2 * (first + self.counts[group])]
 
 
-@njit(**_JIT)
-def _group_masks_one_word(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks):
-    """``_group_masks`` for up to 64 groups: the mask stays in a register."""
-    base = untyped[0]
-    for k in range(n):
-        if verdicts[k] != p.FORWARD:
-            masks[k, 0] = _ZERO
-            continue
-        mask = base
-        pos = offsets[k]
-        end = offsets[k + 1]
-        i = pos + p.HEADER_SIZE
-        while i < end:
-            tlv_type = np.int64(buf[i])
-            if tlv_type == p.EXTENDED_TLV:
-                tlv_type = np.int64(buf[i + 2])
-                i += 5 + (np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8))
-            else:
-                i += 2 + np.int64(buf[i + 1])
-            mask |= type_groups[tlv_type, 0]
-        masks[k, 0] = mask & source_groups[np.int64(buf[pos + p.OFF_SOURCE]), 0]
-
-
-@njit(**_JIT)
-def _group_masks(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks):
-    words = masks.shape[1]
-    if words == 1:
-        _group_masks_one_word(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks)
-        return
-    for k in range(n):
-        if verdicts[k] != p.FORWARD:
-            for w in range(words):
-                masks[k, w] = _ZERO
-            continue
-        for w in range(words):
-            masks[k, w] = untyped[w]
-        pos = offsets[k]
-        end = offsets[k + 1]
-        i = pos + p.HEADER_SIZE
-        while i < end:  # the scan has already checked these records are well formed
-            tlv_type = np.int64(buf[i])
-            if tlv_type == p.EXTENDED_TLV:
-                tlv_type = np.int64(buf[i + 2])
-                i += 5 + (np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8))
-            else:
-                i += 2 + np.int64(buf[i + 1])
-            for w in range(words):
-                masks[k, w] |= type_groups[tlv_type, w]
-        source = np.int64(buf[pos + p.OFF_SOURCE])
-        for w in range(words):
-            masks[k, w] &= source_groups[source, w]
-
-
-@njit(**_JIT)
-def _group_runs(offsets, masks, n, groups, first, counts, sizes, runs):
-    """Runs of each group from the per-message masks; returns the runs needed, filling only if they fit.
-
-    A run starts where a group's bit turns on and ends where it turns off, so
-    the work is proportional to messages plus runs, not messages times groups.
-    """
-    words = masks.shape[1]
-    for g in range(groups):
-        counts[g] = 0
-    total = 0
-    for w in range(words):
-        prev = _ZERO
-        for k in range(n):
-            cur = masks[k, w]
-            starts = cur & ~prev
-            g = w * 64
-            while starts != _ZERO:
-                if starts & _ONE:
-                    counts[g] += 1
-                    total += 1
-                starts >>= _ONE
-                g += 1
-            prev = cur
-    if 2 * total > len(runs):
-        return total
-    acc = 0
-    for g in range(groups):
-        first[g] = acc
-        acc += counts[g]
-        counts[g] = 0
-        sizes[g] = 0
-    for w in range(words):
-        prev = _ZERO
-        for k in range(n + 1):
-            cur = masks[k, w] if k < n else _ZERO
-            changed = cur ^ prev
-            on = cur
-            g = w * 64
-            pos = offsets[k]
-            while changed != _ZERO:
-                if changed & _ONE:
-                    slot = first[g] + counts[g]
-                    if on & _ONE:
-                        runs[2 * slot] = pos
-                    else:
-                        runs[2 * slot + 1] = pos
-                        sizes[g] += pos - runs[2 * slot]
-                        counts[g] += 1
-                changed >>= _ONE
-                on >>= _ONE
-                g += 1
-            prev = cur
-    return total
-
-
 def route(buf: np.ndarray, scanned: ScanBuffers, count: int, tables: GroupTables, out: RouteBuffers) -> RouteBuffers:
     """Split the forwarded messages of the last scan of ``buf`` into runs per subscriber group.
 
@@ -644,8 +304,12 @@ def route(buf: np.ndarray, scanned: ScanBuffers, count: int, tables: GroupTables
     pass gives every message a mask of the groups that want it, a second cuts
     the runs; ``out`` is returned, grown if this batch needed more room.
     """
+    _bytes(buf)
+    if not 0 <= count < len(scanned.offsets) or scanned.offsets[count] > len(buf):
+        raise ValueError(f"{count} messages were not scanned from this buffer")
+    _check_groups(tables)
     out = _fitted(out, tables, scanned)
-    _group_masks(
+    _loops.group_masks(
         buf,
         scanned.offsets,
         scanned.verdicts,
@@ -655,8 +319,20 @@ def route(buf: np.ndarray, scanned: ScanBuffers, count: int, tables: GroupTables
         tables.untyped,
         out.masks,
     )
-    needed = _group_runs(scanned.offsets, out.masks, count, tables.groups, out.first, out.counts, out.sizes, out.runs)
+    needed = _loops.group_runs(
+        scanned.offsets, out.masks, count, tables.groups, out.first, out.counts, out.sizes, out.runs
+    )
     return _runs_fitted(out, tables, scanned, count, needed)
+
+
+def _check_groups(tables: GroupTables) -> None:
+    """Group tables of the right types and shapes: the loops index them by byte value and group."""
+    words = len(_array(tables.untyped, np.uint64, 1, "untyped"))
+    for name in ("type_groups", "source_groups"):
+        if _array(getattr(tables, name), np.uint64, 2, name).shape != (256, words):
+            raise ValueError(f"{name} must be 256 rows of {words} words")
+    if not 0 <= tables.groups <= 64 * words:
+        raise ValueError(f"{tables.groups} groups do not fit in {words} words")
 
 
 def _fitted(out: RouteBuffers, tables: GroupTables, scanned: ScanBuffers) -> RouteBuffers:
@@ -671,40 +347,8 @@ def _runs_fitted(out: RouteBuffers, tables: GroupTables, scanned: ScanBuffers, c
     """Cut the runs again into a larger array when the batch had more runs than ``out.runs`` holds."""
     if 2 * needed > len(out.runs):
         out.runs = np.zeros(2 * needed, dtype=np.int64)
-        _group_runs(scanned.offsets, out.masks, count, tables.groups, out.first, out.counts, out.sizes, out.runs)
+        _loops.group_runs(scanned.offsets, out.masks, count, tables.groups, out.first, out.counts, out.sizes, out.runs)
     return out
-
-
-@njit(**_JIT)
-def _scan_route(
-    buf,
-    start,
-    end,
-    domain,
-    max_payload,
-    verify,
-    type_allowed,
-    offsets,
-    verdicts,
-    runs,
-    counts,
-    crc_tables,
-    type_groups,
-    source_groups,
-    untyped,
-    groups,
-    masks,
-    first,
-    group_counts,
-    sizes,
-    group_runs,
-):
-    n, pos, fault, n_runs, forwarded, n_controls = _scan(
-        buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, crc_tables
-    )
-    _group_masks(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks)
-    needed = _group_runs(offsets, masks, n, groups, first, group_counts, sizes, group_runs)
-    return n, pos, fault, n_runs, forwarded, n_controls, needed
 
 
 def scan_and_route(
@@ -723,8 +367,9 @@ def scan_and_route(
     ones if this batch needed them).
     """
     scan_args = _scan_args(buf, start, end, tables, out, counts)
+    _check_groups(groups)
     routed = _fitted(routed, groups, out)
-    *scanned, needed = _scan_route(
+    *scanned, needed = _loops.scan_route(
         *scan_args,
         groups.type_groups,
         groups.source_groups,
@@ -743,29 +388,16 @@ def scan_and_route(
 def crc32(data: np.ndarray, value: int = 0) -> int:
     """CRC-32 of a uint8 array, the same as ``zlib.crc32(data, value)``."""
     data = np.ascontiguousarray(data, dtype=np.uint8)
-    return int(_crc32(data, 0, len(data), value & 0xFFFFFFFF, CRC_TABLES))
+    return int(_loops.crc32(data, 0, len(data), value & 0xFFFFFFFF, CRC_TABLES))
 
 
 def message_crc(buf: np.ndarray, pos: int = 0) -> int:
     """The checksum a message at ``pos`` should carry."""
-    end = _next_message_end(buf, pos, len(buf))
+    _range(_bytes(buf), pos, len(buf))
+    end = _loops.next_message_end(buf, pos, len(buf))
     if end < 0:
         raise ValueError("no complete message at that offset")
-    return int(_message_crc(buf, pos, end - pos, CRC_TABLES))
-
-
-@njit(**_JIT)
-def _stamp_batch(buf, size, count, first_sequence, timestamp_ns, checksums, crc_tables):
-    for i in range(count):
-        pos = i * size
-        seq = first_sequence + i
-        for k in range(8):
-            buf[pos + p.OFF_SEQUENCE + k] = (seq >> (8 * k)) & 0xFF
-            buf[pos + p.OFF_TIMESTAMP + k] = (timestamp_ns >> (8 * k)) & 0xFF
-        if checksums:
-            checksum = _message_crc(buf, pos, size, crc_tables)
-            for k in range(4):
-                buf[pos + p.OFF_CHECKSUM + k] = (checksum >> (8 * k)) & 0xFF
+    return int(_loops.message_crc(buf, pos, end - pos, CRC_TABLES))
 
 
 def stamp_batch(
@@ -775,10 +407,13 @@ def stamp_batch(
 
     Lets a publisher reuse one buffer built by ``protocol.build_batch``.
     """
+    _bytes(batch, "batch", writable=True)
     if message_size < p.HEADER_SIZE or len(batch) % message_size:
         raise ValueError("batch is not a whole number of messages of that size")
     count = len(batch) // message_size
-    _stamp_batch(batch, message_size, count, _as_int64(first_sequence), _as_int64(timestamp_ns), checksums, CRC_TABLES)
+    _loops.stamp_batch(
+        batch, message_size, count, _as_int64(first_sequence), _as_int64(timestamp_ns), checksums, CRC_TABLES
+    )
 
 
 def _as_int64(value: int) -> int:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, every test with the kernels compiled, the kernel
-# tests again as plain Python (NUMBA_DISABLE_JIT=1) so coverage sees kernel
+# The whole test suite: lint, every test with the kernels built ahead of time
+# (what the relay runs), the kernel tests again with numba's JIT build (the
+# fallback) and as plain Python (NUMBA_DISABLE_JIT=1) so coverage sees kernel
 # code, then the combined coverage gate. Fails on the first failure; pytest's
 # "no tests ran" (exit 5) is a failure too.
 set -euo pipefail
@@ -18,6 +19,7 @@ ruff format --check jitrelay tests benchmarks
 
 coverage erase
 python -m pytest --cov=jitrelay --cov-report= "$@"
+JITRELAY_KERNELS=jit python -m pytest -m kernels "$@"
 NUMBA_DISABLE_JIT=1 python -m pytest -m kernels --cov=jitrelay --cov-append --cov-report= "$@"
 coverage combine --append >/dev/null 2>&1 || true
 coverage report --fail-under=90

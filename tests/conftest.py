@@ -21,7 +21,24 @@ from pathlib import Path
 
 import pytest
 
-READY_TIMEOUT = 60.0  # the first start of a fresh checkout compiles the kernels
+READY_TIMEOUT = 60.0  # the first start of a fresh checkout builds the kernels
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the session's ahead-of-time kernel builds in a folder of its own, not in the user's cache.
+
+    Relays started by the tests inherit it, so the module is built once per
+    session (by whichever process needs it first) and loaded by the rest.
+    """
+    if "JITRELAY_CACHE_DIR" not in os.environ:
+        os.environ["JITRELAY_CACHE_DIR"] = config._jitrelay_cache = tempfile.mkdtemp(prefix="jitrelay-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    made = getattr(config, "_jitrelay_cache", None)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
+        del os.environ["JITRELAY_CACHE_DIR"]
 
 
 def _relay_environ() -> dict[str, str]:

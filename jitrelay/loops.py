@@ -1,0 +1,494 @@
+"""The kernels' loops: plain ``@njit`` functions over uint8 buffers and integer arrays.
+
+This is the code that runs on every batch; ``kernels`` is its public face
+(validation, allocation, result types). The loops take and return arrays
+and integers only, never allocate, and never see a Python object, so the
+same functions serve three ways: compiled ahead of time into a small
+extension module by ``aot`` (what the relay runs: no numba in the process),
+compiled just in time by numba (``JITRELAY_KERNELS=jit``, or when no C
+compiler is at hand), and as plain Python under ``NUMBA_DISABLE_JIT=1``,
+which is how the tests measure their coverage.
+
+The scan is three tight loops rather than one: framing and the TLV walk;
+CRC-32 over the messages still accepted, only for domains that verify; then
+runs and tallies from the verdicts. Keeping the CRC out of the framing loop
+more than doubles its speed (the compiler keeps the walk's state in
+registers). CRC-32 is a slicing-by-8 loop for short ranges and zlib's own
+``crc32``, called as C, for long ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+import llvmlite.binding as llvm
+import numpy as np
+from numba import config, njit, types
+
+from . import protocol as p
+
+_JIT = {"cache": True, "nogil": True}
+
+
+def _c_function(library: str | None, name: str, argtypes: list, restype: object, signature: object):
+    """A C function the loops call directly, as an external symbol linked by its own name.
+
+    Compiled ahead of time, the extension module links the library itself.
+    Under the JIT the symbol is registered with LLVM at import, so cached
+    kernels link to this process's copy; a ctypes function passed as an
+    argument would work too, but numba types it on every call (about 2 us).
+    Without the JIT (``NUMBA_DISABLE_JIT=1``) the loops call the ctypes function.
+    """
+    fn = getattr(ctypes.CDLL(library), name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+    if config.DISABLE_JIT:
+        return fn
+    llvm.add_symbol(name, ctypes.cast(fn, ctypes.c_void_p).value)
+    return types.ExternalFunction(name, signature)
+
+
+def zlib_library() -> str:
+    """The zlib shared library's name, for ``ctypes`` here and for the linker in ``aot``."""
+    name = ctypes.util.find_library("z")
+    if name is None:
+        raise ImportError("jitrelay needs the zlib shared library (libz.so.1) for CRC-32")
+    return name
+
+
+# zlib's crc32 (the library behind Python's zlib module) and the C library's
+# memcpy: for long ranges both beat what numba generates for the same loops.
+_ZLIB_CRC32 = _c_function(
+    zlib_library(),
+    "crc32",
+    [ctypes.c_ulong, ctypes.c_size_t, ctypes.c_uint],
+    ctypes.c_ulong,
+    types.uint64(types.uint64, types.uintp, types.uint32),
+)
+_MEMCPY = _c_function(
+    None,
+    "memcpy",
+    [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t],
+    ctypes.c_size_t,
+    types.uintp(types.uintp, types.uintp, types.uintp),
+)
+
+
+# Below this many bytes a table-driven loop beats a call into zlib (whose fast
+# paths need setup); above it zlib's braided CRC is faster.
+CRC_ZLIB_MIN = 256
+
+
+@njit(**_JIT)
+def _u32(buf, pos):
+    return (
+        np.int64(buf[pos])
+        | (np.int64(buf[pos + 1]) << 8)
+        | (np.int64(buf[pos + 2]) << 16)
+        | (np.int64(buf[pos + 3]) << 24)
+    )
+
+
+@njit(**_JIT)
+def _crc32_table(buf, start, end, value, tables):
+    c = value ^ 0xFFFFFFFF
+    i = start
+    while i + 8 <= end:
+        one = c ^ _u32(buf, i)
+        two = _u32(buf, i + 4)
+        c = (
+            tables[7, one & 0xFF]
+            ^ tables[6, (one >> 8) & 0xFF]
+            ^ tables[5, (one >> 16) & 0xFF]
+            ^ tables[4, one >> 24]
+            ^ tables[3, two & 0xFF]
+            ^ tables[2, (two >> 8) & 0xFF]
+            ^ tables[1, (two >> 16) & 0xFF]
+            ^ tables[0, two >> 24]
+        )
+        i += 8
+    while i < end:
+        c = tables[0, (c ^ np.int64(buf[i])) & 0xFF] ^ (c >> 8)
+        i += 1
+    return c ^ 0xFFFFFFFF
+
+
+@njit(**_JIT)
+def _crc32_zlib(buf, start, end, value):
+    return np.int64(_ZLIB_CRC32(np.uint64(value), np.uint64(buf.ctypes.data + start), np.uint32(end - start)))
+
+
+@njit(**_JIT)
+def crc32(buf, start, end, value, crc_tables):
+    if end - start < CRC_ZLIB_MIN:
+        return _crc32_table(buf, start, end, value, crc_tables)
+    return _crc32_zlib(buf, start, end, value)
+
+
+@njit(**_JIT)
+def message_crc(buf, pos, length, crc_tables):
+    head = _crc32_table(buf, pos, pos + p.CHECKSUM_COVERED, np.int64(0), crc_tables)
+    if length < CRC_ZLIB_MIN:
+        return _crc32_table(buf, pos + p.HEADER_SIZE, pos + length, head, crc_tables)
+    return _crc32_zlib(buf, pos + p.HEADER_SIZE, pos + length, head)
+
+
+@njit(**_JIT)
+def _record_at(buf, i, end):
+    """The record at ``i``: ``(type, value length, offset of the value)``, or type -1 if its header is cut or bad."""
+    if buf[i] == p.EXTENDED_TLV:
+        if i + 5 > end or buf[i + 1] != 0:
+            return -1, 0, i
+        return np.int64(buf[i + 2]), np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8), i + 5
+    if i + 2 > end:
+        return -1, 0, i
+    return np.int64(buf[i]), np.int64(buf[i + 1]), i + 2
+
+
+@njit(**_JIT)
+def _control_verdict(buf, pos, length):
+    """CONTROL when a system-domain message holds only well-formed subscription records, else MALFORMED_TLV."""
+    i = pos + p.HEADER_SIZE
+    end = pos + length
+    if i == end:
+        return p.MALFORMED_TLV
+    while i < end:
+        tlv_type, value_len, i = _record_at(buf, i, end)
+        if tlv_type == p.SUBSCRIBE_TLV_TYPES or tlv_type == p.SUBSCRIBE_SOURCES:
+            if value_len != p.BITMAP_SIZE:
+                return p.MALFORMED_TLV
+        elif tlv_type != p.UNSUBSCRIBE or value_len != 0:
+            return p.MALFORMED_TLV
+        i += value_len
+        if i > end:
+            return p.MALFORMED_TLV
+    return p.CONTROL
+
+
+@njit(**_JIT)
+def _verdict(buf, pos, length, domain, type_allowed):
+    """The verdict of a complete message, short of its checksum."""
+    if buf[pos + p.OFF_VERSION] != p.VERSION:
+        return p.BAD_VERSION
+    if buf[pos + p.OFF_DOMAIN] != domain:
+        return p.WRONG_DOMAIN  # system-domain messages are looked at again by ``_controls``
+    i = pos + p.HEADER_SIZE
+    end = pos + length
+    out_of_range = False
+    while i < end:
+        tlv_type, value_len, i = _record_at(buf, i, end)
+        if tlv_type <= 0:
+            return p.MALFORMED_TLV
+        i += value_len
+        if i > end:
+            return p.MALFORMED_TLV
+        if type_allowed[tlv_type] == 0:
+            out_of_range = True
+    return p.TLV_OUT_OF_RANGE if out_of_range else p.FORWARD
+
+
+@njit(**_JIT)
+def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts):
+    n = 0
+    pos = start
+    fault = p.NO_FAULT
+    while True:
+        avail = end - pos
+        if avail < 4:
+            break
+        if _u32(buf, pos) != p.MAGIC:
+            fault = p.BAD_MAGIC
+            break
+        if avail < p.HEADER_SIZE:
+            break
+        payload = _u32(buf, pos + p.OFF_PAYLOAD_SIZE)
+        if payload > max_payload:
+            fault = p.OVERSIZE
+            break
+        length = p.HEADER_SIZE + payload
+        if avail < length:
+            break
+        offsets[n] = pos
+        verdicts[n] = _verdict(buf, pos, length, domain, type_allowed)
+        n += 1
+        pos += length
+    offsets[n] = pos
+    return n, pos, fault
+
+
+@njit(**_JIT)
+def _verify_checksums(buf, offsets, verdicts, n, crc_tables):
+    for k in range(n):
+        if verdicts[k] == p.FORWARD:
+            pos = offsets[k]
+            if message_crc(buf, pos, offsets[k + 1] - pos, crc_tables) != _u32(buf, pos + p.OFF_CHECKSUM):
+                verdicts[k] = p.BAD_CHECKSUM
+
+
+@njit(**_JIT)
+def _runs_and_counts(offsets, verdicts, n, runs, counts):
+    n_runs = 0
+    forwarded = 0
+    run_start = -1
+    run_end = -1
+    n_forward = 0
+    for k in range(n):
+        verdict = verdicts[k]
+        if verdict == p.FORWARD:
+            pos = offsets[k]
+            if pos != run_end:
+                if run_start >= 0:
+                    runs[2 * n_runs] = run_start
+                    runs[2 * n_runs + 1] = run_end
+                    n_runs += 1
+                run_start = pos
+            run_end = offsets[k + 1]
+            forwarded += run_end - pos
+            n_forward += 1
+        else:
+            counts[verdict] += 1
+    if run_start >= 0:
+        runs[2 * n_runs] = run_start
+        runs[2 * n_runs + 1] = run_end
+        n_runs += 1
+    counts[p.FORWARD] += n_forward
+    return n_runs, forwarded
+
+
+@njit(**_JIT)
+def _controls(buf, offsets, verdicts, n, verify, crc_tables, counts):
+    """Give the system-domain messages among the ``wrong_domain`` ones their control verdict; return how many.
+
+    A pass of its own, run only for batches with a wrong-domain message, so
+    control messages cost the framing loop nothing.
+    """
+    n_controls = 0
+    for k in range(n):
+        pos = offsets[k]
+        if verdicts[k] != p.WRONG_DOMAIN or buf[pos + p.OFF_DOMAIN] != p.SYSTEM:
+            continue
+        length = offsets[k + 1] - pos
+        verdict = _control_verdict(buf, pos, length)
+        if (
+            verdict == p.CONTROL
+            and verify
+            and message_crc(buf, pos, length, crc_tables) != _u32(buf, pos + p.OFF_CHECKSUM)
+        ):
+            verdict = p.BAD_CHECKSUM
+        verdicts[k] = verdict
+        counts[p.WRONG_DOMAIN] -= 1
+        counts[verdict] += 1
+        if verdict == p.CONTROL:
+            n_controls += 1
+    return n_controls
+
+
+@njit(**_JIT)
+def scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, crc_tables):
+    n, pos, fault = _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts)
+    if verify:
+        _verify_checksums(buf, offsets, verdicts, n, crc_tables)
+    wrong_domain = counts[p.WRONG_DOMAIN]
+    n_runs, forwarded = _runs_and_counts(offsets, verdicts, n, runs, counts)
+    n_controls = 0
+    if counts[p.WRONG_DOMAIN] != wrong_domain:
+        n_controls = _controls(buf, offsets, verdicts, n, verify, crc_tables, counts)
+    return n, pos, fault, n_runs, forwarded, n_controls
+
+
+@njit(**_JIT)
+def frame(buf, start, end):
+    n = 0
+    pos = start
+    while end - pos >= 4:
+        if _u32(buf, pos) != p.MAGIC:
+            return n, pos, p.BAD_MAGIC
+        if end - pos < p.HEADER_SIZE:
+            break
+        length = p.HEADER_SIZE + _u32(buf, pos + p.OFF_PAYLOAD_SIZE)
+        if end - pos < length:
+            break
+        pos += length
+        n += 1
+    return n, pos, p.NO_FAULT
+
+
+@njit(**_JIT)
+def next_message_end(buf, start, end):
+    if end - start < p.HEADER_SIZE:
+        return -1
+    length = p.HEADER_SIZE + _u32(buf, start + p.OFF_PAYLOAD_SIZE)
+    return start + length if end - start >= length else -1
+
+
+@njit(**_JIT)
+def compact(buf, runs, n_runs, out):
+    source = buf.ctypes.data
+    target = out.ctypes.data
+    o = 0
+    for k in range(n_runs):
+        a = runs[2 * k]
+        b = runs[2 * k + 1]
+        _MEMCPY(np.uint64(target + o), np.uint64(source + a), np.uint64(b - a))
+        o += b - a
+    return o
+
+
+_ONE = np.uint64(1)
+_ZERO = np.uint64(0)
+
+
+@njit(**_JIT)
+def _group_masks_one_word(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks):
+    """``group_masks`` for up to 64 groups: the mask stays in a register."""
+    base = untyped[0]
+    for k in range(n):
+        if verdicts[k] != p.FORWARD:
+            masks[k, 0] = _ZERO
+            continue
+        mask = base
+        pos = offsets[k]
+        end = offsets[k + 1]
+        i = pos + p.HEADER_SIZE
+        while i < end:
+            tlv_type = np.int64(buf[i])
+            if tlv_type == p.EXTENDED_TLV:
+                tlv_type = np.int64(buf[i + 2])
+                i += 5 + (np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8))
+            else:
+                i += 2 + np.int64(buf[i + 1])
+            mask |= type_groups[tlv_type, 0]
+        masks[k, 0] = mask & source_groups[np.int64(buf[pos + p.OFF_SOURCE]), 0]
+
+
+@njit(**_JIT)
+def group_masks(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks):
+    words = masks.shape[1]
+    if words == 1:
+        _group_masks_one_word(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks)
+        return
+    for k in range(n):
+        if verdicts[k] != p.FORWARD:
+            for w in range(words):
+                masks[k, w] = _ZERO
+            continue
+        for w in range(words):
+            masks[k, w] = untyped[w]
+        pos = offsets[k]
+        end = offsets[k + 1]
+        i = pos + p.HEADER_SIZE
+        while i < end:  # the scan has already checked these records are well formed
+            tlv_type = np.int64(buf[i])
+            if tlv_type == p.EXTENDED_TLV:
+                tlv_type = np.int64(buf[i + 2])
+                i += 5 + (np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8))
+            else:
+                i += 2 + np.int64(buf[i + 1])
+            for w in range(words):
+                masks[k, w] |= type_groups[tlv_type, w]
+        source = np.int64(buf[pos + p.OFF_SOURCE])
+        for w in range(words):
+            masks[k, w] &= source_groups[source, w]
+
+
+@njit(**_JIT)
+def group_runs(offsets, masks, n, groups, first, counts, sizes, runs):
+    """Runs of each group from the per-message masks; returns the runs needed, filling only if they fit.
+
+    A run starts where a group's bit turns on and ends where it turns off, so
+    the work is proportional to messages plus runs, not messages times groups.
+    """
+    words = masks.shape[1]
+    for g in range(groups):
+        counts[g] = 0
+    total = 0
+    for w in range(words):
+        prev = _ZERO
+        for k in range(n):
+            cur = masks[k, w]
+            starts = cur & ~prev
+            g = w * 64
+            while starts != _ZERO:
+                if starts & _ONE:
+                    counts[g] += 1
+                    total += 1
+                starts >>= _ONE
+                g += 1
+            prev = cur
+    if 2 * total > len(runs):
+        return total
+    acc = 0
+    for g in range(groups):
+        first[g] = acc
+        acc += counts[g]
+        counts[g] = 0
+        sizes[g] = 0
+    for w in range(words):
+        prev = _ZERO
+        for k in range(n + 1):
+            cur = masks[k, w] if k < n else _ZERO
+            changed = cur ^ prev
+            on = cur
+            g = w * 64
+            pos = offsets[k]
+            while changed != _ZERO:
+                if changed & _ONE:
+                    slot = first[g] + counts[g]
+                    if on & _ONE:
+                        runs[2 * slot] = pos
+                    else:
+                        runs[2 * slot + 1] = pos
+                        sizes[g] += pos - runs[2 * slot]
+                        counts[g] += 1
+                changed >>= _ONE
+                on >>= _ONE
+                g += 1
+            prev = cur
+    return total
+
+
+@njit(**_JIT)
+def scan_route(
+    buf,
+    start,
+    end,
+    domain,
+    max_payload,
+    verify,
+    type_allowed,
+    offsets,
+    verdicts,
+    runs,
+    counts,
+    crc_tables,
+    type_groups,
+    source_groups,
+    untyped,
+    groups,
+    masks,
+    first,
+    group_counts,
+    sizes,
+    group_run_bounds,
+):
+    n, pos, fault, n_runs, forwarded, n_controls = scan(
+        buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, crc_tables
+    )
+    group_masks(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks)
+    needed = group_runs(offsets, masks, n, groups, first, group_counts, sizes, group_run_bounds)
+    return n, pos, fault, n_runs, forwarded, n_controls, needed
+
+
+@njit(**_JIT)
+def stamp_batch(buf, size, count, first_sequence, timestamp_ns, checksums, crc_tables):
+    for i in range(count):
+        pos = i * size
+        seq = first_sequence + i
+        for k in range(8):
+            buf[pos + p.OFF_SEQUENCE + k] = (seq >> (8 * k)) & 0xFF
+            buf[pos + p.OFF_TIMESTAMP + k] = (timestamp_ns >> (8 * k)) & 0xFF
+        if checksums:
+            checksum = message_crc(buf, pos, size, crc_tables)
+            for k in range(4):
+                buf[pos + p.OFF_CHECKSUM + k] = (checksum >> (8 * k)) & 0xFF

@@ -308,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(handler=cmd_bench)
 
+    compiled = commands.add_parser(
+        "kernels", help="build the compiled kernels if needed, and say which build runs (exit 1 on a fallback)"
+    )
+    compiled.set_defaults(handler=cmd_kernels)
+
     audit = commands.add_parser("audit", help="print the messages an execution journal holds")
     audit.add_argument("path", type=Path, metavar="PATH", help="a journal segment, a journal folder, or a name prefix")
     audit.add_argument("--json", action="store_true", help="one JSON object per message instead of a line of text")
@@ -397,6 +402,15 @@ def configure_logging(args: argparse.Namespace) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level, handlers=[handler])
     logging.getLogger("numba").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    """Build ahead of time what the next ``jitrelay run`` would, so a deployment pays it once and sees failures."""
+    logging.basicConfig(level=logging.WARNING, format="jitrelay kernels: %(message)s")
+    wanted = os.environ.get("JITRELAY_KERNELS", "aot")
+    loaded = kernels.backend()
+    print(f"{loaded['name']} {loaded['path']} (ready in {loaded['seconds']:.3f} s)")
+    return 0 if loaded["name"] == wanted else 1
 
 
 def cmd_config(args: argparse.Namespace) -> int:

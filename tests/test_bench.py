@@ -99,6 +99,7 @@ def test_report_describes_the_run(report: dict) -> None:
     assert m["python"] == platform.python_version()
     assert (m["numpy"], m["numba"], m["uvloop"]) == (numpy.__version__, numba.__version__, uvloop.__version__)
     assert m["pyzmq"] == zmq.__version__
+    assert m["kernels"] == "aot"
 
 
 def test_every_message_reaches_the_subscriber(report: dict) -> None:

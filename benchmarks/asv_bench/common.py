@@ -2,7 +2,7 @@
 
 asv re-runs a benchmark's ``setup`` before every timed sample, so the builders
 here are memoised: the first call builds the buffer (``protocol.build_batch``)
-and runs the kernel once so that numba has loaded or compiled it; later calls
+and runs the kernel once so that it is loaded (or built); later calls
 cost a dictionary look-up. The pytest-benchmark suite imports the same
 builders, so both suites measure the same bytes.
 """
@@ -98,7 +98,7 @@ def route_fixture(groups: int, size: int = 71) -> RouteFixture:
     filters = [(frozenset({1 + g % 4}), None if g < 4 else frozenset({0, g})) for g in range(groups)]
     tables_ = kernels.group_tables(filters)
     fixture = RouteFixture(scanned, tables_, kernels.RouteBuffers(len(scanned.buf), groups))
-    fixture.route()  # warm-up: numba loads or compiles here, and the buffers reach their size
+    fixture.route()  # warm-up: the kernels load here, and the buffers reach their size
     return fixture
 
 
@@ -120,7 +120,7 @@ class ScanFixture(NamedTuple):
 def _scan_fixture(buf: np.ndarray, crc: bool) -> ScanFixture:
     t = tables(crc)
     out = kernels.ScanBuffers(len(buf))
-    result = kernels.scan_into(buf, 0, len(buf), t, out)  # warm-up: numba loads or compiles here
+    result = kernels.scan_into(buf, 0, len(buf), t, out)  # warm-up: the kernels load here
     if result.consumed != len(buf):
         raise RuntimeError(f"scan stopped at {result.consumed} of {len(buf)} bytes (fault {result.fault})")
     return ScanFixture(buf, t, out, result)
@@ -175,7 +175,7 @@ def frame_fixture(size: int = 71) -> np.ndarray:
 
 
 def load_kernels() -> None:
-    """Call each kernel once on a few messages, so that numba loads (or compiles) them now.
+    """Call each kernel once on a few messages, so that they are loaded (or built) now.
 
     The asv suite calls this when it is imported: its forkserver imports the
     suite once and forks a process per benchmark, and every fork then starts

@@ -3,8 +3,8 @@
 Each ``time_*`` times one kernel call over a ~2 MiB buffer built in ``setup``
 (see ``common``); each ``track_*`` turns the best of a few calls into messages
 per second, the figure the targets are stated in. Only the kernel is timed:
-buffers and output arrays are built in ``setup``, and numba loads or compiles
-the kernels when this module is imported.
+buffers and output arrays are built in ``setup``, and the kernels are loaded
+(or built) when this module is imported.
 """
 
 from __future__ import annotations

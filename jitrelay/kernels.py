@@ -79,19 +79,39 @@ def backend() -> dict:
     return dict(_BACKEND_INFO)
 
 
+_U8, _I64, _U64 = np.dtype(np.uint8), np.dtype(np.int64), np.dtype(np.uint64)
+
+
 def _bytes(buf: object, name: str = "buf", writable: bool = False) -> np.ndarray:
     """``buf`` when it is a contiguous 1-D uint8 array, else a clear error (the loops would read past it)."""
-    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.c_contiguous:
+    # The first test is the relay's every call, kept cheap: exact type, numpy's own uint8 descriptor.
+    if not (type(buf) is np.ndarray and buf.dtype is _U8 and buf.ndim == 1 and buf.flags.c_contiguous) and not (
+        isinstance(buf, np.ndarray) and buf.dtype == _U8 and buf.ndim == 1 and buf.flags.c_contiguous
+    ):
         raise TypeError(f"{name} must be a contiguous one-dimensional uint8 numpy array")
     if writable and not buf.flags.writeable:
         raise ValueError(f"{name} is read-only")
     return buf
 
 
-def _array(a: object, dtype: type, ndim: int, name: str) -> np.ndarray:
-    if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != ndim or not a.flags.c_contiguous:
-        raise TypeError(f"{name} must be a contiguous {ndim}-D {np.dtype(dtype).name} numpy array")
+def _array(a: object, dtype: np.dtype, ndim: int, name: str) -> np.ndarray:
+    if not (type(a) is np.ndarray and a.dtype is dtype and a.ndim == ndim and a.flags.c_contiguous) and not (
+        isinstance(a, np.ndarray) and a.dtype == dtype and a.ndim == ndim and a.flags.c_contiguous
+    ):
+        raise TypeError(f"{name} must be a contiguous {ndim}-D {dtype.name} numpy array")
     return a
+
+
+def _check_tables(tables: KernelTables) -> None:
+    """``tables`` indexable by any TLV type; the tables last checked are not checked again (a relay has one)."""
+    global _checked_tables
+    if tables is not _checked_tables:
+        if len(_array(tables.type_allowed, _U8, 1, "type_allowed")) != 256:
+            raise ValueError("type_allowed needs 256 entries, one per TLV type")
+        _checked_tables = tables
+
+
+_checked_tables: KernelTables | None = None
 
 
 def _range(buf: np.ndarray, start: int, end: int) -> None:
@@ -176,15 +196,15 @@ def _scan_args(
 ) -> tuple:
     """The arguments of ``loops.scan``, checked."""
     _bytes(buf)
-    _range(buf, start, end)
+    if not 0 <= start <= end <= len(buf):
+        _range(buf, start, end)
     if end - start > out.capacity:
         raise ValueError(f"scan range of {end - start} bytes exceeds the buffers' capacity of {out.capacity}")
     if counts is not None and len(counts) < len(p.VERDICT_NAMES):
         raise ValueError(f"counts needs {len(p.VERDICT_NAMES)} slots, one per verdict")
     if counts is not None:
-        _array(counts, np.int64, 1, "counts")
-    if len(_array(tables.type_allowed, np.uint8, 1, "type_allowed")) != 256:
-        raise ValueError("type_allowed needs 256 entries, one per TLV type")
+        _array(counts, _I64, 1, "counts")
+    _check_tables(tables)
     return (
         buf,
         start,
@@ -224,7 +244,7 @@ def frame(buf: np.ndarray, start: int = 0, end: int | None = None) -> tuple[int,
 def compact(buf: np.ndarray, runs: np.ndarray, n_runs: int, out: np.ndarray | None = None) -> np.ndarray:
     """Copy the forwarded runs of a scan back to back into one array."""
     _bytes(buf)
-    if not 0 <= n_runs <= len(_array(runs, np.int64, 1, "runs")) // 2:
+    if not 0 <= n_runs <= len(_array(runs, _I64, 1, "runs")) // 2:
         raise ValueError(f"{n_runs} runs do not fit in an array of {len(runs)} bounds")
     starts, ends = runs[0 : 2 * n_runs : 2], runs[1 : 2 * n_runs : 2]
     if n_runs and (starts.min() < 0 or ends.max() > len(buf) or (ends < starts).any()):
@@ -327,9 +347,9 @@ def route(buf: np.ndarray, scanned: ScanBuffers, count: int, tables: GroupTables
 
 def _check_groups(tables: GroupTables) -> None:
     """Group tables of the right types and shapes: the loops index them by byte value and group."""
-    words = len(_array(tables.untyped, np.uint64, 1, "untyped"))
+    words = len(_array(tables.untyped, _U64, 1, "untyped"))
     for name in ("type_groups", "source_groups"):
-        if _array(getattr(tables, name), np.uint64, 2, name).shape != (256, words):
+        if _array(getattr(tables, name), _U64, 2, name).shape != (256, words):
             raise ValueError(f"{name} must be 256 rows of {words} words")
     if not 0 <= tables.groups <= 64 * words:
         raise ValueError(f"{tables.groups} groups do not fit in {words} words")

@@ -21,11 +21,17 @@ from jitrelay import protocol as p
 from jitrelay.logic import logic_for
 
 
-def _in_child(code: str, cache: Path, **env: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter with this cache folder (and no NUMBA_DISABLE_JIT)."""
+def _child_env(cache: Path, **env: str) -> dict[str, str]:
+    """This environment with that cache folder, and neither a forced build nor NUMBA_DISABLE_JIT."""
     environ = {k: v for k, v in os.environ.items() if k not in ("NUMBA_DISABLE_JIT", "JITRELAY_KERNELS")}
-    environ.update(JITRELAY_CACHE_DIR=str(cache), **env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=300)
+    return {**environ, "JITRELAY_CACHE_DIR": str(cache), **env}
+
+
+def _in_child(code: str, cache: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with this cache folder."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_child_env(cache, **env), timeout=300
+    )
 
 
 _REPORT = (
@@ -50,10 +56,7 @@ def test_concurrent_first_loads_build_one_module_and_never_import_numba(tmp_path
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={
-                **{k: v for k, v in os.environ.items() if k not in ("NUMBA_DISABLE_JIT", "JITRELAY_KERNELS")},
-                "JITRELAY_CACHE_DIR": str(tmp_path),
-            },
+            env=_child_env(tmp_path),
         )
         for _ in range(3)
     ]

@@ -18,8 +18,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from test_relay import Clients
 
 READY_TIMEOUT = 60.0  # the first start of a fresh checkout builds the kernels
 
@@ -165,6 +169,16 @@ class RelayProcess:
         sock.settimeout(timeout)
         sock.connect(str(self.socket_path))
         return sock
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    """The raw sockets and readers of one end-to-end test (``test_relay.Clients``), closed at teardown."""
+    from test_relay import Clients  # here, not at import: test_relay imports this module
+
+    made = Clients()
+    yield made
+    made.close()
 
 
 @pytest.fixture

@@ -117,13 +117,6 @@ def cluster() -> Iterator[NatsCluster]:
         yield nats
 
 
-@pytest.fixture
-def clients() -> Iterator[Clients]:
-    made = Clients()
-    yield made
-    made.close()
-
-
 StartHosts = Callable[..., list[Host]]
 
 

@@ -23,7 +23,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -161,13 +161,6 @@ class Clients:
             reader.stop()
         for sock in self.sockets:
             sock.close()
-
-
-@pytest.fixture
-def clients() -> Iterator[Clients]:
-    c = Clients()
-    yield c
-    c.close()
 
 
 def sync(publisher: socket.socket, readers: list[Reader], domain_id: int, timeout: float = 10.0) -> None:

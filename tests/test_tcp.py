@@ -82,14 +82,6 @@ def start_relay(start_relay: StartRelay) -> Callable[..., TcpRelay]:
     return start
 
 
-@pytest.fixture
-def clients() -> Iterator[Clients]:
-    """The sockets and readers of one test, as in test_relay.py."""
-    made = Clients()
-    yield made
-    made.close()
-
-
 # The contract tests of test_relay.py, unchanged; this module's start_relay makes their clients connect over TCP.
 test_mixed_stream_in_tiny_chunks_over_tcp = test_relay.test_mixed_stream_in_tiny_chunks_reaches_each_subscriber_exactly
 test_publisher_leaving_mid_message_over_tcp = test_relay.test_publisher_leaving_mid_message_forwards_nothing_of_it

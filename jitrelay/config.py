@@ -220,20 +220,17 @@ def _wrong_type(key: str, wanted: str, value: Any) -> ConfigError:
     return ConfigError(f"{key!r} must be {wanted}, not {_toml_kind(value)}")
 
 
+_TOML_KINDS: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (bool, "a boolean"),  # before int: a bool is an int
+    (int, "an integer"),
+    (float, "a float"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "a table"),
+    ((datetime.datetime, datetime.date, datetime.time), "a date-time"),
+)
+
+
 def _toml_kind(value: Any) -> str:
     """What TOML calls the type of a parsed value, with its article."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return "a date-time"
-    return type(value).__name__
+    return next((kind for types, kind in _TOML_KINDS if isinstance(value, types)), type(value).__name__)

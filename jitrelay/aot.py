@@ -28,7 +28,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -139,9 +138,8 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _build(path: Path) -> float:
-    """Build the module into ``path`` in a child process; returns the seconds it took."""
-    started = time.perf_counter()
+def _build(path: Path) -> None:
+    """Build the module into ``path`` in a child process."""
     with tempfile.TemporaryDirectory(prefix="build-", dir=path.parent) as scratch:
         command = [sys.executable, "-m", "jitrelay.aot", scratch, path.name.split(".", 1)[0]]
         try:
@@ -154,7 +152,6 @@ def _build(path: Path) -> float:
             tail = " | ".join(line.strip() for line in lines[-3:])
             raise Unavailable(f"building {path.name} failed (exit {done.returncode}): {tail}")
         os.replace(built, path)
-    return time.perf_counter() - started
 
 
 def build_into(folder: str, name: str) -> None:

@@ -407,10 +407,9 @@ def configure_logging(args: argparse.Namespace) -> None:
 def cmd_kernels(args: argparse.Namespace) -> int:
     """Build ahead of time what the next ``jitrelay run`` would, so a deployment pays it once and sees failures."""
     logging.basicConfig(level=logging.WARNING, format="jitrelay kernels: %(message)s")
-    wanted = os.environ.get("JITRELAY_KERNELS", "aot")
     loaded = kernels.backend()
     print(f"{loaded['name']} {loaded['path']} (ready in {loaded['seconds']:.3f} s)")
-    return 0 if loaded["name"] == wanted else 1
+    return 0 if loaded["name"] == kernels.requested_backend() else 1
 
 
 def cmd_config(args: argparse.Namespace) -> int:

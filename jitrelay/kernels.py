@@ -40,18 +40,30 @@ class _Backend:
     """Stands in for the loops until the first call, which loads them and replaces it."""
 
     def __getattr__(self, name: str) -> object:
-        global _loops
+        return getattr(_loaded(), name)
+
+
+def requested_backend() -> str:
+    """The build this process asks for: ``python`` under ``NUMBA_DISABLE_JIT``, else ``$JITRELAY_KERNELS`` (``aot``)."""
+    if os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
+        return "python"
+    choice = os.environ.get("JITRELAY_KERNELS", "aot")
+    if choice not in BACKENDS:
+        raise ValueError(f"JITRELAY_KERNELS must be one of {', '.join(BACKENDS)}, not {choice!r}")
+    return choice
+
+
+def _loaded() -> ModuleType:
+    """The loops, loaded (and ``_loops`` set) at the first call."""
+    global _loops
+    if isinstance(_loops, _Backend):
         _loops = _load()
-        return getattr(_loops, name)
+    return _loops
 
 
 def _load() -> ModuleType:
     started = time.perf_counter()
-    choice = os.environ.get("JITRELAY_KERNELS", "aot")
-    if choice not in BACKENDS:
-        raise ValueError(f"JITRELAY_KERNELS must be one of {', '.join(BACKENDS)}, not {choice!r}")
-    if os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
-        choice = "python"
+    choice = requested_backend()
     if choice == "aot":
         try:
             module = aot.load()
@@ -75,7 +87,7 @@ _loops: ModuleType | _Backend = _Backend()
 
 def backend() -> dict:
     """Which build of the loops runs here (``aot``, ``jit`` or ``python``), where from, and how long loading took."""
-    _loops.frame  # noqa: B018 - loads the backend
+    _loaded()
     return dict(_BACKEND_INFO)
 
 

@@ -26,7 +26,6 @@ from jitrelay.stats import Reading, format_table
 
 cluster = test_bridge.cluster  # the fixtures of the bridge tests
 start_hosts = test_bridge.start_hosts
-clients = test_bridge.clients
 PROBE_SIZE = 32  # a sync probe is a bare header
 
 

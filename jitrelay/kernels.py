@@ -96,21 +96,22 @@ _U8, _I64, _U64 = np.dtype(np.uint8), np.dtype(np.int64), np.dtype(np.uint64)
 
 def _bytes(buf: object, name: str = "buf", writable: bool = False) -> np.ndarray:
     """``buf`` when it is a contiguous 1-D uint8 array, else a clear error (the loops would read past it)."""
-    # The first test is the relay's every call, kept cheap: exact type, numpy's own uint8 descriptor.
-    if not (type(buf) is np.ndarray and buf.dtype is _U8 and buf.ndim == 1 and buf.flags.c_contiguous) and not (
-        isinstance(buf, np.ndarray) and buf.dtype == _U8 and buf.ndim == 1 and buf.flags.c_contiguous
-    ):
-        raise TypeError(f"{name} must be a contiguous one-dimensional uint8 numpy array")
-    if writable and not buf.flags.writeable:
+    checked = _array(buf, _U8, 1, name)
+    if writable and not checked.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    return buf
+    return checked
+
+
+_DIMENSIONS = {1: "one-dimensional", 2: "two-dimensional"}
 
 
 def _array(a: object, dtype: np.dtype, ndim: int, name: str) -> np.ndarray:
+    """``a`` when it is a contiguous array of this dtype and rank, else a clear error."""
+    # The first test is the relay's every call, kept cheap: exact type, numpy's own dtype object.
     if not (type(a) is np.ndarray and a.dtype is dtype and a.ndim == ndim and a.flags.c_contiguous) and not (
         isinstance(a, np.ndarray) and a.dtype == dtype and a.ndim == ndim and a.flags.c_contiguous
     ):
-        raise TypeError(f"{name} must be a contiguous {ndim}-D {dtype.name} numpy array")
+        raise TypeError(f"{name} must be a contiguous {_DIMENSIONS[ndim]} {dtype.name} numpy array")
     return a
 
 
@@ -207,15 +208,11 @@ def _scan_args(
     buf: np.ndarray, start: int, end: int, tables: KernelTables, out: ScanBuffers, counts: np.ndarray | None
 ) -> tuple:
     """The arguments of ``loops.scan``, checked."""
-    _bytes(buf)
-    if not 0 <= start <= end <= len(buf):
-        _range(buf, start, end)
+    _range(_bytes(buf), start, end)
     if end - start > out.capacity:
         raise ValueError(f"scan range of {end - start} bytes exceeds the buffers' capacity of {out.capacity}")
-    if counts is not None and len(counts) < len(p.VERDICT_NAMES):
+    if counts is not None and len(_array(counts, _I64, 1, "counts")) < len(p.VERDICT_NAMES):
         raise ValueError(f"counts needs {len(p.VERDICT_NAMES)} slots, one per verdict")
-    if counts is not None:
-        _array(counts, _I64, 1, "counts")
     _check_tables(tables)
     return (
         buf,

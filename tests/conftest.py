@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 READY_TIMEOUT = 60.0  # the first start of a fresh checkout builds the kernels
 
 
+_MADE_CACHE = pytest.StashKey[str]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Keep the session's ahead-of-time kernel builds in a folder of its own, not in the user's cache.
 
@@ -35,11 +38,11 @@ def pytest_configure(config: pytest.Config) -> None:
     session (by whichever process needs it first) and loaded by the rest.
     """
     if "JITRELAY_CACHE_DIR" not in os.environ:
-        os.environ["JITRELAY_CACHE_DIR"] = config._jitrelay_cache = tempfile.mkdtemp(prefix="jitrelay-test-cache-")
+        os.environ["JITRELAY_CACHE_DIR"] = config.stash[_MADE_CACHE] = tempfile.mkdtemp(prefix="jitrelay-test-cache-")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    made = getattr(config, "_jitrelay_cache", None)
+    made = config.stash.get(_MADE_CACHE, None)
     if made:
         shutil.rmtree(made, ignore_errors=True)
         del os.environ["JITRELAY_CACHE_DIR"]

@@ -19,12 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, kernels, protocol
-from .client import Publisher, RelayConnectionError, Subscriber
-from .config import ConfigError, build_logic, parse_byte_count, read_config, render_config
-from .logic import JOURNAL_FSYNC, LOGICS, SLOW_POLICIES, RelayLogic
-from .tap import MessageFilter, format_message, message_json
-from .usage import UsageError
+from jitrelay import __version__, kernels
+from jitrelay.client import Publisher, RelayConnectionError, Subscriber
+from jitrelay.core import protocol
+from jitrelay.core.config import ConfigError, build_logic, parse_byte_count, read_config, render_config
+from jitrelay.core.domains import JOURNAL_FSYNC, LOGICS, SLOW_POLICIES, RelayLogic
+from jitrelay.tools.tap import MessageFilter, format_message, message_json
+from jitrelay.tools.usage import UsageError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
@@ -420,7 +421,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     logic = relay_logic(args)
     configure_logging(args)
-    from .engine import RelayAlreadyRunning, run_relay  # the relay's I/O loads only for this command
+    from jitrelay.server.serve import run_relay  # the relay's I/O loads only for this command
+    from jitrelay.server.sockets import RelayAlreadyRunning
 
     try:
         return run_relay(logic)
@@ -503,13 +505,13 @@ def cmd_sub(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .stats import run_stats  # the Prometheus text parser loads only for this command
+    from jitrelay.tools.stats import run_stats  # the Prometheus text parser loads only for this command
 
     return run_stats(args)
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
-    from .bridge import BridgeOptions, run_bridge  # nats-py loads only for this command
+    from jitrelay.bridge.bridge import BridgeOptions, run_bridge  # nats-py loads only for this command
 
     servers = tuple(url.strip() for urls in args.nats for url in urls.split(",") if url.strip())
     try:
@@ -530,7 +532,9 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench  # the benchmark's processes and baselines load only for this command
+    from jitrelay.tools.bench.runner import (
+        run_bench,  # the benchmark's processes and baselines load only for this command
+    )
 
     return run_bench(args)
 
@@ -566,7 +570,7 @@ def time_ns_arg(text: str) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .journal import read_journal  # the journal reader loads only for this command
+    from jitrelay.server.journal import read_journal  # the journal reader loads only for this command
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="jitrelay audit: %(message)s")
     try:
@@ -594,6 +598,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from .soak import run_soak  # the soak's processes load only for this command
+    from jitrelay.tools.soak import run_soak  # the soak's processes load only for this command
 
     return run_soak(args)

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from jitrelay.protocol import (
+from jitrelay.core.protocol import (
     BAD_CHECKSUM,
     BAD_MAGIC,
     BAD_VERSION,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import reference as ref
 from hypothesis import strategies as st
 
-from jitrelay.protocol import (
+from jitrelay.core.protocol import (
     BAD_CHECKSUM,
     BAD_VERSION,
     CONTROL,

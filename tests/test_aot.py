@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jitrelay import aot, kernels
-from jitrelay import protocol as p
-from jitrelay.logic import logic_for
+from jitrelay import kernels
+from jitrelay.core import protocol as p
+from jitrelay.core.domains import logic_for
+from jitrelay.kernels import build as aot
 
 
 def _child_env(cache: Path, **env: str) -> dict[str, str]:
@@ -116,11 +117,13 @@ def test_a_cache_folder_that_cannot_be_made_falls_back_to_the_jit(tmp_path: Path
 
 
 def test_the_module_name_follows_the_loops_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for source in ("loops.py", "protocol.py", "aot.py"):
-        shutil.copy(Path(aot.__file__).with_name(source), tmp_path / source)
-    monkeypatch.setattr(aot, "_HERE", tmp_path)
+    package = Path(aot.__file__).resolve().parents[1]
+    for source in aot._SOURCES:
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(package / source, tmp_path / source)
+    monkeypatch.setattr(aot, "_PACKAGE", tmp_path)
     same = aot.module_name()
-    with open(tmp_path / "loops.py", "a") as loops:
+    with open(tmp_path / "kernels" / "loops.py", "a") as loops:
         loops.write("\n# changed\n")
     changed = aot.module_name()
 
@@ -154,7 +157,7 @@ def test_the_relay_process_runs_the_module_without_numba(start_relay) -> None:
 # Argument checks: the compiled module trusts its arguments, so each public function checks them first.
 
 MESSAGE = np.frombuffer(bytearray(p.build_message(p.MARKET_DATA, [(1, b"x" * 8)]) * 2), dtype=np.uint8)
-TABLES = logic_for("market_data").kernel_tables()
+TABLES = kernels.tables_for(logic_for("market_data"))
 
 
 @pytest.mark.kernels

@@ -20,8 +20,8 @@ import pytest
 import uvloop
 import zmq  # the zmq baselines need it: a dependency of the bench extra
 
-from jitrelay.bench import parse_forwarding
 from jitrelay.cli import main
+from jitrelay.tools.bench.runner import parse_forwarding
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,9 +33,9 @@ from conftest import READY_TIMEOUT, RelayProcess, StartRelay, _relay_environ
 from prometheus_client.parser import text_string_to_metric_families
 from test_relay import DOMAINS, Clients, Reader, assert_stream, mixed_messages, send_chunked, sync
 
-from jitrelay.bridge import HEADER_ROOM
-from jitrelay.nats_cluster import NatsCluster, nats_server_path
-from jitrelay.protocol import SYSTEM, build_message, decode_messages
+from jitrelay.bridge.bridge import HEADER_ROOM
+from jitrelay.core.protocol import SYSTEM, build_message, decode_messages
+from jitrelay.testing.nats_cluster import NatsCluster, nats_server_path
 
 if nats_server_path() is None:  # CI installs it (.ci/run); say so loudly rather than skip
     raise RuntimeError("the bridge tests need nats-server: apt-get install nats-server")

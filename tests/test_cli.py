@@ -16,9 +16,9 @@ from conftest import RelayProcess, StartRelay
 from reference import extended_record, message, standard_record
 from test_client import receive, running_relay, stop
 
-from jitrelay import protocol
 from jitrelay.cli import main
 from jitrelay.client import Publisher, Subscriber
+from jitrelay.core import protocol
 
 MARKET_DATA, SIGNAL = 1, 2
 JITRELAY = [sys.executable, "-m", "jitrelay"]

@@ -29,15 +29,9 @@ from hypothesis import strategies as st
 from reference import extended_record, message, standard_record
 
 from jitrelay import client as client_module
-from jitrelay import protocol
-from jitrelay.client import (
-    AsyncPublisher,
-    AsyncSubscriber,
-    MessageFramer,
-    Publisher,
-    RelayConnectionError,
-    Subscriber,
-)
+from jitrelay.client import AsyncPublisher, AsyncSubscriber, Publisher, RelayConnectionError, Subscriber
+from jitrelay.core import protocol
+from jitrelay.kernels.framer import MessageFramer
 
 MARKET_DATA, SIGNAL, EXECUTION = 1, 2, 3
 

@@ -14,7 +14,7 @@ from conftest import StartRelay, _relay_environ
 from reference import extended_record, message
 
 from jitrelay.cli import build_parser, main, relay_logic
-from jitrelay.config import (
+from jitrelay.core.config import (
     ConfigError,
     config_overrides,
     format_byte_count,
@@ -22,7 +22,7 @@ from jitrelay.config import (
     read_config,
     render_config,
 )
-from jitrelay.logic import LOGICS, KiB, MiB, RelayLogic, logic_for
+from jitrelay.core.domains import LOGICS, KiB, MiB, RelayLogic, logic_for
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -46,7 +46,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from streams import ThreadedReader, send_chunked
 
-from jitrelay.protocol import BAD_MAGIC, FAULT_NAMES, FORWARD, NO_FAULT, OVERSIZE, VERDICT_NAMES
+from jitrelay.core.protocol import BAD_MAGIC, FAULT_NAMES, FORWARD, NO_FAULT, OVERSIZE, VERDICT_NAMES
 
 TOKEN = os.urandom(16)  # in every clean and probe message; no fuzzing connection can guess it
 CLEAN_MARK = TOKEN + b"clean"

@@ -7,7 +7,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jitrelay.histogram import SUB_BUCKETS, Histogram, bucket_floor, bucket_of
+from jitrelay.core.histogram import SUB_BUCKETS, Histogram, bucket_floor, bucket_of
 
 
 @given(st.integers(min_value=0, max_value=1 << 40))

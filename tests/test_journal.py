@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from reference import extended_record, message, standard_record
 
-from jitrelay import journal
 from jitrelay.cli import main
-from jitrelay.journal import Journal, read_journal, segment_paths
-from jitrelay.protocol import ProtocolError
+from jitrelay.core.protocol import ProtocolError
+from jitrelay.server import journal
+from jitrelay.server.journal import Journal, read_journal, segment_paths
 
 MARKET_DATA, EXECUTION = 1, 3
 BASE_NS = 1_795_554_000_000_000_000  # 2026-11-24T21:00:00Z
@@ -585,8 +585,8 @@ KILL_VALUE = bytes(range(256)) * 4  # 1024 bytes: an extended record, 1061-byte 
 WRITER = f"""
 import sys, time
 from pathlib import Path
-from jitrelay import protocol
-from jitrelay.journal import Journal
+from jitrelay.core import protocol
+from jitrelay.server.journal import Journal
 
 journal = Journal(Path(sys.argv[1]), "execution", fsync="none", rotate_bytes=1 << 20)
 value = bytes(range(256)) * 4

@@ -15,9 +15,10 @@ import strategies as gen
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jitrelay import kernels, loops
-from jitrelay import protocol as p
-from jitrelay.logic import logic_for
+from jitrelay import kernels
+from jitrelay.core import protocol as p
+from jitrelay.core.domains import logic_for
+from jitrelay.kernels import loops
 
 pytestmark = pytest.mark.kernels
 
@@ -36,8 +37,8 @@ def arr(data: bytes) -> np.ndarray:
 
 def tables_for(name: str, max_payload: int | None = None) -> kernels.KernelTables:
     if max_payload is None:
-        return logic_for(name).kernel_tables()
-    return logic_for(name, max_payload=max_payload).kernel_tables()
+        return kernels.tables_for(logic_for(name))
+    return kernels.tables_for(logic_for(name, max_payload=max_payload))
 
 
 def expected(name: str, data: bytes, max_payload: int) -> tuple[list[ref.Judged], int, int]:

@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterator
 import pytest
 from conftest import RelayProcess, StartRelay
 
-from jitrelay import protocol
-from jitrelay.histogram import Histogram
-from jitrelay.metrics import FORWARDING_BUCKETS, cumulative_buckets
-from jitrelay.protocol import build_message
+from jitrelay.core import protocol
+from jitrelay.core.histogram import Histogram
+from jitrelay.core.protocol import build_message
+from jitrelay.server.exposition import cumulative_buckets
+from jitrelay.server.metrics import FORWARDING_BUCKETS
 
 TIMEOUT = 10.0
 KiB = 1 << 10

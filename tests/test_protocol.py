@@ -12,7 +12,7 @@ import reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jitrelay import protocol as p
+from jitrelay.core import protocol as p
 
 FAST = settings(max_examples=200, deadline=None)
 

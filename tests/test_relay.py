@@ -31,7 +31,7 @@ from conftest import RelayProcess, StartRelay
 from reference import extended_record, standard_record
 from streams import ThreadedReader, send_chunked
 
-from jitrelay.protocol import MAGIC_BYTES, build_batch, build_message, decode_messages
+from jitrelay.core.protocol import MAGIC_BYTES, build_batch, build_message, decode_messages
 
 KiB = 1 << 10
 MiB = 1 << 20

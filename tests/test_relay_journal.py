@@ -9,8 +9,8 @@ import time
 
 from conftest import StartRelay
 
-from jitrelay.journal import read_journal
-from jitrelay.protocol import build_message
+from jitrelay.core.protocol import build_message
+from jitrelay.server.journal import read_journal
 
 
 def _stream(rng: random.Random, count: int) -> tuple[bytes, list[bytes]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import RelayProcess, StartRelay
 
-from jitrelay.protocol import build_message
+from jitrelay.core.protocol import build_message
 
 
 def round_trip(relay: RelayProcess) -> None:

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jitrelay import kernels
-from jitrelay import protocol as p
-from jitrelay.logic import logic_for
+from jitrelay.core import protocol as p
+from jitrelay.core.domains import logic_for
 
 pytestmark = pytest.mark.kernels
 
@@ -62,7 +62,7 @@ def expected_runs(data: bytes, name: str, selection: p.Filter) -> list[tuple[int
 
 def check_route(name: str, data: bytes, filters: list[p.Filter]) -> None:
     buf = arr(data)
-    result, scanned = kernels.scan(buf, logic_for(name).kernel_tables())
+    result, scanned = kernels.scan(buf, kernels.tables_for(logic_for(name)))
     tables = kernels.group_tables(filters)
     routed = kernels.route(buf, scanned, result.count, tables, kernels.RouteBuffers(len(buf), tables.groups))
     for g, selection in enumerate(filters):
@@ -99,7 +99,7 @@ def test_empty_sets_select_nothing_and_absent_sets_everything() -> None:
     data = b"".join(messages)
     filters = [(frozenset(), None), (None, frozenset()), (None, None), (frozenset({2}), frozenset({1, 2}))]
     buf = arr(data)
-    result, scanned = kernels.scan(buf, logic_for("market_data").kernel_tables())
+    result, scanned = kernels.scan(buf, kernels.tables_for(logic_for("market_data")))
     routed = kernels.route(buf, scanned, result.count, kernels.group_tables(filters), kernels.RouteBuffers(64, 1))
     assert routed.counts[:4].tolist() == [0, 0, 1, 1]
     assert routed.group_runs(2).tolist() == [0, len(data)]
@@ -110,7 +110,7 @@ def test_empty_sets_select_nothing_and_absent_sets_everything() -> None:
 def test_route_grows_its_runs_when_a_batch_needs_more() -> None:
     messages = [trade(k % 2, 1) for k in range(40)]
     buf = arr(b"".join(messages))
-    result, scanned = kernels.scan(buf, logic_for("market_data").kernel_tables())
+    result, scanned = kernels.scan(buf, kernels.tables_for(logic_for("market_data")))
     tables = kernels.group_tables([(None, frozenset({0})), (None, frozenset({1}))])
     out = kernels.RouteBuffers(len(buf), 2)
     out.runs = np.zeros(4, dtype=np.int64)
@@ -123,7 +123,7 @@ def test_route_grows_its_runs_when_a_batch_needs_more() -> None:
 def test_compacted_group_runs_hold_exactly_the_selected_messages() -> None:
     messages = [trade(k % 3, 1 + k % 4) for k in range(200)]
     buf = arr(b"".join(messages))
-    result, scanned = kernels.scan(buf, logic_for("market_data").kernel_tables())
+    result, scanned = kernels.scan(buf, kernels.tables_for(logic_for("market_data")))
     selection = (frozenset({2, 3}), frozenset({0, 2}))
     tables = kernels.group_tables([selection])
     routed = kernels.route(buf, scanned, result.count, tables, kernels.RouteBuffers(len(buf), 1))
@@ -136,7 +136,7 @@ def test_compacted_group_runs_hold_exactly_the_selected_messages() -> None:
 @given(data=st.data())
 def test_scan_and_route_is_a_scan_then_a_route_in_one_call(name: str, data: st.DataObject) -> None:
     stream, filters = data.draw(stream_and_filters(name, 6))
-    tables = logic_for(name).kernel_tables()
+    tables = kernels.tables_for(logic_for(name))
     groups = kernels.group_tables(filters)
     separate, scanned = kernels.scan(arr(stream), tables)
     routed = kernels.route(

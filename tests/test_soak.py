@@ -25,11 +25,11 @@ import pytest
 from conftest import RelayProcess, StartRelay
 from reference import message, standard_record
 
-from jitrelay import soak
 from jitrelay.cli import main
-from jitrelay.config import parse_byte_count
-from jitrelay.logic import MiB, logic_for
-from jitrelay.soak import (
+from jitrelay.core.config import parse_byte_count
+from jitrelay.core.domains import MiB, logic_for
+from jitrelay.tools import soak
+from jitrelay.tools.soak import (
     ECHO_FLAGS,
     SoakOptions,
     StreamVerifier,

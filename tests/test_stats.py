@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import RelayProcess, StartRelay
 
-from jitrelay import protocol
-from jitrelay.protocol import build_message
-from jitrelay.stats import Reading, format_table, stats_socket_path
+from jitrelay.core import protocol
+from jitrelay.core.protocol import build_message
+from jitrelay.tools.stats import Reading, format_table, stats_socket_path
 
 TIMEOUT = 10.0
 

@@ -20,9 +20,9 @@ from test_bridge import MARK_SOURCE, WAIT, BridgeProcess, Clients, StartHosts, e
 from test_relay import sync
 from test_stats import stats, tables, total
 
-from jitrelay.nats_cluster import NatsCluster
-from jitrelay.protocol import build_message, decode_messages
-from jitrelay.stats import Reading, format_table
+from jitrelay.core.protocol import build_message, decode_messages
+from jitrelay.testing.nats_cluster import NatsCluster
+from jitrelay.tools.stats import Reading, format_table
 
 cluster = test_bridge.cluster  # the fixtures of the bridge tests
 start_hosts = test_bridge.start_hosts
@@ -262,7 +262,7 @@ def test_nats_client_reads_are_widened() -> None:
 
     import nats.aio.client
 
-    from jitrelay import bridge
+    from jitrelay.bridge import bridge
 
     assert "DEFAULT_BUFFER_SIZE" in inspect.getsource(nats.aio.client.Client._read_loop)
     saved = nats.aio.client.DEFAULT_BUFFER_SIZE

@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 from streams import ThreadedReader
 
 from jitrelay import kernels
-from jitrelay import protocol as p
 from jitrelay.client import AsyncSubscriber, Subscriber
+from jitrelay.core import protocol as p
 
 MARK = 0xEE  # source and flags of the test's own markers; streams never use both
 WAIT = 15.0

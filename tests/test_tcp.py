@@ -33,7 +33,7 @@ from test_relay import (
     sync,
 )
 
-from jitrelay.protocol import build_message
+from jitrelay.core.protocol import build_message
 
 LISTENING = re.compile(r"relay listening on tcp://(\S+):(\d+)$")
 

@@ -17,8 +17,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jitrelay import kernels, protocol
-from jitrelay.logic import MarketDataLogic
+from jitrelay import kernels
+from jitrelay.core import protocol
+from jitrelay.core.domains import MarketDataLogic
 
 MiB = 1 << 20
 # Bytes per scan call: within the relay's 4 MiB receive buffer, and large
@@ -104,7 +105,7 @@ def route_fixture(groups: int, size: int = 71) -> RouteFixture:
 
 def tables(crc: bool) -> kernels.KernelTables:
     """market_data's kernel tables; with ``crc`` the same domain verifying checksums."""
-    return MarketDataLogic(verify_checksum=crc).kernel_tables()
+    return kernels.tables_for(MarketDataLogic(verify_checksum=crc))
 
 
 class ScanFixture(NamedTuple):

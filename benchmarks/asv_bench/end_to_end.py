@@ -25,9 +25,8 @@ import tempfile
 import threading
 import time
 
-from jitrelay import protocol
-
-from . import common
+from jitrelay import common
+from jitrelay.core import protocol
 
 READY_MARKER = "relay listening on"
 STARTUP_SECONDS = 120.0  # a fresh environment compiles the kernels before the relay listens

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import zlib
 
-from jitrelay import kernels
-
-from . import common
+from jitrelay import common, kernels
 
 CRC = [False, True]
 

@@ -22,23 +22,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
-import signal
 import socket
-import stat
 import struct
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
-from . import kernels, protocol
-from .histogram import Histogram
-from .journal import Journal
-from .logic import DISCONNECT, RelayLogic, parse_listen
+from jitrelay import kernels
+from jitrelay.core import protocol
+from jitrelay.core.domains import DISCONNECT, RelayLogic
+from jitrelay.core.histogram import Histogram
+from jitrelay.server.figures import Figures
+from jitrelay.server.journal import Journal
 
 log = logging.getLogger("jitrelay.relay")
 
@@ -47,10 +45,6 @@ SOCKET_BUFFER = 4 << 20  # kernel buffers per connection: fewer, larger reads an
 MAX_IOV = 64  # runs sent with one sendmsg; more are compacted first
 SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
 _PEERCRED = struct.Struct("3i")
-
-
-class RelayAlreadyRunning(RuntimeError):
-    """Another relay is listening on the socket path."""
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -171,7 +165,7 @@ class Relay:
         self.journal = journal
         self.journal_errors = 0
         self._journal_timer: asyncio.TimerHandle | None = None
-        self.tables = logic.kernel_tables()
+        self.tables = kernels.tables_for(logic)
         self.scan_out = kernels.ScanBuffers(logic.buffer_size)
         self.connections: dict[int, Connection] = {}
         # Who receives what: connections without a filter get every forwarded
@@ -431,6 +425,28 @@ class Relay:
         """Distinct subscription filters in force."""
         return len(self._groups)
 
+    def figures(self) -> Figures:
+        """Copy the relay's counters; call it on the relay's event-loop thread."""
+        live = list(self.connections.values())
+        pending = [conn.transport.get_write_buffer_size() for conn in live if conn.transport is not None]
+        timing = self.forward_time
+        return Figures(
+            domain=self.logic.name,
+            verdicts=self.verdict_counts(),
+            bytes_received=self.retired_bytes_in + sum(conn.bytes_in for conn in live),
+            bytes_forwarded=self.bytes_forwarded,
+            faults=dict(self.faults),
+            connections_open=len(live),
+            connections_accepted=self.accepted,
+            refused=dict(self.refused),
+            pending_max=max(pending, default=0),
+            slow_actions={"pause": self.slow_pauses, "disconnect": self.slow_disconnects},
+            journal_errors=self.journal_errors,
+            forward_buckets=tuple(timing.counts),
+            forward_total_ns=timing.total,
+            subscriber_groups=self.subscriber_groups,
+        )
+
     def verdict_counts(self) -> dict[str, int]:
         total = self.retired_counts.copy()
         for conn in self.connections.values():
@@ -472,133 +488,3 @@ class Relay:
         for conn in list(self.connections.values()):
             conn.transport.abort() if self._pending(conn) else conn.transport.close()
         await asyncio.sleep(0)
-
-
-def _probe(path: Path) -> bool:
-    """True when something accepts connections on ``path``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        except OSError as exc:
-            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                return False
-            raise
-    return True
-
-
-def bind_socket(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path``: folder 0770, socket 0660, stale file replaced."""
-    folder = path.parent
-    if not folder.exists():
-        folder.mkdir(mode=0o770, parents=True, exist_ok=True)
-        os.chmod(folder, 0o770)
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise RelayAlreadyRunning(f"{path} exists and is not a socket; not replacing it")
-        if _probe(path):
-            raise RelayAlreadyRunning(f"another relay is already listening on {path}")
-        log.info("replacing stale socket %s", path)
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o117)
-    try:
-        sock.bind(str(path))
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o660)
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
-def warm_up(logic: RelayLogic) -> float:
-    """Load (or build, or compile) the kernels before accepting traffic; return the seconds it took."""
-    started = time.perf_counter()
-    sample = np.frombuffer(protocol.build_message(logic.domain_id, [], timestamp_ns=0) * 3, dtype=np.uint8).copy()
-    result, out = kernels.scan(sample, logic.kernel_tables())
-    kernels.compact(sample, out.runs, result.runs)
-    groups = kernels.group_tables([(frozenset({1}), None)])
-    routed = kernels.RouteBuffers(len(sample), groups.groups)
-    kernels.scan_and_route(sample, 0, len(sample), logic.kernel_tables(), out, groups, routed)
-    return time.perf_counter() - started
-
-
-async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
-    """Run a relay until ``stop`` is set or SIGINT/SIGTERM arrives; return it for its figures."""
-    loop = asyncio.get_running_loop()
-    stop = stop or asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    path = Path(logic.socket_path)
-    log.debug("configuration: %s", logic)
-    sock = bind_socket(path)  # first: a second relay on a live path is refused before any compiling
-    inode = os.stat(path).st_ino
-    seconds = warm_up(logic)
-    loaded = kernels.backend()
-    log.info("kernels ready in %.3f s (%s: %s)", seconds, loaded["name"], loaded["path"])
-    try:
-        journal = (
-            Journal(
-                Path(logic.journal_dir), logic.name, fsync=logic.journal_fsync, rotate_bytes=logic.journal_rotate_bytes
-            )
-            if logic.journal
-            else None
-        )
-    except OSError:
-        sock.close()
-        path.unlink()
-        raise
-    if journal is not None:
-        log.info("journaling forwarded messages to %s (fsync %s)", journal.path, logic.journal_fsync)
-    relay = Relay(logic, journal)
-    loop.add_signal_handler(signal.SIGUSR1, relay.log_figures, "running")
-    server = await loop.create_unix_server(relay.new_connection, sock=sock)
-    tcp_servers: list[asyncio.AbstractServer] = []
-    figures = None
-    try:
-        for address in logic.listen:
-            host, port = parse_listen(address)
-            tcp_servers.append(await loop.create_server(relay.new_connection, host, port, backlog=1024))
-            for bound in tcp_servers[-1].sockets:
-                where = bound.getsockname()
-                shown = f"[{where[0]}]" if bound.family == socket.AF_INET6 else where[0]
-                log.info("jitrelay %s relay listening on tcp://%s:%d", logic.name, shown, where[1])
-        from .metrics import RelayMetrics  # metrics.py builds on this module, so it loads here
-
-        figures = await RelayMetrics.start(relay)  # the stats socket, and the HTTP endpoint if asked for
-        log.info("jitrelay %s relay listening on %s", logic.name, path)
-        await stop.wait()
-    finally:
-        server.close()
-        for tcp_server in tcp_servers:
-            tcp_server.close()
-        await relay.drain_and_close(SHUTDOWN_FLUSH_SECONDS)
-        if figures is not None:
-            await figures.close()
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == inode:
-                path.unlink()
-        if journal is not None:
-            journal.close()
-        relay.log_figures("stopped")
-    return relay
-
-
-def run_relay(logic: RelayLogic) -> int:
-    """Serve ``logic`` on uvloop until SIGINT/SIGTERM; the exit code."""
-    import resource
-
-    import uvloop
-
-    # Two descriptors per connection (the transport's and the spare): take the hard limit.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    uvloop.run(serve(logic))
-    return 0

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kernels, protocol
+from jitrelay import kernels
+from jitrelay.core import protocol
 
 log = logging.getLogger("jitrelay.journal")
 

@@ -22,22 +22,14 @@ from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .logic import logic_for
-from .usage import UsageError
+from jitrelay.core.domains import logic_for, stats_socket_path
+from jitrelay.tools.usage import UsageError
 
-STATS_SOCKET_SUFFIX = ".stats.sock"
 BRIDGE_PREFIX = "jitrelay_bridge_"
 READ_TIMEOUT = 5.0
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 Labels = tuple[tuple[str, str], ...]
-
-
-def stats_socket_path(socket_path: Path) -> Path:
-    """Where the relay on ``socket_path`` serves its figures: ``market_data.sock`` -> ``market_data.stats.sock``."""
-    name = socket_path.name
-    stem = name[: -len(".sock")] if name.endswith(".sock") else name
-    return socket_path.with_name(stem + STATS_SOCKET_SUFFIX)
 
 
 class StatsUnavailable(Exception):

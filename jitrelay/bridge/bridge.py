@@ -48,9 +48,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from . import kernels, protocol
-from .client import MessageFramer
-from .logic import MiB, logic_for
+from jitrelay import kernels
+from jitrelay.core import protocol
+from jitrelay.core.domains import MiB, logic_for
+from jitrelay.kernels.framer import MessageFramer
 
 log = logging.getLogger("jitrelay.bridge")
 
@@ -249,7 +250,7 @@ class Bridge:
         self._last_error: tuple[str, float] = ("", 0.0)
         self._stopping = False
         logic = logic_for(self.domain, max_payload=options.max_payload)
-        tables = logic.kernel_tables()
+        tables = kernels.tables_for(logic)
         self._tables = kernels.KernelTables(tables.domain, tables.max_payload, False, tables.type_allowed)
         self._scan_out = kernels.ScanBuffers(64 * 1024)
         self._scan_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
@@ -623,7 +624,7 @@ class _BridgeCollector:
     def collect(self) -> Iterator[object]:
         from prometheus_client.metrics_core import CounterMetricFamily
 
-        from .metrics import call_on_loop, domain_counter, domain_gauge
+        from jitrelay.server.exposition import call_on_loop, domain_counter, domain_gauge
 
         f = call_on_loop(self.loop, self._snapshot)
         domain = self.bridge.domain
@@ -676,7 +677,7 @@ def serve_metrics(bridge: Bridge, loop: asyncio.AbstractEventLoop, port: int) ->
     """Serve the bridge's figures on http://127.0.0.1:PORT/metrics (port 0 picks one); the server."""
     from prometheus_client import CollectorRegistry, ProcessCollector
 
-    from .metrics import serve_http
+    from jitrelay.server.exposition import serve_http
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_BridgeCollector(bridge, loop))  # type: ignore[arg-type]

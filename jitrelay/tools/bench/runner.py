@@ -4,10 +4,10 @@ Relays measured (``--relays``), each started by the benchmark as a child process
 
 - ``jitrelay``: ``python -m jitrelay run market_data`` (``jitrelay:block`` and
   ``jitrelay:disconnect`` pass ``--slow-policy``);
-- ``raw``: ``benchmarks/raw_forwarder.py``, a uvloop relay that copies bytes
+- ``raw``: ``raw_forwarder.py`` (beside this module), a uvloop relay that copies bytes
   from each connection to all others with no parsing: the ceiling for a Python
   relay on this machine;
-- ``zmq`` and ``zmq-default``: ``benchmarks/zmq_proxy.py``, a pyzmq XSUB/XPUB
+- ``zmq`` and ``zmq-default``: ``zmq_proxy.py`` (beside this module), a pyzmq XSUB/XPUB
   proxy, one frame per message; ``zmq`` with unlimited high-water marks on
   every socket (loses nothing), ``zmq-default`` with libzmq's defaults (loses
   what does not fit, and the figure says how much);
@@ -84,8 +84,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .children import die_with_parent
-from .usage import UsageError
+from jitrelay.testing.processes import die_with_parent
+from jitrelay.tools.usage import UsageError
 
 MiB = 1 << 20
 BATCH_BYTES = 1 * MiB
@@ -123,19 +123,6 @@ class BenchError(RuntimeError):
 
 
 # The relays
-
-
-def benchmarks_dir() -> Path:
-    """The baselines live in the repository's ``benchmarks/``, next to the package; an installed wheel has none."""
-    import jitrelay
-
-    folder = Path(jitrelay.__file__).resolve().parents[1] / "benchmarks"
-    if not (folder / "raw_forwarder.py").is_file() or not (folder / "zmq_proxy.py").is_file():
-        raise UsageError(
-            f"the baseline relays are not in {folder}: `jitrelay bench` runs from a checkout of the repository "
-            "(pip install -e '.[bench]'), where benchmarks/raw_forwarder.py and benchmarks/zmq_proxy.py live"
-        )
-    return folder
 
 
 @dataclass(frozen=True)
@@ -176,11 +163,11 @@ def relay_spec(name: str, folder: str) -> RelaySpec:
         if base == "jitrelay":
             command = jitrelay_run(path) + (["--slow-policy", policy] if policy else [])
             return RelaySpec(name, command, "relay listening on", end, end)
-        command = [sys.executable, str(benchmarks_dir() / "raw_forwarder.py"), "--socket", path]
+        command = [sys.executable, "-m", "jitrelay.tools.bench.raw_forwarder", "--socket", path]
         return RelaySpec(name, command, "raw forwarder listening on", end, end)
     hwm = 0 if name == "zmq" else None
     xsub, xpub = f"ipc://{folder}/xsub", f"ipc://{folder}/xpub"
-    command = [sys.executable, str(benchmarks_dir() / "zmq_proxy.py"), "--xsub", xsub, "--xpub", xpub]
+    command = [sys.executable, "-m", "jitrelay.tools.bench.zmq_proxy", "--xsub", xsub, "--xpub", xpub]
     command += ["--hwm", "0"] if hwm == 0 else []
     return RelaySpec(name, command, "zmq proxy listening on", Endpoint("zmq", xsub, hwm), Endpoint("zmq", xpub, hwm))
 
@@ -320,7 +307,7 @@ def bridged_hosts(spec: RelaySpec, notes: dict) -> Iterator[None]:
     the figures each bridge logged as it stopped (traffic, gaps, reconnects):
     where any lost message went missing.
     """
-    from .nats_cluster import NatsCluster, NatsClusterError
+    from jitrelay.testing.nats_cluster import NatsCluster, NatsClusterError
 
     path_b = spec.subscribe.address
     with contextlib.ExitStack() as stack:
@@ -344,7 +331,7 @@ def _note_bridges(notes: dict, bridges: list[RelayProcess]) -> None:
 
 
 def _check_path(path_a: str, path_b: str) -> None:
-    from . import protocol
+    from jitrelay.core import protocol
 
     with _connect(path_b) as checker, _connect(path_a) as sender:
         checker.settimeout(PATH_CHECK_SECONDS)
@@ -384,7 +371,7 @@ def parse_forwarding(lines: Iterable[str]) -> dict | None:
 
 def records_for(size: int) -> list[tuple[int, bytes]]:
     """The one type-1 record that makes a market_data message exactly ``size`` bytes long."""
-    from . import protocol
+    from jitrelay.core import protocol
 
     try:
         return [protocol.synthetic_record(MARKET_DATA, size)]
@@ -397,7 +384,7 @@ def probe_message(size: int, types: int = 1) -> bytes:
 
     With ``types`` > 1 it carries a record of each type 1..``types``, so every W1f filter selects it.
     """
-    from . import protocol
+    from jitrelay.core import protocol
 
     records = [(t, b"probe" if size != 39 else b"probe!") for t in range(1, types + 1)]
     probe = protocol.build_message(MARKET_DATA, records, sequence=PROBE_SEQUENCE, timestamp_ns=0)
@@ -518,7 +505,7 @@ def subscribe(
     else:
         sock = _connect(end.address)
         if tlv_type is not None:
-            from . import protocol
+            from jitrelay.core import protocol
 
             sock.sendall(protocol.subscribe_message(tlv_types=[tlv_type]))
         reports.put(("connected", who, None))
@@ -739,7 +726,8 @@ def publish_batches(
     With ``types`` > 1 (W1f) message ``k`` carries TLV type ``1 + k % types``.
     A zmq publisher sends the same batch one message per frame.
     """
-    from . import kernels, protocol
+    from jitrelay import kernels
+    from jitrelay.core import protocol
 
     count = BATCH_BYTES // size // types * types  # whole cycles, so the types follow the sequence numbers
     value = records_for(size)[0][1]
@@ -776,7 +764,7 @@ def publish_batches(
 
 def publish_paced(who: str, reports: Any, end: Endpoint, size: int, duration: float, start: Any, rate: float) -> dict:
     """W2 publisher: one message per send at ``rate`` per second, stamped with its send time."""
-    from . import protocol
+    from jitrelay.core import protocol
 
     message = bytearray(protocol.build_message(MARKET_DATA, records_for(size), timestamp_ns=0))
     zmq_sock = _zmq_socket("pub", end) if end.transport == "zmq" else None
@@ -1110,7 +1098,7 @@ def _start_once(cache_dir: str | None) -> dict:
 
 
 def machine() -> dict:
-    from . import kernels
+    from jitrelay import kernels
 
     model = None
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -1303,7 +1291,7 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
         if base not in RELAYS or (policy and (base != "jitrelay" or policy not in POLICIES)):
             raise UsageError(f"unknown relay {name!r}; choose from {', '.join(RELAYS)}, jitrelay:block")
     if "bridge" in relays:
-        from .nats_cluster import nats_server_path
+        from jitrelay.testing.nats_cluster import nats_server_path
 
         if nats_server_path() is None:
             if args.relays != DEFAULT_RELAYS:
@@ -1328,8 +1316,6 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
     if not args.duration > 0 or not args.rate > 0 or args.startup_runs < 0:
         raise UsageError("--duration and --rate must be positive, --startup-runs at least 0")
     records_for(args.size)  # a size one record cannot make raises UsageError
-    if any(r in ("raw", "zmq", "zmq-default") for r in relays):
-        benchmarks_dir()
     if any(r.startswith("zmq") for r in relays):
         try:
             import zmq  # noqa: F401

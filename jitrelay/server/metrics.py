@@ -16,30 +16,35 @@ a metrics port.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
-import itertools
 import logging
 import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar, cast
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest, start_http_server
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from . import protocol
-from .engine import Relay, RelayAlreadyRunning, bind_socket
-from .histogram import bucket_floor
-from .stats import stats_socket_path
+from jitrelay.core import protocol
+from jitrelay.core.domains import RelayLogic, stats_socket_path
+from jitrelay.server.exposition import (
+    call_on_loop,
+    cumulative_buckets,
+    domain_counter,
+    domain_gauge,
+    labelled,
+    serve_http,
+)
+from jitrelay.server.figures import Figures
+from jitrelay.server.sockets import RelayAlreadyRunning, bind_socket
 
 log = logging.getLogger("jitrelay.metrics")
 T = TypeVar("T")
@@ -53,115 +58,6 @@ SNAPSHOT_TIMEOUT = 5.0  # how long a scrape waits for the event loop
 STATS_CLIENT_TIMEOUT = 5.0  # a control-socket reader that has not taken the text by then is dropped
 REFUSAL_REASONS = ("not_allowed", "connection_limit")
 _PEERCRED = struct.Struct("3i")
-
-
-@dataclass(frozen=True)
-class Figures:
-    """One consistent reading of a relay's counters, taken on its event-loop thread."""
-
-    domain: str
-    verdicts: dict[str, int]
-    bytes_received: int
-    bytes_forwarded: int
-    faults: dict[str, int]
-    connections_open: int
-    connections_accepted: int
-    refused: dict[str, int]
-    pending_max: int
-    slow_actions: dict[str, int]
-    journal_errors: int
-    forward_buckets: tuple[int, ...]  # the relay's log-linear histogram, nanoseconds
-    forward_total_ns: int
-    subscriber_groups: int = 0
-
-
-def read_figures(relay: Relay) -> Figures:
-    """Copy the relay's counters; call it on the relay's event-loop thread."""
-    live = list(relay.connections.values())
-    pending = [conn.transport.get_write_buffer_size() for conn in live if conn.transport is not None]
-    timing = relay.forward_time
-    return Figures(
-        domain=relay.logic.name,
-        verdicts=relay.verdict_counts(),
-        bytes_received=relay.retired_bytes_in + sum(conn.bytes_in for conn in live),
-        bytes_forwarded=relay.bytes_forwarded,
-        faults=dict(relay.faults),
-        connections_open=len(live),
-        connections_accepted=relay.accepted,
-        refused=dict(relay.refused),
-        pending_max=max(pending, default=0),
-        slow_actions={"pause": relay.slow_pauses, "disconnect": relay.slow_disconnects},
-        journal_errors=relay.journal_errors,
-        forward_buckets=tuple(timing.counts),
-        forward_total_ns=timing.total,
-        subscriber_groups=relay.subscriber_groups,
-    )
-
-
-def cumulative_buckets(counts: Sequence[int], bounds_ns: Sequence[int]) -> list[int]:
-    """How many samples of a ``histogram.Histogram`` lie at or below each bound, then in all.
-
-    A bucket of the relay's histogram counts under the first bound its whole
-    range fits below, so a count at a bound never includes a sample above it;
-    where a bound falls inside a bucket (at most 1/16 of the value wide) those
-    samples count under the next bound.
-    """
-    per_bound = [0] * (len(bounds_ns) + 1)
-    last = len(counts) - 1  # the last bucket also holds every larger sample
-    for bucket, n in enumerate(counts):
-        if not n:
-            continue
-        if bucket == last:
-            per_bound[-1] += n
-            continue
-        ceiling = bucket_floor(bucket + 1) - 1
-        index = next((i for i, bound in enumerate(bounds_ns) if ceiling <= bound), len(bounds_ns))
-        per_bound[index] += n
-    return list(itertools.accumulate(per_bound))
-
-
-def _labelled(family: CounterMetricFamily, domain: str, values: dict[str, int]) -> Metric:
-    for name, value in values.items():
-        family.add_metric([domain, name], value)
-    return family
-
-
-def domain_counter(domain: str, name: str, doc: str, value: float) -> CounterMetricFamily:
-    """A counter family with one sample, labelled with the domain."""
-    family = CounterMetricFamily(name, doc, labels=["domain"])
-    family.add_metric([domain], value)
-    return family
-
-
-def domain_gauge(domain: str, name: str, doc: str, value: float) -> GaugeMetricFamily:
-    """A gauge family with one sample, labelled with the domain."""
-    family = GaugeMetricFamily(name, doc, labels=["domain"])
-    family.add_metric([domain], value)
-    return family
-
-
-def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> T:
-    """``fn()`` run on ``loop``'s thread for a caller on another (an HTTP scrape), waited for up to SNAPSHOT_TIMEOUT."""
-
-    async def call() -> T:
-        return fn()
-
-    future = asyncio.run_coroutine_threadsafe(call(), loop)
-    try:
-        return future.result(SNAPSHOT_TIMEOUT)
-    except concurrent.futures.TimeoutError:  # the builtin TimeoutError only from Python 3.11
-        future.cancel()
-        raise
-
-
-def serve_http(registry: CollectorRegistry, port: int) -> tuple[WSGIServer, threading.Thread]:
-    """Serve ``registry`` on http://127.0.0.1:PORT/metrics (0 picks a port); an OSError that names the address."""
-    try:
-        server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}") from exc
-    log.info("metrics on http://127.0.0.1:%d/metrics", server.server_port)
-    return server, thread
 
 
 def metric_families(figures: Figures) -> Iterator[Metric]:
@@ -180,7 +76,7 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
     rejected = CounterMetricFamily(
         "jitrelay_messages_rejected_total", "Messages dropped, by reason.", labels=["domain", "reason"]
     )
-    yield _labelled(rejected, figures.domain, {r: verdicts.get(r, 0) for r in protocol.REJECT_NAMES})
+    yield labelled(rejected, figures.domain, {r: verdicts.get(r, 0) for r in protocol.REJECT_NAMES})
     if "control" in verdicts:
         yield counter(
             "jitrelay_control_messages_total",
@@ -203,7 +99,7 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
         labels=["domain", "reason"],
     )
     fault_names = {name: figures.faults.get(name, 0) for name in protocol.FAULT_NAMES[1:]}
-    yield _labelled(faults, figures.domain, {**fault_names, **figures.faults})
+    yield labelled(faults, figures.domain, {**fault_names, **figures.faults})
     yield gauge("jitrelay_connections_open", "Connections open now.", figures.connections_open)
     yield counter("jitrelay_connections_accepted_total", "Connections accepted.", figures.connections_accepted)
     refused = CounterMetricFamily(
@@ -212,7 +108,7 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
         labels=["domain", "reason"],
     )
     refusals = {name: figures.refused.get(name, 0) for name in REFUSAL_REASONS}
-    yield _labelled(refused, figures.domain, {**refusals, **figures.refused})
+    yield labelled(refused, figures.domain, {**refusals, **figures.refused})
     yield gauge(
         "jitrelay_subscriber_pending_bytes_max",
         "The most bytes waiting to be written to any one connection now.",
@@ -224,7 +120,7 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
         "disconnect (a subscriber was dropped for staying over it).",
         labels=["domain", "action"],
     )
-    yield _labelled(slow, figures.domain, figures.slow_actions)
+    yield labelled(slow, figures.domain, figures.slow_actions)
     yield counter("jitrelay_journal_errors_total", "Journal appends or fsyncs that failed.", figures.journal_errors)
     yield gauge(
         "jitrelay_subscriber_groups",
@@ -251,15 +147,15 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
 class RelayCollector(Collector):
     """Builds the relay's metric families at scrape time from a snapshot taken on the event loop."""
 
-    def __init__(self, relay: Relay, loop: asyncio.AbstractEventLoop) -> None:
-        self.relay = relay
+    def __init__(self, read: Callable[[], Figures], loop: asyncio.AbstractEventLoop) -> None:
+        self.read = read
         self.loop = loop
         self._loop_thread = threading.get_ident()  # made on the loop's thread
 
     def snapshot(self) -> Figures:
         if threading.get_ident() == self._loop_thread:
-            return read_figures(self.relay)
-        return call_on_loop(self.loop, lambda: read_figures(self.relay))
+            return self.read()
+        return call_on_loop(self.loop, self.read)
 
     def collect(self) -> Iterator[Metric]:
         return metric_families(self.snapshot())
@@ -286,7 +182,7 @@ class _StatsConnection(asyncio.Protocol):
         with contextlib.suppress(OSError, AttributeError):
             sock = transport.get_extra_info("socket")
             _, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        if not self.metrics.relay.logic.admits(uid, gid):
+        if not self.metrics.logic.admits(uid, gid):
             log.warning("refusing stats reader uid=%d gid=%d: not allowed", uid, gid)
             transport.abort()
             return
@@ -314,26 +210,30 @@ class _StatsConnection(asyncio.Protocol):
 
 
 class RelayMetrics:
-    """The relay's registry, its control socket and, with ``logic.metrics_port`` set, its HTTP endpoint."""
+    """The relay's registry, its control socket and, with ``logic.metrics_port`` set, its HTTP endpoint.
 
-    def __init__(self, relay: Relay, loop: asyncio.AbstractEventLoop) -> None:
-        self.relay = relay
+    It sees the relay only through ``read``, a snapshot of its figures taken on
+    the event-loop thread, and through the relay's configuration.
+    """
+
+    def __init__(self, logic: RelayLogic, read: Callable[[], Figures], loop: asyncio.AbstractEventLoop) -> None:
+        self.logic = logic
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(RelayCollector(relay, loop))
+        self.registry.register(RelayCollector(read, loop))
         ProcessCollector(registry=self.registry)
-        self.stats_path = stats_socket_path(Path(relay.logic.socket_path))
+        self.stats_path = stats_socket_path(Path(logic.socket_path))
         self._stats_server: asyncio.AbstractServer | None = None
         self._stats_inode = 0
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self.http_port: int | None = None
 
     @classmethod
-    async def start(cls, relay: Relay) -> RelayMetrics:
+    async def start(cls, logic: RelayLogic, read: Callable[[], Figures]) -> RelayMetrics:
         """Serve the control socket (a warning if it cannot be made) and the HTTP endpoint (an OSError if not)."""
         loop = asyncio.get_running_loop()
-        metrics = cls(relay, loop)
+        metrics = cls(logic, read, loop)
         await metrics._serve_stats(loop)
-        port = relay.logic.metrics_port
+        port = logic.metrics_port
         if port is not None:
             try:
                 metrics._http = serve_http(metrics.registry, port)

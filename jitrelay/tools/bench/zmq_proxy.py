@@ -10,7 +10,7 @@ Without ``--hwm`` the sockets keep libzmq's defaults (1000 messages), and
 PUB/XPUB sockets silently drop what does not fit: the figure to report is how
 much that loses.
 
-    python benchmarks/zmq_proxy.py --xsub ipc:///tmp/xsub --xpub ipc:///tmp/xpub --hwm 0
+    python -m jitrelay.tools.bench.zmq_proxy --xsub ipc:///tmp/xsub --xpub ipc:///tmp/xpub --hwm 0
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from . import protocol
+from jitrelay.core import protocol
 
 
 def type_name(tlv_type: int) -> str:

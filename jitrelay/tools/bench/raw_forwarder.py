@@ -10,7 +10,7 @@ Memory stays bounded the way the relay's ``block`` policy bounds it: when a
 connection has more than ``--high`` bytes pending, every connection stops being
 read until all are back under ``--low``. Nothing is dropped.
 
-    python benchmarks/raw_forwarder.py --socket /tmp/raw.sock
+    python -m jitrelay.tools.bench.raw_forwarder --socket /tmp/raw.sock
 """
 
 from __future__ import annotations

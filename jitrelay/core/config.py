@@ -25,7 +25,7 @@ from typing import Any
 
 import tomli_w
 
-from .logic import LOGICS, RelayLogic
+from jitrelay.core.domains import LOGICS, RelayLogic
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .children import die_with_parent
+from jitrelay.testing.processes import die_with_parent
 
 START_ATTEMPTS = 3
 STOP_SECONDS = 5.0

@@ -58,8 +58,8 @@ SIGNATURES: dict[str, str] = {
 
 BUILD_TIMEOUT = 600.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # numba colours its errors
-_HERE = Path(__file__).resolve().parent
-_SOURCES = ("loops.py", "protocol.py", "aot.py")
+_PACKAGE = Path(__file__).resolve().parents[1]
+_SOURCES = ("kernels/loops.py", "core/protocol.py", "kernels/build.py")
 
 
 class Unavailable(RuntimeError):
@@ -78,7 +78,7 @@ def module_name() -> str:
     """The module's name: it changes with the loops' source, the tool versions, Python and the CPU."""
     digest = hashlib.sha256()
     for source in _SOURCES:
-        digest.update((_HERE / source).read_bytes())
+        digest.update((_PACKAGE / source).read_bytes())
     for dist in ("numba", "llvmlite", "numpy"):
         digest.update(f"{dist}={version(dist)};".encode())
     digest.update(f"{sys.version};{platform.machine()};{_cpu_features()}".encode())
@@ -141,7 +141,7 @@ def _locked(path: Path) -> Iterator[None]:
 def _build(path: Path) -> None:
     """Build the module into ``path`` in a child process."""
     with tempfile.TemporaryDirectory(prefix="build-", dir=path.parent) as scratch:
-        command = [sys.executable, "-m", "jitrelay.aot", scratch, path.name.split(".", 1)[0]]
+        command = [sys.executable, "-m", "jitrelay.kernels.build", scratch, path.name.split(".", 1)[0]]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
         except subprocess.TimeoutExpired as error:
@@ -164,7 +164,7 @@ def build_into(folder: str, name: str) -> None:
     warnings.simplefilter("ignore", NumbaPendingDeprecationWarning)  # pycc's notice; it is still maintained
     from numba.pycc import CC
 
-    from . import loops
+    from jitrelay.kernels import loops
 
     class LinkedCC(CC):
         """pycc, linking zlib too: the loops call its ``crc32``."""

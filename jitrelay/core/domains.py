@@ -18,8 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from . import protocol
-from .kernels import KernelTables
+from jitrelay.core import protocol
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -35,6 +34,16 @@ SOCKET_DIR_ENV = "JITRELAY_SOCKET_DIR"
 
 def socket_dir() -> Path:
     return Path(os.environ.get(SOCKET_DIR_ENV) or DEFAULT_SOCKET_DIR)
+
+
+STATS_SOCKET_SUFFIX = ".stats.sock"
+
+
+def stats_socket_path(socket_path: Path) -> Path:
+    """Where the relay on ``socket_path`` serves its figures: ``market_data.sock`` -> ``market_data.stats.sock``."""
+    name = socket_path.name
+    stem = name[: -len(".sock")] if name.endswith(".sock") else name
+    return socket_path.with_name(stem + STATS_SOCKET_SUFFIX)
 
 
 @dataclass
@@ -124,9 +133,6 @@ class RelayLogic:
         for lo, hi in self.tlv_ranges:
             allowed[lo : hi + 1] = 1
         return allowed
-
-    def kernel_tables(self) -> KernelTables:
-        return KernelTables(self.domain_id, self.max_payload, self.verify_checksum, self.type_allowed())
 
 
 @dataclass

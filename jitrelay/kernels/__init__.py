@@ -28,8 +28,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import aot
-from . import protocol as p
+from jitrelay.core import protocol as p
+from jitrelay.core.domains import RelayLogic
+from jitrelay.kernels import build as aot
 
 log = logging.getLogger("jitrelay.kernels")
 
@@ -75,7 +76,7 @@ def _load() -> ModuleType:
             _BACKEND_INFO.update(name="aot", path=module.__file__, seconds=time.perf_counter() - started)
             return module
         choice = "jit"
-    from . import loops
+    from jitrelay.kernels import loops
 
     _BACKEND_INFO.update(name=choice, path=loops.__file__, seconds=time.perf_counter() - started)
     return loops
@@ -157,6 +158,11 @@ class KernelTables(NamedTuple):
     max_payload: int
     verify_checksum: bool
     type_allowed: np.ndarray  # uint8[256]; 1 where the domain carries the TLV type
+
+
+def tables_for(logic: RelayLogic) -> KernelTables:
+    """The scan's view of a domain's rules."""
+    return KernelTables(logic.domain_id, logic.max_payload, logic.verify_checksum, logic.type_allowed())
 
 
 class ScanResult(NamedTuple):

@@ -81,10 +81,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import protocol
-from .children import die_with_parent
-from .logic import LOGICS, logic_for
-from .usage import UsageError
+from jitrelay.core import protocol
+from jitrelay.core.domains import LOGICS, logic_for
+from jitrelay.testing.processes import die_with_parent
+from jitrelay.tools.usage import UsageError
 
 MiB = 1 << 20
 READY_TIMEOUT = 60.0  # a relay on a fresh checkout compiles its kernels first
@@ -375,7 +375,7 @@ def run_publisher(config: ClientConfig, stats: Any, ctrl: Any, rng: random.Rando
     goes first in the next write: the relay almost always holds a partial
     message from us, so a SIGKILL tears one.
     """
-    from .client import Publisher, RelayConnectionError
+    from jitrelay.client import Publisher, RelayConnectionError
 
     source, flags = key & 0xFF, key >> 8
     made = 0  # messages built; the stream so far is sequences 0..made-1
@@ -760,7 +760,7 @@ class Soak:
         self.rng = random.Random(self.seed)
         self.logic = logic_for(opts.domain)
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["jitrelay.soak", "jitrelay.client"])
+        self.ctx.set_forkserver_preload(["jitrelay.tools.soak", "jitrelay.client"])
         # The phase, then each publisher slot's source: slot i starts on source i + 1.
         self.ctrl = self.ctx.RawArray("q", 1 + opts.publishers)
         self.ctrl[1:] = list(range(1, 1 + opts.publishers))

@@ -26,7 +26,7 @@ import llvmlite.binding as llvm
 import numpy as np
 from numba import config, njit, types
 
-from . import protocol as p
+from jitrelay.core import protocol as p
 
 _JIT = {"cache": True, "nogil": True}
 

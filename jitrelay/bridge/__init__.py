@@ -1,0 +1,1 @@
+"""A domain's relays on several hosts joined through a NATS cluster."""

@@ -1,0 +1,1 @@
+"""The relay process: sockets, buffers, fan-out, the journal, metrics and the lifecycle."""

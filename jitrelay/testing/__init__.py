@@ -1,0 +1,1 @@
+"""Harnesses for tests and tools only: a relay as a child process, a NATS cluster on loopback."""

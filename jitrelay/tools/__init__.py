@@ -1,0 +1,1 @@
+"""Operator and measurement commands: bench, soak, stats, message formatting."""

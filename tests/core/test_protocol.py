@@ -8,9 +8,9 @@ import zlib
 
 import numpy as np
 import pytest
-import reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import reference as ref
 
 from jitrelay.core import protocol as p
 

@@ -1,11 +1,8 @@
-"""The relay's TCP listener: the same contract as on the Unix socket, an allow-list of networks, TCP_NODELAY.
+"""The relay's TCP listener: one stream shared with Unix clients, an allow-list of networks, TCP_NODELAY.
 
-The forwarding contract tests of ``test_relay.py`` (a mixed stream sent in
-random chunks, a publisher that leaves mid-message, stream-fatal faults) run
-here again unchanged, over TCP: this module's ``start_relay`` starts each
-relay with ``--listen tcp://127.0.0.1:0`` and hands the test a relay whose
-``connect()`` opens a TCP connection to the port the relay reports, and its
-``peer_name`` names a peer in the log by address instead of pid.
+The forwarding contract itself runs over TCP in ``test_contract.py``. Here the
+``start_relay`` fixture starts each relay with ``--listen tcp://127.0.0.1:0``
+and hands the test a relay whose ``connect()`` opens a TCP connection.
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ import contextlib
 import ctypes
 import os
 import random
-import re
 import socket
 import subprocess
 import sys
@@ -23,77 +19,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import test_relay
-from conftest import RelayProcess, StartRelay
-from test_relay import (
-    Clients,
-    assert_stream,
-    mixed_messages,
-    send_chunked,
-    sync,
-)
+from support.clients import Clients, assert_stream, mixed_messages, sync
+from support.relays import StartRelay
+from support.streams import send_chunked
+from support.tcp import TcpRelay, tcp_addresses, tcp_relays
 
 from jitrelay.core.protocol import build_message
-
-LISTENING = re.compile(r"relay listening on tcp://(\S+):(\d+)$")
-
-
-class TcpRelay:
-    """A relay process whose ``connect()`` opens a TCP connection instead of a Unix one."""
-
-    def __init__(self, relay: RelayProcess) -> None:
-        self.relay = relay
-        self.domain = relay.domain
-
-    @property
-    def tcp(self) -> tuple[str, int]:
-        return tcp_addresses(self.relay)[0]
-
-    def connect(self, timeout: float = 5.0) -> socket.socket:
-        sock = socket.create_connection(self.tcp, timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    def connect_unix(self, timeout: float = 5.0) -> socket.socket:
-        return self.relay.connect(timeout)
-
-    def __getattr__(self, name: str) -> object:  # wait_line, find_line, proc, stderr, ...
-        return getattr(self.relay, name)
-
-
-def tcp_addresses(relay: RelayProcess) -> list[tuple[str, int]]:
-    """The TCP addresses the relay reported listening on, before its Unix ready line."""
-    found = []
-    for line in relay.lines:
-        match = LISTENING.search(line)
-        if match:
-            found.append((match.group(1).strip("[]"), int(match.group(2))))
-    assert found, f"the relay reported no TCP listener:\n{relay.stderr}"
-    return found
 
 
 @pytest.fixture
 def start_relay(start_relay: StartRelay) -> Callable[..., TcpRelay]:
     """``start_relay`` of conftest with a TCP listener on a free loopback port, returning a ``TcpRelay``."""
-
-    def start(domain: str = "market_data", *options: str, **kwargs: object) -> TcpRelay:
-        return TcpRelay(start_relay(domain, "--listen", "tcp://127.0.0.1:0", *options, **kwargs))
-
-    return start
-
-
-# The contract tests of test_relay.py, unchanged; this module's start_relay makes their clients connect over TCP.
-test_mixed_stream_in_tiny_chunks_over_tcp = test_relay.test_mixed_stream_in_tiny_chunks_reaches_each_subscriber_exactly
-test_publisher_leaving_mid_message_over_tcp = test_relay.test_publisher_leaving_mid_message_forwards_nothing_of_it
-
-
-@pytest.fixture
-def peer_name() -> Callable[[socket.socket], str]:
-    """A TCP peer is named in the relay's log by its address and port."""
-    return lambda sock: f"addr=127.0.0.1:{sock.getsockname()[1]}"
-
-
-test_stream_fault_over_tcp_closes_only_that_connection = test_relay.test_stream_fault_closes_only_that_connection
+    return tcp_relays(start_relay)
 
 
 def test_unix_and_tcp_clients_share_one_stream(start_relay: Callable, clients: Clients) -> None:

@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import RelayProcess, StartRelay
+from support.relays import RelayProcess, StartRelay
 
 from jitrelay.core import protocol
 from jitrelay.core.histogram import Histogram

@@ -16,7 +16,7 @@ import pytest
 from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "profile_kernels.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "profile_kernels.ipynb"
 KERNEL = "jitrelay-notebook-test"  # a kernel spec on this interpreter, whatever `python` means on PATH
 SMALL_STREAM = 256 * 1024  # STREAM_BYTES of the notebook's small setting
 FIGURES = {"kernels_by_size", "kernels_by_rejects", "kernels_by_records", "kernels_by_buffer", "kernel_stages"}

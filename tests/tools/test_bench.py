@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import sysconfig
 from datetime import datetime
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import zmq  # the zmq baselines need it: a dependency of the bench extra
 from jitrelay.cli import main
 from jitrelay.tools.bench.runner import parse_forwarding
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bench(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -231,3 +232,54 @@ def test_filtered_w1_gives_each_subscriber_its_quarter(tmp_path: Path) -> None:
     assert filtered["ratio_to_unfiltered"] == pytest.approx(ratio)
     assert filtered["stream_ratio_to_unfiltered"] == pytest.approx(4 * ratio)
     assert "jitrelay w1f: four subscribers, one TLV type each" in done.stdout
+
+
+def test_bench_runs_from_an_installed_wheel_with_its_baselines(tmp_path: Path) -> None:
+    """Built and installed as a user would get it, away from the checkout: the baselines ship in the package.
+
+    The wheel goes into a virtualenv of its own; the dependencies come from
+    this environment's site-packages, added by a ``.pth`` line (which does not
+    run the checkout's editable-install hook), so nothing is downloaded.
+    """
+    wheels, venv = tmp_path / "wheels", tmp_path / "venv"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = wheels.glob("jitrelay-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    (site,) = (venv / "lib").glob("python*/site-packages")
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installed.returncode == 0, installed.stderr
+    assert (site / "jitrelay" / "tools" / "bench" / "raw_forwarder.py").is_file()
+    assert (site / "jitrelay" / "tools" / "bench" / "zmq_proxy.py").is_file()
+
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_DISABLE_JIT", "PYTHONPATH")}
+    where = subprocess.run(
+        [python, "-c", "import jitrelay; print(jitrelay.__file__)"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert Path(where.stdout.strip()).is_relative_to(site), where.stdout + where.stderr
+    figures = tmp_path / "figures.json"
+    args = ["--relays=raw,zmq", "--workloads=w1", "--subscribers=1", "--duration=0.3", "--startup-runs=0"]
+    done = subprocess.run(
+        [python, "-m", "jitrelay", "bench", "--no-progress", *args, f"--json={figures}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    runs = by_run(json.loads(figures.read_text()))
+    check_delivered_all(runs[("raw", "w1")])
+    check_delivered_all(runs[("zmq", "w1")])

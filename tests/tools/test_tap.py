@@ -9,10 +9,9 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import StartRelay
-from reference import extended_record, message, standard_record
-from test_cli import SubProcess
-from test_client import stop
+from support.commands import SubProcess, stop
+from support.reference import extended_record, message, standard_record
+from support.relays import StartRelay
 
 from jitrelay.cli import main
 from jitrelay.client import Publisher

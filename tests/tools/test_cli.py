@@ -2,80 +2,27 @@
 
 from __future__ import annotations
 
-import queue
 import signal
-import subprocess
-import sys
-import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RelayProcess, StartRelay
-from reference import extended_record, message, standard_record
-from test_client import receive, running_relay, stop
+from support.commands import SubProcess, jitrelay, receive, running_relay, stop
+from support.reference import extended_record, message, standard_record
+from support.relays import RelayProcess, StartRelay
 
 from jitrelay.cli import main
 from jitrelay.client import Publisher, Subscriber
 from jitrelay.core import protocol
 
 MARKET_DATA, SIGNAL = 1, 2
-JITRELAY = [sys.executable, "-m", "jitrelay"]
-
-
-def jitrelay(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*JITRELAY, *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def market_relay() -> Iterator[RelayProcess]:
     with running_relay("market_data") as relay:
         yield relay
-
-
-class SubProcess:
-    """``jitrelay sub`` in the background, its output read by threads; ready once it has connected."""
-
-    def __init__(self, relay: RelayProcess, *options: str):
-        self.proc = subprocess.Popen(
-            [*JITRELAY, "sub", relay.domain, "--socket", str(relay.socket_path), *options],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.stdout: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        connected = threading.Event()
-
-        def read_err() -> None:
-            for line in self.proc.stderr:  # type: ignore[union-attr]
-                self.stderr.append(line)
-                if "connected to the" in line:
-                    connected.set()
-            connected.set()
-
-        def read_out() -> None:
-            for line in self.proc.stdout:  # type: ignore[union-attr]
-                self.stdout.put(line.rstrip("\n"))
-
-        self._threads = [threading.Thread(target=f, daemon=True) for f in (read_err, read_out)]
-        for t in self._threads:
-            t.start()
-        assert connected.wait(30), "sub did not start"
-        assert self.proc.poll() is None, "".join(self.stderr)
-
-    def lines(self, n: int) -> list[str]:
-        return [self.stdout.get(timeout=10) for _ in range(n)]
-
-    def wait(self) -> int:
-        code = self.proc.wait(timeout=30)
-        for t in self._threads:
-            t.join(timeout=5)
-        return code
-
-    def rest(self) -> list[str]:
-        return list(self.stdout.queue)
 
 
 # --- the command line itself ---------------------------------------------------------------------------------------

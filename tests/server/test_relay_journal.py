@@ -7,7 +7,7 @@ import signal
 import socket
 import time
 
-from conftest import StartRelay
+from support.relays import StartRelay
 
 from jitrelay.core.protocol import build_message
 from jitrelay.server.journal import read_journal

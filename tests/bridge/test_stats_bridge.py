@@ -2,7 +2,7 @@
 drops, --watch rates.
 
 Two "hosts" joined through a real three-node NATS cluster, with the fixtures
-of ``test_bridge.py``; each bridge serves its figures with ``--metrics-port 0``.
+of ``conftest.py`` here; each bridge serves its figures with ``--metrics-port 0``.
 """
 
 from __future__ import annotations
@@ -14,18 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import test_bridge
-from conftest import StartRelay
-from test_bridge import MARK_SOURCE, WAIT, BridgeProcess, Clients, StartHosts, end_markers
-from test_relay import sync
-from test_stats import stats, tables, total
+from support.bridges import MARK_SOURCE, WAIT, BridgeProcess, StartHosts, end_markers
+from support.clients import Clients, sync
+from support.commands import stats, tables, total
+from support.relays import StartRelay
 
 from jitrelay.core.protocol import build_message, decode_messages
 from jitrelay.testing.nats_cluster import NatsCluster
 from jitrelay.tools.stats import Reading, format_table
 
-cluster = test_bridge.cluster  # the fixtures of the bridge tests
-start_hosts = test_bridge.start_hosts
 PROBE_SIZE = 32  # a sync probe is a bare header
 
 

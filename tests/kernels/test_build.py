@@ -19,7 +19,7 @@ import pytest
 from jitrelay import kernels
 from jitrelay.core import protocol as p
 from jitrelay.core.domains import logic_for
-from jitrelay.kernels import build as aot
+from jitrelay.kernels import build
 
 
 def _child_env(cache: Path, **env: str) -> dict[str, str]:
@@ -65,26 +65,26 @@ def test_concurrent_first_loads_build_one_module_and_never_import_numba(tmp_path
     built = sorted(path.name for path in tmp_path.iterdir() if path.suffix == ".so")
 
     assert [child.returncode for child in children] == [0, 0, 0], reports
-    assert len(built) == 1 and built[0] == aot.module_path(tmp_path).name
+    assert len(built) == 1 and built[0] == build.module_path(tmp_path).name
     for out, err in reports:
-        assert out.split() == ["aot", str(aot.module_path(tmp_path)), "False", "False"]
+        assert out.split() == ["aot", str(build.module_path(tmp_path)), "False", "False"]
         assert "ahead-of-time" not in err
     assert not [path for path in tmp_path.iterdir() if path.name.startswith("build-")]  # scratch folders removed
 
     again = _in_child("from jitrelay.cli import main; raise SystemExit(main(['kernels']))", tmp_path)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.startswith(f"aot {aot.module_path(tmp_path)} (ready in ")
+    assert again.stdout.startswith(f"aot {build.module_path(tmp_path)} (ready in ")
     assert sorted(path.name for path in tmp_path.iterdir() if path.suffix == ".so") == built
 
 
 def test_an_unbuilt_module_is_not_built_when_asked_not_to(tmp_path: Path) -> None:
-    with pytest.raises(aot.Unavailable, match="has not been built"):
-        aot.load(tmp_path, build=False)
+    with pytest.raises(build.Unavailable, match="has not been built"):
+        build.load(tmp_path, build=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_damaged_module_is_refused_with_its_path(tmp_path: Path) -> None:
-    path = aot.module_path(tmp_path)
+    path = build.module_path(tmp_path)
     path.write_bytes(b"\x7fELF not really")
     done = _in_child(_REPORT, tmp_path)
 
@@ -117,18 +117,18 @@ def test_a_cache_folder_that_cannot_be_made_falls_back_to_the_jit(tmp_path: Path
 
 
 def test_the_module_name_follows_the_loops_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    package = Path(aot.__file__).resolve().parents[1]
-    for source in aot._SOURCES:
+    package = Path(build.__file__).resolve().parents[1]
+    for source in build._SOURCES:
         (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(package / source, tmp_path / source)
-    monkeypatch.setattr(aot, "_PACKAGE", tmp_path)
-    same = aot.module_name()
+    monkeypatch.setattr(build, "_PACKAGE", tmp_path)
+    same = build.module_name()
     with open(tmp_path / "kernels" / "loops.py", "a") as loops:
         loops.write("\n# changed\n")
-    changed = aot.module_name()
+    changed = build.module_name()
 
     monkeypatch.undo()
-    assert same == aot.module_name()
+    assert same == build.module_name()
     assert changed != same and changed.startswith("jitrelay_kernels_")
 
 
@@ -149,9 +149,9 @@ def test_the_relay_process_runs_the_module_without_numba(start_relay) -> None:
     with open(f"/proc/{relay.pid}/maps") as maps:
         mapped = maps.read()
 
-    assert any("kernels ready in" in line and f"(aot: {aot.module_path()})" in line for line in relay.lines)
+    assert any("kernels ready in" in line and f"(aot: {build.module_path()})" in line for line in relay.lines)
     assert "libllvmlite" not in mapped
-    assert aot.module_path().name in mapped
+    assert build.module_path().name in mapped
 
 
 # Argument checks: the compiled module trusts its arguments, so each public function checks them first.

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RelayProcess, StartRelay
+from support.relays import RelayProcess, StartRelay
 
 from jitrelay.core.protocol import build_message
 

@@ -24,12 +24,12 @@ import time
 
 import numpy as np
 import pytest
-import reference as ref
-import strategies as gen
-from conftest import RelayProcess, StartRelay
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from streams import ThreadedReader
+from support import reference as ref
+from support import strategies as gen
+from support.relays import RelayProcess, StartRelay
+from support.streams import ThreadedReader
 
 from jitrelay import kernels
 from jitrelay.client import AsyncSubscriber, Subscriber

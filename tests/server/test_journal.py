@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reference import extended_record, message, standard_record
+from support.reference import extended_record, message, standard_record
 
 from jitrelay.cli import main
 from jitrelay.core.protocol import ProtocolError

@@ -10,8 +10,8 @@ import typing
 from pathlib import Path
 
 import pytest
-from conftest import StartRelay, _relay_environ
-from reference import extended_record, message
+from support.reference import extended_record, message
+from support.relays import StartRelay, relay_environ
 
 from jitrelay.cli import build_parser, main, relay_logic
 from jitrelay.core.config import (
@@ -195,7 +195,7 @@ def test_run_with_a_bad_file_exits_2_and_never_listens(short_dir: Path, text: st
         capture_output=True,
         text=True,
         timeout=60,
-        env={**_relay_environ(), "JITRELAY_SOCKET_DIR": str(short_dir)},
+        env={**relay_environ(), "JITRELAY_SOCKET_DIR": str(short_dir)},
     )
     assert result.returncode == 2
     assert result.stderr == f"jitrelay run: error: {relay_toml}: {error}\n"
@@ -312,7 +312,7 @@ def test_config_command_as_a_process(short_dir: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**_relay_environ(), "JITRELAY_SOCKET_DIR": str(short_dir)},
+        env={**relay_environ(), "JITRELAY_SOCKET_DIR": str(short_dir)},
     )
     assert result.returncode == 0, result.stderr
     table = tomllib.loads(result.stdout)["signal"]
@@ -358,7 +358,7 @@ def closed(sock: socket.socket) -> bool:
 
 
 def test_the_documented_example_file_is_valid(tmp_path: Path) -> None:
-    operations = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    operations = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     section = operations.split("## Configuration file", 1)[1]
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     relay_toml = write(tmp_path / "relay.toml", example)

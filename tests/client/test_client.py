@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import os
 import queue
-import shutil
-import signal
 import socket
 import tempfile
 import threading
@@ -23,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import uvloop
-from conftest import RelayProcess, StartRelay
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import extended_record, message, standard_record
+from support.commands import receive, running_relay, stop
+from support.reference import extended_record, message, standard_record
+from support.relays import RelayProcess, StartRelay
 
 from jitrelay import client as client_module
 from jitrelay.client import AsyncPublisher, AsyncSubscriber, Publisher, RelayConnectionError, Subscriber
@@ -39,24 +38,6 @@ MARKET_DATA, SIGNAL, EXECUTION = 1, 2, 3
 # --- relays ---------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def running_relay(domain: str, *options: str) -> Iterator[RelayProcess]:
-    """A relay for a whole module; tests that stop or load their relay start their own with ``start_relay``."""
-    folder = tempfile.mkdtemp(prefix="jr-", dir="/tmp")  # short: a Unix socket path has ~107 bytes
-    relay = RelayProcess(domain, Path(folder) / f"{domain}.sock", options)
-    try:
-        relay.wait_ready()
-        yield relay
-    finally:
-        relay.kill()
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def stop(relay: RelayProcess, signum: int = signal.SIGTERM) -> int:
-    relay.send_signal(signum)
-    return relay.wait_exit(20)
-
-
 @pytest.fixture(scope="module")
 def market_relay() -> Iterator[RelayProcess]:
     with running_relay("market_data") as relay:
@@ -67,18 +48,6 @@ def market_relay() -> Iterator[RelayProcess]:
 def signal_relay() -> Iterator[RelayProcess]:
     with running_relay("signal") as relay:
         yield relay
-
-
-def receive(sub: Subscriber, nbytes: int, timeout: float = 10.0) -> bytes:
-    """Exactly ``nbytes`` of whole messages, or fail."""
-    got = bytearray()
-    deadline = time.monotonic() + timeout
-    while len(got) < nbytes:
-        batch = sub.recv_batch(max(0.0, deadline - time.monotonic()))
-        assert batch is not None, f"received {len(got)} of {nbytes} bytes"
-        got += batch.tobytes()
-    assert len(got) == nbytes
-    return bytes(got)
 
 
 def no_more(sub: Subscriber) -> None:

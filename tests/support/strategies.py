@@ -9,7 +9,6 @@ together and may end in a partial message, a stream fault or garbage.
 
 from __future__ import annotations
 
-import reference as ref
 from hypothesis import strategies as st
 
 from jitrelay.core.protocol import (
@@ -21,6 +20,7 @@ from jitrelay.core.protocol import (
     TLV_OUT_OF_RANGE,
     WRONG_DOMAIN,
 )
+from support import reference as ref
 
 KINDS = (
     "forward",

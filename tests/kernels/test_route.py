@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference as ref
-import strategies as gen
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import reference as ref
+from support import strategies as gen
 
 from jitrelay import kernels
 from jitrelay.core import protocol as p

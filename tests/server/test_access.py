@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RelayProcess, StartRelay
-from reference import DOMAINS, HEADER, message, standard_record
+from support.reference import DOMAINS, HEADER, message, standard_record
+from support.relays import RelayProcess, StartRelay
 
 NOBODY = 65534  # nobody / nogroup
 STRANGER = 54321  # a uid and gid no one has: only listed ids should count

@@ -6,43 +6,20 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RelayProcess, StartRelay
+from support.commands import stats, tables, total
+from support.relays import RelayProcess, StartRelay
 
 from jitrelay.core import protocol
 from jitrelay.core.protocol import build_message
 from jitrelay.tools.stats import Reading, format_table, stats_socket_path
 
 TIMEOUT = 10.0
-
-
-def stats(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "jitrelay", "stats", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def tables(output: str) -> list[dict[str, list[str]]]:
-    """Each table in ``stats`` output: row title -> its cells (total, then change and rate under --watch)."""
-    found: list[dict[str, list[str]]] = []
-    for line in output.splitlines():
-        if line.startswith("jitrelay "):
-            found.append({"title": [line]})
-        elif found and line.strip() and not line.startswith("forwarding time"):
-            cells = re.split(r"\s{2,}", line.rstrip())  # the header row starts blank
-            found[-1][cells[0]] = cells[1:]
-    return found
-
-
-def total(table: dict[str, list[str]], row: str) -> int:
-    return int(table[row][0].replace(",", ""))
 
 
 def send_known_traffic(relay: RelayProcess) -> tuple[int, int, int]:

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import reference as ref
-import strategies
-from conftest import RelayProcess
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from streams import ThreadedReader, send_chunked
+from support import reference as ref
+from support import strategies
+from support.relays import RelayProcess
+from support.streams import ThreadedReader, send_chunked
 
 from jitrelay.core.protocol import BAD_MAGIC, FAULT_NAMES, FORWARD, NO_FAULT, OVERSIZE, VERDICT_NAMES
 

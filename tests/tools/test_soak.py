@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import RelayProcess, StartRelay
-from reference import message, standard_record
+from support.reference import message, standard_record
+from support.relays import RelayProcess, StartRelay
 
 from jitrelay.cli import main
 from jitrelay.core.config import parse_byte_count

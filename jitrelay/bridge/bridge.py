@@ -709,6 +709,11 @@ def run_bridge(options: BridgeOptions) -> int:
     import uvloop
 
     try:
+        import nats  # noqa: F401  (an extra: the relay itself does not need it)
+    except ImportError:
+        log.error("the bridge needs nats-py, which is not installed: pip install 'jitrelay[bridge]'")
+        return 1
+    try:
         uvloop.run(serve_bridge(options))
     except BridgeError as exc:
         log.error("%s", exc)

@@ -30,7 +30,7 @@ import numpy as np
 
 from jitrelay.core import protocol as p
 from jitrelay.core.domains import RelayLogic
-from jitrelay.kernels import build as aot
+from jitrelay.kernels import build
 
 log = logging.getLogger("jitrelay.kernels")
 
@@ -67,8 +67,8 @@ def _load() -> ModuleType:
     choice = requested_backend()
     if choice == "aot":
         try:
-            module = aot.load()
-        except aot.Unavailable as error:
+            module = build.load()
+        except build.Unavailable as error:
             log.warning(
                 "no ahead-of-time build of the kernels (%s); compiling them with numba in this process instead", error
             )

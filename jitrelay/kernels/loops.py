@@ -121,6 +121,10 @@ def _crc32_zlib(buf, start, end, value):
 
 @njit(**_JIT)
 def crc32(buf, start, end, value, crc_tables):
+    """CRC-32 of ``buf[start:end]`` continuing from ``value`` (as ``zlib.crc32``); returns the new value.
+
+    Short spans use the slicing-by-8 ``crc_tables``; longer ones call zlib's own ``crc32``.
+    """
     if end - start < CRC_ZLIB_MIN:
         return _crc32_table(buf, start, end, value, crc_tables)
     return _crc32_zlib(buf, start, end, value)
@@ -128,6 +132,7 @@ def crc32(buf, start, end, value, crc_tables):
 
 @njit(**_JIT)
 def message_crc(buf, pos, length, crc_tables):
+    """The checksum of the ``length``-byte message at ``pos``: header bytes 0..27, then the payload."""
     head = _crc32_table(buf, pos, pos + p.CHECKSUM_COVERED, np.int64(0), crc_tables)
     if length < CRC_ZLIB_MIN:
         return _crc32_table(buf, pos + p.HEADER_SIZE, pos + length, head, crc_tables)
@@ -286,6 +291,15 @@ def _controls(buf, offsets, verdicts, n, verify, crc_tables, counts):
 
 @njit(**_JIT)
 def scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, crc_tables):
+    """Frame and judge every complete message in ``buf[start:end]`` and merge the forwarded ones into runs.
+
+    Fills ``offsets[k]`` (start of message k; ``offsets[n]`` is where framing
+    stopped), ``verdicts[k]`` (``protocol`` verdict codes), ``runs`` (pairs of
+    ``[begin, end)`` byte offsets of adjacent forwarded messages) and adds each
+    verdict's count into ``counts``. ``verify`` checks CRCs with ``crc_tables``.
+    Returns ``(messages, consumed up to, fault code, runs, forwarded bytes,
+    control messages)``; framing stops at the first stream fault.
+    """
     n, pos, fault = _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts)
     if verify:
         _verify_checksums(buf, offsets, verdicts, n, crc_tables)
@@ -299,6 +313,11 @@ def scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, ve
 
 @njit(**_JIT)
 def frame(buf, start, end):
+    """Walk the headers of ``buf[start:end]`` without judging anything.
+
+    Returns ``(complete messages, offset after the last one, fault)``; the fault
+    is ``BAD_MAGIC`` when a header's magic is wrong, else ``NO_FAULT``.
+    """
     n = 0
     pos = start
     while end - pos >= 4:
@@ -316,6 +335,7 @@ def frame(buf, start, end):
 
 @njit(**_JIT)
 def next_message_end(buf, start, end):
+    """The end offset of the message starting at ``start``, or -1 while it is not complete in ``buf[:end]``."""
     if end - start < p.HEADER_SIZE:
         return -1
     length = p.HEADER_SIZE + _u32(buf, start + p.OFF_PAYLOAD_SIZE)
@@ -324,6 +344,10 @@ def next_message_end(buf, start, end):
 
 @njit(**_JIT)
 def compact(buf, runs, n_runs, out):
+    """Copy the first ``n_runs`` ``[begin, end)`` pairs of ``runs`` back to back into ``out`` (libc ``memcpy``).
+
+    Returns the bytes written; ``out`` must hold them all.
+    """
     source = buf.ctypes.data
     target = out.ctypes.data
     o = 0
@@ -364,6 +388,13 @@ def _group_masks_one_word(buf, offsets, verdicts, n, type_groups, source_groups,
 
 @njit(**_JIT)
 def group_masks(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks):
+    """For each of the ``n`` scanned messages, the bitmask of subscriber groups that want it.
+
+    ``type_groups[t]`` and ``source_groups[s]`` are the groups (one bit each,
+    64 per word) that take TLV type ``t`` or source ``s``; ``untyped`` the groups
+    with no type filter. Writes ``masks[k]`` (zero for messages not forwarded);
+    returns nothing.
+    """
     words = masks.shape[1]
     if words == 1:
         _group_masks_one_word(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks)
@@ -472,6 +503,12 @@ def scan_route(
     sizes,
     group_run_bounds,
 ):
+    """``scan``, then ``group_masks`` and ``group_runs`` over what it framed: one call for a filtered relay.
+
+    Takes ``scan``'s arguments followed by ``group_masks``' tables and
+    ``group_runs``' outputs; returns ``scan``'s six values and the group runs
+    needed (when they outnumber what ``group_run_bounds`` holds, ``group_runs`` runs again with room).
+    """
     n, pos, fault, n_runs, forwarded, n_controls = scan(
         buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, crc_tables
     )
@@ -482,6 +519,11 @@ def scan_route(
 
 @njit(**_JIT)
 def stamp_batch(buf, size, count, first_sequence, timestamp_ns, checksums, crc_tables):
+    """Renumber ``count`` messages of ``size`` bytes each, back to back in ``buf``, for a synthetic publisher.
+
+    Message i gets sequence ``first_sequence + i`` and ``timestamp_ns``; with
+    ``checksums`` its CRC is written too. Returns nothing.
+    """
     for i in range(count):
         pos = i * size
         seq = first_sequence + i

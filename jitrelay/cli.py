@@ -132,6 +132,12 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
         help="also accept TCP clients here (repeatable; port 0 picks a free port)",
     )
     parser.add_argument(
+        "--summary-file",
+        type=Path,
+        metavar="PATH",
+        help="on stopping, write the relay's final figures here as one JSON object (replaced atomically)",
+    )
+    parser.add_argument(
         "--allow-network",
         action="append",
         metavar="CIDR",
@@ -148,6 +154,7 @@ _FIELD_OPTIONS = {
     "journal_fsync": "journal_fsync",
     "journal_rotate": "journal_rotate_bytes",
     "metrics_port": "metrics_port",
+    "summary_file": "summary_file",
 }
 
 

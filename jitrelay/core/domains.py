@@ -84,6 +84,8 @@ class RelayLogic:
     # ``allowed_networks``.
     listen: tuple[str, ...] = ()
     allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # When the relay stops it writes its final figures here as one JSON object (``Figures``); None writes none.
+    summary_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.slow_policy not in SLOW_POLICIES:

@@ -27,7 +27,7 @@ import os
 import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import numpy as np
 
@@ -44,6 +44,7 @@ SHUTDOWN_FLUSH_SECONDS = 1.0
 SOCKET_BUFFER = 4 << 20  # kernel buffers per connection: fewer, larger reads and sends
 MAX_IOV = 64  # runs sent with one sendmsg; more are compacted first
 SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
+SLOW_PIDS_KEPT = 1000  # pids of the latest subscribers dropped as slow, for the figures
 _PEERCRED = struct.Struct("3i")
 
 
@@ -126,6 +127,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._salvage()
             self.spare.close()
         if self.filled and self.fault == protocol.NO_FAULT:
+            self.relay.torn_messages += 1
             log.info("%s closed mid-message; discarded %d bytes of an unfinished message", self.peer, self.filled)
         self.filled = 0
         self.relay.remove(self)
@@ -160,8 +162,9 @@ class Connection(asyncio.BufferedProtocol):
 class Relay:
     """Fans out every valid message a connection sends to all other connections."""
 
-    def __init__(self, logic: RelayLogic, journal: Journal | None = None):
+    def __init__(self, logic: RelayLogic, journal: Journal | None = None, kernel_load_seconds: float = 0.0):
         self.logic = logic
+        self.kernel_load_seconds = kernel_load_seconds  # what ``serve.warm_up`` took, for the figures
         self.journal = journal
         self.journal_errors = 0
         self._journal_timer: asyncio.TimerHandle | None = None
@@ -183,6 +186,8 @@ class Relay:
         self.retired_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
         self.faults: Counter[str] = Counter()
         self.slow_disconnects = 0
+        self.slow_pids: deque[int] = deque(maxlen=SLOW_PIDS_KEPT)  # of those dropped, for tools that match them
+        self.torn_messages = 0  # connections closed with part of a message in their buffer
         self.slow_pauses = 0  # times a subscriber passed pending_high and paused the publishers
         self.retired_bytes_in = 0  # bytes read from connections that have closed
         self.bytes_forwarded = 0
@@ -392,6 +397,8 @@ class Relay:
         if conn.conn_id not in self.connections or conn.transport.is_closing():
             return
         self.slow_disconnects += 1
+        if conn.pid > 0:
+            self.slow_pids.append(conn.pid)
         log.warning(
             "disconnecting slow subscriber %s: %d bytes pending after %.1f s (limit %d)",
             conn.peer,
@@ -430,9 +437,10 @@ class Relay:
         live = list(self.connections.values())
         pending = [conn.transport.get_write_buffer_size() for conn in live if conn.transport is not None]
         timing = self.forward_time
+        verdicts = self.verdict_counts()
         return Figures(
             domain=self.logic.name,
-            verdicts=self.verdict_counts(),
+            verdicts=verdicts,
             bytes_received=self.retired_bytes_in + sum(conn.bytes_in for conn in live),
             bytes_forwarded=self.bytes_forwarded,
             faults=dict(self.faults),
@@ -445,6 +453,18 @@ class Relay:
             forward_buckets=tuple(timing.counts),
             forward_total_ns=timing.total,
             subscriber_groups=self.subscriber_groups,
+            messages_received=sum(verdicts.values()),
+            messages_forwarded=verdicts["forward"],
+            batches=timing.count,
+            forward_p50_us=timing.percentile(50) / 1e3,
+            forward_p99_us=timing.percentile(99) / 1e3,
+            forward_p99_9_us=timing.percentile(99.9) / 1e3,
+            forward_max_us=timing.max / 1e3,
+            forward_ns_per_message=timing.total / self.messages_timed if self.messages_timed else 0.0,
+            slow_disconnected_pids=tuple(self.slow_pids),
+            torn_messages=self.torn_messages,
+            kernel_build=str(kernels.backend()["name"]),
+            kernel_load_seconds=self.kernel_load_seconds,
         )
 
     def verdict_counts(self) -> dict[str, int]:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
 class Figures:
-    """One consistent reading of a relay's counters, taken on its event-loop thread."""
+    """One consistent reading of a relay's counters, taken on its event-loop thread.
+
+    The counters are what metrics export; the derived figures after them
+    (message totals, forwarding percentiles, slow drops by pid, torn messages,
+    kernel build) are there so that tools read a stopped relay's summary file
+    instead of parsing its log lines.
+    """
 
     domain: str
     verdicts: dict[str, int]
@@ -25,7 +35,45 @@ class Figures:
     forward_buckets: tuple[int, ...]  # the relay's log-linear histogram, nanoseconds
     forward_total_ns: int
     subscriber_groups: int = 0
+    messages_received: int = 0  # every complete message judged, control messages included
+    messages_forwarded: int = 0
+    batches: int = 0  # batches forwarded: the histogram's sample count
+    # Forwarding time per batch (read to last subscriber write issued), from the histogram; 0 with no batch.
+    forward_p50_us: float = 0.0
+    forward_p99_us: float = 0.0
+    forward_p99_9_us: float = 0.0
+    forward_max_us: float = 0.0
+    forward_ns_per_message: float = 0.0
+    slow_disconnected_pids: tuple[int, ...] = ()  # the latest ones, bounded; TCP peers have no pid and are left out
+    torn_messages: int = 0  # connections that closed with part of a message unread: the part was discarded
+    kernel_build: str = ""  # which build of the loops runs: aot, jit or python
+    kernel_load_seconds: float = 0.0  # loading (or building) and first calls, before the relay listened
+
+    def to_dict(self) -> dict:
+        """The figures as plain JSON-ready values."""
+        return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         """One line of JSON: what tools read of a stopped relay, instead of its log lines."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def write(self, path: Path) -> None:
+        """Write the JSON to ``path`` atomically (a temp file beside it, then a rename): never half a file.
+
+        The file is readable by the relay's user only, as ``mkstemp`` makes it.
+        """
+        path = Path(path)
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(self.to_json() + "\n")
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+
+
+def read_figures(path: Path) -> dict:
+    """The figures a relay wrote to its summary file, as a dict (the fields of :class:`Figures`)."""
+    return json.loads(Path(path).read_text())

@@ -63,7 +63,7 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
         raise
     if journal is not None:
         log.info("journaling forwarded messages to %s (fsync %s)", journal.path, logic.journal_fsync)
-    relay = Relay(logic, journal)
+    relay = Relay(logic, journal, kernel_load_seconds=seconds)
     loop.add_signal_handler(signal.SIGUSR1, relay.log_figures, "running")
     server = await loop.create_unix_server(relay.new_connection, sock=sock)
     tcp_servers: list[asyncio.AbstractServer] = []
@@ -92,7 +92,19 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
         if journal is not None:
             journal.close()
         relay.log_figures("stopped")
+        if logic.summary_file is not None:
+            write_summary(relay, Path(logic.summary_file))
     return relay
+
+
+def write_summary(relay: Relay, path: Path) -> None:
+    """The stopped relay's figures as JSON in ``path``: what tools read instead of its log lines."""
+    try:
+        relay.figures().write(path)
+    except OSError as exc:
+        log.error("cannot write the summary file %s: %s", path, exc)
+        return
+    log.debug("final figures written to %s", path)
 
 
 def run_relay(logic: RelayLogic) -> int:

@@ -56,19 +56,15 @@ and write failure details to one file each in the run folder.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import itertools
 import json
 import multiprocessing as mp
-import os
 import random
-import re
 import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -84,6 +80,8 @@ from typing import Any
 from jitrelay.core import protocol
 from jitrelay.core.domains import LOGICS, logic_for
 from jitrelay.testing.processes import die_with_parent
+from jitrelay.testing.procfs import proc_status
+from jitrelay.testing.relay import ProcessFailed, RelayProcess
 from jitrelay.tools.usage import UsageError
 
 MiB = 1 << 20
@@ -534,122 +532,21 @@ def _stall(seconds: float, stats: Any, ctrl: Any) -> None:
 # The relay under test
 
 
-class RelayUnderTest:
-    """``jitrelay run`` as a child process: its stderr lines kept, its memory sampled on request."""
-
-    def __init__(self, domain: str, socket_path: Path, options: tuple[str, ...]):
-        self.domain = domain
-        self.socket_path = socket_path
-        self.command = [
-            sys.executable,
-            *("-m", "jitrelay", "run", domain, "--socket", str(socket_path), "--log-level", "INFO"),
-            *options,
-        ]
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}  # the relay runs compiled
-        self.proc = subprocess.Popen(
-            self.command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            env=env,
-            start_new_session=True,  # a Ctrl-C reaches the soak, which stops the relay itself
-            preexec_fn=die_with_parent,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        marker = f"relay listening on {self.socket_path}"
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            if marker in line:
-                self._ready.set()
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self._reader.join(1)
-                raise SoakError(f"the relay did not start (exit code {self.proc.poll()}):\n{self.tail()}")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def rss(self) -> int | None:
-        """VmRSS in bytes, or None once the relay is gone."""
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            pass
+def relay_summary(figures: dict | None) -> dict | None:
+    """What the report keeps of the relay's final figures (its summary file), or None when it wrote none."""
+    if figures is None:
         return None
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM and wait; the exit code, or None when it had to be killed."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                self._reader.join(2)
-                return None
-        self._reader.join(5)
-        return self.proc.returncode
-
-    def tail(self, n: int = 20) -> str:
-        return "\n".join(self.lines[-n:])
-
-
-_STOPPED = re.compile(r"relay stopped: (.*)$")
-
-
-def parse_stop_summary(lines: list[str]) -> dict | None:
-    """The figures of the relay's ``relay stopped: received N messages, forwarded N ...`` line, or None."""
-    line = next((m.group(1) for m in map(_STOPPED.search, reversed(lines)) if m), None)
-    if line is None:
-        return None
-
-    def number(pattern: str) -> int | None:
-        match = re.search(pattern, line)
-        return int(match.group(1)) if match else None
-
-    def counts(name: str) -> dict[str, int] | None:
-        match = re.search(rf"{name} (\{{[^}}]*\}}|0)", line)
-        if not match:
-            return None
-        value = ast.literal_eval(match.group(1))
-        return value if isinstance(value, dict) else {}
-
+    verdicts = figures["verdicts"]
     return {
-        "received": number(r"received (\d+) messages"),
-        "forwarded": number(r"forwarded (\d+)"),
-        "rejected": counts("rejected"),
-        "faults": counts("faults"),
-        "control": number(r"control messages (\d+)"),
-        "slow_dropped": number(r"slow subscribers dropped (\d+)"),
-        "connections": number(r"connections (\d+)"),
-        "line": line,
+        "received": figures["messages_received"],
+        "forwarded": figures["messages_forwarded"],
+        "rejected": {name: verdicts[name] for name in protocol.REJECT_NAMES if verdicts.get(name)},
+        "faults": figures["faults"],
+        "control": verdicts.get("control", 0),
+        "slow_dropped": figures["slow_actions"]["disconnect"],
+        "connections": figures["connections_accepted"],
+        "torn_messages": figures["torn_messages"],
     }
-
-
-_SLOW_PID = re.compile(r"disconnecting slow subscriber .*?\bpid=(\d+)")
-
-
-def slow_dropped_pids(lines: list[str]) -> set[int]:
-    return {int(m.group(1)) for m in map(_SLOW_PID.search, lines) if m}
-
-
-def torn_messages(lines: list[str]) -> int:
-    return sum("closed mid-message" in line for line in lines)
 
 
 class Echo:
@@ -789,7 +686,8 @@ class Soak:
             stall_max=opts.stall_max,
             resubscribe_prob=opts.resubscribe,
         )
-        self.relay: RelayUnderTest | None = None
+        self.relay: RelayProcess | None = None
+        self.relay_figures: dict | None = None  # its summary file, once it has stopped
 
     # clients
 
@@ -880,7 +778,7 @@ class Soak:
                     pass
 
     def sample_rss(self) -> None:
-        rss = self.relay.rss() if self.relay else None
+        rss = proc_status(self.relay.pid, "VmRSS") if self.relay else None
         if rss is not None:
             self.rss_samples.append((time.monotonic() - self.t0 if self.t0 else 0.0, rss))
 
@@ -960,10 +858,17 @@ class Soak:
         return code
 
     def run(self) -> dict:
-        self.relay = RelayUnderTest(self.opts.domain, Path(self.config.socket_path), self.relay_options())
+        self.relay = RelayProcess(
+            self.opts.domain,
+            Path(self.config.socket_path),
+            self.relay_options(),
+            summary_file=self.run_dir / "relay-figures.json",
+            tie_to_parent=True,
+            new_session=True,  # a Ctrl-C reaches the soak, which stops the relay itself
+        )
         exit_code: int | None = None
         try:
-            self.relay.wait_ready()
+            self.wait_for_relay()
             self.sample_rss()
             if self.opts.filtered or self.opts.resubscribe:
                 self.echo = Echo(self.config)
@@ -982,10 +887,19 @@ class Soak:
             self.relay.stop()
             if self.echo is not None:
                 self.echo.close(timeout=2.0)
+        with contextlib.suppress(ProcessFailed):
+            self.relay_figures = self.relay.figures()
         report = self.report(exit_code)
         if self.own_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         return report
+
+    def wait_for_relay(self) -> None:
+        try:
+            self.relay.wait_ready(READY_TIMEOUT)
+        except ProcessFailed:
+            code = self.relay.proc.poll()
+            raise SoakError(f"the relay did not start (exit code {code}):\n{self.relay.tail()}") from None
 
     def relay_options(self) -> tuple[str, ...]:
         return RELAY_OPTIONS[self.logic.slow_policy]
@@ -995,9 +909,8 @@ class Soak:
     def report(self, relay_exit: int | None) -> dict:
         opts = self.opts
         relay = self.relay
-        lines = relay.lines if relay else []
-        summary = parse_stop_summary(lines)
-        dropped_pids = slow_dropped_pids(lines)
+        summary = relay_summary(self.relay_figures)
+        dropped_pids = set(self.relay_figures["slow_disconnected_pids"]) if self.relay_figures else set()
         dropped = Counter(c.kind for c in self.clients if c.proc.pid in dropped_pids)  # killed ones too
         subs = [c for c in self.clients if c.kind == "sub"]
         pubs = [c for c in self.clients if c.kind == "pub"]
@@ -1013,8 +926,8 @@ class Soak:
         failures["client_hung"] = len(hung)
         closed = [c for c in subs if not c.killed and c.stats[STATE] == CLOSED_BY_RELAY]
         unexpected = [c for c in closed if c.proc.pid not in dropped_pids]
-        if not dropped_pids and summary and summary["slow_dropped"]:  # a log without pids: trust the count
-            unexpected = unexpected[summary["slow_dropped"] :]
+        if summary and summary["slow_dropped"] > len(dropped_pids):  # more drops than the pids kept: trust the count
+            unexpected = unexpected[summary["slow_dropped"] - len(dropped_pids) :]
         failures["unexpected_close"] = len(unexpected)
         # The relay closes a stream between messages; bytes left over at a clean end are a torn message.
         torn = [c for c in subs if c.stats[STATE] == ENDED and c.stats[TAIL]]
@@ -1099,7 +1012,7 @@ class Soak:
                 "clients_killed": sum(self.kills.values()),
                 "publishers_killed": self.kills["pub"],
                 "subscribers_killed": self.kills["sub"],
-                "torn_messages_discarded": torn_messages(lines),
+                "torn_messages_discarded": summary["torn_messages"] if summary else None,
                 "subscribers_dropped_slow": dropped["sub"],
                 "publishers_dropped_slow": dropped["pub"],
                 "relay_slow_dropped": summary["slow_dropped"] if summary else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -20,9 +21,13 @@ import numpy
 import pytest
 import uvloop
 import zmq  # the zmq baselines need it: a dependency of the bench extra
+from support.relays import StartRelay
 
 from jitrelay.cli import main
-from jitrelay.tools.bench.runner import parse_forwarding
+from jitrelay.core import protocol
+from jitrelay.core.histogram import Histogram
+from jitrelay.server.figures import read_figures
+from jitrelay.tools.bench.runner import relay_forwarding
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -138,7 +143,7 @@ def test_relay_memory_forwarding_time_and_startup(report: dict) -> None:
         fwd = runs["jitrelay", workload]["relay_forwarding"]
         assert 0 <= fwd["p50_us"] <= fwd["p99_us"] <= fwd["p99_9_us"]
         assert fwd["ns_per_message"] > 0
-        assert runs["raw", workload]["relay_forwarding"] is None  # the raw forwarder logs no such line
+        assert runs["raw", workload]["relay_forwarding"] is None  # the raw forwarder writes no summary file
     own = report["jitrelay"]
     assert own["w1_peak_rss_mib"] == runs["jitrelay", "w1"]["relay_memory"]["peak_sampled_mib"]
     assert 0 < own["w1_peak_anon_mib"] < own["w1_peak_rss_mib"]
@@ -177,20 +182,35 @@ def test_zmq_proxy_lossless_and_default(tmp_path: Path) -> None:
     assert report["jitrelay"] is None and report["startup"] is None
 
 
-def test_forwarding_line_parsed_when_present() -> None:
-    lines = [
-        "2024-01-01 INFO jitrelay.relay: conn=1 disconnected",
-        "2024-01-01 INFO jitrelay.relay: forwarding time per batch: p50 4.2 us, p99 17.5 us, p99.9 31.0 us; "
-        "12.5 ns per message over 812 batches",
-    ]
-    assert parse_forwarding(lines) == {"p50_us": 4.2, "p99_us": 17.5, "p99_9_us": 31.0, "ns_per_message": 12.5}
-    assert parse_forwarding(lines[:1]) is None
-    assert parse_forwarding(["forwarding time per batch: p50 4 us, p99 17 us, p99.9 31 us"]) == {
-        "p50_us": 4.0,
-        "p99_us": 17.0,
-        "p99_9_us": 31.0,
-        "ns_per_message": None,
+def test_forwarding_figures_come_from_the_summary_file(start_relay: StartRelay, short_dir: Path) -> None:
+    """What the bench reports of a relay's forwarding time is its summary file's, the histogram's percentiles."""
+    summary = short_dir / "figures.json"
+    relay = start_relay("market_data", "--summary-file", str(summary))
+    batch = protocol.build_batch(1, 1000, [(1, b"v" * 37)]).tobytes()
+    with relay.connect() as subscriber, relay.connect() as publisher:
+        for _ in range(5):
+            publisher.sendall(batch)
+        received = 0
+        while received < 5 * len(batch):
+            received += len(subscriber.recv(1 << 20))
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait_exit(15) == 0
+    figures = read_figures(summary)
+    assert (figures["messages_received"], figures["messages_forwarded"]) == (5000, 5000)
+    timing = Histogram()
+    timing.counts = list(figures["forward_buckets"])
+    timing.count = sum(timing.counts)
+    timing.max = round(figures["forward_max_us"] * 1e3)
+    assert timing.count == figures["batches"] >= 1
+    assert relay_forwarding(figures) == {
+        "p50_us": timing.percentile(50) / 1e3,
+        "p99_us": timing.percentile(99) / 1e3,
+        "p99_9_us": timing.percentile(99.9) / 1e3,
+        "ns_per_message": figures["forward_total_ns"] / 5000,
     }
+    assert 0 < figures["forward_p50_us"] <= figures["forward_p99_us"] <= figures["forward_p99_9_us"]
+    assert figures["kernel_build"] == "aot" and figures["kernel_load_seconds"] > 0
+    assert relay_forwarding(None) is None  # a baseline: no summary file
 
 
 @pytest.mark.parametrize(

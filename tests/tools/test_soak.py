@@ -1,4 +1,4 @@
-"""``jitrelay soak``: the stream checks every subscriber runs, the relay log it parses, and a short real run.
+"""``jitrelay soak``: the stream checks every subscriber runs, the relay figures it reads, and a short real run.
 
 The checks are fed exact bytes built from PROTOCOL.md (``reference``), so each
 kind of failure the soak can report is shown to be detected. The short run
@@ -8,11 +8,13 @@ subscribers that stayed, and flat memory; never a speed.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -26,17 +28,17 @@ from support.reference import message, standard_record
 from support.relays import RelayProcess, StartRelay
 
 from jitrelay.cli import main
+from jitrelay.core import protocol
 from jitrelay.core.config import parse_byte_count
 from jitrelay.core.domains import MiB, logic_for
+from jitrelay.server.figures import read_figures
 from jitrelay.tools import soak
 from jitrelay.tools.soak import (
     ECHO_FLAGS,
     SoakOptions,
     StreamVerifier,
-    parse_stop_summary,
     pick_sources,
-    slow_dropped_pids,
-    torn_messages,
+    relay_summary,
 )
 
 MARKET_DATA = 1
@@ -273,38 +275,71 @@ def test_publisher_slots_keep_distinct_sources(tmp_path: Path) -> None:
     assert len(set(keys)) == len(keys)
 
 
-STOP_LINE = (
-    "2024-05-01 10:00:00,000 INFO jitrelay.relay: jitrelay market_data relay stopped: received 1200 messages, "
-    "forwarded 1190 (84490 bytes in 31 batches), rejected {'bad_checksum': 7, 'malformed_tlv': 3}, "
-    "control messages 4, faults 0, slow subscribers dropped 2, connections 9, refused 0, journal errors 0"
-)
+def drain(sock: socket.socket) -> None:
+    """Send nothing more and read until the relay closes its side: by then it has judged all this connection sent."""
+    sock.settimeout(10)
+    sock.shutdown(socket.SHUT_WR)
+    with contextlib.suppress(ConnectionResetError):
+        while sock.recv(1 << 16):
+            pass
+    sock.close()
 
 
-def test_parse_stop_summary() -> None:
-    summary = parse_stop_summary(["noise", STOP_LINE, "jitrelay market_data relay forwarding time per batch: ..."])
-    assert summary is not None
-    del summary["line"]
-    assert summary == {
-        "received": 1200,
-        "forwarded": 1190,
-        "rejected": {"bad_checksum": 7, "malformed_tlv": 3},
-        "faults": {},
-        "control": 4,
-        "slow_dropped": 2,
-        "connections": 9,
-    }
-    assert parse_stop_summary(["jitrelay market_data relay listening on /tmp/x.sock"]) is None
+@pytest.mark.timeout(120)
+def test_summary_file_holds_exactly_what_the_relay_saw(start_relay: StartRelay, short_dir: Path) -> None:
+    """The figures the soak reads (its summary file, not its log) count exactly what this test sent.
 
-
-def test_log_lines_for_drops_and_torn_messages() -> None:
-    lines = [
-        "WARNING jitrelay.relay: disconnecting slow subscriber conn=5 pid=81240 uid=1000: 9 bytes pending after 0.5 s",
-        "INFO jitrelay.relay: conn=4 pid=81234 uid=1000 closed mid-message; discarded 17 bytes of an unfinished one",
-        "INFO jitrelay.relay: conn=6 pid=81250 uid=1000 closed mid-message; discarded 3 bytes of an unfinished one",
-        "INFO jitrelay.relay: conn=7 pid=81260 uid=1000 connected",
+    A subscriber that never reads is dropped as slow (by this process's pid);
+    three messages are rejected, one is a control message, two connections
+    close mid-message and one sends bad magic.
+    """
+    summary = short_dir / "figures.json"
+    options = ("--summary-file", str(summary), "--slow-policy", "disconnect", "--pending-limit", "64KiB")
+    relay = start_relay("market_data", *options, "--slow-timeout", "0.2")
+    slow = relay.connect()
+    batch = protocol.build_batch(MARKET_DATA, 10_000, [(1, b"v" * 37)]).tobytes()
+    rejected = [
+        message(2, standard_record(20, b"signal")),  # wrong_domain
+        message(MARKET_DATA, standard_record(200, b"out of range")),  # tlv_out_of_range
+        message(MARKET_DATA, b"\x01\x05ab"),  # malformed_tlv: five bytes promised, two given
     ]
-    assert slow_dropped_pids(lines) == {81240}
-    assert torn_messages(lines) == 2
+    with relay.connect(timeout=30) as publisher:
+        for _ in range(16):  # 11 MB: far more than the slow subscriber's limit and socket buffers hold
+            publisher.sendall(batch)
+        publisher.sendall(b"".join(rejected))
+        relay.wait_line("disconnecting slow subscriber", f"pid={os.getpid()}", timeout=30)
+        drain(publisher)
+    slow.close()
+    control = relay.connect()
+    control.sendall(protocol.subscribe_message(sources=[1]))
+    drain(control)
+    whole = message(MARKET_DATA, standard_record(1, b"torn"))
+    for cut in (20, len(whole) - 1):  # in the header, in the payload
+        torn = relay.connect()
+        torn.sendall(whole[:cut])
+        drain(torn)
+    faulty = relay.connect()
+    faulty.sendall(b"\x00" * 40)
+    drain(faulty)
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait_exit(15) == 0
+    figures = read_figures(summary)
+    forwarded = 16 * 10_000
+    assert relay_summary(figures) == {
+        "received": forwarded + 4,
+        "forwarded": forwarded,
+        "rejected": {"wrong_domain": 1, "malformed_tlv": 1, "tlv_out_of_range": 1},
+        "faults": {"bad_magic": 1},
+        "control": 1,
+        "slow_dropped": 1,
+        "connections": 6,
+        "torn_messages": 2,
+    }
+    assert figures["slow_disconnected_pids"] == [os.getpid()]
+    assert figures["verdicts"]["bad_checksum"] == figures["verdicts"]["bad_version"] == 0
+    assert figures["bytes_forwarded"] == forwarded * 71
+    assert figures["connections_open"] == 0
+    assert relay_summary(None) is None  # a relay that wrote no file: the soak reports it as died
 
 
 def probe_until_attached(relay: RelayProcess, stats: list[int]) -> None:

@@ -46,9 +46,9 @@ seen one, and subscribers skip the extra probes.
 
 For the jitrelay relay the benchmark also reports its resident memory
 (VmRSS sampled every 50 ms during the run, and VmHWM), the forwarding-time
-figures it logs when it stops, and how long ``jitrelay run`` takes until it is
-listening, with its kernels already built and with an empty cache (the one-off
-build a fresh install pays).
+figures of the summary file it writes when it stops (``--summary-file``), and
+how long ``jitrelay run`` takes until it is listening, with its kernels already
+built and with an empty cache (the one-off build a fresh install pays).
 
 The relay, publisher and subscribers share the machine's cores, so absolute
 figures move with anything else running; relays run side by side on each
@@ -58,14 +58,12 @@ workload and the figures to read are their ratios.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import multiprocessing as mp
 import os
 import platform
 import queue
-import re
 import shutil
 import signal
 import socket
@@ -77,14 +75,17 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from jitrelay.server.figures import read_figures
 from jitrelay.testing.processes import die_with_parent
+from jitrelay.testing.procfs import MemorySampler, cpu_seconds, proc_status
+from jitrelay.testing.relay import ChildProcess, ProcessFailed
 from jitrelay.tools.usage import UsageError
 
 MiB = 1 << 20
@@ -112,11 +113,6 @@ _HEAD = struct.Struct("<I")
 _SEQ = struct.Struct("<Q")
 _SEQ_TS = struct.Struct("<QQ")
 
-_FLOAT = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
-_FORWARDING = re.compile(rf"forwarding time per batch: p50 {_FLOAT} us, p99 {_FLOAT} us, p99\.9 {_FLOAT} us")
-_PER_MESSAGE = re.compile(rf"{_FLOAT} ns per message")
-_KERNELS_READY = re.compile(rf"kernels ready in {_FLOAT} s")
-
 
 class BenchError(RuntimeError):
     """A run that could not produce figures: a process died, hung or misbehaved."""
@@ -143,26 +139,30 @@ class RelaySpec:
     marker: str  # a stderr line containing this says it is ready
     publish: Endpoint
     subscribe: Endpoint
+    summary: str | None = None  # a jitrelay relay's summary file: its final figures, once it has stopped
 
 
-def jitrelay_run(path: str) -> list[str]:
-    """The command line of a market_data relay on ``path``."""
-    return [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path]
+def jitrelay_run(path: str, summary: str | None = None) -> list[str]:
+    """The command line of a market_data relay on ``path``, writing its final figures to ``summary`` if given."""
+    command = [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path]
+    return command + (["--summary-file", summary] if summary else [])
 
 
 def relay_spec(name: str, folder: str) -> RelaySpec:
     base, _, policy = name.partition(":")
+    summary = os.path.join(folder, "relay-figures.json")
     if base == "bridge":  # the relay of host A; host B, the bridges and the cluster come from ``bridged_hosts``
         path_a, path_b = (os.path.join(folder, host, "relay.sock") for host in ("a", "b"))
+        command = jitrelay_run(path_a, summary)
         return RelaySpec(
-            name, jitrelay_run(path_a), "relay listening on", Endpoint("unix", path_a), Endpoint("unix", path_b)
+            name, command, "relay listening on", Endpoint("unix", path_a), Endpoint("unix", path_b), summary
         )
     if base in ("jitrelay", "raw"):
         path = os.path.join(folder, "relay.sock")
         end = Endpoint("unix", path)
         if base == "jitrelay":
-            command = jitrelay_run(path) + (["--slow-policy", policy] if policy else [])
-            return RelaySpec(name, command, "relay listening on", end, end)
+            command = jitrelay_run(path, summary) + (["--slow-policy", policy] if policy else [])
+            return RelaySpec(name, command, "relay listening on", end, end, summary)
         command = [sys.executable, "-m", "jitrelay.tools.bench.raw_forwarder", "--socket", path]
         return RelaySpec(name, command, "raw forwarder listening on", end, end)
     hwm = 0 if name == "zmq" else None
@@ -172,127 +172,88 @@ def relay_spec(name: str, folder: str) -> RelaySpec:
     return RelaySpec(name, command, "zmq proxy listening on", Endpoint("zmq", xsub, hwm), Endpoint("zmq", xpub, hwm))
 
 
-class RelayProcess:
-    """A relay started as a child process, ready once its stderr says so; always stopped on exit.
+class BenchedProcess:
+    """A relay, baseline or bridge as a child process (the shared harness), ready once its stderr says so.
 
-    While it runs, a thread samples its resident memory; before stopping it
-    the peak (VmHWM) is read; after it stops, its last log lines are kept for
-    the figures it logs on exit.
+    Always stopped on exit. While it runs, its memory can be sampled; before
+    stopping it the peak (VmHWM) is read; after it stops, a jitrelay relay's
+    final figures are read from its summary file (``figures``, None for the
+    baselines, which write none).
     """
 
-    def __init__(self, name: str, command: list[str], marker: str, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        marker: str,
+        env: dict[str, str] | None = None,
+        summary: str | None = None,
+    ):
         self.name = name
         self.command = command
         self.marker = marker
         self.env = env
-        self.lines: collections.deque[str] = collections.deque(maxlen=1000)
-        self.ready = threading.Event()
-        self.started_at = self.ready_at = 0.0
-        self.proc: subprocess.Popen | None = None
-        self.rss_peak = 0
-        self.anon_peak = 0  # the private part: RssAnon (the rest is shared library pages)
-        self.rss_samples = 0
+        self.summary = summary
+        self.child: ChildProcess | None = None
+        self.sampler: MemorySampler | None = None
         self.hwm: int | None = None
-        self._sampling = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self.figures: dict | None = None
+        self.startup_seconds = 0.0  # from spawning it to its ready line
 
-    def __enter__(self) -> RelayProcess:
-        self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(
-            self.command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env,
-            preexec_fn=die_with_parent,
-        )
-        self._start(self._drain)
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while not self.ready.wait(0.01):
-            if self.proc.poll() is not None:
-                self._threads[0].join(1)
-                raise BenchError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.name} not ready after {STARTUP_SECONDS:.0f} s: {self.log_tail()}")
+    def __enter__(self) -> BenchedProcess:
+        started = time.perf_counter()
+        self.child = ChildProcess(self.command, ready_marker=self.marker, env=self.env, tie_to_parent=True)
+        try:
+            self.child.wait_ready(STARTUP_SECONDS)
+        except ProcessFailed:
+            code = self.child.proc.poll()
+            self.child.kill()
+            why = f"exited with {code}" if code is not None else f"not ready after {STARTUP_SECONDS:.0f} s"
+            raise BenchError(f"{self.name} {why}: {self.log_tail()}") from None
+        self.startup_seconds = time.perf_counter() - started
         return self
 
-    def _start(self, target: Any) -> None:
-        thread = threading.Thread(target=target, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
-            if not self.ready.is_set() and self.marker in line:
-                self.ready_at = time.perf_counter()
-                self.ready.set()
-            self.lines.append(line.rstrip())
-
-    def startup_seconds(self) -> float:
-        return self.ready_at - self.started_at
+    @property
+    def lines(self) -> list[str]:
+        return self.child.lines if self.child is not None else []
 
     def sample_memory(self) -> None:
-        """Sample VmRSS every ``RSS_INTERVAL`` until ``stop``."""
-        self._sampling.set()
-        self._start(self._sample)
-
-    def _sample(self) -> None:
-        while self._sampling.is_set():
-            rss = self._status("VmRSS")
-            anon = self._status("RssAnon")
-            if rss is None or anon is None:
-                return
-            self.rss_peak = max(self.rss_peak, rss)
-            self.anon_peak = max(self.anon_peak, anon)
-            self.rss_samples += 1
-            time.sleep(RSS_INTERVAL)
-
-    def _status(self, key: str) -> int | None:
-        """A ``/proc/<pid>/status`` figure in bytes, or None once the process is gone."""
-        assert self.proc is not None
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            pass
-        return None
+        """Sample VmRSS and RssAnon every ``RSS_INTERVAL`` until it stops."""
+        assert self.child is not None
+        self.sampler = MemorySampler(self.child.pid, ("VmRSS", "RssAnon"), RSS_INTERVAL).start()
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time the relay has used so far, all threads."""
-        assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User plus system CPU time it has used so far, all threads."""
+        assert self.child is not None
+        return cpu_seconds(self.child.pid)
 
     def memory(self) -> dict:
+        def mib(value: int | None) -> float | None:
+            return None if value is None else value / MiB
+
+        sampler = self.sampler
         return {
-            "peak_sampled_mib": self.rss_peak / MiB if self.rss_samples else None,
-            "peak_anon_mib": self.anon_peak / MiB if self.rss_samples else None,
-            "vm_hwm_mib": self.hwm / MiB if self.hwm is not None else None,
-            "samples": self.rss_samples,
+            "peak_sampled_mib": mib(sampler.peak("VmRSS")) if sampler else None,
+            "peak_anon_mib": mib(sampler.peak("RssAnon")) if sampler else None,  # private: the rest is shared pages
+            "vm_hwm_mib": mib(self.hwm),
+            "samples": sampler.samples if sampler else 0,
         }
 
     def log_tail(self, n: int = 10) -> str:
         return " | ".join(list(self.lines)[-n:])
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
+        if self.child is None:
             return
-        self._sampling.clear()
-        if self.proc.poll() is None:
-            self.hwm = self._status("VmHWM")
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for thread in self._threads:
-            thread.join(2)  # the drain thread has the lines written on exit once it ends
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self.child.alive():
+            self.hwm = proc_status(self.child.pid, "VmHWM")
+        self.child.stop(10)  # SIGTERM: a jitrelay relay writes its summary file on the way out
+        self.child.kill()
+        if self.summary is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.figures = read_figures(Path(self.summary))
 
 
 @contextlib.contextmanager
@@ -315,18 +276,20 @@ def bridged_hosts(spec: RelaySpec, notes: dict) -> Iterator[None]:
             cluster = stack.enter_context(NatsCluster(3, max_pending=BRIDGE_MAX_PENDING))
         except NatsClusterError as exc:
             raise BenchError(str(exc)) from exc
-        stack.enter_context(RelayProcess("host B relay", jitrelay_run(path_b), "relay listening on"))
-        bridges: list[RelayProcess] = []
+        stack.enter_context(BenchedProcess("host B relay", jitrelay_run(path_b), "relay listening on"))
+        bridges: list[BenchedProcess] = []
         stack.callback(_note_bridges, notes, bridges)  # first in, so it runs once the bridges have stopped
         for host, path in (("A", spec.publish.address), ("B", path_b)):
             command = [sys.executable, "-m", "jitrelay", "bridge", "market_data", "--socket", path, "--nats"]
-            bridges.append(RelayProcess(f"host {host} bridge", [*command, cluster.servers], "bridge market_data ready"))
+            bridges.append(
+                BenchedProcess(f"host {host} bridge", [*command, cluster.servers], "bridge market_data ready")
+            )
             stack.enter_context(bridges[-1])
         _check_path(spec.publish.address, path_b)
         yield
 
 
-def _note_bridges(notes: dict, bridges: list[RelayProcess]) -> None:
+def _note_bridges(notes: dict, bridges: list[BenchedProcess]) -> None:
     notes["bridges"] = {b.name: next((x for x in reversed(b.lines) if "stopped:" in x), None) for b in bridges}
 
 
@@ -347,23 +310,16 @@ def _check_path(path_a: str, path_b: str) -> None:
         raise BenchError(f"nothing published on host A reached host B within {STARTUP_SECONDS:.0f} s")
 
 
-def parse_forwarding(lines: Iterable[str]) -> dict | None:
-    """The forwarding-time figures the relay logs when it stops, or None when it logged none.
-
-    The line reads ``forwarding time per batch: p50 <f> us, p99 <f> us,
-    p99.9 <f> us`` and ``<f> ns per message``; a figure missing from it is None.
-    """
-    found: dict[str, float | None] = {}
-    for line in lines:
-        match = _FORWARDING.search(line)
-        if match:
-            found.update(zip(("p50_us", "p99_us", "p99_9_us"), map(float, match.groups()), strict=True))
-        match = _PER_MESSAGE.search(line)
-        if match:
-            found["ns_per_message"] = float(match.group(1))
-    if not found:
+def relay_forwarding(figures: dict | None) -> dict | None:
+    """A stopped jitrelay relay's forwarding time per batch, from its summary file; None without one (a baseline)."""
+    if figures is None:
         return None
-    return {key: found.get(key) for key in ("p50_us", "p99_us", "p99_9_us", "ns_per_message")}
+    return {
+        "p50_us": figures["forward_p50_us"],
+        "p99_us": figures["forward_p99_us"],
+        "p99_9_us": figures["forward_p99_9_us"],
+        "ns_per_message": figures["forward_ns_per_message"],
+    }
 
 
 # Messages
@@ -891,7 +847,7 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
     try:
         notes: dict = {}
         bridged = bridged_hosts(spec, notes) if relay_name == "bridge" else contextlib.nullcontext()
-        with RelayProcess(relay_name, spec.command, spec.marker) as relay, bridged:
+        with BenchedProcess(relay_name, spec.command, spec.marker, summary=spec.summary) as relay, bridged:
             relay.sample_memory()
             if workload == "w2":
                 run.spawn("pub", publish_paced, spec.publish, opts.size, opts.duration, start, opts.rate)
@@ -919,7 +875,7 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
         figures = summarize(relay_name, workload, opts, pub, [results[w] for w in subs], cpu)
         figures["relay_command"] = spec.command
         figures["relay_memory"] = relay.memory()
-        figures["relay_forwarding"] = parse_forwarding(relay.lines)
+        figures["relay_forwarding"] = relay_forwarding(relay.figures)
         figures["relay_log_tail"] = list(relay.lines)[-5:]
         figures.update(notes)
         return figures
@@ -1055,8 +1011,8 @@ def measure_startup(runs: int) -> dict:
 
     The cold run points ``JITRELAY_CACHE_DIR`` and ``NUMBA_CACHE_DIR`` at empty
     folders, so the relay builds its kernel module from scratch; the difference
-    is the build a fresh install pays once. The relay also logs how long its
-    kernels took to load or build.
+    is the build a fresh install pays once. The relay's summary file also says
+    how long its kernels took to load or build.
     """
     warm = [_start_once(None) for _ in range(runs)]
     with tempfile.TemporaryDirectory(prefix="jitrelay-kernel-cache-") as cache:
@@ -1081,16 +1037,11 @@ def _start_once(cache_dir: str | None) -> dict:
         env["JITRELAY_CACHE_DIR"] = os.path.join(cache_dir, "jitrelay")
         env["NUMBA_CACHE_DIR"] = os.path.join(cache_dir, "numba")
     with tempfile.TemporaryDirectory(prefix="jitrelay-start-") as folder:
-        path = os.path.join(folder, "relay.sock")
-        with RelayProcess(
-            "jitrelay", [*jitrelay_run(path), "--log-level", "DEBUG"], "relay listening on", env
-        ) as relay:
-            seconds = relay.startup_seconds()
-        kernels = None
-        for line in relay.lines:
-            match = _KERNELS_READY.search(line)
-            if match:
-                kernels = float(match.group(1))
+        path, summary = os.path.join(folder, "relay.sock"), os.path.join(folder, "relay-figures.json")
+        command = [*jitrelay_run(path, summary), "--log-level", "DEBUG"]
+        with BenchedProcess("jitrelay", command, "relay listening on", env, summary) as relay:
+            seconds = relay.startup_seconds
+    kernels = relay.figures["kernel_load_seconds"] if relay.figures else None
     return {"seconds": seconds, "kernels_s": kernels}
 
 
@@ -1229,7 +1180,7 @@ def format_report(report: dict) -> str:
         for fwd in own["forwarding"]:
             label = f"{fwd['relay']} {fwd['workload']} {fwd['subscribers']} sub"
             if not fwd["logged"]:
-                out.append(f"jitrelay forwarding time per batch, {label}: not logged by this relay")
+                out.append(f"jitrelay forwarding time per batch, {label}: no summary file from this relay")
             else:
                 ns = fwd["ns_per_message"]
                 out.append(

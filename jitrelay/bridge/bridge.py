@@ -50,7 +50,8 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import MiB, logic_for
+from jitrelay.core.domains import logic_for
+from jitrelay.core.units import MiB
 from jitrelay.kernels.framer import MessageFramer
 
 log = logging.getLogger("jitrelay.bridge")

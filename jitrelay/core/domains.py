@@ -19,9 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from jitrelay.core import protocol
-
-MiB = 1 << 20
-KiB = 1 << 10
+from jitrelay.core.units import KiB, MiB
 
 DISCONNECT = "disconnect"
 BLOCK = "block"

@@ -35,13 +35,14 @@ from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.domains import DISCONNECT, RelayLogic
 from jitrelay.core.histogram import Histogram
+from jitrelay.core.units import MiB
 from jitrelay.server.figures import Figures
 from jitrelay.server.journal import Journal
 
 log = logging.getLogger("jitrelay.relay")
 
 SHUTDOWN_FLUSH_SECONDS = 1.0
-SOCKET_BUFFER = 4 << 20  # kernel buffers per connection: fewer, larger reads and sends
+SOCKET_BUFFER = 4 * MiB  # kernel buffers per connection: fewer, larger reads and sends
 MAX_IOV = 64  # runs sent with one sendmsg; more are compacted first
 SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
 _PEERCRED = struct.Struct("3i")

@@ -42,10 +42,10 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
+from jitrelay.core.units import MiB
 
 log = logging.getLogger("jitrelay.journal")
 
-MiB = 1 << 20
 FSYNC_POLICIES = ("every", "batch", "none")
 SUFFIX = ".journal"
 DIRECTORY_MODE = 0o770

@@ -83,10 +83,10 @@ from typing import Any
 
 from jitrelay.core import protocol
 from jitrelay.core.domains import LOGICS, logic_for
+from jitrelay.core.units import MiB
 from jitrelay.testing.processes import die_with_parent
 from jitrelay.tools.usage import UsageError
 
-MiB = 1 << 20
 READY_TIMEOUT = 60.0  # a relay on a fresh checkout compiles its kernels first
 ATTACH_TIMEOUT = 30.0
 TICK = 0.005  # publisher pacing step

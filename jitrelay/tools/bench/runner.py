@@ -84,10 +84,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from jitrelay.core.units import MiB
 from jitrelay.testing.processes import die_with_parent
 from jitrelay.tools.usage import UsageError
 
-MiB = 1 << 20
 BATCH_BYTES = 1 * MiB
 RECV_BUFFER = 4 * MiB
 POLL_SECONDS = 0.2  # subscriber receive timeout: how often it looks at the control values while idle

@@ -27,7 +27,8 @@ from reference import message, standard_record
 
 from jitrelay.cli import main
 from jitrelay.core.config import parse_byte_count
-from jitrelay.core.domains import MiB, logic_for
+from jitrelay.core.domains import logic_for
+from jitrelay.core.units import MiB
 from jitrelay.tools import soak
 from jitrelay.tools.soak import (
     ECHO_FLAGS,

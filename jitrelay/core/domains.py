@@ -181,6 +181,8 @@ def parse_listen(address: str) -> tuple[str, int]:
 
 
 LOGICS: dict[str, type[RelayLogic]] = {cls.name: cls for cls in (MarketDataLogic, SignalLogic, ExecutionLogic)}
+# Domains whose messages must carry a correct CRC-32 (PROTOCOL.md): those whose logic verifies it by default.
+CHECKSUMMED_DOMAINS = frozenset(cls.domain_id for cls in LOGICS.values() if cls.verify_checksum)
 
 
 def logic_for(name: str, **overrides: object) -> RelayLogic:

@@ -42,18 +42,15 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
+from jitrelay.core.domains import CHECKSUMMED_DOMAINS, RelayLogic
+from jitrelay.core.domains import JOURNAL_FSYNC as FSYNC_POLICIES
 from jitrelay.core.units import MiB
 
 log = logging.getLogger("jitrelay.journal")
 
-FSYNC_POLICIES = ("every", "batch", "none")
 SUFFIX = ".journal"
 DIRECTORY_MODE = 0o770
 FILE_MODE = 0o640
-# Domains whose messages must carry a correct CRC-32 (PROTOCOL.md): a mismatch
-# in their journal can only be damage on disk.
-CHECKSUMMED_DOMAINS = frozenset({protocol.SIGNAL, protocol.EXECUTION})
-
 _READ_CHUNK = 4 * MiB
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
 _SEGMENT = re.compile(r"(.+)-(\d+)" + re.escape(SUFFIX))
@@ -75,8 +72,8 @@ class Journal:
         directory: Path,
         name: str,
         *,
-        fsync: str = "batch",
-        rotate_bytes: int = 256 * MiB,
+        fsync: str = RelayLogic.journal_fsync,
+        rotate_bytes: int = RelayLogic.journal_rotate_bytes,
         sync_interval: float = 0.05,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
@@ -337,6 +334,7 @@ def _decode(data: bytes, pos: int, path: Path, base: int) -> tuple[protocol.Mess
         message, end = protocol.decode_message(data, pos)
     except protocol.ProtocolError as exc:
         raise protocol.ProtocolError(f"{path}: corrupt message at byte offset {base + pos}: {exc}") from exc
+    # A domain that verifies checksums let only correct CRC-32s in: a mismatch in its journal is damage on disk.
     if message.header.relay_domain in CHECKSUMMED_DOMAINS and not message.checksum_ok:
         raise protocol.ProtocolError(
             f"{path}: checksum mismatch at byte offset {base + pos} "

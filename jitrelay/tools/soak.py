@@ -67,7 +67,6 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -110,8 +109,6 @@ RELAY_OPTIONS = {
     # Nothing is dropped: publishers wait until every stall ends.
     "block": ("--slow-policy", "block", "--pending-limit", "1MiB"),
 }
-
-_HEADER = struct.Struct("<IBBBBQQII")
 
 # The controller's phase, in the shared ``ctrl`` array.
 RUNNING, ENDING, STOPPING = 0, 1, 2
@@ -261,7 +258,7 @@ class StreamVerifier:
             return
         buf, view, last = self._buf, self._view, self.last
         pos, end = self._start, self._end
-        unpack, crc32 = _HEADER.unpack_from, zlib.crc32
+        unpack, crc32 = protocol.HEADER_STRUCT.unpack_from, zlib.crc32
         while end - pos >= protocol.HEADER_SIZE:
             magic, domain, version, source, flags, seq, _, size, checksum = unpack(buf, pos)
             if magic != protocol.MAGIC or size > self.max_payload:
@@ -683,7 +680,7 @@ class Echo:
                 buf += data
                 pos = 0
                 while len(buf) - pos >= protocol.HEADER_SIZE:
-                    magic, _, _, source, flags, seq, _, size, _ = _HEADER.unpack_from(buf, pos)
+                    magic, _, _, source, flags, seq, _, size, _ = protocol.HEADER_STRUCT.unpack_from(buf, pos)
                     if magic != protocol.MAGIC:
                         self.error = f"bad magic after {self.beacons} beacons"
                         return

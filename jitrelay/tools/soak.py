@@ -84,6 +84,7 @@ from jitrelay.core import protocol
 from jitrelay.core.domains import LOGICS, logic_for
 from jitrelay.core.units import MiB
 from jitrelay.testing.processes import die_with_parent
+from jitrelay.tools.options import non_negative, non_negative_float
 from jitrelay.tools.usage import UsageError
 
 READY_TIMEOUT = 60.0  # a relay on a fresh checkout compiles its kernels first
@@ -1217,6 +1218,56 @@ def format_report(report: dict) -> str:
     for line in relay["log_tail"]:
         body.append(f"  relay: {line}")
     return "\n".join([head, *body])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``jitrelay soak`` command line, which ``options`` reads; its defaults are ``SoakOptions``'."""
+    d = SoakOptions
+    parser.add_argument("--domain", choices=list(LOGICS), default=d.domain, help=f"relay domain ({d.domain})")
+    parser.add_argument(
+        "--duration", type=non_negative_float, default=d.duration, help=f"seconds of load ({d.duration:g})"
+    )
+    parser.add_argument("--rate", type=non_negative_float, default=d.rate, help="messages per second, all publishers")
+    parser.add_argument(
+        "--publishers", type=non_negative, default=d.publishers, help=f"publisher processes at a time ({d.publishers})"
+    )
+    parser.add_argument(
+        "--subscribers",
+        type=non_negative,
+        default=d.subscribers,
+        help=f"subscriber processes at a time ({d.subscribers})",
+    )
+    parser.add_argument(
+        "--churn", type=non_negative_float, default=d.churn, help="clients killed and replaced per second"
+    )
+    parser.add_argument(
+        "--stall-prob",
+        type=non_negative_float,
+        default=d.stall_prob,
+        help=f"chance per second that a subscriber stalls ({d.stall_prob:g})",
+    )
+    parser.add_argument(
+        "--stall-max", type=non_negative_float, default=d.stall_max, help=f"longest stall in seconds ({d.stall_max:g})"
+    )
+    parser.add_argument(
+        "--filtered",
+        type=non_negative_float,
+        default=d.filtered,
+        help=f"share of subscribers that subscribe at connect to some publishers' sources ({d.filtered:g})",
+    )
+    parser.add_argument(
+        "--resubscribe",
+        type=non_negative_float,
+        default=d.resubscribe,
+        help=f"chance per second that a subscriber changes its subscription ({d.resubscribe:g})",
+    )
+    parser.add_argument(
+        "--max-size", type=non_negative, default=d.max_size, help=f"largest message in bytes ({d.max_size})"
+    )
+    parser.add_argument("--seed", type=non_negative, help="random seed, to repeat a run (default: random)")
+    parser.add_argument("--json", type=Path, help="also write the report, with memory samples, as JSON here")
+    parser.add_argument("--socket-dir", type=Path, help="where the relay's socket goes (default: a fresh /tmp folder)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def options(args: argparse.Namespace, argv: list[str] | None = None) -> SoakOptions:

@@ -95,6 +95,7 @@ from jitrelay.core.protocol import (
 )
 from jitrelay.core.units import MiB
 from jitrelay.testing.processes import die_with_parent
+from jitrelay.tools.options import MESSAGE_SIZE, non_negative, non_negative_float
 from jitrelay.tools.usage import UsageError
 
 BATCH_BYTES = 1 * MiB
@@ -111,7 +112,13 @@ RELAYS = ("jitrelay", "raw", "zmq", "zmq-default", "bridge")
 POLICIES = ("block", "disconnect")
 WORKLOADS = ("w1", "w2", "w1f")
 FILTERED_SUBSCRIBERS = 4  # W1f: one subscriber per TLV type 1..4
-DEFAULT_RELAYS = "jitrelay,raw,zmq,zmq-default,bridge"
+DEFAULT_RELAYS = ",".join(RELAYS)
+DEFAULT_WORKLOADS = ",".join(WORKLOADS)
+DEFAULT_SUBSCRIBERS = "1,4"  # W1 subscriber counts
+DEFAULT_DURATION = 5.0  # seconds of publishing per run
+DEFAULT_RATE = 5000.0  # W2 messages per second
+DEFAULT_STARTUP_RUNS = 3
+RESULTS_DIR = Path("bench-results")  # where the JSON report goes unless --json says
 BRIDGE_MAX_PENDING = 256 * MiB  # the servers' queue per client: the bench measures throughput, not their 64 MiB
 PATH_CHECK_SECONDS = 0.2  # a bridged run's path check waits this long for each check message
 
@@ -1275,6 +1282,48 @@ def _names(text: str) -> list[str]:
     return [part.strip().lower() for part in text.split(",") if part.strip()]
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``jitrelay bench`` command line, which ``options`` reads."""
+    parser.add_argument(
+        "--relays",
+        default=DEFAULT_RELAYS,
+        help="comma-separated: jitrelay (or jitrelay:block, jitrelay:disconnect), raw, zmq, zmq-default, bridge",
+    )
+    parser.add_argument(
+        "--workloads",
+        default=DEFAULT_WORKLOADS,
+        help="comma-separated: w1 (throughput), w2 (latency), w1f (w1 with 4 filtered subscribers)",
+    )
+    parser.add_argument(
+        "--subscribers",
+        default=DEFAULT_SUBSCRIBERS,
+        help=f"W1 subscriber counts, comma-separated ({DEFAULT_SUBSCRIBERS})",
+    )
+    parser.add_argument(
+        "--latency-subscribers", type=non_negative, help="W2 subscriber count (default: the largest W1 count)"
+    )
+    parser.add_argument(
+        "--size", type=non_negative, default=MESSAGE_SIZE, help=f"bytes per message, header included ({MESSAGE_SIZE})"
+    )
+    parser.add_argument(
+        "--duration",
+        type=non_negative_float,
+        default=DEFAULT_DURATION,
+        help=f"seconds of publishing per run ({DEFAULT_DURATION:g})",
+    )
+    parser.add_argument(
+        "--rate", type=non_negative_float, default=DEFAULT_RATE, help=f"W2 messages per second ({DEFAULT_RATE:g})"
+    )
+    parser.add_argument(
+        "--startup-runs",
+        type=non_negative,
+        default=DEFAULT_STARTUP_RUNS,
+        help=f"warm starts of `jitrelay run` to time, followed by one cold start; 0 skips it ({DEFAULT_STARTUP_RUNS})",
+    )
+    parser.add_argument("--json", type=Path, help=f"where to write every figure ({RESULTS_DIR}/<UTC time>.json)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
     """Check the ``bench`` command line; a :class:`UsageError` says what is wrong."""
     relays = _names(args.relays)
@@ -1323,7 +1372,7 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
         duration=args.duration,
         rate=args.rate,
         startup_runs=args.startup_runs,
-        json_path=args.json or Path("bench-results") / f"{stamp}.json",
+        json_path=args.json or RESULTS_DIR / f"{stamp}.json",
         progress=not args.no_progress,
         argv=list(sys.argv if argv is None else argv),
     )

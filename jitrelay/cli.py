@@ -48,14 +48,19 @@ from jitrelay.tools.usage import UsageError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+LOG_LEVEL = "INFO"  # the default of --log-level
+LOG_FORMAT = LOG_FORMATS[0]  # and of --log-format
 PUB_BATCH_BYTES = 1 * MiB  # what one unpaced ``jitrelay pub`` write holds at most, unless --batch says
 
 
 def add_log_options(parser: argparse.ArgumentParser) -> None:
     """The --log-level and --log-format options of the long-running commands; ``configure_logging`` reads them."""
-    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=LOG_LEVEL)
     parser.add_argument(
-        "--log-format", choices=LOG_FORMATS, default="text", help="text lines, or one JSON object per line (text)"
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=LOG_FORMAT,
+        help=f"text lines, or one JSON object per line ({LOG_FORMAT})",
     )
 
 

@@ -24,7 +24,11 @@ from jitrelay.core.units import KiB, MiB
 DISCONNECT = "disconnect"
 BLOCK = "block"
 SLOW_POLICIES = (DISCONNECT, BLOCK)
-JOURNAL_FSYNC = ("every", "batch", "none")
+# When the journal is flushed to disk: after every write, every so often (``journal.py``), or never by the relay.
+FSYNC_EVERY = "every"
+FSYNC_BATCH = "batch"
+FSYNC_NONE = "none"
+JOURNAL_FSYNC = (FSYNC_EVERY, FSYNC_BATCH, FSYNC_NONE)
 
 DEFAULT_SOCKET_DIR = "/tmp/jitrelay"
 SOCKET_DIR_ENV = "JITRELAY_SOCKET_DIR"
@@ -73,7 +77,7 @@ class RelayLogic:
     # Append every forwarded message to a journal (see ``journal.py``).
     journal: bool = False
     journal_dir: Path = field(default_factory=lambda: Path())
-    journal_fsync: str = "batch"
+    journal_fsync: str = FSYNC_BATCH
     journal_rotate_bytes: int = 256 * MiB
     # Serve Prometheus metrics over HTTP on 127.0.0.1 at this port; None serves none.
     metrics_port: int | None = None

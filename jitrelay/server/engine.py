@@ -33,7 +33,7 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import DISCONNECT, RelayLogic
+from jitrelay.core.domains import DISCONNECT, FSYNC_BATCH, RelayLogic
 from jitrelay.core.histogram import Histogram
 from jitrelay.core.units import MiB
 from jitrelay.server.figures import Figures
@@ -335,7 +335,7 @@ class Relay:
             self.journal_errors += 1
             log.error("journal %s: append failed, batch forwarded unjournaled: %s", self.journal.path, exc)
             return
-        if self._journal_timer is None and self.logic.journal_fsync == "batch":
+        if self._journal_timer is None and self.logic.journal_fsync == FSYNC_BATCH:
             self._journal_timer = asyncio.get_running_loop().call_later(self.journal.sync_interval, self._sync_journal)
 
     def _sync_journal(self) -> None:

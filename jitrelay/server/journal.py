@@ -42,7 +42,7 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import CHECKSUMMED_DOMAINS, RelayLogic
+from jitrelay.core.domains import CHECKSUMMED_DOMAINS, FSYNC_BATCH, FSYNC_EVERY, FSYNC_NONE, RelayLogic
 from jitrelay.core.domains import JOURNAL_FSYNC as FSYNC_POLICIES
 from jitrelay.core.units import MiB
 
@@ -136,7 +136,7 @@ class Journal:
             self.messages += count
         if total:
             self._unsynced = True
-            if self.fsync == "every":
+            if self.fsync == FSYNC_EVERY:
                 self._sync()
 
     def maybe_sync(self) -> None:
@@ -146,7 +146,7 @@ class Journal:
         once more after ``sync_interval`` so that its last batch reaches disk.
         """
         due = time.monotonic() - self._last_sync >= self.sync_interval
-        if self.fsync == "batch" and self._unsynced and self._fd >= 0 and due:
+        if self.fsync == FSYNC_BATCH and self._unsynced and self._fd >= 0 and due:
             self._sync()
 
     def sync(self) -> None:
@@ -160,7 +160,7 @@ class Journal:
             return
         fd, self._fd = self._fd, -1
         try:
-            if self.fsync != "none" and self._unsynced:
+            if self.fsync != FSYNC_NONE and self._unsynced:
                 os.fsync(fd)
                 self._unsynced = False
         finally:
@@ -193,7 +193,7 @@ class Journal:
         self._path = path
         self._size = 0
         self._broken = False
-        if self.fsync != "none":
+        if self.fsync != FSYNC_NONE:
             _sync_directory(self.directory)  # the new name survives a power cut too
 
     def _rotate(self) -> None:

@@ -3,6 +3,11 @@
 ``main`` returns the exit code instead of exiting, so tests and other tools can
 call it: 0 for success, 1 when the relay cannot be reached or started, 2 for a
 bad command line.
+
+Each subcommand's options are declared beside the code that reads them: the
+relay's, ``pub``'s, ``sub``'s, ``bridge``'s and ``audit``'s here, each tool's
+in its module (``add_arguments``). A tool's module is imported, for its
+options as for its run, only when its subcommand is on the command line.
 """
 
 from __future__ import annotations
@@ -10,86 +15,52 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib
 import itertools
 import json
 import logging
 import os
-import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jitrelay import __version__, kernels
 from jitrelay.client import Publisher, RelayConnectionError, Subscriber
 from jitrelay.core import protocol
-from jitrelay.core.config import ConfigError, build_logic, parse_byte_count, read_config, render_config
+from jitrelay.core.config import ConfigError, build_logic, format_byte_count, read_config, render_config
 from jitrelay.core.domains import JOURNAL_FSYNC, LOGICS, SLOW_POLICIES, RelayLogic
+from jitrelay.core.units import MiB
+from jitrelay.tools.options import (
+    MESSAGE_SIZE,
+    add_byte_option,
+    add_metrics_port,
+    add_target,
+    byte_list,
+    non_negative,
+    non_negative_float,
+    source_id,
+    time_ns_arg,
+)
 from jitrelay.tools.tap import MessageFilter, format_message, message_json
 from jitrelay.tools.usage import UsageError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
-
-
-def byte_count(text: str) -> int:
-    """``4194304``, ``4MiB``, ``64k``: a non-negative number of bytes."""
-    try:
-        return parse_byte_count(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"not a non-negative integer: {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"not a non-negative number: {text!r}")
-    return value
-
-
-def source_id(text: str) -> int:
-    value = non_negative(text)
-    if value > 255:
-        raise argparse.ArgumentTypeError(f"source must fit in one byte (0..255), not {value}")
-    return value
-
-
-def byte_list(text: str) -> frozenset[int]:
-    """``1,2,40``: a set of byte values, for the TLV type and source filters."""
-    parts = [part.strip() for part in text.split(",")]
-    if not all(part.isascii() and part.isdigit() and int(part) <= 255 for part in parts):
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of bytes (0..255): {text!r}")
-    return frozenset(int(part) for part in parts)
-
-
-def add_target(parser: argparse.ArgumentParser, domains: list[str]) -> None:
-    """The DOMAIN argument and --socket option every relay command takes."""
-    parser.add_argument("domain", choices=domains, metavar="DOMAIN", help=f"one of: {', '.join(domains)}")
-    parser.add_argument("--socket", type=Path, help="Unix socket path (default: $JITRELAY_SOCKET_DIR/DOMAIN.sock)")
-
-
-def add_byte_option(parser: argparse.ArgumentParser, flag: str, help: str, default: int | None = None) -> None:
-    """An option taking a byte count, such as ``--max-payload 64KiB``."""
-    parser.add_argument(flag, type=byte_count, default=default, metavar="BYTES", help=help)
+LOG_LEVEL = "INFO"  # the default of --log-level
+LOG_FORMAT = LOG_FORMATS[0]  # and of --log-format
+PUB_BATCH_BYTES = 1 * MiB  # what one unpaced ``jitrelay pub`` write holds at most, unless --batch says
 
 
 def add_log_options(parser: argparse.ArgumentParser) -> None:
     """The --log-level and --log-format options of the long-running commands; ``configure_logging`` reads them."""
-    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=LOG_LEVEL)
     parser.add_argument(
-        "--log-format", choices=LOG_FORMATS, default="text", help="text lines, or one JSON object per line (text)"
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=LOG_FORMAT,
+        help=f"text lines, or one JSON object per line ({LOG_FORMAT})",
     )
 
 
@@ -119,12 +90,16 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-connections", type=non_negative, metavar="N", help="refuse connections beyond N")
     parser.add_argument("--journal-dir", type=Path, metavar="DIR", help="where the journal segments go (enables it)")
-    parser.add_argument("--journal-fsync", choices=JOURNAL_FSYNC, help="when the journal is flushed to disk (batch)")
-    add_byte_option(parser, "--journal-rotate", "journal segment size (256MiB)")
-    parser.add_argument("--no-journal", action="store_true", help="do not journal forwarded messages")
     parser.add_argument(
-        "--metrics-port", type=non_negative, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT"
+        "--journal-fsync",
+        choices=JOURNAL_FSYNC,
+        help=f"when the journal is flushed to disk ({RelayLogic.journal_fsync})",
     )
+    add_byte_option(
+        parser, "--journal-rotate", f"journal segment size ({format_byte_count(RelayLogic.journal_rotate_bytes)})"
+    )
+    parser.add_argument("--no-journal", action="store_true", help="do not journal forwarded messages")
+    add_metrics_port(parser)
     parser.add_argument(
         "--listen",
         action="append",
@@ -194,170 +169,100 @@ def relay_logic(args: argparse.Namespace) -> RelayLogic:
         raise UsageError(str(exc)) from exc
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser whose options ``declare`` adds the first time it is used (parsing, help or usage)."""
+
+    def __init__(self, *args: Any, declare: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._declare = declare
+
+    def _declared(self) -> None:
+        declare, self._declare = self._declare, None
+        if declare is not None:
+            declare(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._declared()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._declared()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._declared()
+        return super().format_help()
+
+
+def tool_arguments(module: str) -> Callable[[argparse.ArgumentParser], None]:
+    """Declare a subcommand's options with ``add_arguments`` of the tool ``module``, imported only then."""
+
+    def declare(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(module).add_arguments(parser)
+
+    return declare
+
+
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    add_target(parser)
+    add_log_options(parser)
+    add_relay_options(parser)
+
+
+def config_arguments(parser: argparse.ArgumentParser) -> None:
+    add_target(parser)
+    add_relay_options(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jitrelay", description="A Protocol V2 message relay for trading systems.")
     parser.add_argument("--version", action="version", version=f"jitrelay {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    domains = list(LOGICS)
-
-    run = commands.add_parser("run", help="run the relay of one domain until SIGINT or SIGTERM")
-    add_target(run, domains)
-    add_log_options(run)
-    add_relay_options(run)
-    run.set_defaults(handler=cmd_run)
-
-    config = commands.add_parser(
-        "config", help="print, as TOML, the configuration `jitrelay run` would use with the same options"
-    )
-    add_target(config, domains)
-    add_relay_options(config)
-    config.set_defaults(handler=cmd_config)
-
-    pub = commands.add_parser("pub", help="publish synthetic messages")
-    add_target(pub, domains)
-    pub.add_argument("--count", type=non_negative, default=1000, help="messages to send; 0 sends until SIGINT")
-    pub.add_argument("--rate", type=non_negative_float, default=0.0, help="messages per second; 0 for full speed")
-    pub.add_argument("--size", type=non_negative, default=71, help="bytes per message, header included (71)")
-    pub.add_argument("--source", type=source_id, default=0, help="source id written in each header")
-    pub.add_argument(
-        "--batch",
-        type=non_negative,
-        default=0,
-        help="messages per write (default: 1 when paced, else as many as fit in 1 MiB)",
-    )
-    pub.set_defaults(handler=cmd_pub)
-
-    sub = commands.add_parser("sub", help="print the messages a relay forwards")
-    add_target(sub, domains)
-    sub.add_argument(
-        "--count", type=non_negative, default=0, help="stop after this many messages pass the filters (0: never)"
-    )
-    sub.add_argument("--count-only", action="store_true", help="print only the number of messages received")
-    sub.add_argument("--json", action="store_true", help="one JSON object per message instead of a line of text")
-    sub.add_argument(
-        "--types",
-        type=byte_list,
-        metavar="T,T",
-        help="subscribe to messages with a record of one of these TLV types (filtered by the relay)",
-    )
-    sub.add_argument("--sources", type=byte_list, metavar="S,S", help="subscribe to messages from one of these sources")
-    sub.set_defaults(handler=cmd_sub)
-
-    stats = commands.add_parser("stats", help="print a running relay's or bridge's counters as a table")
-    add_target(stats, domains)
-    stats.add_argument(
-        "--url",
-        help="read this Prometheus endpoint instead of the stats socket: a relay's or a bridge's --metrics-port "
-        "(a bridge's figures get the bridge's table)",
-    )
-    stats.add_argument("--watch", action="store_true", help="redraw every interval, with the rate of each counter")
-    stats.add_argument("--interval", type=non_negative_float, default=1.0, help="seconds between --watch tables (1)")
-    stats.add_argument("--count", type=non_negative, default=0, help="with --watch, stop after N tables (0: never)")
-    stats.set_defaults(handler=cmd_stats)
-
-    bridge = commands.add_parser(
-        "bridge", help="join this host's relay of one domain to the other hosts' through a NATS cluster"
-    )
-    add_target(bridge, domains)
-    bridge.add_argument(
-        "--nats",
-        action="append",
-        required=True,
-        metavar="URL[,URL...]",
-        help="NATS servers of the cluster, e.g. nats://10.0.0.1:4222,nats://10.0.0.2:4222 (repeatable)",
-    )
-    bridge.add_argument("--subject", help="NATS subject the domain's relays share (jitrelay.DOMAIN)")
-    add_byte_option(
-        bridge,
-        "--reconnect-buffer",
-        "what to hold for NATS while reconnecting; more is dropped and counted as a gap (8MiB)",
-        default=8 << 20,
-    )
-    add_byte_option(bridge, "--max-payload", "largest payload taken from NATS (the domain's)")
-    add_byte_option(
-        bridge,
-        "--nats-pending-limit",
-        "what the NATS client may hold while the relay is behind; more is dropped and counted as a gap (256MiB)",
-        default=256 << 20,
-    )
-    bridge.add_argument(
-        "--metrics-port", type=non_negative, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT"
-    )
-    add_log_options(bridge)
-    bridge.set_defaults(handler=cmd_bridge)
-
-    bench = commands.add_parser(
-        "bench", help="measure the relay against the raw-bytes forwarder and pyzmq on workloads W1 and W2"
-    )
-    bench.add_argument(
-        "--relays",
-        default="jitrelay,raw,zmq,zmq-default,bridge",
-        help="comma-separated: jitrelay (or jitrelay:block, jitrelay:disconnect), raw, zmq, zmq-default, bridge",
-    )
-    bench.add_argument(
-        "--workloads",
-        default="w1,w2,w1f",
-        help="comma-separated: w1 (throughput), w2 (latency), w1f (w1 with 4 filtered subscribers)",
-    )
-    bench.add_argument("--subscribers", default="1,4", help="W1 subscriber counts, comma-separated (1,4)")
-    bench.add_argument(
-        "--latency-subscribers", type=non_negative, help="W2 subscriber count (default: the largest W1 count)"
-    )
-    bench.add_argument("--size", type=non_negative, default=71, help="bytes per message, header included (71)")
-    bench.add_argument("--duration", type=non_negative_float, default=5.0, help="seconds of publishing per run (5)")
-    bench.add_argument("--rate", type=non_negative_float, default=5000.0, help="W2 messages per second (5000)")
-    bench.add_argument(
-        "--startup-runs",
-        type=non_negative,
-        default=3,
-        help="warm starts of `jitrelay run` to time, followed by one cold start; 0 skips it (3)",
-    )
-    bench.add_argument("--json", type=Path, help="where to write every figure (bench-results/<UTC time>.json)")
-    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
-    bench.set_defaults(handler=cmd_bench)
-
-    compiled = commands.add_parser(
-        "kernels", help="build the compiled kernels if needed, and say which build runs (exit 1 on a fallback)"
-    )
-    compiled.set_defaults(handler=cmd_kernels)
-
-    audit = commands.add_parser("audit", help="print the messages an execution journal holds")
-    audit.add_argument("path", type=Path, metavar="PATH", help="a journal segment, a journal folder, or a name prefix")
-    audit.add_argument("--json", action="store_true", help="one JSON object per message instead of a line of text")
-    audit.add_argument("--since", type=time_ns_arg, metavar="T", help="messages stamped at or after T (ns or ISO-8601)")
-    audit.add_argument("--until", type=time_ns_arg, metavar="T", help="messages stamped before T")
-    audit.set_defaults(handler=cmd_audit)
-    soak = commands.add_parser(
-        "soak", help="run a relay under load, churn, stalls and SIGKILLs, and verify every message delivered"
-    )
-    soak.add_argument("--domain", choices=domains, default="market_data", help="relay domain (market_data)")
-    soak.add_argument("--duration", type=non_negative_float, default=300.0, help="seconds of load (300)")
-    soak.add_argument("--rate", type=non_negative_float, default=20000.0, help="messages per second, all publishers")
-    soak.add_argument("--publishers", type=non_negative, default=3, help="publisher processes at a time (3)")
-    soak.add_argument("--subscribers", type=non_negative, default=4, help="subscriber processes at a time (4)")
-    soak.add_argument("--churn", type=non_negative_float, default=1.0, help="clients killed and replaced per second")
-    soak.add_argument(
-        "--stall-prob", type=non_negative_float, default=0.2, help="chance per second that a subscriber stalls (0.2)"
-    )
-    soak.add_argument("--stall-max", type=non_negative_float, default=2.0, help="longest stall in seconds (2)")
-    soak.add_argument(
-        "--filtered",
-        type=non_negative_float,
-        default=0.5,
-        help="share of subscribers that subscribe at connect to some publishers' sources (0.5)",
-    )
-    soak.add_argument(
-        "--resubscribe",
-        type=non_negative_float,
-        default=0.2,
-        help="chance per second that a subscriber changes its subscription (0.2)",
-    )
-    soak.add_argument("--max-size", type=non_negative, default=1024, help="largest message in bytes (1024)")
-    soak.add_argument("--seed", type=non_negative, help="random seed, to repeat a run (default: random)")
-    soak.add_argument("--json", type=Path, help="also write the report, with memory samples, as JSON here")
-    soak.add_argument("--socket-dir", type=Path, help="where the relay's socket goes (default: a fresh /tmp folder)")
-    soak.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    soak.set_defaults(handler=cmd_soak)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
+    # name, help in the command list, what declares its options, what runs it
+    table: list[tuple[str, str, Callable[[argparse.ArgumentParser], None] | None, Callable[..., int]]] = [
+        ("run", "run the relay of one domain until SIGINT or SIGTERM", run_arguments, cmd_run),
+        (
+            "config",
+            "print, as TOML, the configuration `jitrelay run` would use with the same options",
+            config_arguments,
+            cmd_config,
+        ),
+        ("pub", "publish synthetic messages", pub_arguments, cmd_pub),
+        ("sub", "print the messages a relay forwards", sub_arguments, cmd_sub),
+        (
+            "stats",
+            "print a running relay's or bridge's counters as a table",
+            tool_arguments("jitrelay.tools.stats"),
+            cmd_stats,
+        ),
+        (
+            "bridge",
+            "join this host's relay of one domain to the other hosts' through a NATS cluster",
+            bridge_arguments,
+            cmd_bridge,
+        ),
+        (
+            "bench",
+            "measure the relay against the raw-bytes forwarder and pyzmq on workloads W1 and W2",
+            tool_arguments("jitrelay.tools.bench.runner"),
+            cmd_bench,
+        ),
+        (
+            "kernels",
+            "build the compiled kernels if needed, and say which build runs (exit 1 on a fallback)",
+            None,
+            cmd_kernels,
+        ),
+        ("audit", "print the messages an execution journal holds", audit_arguments, cmd_audit),
+        (
+            "soak",
+            "run a relay under load, churn, stalls and SIGKILLs, and verify every message delivered",
+            tool_arguments("jitrelay.tools.soak"),
+            cmd_soak,
+        ),
+    ]
+    for name, help, declare, handler in table:
+        commands.add_parser(name, help=help, declare=declare).set_defaults(handler=handler)
     return parser
 
 
@@ -441,6 +346,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
+def pub_arguments(parser: argparse.ArgumentParser) -> None:
+    add_target(parser)
+    parser.add_argument("--count", type=non_negative, default=1000, help="messages to send; 0 sends until SIGINT")
+    parser.add_argument("--rate", type=non_negative_float, default=0.0, help="messages per second; 0 for full speed")
+    parser.add_argument(
+        "--size", type=non_negative, default=MESSAGE_SIZE, help=f"bytes per message, header included ({MESSAGE_SIZE})"
+    )
+    parser.add_argument("--source", type=source_id, default=0, help="source id written in each header")
+    parser.add_argument(
+        "--batch",
+        type=non_negative,
+        default=0,
+        help=f"messages per write (default: 1 when paced, else as many as fit in {PUB_BATCH_BYTES // MiB} MiB)",
+    )
+
+
 def cmd_pub(args: argparse.Namespace) -> int:
     domain_id = LOGICS[args.domain].domain_id
     size = args.size
@@ -448,7 +369,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
         record = protocol.synthetic_record(domain_id, size)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    batch_len = args.batch or (1 if args.rate else max(1, (1 << 20) // size))
+    batch_len = args.batch or (1 if args.rate else max(1, PUB_BATCH_BYTES // size))
     if args.count:
         batch_len = min(batch_len, args.count)
     batch = protocol.build_batch(domain_id, batch_len, [record], source=args.source)
@@ -476,6 +397,24 @@ def cmd_pub(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def sub_arguments(parser: argparse.ArgumentParser) -> None:
+    add_target(parser)
+    parser.add_argument(
+        "--count", type=non_negative, default=0, help="stop after this many messages pass the filters (0: never)"
+    )
+    parser.add_argument("--count-only", action="store_true", help="print only the number of messages received")
+    parser.add_argument("--json", action="store_true", help="one JSON object per message instead of a line of text")
+    parser.add_argument(
+        "--types",
+        type=byte_list,
+        metavar="T,T",
+        help="subscribe to messages with a record of one of these TLV types (filtered by the relay)",
+    )
+    parser.add_argument(
+        "--sources", type=byte_list, metavar="S,S", help="subscribe to messages from one of these sources"
+    )
 
 
 def cmd_sub(args: argparse.Namespace) -> int:
@@ -517,6 +456,37 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return run_stats(args)
 
 
+def bridge_arguments(parser: argparse.ArgumentParser) -> None:
+    from jitrelay.bridge.bridge import RECONNECT_BUFFER, SUBSCRIPTION_PENDING_BYTES  # imported only for this command
+
+    add_target(parser)
+    parser.add_argument(
+        "--nats",
+        action="append",
+        required=True,
+        metavar="URL[,URL...]",
+        help="NATS servers of the cluster, e.g. nats://10.0.0.1:4222,nats://10.0.0.2:4222 (repeatable)",
+    )
+    parser.add_argument("--subject", help="NATS subject the domain's relays share (jitrelay.DOMAIN)")
+    add_byte_option(
+        parser,
+        "--reconnect-buffer",
+        "what to hold for NATS while reconnecting; more is dropped and counted as a gap "
+        f"({format_byte_count(RECONNECT_BUFFER)})",
+        default=RECONNECT_BUFFER,
+    )
+    add_byte_option(parser, "--max-payload", "largest payload taken from NATS (the domain's)")
+    add_byte_option(
+        parser,
+        "--nats-pending-limit",
+        "what the NATS client may hold while the relay is behind; more is dropped and counted as a gap "
+        f"({format_byte_count(SUBSCRIPTION_PENDING_BYTES)})",
+        default=SUBSCRIPTION_PENDING_BYTES,
+    )
+    add_metrics_port(parser)
+    add_log_options(parser)
+
+
 def cmd_bridge(args: argparse.Namespace) -> int:
     from jitrelay.bridge.bridge import BridgeOptions, run_bridge  # nats-py loads only for this command
 
@@ -546,34 +516,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
-_ISO_TIME = re.compile(
-    r"(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d{1,9}))?)?\s*(Z|[+-]\d{2}:?\d{2})?", re.IGNORECASE
-)
-
-
-def time_ns_arg(text: str) -> int:
-    """Nanoseconds since the epoch, given as such or as ISO-8601 (``2026-11-24T21:00:00.5Z``; no zone means UTC)."""
-    text = text.strip()
-    if text.isdigit():
-        return int(text)
-    match = _ISO_TIME.fullmatch(text)
-    if match:
-        day, clock, fraction, zone = match.groups()
-        zone = "+00:00" if zone is None or zone.upper() == "Z" else zone
-        if len(zone) == 5:
-            zone = zone[:3] + ":" + zone[3:]
-        try:
-            moment = datetime.datetime.fromisoformat(f"{day}T{clock or '00:00'}{zone}")
-        except ValueError:
-            moment = None
-        if moment is not None:
-            seconds = (moment - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)) // datetime.timedelta(
-                seconds=1
-            )
-            return seconds * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
-    raise argparse.ArgumentTypeError(
-        f"not a time: {text!r} (nanoseconds since the epoch, or ISO-8601 such as 2026-11-24T21:00:00Z)"
+def audit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", type=Path, metavar="PATH", help="a journal segment, a journal folder, or a name prefix")
+    parser.add_argument("--json", action="store_true", help="one JSON object per message instead of a line of text")
+    parser.add_argument(
+        "--since", type=time_ns_arg, metavar="T", help="messages stamped at or after T (ns or ISO-8601)"
     )
+    parser.add_argument("--until", type=time_ns_arg, metavar="T", help="messages stamped before T")
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

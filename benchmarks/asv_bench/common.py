@@ -20,8 +20,8 @@ import numpy as np
 from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.domains import MarketDataLogic
+from jitrelay.core.units import MiB
 
-MiB = 1 << 20
 # Bytes per scan call: within the relay's 4 MiB receive buffer, and large
 # enough that the Python call around the kernel is about 1% of the time.
 BUFFER_BYTES = 2 * MiB

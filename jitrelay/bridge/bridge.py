@@ -50,7 +50,8 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import MiB, logic_for
+from jitrelay.core.domains import logic_for
+from jitrelay.core.units import MiB
 from jitrelay.kernels.framer import MessageFramer
 
 log = logging.getLogger("jitrelay.bridge")
@@ -65,6 +66,7 @@ OUTBOX_HIGH = 16 * MiB  # read from the relay no further while this much waits f
 OUTBOX_LOW = 4 * MiB
 RELAY_WRITE_HIGH = 8 * MiB  # bytes queued towards the relay before the NATS callback waits
 RELAY_WRITE_LOW = 2 * MiB
+RECONNECT_BUFFER = 8 * MiB  # what nats-py holds for NATS while reconnecting; more is dropped (a gap)
 SUBSCRIPTION_PENDING_BYTES = 256 * MiB  # what nats-py may hold for the callback before it drops (a gap)
 NATS_READ_SIZE = 1 * MiB  # what nats-py reads from its socket at once; its own 32 KiB costs twice the CPU per byte
 GAP_LOG_INTERVAL = 5.0  # an open gap to NATS is logged at least this often
@@ -88,7 +90,7 @@ class BridgeOptions:
     socket_path: Path | None = None  # default: the domain's socket
     subject: str | None = None  # default: jitrelay.<domain>
     metrics_port: int | None = None
-    reconnect_buffer: int = 8 * MiB  # bytes buffered for NATS while reconnecting
+    reconnect_buffer: int = RECONNECT_BUFFER  # bytes buffered for NATS while reconnecting
     reconnect_wait: float = 0.1  # seconds between attempts on the same server
     max_payload: int | None = None  # largest message payload taken from NATS; default: the domain's
     nats_pending_limit: int = SUBSCRIPTION_PENDING_BYTES  # bytes nats-py may hold while the relay is behind

@@ -26,13 +26,14 @@ from typing import Any
 import tomli_w
 
 from jitrelay.core.domains import LOGICS, RelayLogic
+from jitrelay.core.units import GiB, KiB, MiB
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 reads TOML with the package tomllib came from
     import tomli as tomllib
 
-_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
+_UNITS = {"": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB}
 _BYTE_COUNT = re.compile(r"\s*(\d+)\s*([a-zA-Z]*)\s*")
 # Integer knobs that count bytes, and so also take "64KiB"-style strings: these and any field named *_size or *_bytes.
 _BYTE_FIELDS = frozenset({"max_payload", "pending_high", "pending_low"})
@@ -128,7 +129,7 @@ def render_config(logic: RelayLogic) -> str:
 
 def format_byte_count(count: int) -> str | int:
     """``4194304`` as ``"4MiB"``: the largest unit that divides it exactly, or the plain integer."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if count and count % size == 0:
             return f"{count // size}{unit}"
     return count

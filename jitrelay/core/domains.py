@@ -19,14 +19,16 @@ from typing import ClassVar
 import numpy as np
 
 from jitrelay.core import protocol
-
-MiB = 1 << 20
-KiB = 1 << 10
+from jitrelay.core.units import KiB, MiB
 
 DISCONNECT = "disconnect"
 BLOCK = "block"
 SLOW_POLICIES = (DISCONNECT, BLOCK)
-JOURNAL_FSYNC = ("every", "batch", "none")
+# When the journal is flushed to disk: after every write, every so often (``journal.py``), or never by the relay.
+FSYNC_EVERY = "every"
+FSYNC_BATCH = "batch"
+FSYNC_NONE = "none"
+JOURNAL_FSYNC = (FSYNC_EVERY, FSYNC_BATCH, FSYNC_NONE)
 
 DEFAULT_SOCKET_DIR = "/tmp/jitrelay"
 SOCKET_DIR_ENV = "JITRELAY_SOCKET_DIR"
@@ -75,7 +77,7 @@ class RelayLogic:
     # Append every forwarded message to a journal (see ``journal.py``).
     journal: bool = False
     journal_dir: Path = field(default_factory=lambda: Path())
-    journal_fsync: str = "batch"
+    journal_fsync: str = FSYNC_BATCH
     journal_rotate_bytes: int = 256 * MiB
     # Serve Prometheus metrics over HTTP on 127.0.0.1 at this port; None serves none.
     metrics_port: int | None = None
@@ -185,6 +187,8 @@ def parse_listen(address: str) -> tuple[str, int]:
 
 
 LOGICS: dict[str, type[RelayLogic]] = {cls.name: cls for cls in (MarketDataLogic, SignalLogic, ExecutionLogic)}
+# Domains whose messages must carry a correct CRC-32 (PROTOCOL.md): those whose logic verifies it by default.
+CHECKSUMMED_DOMAINS = frozenset(cls.domain_id for cls in LOGICS.values() if cls.verify_checksum)
 
 
 def logic_for(name: str, **overrides: object) -> RelayLogic:

@@ -47,7 +47,13 @@ HEADER_DTYPE = np.dtype(
 )
 assert HEADER_DTYPE.itemsize == HEADER_SIZE
 
-_HEADER = struct.Struct("<IBBBBQQII")
+HEADER_STRUCT = struct.Struct("<IBBBBQQII")  # the fields of HEADER_DTYPE, in order
+assert HEADER_STRUCT.size == HEADER_SIZE
+# Single fields, for code that reads one or two out of a buffer at their offsets (OFF_*).
+MAGIC_FIELD = struct.Struct("<I")  # at OFF_MAGIC
+SEQUENCE_FIELD = struct.Struct("<Q")  # at OFF_SEQUENCE
+SEQUENCE_TIMESTAMP_FIELDS = struct.Struct("<QQ")  # at OFF_SEQUENCE: sequence, then timestamp_ns
+assert OFF_SEQUENCE + SEQUENCE_FIELD.size == OFF_TIMESTAMP
 
 # Relay domains (header byte 4).
 MARKET_DATA = 1
@@ -147,7 +153,7 @@ class Header:
 
     @classmethod
     def unpack(cls, data: bytes | memoryview, offset: int = 0) -> Header:
-        return cls(*_HEADER.unpack_from(data, offset))
+        return cls(*HEADER_STRUCT.unpack_from(data, offset))
 
 
 @dataclass(frozen=True)
@@ -210,7 +216,7 @@ def build_message(
     body = encode_records(records) if payload is None else bytes(payload)
     if timestamp_ns is None:
         timestamp_ns = time.time_ns()
-    head = _HEADER.pack(magic, domain, version, source, flags, sequence, timestamp_ns, len(body), 0)
+    head = HEADER_STRUCT.pack(magic, domain, version, source, flags, sequence, timestamp_ns, len(body), 0)
     if checksum is None:
         checksum = zlib.crc32(body, zlib.crc32(head[:CHECKSUM_COVERED]))
     return head[:CHECKSUM_COVERED] + struct.pack("<I", checksum) + body

@@ -6,8 +6,9 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
+from jitrelay.core.units import MiB
 
-DEFAULT_BUFFER_SIZE = 4 << 20
+DEFAULT_BUFFER_SIZE = 4 * MiB
 
 Buffer = bytes | bytearray | memoryview | np.ndarray
 

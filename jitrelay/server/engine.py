@@ -33,15 +33,16 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import DISCONNECT, RelayLogic
+from jitrelay.core.domains import DISCONNECT, FSYNC_BATCH, RelayLogic
 from jitrelay.core.histogram import Histogram
+from jitrelay.core.units import MiB
 from jitrelay.server.figures import Figures
 from jitrelay.server.journal import Journal
 
 log = logging.getLogger("jitrelay.relay")
 
 SHUTDOWN_FLUSH_SECONDS = 1.0
-SOCKET_BUFFER = 4 << 20  # kernel buffers per connection: fewer, larger reads and sends
+SOCKET_BUFFER = 4 * MiB  # kernel buffers per connection: fewer, larger reads and sends
 MAX_IOV = 64  # runs sent with one sendmsg; more are compacted first
 SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
 SLOW_PIDS_KEPT = 1000  # pids of the latest subscribers dropped as slow, for the figures
@@ -339,7 +340,7 @@ class Relay:
             self.journal_errors += 1
             log.error("journal %s: append failed, batch forwarded unjournaled: %s", self.journal.path, exc)
             return
-        if self._journal_timer is None and self.logic.journal_fsync == "batch":
+        if self._journal_timer is None and self.logic.journal_fsync == FSYNC_BATCH:
             self._journal_timer = asyncio.get_running_loop().call_later(self.journal.sync_interval, self._sync_journal)
 
     def _sync_journal(self) -> None:

@@ -42,18 +42,15 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
+from jitrelay.core.domains import CHECKSUMMED_DOMAINS, FSYNC_BATCH, FSYNC_EVERY, FSYNC_NONE, RelayLogic
+from jitrelay.core.domains import JOURNAL_FSYNC as FSYNC_POLICIES
+from jitrelay.core.units import MiB
 
 log = logging.getLogger("jitrelay.journal")
 
-MiB = 1 << 20
-FSYNC_POLICIES = ("every", "batch", "none")
 SUFFIX = ".journal"
 DIRECTORY_MODE = 0o770
 FILE_MODE = 0o640
-# Domains whose messages must carry a correct CRC-32 (PROTOCOL.md): a mismatch
-# in their journal can only be damage on disk.
-CHECKSUMMED_DOMAINS = frozenset({protocol.SIGNAL, protocol.EXECUTION})
-
 _READ_CHUNK = 4 * MiB
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
 _SEGMENT = re.compile(r"(.+)-(\d+)" + re.escape(SUFFIX))
@@ -75,8 +72,8 @@ class Journal:
         directory: Path,
         name: str,
         *,
-        fsync: str = "batch",
-        rotate_bytes: int = 256 * MiB,
+        fsync: str = RelayLogic.journal_fsync,
+        rotate_bytes: int = RelayLogic.journal_rotate_bytes,
         sync_interval: float = 0.05,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
@@ -139,7 +136,7 @@ class Journal:
             self.messages += count
         if total:
             self._unsynced = True
-            if self.fsync == "every":
+            if self.fsync == FSYNC_EVERY:
                 self._sync()
 
     def maybe_sync(self) -> None:
@@ -149,7 +146,7 @@ class Journal:
         once more after ``sync_interval`` so that its last batch reaches disk.
         """
         due = time.monotonic() - self._last_sync >= self.sync_interval
-        if self.fsync == "batch" and self._unsynced and self._fd >= 0 and due:
+        if self.fsync == FSYNC_BATCH and self._unsynced and self._fd >= 0 and due:
             self._sync()
 
     def sync(self) -> None:
@@ -163,7 +160,7 @@ class Journal:
             return
         fd, self._fd = self._fd, -1
         try:
-            if self.fsync != "none" and self._unsynced:
+            if self.fsync != FSYNC_NONE and self._unsynced:
                 os.fsync(fd)
                 self._unsynced = False
         finally:
@@ -196,7 +193,7 @@ class Journal:
         self._path = path
         self._size = 0
         self._broken = False
-        if self.fsync != "none":
+        if self.fsync != FSYNC_NONE:
             _sync_directory(self.directory)  # the new name survives a power cut too
 
     def _rotate(self) -> None:
@@ -337,6 +334,7 @@ def _decode(data: bytes, pos: int, path: Path, base: int) -> tuple[protocol.Mess
         message, end = protocol.decode_message(data, pos)
     except protocol.ProtocolError as exc:
         raise protocol.ProtocolError(f"{path}: corrupt message at byte offset {base + pos}: {exc}") from exc
+    # A domain that verifies checksums let only correct CRC-32s in: a mismatch in its journal is damage on disk.
     if message.header.relay_domain in CHECKSUMMED_DOMAINS and not message.checksum_ok:
         raise protocol.ProtocolError(
             f"{path}: checksum mismatch at byte offset {base + pos} "

@@ -64,7 +64,6 @@ import random
 import shutil
 import signal
 import socket
-import struct
 import sys
 import tempfile
 import threading
@@ -79,12 +78,13 @@ from typing import Any
 
 from jitrelay.core import protocol
 from jitrelay.core.domains import LOGICS, logic_for
+from jitrelay.core.units import MiB
 from jitrelay.testing.processes import die_with_parent
 from jitrelay.testing.procfs import proc_status
 from jitrelay.testing.relay import ProcessFailed, RelayProcess
+from jitrelay.tools.options import non_negative, non_negative_float
 from jitrelay.tools.usage import UsageError
 
-MiB = 1 << 20
 READY_TIMEOUT = 60.0  # a relay on a fresh checkout compiles its kernels first
 ATTACH_TIMEOUT = 30.0
 TICK = 0.005  # publisher pacing step
@@ -108,8 +108,6 @@ RELAY_OPTIONS = {
     # Nothing is dropped: publishers wait until every stall ends.
     "block": ("--slow-policy", "block", "--pending-limit", "1MiB"),
 }
-
-_HEADER = struct.Struct("<IBBBBQQII")
 
 # The controller's phase, in the shared ``ctrl`` array.
 RUNNING, ENDING, STOPPING = 0, 1, 2
@@ -259,7 +257,7 @@ class StreamVerifier:
             return
         buf, view, last = self._buf, self._view, self.last
         pos, end = self._start, self._end
-        unpack, crc32 = _HEADER.unpack_from, zlib.crc32
+        unpack, crc32 = protocol.HEADER_STRUCT.unpack_from, zlib.crc32
         while end - pos >= protocol.HEADER_SIZE:
             magic, domain, version, source, flags, seq, _, size, checksum = unpack(buf, pos)
             if magic != protocol.MAGIC or size > self.max_payload:
@@ -580,7 +578,7 @@ class Echo:
                 buf += data
                 pos = 0
                 while len(buf) - pos >= protocol.HEADER_SIZE:
-                    magic, _, _, source, flags, seq, _, size, _ = _HEADER.unpack_from(buf, pos)
+                    magic, _, _, source, flags, seq, _, size, _ = protocol.HEADER_STRUCT.unpack_from(buf, pos)
                     if magic != protocol.MAGIC:
                         self.error = f"bad magic after {self.beacons} beacons"
                         return
@@ -1133,6 +1131,56 @@ def format_report(report: dict) -> str:
     for line in relay["log_tail"]:
         body.append(f"  relay: {line}")
     return "\n".join([head, *body])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``jitrelay soak`` command line, which ``options`` reads; its defaults are ``SoakOptions``'."""
+    d = SoakOptions
+    parser.add_argument("--domain", choices=list(LOGICS), default=d.domain, help=f"relay domain ({d.domain})")
+    parser.add_argument(
+        "--duration", type=non_negative_float, default=d.duration, help=f"seconds of load ({d.duration:g})"
+    )
+    parser.add_argument("--rate", type=non_negative_float, default=d.rate, help="messages per second, all publishers")
+    parser.add_argument(
+        "--publishers", type=non_negative, default=d.publishers, help=f"publisher processes at a time ({d.publishers})"
+    )
+    parser.add_argument(
+        "--subscribers",
+        type=non_negative,
+        default=d.subscribers,
+        help=f"subscriber processes at a time ({d.subscribers})",
+    )
+    parser.add_argument(
+        "--churn", type=non_negative_float, default=d.churn, help="clients killed and replaced per second"
+    )
+    parser.add_argument(
+        "--stall-prob",
+        type=non_negative_float,
+        default=d.stall_prob,
+        help=f"chance per second that a subscriber stalls ({d.stall_prob:g})",
+    )
+    parser.add_argument(
+        "--stall-max", type=non_negative_float, default=d.stall_max, help=f"longest stall in seconds ({d.stall_max:g})"
+    )
+    parser.add_argument(
+        "--filtered",
+        type=non_negative_float,
+        default=d.filtered,
+        help=f"share of subscribers that subscribe at connect to some publishers' sources ({d.filtered:g})",
+    )
+    parser.add_argument(
+        "--resubscribe",
+        type=non_negative_float,
+        default=d.resubscribe,
+        help=f"chance per second that a subscriber changes its subscription ({d.resubscribe:g})",
+    )
+    parser.add_argument(
+        "--max-size", type=non_negative, default=d.max_size, help=f"largest message in bytes ({d.max_size})"
+    )
+    parser.add_argument("--seed", type=non_negative, help="random seed, to repeat a run (default: random)")
+    parser.add_argument("--json", type=Path, help="also write the report, with memory samples, as JSON here")
+    parser.add_argument("--socket-dir", type=Path, help="where the relay's socket goes (default: a fresh /tmp folder)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def options(args: argparse.Namespace, argv: list[str] | None = None) -> SoakOptions:

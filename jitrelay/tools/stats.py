@@ -23,10 +23,12 @@ from typing import TextIO
 from prometheus_client.parser import text_string_to_metric_families
 
 from jitrelay.core.domains import logic_for, stats_socket_path
+from jitrelay.tools.options import add_target, non_negative, non_negative_float
 from jitrelay.tools.usage import UsageError
 
 BRIDGE_PREFIX = "jitrelay_bridge_"
 READ_TIMEOUT = 5.0
+INTERVAL = 1.0  # seconds between --watch tables
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 Labels = tuple[tuple[str, str], ...]
@@ -269,6 +271,21 @@ def watch(fetch: Callable[[], Reading], source: str, out: TextIO, *, interval: f
         previous = reading
         due += interval
         time.sleep(max(0.0, due - time.monotonic()))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``jitrelay stats`` command line, which ``run_stats`` reads."""
+    add_target(parser)
+    parser.add_argument(
+        "--url",
+        help="read this Prometheus endpoint instead of the stats socket: a relay's or a bridge's --metrics-port "
+        "(a bridge's figures get the bridge's table)",
+    )
+    parser.add_argument("--watch", action="store_true", help="redraw every interval, with the rate of each counter")
+    parser.add_argument(
+        "--interval", type=non_negative_float, default=INTERVAL, help=f"seconds between --watch tables ({INTERVAL:g})"
+    )
+    parser.add_argument("--count", type=non_negative, default=0, help="with --watch, stop after N tables (0: never)")
 
 
 def run_stats(args: argparse.Namespace) -> int:

@@ -22,7 +22,8 @@ from jitrelay.core.config import (
     read_config,
     render_config,
 )
-from jitrelay.core.domains import LOGICS, KiB, MiB, RelayLogic, logic_for
+from jitrelay.core.domains import LOGICS, RelayLogic, logic_for
+from jitrelay.core.units import KiB, MiB
 
 if sys.version_info >= (3, 11):
     import tomllib

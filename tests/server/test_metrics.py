@@ -21,11 +21,11 @@ from support.relays import RelayProcess, StartRelay
 from jitrelay.core import protocol
 from jitrelay.core.histogram import Histogram
 from jitrelay.core.protocol import build_message
+from jitrelay.core.units import KiB
 from jitrelay.server.exposition import cumulative_buckets
 from jitrelay.server.metrics import FORWARDING_BUCKETS
 
 TIMEOUT = 10.0
-KiB = 1 << 10
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -12,15 +12,10 @@ from collections.abc import Callable
 import numpy as np
 
 from jitrelay.core.protocol import MAGIC_BYTES, build_batch, build_message, decode_messages
+from jitrelay.core.units import MiB
 from support.reference import extended_record, standard_record
 from support.relays import RelayProcess
 from support.streams import ThreadedReader
-
-KiB = 1 << 10
-
-
-MiB = 1 << 20
-
 
 # name -> (domain id, lowest TLV type, highest TLV type, verifies checksums), from PROTOCOL.md
 DOMAINS = {

@@ -30,7 +30,8 @@ from support.relays import RelayProcess, StartRelay
 from jitrelay.cli import main
 from jitrelay.core import protocol
 from jitrelay.core.config import parse_byte_count
-from jitrelay.core.domains import MiB, logic_for
+from jitrelay.core.domains import logic_for
+from jitrelay.core.units import MiB
 from jitrelay.server.figures import read_figures
 from jitrelay.tools import soak
 from jitrelay.tools.soak import (

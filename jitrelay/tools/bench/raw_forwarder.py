@@ -26,7 +26,7 @@ import sys
 
 import uvloop
 
-MiB = 1 << 20
+from jitrelay.core.units import MiB
 
 
 class Hub:

@@ -68,7 +68,6 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -82,13 +81,24 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from jitrelay.core import protocol
+from jitrelay.core.protocol import (
+    MAGIC,
+    MAGIC_FIELD,
+    MARKET_DATA,
+    OFF_MAGIC,
+    OFF_SEQUENCE,
+    SEQUENCE_FIELD,
+    SEQUENCE_TIMESTAMP_FIELDS,
+)
+from jitrelay.core.units import MiB
 from jitrelay.server.figures import read_figures
 from jitrelay.testing.processes import die_with_parent
 from jitrelay.testing.procfs import MemorySampler, cpu_seconds, proc_status
 from jitrelay.testing.relay import ChildProcess, ProcessFailed
+from jitrelay.tools.options import MESSAGE_SIZE, non_negative, non_negative_float
 from jitrelay.tools.usage import UsageError
 
-MiB = 1 << 20
 BATCH_BYTES = 1 * MiB
 RECV_BUFFER = 4 * MiB
 POLL_SECONDS = 0.2  # subscriber receive timeout: how often it looks at the control values while idle
@@ -97,21 +107,21 @@ STARTUP_SECONDS = 60.0  # relay ready, processes spawned and connected (a first 
 PROBE_INTERVAL = 0.05  # seconds between the zmq publisher's probes
 RSS_INTERVAL = 0.05
 SEQUENCE_CHECK_EVERY = 1024  # a zmq W1 subscriber checks the sequence of one frame in this many
-MAGIC = 0xDEADBEEF
-MARKET_DATA = 1
 PROBE_SEQUENCE = (1 << 64) - 1
 
 RELAYS = ("jitrelay", "raw", "zmq", "zmq-default", "bridge")
 POLICIES = ("block", "disconnect")
 WORKLOADS = ("w1", "w2", "w1f")
 FILTERED_SUBSCRIBERS = 4  # W1f: one subscriber per TLV type 1..4
-DEFAULT_RELAYS = "jitrelay,raw,zmq,zmq-default,bridge"
+DEFAULT_RELAYS = ",".join(RELAYS)
+DEFAULT_WORKLOADS = ",".join(WORKLOADS)
+DEFAULT_SUBSCRIBERS = "1,4"  # W1 subscriber counts
+DEFAULT_DURATION = 5.0  # seconds of publishing per run
+DEFAULT_RATE = 5000.0  # W2 messages per second
+DEFAULT_STARTUP_RUNS = 3
+RESULTS_DIR = Path("bench-results")  # where the JSON report goes unless --json says
 BRIDGE_MAX_PENDING = 256 * MiB  # the servers' queue per client: the bench measures throughput, not their 64 MiB
 PATH_CHECK_SECONDS = 0.2  # a bridged run's path check waits this long for each check message
-
-_HEAD = struct.Struct("<I")
-_SEQ = struct.Struct("<Q")
-_SEQ_TS = struct.Struct("<QQ")
 
 
 class BenchError(RuntimeError):
@@ -294,8 +304,6 @@ def _note_bridges(notes: dict, bridges: list[BenchedProcess]) -> None:
 
 
 def _check_path(path_a: str, path_b: str) -> None:
-    from jitrelay.core import protocol
-
     with _connect(path_b) as checker, _connect(path_a) as sender:
         checker.settimeout(PATH_CHECK_SECONDS)
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -327,8 +335,6 @@ def relay_forwarding(figures: dict | None) -> dict | None:
 
 def records_for(size: int) -> list[tuple[int, bytes]]:
     """The one type-1 record that makes a market_data message exactly ``size`` bytes long."""
-    from jitrelay.core import protocol
-
     try:
         return [protocol.synthetic_record(MARKET_DATA, size)]
     except ValueError as exc:
@@ -340,8 +346,6 @@ def probe_message(size: int, types: int = 1) -> bytes:
 
     With ``types`` > 1 it carries a record of each type 1..``types``, so every W1f filter selects it.
     """
-    from jitrelay.core import protocol
-
     records = [(t, b"probe" if size != 39 else b"probe!") for t in range(1, types + 1)]
     probe = protocol.build_message(MARKET_DATA, records, sequence=PROBE_SEQUENCE, timestamp_ns=0)
     if len(probe) == size:
@@ -461,8 +465,6 @@ def subscribe(
     else:
         sock = _connect(end.address)
         if tlv_type is not None:
-            from jitrelay.core import protocol
-
             sock.sendall(protocol.subscribe_message(tlv_types=[tlv_type]))
         reports.put(("connected", who, None))
         _await_probe(sock, probe)
@@ -564,19 +566,19 @@ def _count(sock: socket.socket, size: int, expected: Any, limit_s: float, stride
     for n in reads:
         # The one message header that starts in this read, if it is whole: magic and sequence.
         skip = -total % size
-        if skip + 16 <= n:
+        if skip + OFF_SEQUENCE + SEQUENCE_FIELD.size <= n:
             index = (total + skip) // size
-            if _HEAD.unpack_from(buf, skip)[0] != MAGIC:
+            if MAGIC_FIELD.unpack_from(buf, skip + OFF_MAGIC)[0] != MAGIC:
                 bad_magic += 1
             else:
-                seq = _SEQ.unpack_from(buf, skip + 8)[0]
+                seq = SEQUENCE_FIELD.unpack_from(buf, skip + OFF_SEQUENCE)[0]
                 if seq != index * stride + seq_shift:
                     gaps += 1
                     seq_shift = seq - index * stride
         tail = bytes(view[n - keep : n]) if n >= keep else (tail + bytes(view[:n]))[-keep:]
         total += n
     received, partial = divmod(total, size)
-    last_seq = _SEQ.unpack_from(tail, len(tail) - partial - size + 8)[0] if received else None
+    last_seq = SEQUENCE_FIELD.unpack_from(tail, len(tail) - partial - size + OFF_SEQUENCE)[0] if received else None
     return reads.result(received, partial, last_seq, gaps, bad_magic)
 
 
@@ -595,10 +597,10 @@ def _time(sock: socket.socket, size: int, expected: Any, limit_s: float) -> dict
         whole = len(data) // size
         for k in range(whole):
             pos = k * size
-            if _HEAD.unpack_from(data, pos)[0] != MAGIC:
+            if MAGIC_FIELD.unpack_from(data, pos + OFF_MAGIC)[0] != MAGIC:
                 bad_magic += 1
                 continue
-            seq, sent_ns = _SEQ_TS.unpack_from(data, pos + 8)
+            seq, sent_ns = SEQUENCE_TIMESTAMP_FIELDS.unpack_from(data, pos + OFF_SEQUENCE)
             latencies.append(now_ns - sent_ns)
             if seq != next_seq:
                 gaps += 1
@@ -634,14 +636,14 @@ def _zmq_receive(sock: Any, size: int, timing: bool, expected: Any, limit_s: flo
             probes += 1
             continue
         if timing:
-            seq, sent_ns = _SEQ_TS.unpack_from(frame, 8)
+            seq, sent_ns = SEQUENCE_TIMESTAMP_FIELDS.unpack_from(frame, OFF_SEQUENCE)
             latencies.append(time.time_ns() - sent_ns)
             gaps += seq != received + seq_shift
             seq_shift = seq - received
         elif not received % SEQUENCE_CHECK_EVERY:
-            if _HEAD.unpack_from(frame)[0] != MAGIC:
+            if MAGIC_FIELD.unpack_from(frame, OFF_MAGIC)[0] != MAGIC:
                 bad_magic += 1
-            seq = _SEQ.unpack_from(frame, 8)[0]
+            seq = SEQUENCE_FIELD.unpack_from(frame, OFF_SEQUENCE)[0]
             gaps += seq != received + seq_shift
             seq_shift = seq - received
         if not received:
@@ -653,7 +655,7 @@ def _zmq_receive(sock: Any, size: int, timing: bool, expected: Any, limit_s: flo
         "received": received,
         "partial_bytes": 0,
         "first_to_last_s": (last_ns - first_ns) / 1e9,
-        "last_sequence": _SEQ.unpack_from(last, 8)[0] if received else None,
+        "last_sequence": SEQUENCE_FIELD.unpack_from(last, OFF_SEQUENCE)[0] if received else None,
         "sequence_gaps": gaps,
         "bad_magic": bad_magic,
         "extra_probes": probes,
@@ -683,7 +685,6 @@ def publish_batches(
     A zmq publisher sends the same batch one message per frame.
     """
     from jitrelay import kernels
-    from jitrelay.core import protocol
 
     count = BATCH_BYTES // size // types * types  # whole cycles, so the types follow the sequence numbers
     value = records_for(size)[0][1]
@@ -720,8 +721,6 @@ def publish_batches(
 
 def publish_paced(who: str, reports: Any, end: Endpoint, size: int, duration: float, start: Any, rate: float) -> dict:
     """W2 publisher: one message per send at ``rate`` per second, stamped with its send time."""
-    from jitrelay.core import protocol
-
     message = bytearray(protocol.build_message(MARKET_DATA, records_for(size), timestamp_ns=0))
     zmq_sock = _zmq_socket("pub", end) if end.transport == "zmq" else None
     sock = None
@@ -744,7 +743,7 @@ def publish_paced(who: str, reports: Any, end: Endpoint, size: int, duration: fl
             time.sleep(wait)
         elif wait < -interval:
             late += 1
-        _SEQ_TS.pack_into(message, 8, seq, time.time_ns())
+        SEQUENCE_TIMESTAMP_FIELDS.pack_into(message, OFF_SEQUENCE, seq, time.time_ns())
         send(message)
     elapsed = time.perf_counter() - began
     cpu = time.process_time() - cpu
@@ -1234,6 +1233,48 @@ def _names(text: str) -> list[str]:
     return [part.strip().lower() for part in text.split(",") if part.strip()]
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``jitrelay bench`` command line, which ``options`` reads."""
+    parser.add_argument(
+        "--relays",
+        default=DEFAULT_RELAYS,
+        help="comma-separated: jitrelay (or jitrelay:block, jitrelay:disconnect), raw, zmq, zmq-default, bridge",
+    )
+    parser.add_argument(
+        "--workloads",
+        default=DEFAULT_WORKLOADS,
+        help="comma-separated: w1 (throughput), w2 (latency), w1f (w1 with 4 filtered subscribers)",
+    )
+    parser.add_argument(
+        "--subscribers",
+        default=DEFAULT_SUBSCRIBERS,
+        help=f"W1 subscriber counts, comma-separated ({DEFAULT_SUBSCRIBERS})",
+    )
+    parser.add_argument(
+        "--latency-subscribers", type=non_negative, help="W2 subscriber count (default: the largest W1 count)"
+    )
+    parser.add_argument(
+        "--size", type=non_negative, default=MESSAGE_SIZE, help=f"bytes per message, header included ({MESSAGE_SIZE})"
+    )
+    parser.add_argument(
+        "--duration",
+        type=non_negative_float,
+        default=DEFAULT_DURATION,
+        help=f"seconds of publishing per run ({DEFAULT_DURATION:g})",
+    )
+    parser.add_argument(
+        "--rate", type=non_negative_float, default=DEFAULT_RATE, help=f"W2 messages per second ({DEFAULT_RATE:g})"
+    )
+    parser.add_argument(
+        "--startup-runs",
+        type=non_negative,
+        default=DEFAULT_STARTUP_RUNS,
+        help=f"warm starts of `jitrelay run` to time, followed by one cold start; 0 skips it ({DEFAULT_STARTUP_RUNS})",
+    )
+    parser.add_argument("--json", type=Path, help=f"where to write every figure ({RESULTS_DIR}/<UTC time>.json)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
     """Check the ``bench`` command line; a :class:`UsageError` says what is wrong."""
     relays = _names(args.relays)
@@ -1282,7 +1323,7 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
         duration=args.duration,
         rate=args.rate,
         startup_runs=args.startup_runs,
-        json_path=args.json or Path("bench-results") / f"{stamp}.json",
+        json_path=args.json or RESULTS_DIR / f"{stamp}.json",
         progress=not args.no_progress,
         argv=list(sys.argv if argv is None else argv),
     )

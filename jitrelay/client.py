@@ -183,6 +183,8 @@ class _PublisherState(_Endpoint):
             one = _ONE_RECORD.get(n) or _one_record(n)
             one.pack_into(buf, start, self._prefix | flags << 56, sequence, timestamp_ns, n + 2, 0, tlv_type, n, value)
         else:
+            if start + _HEADER_SIZE > self._limit:
+                self._grow(start + _HEADER_SIZE)
             pos = self._records_into(records, start + _HEADER_SIZE)
             buf = self._buf
             size = pos - start - _HEADER_SIZE
@@ -663,7 +665,7 @@ class AsyncPublisher(_PublisherState):
             self._writer.transport.set_write_buffer_limits(high=0)
             self._loop = asyncio.get_running_loop()
             self._discarding = self._loop.create_task(self._discard(reader))
-            self._schedule()  # the publish-only declaration
+            self._write_out()  # the publish-only declaration
         return self
 
     async def publish(

@@ -68,6 +68,7 @@ class Connection(asyncio.BufferedProtocol):
         self.slow_timer: asyncio.TimerHandle | None = None
         self.spare: socket.socket | None = None  # a second descriptor: zero-copy sends and salvage
         self.filter: protocol.Filter = protocol.EVERYTHING  # what it asked to receive (control messages)
+        self.publish_only = False  # it declared it never reads: no target list holds it, so it is never slow
 
     # asyncio protocol callbacks
 
@@ -234,7 +235,7 @@ class Relay:
         self.on_under_limit(conn)
 
     def _retarget(self) -> None:
-        live = [(c, c.transport) for c in self.connections.values() if not c.transport.is_closing()]
+        live = [(c, c.transport) for c in self.connections.values() if not (c.publish_only or c.transport.is_closing())]
         self._everyone = tuple(target for target in live if target[0].filter == protocol.EVERYTHING)
         groups: dict[protocol.Filter, list[tuple[Connection, asyncio.Transport]]] = {}
         for target in live:
@@ -327,8 +328,13 @@ class Relay:
         """Apply the connection's control messages, in order, to what it receives from now on."""
         offsets = self.scan_out.offsets
         for k in np.flatnonzero(self.scan_out.verdicts[:count] == protocol.CONTROL):
-            conn.filter = protocol.apply_control(conn.filter, conn.view[offsets[k] : offsets[k + 1]])
-        log.info("%s subscribes to %s", conn.peer, protocol.describe_filter(conn.filter))
+            message = conn.view[offsets[k] : offsets[k + 1]]
+            conn.filter = protocol.apply_control(conn.filter, message)
+            conn.publish_only = conn.publish_only or protocol.declares_publish_only(message)
+        if conn.publish_only:
+            log.info("%s publishes only; it receives nothing", conn.peer)
+        else:
+            log.info("%s subscribes to %s", conn.peer, protocol.describe_filter(conn.filter))
         self._retarget()
 
     def _journal(self, pieces: list) -> None:

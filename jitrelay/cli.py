@@ -483,12 +483,41 @@ def bridge_arguments(parser: argparse.ArgumentParser) -> None:
         f"({format_byte_count(SUBSCRIPTION_PENDING_BYTES)})",
         default=SUBSCRIPTION_PENDING_BYTES,
     )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--jetstream",
+        dest="jetstream",
+        action="store_const",
+        const=True,
+        help="carry the domain through a JetStream stream, without loss (the default for execution)",
+    )
+    mode.add_argument(
+        "--core", dest="jetstream", action="store_const", const=False, help="core NATS, at most once (the default else)"
+    )
+    parser.add_argument("--host", help="this host's name in the stream and its durable consumer's (the host name)")
+    parser.add_argument("--replicas", type=int, default=3, help="JetStream: the stream's replicas (3)")
+    parser.add_argument("--max-age", type=float, default=86400.0, help="JetStream: seconds the stream keeps a message")
+    add_byte_option(parser, "--max-bytes", "JetStream: what the stream holds at most (1GiB)", default=1024**3)
+    parser.add_argument(
+        "--duplicate-window", type=float, default=120.0, help="JetStream: seconds the stream drops a republish (120)"
+    )
+    parser.add_argument(
+        "--max-in-flight", type=int, default=64, help="JetStream: publishes awaiting acknowledgement at most (64)"
+    )
+    parser.add_argument("--journal", type=Path, help="JetStream: the relay's journal folder (<socket folder>/journal)")
+    parser.add_argument(
+        "--no-journal",
+        action="store_true",
+        help="JetStream: send what the relay forwards to the bridge, not what it journals",
+    )
+    parser.add_argument("--state-dir", type=Path, help="JetStream: where the bridge keeps its state (socket folder)")
     add_metrics_port(parser)
     add_log_options(parser)
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
     from jitrelay.bridge.bridge import BridgeOptions, run_bridge  # nats-py loads only for this command
+    from jitrelay.bridge.jetstream import StreamSettings
 
     servers = tuple(url.strip() for urls in args.nats for url in urls.split(",") if url.strip())
     try:
@@ -501,6 +530,18 @@ def cmd_bridge(args: argparse.Namespace) -> int:
             reconnect_buffer=args.reconnect_buffer,
             max_payload=args.max_payload,
             nats_pending_limit=args.nats_pending_limit,
+            jetstream=args.jetstream,
+            host=args.host,
+            stream=StreamSettings(
+                replicas=args.replicas,
+                max_age=args.max_age,
+                max_bytes=args.max_bytes,
+                duplicate_window=args.duplicate_window,
+                max_in_flight=args.max_in_flight,
+            ),
+            journal_dir=args.journal,
+            use_journal=False if args.no_journal else None,
+            state_dir=args.state_dir,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -41,7 +41,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -49,6 +49,7 @@ from typing import TypeVar
 import numpy as np
 
 from jitrelay import kernels
+from jitrelay.bridge import jetstream as js_
 from jitrelay.core import protocol
 from jitrelay.core.domains import logic_for
 from jitrelay.core.units import MiB
@@ -94,9 +95,31 @@ class BridgeOptions:
     reconnect_wait: float = 0.1  # seconds between attempts on the same server
     max_payload: int | None = None  # largest message payload taken from NATS; default: the domain's
     nats_pending_limit: int = SUBSCRIPTION_PENDING_BYTES  # bytes nats-py may hold while the relay is behind
+    jetstream: bool | None = None  # default: on where the domain's relay never drops (execution)
+    host: str | None = None  # this host's name in the stream and its consumer's; default: the host name
+    stream: js_.StreamSettings = field(default_factory=js_.StreamSettings)
+    journal_dir: Path | None = None  # where the relay journals; default: the domain's, if it journals
+    use_journal: bool | None = None  # read what to send from the journal; default: when the domain journals
+    state_dir: Path | None = None  # where the JetStream bridge keeps its state file; default: the socket's folder
 
     def __post_init__(self) -> None:
         logic = logic_for(self.domain)  # ValueError for an unknown domain
+        if self.jetstream is None:
+            self.jetstream = logic.slow_policy == "block"
+        if self.host is None:
+            self.host = socket.gethostname()
+        self.host = js_.host_token(self.host)
+        if self.journal_dir is None:
+            base = self.socket_path if self.socket_path is not None else Path(logic.socket_path)
+            self.journal_dir = Path(base).parent / "journal"
+        if self.use_journal is None:
+            self.use_journal = bool(self.jetstream and logic.journal)
+        if self.state_dir is None:
+            self.state_dir = Path(self.socket_path if self.socket_path is not None else logic.socket_path).parent
+        if self.stream.replicas < 1 or self.stream.max_in_flight < 1 or self.stream.max_ack_pending < 1:
+            raise ValueError("replicas, publishes in flight and acknowledgements pending must be at least 1")
+        if not (self.stream.max_age > 0 and self.stream.max_bytes > 0 and self.stream.duplicate_window > 0):
+            raise ValueError("the stream's max age, max bytes and duplicate window must be positive")
         if not self.servers:
             raise ValueError("no NATS server given")
         if self.socket_path is None:
@@ -147,6 +170,7 @@ class BridgeFigures:
     connected: bool = False
     client_drops: int = 0  # NATS messages nats-py dropped: the relay was behind and its pending limit was reached
     pending_bytes: int = 0  # what nats-py holds for the relay now (read at scrape time)
+    stream: js_.StreamFigures | None = None  # the JetStream side's, when the bridge runs on JetStream
 
     def summary(self) -> str:
         t, f, gt, gf = self.to_nats, self.from_nats, self.gap_to_nats, self.gap_from_nats
@@ -158,6 +182,7 @@ class BridgeFigures:
             f"from NATS {gf.messages} messages ({gf.bytes} bytes) in {gf.events}; "
             f"reconnects {self.reconnects} ({self.disconnected_seconds:.2f} s disconnected); "
             f"dropped by the NATS client {self.client_drops} NATS messages"
+            + ("" if self.stream is None else "; JetStream: " + self.stream.summary())
         )
 
 
@@ -210,7 +235,10 @@ class _RelayLink(asyncio.BufferedProtocol):
             self.transport.close()
             return
         if batch is not None:
-            self.bridge.queue_for_nats(batch)
+            if self.bridge.options.use_journal:  # the journal holds it already: only a sign that there is more to read
+                self.bridge.tail_kick.set()
+            else:
+                self.bridge.queue_for_nats(batch)
 
     def eof_received(self) -> bool:
         return False
@@ -256,6 +284,18 @@ class Bridge:
         self._tables = kernels.KernelTables(tables.domain, tables.max_payload, False, tables.type_allowed)
         self._scan_out = kernels.ScanBuffers(64 * 1024)
         self._scan_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+        self.lossy = logic.slow_policy != "block"
+        self.js = None  # the JetStream context, on JetStream
+        self.sender: js_.StreamSender | None = None
+        self.position = js_.SenderPosition()
+        self.tail: js_.JournalTail | None = None
+        self.tail_kick = asyncio.Event()
+        self.echo: js_.EchoFilter | None = None
+        self.state: js_.BridgeState | None = None
+        self._held: dict[str, dict[int, tuple[float, object]]] = {}
+        if options.jetstream:
+            self.id = options.host
+            self.figures.stream = js_.StreamFigures()
 
     # relay -> NATS
 
@@ -280,8 +320,11 @@ class Bridge:
                 self._link.transport.resume_reading()
             await self.publish_batch(batch)
 
-    async def publish_batch(self, batch: np.ndarray) -> None:
-        """Publish whole messages as NATS messages of at most max_payload, each cut at a message boundary."""
+    async def publish_batch(self, batch: np.ndarray, journal_at: tuple[int, int] | None = None) -> None:
+        """Publish whole messages as NATS messages of at most max_payload, each cut at a message boundary.
+
+        On JetStream, ``journal_at`` is where the batch starts in the journal it was read from.
+        """
         from nats.errors import Error as NatsError
 
         view = memoryview(batch)
@@ -293,12 +336,17 @@ class Bridge:
         while pos < end:
             limit = self.nc.max_payload - HEADER_ROOM
             count, stop, _ = kernels.frame(batch, pos, min(end, pos + limit))
+            journal_end = None if journal_at is None else (journal_at[0], journal_at[1] + stop)
             if count == 0:  # one message larger than a NATS message can carry
                 at = pos + protocol.OFF_PAYLOAD_SIZE
                 size = protocol.HEADER_SIZE + int(batch[at : at + 4].view("<u4")[0])
                 self._drop(1, size, f"a message of {size} bytes is larger than NATS max_payload {self.nc.max_payload}")
                 self._close_gap()  # not a state: report it at once
                 pos += size
+                continue
+            if self.sender is not None:
+                await self.sender.publish(bytes(view[pos:stop]), count, self.position, journal_end)
+                pos = stop
                 continue
             headers = {HEADER_BRIDGE: self.id, HEADER_SEQUENCE: str(self._sequence), HEADER_OFFSET: str(self._offset)}
             try:
@@ -317,6 +365,13 @@ class Bridge:
             pos = stop
 
     def _drop(self, count: int, size: int, reason: str) -> None:
+        self._count_gap(count, size, reason)
+        self._sequence += count
+        self._offset += size
+        self.position.sequence += count
+        self.position.offset += size
+
+    def _count_gap(self, count: int, size: int, reason: str) -> None:
         if self._gap is not None and self._gap.reason != reason:
             self._close_gap()
         gap = self._gap
@@ -327,8 +382,6 @@ class Bridge:
         gap.bytes += size
         self.figures.gap_to_nats.messages += count
         self.figures.gap_to_nats.bytes += size
-        self._sequence += count
-        self._offset += size
         if time.monotonic() - gap.logged > GAP_LOG_INTERVAL:
             gap.log(" so far")
 
@@ -463,7 +516,10 @@ class Bridge:
             raise BridgeError(
                 f"no {self.domain} relay at {path} ({exc.strerror or exc}); start one with `jitrelay run {self.domain}`"
             ) from exc
-        pump = loop.create_task(self._pump_to_nats())  # until NATS is reached, what the relay sends is a gap
+        jetstream = bool(self.options.jetstream)
+        # Core NATS: until NATS is reached, what the relay sends is a gap. JetStream: it waits in the outbox.
+        pump = loop.create_task(self._pump_to_nats() if not jetstream else asyncio.sleep(0))
+        tasks: list[asyncio.Task] = []
         closed: asyncio.Future[None] = loop.create_future()
         metrics = None
         try:
@@ -473,24 +529,28 @@ class Bridge:
             self.nats_url = _url(self.nc)
             self.figures.connected = True
             log.info("connected to NATS at %s (max_payload %d)", self.nats_url, self.nc.max_payload)
-            self.subscription = await self.nc.subscribe(
-                self.subject, cb=self._on_nats, pending_bytes_limit=self.options.nats_pending_limit
-            )
+            if jetstream:
+                if not await _unless_stopped(stop, self._start_jetstream()):
+                    return
+                work = self._pump_journal() if self.tail is not None else self._pump_to_nats()
+                pump = loop.create_task(work)
+                tasks = [loop.create_task(t) for t in (self.sender.watch(), self._receive_js(), self._watch_js())]
+                where = f"JetStream stream {js_.stream_name(self.domain)} as host {self.id}"
+            else:
+                self.subscription = await self.nc.subscribe(
+                    self.subject, cb=self._on_nats, pending_bytes_limit=self.options.nats_pending_limit
+                )
+                where = f"NATS subject {self.subject}"
             await self.nc.flush()
             if self.options.metrics_port is not None:
                 metrics = serve_metrics(self, loop, self.options.metrics_port)
-            log.info(
-                "jitrelay bridge %s ready: relay %s <-> NATS subject %s (bridge id %s)",
-                self.domain,
-                path,
-                self.subject,
-                self.id,
-            )
+            log.info("jitrelay bridge %s ready: relay %s <-> %s (bridge id %s)", self.domain, path, where, self.id)
             stopping = loop.create_task(stop.wait())
-            await asyncio.wait([stopping, self._link.lost, closed, pump], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([stopping, self._link.lost, closed, pump, *tasks], return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
-            if pump.done():
-                pump.result()  # raises what stopped it
+            for task in (pump, *tasks):
+                if task.done():
+                    task.result()  # raises what stopped it
             if not stop.is_set():
                 if self._link.lost.done():
                     raise BridgeError(f"the {self.domain} relay at {path} closed the connection")
@@ -499,6 +559,11 @@ class Bridge:
         finally:
             self._stopping = True
             pump.cancel()
+            for task in tasks:
+                task.cancel()
+            if self.state is not None:
+                with contextlib.suppress(OSError):
+                    self.state.save(self.echo.persisted() if self.echo is not None else None)
             self._close_gap()
             if self.nc is not None and not self.nc.is_closed:
                 with contextlib.suppress(Exception):
@@ -508,6 +573,291 @@ class Bridge:
             if metrics is not None:
                 await loop.run_in_executor(None, metrics.shutdown)
                 metrics.server_close()
+
+    # JetStream
+
+    async def _start_jetstream(self) -> bool:
+        """Create (or find) the stream, the sender and the durable consumer; pick up where this host left off."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.errors import BadRequestError
+
+        options, settings = self.options, self.options.stream
+        stream = js_.stream_name(self.domain)
+        self.js = self.nc.jetstream(timeout=5)
+        config = settings.stream_config(self.domain, self.subject)
+        state_path = Path(options.state_dir) / f"bridge-{self.domain}-{self.id}.state"
+        self.state = js_.BridgeState(state_path).load()
+        if options.use_journal:
+            self.echo = js_.EchoFilter()
+            self.echo.waiting.update(self.state.echo)
+        while True:
+            try:
+                await self.js.add_stream(config)
+                break
+            except BadRequestError as exc:  # created by another bridge with other settings: use it as it is
+                log.warning("stream %s exists with other settings (%s); using it as it is", stream, exc.description)
+                await self.js.stream_info(stream)
+                break
+            except Exception as exc:  # no JetStream leader yet, a node away: try again
+                log.warning("cannot create stream %s yet (%s: %s); trying again", stream, type(exc).__name__, exc)
+                await asyncio.sleep(0.5)
+        own = f"{self.subject}.{self.id}"
+        while True:
+            try:
+                found = await js_.last_position(self.js, stream, own)
+                break
+            except Exception as exc:
+                log.warning("cannot read the stream's last message of %s yet (%s); trying again", own, exc)
+                await asyncio.sleep(0.5)
+        saved = self.state.sender
+        if found is None and saved:
+            journal = tuple(saved["journal"]) if saved.get("journal") else None
+            found = js_.SenderPosition(int(saved["sequence"]), int(saved["offset"]), journal)  # type: ignore[arg-type]
+        if found is not None:
+            self.position = js_.SenderPosition(found.sequence, found.offset, found.journal)
+        if options.use_journal:
+            self.tail = js_.JournalTail(Path(options.journal_dir), self.domain)
+            if found is not None and found.journal is not None:
+                self.tail.position = found.journal
+            log.info("sending from journal %s at segment %d byte %d", options.journal_dir, *self.tail.position)
+        self._remember_sender()
+        self.sender = js_.StreamSender(
+            self.nc,
+            self.subject,
+            self.id,
+            settings,
+            self.figures.stream,
+            self.lossy,
+            self._on_stored,
+            lambda count, size, why: self._count_gap(count, size, why),
+        )
+        self.sender.previous = self.position.sequence
+        await self.sender.start()
+        consumer = ConsumerConfig(
+            durable_name=self.id,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_ack_pending=settings.max_ack_pending,
+            filter_subject=f"{self.subject}.>",
+        )
+        while True:
+            try:
+                self.subscription = await self.js.pull_subscribe(
+                    f"{self.subject}.>",
+                    durable=self.id,
+                    stream=stream,
+                    config=consumer,
+                    pending_bytes_limit=options.nats_pending_limit,
+                )
+                break
+            except Exception as exc:
+                log.warning("cannot create consumer %s yet (%s: %s); trying again", self.id, type(exc).__name__, exc)
+                await asyncio.sleep(0.5)
+        self.state.save(self.echo.persisted() if self.echo is not None else None)
+        return True
+
+    def _remember_sender(self) -> None:
+        p = self.position
+        assert self.state is not None
+        self.state.sender = {"sequence": p.sequence, "offset": p.offset, "journal": list(p.journal or ()) or None}
+
+    def _on_stored(self, entry: object) -> None:
+        """A publish the stream stored: count it, and move the sender's saved position past it."""
+        traffic = self.figures.to_nats
+        traffic.messages += entry.count  # type: ignore[attr-defined]
+        traffic.bytes += len(entry.payload)  # type: ignore[attr-defined]
+        traffic.payloads += 1
+        if self._gap is not None:
+            self._close_gap()
+        headers = entry.headers  # type: ignore[attr-defined]
+        sequence = int(headers[HEADER_SEQUENCE]) + entry.count  # type: ignore[attr-defined]
+        offset = int(headers[HEADER_OFFSET]) + len(entry.payload)  # type: ignore[attr-defined]
+        journal = entry.journal_end  # type: ignore[attr-defined]
+        assert self.state is not None
+        self.state.sender = {"sequence": sequence, "offset": offset, "journal": list(journal) if journal else None}
+        if journal is not None and self.echo is not None:
+            self.echo.passed(journal)
+
+    async def _pump_journal(self) -> None:
+        """Send what the relay journals, from the tail's position on, skipping what this bridge wrote into it."""
+        tail, echo = self.tail, self.echo
+        assert tail is not None and echo is not None
+        while True:
+            got = tail.read()
+            if got is None:
+                self.tail_kick.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.tail_kick.wait(), js_.TAIL_POLL)
+                continue
+            buf, end = got
+            segment, start = tail.position
+            tail.position = end
+            if not echo.waiting:
+                await self.publish_batch(buf, (segment, start))
+                continue
+            run = 0  # start of the current run of this host's own messages
+            for first, last in js_.message_bounds(buf):
+                if echo.take(bytes(buf[first : first + protocol.HEADER_SIZE]), (segment, start + last)):
+                    self.figures.stream.echoes += 1
+                    if first > run:
+                        await self.publish_batch(buf[run:first], (segment, start + run))
+                    run = last
+            if run < len(buf):
+                await self.publish_batch(buf[run:], (segment, start + run))
+
+    async def _receive_js(self) -> None:
+        """Fetch from this host's durable consumer; write, then acknowledge once the relay has the bytes."""
+        from nats.errors import TimeoutError as NatsTimeout
+
+        while True:
+            try:
+                msgs = await self.subscription.fetch(js_.FETCH_BATCH, timeout=js_.FETCH_WAIT)
+            except (NatsTimeout, asyncio.TimeoutError):
+                msgs = []
+            except Exception as exc:
+                await self._on_error(exc)
+                await asyncio.sleep(0.2)
+                continue
+            await self._take(msgs)
+
+    async def _take(self, msgs: list) -> None:
+        assert self.state is not None
+        work = dict(self.state.streams)
+        pieces: list[bytes | memoryview] = []
+        acks: list = []
+        written = [0, 0, 0]  # messages, bytes, NATS messages
+        for msg in msgs:
+            self._admit(msg, work, pieces, acks, written)
+        self._release_held(work, pieces, acks, written)
+        figures = self.figures.stream
+        assert figures is not None
+        figures.held = sum(len(h) for h in self._held.values())
+        if pieces:
+            link = self._link
+            if link is None or link.transport is None or link.transport.is_closing():
+                return  # not acknowledged: the stream gives them again to the next bridge of this host
+            if self.echo is not None:  # remembered before the relay can journal them
+                for piece in pieces:
+                    buf = np.frombuffer(piece, dtype=np.uint8)
+                    for first, _ in js_.message_bounds(buf):
+                        self.echo.waiting[bytes(buf[first : first + protocol.HEADER_SIZE])] += 1
+                self.state.save(self.echo.persisted())
+            for piece in pieces:
+                link.transport.write(piece)
+            while link.transport.get_write_buffer_size() and not link.transport.is_closing():
+                await asyncio.sleep(0.001)  # acknowledged only once the relay's socket holds every byte
+            if link.transport.is_closing():
+                return
+            traffic = self.figures.from_nats
+            traffic.messages += written[0]
+            traffic.bytes += written[1]
+            traffic.payloads += written[2]
+        if work != self.state.streams or pieces:
+            self.state.streams = work
+            self.state.save(self.echo.persisted() if self.echo is not None else None)
+        for msg in acks:
+            with contextlib.suppress(Exception):
+                await msg.ack()
+
+    def _admit(self, msg: object, work: dict, pieces: list, acks: list, written: list, force: bool = False) -> None:
+        """Decide what one fetched NATS message adds to the relay: all, a tail, nothing (a repeat), or later."""
+        headers = msg.headers or {}  # type: ignore[attr-defined]
+        data: bytes = msg.data  # type: ignore[attr-defined]
+        sender = headers.get(HEADER_BRIDGE)
+        if sender == self.id:  # this host's own, given back by the consumer
+            acks.append(msg)
+            return
+        count, refusal = self._whole_messages(data)
+        if refusal is not None:
+            self.figures.refused_payloads += 1
+            log.warning("refusing a NATS message of %d bytes on %s: %s", len(data), self.subject, refusal)
+            acks.append(msg)
+            return
+        if sender is None or not count:
+            if count:
+                pieces.append(data)
+                written[0] += count
+                written[1] += len(data)
+                written[2] += 1
+            acks.append(msg)
+            return
+        try:
+            sequence, offset = int(headers[HEADER_SEQUENCE]), int(headers[HEADER_OFFSET])
+            previous = int(headers[js_.HEADER_PREVIOUS]) if js_.HEADER_PREVIOUS in headers else None
+        except (KeyError, ValueError):
+            acks.append(msg)
+            return
+        expected = work.get(sender)
+        if expected is not None:
+            if sequence + count <= expected[0]:  # written before: a redelivery or a republish
+                self.figures.stream.redelivered += 1
+                acks.append(msg)
+                return
+            if previous is not None and previous > expected[0] and not force:  # the one before it is not here yet
+                self._held.setdefault(sender, {})[previous] = (time.monotonic(), msg)
+                return
+            if sequence > expected[0]:
+                missing, missing_bytes = sequence - expected[0], offset - expected[1]
+                gap = self.figures.gap_from_nats
+                gap.messages += missing
+                gap.bytes += missing_bytes
+                gap.events += 1
+                log.warning(
+                    "gap from NATS: %d messages (%d bytes) of bridge %s never arrived (messages %d to %d)",
+                    missing,
+                    missing_bytes,
+                    sender,
+                    expected[0],
+                    sequence - 1,
+                )
+        skip = 0 if expected is None else max(0, expected[0] - sequence)
+        view = memoryview(data)
+        if skip:  # part of it was written before (the sender cut its batches differently after a restart)
+            start = js_.message_bounds(np.frombuffer(data, dtype=np.uint8))[skip][0]
+            view = view[start:]
+        pieces.append(view)
+        written[0] += count - skip
+        written[1] += len(view)
+        written[2] += 1
+        work[sender] = (sequence + count, offset + len(data))
+        acks.append(msg)
+
+    def _release_held(self, work: dict, pieces: list, acks: list, written: list) -> None:
+        """Write held messages whose predecessor has arrived; after HOLD_SECONDS, the rest with their gap."""
+        now = time.monotonic()
+        for sender in list(self._held):
+            held = self._held[sender]
+            while held:
+                expected = work.get(sender, (0, 0))[0]
+                ready = [p for p in held if p <= expected]
+                if ready:
+                    for previous in sorted(ready):
+                        self._admit(held.pop(previous)[1], work, pieces, acks, written, force=True)
+                    continue
+                first = min(held)
+                if now - held[first][0] < js_.HOLD_SECONDS:
+                    break
+                self._admit(held.pop(first)[1], work, pieces, acks, written, force=True)
+            if not held:
+                del self._held[sender]
+
+    async def _watch_js(self) -> None:
+        """Refresh the consumer's lag and the stream's size for the figures; save the sender's position."""
+        stream = js_.stream_name(self.domain)
+        figures = self.figures.stream
+        assert figures is not None and self.state is not None
+        while True:
+            await asyncio.sleep(js_.INFO_INTERVAL)
+            with contextlib.suppress(Exception):
+                consumer = await self.js.consumer_info(stream, self.id)
+                figures.consumer_pending = consumer.num_pending or 0
+                figures.consumer_ack_pending = consumer.num_ack_pending or 0
+                info = await self.js.stream_info(stream)
+                figures.stream_messages = info.state.messages
+                figures.stream_bytes = info.state.bytes
+            with contextlib.suppress(OSError):
+                self.state.save(self.echo.persisted() if self.echo is not None else None)
 
     async def _connect_nats(self, closed: asyncio.Future[None]) -> object:
         """A nats-py client with no echo that reconnects forever, to the next server of the cluster at once.
@@ -544,6 +894,9 @@ class Bridge:
         deadline = time.monotonic() + STOP_FLUSH_SECONDS
         while self._outbox and not pump.done() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        if self.sender is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.sender.drained.wait(), max(0.01, deadline - time.monotonic()))
         with contextlib.suppress(Exception):
             await self.nc.flush(timeout=max(0.1, deadline - time.monotonic()))
 
@@ -620,7 +973,8 @@ class _BridgeCollector:
             f.disconnected_seconds,
             f.connected,
             f.client_drops,
-            subscription.pending_bytes if subscription is not None else 0,
+            getattr(subscription, "pending_bytes", 0) if subscription is not None else 0,
+            js_.StreamFigures(**vars(f.stream)) if f.stream is not None else None,
         )
 
     def collect(self) -> Iterator[object]:
@@ -673,6 +1027,27 @@ class _BridgeCollector:
 
         yield gauge("jitrelay_bridge_connected", "1 while connected to NATS.", 1.0 if f.connected else 0.0)
         yield gauge("jitrelay_bridge_nats_pending_bytes", "Bytes the NATS client holds for the relay.", f.pending_bytes)
+        if f.stream is not None:
+            yield from _stream_families(f.stream, counter, gauge)
+
+
+def _stream_families(s: js_.StreamFigures, counter: Callable, gauge: Callable) -> Iterator[object]:
+    """The JetStream side's figures: publishes awaiting acknowledgement, the consumer's lag, the stream's size."""
+    yield gauge("jitrelay_bridge_js_publishes_in_flight", "Publishes awaiting acknowledgement.", s.in_flight)
+    yield counter("jitrelay_bridge_js_republished_total", "NATS messages published again, in order.", s.republished)
+    yield counter("jitrelay_bridge_js_duplicates_total", "Publishes the stream had already stored.", s.duplicates)
+    yield counter("jitrelay_bridge_js_stream_full_total", "Publishes the stream refused as full.", s.stream_full)
+    yield gauge(
+        "jitrelay_bridge_js_consumer_pending", "Stream messages not given to this host yet.", s.consumer_pending
+    )
+    yield gauge("jitrelay_bridge_js_consumer_ack_pending", "Delivered, not acknowledged yet.", s.consumer_ack_pending)
+    yield counter(
+        "jitrelay_bridge_js_redelivered_total", "NATS messages given again and not written again.", s.redelivered
+    )
+    yield gauge("jitrelay_bridge_js_held", "NATS messages waiting for the one they follow.", s.held)
+    yield counter("jitrelay_bridge_js_echoes_total", "Journal messages not sent: this bridge wrote them.", s.echoes)
+    yield gauge("jitrelay_bridge_js_stream_messages", "Messages the stream holds.", s.stream_messages)
+    yield gauge("jitrelay_bridge_js_stream_bytes", "Bytes the stream holds.", s.stream_bytes)
 
 
 def serve_metrics(bridge: Bridge, loop: asyncio.AbstractEventLoop, port: int) -> object:

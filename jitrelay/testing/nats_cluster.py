@@ -7,6 +7,11 @@ endpoint reports a route to every other node, so a message published on any
 node reaches subscribers on all of them. Ports are found by binding port 0
 and releasing it, so another process may take one in between: a node that
 does not come up makes ``start`` try again with fresh ports.
+
+JetStream is enabled on every node (``-js``, a store folder of its own beside
+its log), so the cluster also holds replicated streams; core NATS traffic is
+unaffected by it. With ``jetstream=True`` ``start`` also waits until the
+JetStream meta group has elected a leader, so a stream can be created at once.
 """
 
 from __future__ import annotations
@@ -88,6 +93,13 @@ class NatsNode:
             return "(no log)"
 
 
+def _meta_leader(node: NatsNode) -> bool:
+    try:
+        return bool(node.monitor("jsz").get("meta_cluster", {}).get("leader"))
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
 class NatsCluster:
     """``size`` nats-server processes on 127.0.0.1, each with routes to all the others.
 
@@ -102,6 +114,7 @@ class NatsCluster:
         name: str = "jitrelay",
         max_payload: int | None = None,
         max_pending: int | None = None,
+        jetstream: bool = False,
     ):
         if size < 1:
             raise ValueError("a cluster needs at least one node")
@@ -110,6 +123,7 @@ class NatsCluster:
         self.max_payload = max_payload  # the servers' limit on one NATS message; None keeps theirs (1 MiB)
         # Bytes a server queues for one client before it drops it as a slow consumer; None keeps theirs (64 MiB).
         self.max_pending = max_pending
+        self.jetstream = jetstream  # wait for a JetStream meta leader at start and restart
         self.executable = executable or nats_server_path()
         self.folder: Path | None = None
         self.nodes: list[NatsNode] = []
@@ -172,6 +186,9 @@ class NatsCluster:
             node.route_url,
             "-l",
             str(node.log_path),
+            "-js",
+            "-sd",
+            str(node.log_path.with_suffix(".store")),
         ]
         if routes:
             command += ["--routes", routes]
@@ -205,11 +222,24 @@ class NatsCluster:
                     pending.append(f"{node.name}: {routes} routes")
             if dead:
                 raise NatsClusterError(f"{dead[0].name} exited: {dead[0].log_tail()}")
+            if not pending and self.jetstream:
+                pending = [f"{node.name}: no JetStream meta leader" for node in running if not _meta_leader(node)]
             if not pending:
                 return
             if time.monotonic() > deadline:
                 raise NatsClusterError(f"cluster not routed within {timeout:.0f} s: {', '.join(pending)}")
             time.sleep(0.05)
+
+    def stream_state(self, stream: str) -> dict:
+        """A stream's state (``messages``, ``bytes``, ...) as the first running node reports it."""
+        for node in self.nodes:
+            if node.running:
+                report = node.monitor("jsz?streams=true", timeout=2.0)
+                for account in report.get("account_details", []):
+                    for detail in account.get("stream_detail", []):
+                        if detail.get("name") == stream:
+                            return detail.get("state", {})
+        return {}
 
     def kill(self, index: int) -> None:
         """SIGKILL node ``index``: its clients see their connection drop, as in a crash."""

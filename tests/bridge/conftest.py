@@ -33,7 +33,8 @@ def start_hosts(start_relay: StartRelay, short_dir: Path) -> Iterator[StartHosts
             relay.wait_ready()
         hosts = []
         for relay in relays:
-            bridges.append(BridgeProcess(domain, relay.socket_path, cluster.servers, options))
+            name = ("--host", relay.socket_path.parent.name)  # the JetStream bridges' durable names, one per host
+            bridges.append(BridgeProcess(domain, relay.socket_path, cluster.servers, (*name, *options)))
             hosts.append(Host(relay, bridges[-1]))
         for host in hosts:
             host.bridge.wait_ready()

@@ -637,7 +637,7 @@ class Bridge:
             durable_name=self.id,
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=30.0,
+            ack_wait=settings.ack_wait,
             max_ack_pending=settings.max_ack_pending,
             filter_subject=f"{self.subject}.>",
         )

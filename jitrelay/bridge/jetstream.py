@@ -74,7 +74,9 @@ RETRY_WAIT = 0.1  # first pause before a rejected window is sent again; doubles 
 RETRY_WAIT_MAX = 1.0
 FETCH_BATCH = 64  # NATS messages asked for per pull
 FETCH_WAIT = 1.0
-HOLD_SECONDS = 10.0  # how long a message waits for the one it follows before that one is counted as a gap
+# How long a message waits for the one it follows before that one is counted as a gap: longer than the
+# consumer's ack wait, after which what a killed receiver had been given is given again.
+HOLD_SECONDS = 20.0
 INFO_INTERVAL = 1.0  # consumer and stream figures refreshed this often
 TAIL_POLL = 0.05  # the journal is read at least this often; a batch from the relay wakes it at once
 TAIL_READ = 1 * MiB
@@ -103,6 +105,7 @@ class StreamSettings:
     duplicate_window: float = 120.0
     max_in_flight: int = 64  # publishes awaiting acknowledgement
     max_ack_pending: int = 1024  # NATS messages a receiver holds unacknowledged
+    ack_wait: float = 5.0  # seconds before the stream gives an unacknowledged message again
 
     def stream_config(self, domain: str, subject: str) -> Any:
         from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig

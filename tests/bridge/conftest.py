@@ -20,15 +20,18 @@ def cluster() -> Iterator[NatsCluster]:
 
 @pytest.fixture
 def start_hosts(start_relay: StartRelay, short_dir: Path) -> Iterator[StartHosts]:
-    """``start_hosts(cluster, domain, n=2, *bridge_options)``: n relays in separate folders, each with a bridge."""
+    """``start_hosts(cluster, domain, n=2, *bridge_options, relay_options=())``: n relays in separate folders, each
+    with a bridge named for its folder (``--host host0``)."""
     bridges: list[BridgeProcess] = []
 
-    def start(cluster: NatsCluster, domain: str = "market_data", n: int = 2, *options: str) -> list[Host]:
+    def start(
+        cluster: NatsCluster, domain: str = "market_data", n: int = 2, *options: str, relay_options: tuple[str, ...] = ()
+    ) -> list[Host]:
         relays = []
         for i in range(n):
             folder = short_dir / f"host{i}"
             folder.mkdir()
-            relays.append(start_relay(domain, socket_path=folder / f"{domain}.sock", ready=False))
+            relays.append(start_relay(domain, *relay_options, socket_path=folder / f"{domain}.sock", ready=False))
         for relay in relays:
             relay.wait_ready()
         hosts = []

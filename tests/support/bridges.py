@@ -114,11 +114,28 @@ def numbered(sequence: int, source: int = STREAM_SOURCE) -> bytes:
     return build_message(1, [(1, value)], source=source, sequence=sequence, timestamp_ns=sequence)
 
 
+def order(sequence: int, source: int = STREAM_SOURCE) -> bytes:
+    """Execution stream message ``sequence``: 81 bytes with a correct CRC, the bytes a function of the number alone."""
+    value = sequence.to_bytes(8, "little") * 5 + b"order!"
+    return build_message(3, [(40, value)], source=source, sequence=sequence, timestamp_ns=sequence)
+
+
+def stream_sequences(data: bytes, make: Callable[[int], bytes] = numbered) -> list[int]:
+    """The sequence numbers of the stream messages in ``data``, each checked byte for byte; probes are left out."""
+    sequences = []
+    for message in decode_messages(data):
+        if message.header.source == STREAM_SOURCE:
+            assert message.raw == make(message.header.sequence), f"message {message.header.sequence} altered"
+            sequences.append(message.header.sequence)
+    return sequences
+
+
 class Stream:
     """Publishes numbered messages on a thread, 50 every 2 ms, until stopped; counts what it sent."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, make: Callable[[int], bytes] = numbered) -> None:
         self.sock = sock
+        self.make = make
         self.sent = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -128,7 +145,7 @@ class Stream:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self.sock.sendall(b"".join(numbered(self.sent + k) for k in range(50)))
+                self.sock.sendall(b"".join(self.make(self.sent + k) for k in range(50)))
                 self.sent += 50
                 time.sleep(0.002)
         except BaseException as exc:

@@ -1,0 +1,166 @@
+"""``jitrelay bridge --jetstream``: two "hosts" joined through a JetStream stream on a real three-node cluster.
+
+Every check is on exact bytes: what a subscriber on host B reads must be
+every stream message published on host A, once each, in order, byte for
+byte, through a NATS node killed under the sending bridge, the receiving
+bridge SIGKILLed and restarted, and the sending bridge SIGKILLed and
+restarted (it then resumes from the relay's journal). A stream that is full
+holds the sending relay back under ``block`` and is a counted gap on a lossy
+domain.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from support.bridges import (
+    GAP_FROM,
+    GAP_TO,
+    WAIT,
+    BridgeProcess,
+    Host,
+    StartHosts,
+    Stream,
+    numbered,
+    order,
+    stream_sequences,
+)
+from support.clients import Clients, sync
+
+from jitrelay.testing.nats_cluster import NatsCluster, nats_server_path
+
+if nats_server_path() is None:
+    raise RuntimeError("the bridge tests need nats-server: apt-get install nats-server")
+
+ORDER_SIZE = len(order(0))
+
+
+@pytest.fixture
+def js_cluster() -> Iterator[NatsCluster]:
+    with NatsCluster(3, jetstream=True) as nats:
+        yield nats
+
+
+@pytest.fixture
+def restarted() -> Iterator[list[BridgeProcess]]:
+    """Bridges a test starts again after killing one; killed at teardown."""
+    bridges: list[BridgeProcess] = []
+    yield bridges
+    for bridge in bridges:
+        bridge.kill()
+
+
+def restart(host: Host, cluster: NatsCluster, restarted: list[BridgeProcess]) -> BridgeProcess:
+    """SIGKILL a host's bridge and start it again with the same options (same host name, same state)."""
+    old = host.bridge
+    old.send_signal(signal.SIGKILL)
+    old.wait_exit(WAIT)
+    options = tuple(old.args[old.args.index("--metrics-port") + 2 :])
+    host.bridge = BridgeProcess(old.domain, old.socket_path, cluster.servers, options)
+    restarted.append(host.bridge)
+    host.bridge.wait_ready()
+    return host.bridge
+
+
+def wait_for_all(reader: object, sent: int, size: int) -> None:
+    """Until the reader holds every stream message's bytes, then until it has been quiet for a moment."""
+    assert reader.wait_for(lambda: reader.received >= sent * size, WAIT), f"{reader.received} bytes"  # type: ignore[attr-defined]
+    time.sleep(0.5)  # room for a duplicate that should not come
+
+
+@pytest.mark.parametrize("case", ["node", "receiver", "sender"])
+def test_execution_crosses_exactly_once_through_kills(
+    js_cluster: NatsCluster, start_hosts: StartHosts, clients: Clients, restarted: list[BridgeProcess], case: str
+) -> None:
+    a, b = start_hosts(js_cluster, "execution")
+    assert a.bridge.find_line("JetStream stream JITRELAY_EXECUTION as host host0")
+    sub_a, sub_b = clients.reader(a.relay), clients.reader(b.relay)
+    publisher = clients.connect(a.relay)
+    sync(publisher, [sub_a, sub_b], 3, timeout=WAIT)
+    stream = Stream(publisher, order)
+    assert sub_b.wait_for(lambda: len(stream_sequences(bytes(sub_b.data), order)) >= 500, WAIT)
+    if case == "node":
+        mark = len(a.bridge.lines)
+        js_cluster.kill(a.bridge.nats_node(js_cluster))
+        a.bridge.wait_line("reconnected to NATS at", timeout=WAIT, start=mark)
+    elif case == "receiver":
+        restart(b, js_cluster, restarted)
+    else:
+        restart(a, js_cluster, restarted)
+        assert a.bridge.find_line("sending from journal")
+    resumed_at = stream.sent
+    assert sub_b.wait_for(lambda: sub_b.received > (resumed_at + 500) * ORDER_SIZE, WAIT), "the stream did not go on"
+    sent = stream.stop()
+    try:
+        wait_for_all(sub_b, sent, ORDER_SIZE)
+    except AssertionError:
+        got = stream_sequences(bytes(sub_b.data), order)
+        missing = sorted(set(range(sent)) - set(got))
+        raise AssertionError(f"missing {len(missing)}: {missing[:5]}..{missing[-5:]}; {b.bridge.stderr[-3000:]}")
+
+    assert stream_sequences(bytes(sub_a.data), order) == list(range(sent)), "the local subscriber lost messages"
+    got = stream_sequences(bytes(sub_b.data), order)
+    assert got == list(range(sent)), f"host B: {len(got)} of {sent}, {len(got) - len(set(got))} twice"
+    for bridge in (a.bridge, b.bridge):
+        assert bridge.gap("to_nats") == (0, 0) and bridge.gap("from_nats") == (0, 0)
+        assert bridge.gap_lines(GAP_FROM) == (0, 0) and bridge.gap_lines(GAP_TO) == (0, 0)
+    # Nothing came back from B: its bridge read A's messages in its own journal and skipped them.
+    assert b.bridge.figure("messages_total", direction="to_nats") == 0
+    assert b.bridge.figure("js_echoes_total") > 0
+
+
+def test_full_stream_holds_the_relay_back_under_block(
+    js_cluster: NatsCluster, start_hosts: StartHosts, clients: Clients
+) -> None:
+    """A stream of 1 MiB kept 1 s: a 12 MB burst waits in the relay (its publisher paused) and arrives whole."""
+    a, b = start_hosts(
+        js_cluster,
+        "execution",
+        2,
+        "--max-bytes",
+        "1MiB",
+        "--max-age",
+        "1",
+        "--no-journal",
+        relay_options=("--pending-limit", "256KiB"),
+    )
+    sub_b = clients.reader(b.relay)
+    publisher = clients.connect(a.relay)
+    sync(publisher, [sub_b], 3, timeout=WAIT)
+    count = 150_000
+    burst = b"".join(order(i) for i in range(count))
+    publisher.sendall(burst)  # returns once the relay has read it all: it pauses its publishers meanwhile
+    assert a.bridge.wait_line("the stream is full", timeout=WAIT)
+    wait_for_all(sub_b, count, ORDER_SIZE)
+    assert stream_sequences(bytes(sub_b.data), order) == list(range(count))
+    assert a.relay.find_line("pausing publishers"), "the relay never held its publisher back"
+    assert a.bridge.find_line("the stream takes messages again")
+    assert a.bridge.gap("to_nats") == (0, 0) and b.bridge.gap("from_nats") == (0, 0)
+    assert a.bridge.figure("js_stream_full_total") > 0
+
+
+def test_full_stream_is_a_counted_gap_on_a_lossy_domain(
+    js_cluster: NatsCluster, start_hosts: StartHosts, clients: Clients
+) -> None:
+    """market_data (disconnect) over JetStream: what the full stream refused is exactly the gap, both ends."""
+    a, b = start_hosts(js_cluster, "market_data", 2, "--jetstream", "--max-bytes", "256KiB", "--max-age", "1")
+    sub_b = clients.reader(b.relay)
+    publisher = clients.connect(a.relay)
+    sync(publisher, [sub_b], 1, timeout=WAIT)
+    count = 40_000
+    publisher.sendall(b"".join(numbered(i) for i in range(count)))  # 2.8 MB: far more than the stream holds
+    lost = a.bridge.wait_line("gap to NATS", timeout=WAIT)
+    assert "the stream is full" in lost
+    time.sleep(1.5)  # the stream empties with age
+    tail = count + 100
+    publisher.sendall(b"".join(numbered(i) for i in range(count, tail)))  # after the gap, so B sees where it ends
+    assert sub_b.wait_for(lambda: bytes(sub_b.data).endswith(numbered(tail - 1)), WAIT)
+    got = stream_sequences(bytes(sub_b.data))
+    assert got == sorted(set(got)) and got[-100:] == list(range(count, tail))
+    missing = tail - len(got)
+    assert missing > 0
+    assert a.bridge.gap("to_nats") == (missing, 71 * missing) == a.bridge.gap_lines(GAP_TO)
+    assert b.bridge.gap("from_nats") == (missing, 71 * missing) == b.bridge.gap_lines(GAP_FROM)

@@ -65,6 +65,8 @@ HEADER_ROOM = 256  # bytes of max_payload kept for the header block
 READ_BUFFER = 4 * MiB
 OUTBOX_HIGH = 16 * MiB  # read from the relay no further while this much waits for NATS
 OUTBOX_LOW = 4 * MiB
+JS_OUTBOX_HIGH = 4 * MiB  # on JetStream the window of publishes awaiting acknowledgement holds more
+JS_OUTBOX_LOW = 1 * MiB
 RELAY_WRITE_HIGH = 8 * MiB  # bytes queued towards the relay before the NATS callback waits
 RELAY_WRITE_LOW = 2 * MiB
 RECONNECT_BUFFER = 8 * MiB  # what nats-py holds for NATS while reconnecting; more is dropped (a gap)
@@ -285,6 +287,9 @@ class Bridge:
         self._scan_out = kernels.ScanBuffers(64 * 1024)
         self._scan_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
         self.lossy = logic.slow_policy != "block"
+        self._outbox_high, self._outbox_low = (
+            (JS_OUTBOX_HIGH, JS_OUTBOX_LOW) if options.jetstream else (OUTBOX_HIGH, OUTBOX_LOW)
+        )
         self.js = None  # the JetStream context, on JetStream
         self.sender: js_.StreamSender | None = None
         self.position = js_.SenderPosition()
@@ -304,7 +309,7 @@ class Bridge:
         self._outbox.append(batch)
         self._outbox_bytes += len(batch)
         self._outbox_ready.set()
-        if self._outbox_bytes > OUTBOX_HIGH and self._reading and self._link is not None:
+        if self._outbox_bytes > self._outbox_high and self._reading and self._link is not None:
             self._reading = False
             self._link.transport.pause_reading()
 
@@ -315,7 +320,7 @@ class Bridge:
                 await self._outbox_ready.wait()
             batch = self._outbox.popleft()
             self._outbox_bytes -= len(batch)
-            if not self._reading and self._outbox_bytes < OUTBOX_LOW and self._link is not None:
+            if not self._reading and self._outbox_bytes < self._outbox_low and self._link is not None:
                 self._reading = True
                 self._link.transport.resume_reading()
             await self.publish_batch(batch)

@@ -25,7 +25,11 @@ def start_hosts(start_relay: StartRelay, short_dir: Path) -> Iterator[StartHosts
     bridges: list[BridgeProcess] = []
 
     def start(
-        cluster: NatsCluster, domain: str = "market_data", n: int = 2, *options: str, relay_options: tuple[str, ...] = ()
+        cluster: NatsCluster,
+        domain: str = "market_data",
+        n: int = 2,
+        *options: str,
+        relay_options: tuple[str, ...] = (),
     ) -> list[Host]:
         relays = []
         for i in range(n):

@@ -504,6 +504,12 @@ def bridge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-in-flight", type=int, default=64, help="JetStream: publishes awaiting acknowledgement at most (64)"
     )
+    parser.add_argument(
+        "--when-full",
+        choices=("hold", "drop"),
+        help="JetStream: a full stream holds the relay back, or its refusals are counted gaps "
+        "(hold for execution, else drop)",
+    )
     parser.add_argument("--journal", type=Path, help="JetStream: the relay's journal folder (<socket folder>/journal)")
     parser.add_argument(
         "--no-journal",
@@ -542,6 +548,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
             journal_dir=args.journal,
             use_journal=False if args.no_journal else None,
             state_dir=args.state_dir,
+            hold_when_full=None if args.when_full is None else args.when_full == "hold",
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

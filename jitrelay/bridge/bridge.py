@@ -103,6 +103,7 @@ class BridgeOptions:
     journal_dir: Path | None = None  # where the relay journals; default: the domain's, if it journals
     use_journal: bool | None = None  # read what to send from the journal; default: when the domain journals
     state_dir: Path | None = None  # where the JetStream bridge keeps its state file; default: the socket's folder
+    hold_when_full: bool | None = None  # a full stream holds the relay back (else: a gap); default: under block
 
     def __post_init__(self) -> None:
         logic = logic_for(self.domain)  # ValueError for an unknown domain
@@ -114,6 +115,8 @@ class BridgeOptions:
         if self.journal_dir is None:
             base = self.socket_path if self.socket_path is not None else Path(logic.socket_path)
             self.journal_dir = Path(base).parent / "journal"
+        if self.hold_when_full is None:
+            self.hold_when_full = logic.slow_policy == "block"
         if self.use_journal is None:
             self.use_journal = bool(self.jetstream and logic.journal)
         if self.state_dir is None:
@@ -286,7 +289,7 @@ class Bridge:
         self._tables = kernels.KernelTables(tables.domain, tables.max_payload, False, tables.type_allowed)
         self._scan_out = kernels.ScanBuffers(64 * 1024)
         self._scan_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
-        self.lossy = logic.slow_policy != "block"
+        self.lossy = not options.hold_when_full
         self._outbox_high, self._outbox_low = (
             (JS_OUTBOX_HIGH, JS_OUTBOX_LOW) if options.jetstream else (OUTBOX_HIGH, OUTBOX_LOW)
         )

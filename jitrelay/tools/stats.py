@@ -168,6 +168,20 @@ def bridge_rows(reading: Reading) -> list[Row]:
         Row("seconds disconnected", "jitrelay_bridge_disconnected_seconds_total"),
         Row("connected to NATS", "jitrelay_bridge_connected", counter=False),
     ]
+    if ("jitrelay_bridge_js_publishes_in_flight", ()) in reading.samples:  # a bridge on JetStream
+        rows += [
+            Row("publishes awaiting ack", "jitrelay_bridge_js_publishes_in_flight", counter=False),
+            Row("publishes sent again", "jitrelay_bridge_js_republished_total"),
+            Row("duplicates dropped by the stream", "jitrelay_bridge_js_duplicates_total"),
+            Row("publishes refused: stream full", "jitrelay_bridge_js_stream_full_total"),
+            Row("consumer lag messages", "jitrelay_bridge_js_consumer_pending", counter=False),
+            Row("consumer unacknowledged", "jitrelay_bridge_js_consumer_ack_pending", counter=False),
+            Row("redelivered, not written again", "jitrelay_bridge_js_redelivered_total"),
+            Row("held for the one before", "jitrelay_bridge_js_held", counter=False),
+            Row("journal echoes skipped", "jitrelay_bridge_js_echoes_total"),
+            Row("stream messages", "jitrelay_bridge_js_stream_messages", counter=False),
+            Row("stream bytes", "jitrelay_bridge_js_stream_bytes", counter=False),
+        ]
     return rows + process_rows(reading)
 
 

@@ -99,7 +99,9 @@ def test_execution_crosses_exactly_once_through_kills(
     except AssertionError:
         got = stream_sequences(bytes(sub_b.data), order)
         missing = sorted(set(range(sent)) - set(got))
-        raise AssertionError(f"missing {len(missing)}: {missing[:5]}..{missing[-5:]}; {b.bridge.stderr[-3000:]}")
+        raise AssertionError(
+            f"missing {len(missing)}: {missing[:5]}..{missing[-5:]}; {b.bridge.stderr[-3000:]}"
+        ) from None
 
     assert stream_sequences(bytes(sub_a.data), order) == list(range(sent)), "the local subscriber lost messages"
     got = stream_sequences(bytes(sub_b.data), order)

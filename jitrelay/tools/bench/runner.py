@@ -17,6 +17,9 @@ Relays measured (``--relays``), each started by the benchmark as a child process
   host B. Its W1 figure is also given over the local relay's (``jitrelay``) in
   the same run, and its W2 latency minus the local relay's: what the bridges
   and the cluster add.
+- ``bridge-js``: the same two hosts with the bridges on JetStream
+  (``--jetstream --when-full hold``) and both relays under ``block``: nothing
+  is lost, the publisher on host A is held back to what the stream takes.
 
 Workloads (ARCHITECTURE.md), each with one publisher process and N subscriber
 processes, spawned:
@@ -109,7 +112,8 @@ RSS_INTERVAL = 0.05
 SEQUENCE_CHECK_EVERY = 1024  # a zmq W1 subscriber checks the sequence of one frame in this many
 PROBE_SEQUENCE = (1 << 64) - 1
 
-RELAYS = ("jitrelay", "raw", "zmq", "zmq-default", "bridge")
+RELAYS = ("jitrelay", "raw", "zmq", "zmq-default", "bridge", "bridge-js")
+BRIDGED = ("bridge", "bridge-js")
 POLICIES = ("block", "disconnect")
 WORKLOADS = ("w1", "w2", "w1f", "client")
 FILTERED_SUBSCRIBERS = 4  # W1f: one subscriber per TLV type 1..4
@@ -161,9 +165,9 @@ def jitrelay_run(path: str, summary: str | None = None) -> list[str]:
 def relay_spec(name: str, folder: str) -> RelaySpec:
     base, _, policy = name.partition(":")
     summary = os.path.join(folder, "relay-figures.json")
-    if base == "bridge":  # the relay of host A; host B, the bridges and the cluster come from ``bridged_hosts``
+    if base in BRIDGED:  # the relay of host A; host B, the bridges and the cluster come from ``bridged_hosts``
         path_a, path_b = (os.path.join(folder, host, "relay.sock") for host in ("a", "b"))
-        command = jitrelay_run(path_a, summary)
+        command = jitrelay_run(path_a, summary) + (["--slow-policy", "block"] if base == "bridge-js" else [])
         return RelaySpec(
             name, command, "relay listening on", Endpoint("unix", path_a), Endpoint("unix", path_b), summary
         )
@@ -281,19 +285,21 @@ def bridged_hosts(spec: RelaySpec, notes: dict) -> Iterator[None]:
     from jitrelay.testing.nats_cluster import NatsCluster, NatsClusterError
 
     path_b = spec.subscribe.address
+    jetstream = spec.name == "bridge-js"
     with contextlib.ExitStack() as stack:
         try:
-            cluster = stack.enter_context(NatsCluster(3, max_pending=BRIDGE_MAX_PENDING))
+            cluster = stack.enter_context(NatsCluster(3, max_pending=BRIDGE_MAX_PENDING, jetstream=jetstream))
         except NatsClusterError as exc:
             raise BenchError(str(exc)) from exc
-        stack.enter_context(BenchedProcess("host B relay", jitrelay_run(path_b), "relay listening on"))
+        relay_b = jitrelay_run(path_b) + (["--slow-policy", "block"] if jetstream else [])
+        stack.enter_context(BenchedProcess("host B relay", relay_b, "relay listening on"))
         bridges: list[BenchedProcess] = []
         stack.callback(_note_bridges, notes, bridges)  # first in, so it runs once the bridges have stopped
         for host, path in (("A", spec.publish.address), ("B", path_b)):
             command = [sys.executable, "-m", "jitrelay", "bridge", "market_data", "--socket", path, "--nats"]
-            bridges.append(
-                BenchedProcess(f"host {host} bridge", [*command, cluster.servers], "bridge market_data ready")
-            )
+            command += [cluster.servers, "--host", host]
+            command += ["--jetstream", "--when-full", "hold"] if jetstream else ["--core"]
+            bridges.append(BenchedProcess(f"host {host} bridge", command, "bridge market_data ready"))
             stack.enter_context(bridges[-1])
         _check_path(spec.publish.address, path_b)
         yield
@@ -845,7 +851,7 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
     subs = [f"sub{i}" for i in range(subscribers)]
     try:
         notes: dict = {}
-        bridged = bridged_hosts(spec, notes) if relay_name == "bridge" else contextlib.nullcontext()
+        bridged = bridged_hosts(spec, notes) if relay_name in BRIDGED else contextlib.nullcontext()
         with BenchedProcess(relay_name, spec.command, spec.marker, summary=spec.summary) as relay, bridged:
             relay.sample_memory()
             if workload == "w2":
@@ -977,7 +983,7 @@ def add_ratios(runs: list[dict]) -> None:
             r[key] = _ratio(r, bases.get((r["workload"], r["subscribers"])))
     local = by_workload("jitrelay")
     for r in done:
-        if r["relay"] == "bridge":
+        if r["relay"] in BRIDGED:
             base = local.get((r["workload"], r["subscribers"]))
             r["ratio_to_local"] = _ratio(r, base)
             if r["workload"] == "w2":
@@ -1149,12 +1155,13 @@ def format_report(report: dict) -> str:
                 f"{_m(r['delivered_msg_per_s_mean'])} msg/s per subscriber"
                 + ("" if per_sub is None else f" = {per_sub:.2f} x unfiltered W1 with 4, stream rate {stream:.2f} x")
             )
-    bridged = [r for r in report["runs"] if r["relay"] == "bridge" and "error" not in r]
+    bridged = [r for r in report["runs"] if r["relay"] in BRIDGED and "error" not in r]
     if bridged:
         out.append("")
         out.append("bridge: publisher on host A, subscribers on host B, through two bridges and a 3-node NATS cluster")
+        out.append("(bridge: core NATS; bridge-js: a JetStream stream, 3 replicas, both relays under block)")
     for r in bridged:
-        label = f"bridge {r['workload']} {r['subscribers']} sub"
+        label = f"{r['relay']} {r['workload']} {r['subscribers']} sub"
         if r["workload"] == "w1":
             ratio = (r.get("ratio_to_local") or {}).get("delivered_msg_per_s")
             share = "-" if ratio is None else f"{ratio:.3f}"
@@ -1283,13 +1290,13 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
         base, _, policy = name.partition(":")
         if base not in RELAYS or (policy and (base != "jitrelay" or policy not in POLICIES)):
             raise UsageError(f"unknown relay {name!r}; choose from {', '.join(RELAYS)}, jitrelay:block")
-    if "bridge" in relays:
+    if any(name in BRIDGED for name in relays):
         from jitrelay.testing.nats_cluster import nats_server_path
 
         if nats_server_path() is None:
             if args.relays != DEFAULT_RELAYS:
                 raise UsageError("the bridge runs need nats-server (Debian: apt-get install nats-server)")
-            relays.remove("bridge")
+            relays = [name for name in relays if name not in BRIDGED]
             print("jitrelay bench: no nats-server, so no bridge runs (apt-get install nats-server)", file=sys.stderr)
     if not relays:
         raise UsageError("no relay to run")

@@ -301,6 +301,8 @@ class Bridge:
         self.echo: js_.EchoFilter | None = None
         self.state: js_.BridgeState | None = None
         self._held: dict[str, dict[int, tuple[float, object]]] = {}
+        self._consumers: dict[str, str] = {}  # remote host -> the durable consumer reading it
+        self._writing = asyncio.Lock()  # one fetched batch at a time goes into the relay and the state file
         if options.jetstream:
             self.id = options.host
             self.figures.stream = js_.StreamFigures()
@@ -586,7 +588,6 @@ class Bridge:
 
     async def _start_jetstream(self) -> bool:
         """Create (or find) the stream, the sender and the durable consumer; pick up where this host left off."""
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
         from nats.js.errors import BadRequestError
 
         options, settings = self.options, self.options.stream
@@ -641,27 +642,6 @@ class Bridge:
         )
         self.sender.previous = self.position.sequence
         await self.sender.start()
-        consumer = ConsumerConfig(
-            durable_name=self.id,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=settings.ack_wait,
-            max_ack_pending=settings.max_ack_pending,
-            filter_subject=f"{self.subject}.>",
-        )
-        while True:
-            try:
-                self.subscription = await self.js.pull_subscribe(
-                    f"{self.subject}.>",
-                    durable=self.id,
-                    stream=stream,
-                    config=consumer,
-                    pending_bytes_limit=options.nats_pending_limit,
-                )
-                break
-            except Exception as exc:
-                log.warning("cannot create consumer %s yet (%s: %s); trying again", self.id, type(exc).__name__, exc)
-                await asyncio.sleep(0.5)
         self.state.save(self.echo.persisted() if self.echo is not None else None)
         return True
 
@@ -715,19 +695,66 @@ class Bridge:
                 await self.publish_batch(buf[run:], (segment, start + run))
 
     async def _receive_js(self) -> None:
-        """Fetch from this host's durable consumer; write, then acknowledge once the relay has the bytes."""
-        from nats.errors import TimeoutError as NatsTimeout
+        """Find the hosts that publish on the stream and read each through a durable consumer of this host's."""
+        stream = js_.stream_name(self.domain)
+        readers: dict[str, asyncio.Task] = {}
+        try:
+            while True:
+                with contextlib.suppress(Exception):
+                    info = await self.js.stream_info(stream, subjects_filter=f"{self.subject}.>")
+                    for subject in info.state.subjects or {}:
+                        remote = subject[len(self.subject) + 1 :]
+                        if remote != self.id and remote not in readers:
+                            readers[remote] = asyncio.get_running_loop().create_task(self._read_host(remote))
+                for task in readers.values():
+                    if task.done():
+                        task.result()
+                await asyncio.sleep(js_.INFO_INTERVAL)
+        finally:
+            for task in readers.values():
+                task.cancel()
 
+    async def _read_host(self, remote: str) -> None:
+        """Fetch one remote host's messages; write them, then acknowledge once the relay has the bytes."""
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        settings = self.options.stream
+        name = f"{self.id}_from_{remote}"
+        config = ConsumerConfig(
+            durable_name=name,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=settings.ack_wait,
+            max_ack_pending=settings.max_ack_pending,
+            filter_subject=f"{self.subject}.{remote}",
+        )
         while True:
             try:
-                msgs = await self.subscription.fetch(js_.FETCH_BATCH, timeout=js_.FETCH_WAIT)
+                subscription = await self.js.pull_subscribe(
+                    config.filter_subject,
+                    durable=name,
+                    stream=js_.stream_name(self.domain),
+                    config=config,
+                    pending_bytes_limit=self.options.nats_pending_limit,
+                )
+                break
+            except Exception as exc:
+                log.warning("cannot create consumer %s yet (%s: %s); trying again", name, type(exc).__name__, exc)
+                await asyncio.sleep(0.5)
+        self._consumers[remote] = name
+        log.info("reading host %s through consumer %s", remote, name)
+        while True:
+            try:
+                msgs = await subscription.fetch(js_.FETCH_BATCH, timeout=js_.FETCH_WAIT)
             except (NatsTimeout, asyncio.TimeoutError):
                 msgs = []
             except Exception as exc:
                 await self._on_error(exc)
                 await asyncio.sleep(0.2)
                 continue
-            await self._take(msgs)
+            async with self._writing:
+                await self._take(msgs)
 
     async def _take(self, msgs: list) -> None:
         assert self.state is not None
@@ -858,9 +885,12 @@ class Bridge:
         while True:
             await asyncio.sleep(js_.INFO_INTERVAL)
             with contextlib.suppress(Exception):
-                consumer = await self.js.consumer_info(stream, self.id)
-                figures.consumer_pending = consumer.num_pending or 0
-                figures.consumer_ack_pending = consumer.num_ack_pending or 0
+                pending = ack_pending = 0
+                for name in list(self._consumers.values()):
+                    consumer = await self.js.consumer_info(stream, name)
+                    pending += consumer.num_pending or 0
+                    ack_pending += consumer.num_ack_pending or 0
+                figures.consumer_pending, figures.consumer_ack_pending = pending, ack_pending
                 info = await self.js.stream_info(stream)
                 figures.stream_messages = info.state.messages
                 figures.stream_bytes = info.state.bytes

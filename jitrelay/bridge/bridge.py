@@ -355,7 +355,8 @@ class Bridge:
                 pos += size
                 continue
             if self.sender is not None:
-                await self.sender.publish(bytes(view[pos:stop]), count, self.position, journal_end)
+                # Kept for a resend without a copy: batches from the framer and the journal are never reused.
+                await self.sender.publish(view[pos:stop], count, self.position, journal_end)
                 pos = stop
                 continue
             headers = {HEADER_BRIDGE: self.id, HEADER_SEQUENCE: str(self._sequence), HEADER_OFFSET: str(self._offset)}

@@ -72,7 +72,7 @@ STREAM_FULL_CODES = (10077, 10078)  # maximum bytes / maximum messages exceeded
 ACK_TIMEOUT = 2.0  # a publish not acknowledged after this long is sent again
 RETRY_WAIT = 0.1  # first pause before a rejected window is sent again; doubles to RETRY_WAIT_MAX
 RETRY_WAIT_MAX = 1.0
-FETCH_BATCH = 64  # NATS messages asked for per pull
+FETCH_BATCH = 128  # NATS messages asked for per pull: fewer round trips; 128 of 1 MiB stay below the pending limit
 FETCH_WAIT = 1.0
 # How long a message waits for the one it follows before that one is counted as a gap: longer than the
 # consumer's ack wait, after which what a killed receiver had been given is given again.
@@ -201,7 +201,7 @@ class BridgeState:
 
 @dataclass
 class _Publish:
-    payload: bytes
+    payload: bytes | memoryview
     headers: dict[str, str]
     count: int
     journal_end: tuple[int, int] | None
@@ -257,7 +257,9 @@ class StreamSender:
         self.inbox = self.nc.new_inbox()
         await self.nc.subscribe(f"{self.inbox}.*", cb=self._on_reply)
 
-    async def publish(self, payload: bytes, count: int, position: SenderPosition, journal_end: Any) -> None:
+    async def publish(
+        self, payload: bytes | memoryview, count: int, position: SenderPosition, journal_end: Any
+    ) -> None:
         """Queue one NATS message (whole messages) after the window has room; ``position`` advances."""
         while len(self.window) >= self.settings.max_in_flight:
             self.room.clear()

@@ -30,9 +30,10 @@ The plan:
   the relay; those messages are recognised by their 32-byte header (which
   carries the CRC of the whole message in a checksummed domain) and skipped,
   so nothing comes back to the host it came from.
-- ``StreamReceiver`` reads with a durable pull consumer named for the host,
-  writes a fetched batch into the relay, and acknowledges it only once the
-  relay's socket has taken every byte. It keeps, per sending host, the next
+- The receiving side (``Bridge._read_host``) reads each other host's subject
+  through a durable pull consumer ``<host>_from_<remote>``, writes a fetched
+  batch into the relay, and acknowledges it only once the relay's socket has
+  taken every byte. It keeps, per sending host, the next
   sequence it expects, in a state file replaced atomically after the relay
   took the bytes, so a redelivered message is never written twice; a message
   that arrives before the one it follows (a republish after a node failure)
@@ -505,3 +506,74 @@ class EchoFilter:
     def passed(self, position: tuple[int, int]) -> None:
         while self.matched and self.matched[0][0] <= position:
             self.matched.popleft()
+
+
+class PullReader:
+    """A durable pull consumer read as a flow: one request for up to ``batch`` messages outstanding at a time,
+    every message handed over as soon as it arrives.
+
+    nats-py's ``fetch`` collects a batch before it returns: a lingering pull
+    waits for the whole batch or its timeout, which at a paced rate adds the
+    time ``batch`` messages take to arrive to every message's latency. Here a
+    message is ready the moment it is delivered, and the next request goes out
+    once the one before is fulfilled or over (the server's 408 at its expiry,
+    404, 409) and what it brought has mostly been taken, so at most about two
+    batches wait in memory.
+    """
+
+    def __init__(self, nc: Any, stream: str, consumer: str, batch: int = FETCH_BATCH, expires: float = 2.0) -> None:
+        self.nc = nc
+        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self.batch = batch
+        self.expires = expires
+        self.queue: collections.deque[Any] = collections.deque()
+        self.ready = asyncio.Event()
+        self.taken = asyncio.Event()
+        self.done = asyncio.Event()
+        self.asked = self.received = 0
+        self.last_status = ""
+        self.inbox = ""
+
+    async def start(self, pending_bytes_limit: int) -> None:
+        self.inbox = self.nc.new_inbox()
+        await self.nc.subscribe(self.inbox, cb=self._on_msg, pending_bytes_limit=pending_bytes_limit)
+
+    async def _on_msg(self, msg: Any) -> None:
+        status = msg.headers.get("Status") if msg.headers and not msg.data else None
+        if status is not None:  # 404 no messages, 408 the request expired, 409 max ack pending or a leader change
+            if status != "100":
+                self.last_status = status
+                self.done.set()
+            return
+        self.queue.append(msg)
+        self.ready.set()
+        self.received += 1
+        if self.received >= self.asked:
+            self.done.set()
+
+    async def request(self) -> None:
+        """Keep one pull request outstanding, forever (a task)."""
+        request = json.dumps({"batch": self.batch, "expires": int(self.expires * 1e9)}).encode()
+        while True:
+            while len(self.queue) > self.batch // 2:
+                self.taken.clear()
+                await self.taken.wait()
+            self.asked, self.received, self.last_status = self.batch, 0, ""
+            self.done.clear()
+            with contextlib.suppress(Exception):
+                await self.nc.publish(self.subject, request, reply=self.inbox)
+            with contextlib.suppress(asyncio.TimeoutError):  # a request lost with a server: ask again
+                await asyncio.wait_for(self.done.wait(), self.expires + 1.0)
+            if self.last_status not in ("", "408") and not self.received:
+                await asyncio.sleep(0.05)  # refused (409: too many unacknowledged, no leader yet): not at once
+
+    async def take(self, timeout: float = FETCH_WAIT) -> list[Any]:
+        """Every message delivered and not yet taken; waits up to ``timeout`` for one; [] if none came."""
+        if not self.queue:
+            self.ready.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ready.wait(), timeout)
+        msgs = list(self.queue)
+        self.queue.clear()
+        self.taken.set()
+        return msgs

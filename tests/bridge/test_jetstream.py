@@ -11,6 +11,7 @@ domain.
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from support.bridges import (
     stream_sequences,
 )
 from support.clients import Clients, sync
+from support.commands import stats, tables, total
 
 from jitrelay.testing.nats_cluster import NatsCluster, nats_server_path
 
@@ -171,3 +173,39 @@ def test_full_stream_is_a_counted_gap_on_a_lossy_domain(
     assert missing > 0
     assert a.bridge.gap("to_nats") == (missing, 71 * missing) == a.bridge.gap_lines(GAP_TO)
     assert b.bridge.gap("from_nats") == (missing, 71 * missing) == b.bridge.gap_lines(GAP_FROM)
+
+
+def test_stats_shows_the_stream_the_window_and_the_consumer_lag(
+    js_cluster: NatsCluster, start_hosts: StartHosts, clients: Clients
+) -> None:
+    a, b = start_hosts(js_cluster, "execution")
+    sub_b = clients.reader(b.relay)
+    publisher = clients.connect(a.relay)
+    sync(publisher, [sub_b], 3, timeout=WAIT)
+    publisher.sendall(b"".join(order(i) for i in range(2000)))
+    wait_for_all(sub_b, 2000, ORDER_SIZE)
+    assert stream_sequences(bytes(sub_b.data), order) == list(range(2000))
+    deadline = time.monotonic() + WAIT
+    while True:  # the stream and consumer figures are refreshed once a second
+        table_a, table_b = (bridge_table(bridge, "execution") for bridge in (a.bridge, b.bridge))
+        settled = total(table_b, "messages from NATS") >= 2000 and total(table_b, "consumer unacknowledged") == 0
+        settled = settled and total(table_a, "stream messages") == total(table_a, "NATS messages sent") > 0
+        if settled and total(table_b, "consumer lag messages") == 0:
+            break
+        assert time.monotonic() < deadline, (table_a, table_b)
+        time.sleep(0.2)
+    assert total(table_a, "publishes awaiting ack") == 0
+    assert total(table_a, "messages to NATS") == total(table_b, "messages from NATS")
+    assert total(table_a, "stream bytes") > total(table_a, "bytes to NATS")  # with the headers
+    for row in ("publishes refused: stream full", "redelivered, not written again", "held for the one before"):
+        assert total(table_a, row) == total(table_b, row) == 0, row
+    assert total(table_b, "journal echoes skipped") == total(table_b, "messages from NATS")
+    assert total(table_b, "messages to NATS") == 0
+
+
+def bridge_table(bridge: BridgeProcess, domain: str) -> dict[str, list[str]]:
+    url = re.search(r"metrics on (http://\S+)", bridge.wait_line("metrics on http://")).group(1)  # type: ignore[union-attr]
+    result = stats(domain, "--url", url)
+    assert result.returncode == 0, result.stderr
+    (table,) = tables(result.stdout)
+    return table

@@ -328,10 +328,27 @@ class Bridge:
                 await self._outbox_ready.wait()
             batch = self._outbox.popleft()
             self._outbox_bytes -= len(batch)
+            if self.sender is not None and self._outbox:  # JetStream: one publish for the batches waiting
+                batch = self._coalesce(batch)
             if not self._reading and self._outbox_bytes < self._outbox_low and self._link is not None:
                 self._reading = True
                 self._link.transport.resume_reading()
             await self.publish_batch(batch)
+
+    def _coalesce(self, batch: np.ndarray) -> np.ndarray:
+        """The batch with the ones queued behind it, up to what one NATS message holds.
+
+        Every JetStream publish waits for the stream's replicas, and only so
+        many may wait at once; small batches (a paced publisher) would queue
+        behind the window, so those that wait travel together.
+        """
+        limit = self.nc.max_payload - HEADER_ROOM
+        parts, size = [batch], len(batch)
+        while self._outbox and size + len(self._outbox[0]) <= limit:
+            parts.append(self._outbox.popleft())
+            size += len(parts[-1])
+            self._outbox_bytes -= len(parts[-1])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     async def publish_batch(self, batch: np.ndarray, journal_at: tuple[int, int] | None = None) -> None:
         """Publish whole messages as NATS messages of at most max_payload, each cut at a message boundary.

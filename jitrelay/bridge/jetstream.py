@@ -434,6 +434,7 @@ class JournalTail:
     def read(self) -> tuple[np.ndarray, tuple[int, int]] | None:
         """The next whole messages after ``position`` (up to about 1 MiB) and the position after them; or None."""
         segment, offset = self.position
+        final = False  # a later segment exists, so this one will not grow any more
         while True:
             try:
                 with open(self.path(segment), "rb") as f:
@@ -441,6 +442,8 @@ class JournalTail:
                     data = f.read(TAIL_READ)
             except FileNotFoundError:
                 data = b""
+                if final:
+                    log.warning("journal segment %s is gone: what it held past byte %d is not sent", segment, offset)
             if data:
                 buf = np.frombuffer(data, dtype=np.uint8)
                 count, consumed, fault = kernels.frame(buf)
@@ -458,9 +461,12 @@ class JournalTail:
             later = [s for s in self.segments() if s > segment]
             if not later:
                 return None
+            if not final:  # the relay may have appended to it before it moved on: read it once more
+                final = True
+                continue
             if data:  # a finished segment ends in a torn message: the relay died mid-append
                 log.warning("journal %s ends in %d bytes of a torn message; skipped", self.path(segment), len(data))
-            segment, offset = later[0], 0
+            segment, offset, final = later[0], 0, False
             self.position = (segment, offset)
 
 

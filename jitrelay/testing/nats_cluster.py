@@ -180,16 +180,14 @@ class NatsCluster:
             str(node.monitor_port),
             "-n",
             node.name,
-            "--cluster_name",
-            self.name,
-            "--cluster",
-            node.route_url,
             "-l",
             str(node.log_path),
             "-js",
             "-sd",
             str(node.log_path.with_suffix(".store")),
         ]
+        if self.size > 1:  # a single JetStream server must run standalone: clustered, it would want routes
+            command += ["--cluster_name", self.name, "--cluster", node.route_url]
         if routes:
             command += ["--routes", routes]
         settings = {"max_payload": self.max_payload, "max_pending": self.max_pending}

@@ -305,6 +305,7 @@ class Bridge:
         self.state: js_.BridgeState | None = None
         self._held: dict[str, dict[int, tuple[float, object]]] = {}
         self._consumers: dict[str, str] = {}  # remote host -> the durable consumer reading it
+        self._held_checked: set[tuple[str, int]] = set()  # held messages whose predecessors were looked for
         self._writing = asyncio.Lock()  # one fetched batch at a time goes into the relay and the state file
         if options.jetstream:
             self.id = options.host
@@ -650,6 +651,8 @@ class Bridge:
             if found is not None and found.journal is not None:
                 self.tail.position = found.journal
             log.info("sending from journal %s at segment %d byte %d", options.journal_dir, *self.tail.position)
+        if self.tail is not None and self.state.pending:
+            self._reconcile(js_.JournalTail(Path(options.journal_dir), self.domain), found)
         self._remember_sender()
         self.sender = js_.StreamSender(
             self.nc,
@@ -665,6 +668,40 @@ class Bridge:
         await self.sender.start()
         self.state.save(self.echo.persisted() if self.echo is not None else None)
         return True
+
+    def _reconcile(self, journal: js_.JournalTail, sent: js_.SenderPosition | None) -> None:
+        """After a kill between writing a batch into the relay and saving that it did: what the relay took.
+
+        The relay journals what it accepts, in order, so each piece of that
+        batch was taken up to its last message found in the journal; the
+        positions move past those, and the rest is written again when the
+        stream gives it again. Nothing twice, nothing lost.
+        """
+        assert self.state is not None
+        wanted = {bytes.fromhex(key) for piece in self.state.pending for key in piece[3]}
+        if sent is not None and sent.journal is not None:
+            journal.position = sent.journal
+        elif self.state.sender.get("journal"):
+            journal.position = tuple(self.state.sender["journal"])  # type: ignore[assignment]
+        else:
+            journal.position = (1, 0)
+        found: set[bytes] = set()
+        while (got := journal.read()) is not None:
+            buf, journal.position = got
+            for first, _ in js_.message_bounds(buf):
+                key = bytes(buf[first : first + protocol.HEADER_SIZE])
+                if key in wanted:
+                    found.add(key)
+        taken = 0
+        for sender, sequence, offset, keys, sizes in self.state.pending:
+            k = 0
+            while k < len(keys) and bytes.fromhex(keys[k]) in found:
+                k += 1
+            if k and self.state.streams.get(sender, (-1, 0))[0] < sequence + k:
+                self.state.streams[sender] = (sequence + k, offset + sum(sizes[:k]))
+                taken += k
+        log.info("the relay had taken %d messages of the batch being written when the bridge stopped", taken)
+        self.state.pending = []
 
     def _remember_sender(self) -> None:
         p = self.position
@@ -778,6 +815,7 @@ class Bridge:
         written = [0, 0, 0]  # messages, bytes, NATS messages
         for msg in msgs:
             self._admit(msg, work, pieces, acks, written)
+        await self._check_held()
         self._release_held(work, pieces, acks, written)
         figures = self.figures.stream
         assert figures is not None
@@ -787,12 +825,18 @@ class Bridge:
             if link is None or link.transport is None or link.transport.is_closing():
                 return  # not acknowledged: the stream gives them again to the next bridge of this host
             if self.echo is not None:  # remembered before the relay can journal them
-                for piece in pieces:
+                self.state.pending = []
+                for piece, origin in pieces:
                     buf = np.frombuffer(piece, dtype=np.uint8)
-                    for first, _ in js_.message_bounds(buf):
-                        self.echo.waiting[bytes(buf[first : first + protocol.HEADER_SIZE])] += 1
+                    keys, sizes = [], []
+                    for first, last in js_.message_bounds(buf):
+                        keys.append(bytes(buf[first : first + protocol.HEADER_SIZE]))
+                        sizes.append(last - first)
+                    self.echo.waiting.update(keys)
+                    if origin is not None:
+                        self.state.pending.append([*origin, [k.hex() for k in keys], sizes])
                 self.state.save(self.echo.persisted())
-            for piece in pieces:
+            for piece, _ in pieces:
                 link.transport.write(piece)
             while link.transport.get_write_buffer_size() and not link.transport.is_closing():
                 await asyncio.sleep(0.001)  # acknowledged only once the relay's socket holds every byte
@@ -804,6 +848,7 @@ class Bridge:
             traffic.payloads += written[2]
         if work != self.state.streams or pieces:
             self.state.streams = work
+            self.state.pending = []
             self.state.save(self.echo.persisted() if self.echo is not None else None)
         for msg in acks:
             with contextlib.suppress(Exception):
@@ -825,7 +870,7 @@ class Bridge:
             return
         if sender is None or not count:
             if count:
-                pieces.append(data)
+                pieces.append((data, None))
                 written[0] += count
                 written[1] += len(data)
                 written[2] += 1
@@ -865,12 +910,30 @@ class Bridge:
         if skip:  # part of it was written before (the sender cut its batches differently after a restart)
             start = js_.message_bounds(np.frombuffer(data, dtype=np.uint8))[skip][0]
             view = view[start:]
-        pieces.append(view)
+        pieces.append((view, (sender, sequence + skip, offset + len(data) - len(view))))
         written[0] += count - skip
         written[1] += len(view)
         written[2] += 1
         work[sender] = (sequence + count, offset + len(data))
         acks.append(msg)
+
+    async def _check_held(self) -> None:
+        """A message held for a second: if the stream holds nothing of its sender before it, the ones it follows
+        are gone (aged out, or never stored), so it need not wait any longer."""
+        now = time.monotonic()
+        for sender, held in self._held.items():
+            first = min(held)
+            since, msg = held[first]
+            if now - since < js_.HOLD_CHECK or (sender, first) in self._held_checked:
+                continue
+            self._held_checked.add((sender, first))
+            with contextlib.suppress(Exception):
+                oldest = await self.js.get_msg(
+                    js_.stream_name(self.domain), 1, subject=f"{self.subject}.{sender}", next=True
+                )
+                sequence = int(msg.headers[HEADER_SEQUENCE])  # type: ignore[attr-defined]
+                if int((oldest.headers or {}).get(HEADER_SEQUENCE, -1)) >= sequence:
+                    held[first] = (now - js_.HOLD_SECONDS, msg)  # due: released with its gap at once
 
     def _release_held(self, work: dict, pieces: list, acks: list, written: list) -> None:
         """Write held messages whose predecessor has arrived; after HOLD_SECONDS, the rest with their gap."""
@@ -890,6 +953,8 @@ class Bridge:
                 self._admit(held.pop(first)[1], work, pieces, acks, written, force=True)
             if not held:
                 del self._held[sender]
+        if not self._held:
+            self._held_checked.clear()
 
     async def _watch_js(self) -> None:
         """Refresh the consumer's lag and the stream's size for the figures; save the sender's position."""

@@ -78,6 +78,7 @@ FETCH_WAIT = 1.0
 # How long a message waits for the one it follows before that one is counted as a gap: longer than the
 # consumer's ack wait, after which what a killed receiver had been given is given again.
 HOLD_SECONDS = 20.0
+HOLD_CHECK = 1.0  # after this long, ask the stream whether the messages a held one follows are there at all
 INFO_INTERVAL = 1.0  # consumer and stream figures refreshed this often
 TAIL_POLL = 0.05  # the journal is read at least this often; a batch from the relay wakes it at once
 TAIL_READ = 1 * MiB
@@ -161,7 +162,9 @@ class BridgeState:
     expects. ``echo``: headers of messages the receiver wrote into the relay
     that the journal reader has not passed yet. ``sender``: where the sending
     side stands (sequence, offset, journal position), for when the stream holds
-    nothing of this host's.
+    nothing of this host's. ``pending``: the batch being written into the relay
+    (saved before the write, cleared after it), for a restart to find out from
+    the journal how much of it the relay took.
     """
 
     def __init__(self, path: Path) -> None:
@@ -169,6 +172,7 @@ class BridgeState:
         self.streams: dict[str, tuple[int, int]] = {}
         self.echo: collections.Counter[bytes] = collections.Counter()
         self.sender: dict[str, Any] = {}
+        self.pending: list[list[Any]] = []  # the batch being written: [sender, sequence, offset, headers, sizes]
         self.writes = 0
 
     def load(self) -> BridgeState:
@@ -182,6 +186,7 @@ class BridgeState:
         self.streams = {k: (int(v[0]), int(v[1])) for k, v in data.get("streams", {}).items()}
         self.echo = collections.Counter(bytes.fromhex(h) for h in data.get("echo", []))
         self.sender = dict(data.get("sender", {}))
+        self.pending = list(data.get("pending", []))
         return self
 
     def save(self, echo_extra: collections.Counter[bytes] | None = None) -> None:
@@ -190,6 +195,7 @@ class BridgeState:
             "streams": {k: list(v) for k, v in self.streams.items()},
             "echo": [key.hex() for key, n in echo.items() for _ in range(n)],
             "sender": self.sender,
+            "pending": self.pending,
         }
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(data))

@@ -209,3 +209,31 @@ def bridge_table(bridge: BridgeProcess, domain: str) -> dict[str, list[str]]:
     assert result.returncode == 0, result.stderr
     (table,) = tables(result.stdout)
     return table
+
+
+def test_messages_aged_out_while_a_host_was_away_are_its_counted_gap(
+    js_cluster: NatsCluster, start_hosts: StartHosts, clients: Clients, restarted: list[BridgeProcess]
+) -> None:
+    """The stream keeps messages 2 s; host B's bridge is away for longer: what aged out is B's gap, exactly."""
+    a, b = start_hosts(js_cluster, "execution", 2, "--max-age", "2")
+    sub_b = clients.reader(b.relay)
+    publisher = clients.connect(a.relay)
+    sync(publisher, [sub_b], 3, timeout=WAIT)
+    b.bridge.send_signal(signal.SIGKILL)
+    b.bridge.wait_exit(WAIT)
+    publisher.sendall(b"".join(order(i) for i in range(3000)))
+    a.bridge.wait_line("jitrelay bridge", timeout=1)  # (it is running)
+    deadline = time.monotonic() + WAIT
+    while a.bridge.figure("messages_total", direction="to_nats") < 3000:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(3)  # past the stream's max age
+    publisher.sendall(b"".join(order(i) for i in range(3000, 3100)))
+    restart(b, js_cluster, restarted)
+    assert sub_b.wait_for(lambda: bytes(sub_b.data).endswith(order(3099)), WAIT)
+    time.sleep(0.5)
+    assert stream_sequences(bytes(sub_b.data), order) == list(range(3000, 3100))
+    line = b.bridge.wait_line("gap from NATS", timeout=WAIT)
+    assert "3000 messages (240000 bytes) of bridge host0 never arrived" in line
+    assert b.bridge.gap("from_nats") == (3000, 240000) == b.bridge.gap_lines(GAP_FROM)
+    assert a.bridge.gap("to_nats") == (0, 0)

@@ -15,6 +15,7 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support.bridges import (
@@ -237,3 +238,25 @@ def test_messages_aged_out_while_a_host_was_away_are_its_counted_gap(
     assert "3000 messages (240000 bytes) of bridge host0 never arrived" in line
     assert b.bridge.gap("from_nats") == (3000, 240000) == b.bridge.gap_lines(GAP_FROM)
     assert a.bridge.gap("to_nats") == (0, 0)
+
+
+def test_after_a_kill_mid_write_the_journal_says_what_the_relay_took(tmp_path: Path) -> None:
+    """The state saved before a write names the batch; what the journal holds of it counts as written."""
+    from jitrelay.bridge.bridge import Bridge, BridgeOptions
+    from jitrelay.bridge.jetstream import BridgeState, JournalTail
+
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    local = [order(i, source=9) for i in range(3)]
+    remote = [order(100 + i) for i in range(4)]
+    # The relay journaled a local message, the first two of the remote batch, then a local one; the rest never came.
+    (journal / "execution-000001.journal").write_bytes(local[0] + remote[0] + remote[1] + local[1])
+    options = BridgeOptions("execution", ("nats://127.0.0.1:1",), socket_path=tmp_path / "execution.sock", host="b")
+    bridge = Bridge(options)
+    bridge.state = BridgeState(tmp_path / "state")
+    bridge.state.streams = {"a": (10, 800)}
+    keys = [m[:32].hex() for m in remote]
+    bridge.state.pending = [["a", 10, 800, keys[:3], [len(m) for m in remote[:3]]], ["c", 0, 0, keys[3:], [80]]]
+    bridge._reconcile(JournalTail(journal, "execution"), None)
+    assert bridge.state.streams == {"a": (12, 800 + len(remote[0]) + len(remote[1]))}
+    assert bridge.state.pending == []

@@ -275,7 +275,7 @@ def children() -> Iterator[list[Child]]:
 
 @pytest.fixture
 def open_dir(short_dir: Path) -> Path:
-    """The socket folder, open for every user to pass through (the relay keeps the mode of a folder it did not create)."""
+    """The socket folder, every user may pass through it (the relay keeps the mode of a folder it did not create)."""
     os.chmod(short_dir, 0o711)
     return short_dir
 

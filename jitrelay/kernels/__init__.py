@@ -90,9 +90,9 @@ def _load() -> ModuleType:
 
 
 # What the fallbacks cost, as measured on a 2-core machine; the warnings quote them.
-BUILD_COST_SECONDS = "about 10 s"
-JIT_COST_SECONDS = "about 4 s"
-JIT_COST_MIB = 140
+BUILD_COST_SECONDS = "5 to 10 s"
+JIT_COST_SECONDS = "about 5 s"
+JIT_COST_MIB = 150
 
 
 def _load_compiled() -> ModuleType:

@@ -20,8 +20,6 @@ import pytest
 from support.clients import (
     DOMAINS,
     Clients,
-    KiB,
-    MiB,
     assert_stream,
     exact_payload,
     mixed_messages,
@@ -34,6 +32,7 @@ from support.streams import send_chunked
 from support.tcp import tcp_relays
 
 from jitrelay.core.protocol import build_message
+from jitrelay.core.units import KiB, MiB
 
 
 @pytest.fixture(params=["unix", "tcp"])

@@ -26,8 +26,6 @@ import pytest
 from support.clients import (
     DOMAINS,
     Clients,
-    KiB,
-    MiB,
     NumberedStream,
     Reader,
     StreamCheck,
@@ -42,6 +40,7 @@ from support.relays import StartRelay
 from support.streams import send_chunked
 
 from jitrelay.core.protocol import build_message, decode_messages
+from jitrelay.core.units import KiB, MiB
 
 # -- clients -----------------------------------------------------------------
 

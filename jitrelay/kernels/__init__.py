@@ -83,6 +83,8 @@ def _load() -> ModuleType:
             _BACKEND_INFO.update(name="aot", path=module.__file__, seconds=time.perf_counter() - started)
             return module
         choice = "jit"
+    elif choice == "jit":
+        log.info("JITRELAY_KERNELS=jit: numba compiles the kernels at their first calls (%s)", JIT_COST_SECONDS)
     from jitrelay.kernels import loops
 
     _BACKEND_INFO.update(name=choice, path=loops.__file__, seconds=time.perf_counter() - started)

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -105,3 +108,13 @@ def test_a_packaged_module_built_from_other_loops_is_refused_and_the_fallback_sa
     assert "was built from other loops or for other numba/numpy versions than these" in done.stderr
     assert "building the kernels now with numba and the C compiler" in done.stderr  # announced, then it failed
     assert "compiling them with numba in this process instead" in done.stderr and "MiB more resident" in done.stderr
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(shutil.which("objdump") is None or platform.machine() != "x86_64", reason="needs objdump, x86_64")
+def test_the_packaged_module_uses_no_instructions_beyond_the_baseline_cpu(installed: Installed) -> None:
+    """Built for LLVM's generic x86-64, not the build host: no AVX registers, which older hosts lack."""
+    done = installed.run("-c", "from jitrelay.kernels import build; print(build.packaged_path())")
+    code = subprocess.run(["objdump", "-d", done.stdout.strip()], capture_output=True, text=True, check=True).stdout
+    assert "_compiled" in done.stdout and code.count("\n") > 1000
+    assert not re.search(r"%[yz]mm\d", code), "AVX/AVX-512 registers in a module meant for any x86-64 host"

@@ -633,8 +633,26 @@ class Subscriber(_SubscriberState):
             yield batch
 
     def __iter__(self) -> Iterator[MessageView]:
-        for batch in self.batches():
-            yield from iter_views(batch.tobytes())
+        # recv_batch's loop without what iterating does not need (deadlines, a numpy batch then its bytes).
+        framer = self._framer
+        take, read_from = framer.take, framer.read_from
+        while True:
+            data = take()
+            if data is not None:
+                yield from iter_views(data)
+                continue
+            sock = self._socket()
+            if self._timeout is not None:
+                self._set_timeout(None)
+            try:
+                received = read_from(sock.recv_into)
+            except OSError as exc:
+                raise self._lost(exc) from exc
+            if received == 0:
+                ended = self._ended()
+                if isinstance(ended, EOFError):
+                    return
+                raise ended
 
     def messages(self) -> Iterator[protocol.Message]:
         """Each message decoded into a ``protocol.Message``, for code that wants objects rather than views."""
@@ -987,9 +1005,25 @@ class AsyncSubscriber(_SubscriberState):
             yield batch
 
     async def _views(self) -> AsyncIterator[MessageView]:
-        async for batch in self.batches():
-            for view in iter_views(batch.tobytes()):
-                yield view
+        await self.connect()
+        framer = self._framer
+        while True:
+            data = framer.take()
+            if data is not None:
+                for view in iter_views(data):
+                    yield view
+                continue
+            assert self._reader is not None
+            try:
+                chunk = await self._reader.read(len(framer.space()))
+            except ConnectionError as exc:
+                raise self._lost(exc) from exc
+            if not chunk:
+                ended = self._ended()
+                if isinstance(ended, EOFError):
+                    return
+                raise ended
+            framer.feed(chunk)
 
     def __aiter__(self) -> AsyncIterator[MessageView]:
         return self._views()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from jitrelay import kernels
@@ -42,7 +44,9 @@ class MessageFramer:
 
     def space(self) -> np.ndarray:
         """The free tail of the buffer, where the next read should land; never empty."""
-        if self._start:
+        if self._start == self._end:  # everything returned: start again at the front, nothing to move
+            self._start = self._end = 0
+        elif self._start:
             tail = self._end - self._start
             self._buf[:tail] = self._buf[self._start : self._end]
             self._start, self._end = 0, tail
@@ -74,6 +78,32 @@ class MessageFramer:
         Raises ``ProtocolError`` at a header whose magic is wrong, once the
         messages before it have been returned.
         """
+        consumed = self._framed()
+        if consumed is None:
+            return None
+        batch = self._buf[self._start : consumed].copy()
+        self._start = consumed
+        return batch
+
+    def take(self) -> bytes | None:
+        """As ``maybe_extract_batch``, as ``bytes``: one copy, what message views read from."""
+        consumed = self._framed()
+        if consumed is None:
+            return None
+        batch = self._buf[self._start : consumed].tobytes()
+        self._start = consumed
+        return batch
+
+    def read_from(self, recv_into: Callable[[np.ndarray], int]) -> int:
+        """Read once into the free tail with ``recv_into`` (a socket's) and keep what it read; return the count."""
+        received = recv_into(self.space())
+        self._end += received
+        return received
+
+    def _framed(self) -> int | None:
+        """Where the complete messages buffered end, or None if there is none (the kernel only if bytes wait)."""
+        if self._start == self._end:
+            return None
         count, consumed, fault = kernels.frame(self._buf, self._start, self._end)
         if count == 0:
             if fault != protocol.NO_FAULT:
@@ -81,6 +111,4 @@ class MessageFramer:
                     f"{protocol.FAULT_NAMES[fault]}: the stream holds no message header where one should start"
                 )
             return None
-        batch = self._buf[self._start : consumed].copy()
-        self._start = consumed
-        return batch
+        return consumed

@@ -29,7 +29,7 @@ from support.relays import RelayProcess
 from jitrelay.client import AsyncPublisher, AsyncSubscriber, MessageView, Publisher, Subscriber, _PublisherState
 from jitrelay.core import protocol
 from jitrelay.core.domains import logic_for
-from jitrelay.core.views import batch_headers, iter_views, message_offsets
+from jitrelay.core.views import COLUMNS_FROM, batch_headers, iter_views, message_offsets
 
 MARKET_DATA = 1
 SIZE = 71  # one type-1 record of 37 bytes
@@ -167,7 +167,7 @@ publications = st.lists(
         ),
         st.sampled_from(["list", "tuple", "bytearray", "iterator"]),
         st.integers(0, 255),
-        st.none() | st.integers(0, 2**64 - 1),
+        st.none() | st.integers(0, 2**63),  # room for the numbers that follow
         st.none() | st.integers(0, 2**64 - 1),
     ),
     max_size=40,
@@ -507,6 +507,34 @@ def test_views_decode_to_exactly_what_decode_messages_gives(messages: list[bytes
     assert headers.dtype == protocol.HEADER_DTYPE
     assert [tuple(int(x) for x in row) for row in headers.tolist()] == [tuple(vars(m.header).values()) for m in decoded]
     assert message_offsets(data).tolist() == list(np.cumsum([0] + [len(m) for m in messages])[:-1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    count=st.integers(COLUMNS_FROM - 2, 3 * COLUMNS_FROM),
+    value_size=st.sampled_from([0, 5, 37, 300]),
+    numbers=st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), min_size=1, max_size=8),
+    odd=st.none() | st.integers(0, 3 * COLUMNS_FROM),
+)
+def test_views_of_a_batch_of_one_size_read_as_columns_as_they_would_one_by_one(
+    count: int, value_size: int, numbers: list[tuple[int, int]], odd: int | None
+) -> None:
+    """Batches large enough for the numpy columns: of one message size, or all but one (which must walk)."""
+    value = bytes(range(256)) * 2
+    messages = []
+    for k in range(count):
+        sequence, stamp = numbers[k % len(numbers)]
+        n = value_size + 3 if k == odd else value_size  # one message of another size: not uniform
+        record = standard_record(1, value[:n]) if n < 256 else extended_record(1, value[:n])
+        messages.append(message(MARKET_DATA, record, sequence=sequence, timestamp_ns=stamp, source=k % 256))
+    data = b"".join(messages)
+    decoded = list(protocol.decode_messages(data))
+    views = list(iter_views(data))
+    assert [v.decode() for v in views] == decoded
+    assert [(v.sequence, v.timestamp_ns, v.source, len(v)) for v in views] == [
+        (m.header.sequence, m.header.timestamp_ns, m.header.source, len(m.raw)) for m in decoded
+    ]
+    assert MessageView(data, 0, len(messages[0])).sequence == decoded[0].header.sequence
 
 
 def test_subscriber_iterates_views_and_still_gives_decoded_messages(market_relay: RelayProcess) -> None:

@@ -92,7 +92,7 @@ def pub_jitrelay(who: str, reports: Any, path: str, size: int, duration: float, 
     return {"sent": sent, "elapsed_s": elapsed}
 
 
-def pub_jitrelay_async(who: str, reports: Any, path: str, size: int, duration: float, start: Any) -> dict:
+def pub_jitrelay_async(who: str, reports: Any, path: str, size: int, duration: float, nowait: bool, start: Any) -> dict:
     from jitrelay.client import AsyncPublisher
 
     value = _value(size)
@@ -106,8 +106,14 @@ def pub_jitrelay_async(who: str, reports: Any, path: str, size: int, duration: f
             began = time.perf_counter()
             stop_at = began + duration
             while time.perf_counter() < stop_at:
-                for _ in range(CHECK_EVERY):
-                    await pub.publish([(1, value)])
+                if nowait:
+                    publish = pub.publish_nowait
+                    for _ in range(CHECK_EVERY):
+                        publish([(1, value)])
+                    await pub.flush()  # the burst written out, waiting while the kernel is full: the back-pressure
+                else:
+                    for _ in range(CHECK_EVERY):
+                        await pub.publish([(1, value)])
                 sent += CHECK_EVERY
                 await asyncio.sleep(0)  # an application's other tasks get their turn
             await pub.flush()
@@ -444,9 +450,8 @@ def client_workload(opts: runner.Options) -> dict:
             relay,
             folder,
         )
-        attempt(
-            "publish jitrelay-async", (pub_jitrelay_async, path, size, duration), [(sub_raw, path, size)], relay, folder
-        )
+        for key, nowait in (("publish jitrelay-async", False), ("publish jitrelay-async-nowait", True)):
+            attempt(key, (pub_jitrelay_async, path, size, duration, nowait), [(sub_raw, path, size)], relay, folder)
         attempt(
             "receive jitrelay",
             (pub_raw_batches, path, size, duration),
@@ -519,6 +524,7 @@ def summarize(runs: dict[str, dict], raw_w2: dict | None, errors: dict[str, str]
         "jitrelay": pub_rate("publish jitrelay"),
         "jitrelay-unbatched": pub_rate("publish jitrelay-unbatched"),
         "jitrelay-async": pub_rate("publish jitrelay-async"),
+        "jitrelay-async-nowait": pub_rate("publish jitrelay-async-nowait"),
         "pyzmq": pub_rate("pyzmq"),
         "nats": pub_rate("nats"),
     }
@@ -547,7 +553,10 @@ def summarize(runs: dict[str, dict], raw_w2: dict | None, errors: dict[str, str]
         "publish_x_pyzmq": {k: over(v, zmq_pub) for k, v in publish.items()},
         "receive_x_pyzmq": {k: over(v, zmq_sub) for k, v in receive.items()},
         "receive_x_pyzmq_drain": {k: over(v, receive["pyzmq-drain"]) for k, v in receive.items()},
-        "lost": {k: lost(k) for k in ("publish jitrelay", "publish jitrelay-async", "pyzmq", "nats")},
+        "lost": {
+            k: lost(k)
+            for k in ("publish jitrelay", "publish jitrelay-async", "publish jitrelay-async-nowait", "pyzmq", "nats")
+        },
         "w2_client_latency_us": latency,
         "w2_raw_latency_us": raw_latency,
         "w2_client_x_raw": (

@@ -9,7 +9,9 @@ messages are W1's (``--size`` bytes, one type-1 record). In one run:
   flush included): ``Publisher.publish([(1, value)])`` inside ``with
   pub.batch():`` (``jitrelay``) and without it (``jitrelay-unbatched``: every
   message written before ``publish`` returns), ``await
-  AsyncPublisher.publish(...)`` (``jitrelay-async``); a pyzmq PUB
+  AsyncPublisher.publish(...)`` (``jitrelay-async``) and
+  ``AsyncPublisher.publish_nowait(...)`` with ``await pub.flush()`` after
+  each 1024 (``jitrelay-async-nowait``); a pyzmq PUB
   ``sock.send(header + body)`` with the header packed by ``struct`` (over
   ipc, no proxy, high-water marks 0 so nothing is lost); nats-py core
   ``await nc.publish(subject, header + body)`` to a local nats-server. A
@@ -25,6 +27,10 @@ messages are W1's (``--size`` bytes, one type-1 record). In one run:
   backlog high-water marks of 0 kept for it (``pyzmq-drain``: its own pace,
   with libzmq's I/O thread having done the socket work beforehand); a
   nats-py subscription's messages reading one byte, while its publisher runs.
+- **receive ceiling**: the same loop over views of a 1 MiB batch already in
+  memory, in the bench's own process with nothing else running: what
+  iterating could reach if receiving cost nothing, set against
+  ``pyzmq-drain``.
 - **W2 through the clients**: W2 (``--rate`` msg/s, ``--latency-subscribers``
   subscribers) with a default ``Publisher`` and iterating ``Subscriber``s,
   set against the raw-socket W2 of the same run.
@@ -383,6 +389,33 @@ def pub_paced(who: str, reports: Any, path: str, size: int, duration: float, rat
     return {"sent": total, "elapsed_s": elapsed}
 
 
+def views_ceiling(size: int, seconds: float = 1.0) -> float:
+    """Messages per second of the receive loop over views of a 1 MiB batch already in memory: no socket, no relay.
+
+    What iterating a ``Subscriber`` could reach if receiving cost nothing (the
+    same loop as ``sub_jitrelay``), measured in the bench's own process while
+    nothing else runs; the best of several passes.
+    """
+    from jitrelay import kernels
+    from jitrelay.core.views import iter_views
+
+    count = runner.BATCH_BYTES // size
+    batch = protocol.build_batch(MARKET_DATA, count, [(1, _value(size))], checksums=False)
+    kernels.stamp_batch(batch, size, 0, 0, checksums=False)
+    data = batch.tobytes()
+    best = 0.0
+    stop_at = time.perf_counter() + seconds
+    while time.perf_counter() < stop_at:
+        began = time.perf_counter()
+        received = 0
+        for view in iter_views(data):
+            if view.sequence == SENTINEL:
+                break
+            received += 1
+        best = max(best, received / (time.perf_counter() - began))
+    return best
+
+
 def _run_loop(coro: Any) -> Any:
     import uvloop
 
@@ -486,7 +519,12 @@ def client_workload(opts: runner.Options) -> dict:
     except runner.BenchError as exc:
         raw_w2 = None
         errors["w2 raw"] = str(exc)
-    return summarize(runs, raw_w2, errors, opts)
+    figures = summarize(runs, raw_w2, errors, opts)
+    ceiling = views_ceiling(size)
+    figures["receive_ceiling_msg_per_s"] = ceiling
+    drain = figures["receive_msg_per_s"]["pyzmq-drain"]
+    figures["receive_ceiling_x_pyzmq_drain"] = ceiling / drain if drain else None
+    return figures
 
 
 def _nats(attempt: Any, size: int, duration: float, folder: str) -> None:
@@ -588,6 +626,11 @@ def format_client(figures: dict) -> str:
         )
     drain = figures["receive_x_pyzmq_drain"]
     out.append("  receive x pyzmq-drain: " + "  ".join(f"{k} {r(v)}" for k, v in drain.items()))
+    if figures.get("receive_ceiling_msg_per_s"):
+        out.append(
+            f"  receive ceiling (views of a batch in memory, no socket): {m(figures['receive_ceiling_msg_per_s'])} "
+            f"= {r(figures['receive_ceiling_x_pyzmq_drain'])} x pyzmq-drain"
+        )
     for key, error in figures["errors"].items():
         out.append(f"  {key} failed: {error.splitlines()[0][:100]}")
     return "\n".join(out)

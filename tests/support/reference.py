@@ -36,7 +36,7 @@ PUBLISH_ONLY = 103
 SUBSCRIPTION_RECORDS = (100, 101, 102)  # the ones that change what a subscriber receives
 HEADER = 32
 # PROTOCOL.md's reason names by verdict code; 6, a consumed control message, is docs/protocol.md's.
-VERDICT_NAMES = tuple("forward bad_version wrong_domain malformed_tlv tlv_out_of_range bad_checksum control".split())
+VERDICTS = ("forward", "bad_version", "wrong_domain", "malformed_tlv", "tlv_out_of_range", "bad_checksum", "control")
 VERSION = 2
 _HEADER = struct.Struct("<4sBBBBQQII")
 

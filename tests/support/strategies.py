@@ -24,7 +24,7 @@ from jitrelay.core.protocol import (
 )
 from support import reference as ref
 
-KINDS = ("empty", *ref.VERDICT_NAMES, "malformed_control")  # what a generated message may be
+KINDS = ("empty", *ref.VERDICTS, "malformed_control")  # what a generated message may be
 EXPECTED = {
     "forward": FORWARD,
     "empty": FORWARD,

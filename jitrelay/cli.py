@@ -70,7 +70,10 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
         "--config", type=Path, metavar="FILE", help="TOML file of relay settings; options given here override it"
     )
     parser.add_argument("--slow-policy", choices=SLOW_POLICIES, help="what to do with a subscriber that falls behind")
-    add_byte_option(parser, "--pending-limit", "pending bytes per subscriber before the policy acts")
+    add_byte_option(
+        parser, "--log-size", "the relay's log: every forwarded byte, which subscribers are sent from (64MiB)"
+    )
+    add_byte_option(parser, "--pending-limit", "how far a subscriber may fall behind the head before the policy acts")
     parser.add_argument(
         "--slow-timeout",
         type=non_negative_float,
@@ -130,6 +133,7 @@ _FIELD_OPTIONS = {
     "journal_rotate": "journal_rotate_bytes",
     "metrics_port": "metrics_port",
     "summary_file": "summary_file",
+    "log_size": "log_size",
 }
 
 

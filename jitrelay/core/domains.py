@@ -67,6 +67,9 @@ class RelayLogic:
     slow_timeout: float = 1.0
     # Receive buffer per connection; raised to hold at least two max-size messages.
     buffer_size: int = 4 * MiB
+    # The relay's log: one ring of every forwarded byte, from which each subscriber is sent its share and
+    # behind which it may fall this far before the slow policy acts on it. Raised to two receive buffers.
+    log_size: int = 64 * MiB
     socket_path: Path = field(default_factory=lambda: Path())
     # Who may connect, checked with the peer's credentials at accept: a peer
     # is allowed when its uid or its gid is listed. None admits anyone who can
@@ -118,6 +121,7 @@ class RelayLogic:
         except ValueError as exc:
             raise ValueError(f"allowed_networks: {exc}") from None
         self.buffer_size = max(self.buffer_size, 2 * (protocol.HEADER_SIZE + self.max_payload))
+        self.log_size = max(self.log_size, 2 * self.buffer_size)
 
     def admits(self, uid: int, gid: int) -> bool:
         """Whether a peer with these credentials may connect."""
@@ -158,6 +162,7 @@ class SignalLogic(RelayLogic):
     max_payload: int = 32 * KiB
     slow_policy: str = DISCONNECT
     buffer_size: int = 1 * MiB
+    log_size: int = 16 * MiB
     max_connections: int = 1000
 
 

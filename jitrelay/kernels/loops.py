@@ -359,6 +359,35 @@ def compact(buf, runs, n_runs, out):
     return o
 
 
+@njit(**_JIT)
+def log_append(buf, runs, n_runs, ring, size, mirror, at):
+    """Copy the first ``n_runs`` ``[begin, end)`` runs of ``buf`` back to back into a ring, from offset ``at``.
+
+    The ring holds ``size`` bytes plus ``mirror`` more after them: whatever is
+    written into its first ``mirror`` bytes is written there too, so a message
+    that starts before the end can be read whole without minding the wrap.
+    Returns the bytes appended.
+    """
+    source = np.uint64(buf.ctypes.data)
+    target = np.uint64(ring.ctypes.data)
+    o = at
+    total = 0
+    for k in range(n_runs):
+        a = runs[2 * k]
+        b = runs[2 * k + 1]
+        while a < b:
+            n = min(b - a, size - o)
+            _MEMCPY(target + np.uint64(o), source + np.uint64(a), np.uint64(n))
+            if o < mirror:
+                _MEMCPY(target + np.uint64(size + o), source + np.uint64(a), np.uint64(min(n, mirror - o)))
+            a += n
+            o += n
+            total += n
+            if o == size:
+                o = 0
+    return total
+
+
 _ONE = np.uint64(1)
 _ZERO = np.uint64(0)
 

@@ -1,21 +1,24 @@
-"""The relay's I/O shell: sockets, receive buffers, fan-out, back-pressure, shutdown.
+"""The relay's I/O shell: sockets, receive buffers, the log, cursors, back-pressure, shutdown.
 
 Data path, per read: uvloop reads straight into the connection's numpy
 buffer (``BufferedProtocol``); one ``kernels.scan_into`` call frames and
-judges every complete message in it; the accepted runs go to every other
-connection; the partial message at the end, if any, moves to the front of
-the buffer for the next read.
+judges every complete message in it; the accepted runs are appended once to
+the relay's log (``log.RelayLog``); one compiled call (``kernels.FanOut``)
+hands the new bytes, straight from the log, to every subscriber that is
+keeping up; the partial message at the end, if any, moves to the front of the
+receive buffer for the next read.
 
-uvloop keeps a reference to the memory of a write it cannot finish at once
-and sends whatever that memory holds later, and the receive buffer is reused
-on the next read. So runs are sent zero-copy only with a synchronous
-``send``/``sendmsg`` on a spare descriptor, when the subscriber has nothing
-queued; anything left over is queued in uvloop as an immutable copy, made
-at most once per batch and shared by every subscriber that needs it.
+Every subscriber is a cursor into the log. One whose socket took less than
+the batch falls behind alone: it waits for writability on its own socket and
+resumes from its position, while everyone else goes on. Nothing is queued
+per subscriber but positions (for a filtered one, the stream ranges its
+filter selected), and nothing is ever handed to uvloop to write, so uvloop
+never holds memory the relay will change.
 
-Memory is bounded: a receive buffer per connection (pages touched only by
-publishers), and per subscriber at most ``pending_high`` bytes plus one batch
-of pending writes before the slow-subscriber policy acts.
+Memory is bounded: the log, a receive buffer per connection (pages touched
+only by publishers), and per filtered subscriber that is behind, its ranges.
+A subscriber the log is about to leave behind is cut off under ``disconnect``;
+under ``block`` the publishers wait until the slowest cursor makes room.
 """
 
 from __future__ import annotations
@@ -33,24 +36,26 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import DISCONNECT, FSYNC_BATCH, RelayLogic
+from jitrelay.core.domains import BLOCK, DISCONNECT, FSYNC_BATCH, RelayLogic
 from jitrelay.core.histogram import Histogram
 from jitrelay.core.units import MiB
 from jitrelay.server.figures import Figures
 from jitrelay.server.journal import Journal
+from jitrelay.server.log import RelayLog
 
 log = logging.getLogger("jitrelay.relay")
 
 SHUTDOWN_FLUSH_SECONDS = 1.0
 SOCKET_BUFFER = 4 * MiB  # kernel buffers per connection: fewer, larger reads and sends
-MAX_IOV = 64  # runs sent with one sendmsg; more are compacted first
+CATCH_UP_BYTES = 8 * MiB  # the most one writability callback hands a subscriber that is behind
+CATCH_UP_PIECES = 1024  # and in at most this many pieces (one sendmsg)
 SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
 SLOW_PIDS_KEPT = 1000  # pids of the latest subscribers dropped as slow, for the figures
 _PEERCRED = struct.Struct("3i")
 
 
 class Connection(asyncio.BufferedProtocol):
-    """One client connection: a publisher, a subscriber, or both."""
+    """One client connection: a publisher, a subscriber, or both; as a subscriber, a cursor into the log."""
 
     def __init__(self, relay: Relay, conn_id: int):
         self.relay = relay
@@ -66,8 +71,16 @@ class Connection(asyncio.BufferedProtocol):
         self.bytes_out = 0
         self.fault = protocol.NO_FAULT
         self.slow_timer: asyncio.TimerHandle | None = None
-        self.spare: socket.socket | None = None  # a second descriptor: zero-copy sends and salvage
+        self.spare: socket.socket | None = None  # a second descriptor: sends from the log, and salvage
+        self.fd = -1
         self.filter: protocol.Filter = protocol.EVERYTHING  # what it asked to receive (control messages)
+        self.published = False  # has appended a batch to the log: its cursor skips its own batches
+        # The cursor. Keeping up (``behind`` False): it is at the head and gets each batch from the send loop.
+        # Behind: an unfiltered one resumes at ``position``; a filtered one owes the stream ranges in ``owed``.
+        self.behind = False
+        self.position = 0
+        self.owed: deque[np.ndarray] = deque()  # (k, 2) arrays of [start, end) stream offsets, oldest first
+        self.held = False  # a publisher paused under ``block`` until the log has room for its bytes
 
     # asyncio protocol callbacks
 
@@ -102,12 +115,12 @@ class Connection(asyncio.BufferedProtocol):
             transport.abort()
             return
         self.spare.setblocking(False)
+        self.fd = self.spare.fileno()
         with contextlib.suppress(OSError):
             self.spare.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             self.spare.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
             if tcp:
                 self.spare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=self.relay.logic.pending_high, low=self.relay.logic.pending_low)
         self.relay.add(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -123,11 +136,12 @@ class Connection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.stop_sending(self)  # a held publisher stays held: its buffered messages go out when there is room
         if self.spare is not None:
             if self.fault == protocol.NO_FAULT and not self.relay.stopping:
                 self._salvage()
             self.spare.close()
-        if self.filled and self.fault == protocol.NO_FAULT:
+        if self.filled and self.fault == protocol.NO_FAULT and not self.held:
             self.relay.torn_messages += 1
             log.info("%s closed mid-message; discarded %d bytes of an unfinished message", self.peer, self.filled)
         self.filled = 0
@@ -143,7 +157,7 @@ class Connection(asyncio.BufferedProtocol):
         ``SALVAGE_LIMIT`` buffers.
         """
         budget = SALVAGE_LIMIT * len(self.buf)
-        while budget > 0 and self.fault == protocol.NO_FAULT:
+        while budget > 0 and self.fault == protocol.NO_FAULT and not self.held:
             try:
                 nbytes = self.spare.recv_into(self.view[self.filled :])
             except OSError:
@@ -153,15 +167,19 @@ class Connection(asyncio.BufferedProtocol):
             budget -= nbytes
             self.buffer_updated(nbytes)
 
-    def pause_writing(self) -> None:
-        self.relay.on_over_limit(self)
+    # the cursor
 
-    def resume_writing(self) -> None:
-        self.relay.on_under_limit(self)
+    def needed(self) -> int:
+        """The oldest stream offset this subscriber still has to receive (the head when it keeps up)."""
+        if not self.behind:
+            return self.relay.log.head
+        if self.filter == protocol.EVERYTHING:
+            return self.position
+        return int(self.owed[0][0, 0]) if self.owed else self.relay.log.head
 
 
 class Relay:
-    """Fans out every valid message a connection sends to all other connections."""
+    """Appends every valid message a connection sends to its log, and sends each subscriber its share from there."""
 
     def __init__(self, logic: RelayLogic, journal: Journal | None = None, kernel_load_seconds: float = 0.0):
         self.logic = logic
@@ -171,33 +189,42 @@ class Relay:
         self._journal_timer: asyncio.TimerHandle | None = None
         self.tables = kernels.tables_for(logic)
         self.scan_out = kernels.ScanBuffers(logic.buffer_size)
+        self.log = RelayLog(logic.log_size, protocol.HEADER_SIZE + logic.max_payload)
         self.connections: dict[int, Connection] = {}
         # Who receives what: connections without a filter get every forwarded
-        # run; each distinct filter is a group whose runs ``kernels.scan_and_route`` cuts.
-        self._everyone: tuple[tuple[Connection, asyncio.Transport], ...] = ()
-        self._groups: tuple[tuple[tuple[Connection, asyncio.Transport], ...], ...] = ()
+        # byte; each distinct filter is a group whose runs ``kernels.scan_and_route`` cuts.
+        self._groups: tuple[tuple[Connection, ...], ...] = ()
         self._group_filters: list[protocol.Filter] = []
         self._group_tables: kernels.GroupTables | None = None
         self._routed = kernels.RouteBuffers(logic.buffer_size, 1)
-        # Where runs too many for one sendmsg are packed; reused, as every send copies or finishes before the next.
-        self._packed = np.empty(logic.buffer_size, dtype=np.uint8)
+        # The send loop's targets: every subscriber keeping up, in ``_targets`` order; rebuilt when that changes.
+        self._fan = kernels.FanOut()
+        self._targets: list[Connection] = []
+        self._target_group = np.zeros(0, dtype=np.int64)  # -1 for the unfiltered, else the group index
+        self._targets_dirty = True
+        self._sent_since = np.zeros(0, dtype=np.int64)  # per target, what the send loop gave it since the rebuild
+        self._behind: set[Connection] = set()
+        self._held: set[Connection] = set()
         self._next_id = 0
-        self._blocked: set[Connection] = set()
         self._reading = True
         self.retired_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
         self.faults: Counter[str] = Counter()
         self.slow_disconnects = 0
         self.slow_pids: deque[int] = deque(maxlen=SLOW_PIDS_KEPT)  # of those dropped, for tools that match them
         self.torn_messages = 0  # connections closed with part of a message in their buffer
-        self.slow_pauses = 0  # times a subscriber passed pending_high and paused the publishers
+        self.slow_pauses = 0  # times a publisher was held under ``block`` because the log was full
+        self.fell_behind = 0  # times a subscriber's socket took less than a batch
         self.retired_bytes_in = 0  # bytes read from connections that have closed
         self.bytes_forwarded = 0
         self.batches = 0
         self.accepted = 0
         self.refused: Counter[str] = Counter()
         self.stopping = False
-        # Nanoseconds from a read reaching the engine to the last subscriber write issued.
+        # Nanoseconds from a read reaching the engine to the send loop's return, and the part of it spent
+        # inside the send loop's system calls: the rest is the relay's own work.
         self.forward_time = Histogram()
+        self.send_time = Histogram()
+        self.own_time = Histogram()
         self.messages_timed = 0
 
     def refusal(self, conn: Connection) -> str | None:
@@ -231,24 +258,55 @@ class Relay:
         self.retired_bytes_in += conn.bytes_in
         self._retarget()
         log.info("%s disconnected (received %d bytes, sent %d bytes)", conn.peer, conn.bytes_in, conn.bytes_out)
-        self.on_under_limit(conn)
+
+    def stop_sending(self, conn: Connection) -> None:
+        """Forget ``conn``'s cursor before its descriptors close: no writability wait, no place among the targets."""
+        if conn.behind:
+            conn.behind = False
+            self._behind.discard(conn)
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_writer(conn.fd)
+        if conn.slow_timer is not None:
+            conn.slow_timer.cancel()
+            conn.slow_timer = None
+        conn.owed.clear()
+        self._targets_dirty = True
+        self._release_held()
 
     def _retarget(self) -> None:
-        live = [(c, c.transport) for c in self.connections.values() if not c.transport.is_closing()]
-        self._everyone = tuple(target for target in live if target[0].filter == protocol.EVERYTHING)
-        groups: dict[protocol.Filter, list[tuple[Connection, asyncio.Transport]]] = {}
-        for target in live:
-            if target[0].filter != protocol.EVERYTHING:
-                groups.setdefault(target[0].filter, []).append(target)
+        live = [c for c in self.connections.values() if not c.transport.is_closing()]
+        groups: dict[protocol.Filter, list[Connection]] = {}
+        for conn in live:
+            if conn.filter != protocol.EVERYTHING:
+                groups.setdefault(conn.filter, []).append(conn)
         filters = list(groups)
         if filters != self._group_filters:
             self._group_filters = filters
             self._group_tables = kernels.group_tables(filters) if filters else None
         self._groups = tuple(tuple(members) for members in groups.values())
+        self._targets_dirty = True
+
+    def _rebuild_targets(self) -> None:
+        """The send loop's target arrays: every live subscriber that keeps up, with its group's iovec slice."""
+        for i, conn in enumerate(self._targets):  # what the loop sent them since the last rebuild
+            conn.bytes_out += int(self._sent_since[i])
+        group_of = {conn: g for g, members in enumerate(self._groups) for conn in members}
+        targets = [c for c in self.connections.values() if not c.behind and not c.transport.is_closing() and c.fd >= 0]
+        self._fan.reserve(len(targets), 0)
+        for i, conn in enumerate(targets):
+            self._fan.fds[i] = conn.fd
+        self._targets = targets
+        self._target_group = np.array([group_of.get(c, -1) for c in targets], dtype=np.int64)
+        self._sent_since = np.zeros(len(targets), dtype=np.int64)
+        self._targets_dirty = False
 
     # the data path
 
     def on_data(self, conn: Connection, arrived: int) -> None:
+        if self.logic.slow_policy == BLOCK and self._behind and not self._has_room(conn.filled):
+            self._hold(conn)
+            return
+        before = int(conn.counts[protocol.FORWARD])
         if self._groups:  # some subscriber has a filter: the same compiled call cuts each group's runs
             result, self._routed = kernels.scan_and_route(
                 conn.buf, 0, conn.filled, self.tables, self.scan_out, self._group_tables, self._routed, conn.counts
@@ -256,9 +314,7 @@ class Relay:
         else:
             result = kernels.scan_into(conn.buf, 0, conn.filled, self.tables, self.scan_out, conn.counts)
         if result.forwarded_bytes:
-            self._forward(conn, result)
-            self.forward_time.record(time.perf_counter_ns() - arrived)
-            self.messages_timed += result.count
+            self._forward(conn, result, int(conn.counts[protocol.FORWARD]) - before, arrived)
         if result.controls:
             self._apply_controls(conn, result.count)
         if result.fault != protocol.NO_FAULT:
@@ -269,59 +325,194 @@ class Relay:
             conn.buf[:leftover] = conn.buf[result.consumed : conn.filled]
         conn.filled = leftover
 
-    def _forward(self, sender: Connection, result: kernels.ScanResult) -> None:
-        """Send the accepted runs to every other connection, and each filtered group its share of them."""
-        if self._everyone or self.journal is not None:
-            pieces = self._pieces(sender, self.scan_out.runs, result.runs)
-            if self.journal is not None:
-                self._journal(pieces)
-            if self._everyone:
-                self._send(sender, self._everyone, pieces, result.forwarded_bytes)
-        if self._groups:
-            routed = self._routed  # cut by ``scan_and_route`` in on_data
-            for g, members in enumerate(self._groups):
-                size = int(routed.sizes[g])
-                if size:
-                    self._send(sender, members, self._pieces(sender, routed.group_runs(g), routed.counts[g]), size)
-        self.bytes_forwarded += result.forwarded_bytes
+    def _forward(self, sender: Connection, result: kernels.ScanResult, messages: int, arrived: int) -> None:
+        """Append the accepted runs to the log once, then hand them to every subscriber that keeps up."""
+        log_ = self.log
+        size = result.forwarded_bytes
+        runs = self.scan_out.runs
+        if self._behind:
+            self._leave_behind(log_.tail_after(size))
+        if self.journal is not None:
+            self._journal([sender.view[runs[2 * k] : runs[2 * k + 1]] for k in range(result.runs)])
+        start = log_.append(sender.buf, runs, result.runs, size, messages, sender.conn_id)
+        sender.published = True
+        self.bytes_forwarded += size
         self.batches += 1
+        if self._targets_dirty:
+            self._rebuild_targets()
+        group_ranges = self._group_ranges(start, result) if self._groups else None
+        if self._behind:
+            self._owe(sender, group_ranges)
+        if self._targets:
+            self._send_batch(sender, start, size, group_ranges, arrived)
+        done = time.perf_counter_ns()
+        self.forward_time.record(done - arrived)
+        self.messages_timed += result.count
+        if self._behind:
+            self._check_lag()
 
-    def _pieces(self, sender: Connection, runs: np.ndarray, n_runs: int) -> list:
-        """Views of the runs in the sender's buffer; packed back to back when there are too many for one sendmsg."""
-        if n_runs == 1:
-            return [sender.view[runs[0] : runs[1]]]
-        if n_runs <= MAX_IOV:
-            view = sender.view
-            return [view[runs[2 * k] : runs[2 * k + 1]] for k in range(n_runs)]
-        return [kernels.compact(sender.buf, runs, n_runs, self._packed).data]
+    def _group_ranges(self, start: int, result: kernels.ScanResult) -> list[np.ndarray]:
+        """Each group's runs of this batch as ``(k, 2)`` stream ranges in the log."""
+        runs = self.scan_out.runs[: 2 * result.runs]
+        starts, ends = runs[0::2], runs[1::2]
+        at = start + np.concatenate(([0], np.cumsum(ends - starts)[:-1]))  # where each forwarded run landed
+        ranges = []
+        routed = self._routed
+        for g in range(len(self._groups)):
+            own = routed.group_runs(g).reshape(-1, 2)
+            k = np.searchsorted(starts, own[:, 0], side="right") - 1
+            ranges.append(own - starts[k, None] + at[k, None])
+        return ranges
 
-    @staticmethod
-    def _send(sender: Connection, targets: tuple, pieces: list, size: int) -> None:
-        """Write ``pieces`` to every target but the sender, zero-copy where the kernel takes them at once.
+    def _send_batch(
+        self, sender: Connection, start: int, size: int, group_ranges: list[np.ndarray] | None, arrived: int
+    ) -> None:
+        """One call into the send loop for every subscriber that keeps up; the ones left short fall behind."""
+        fan = self._fan
+        slices = [np.array([[start, start + size]], dtype=np.int64)] + (group_ranges or [])
+        fan.reserve(len(self._targets), sum(2 * len(s) for s in slices))
+        firsts = np.zeros(len(slices), dtype=np.int64)
+        counts = np.zeros(len(slices), dtype=np.int64)
+        wanted = np.zeros(len(slices), dtype=np.int64)
+        k = 0
+        for i, ranges in enumerate(slices):
+            firsts[i] = k
+            counts[i] = n = self._write_iovecs(ranges, k)
+            wanted[i] = size if i == 0 else int((ranges[:, 1] - ranges[:, 0]).sum())
+            k += n
+        n = len(self._targets)
+        if len(slices) == 1:
+            fan.iov_first[:n] = 0
+            fan.iov_count[:n] = counts[0]
+            due = wanted[:1]
+        else:
+            slot = self._target_group + 1
+            fan.iov_first[:n] = firsts[slot]
+            fan.iov_count[:n] = counts[slot]
+            due = wanted[slot]
+        sending = time.perf_counter_ns()
+        sent = fan.send(n, sender.fd)
+        sent_at = time.perf_counter_ns()
+        self.send_time.record(sent_at - sending)
+        self.own_time.record(sending - arrived)
+        self._sent_since += np.maximum(sent, 0)
+        for t in np.flatnonzero((sent != kernels.SEND_SKIPPED) & (sent < due)):
+            conn = self._targets[t]
+            taken = max(0, int(sent[t]))
+            g = int(self._target_group[t])
+            if g < 0:
+                self._fall_behind(conn, position=start + taken)
+            else:
+                self._fall_behind(conn, owed=_after(group_ranges[g], taken))
 
-        A subscriber with nothing pending gets the runs straight from the
-        receive buffer (``send``/``sendmsg`` on its spare descriptor: the
-        kernel copies them before the call returns). Whatever it cannot take
-        now, and everything for a subscriber that already has bytes pending,
-        goes to uvloop as an immutable copy made once per call, since uvloop
-        keeps references to what it has not sent yet.
-        """
-        copy: memoryview | None = None
-        sender_transport = sender.transport
-        for conn, transport in targets:
-            if transport is sender_transport or transport.is_closing():
-                continue
-            sent = 0
-            if not transport.get_write_buffer_size():
-                try:
-                    sent = conn.spare.send(pieces[0]) if len(pieces) == 1 else conn.spare.sendmsg(pieces)
-                except OSError:
-                    sent = 0  # would block, or an error the transport reports when it writes the rest
-            if sent < size:
-                if copy is None:
-                    copy = memoryview(b"".join(pieces))
-                transport.write(copy[sent:])
-            conn.bytes_out += size
+    def _write_iovecs(self, ranges: np.ndarray, at: int) -> int:
+        """Write the ring pieces of ``(k, 2)`` stream ranges into the send loop's iovecs from ``at``; how many."""
+        fan = self._fan
+        size = self.log.size
+        phys = ranges[:, 0] % size
+        lengths = ranges[:, 1] - ranges[:, 0]
+        if not len(ranges) or int((phys + lengths).max()) <= size:  # nothing wraps: one piece per range
+            end = at + len(ranges)
+            fan.iovecs[2 * at : 2 * end : 2] = self.log.address + phys
+            fan.iovecs[2 * at + 1 : 2 * end : 2] = lengths
+            return len(ranges)
+        k = at
+        for a, b in ranges.tolist():
+            for offset, length in self.log.pieces(a, b):
+                fan.iovecs[2 * k] = self.log.address + offset
+                fan.iovecs[2 * k + 1] = length
+                k += 1
+        return k - at
+
+    def _owe(self, sender: Connection, group_ranges: list[np.ndarray] | None) -> None:
+        """Filtered subscribers that are behind owe their group's share of this batch (never their own batch)."""
+        if not group_ranges:
+            return
+        for g, members in enumerate(self._groups):
+            if len(group_ranges[g]):
+                for conn in members:
+                    if conn.behind and conn is not sender:
+                        conn.owed.append(group_ranges[g])
+
+    def _fall_behind(self, conn: Connection, position: int = 0, owed: np.ndarray | None = None) -> None:
+        """A subscriber's socket took less than its share: from now on it catches up on its own, when writable."""
+        conn.behind = True
+        conn.position = position
+        if owed is not None and len(owed):
+            conn.owed.append(owed)
+        self._behind.add(conn)
+        self.fell_behind += 1
+        self._targets_dirty = True
+        asyncio.get_running_loop().add_writer(conn.fd, self._catch_up, conn)
+
+    def _catch_up(self, conn: Connection) -> None:
+        """Writability on a subscriber that is behind: send what it owes from its cursor, until full or caught up."""
+        if conn.conn_id not in self.connections or conn.transport.is_closing():
+            self.stop_sending(conn)
+            return
+        budget = CATCH_UP_BYTES
+        while budget > 0:
+            views = self._owed_views(conn, budget)
+            if not views:
+                self._caught_up(conn)
+                return
+            wanted = sum(len(v) for v in views)
+            try:
+                taken = conn.spare.sendmsg(views)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.info("%s: send failed (%s); closing", conn.peer, exc)
+                self.stop_sending(conn)
+                conn.transport.abort()
+                return
+            self._advance(conn, taken)
+            conn.bytes_out += taken
+            budget -= taken
+            self._release_held()
+            if taken < wanted:
+                return
+
+    def _owed_views(self, conn: Connection, budget: int) -> list[memoryview]:
+        """The log's memory for what ``conn`` is to be sent next, at most ``budget`` bytes in one sendmsg's pieces."""
+        log_ = self.log
+        if conn.filter == protocol.EVERYTHING:
+            start, end = log_.next_range(conn.position, conn.conn_id if conn.published else -1)
+            conn.position = start
+            return log_.views(start, min(end, start + budget)) if end > start else []
+        views: list[memoryview] = []
+        for ranges in conn.owed:
+            for a, b in ranges.tolist():
+                views.extend(log_.views(a, min(b, a + budget)))
+                budget -= b - a
+                if budget <= 0 or len(views) >= CATCH_UP_PIECES:
+                    return views
+        return views
+
+    def _advance(self, conn: Connection, taken: int) -> None:
+        """Move ``conn``'s cursor past ``taken`` bytes sent (owed ranges are shared by a group: never changed)."""
+        if conn.filter == protocol.EVERYTHING:
+            conn.position += taken
+            return
+        while taken and conn.owed:
+            ranges = conn.owed[0]
+            rest = _after(ranges, taken)
+            taken -= int((ranges[:, 1] - ranges[:, 0]).sum()) - int((rest[:, 1] - rest[:, 0]).sum())
+            if len(rest):
+                conn.owed[0] = rest
+                return
+            conn.owed.popleft()
+
+    def _caught_up(self, conn: Connection) -> None:
+        asyncio.get_running_loop().remove_writer(conn.fd)
+        conn.behind = False
+        conn.owed.clear()
+        self._behind.discard(conn)
+        if conn.slow_timer is not None:
+            conn.slow_timer.cancel()
+            conn.slow_timer = None
+        self._targets_dirty = True
+        self._release_held()
 
     def _apply_controls(self, conn: Connection, count: int) -> None:
         """Apply the connection's control messages, in order, to what it receives from now on."""
@@ -329,6 +520,8 @@ class Relay:
         for k in np.flatnonzero(self.scan_out.verdicts[:count] == protocol.CONTROL):
             conn.filter = protocol.apply_control(conn.filter, conn.view[offsets[k] : offsets[k + 1]])
         log.info("%s subscribes to %s", conn.peer, protocol.describe_filter(conn.filter))
+        if conn.behind:  # what it owed under the old filter is not what it asked for now: it starts again at the head
+            self.stop_sending(conn)
         self._retarget()
 
     def _journal(self, pieces: list) -> None:
@@ -363,63 +556,96 @@ class Relay:
             conn.bytes_in - conn.filled + offset,
         )
         conn.filled = 0
+        self.stop_sending(conn)
         conn.transport.close()
         self._retarget()
 
     # slow subscribers
 
-    def on_over_limit(self, conn: Connection) -> None:
-        """A subscriber passed ``pending_high``: pause publishers until it drains.
+    def _leave_behind(self, tail: int) -> None:
+        """Before an append moves the log's tail to ``tail``: cut off every subscriber still reading before it."""
+        for conn in [c for c in self._behind if c.needed() < tail]:
+            self._cut_off(conn, "fell out of the log")
 
-        Under ``disconnect`` it gets ``slow_timeout`` seconds to drain below
-        ``pending_low``; a subscriber that is stuck, not merely momentarily
-        behind, is then dropped and the publishers resume.
-        """
-        if not self._blocked:
-            log.info("%s has %d bytes pending; pausing publishers", conn.peer, self._pending(conn))
-        self.slow_pauses += 1
-        self._blocked.add(conn)
-        self._set_reading(False)
-        if self.logic.slow_policy == DISCONNECT and conn.slow_timer is None:
-            conn.slow_timer = asyncio.get_running_loop().call_later(self.logic.slow_timeout, self._drop_slow, conn)
+    def _check_lag(self) -> None:
+        """Under ``disconnect``, a subscriber more than ``pending_high`` behind has ``slow_timeout`` to come back."""
+        if self.logic.slow_policy != DISCONNECT:
+            return
+        head = self.log.head
+        loop = asyncio.get_running_loop()
+        for conn in self._behind:
+            if conn.slow_timer is None and head - conn.needed() > self.logic.pending_high:
+                conn.slow_timer = loop.call_later(self.logic.slow_timeout, self._drop_if_still_behind, conn)
+                log.info(
+                    "%s is %d bytes behind the head (limit %d); cut off in %.1f s unless it catches up",
+                    conn.peer,
+                    head - conn.needed(),
+                    self.logic.pending_high,
+                    self.logic.slow_timeout,
+                )
 
-    def on_under_limit(self, conn: Connection) -> None:
-        if conn.slow_timer is not None:
-            conn.slow_timer.cancel()
-            conn.slow_timer = None
-        if conn in self._blocked:
-            self._blocked.discard(conn)
-            if not self._blocked:
-                log.info("subscribers caught up; resuming publishers")
-                self._set_reading(True)
-
-    def _drop_slow(self, conn: Connection) -> None:
+    def _drop_if_still_behind(self, conn: Connection) -> None:
         conn.slow_timer = None
+        if conn.behind and self.log.head - conn.needed() > self.logic.pending_low:
+            self._cut_off(conn, f"still behind after {self.logic.slow_timeout:.1f} s")
+
+    def _cut_off(self, conn: Connection, why: str) -> None:
         if conn.conn_id not in self.connections or conn.transport.is_closing():
             return
+        needed = conn.needed()
+        behind_bytes = self.log.head - needed
+        behind_messages = self.log.messages_from(needed)
         self.slow_disconnects += 1
         if conn.pid > 0:
             self.slow_pids.append(conn.pid)
         log.warning(
-            "disconnecting slow subscriber %s: %d bytes pending after %.1f s (limit %d)",
+            "disconnecting slow subscriber %s: %s, %d bytes (%d messages) behind the head (limit %d, log %d)",
             conn.peer,
-            self._pending(conn),
-            self.logic.slow_timeout,
+            why,
+            behind_bytes,
+            behind_messages,
             self.logic.pending_high,
+            self.log.size,
         )
+        self.stop_sending(conn)
         conn.transport.abort()
         self._retarget()
 
-    @staticmethod
-    def _pending(conn: Connection) -> int:
-        return conn.transport.get_write_buffer_size() if conn.transport else 0
+    def _has_room(self, nbytes: int) -> bool:
+        """Under ``block``: whether ``nbytes`` more fit in the log without passing the slowest cursor."""
+        tail = self.log.tail_after(min(nbytes, self.log.size))
+        return all(conn.needed() >= tail for conn in self._behind)
+
+    def _hold(self, conn: Connection) -> None:
+        if not conn.held:
+            conn.held = True
+            self._held.add(conn)
+            self.slow_pauses += 1
+            conn.transport.pause_reading()
+            if len(self._held) == 1:
+                log.info("the log is full up to the slowest subscriber; holding %s", conn.peer)
+
+    def _release_held(self) -> None:
+        """Let held publishers go on, oldest first, as far as the log has room for what they already sent."""
+        if not self._held:
+            return
+        for conn in list(self._held):
+            if not self._has_room(conn.filled):
+                return
+            conn.held = False
+            self._held.discard(conn)
+            self.on_data(conn, time.perf_counter_ns())  # a publisher that closed meanwhile still has these sent
+            if not conn.held and self._reading and not conn.transport.is_closing():
+                conn.transport.resume_reading()
+        if not self._held:
+            log.info("subscribers made room; publishers resume")
 
     def _set_reading(self, reading: bool) -> None:
         if reading == self._reading:
             return
         self._reading = reading
         for conn in self.connections.values():
-            if conn.transport.is_closing():
+            if conn.transport.is_closing() or conn.held:
                 continue
             if reading:
                 conn.transport.resume_reading()
@@ -436,7 +662,7 @@ class Relay:
     def figures(self) -> Figures:
         """Copy the relay's counters; call it on the relay's event-loop thread."""
         live = list(self.connections.values())
-        pending = [conn.transport.get_write_buffer_size() for conn in live if conn.transport is not None]
+        head = self.log.head
         timing = self.forward_time
         verdicts = self.verdict_counts()
         return Figures(
@@ -448,8 +674,8 @@ class Relay:
             connections_open=len(live),
             connections_accepted=self.accepted,
             refused=dict(self.refused),
-            pending_max=max(pending, default=0),
-            slow_actions={"pause": self.slow_pauses, "disconnect": self.slow_disconnects},
+            pending_max=max((head - conn.needed() for conn in self._behind), default=0),
+            slow_actions={"hold": self.slow_pauses, "disconnect": self.slow_disconnects},
             journal_errors=self.journal_errors,
             forward_buckets=tuple(timing.counts),
             forward_total_ns=timing.total,
@@ -466,6 +692,23 @@ class Relay:
             torn_messages=self.torn_messages,
             kernel_build=str(kernels.backend()["name"]),
             kernel_load_seconds=self.kernel_load_seconds,
+            log_size=self.log.size,
+            log_used=self.log.used,
+            log_epoch=self.log.epoch,
+            log_head=head,
+            subscribers_behind=len(self._behind),
+            fell_behind=self.fell_behind,
+            lags=tuple(
+                (conn.peer, head - conn.needed(), self.log.messages_from(conn.needed())) for conn in self._behind
+            ),
+            own_buckets=tuple(self.own_time.counts),
+            own_total_ns=self.own_time.total,
+            own_p50_us=self.own_time.percentile(50) / 1e3,
+            own_p99_us=self.own_time.percentile(99) / 1e3,
+            send_buckets=tuple(self.send_time.counts),
+            send_total_ns=self.send_time.total,
+            send_p50_us=self.send_time.percentile(50) / 1e3,
+            send_p99_us=self.send_time.percentile(99) / 1e3,
         )
 
     def verdict_counts(self) -> dict[str, int]:
@@ -487,12 +730,13 @@ class Relay:
         )
 
     def timing(self) -> str:
-        h = self.forward_time
+        h, own, send = self.forward_time, self.own_time, self.send_time
         per_message = h.total / self.messages_timed if self.messages_timed else 0.0
         return (
             f"forwarding time per batch: p50 {h.percentile(50) / 1e3:.1f} us, p99 {h.percentile(99) / 1e3:.1f} us, "
             f"p99.9 {h.percentile(99.9) / 1e3:.1f} us, max {h.max / 1e3:.1f} us over {h.count} batches; "
-            f"{per_message:.1f} ns per message"
+            f"{per_message:.1f} ns per message; the relay's own part p50 {own.percentile(50) / 1e3:.1f} us, "
+            f"p99 {own.percentile(99) / 1e3:.1f} us, inside send calls p50 {send.percentile(50) / 1e3:.1f} us"
         )
 
     def log_figures(self, state: str) -> None:
@@ -500,12 +744,25 @@ class Relay:
         log.info("jitrelay %s relay %s", self.logic.name, self.timing())
 
     async def drain_and_close(self, timeout: float) -> None:
-        """Stop reading, give pending writes ``timeout`` seconds, then close everything."""
+        """Stop reading, give subscribers that are behind ``timeout`` seconds to catch up, then close everything."""
         self.stopping = True
         self._set_reading(False)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(self._pending(c) for c in self.connections.values()):
+        while time.monotonic() < deadline and self._behind:
             await asyncio.sleep(0.01)
         for conn in list(self.connections.values()):
-            conn.transport.abort() if self._pending(conn) else conn.transport.close()
+            behind = conn.behind
+            self.stop_sending(conn)
+            conn.transport.abort() if behind else conn.transport.close()
         await asyncio.sleep(0)
+
+
+def _after(ranges: np.ndarray, taken: int) -> np.ndarray:
+    """What is left of ``(k, 2)`` stream ranges once ``taken`` bytes of them were sent."""
+    lengths = ranges[:, 1] - ranges[:, 0]
+    done = np.cumsum(lengths)
+    first = int(np.searchsorted(done, taken, side="right"))
+    rest = ranges[first:].copy()
+    if len(rest):
+        rest[0, 0] += taken - (int(done[first - 1]) if first else 0)
+    return rest

@@ -103,10 +103,20 @@ PROBE_FLAGS, BEACON_FLAGS, ECHO_FLAGS = 0, 1, 2
 PROBE_KEY = SOAK_SOURCE | PROBE_FLAGS << 8
 UNSUBSCRIBE_SHARE = 0.25  # of a filtered subscriber's changes
 RELAY_OPTIONS = {
-    # A stalled subscriber over 1 MiB pending pauses publishers; after 0.5 s it is dropped.
-    "disconnect": ("--slow-policy", "disconnect", "--pending-limit", "1MiB", "--slow-timeout", "0.5"),
-    # Nothing is dropped: publishers wait until every stall ends.
-    "block": ("--slow-policy", "block", "--pending-limit", "1MiB"),
+    # A stalled subscriber more than 1 MiB behind has 0.5 s to catch up, and one the 16 MiB log leaves
+    # behind is cut off at once; the others never wait for it.
+    "disconnect": (
+        "--slow-policy",
+        "disconnect",
+        "--pending-limit",
+        "1MiB",
+        "--slow-timeout",
+        "0.5",
+        "--log-size",
+        "16MiB",
+    ),
+    # Nothing is dropped: publishers wait only when the log is full up to a stalled subscriber.
+    "block": ("--slow-policy", "block", "--log-size", "16MiB"),
 }
 
 # The controller's phase, in the shared ``ctrl`` array.

@@ -513,7 +513,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from jitrelay.tools.bench.runner import (
+    from jitrelay.tools.bench.clients import (
         run_bench,  # the benchmark's processes and baselines load only for this command
     )
 

@@ -9,15 +9,27 @@ the unfinished tail for the next read. Framing is ``kernels.frame``, the same
 walk the relay does, so a batch costs one compiled call however many messages
 it holds, and a partial message costs a re-read of its header only.
 
+Receiving reads in place: iterating a subscriber yields ``MessageView``s
+over each received batch (``core.views``), whose fields are unpacked when
+read, so a consumer that reads a sequence number pays for eight bytes, not
+for a decoded message.
+
 The relay fans every message out to every other connection, publishers
 included. A publisher that never read would look like a slow subscriber: the
 relay would drop it (``disconnect`` policy) or stop reading from everyone while
-it waited for it (``block``). So publishers read away and discard whatever the
-relay sends them: the blocking one before each write and whenever a write must
-wait, the asyncio one in a background task. Closing with unread input would
-also reset the connection, and the relay could lose the publisher's last
-messages; so a publisher closes gracefully: it shuts down its sending side,
-reads until the relay, having read everything, closes its side, then closes.
+it waited for it (``block``). So a publisher's first bytes declare it
+publish-only (a ``PUBLISH_ONLY`` control message): the relay then sends it
+nothing, and it never reads. (With ``publish_only=False`` it reads away and
+discards what the relay sends it, as before.)
+
+Publishing writes each message into a preallocated buffer and writes the
+buffer out: at once by default, or coalesced (``Publisher.batch()``,
+``linger``, and the asyncio publisher's write per event-loop turn), so that a
+burst costs one system call per ``flush_size`` bytes rather than one per
+message. Closing with unread input would reset the connection, and the relay
+could lose the publisher's last messages; so a publisher closes gracefully:
+it writes out its buffer, shuts down its sending side, reads until the
+relay, having read everything, closes its side, then closes.
 """
 
 from __future__ import annotations
@@ -26,21 +38,27 @@ import asyncio
 import contextlib
 import select
 import socket
+import struct
+import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
 from jitrelay.core import protocol
 from jitrelay.core.domains import RelayLogic, logic_for
+from jitrelay.core.views import MessageView, batch_headers, iter_views
 from jitrelay.kernels.framer import DEFAULT_BUFFER_SIZE, Buffer, MessageFramer
 
 __all__ = [
     "AsyncPublisher",
     "AsyncSubscriber",
     "MessageFramer",
+    "MessageView",
     "Publisher",
     "RelayConnectionError",
     "Subscriber",
@@ -92,46 +110,208 @@ class _Endpoint:
 
 
 class _PublisherState(_Endpoint):
-    """What both publishers share: the target, the source id and the sequence counter."""
+    """What both publishers share: the target, the source id, the sequence counter and the outgoing buffer.
+
+    Messages are written straight into one preallocated buffer: the header
+    with a single ``struct.pack_into`` (its first eight bytes, magic to
+    flags, precomputed but for the flags), each record's type and length by
+    index and its value by slice assignment. The CRC is computed only when
+    the domain verifies it (or the caller asked for it); otherwise the
+    checksum field is 0, as the relay of a domain that does not verify never
+    reads it. What is buffered is always whole messages, so whatever is
+    written out, and whatever a killed process leaves behind, is too.
+    """
 
     kind = "publisher"
 
-    def __init__(self, domain: str, socket_path: str | Path | None, source: int):
+    def __init__(
+        self,
+        domain: str,
+        socket_path: str | Path | None,
+        source: int,
+        checksum: bool | None,
+        publish_only: bool,
+        flush_size: int,
+    ):
         super().__init__(domain, socket_path)
+        if not 0 <= source <= 255:
+            raise ValueError(f"source {source} is not a byte value (0..255)")
+        if flush_size < 1:
+            raise ValueError("flush_size must be positive")
         self.domain_id = self.logic.domain_id
         self.source = source
         self.next_sequence = 0
+        self.checksum = self.logic.verify_checksum if checksum is None else checksum
+        self.publish_only = publish_only
+        self.flush_size = flush_size
+        # Room for a full flush plus one more message of standard records; larger ones take the slow path.
+        self._buf = bytearray(flush_size + _HEADROOM)
+        self._view = memoryview(self._buf)
+        self._limit = len(self._buf)
+        self._fill = 0
+        self._prefix = protocol.MAGIC | self.domain_id << 32 | protocol.VERSION << 40 | source << 48
+        if publish_only:
+            declaration = protocol.publish_only_message(source=source)
+            self._buf[: len(declaration)] = declaration
+            self._fill = len(declaration)
 
-    def _build(
+    @property
+    def buffered(self) -> int:
+        """Bytes of whole messages published but not yet written to the socket."""
+        return self._fill
+
+    def _encode(
         self, records: Iterable[tuple[int, bytes]], flags: int, sequence: int | None, timestamp_ns: int | None
-    ) -> tuple[bytes, int]:
+    ) -> int:
+        """Append one message to the buffer and return its sequence number; the hot path, so written flat."""
         if sequence is None:
             sequence = self.next_sequence
+        if timestamp_ns is None:
+            timestamp_ns = _time_ns()
+        buf = self._buf
+        start = self._fill
+        try:
+            tlv_type, value = records[0] if len(records) == 1 else (-1, None)  # type: ignore[arg-type,index]
+        except TypeError:  # an iterator: the general walk below
+            tlv_type, value = -1, None
+        if value.__class__ is bytes and 0 < tlv_type < _EXTENDED_TLV and len(value) <= _MAX_STANDARD:
+            # One standard record (market data, mostly): the whole message in one pack_into.
+            n = len(value)
+            pos = start + _HEADER_SIZE + 2 + n
+            if pos > self._limit:
+                buf = self._grow(pos)
+            one = _ONE_RECORD.get(n) or _one_record(n)
+            one.pack_into(buf, start, self._prefix | flags << 56, sequence, timestamp_ns, n + 2, 0, tlv_type, n, value)
+        else:
+            if start + _HEADER_SIZE > self._limit:
+                self._grow(start + _HEADER_SIZE)
+            pos = self._records_into(records, start + _HEADER_SIZE)
+            buf = self._buf
+            size = pos - start - _HEADER_SIZE
+            _HEAD.pack_into(buf, start, self._prefix | flags << 56, sequence, timestamp_ns, size, 0)
+        if self.checksum:
+            view = self._view
+            crc = zlib.crc32(view[start + _HEADER_SIZE : pos], zlib.crc32(view[start : start + 28]))
+            _CHECKSUM.pack_into(buf, start + protocol.OFF_CHECKSUM, crc)
+        self._fill = pos
         self.next_sequence = sequence + 1
-        message = protocol.build_message(
-            self.domain_id, records, source=self.source, flags=flags, sequence=sequence, timestamp_ns=timestamp_ns
-        )
-        return message, sequence
+        return sequence
+
+    def _records_into(self, records: Iterable[tuple[int, bytes]], pos: int) -> int:
+        """Write ``records`` from ``pos`` on, growing the buffer if they need it; return where they end."""
+        buf = self._buf
+        for tlv_type, value in records:
+            n = len(value)
+            if n <= _MAX_STANDARD and tlv_type != _EXTENDED_TLV:
+                if pos + 2 + n > self._limit:
+                    buf = self._grow(pos + 2 + n)
+                buf[pos] = tlv_type
+                buf[pos + 1] = n
+                pos += 2
+            else:
+                if n > _MAX_EXTENDED:
+                    raise ValueError(f"TLV value of {n} bytes exceeds {_MAX_EXTENDED}")
+                if pos + 5 + n > self._limit:
+                    buf = self._grow(pos + 5 + n)
+                _EXTENDED.pack_into(buf, pos, _EXTENDED_TLV, 0, tlv_type, n)
+                pos += 5
+            buf[pos : pos + n] = value
+            pos += n
+        return pos
+
+    def _grow(self, needed: int) -> bytearray:
+        """A larger buffer holding what is written so far: for a message larger than the room left."""
+        grown = bytearray(max(2 * len(self._buf), needed + _HEADROOM))
+        grown[: len(self._buf)] = self._buf
+        self._buf, self._view, self._limit = grown, memoryview(grown), len(grown)
+        return grown
+
+    def _take(self) -> bytes | memoryview:
+        """The buffered messages, emptied from the buffer."""
+        data = bytes(self._view[: self._fill])
+        self._fill = 0
+        return data
+
+
+_time_ns = time.time_ns
+_HEADER_SIZE = protocol.HEADER_SIZE
+_MAX_STANDARD = protocol.MAX_STANDARD_VALUE
+_MAX_EXTENDED = protocol.MAX_EXTENDED_VALUE
+_EXTENDED_TLV = protocol.EXTENDED_TLV
+_HEAD = struct.Struct("<QQQII")  # magic..flags as one integer, sequence, timestamp_ns, payload_size, checksum
+_EXTENDED = struct.Struct("<BBBH")
+_CHECKSUM = struct.Struct("<I")
+_HEADROOM = 64 * 1024
+DEFAULT_FLUSH_SIZE = 64 * 1024
+_ONE_RECORD: dict[int, struct.Struct] = {}  # value length -> the layout of a message of one standard record
+
+
+def _one_record(n: int) -> struct.Struct:
+    layout = _ONE_RECORD[n] = struct.Struct(f"<QQQIIBB{n}s")
+    return layout
 
 
 class Publisher(_PublisherState):
-    """Publish messages into a relay over its Unix socket, blocking until the kernel has them.
+    """Publish messages into a relay over its Unix socket.
 
     ``publish`` numbers messages from 0 unless given a ``sequence``, after
     which numbering continues from it. Raises ``RelayConnectionError`` when
     the relay is not running or has closed the connection.
 
-    It reads what the relay forwards to it only while it publishes; one that
-    idles for long on a busy relay should call ``flush()`` now and then.
+    When a message goes out (the bound on how long it may wait):
+
+    - by default (``linger=0``), each ``publish`` writes its message before
+      it returns: a paced publisher adds no latency;
+    - inside ``with pub.batch():`` messages collect in the buffer and go out
+      whenever ``flush_size`` bytes are buffered and when the block ends;
+    - with ``linger=L`` seconds, messages collect the same way and a
+      background thread writes out whatever has waited, every ``L / 2``
+      seconds, so no message waits much longer than ``L`` (scheduling
+      permitting);
+    - ``flush()`` and ``close()`` write out everything buffered.
+
+    Only whole messages are ever buffered or written, so a publisher killed
+    with messages still buffered loses those messages, never part of one.
+
+    The publisher tells the relay it only publishes (a ``PUBLISH_ONLY``
+    control message, see docs/protocol.md), so the relay sends it nothing and
+    it never reads. With ``publish_only=False`` it stays an ordinary
+    connection and reads away what the relay forwards to it before each write.
     """
 
-    def __init__(self, domain: str, socket_path: str | Path | None = None, *, source: int = 0):
-        super().__init__(domain, socket_path, source)
+    def __init__(
+        self,
+        domain: str,
+        socket_path: str | Path | None = None,
+        *,
+        source: int = 0,
+        checksum: bool | None = None,
+        linger: float = 0.0,
+        flush_size: int = DEFAULT_FLUSH_SIZE,
+        publish_only: bool = True,
+    ):
+        if linger < 0:
+            raise ValueError("linger must be at least 0")
+        super().__init__(domain, socket_path, source, checksum, publish_only, flush_size)
+        self.linger = linger
         self._sock: socket.socket | None = _connect(domain, self.socket_path)
         self._sock.setblocking(False)
         self._poll = select.poll()
         self._poll.register(self._sock, select.POLLIN | select.POLLOUT)
         self._scratch = bytearray(_DISCARD_CHUNK)
+        self._batching = 0
+        self._flush_at = flush_size if linger else 1  # buffered bytes that make publish write out
+        self._lock: threading.Lock | None = None
+        self._lingering: threading.Event | None = None
+        try:
+            self._write_out()  # the publish-only declaration
+        except BaseException:
+            self._sock.close()
+            raise
+        if linger:
+            self._lock = threading.Lock()
+            self._lingering = threading.Event()
+            threading.Thread(target=self._linger_loop, name="jitrelay-publisher-linger", daemon=True).start()
 
     def publish(
         self,
@@ -141,28 +321,61 @@ class Publisher(_PublisherState):
         sequence: int | None = None,
         timestamp_ns: int | None = None,
     ) -> int:
-        """Build one message of ``(type, value)`` records and send it; return its sequence number."""
-        message, sequence = self._build(records, flags, sequence, timestamp_ns)
-        self._send(message)
-        return sequence
+        """Build one message of ``(type, value)`` records into the buffer; return its sequence number.
+
+        It is written out before this returns unless inside ``batch()`` or
+        with ``linger`` (then when ``flush_size`` bytes are buffered).
+        """
+        if self._lock is not None:
+            with self._lock:
+                number = self._encode(records, flags, sequence, timestamp_ns)
+                if self._fill >= self._flush_at:
+                    self._write_out()
+                return number
+        number = self._encode(records, flags, sequence, timestamp_ns)
+        if self._fill >= self._flush_at:  # 0 once closed, so that _write_out raises
+            self._write_out()
+        return number
 
     def publish_raw(self, message: Buffer) -> None:
-        """Send bytes exactly as given, valid or not."""
-        self._send(message)
+        """Send bytes exactly as given, valid or not, after everything buffered."""
+        self._locked(self._send_after, message)
 
     def publish_batch(self, buffer: Buffer) -> None:
         """Send a buffer of complete messages (e.g. from ``protocol.build_batch``) in one write."""
-        self._send(buffer)
+        self._locked(self._send_after, buffer)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Publisher]:
+        """Within the block, publish writes out by size only; leaving it writes out everything."""
+        self._batching += 1
+        self._flush_at = self.flush_size
+        try:
+            yield self
+        finally:
+            self._batching -= 1
+            if self._sock is not None:
+                if not self._batching and not self.linger:
+                    self._flush_at = 1
+                self.flush()
 
     def flush(self) -> None:
-        """Every send has reached the kernel already; this only reads away what the relay sent us."""
-        self._discard()
+        """Write out everything buffered; when it returns, the kernel holds every message published."""
+        self._locked(self._write_out)
+        if not self.publish_only:
+            self._discard()
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Close once the relay has read everything sent, waiting at most ``timeout`` seconds."""
-        sock, self._sock = self._sock, None
+        """Write out what is buffered, then close once the relay has read everything, waiting at most ``timeout`` s."""
+        if self._lingering is not None:
+            self._lingering.set()
+        sock = self._sock
         if sock is None:
             return
+        with contextlib.suppress(RelayConnectionError):
+            self._locked(self._write_out)
+        self._sock = None
+        self._flush_at = 0  # any later publish reaches _write_out, which raises
         try:
             sock.shutdown(socket.SHUT_WR)
             self._poll.modify(sock, select.POLLIN)
@@ -182,14 +395,44 @@ class Publisher(_PublisherState):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _locked(self, action: Callable[..., None], *args: Any) -> None:
+        if self._lock is None:
+            action(*args)
+        else:
+            with self._lock:
+                action(*args)
+
+    def _linger_loop(self) -> None:
+        """Write out, every ``linger / 2`` seconds, whatever has been buffered meanwhile."""
+        assert self._lingering is not None and self._lock is not None
+        while not self._lingering.wait(self.linger / 2):
+            with self._lock:
+                if self._sock is None:
+                    return
+                if self._fill:
+                    try:
+                        self._write_out()
+                    except RelayConnectionError:
+                        return  # the next publish raises it
+
     def _socket(self) -> socket.socket:
         if self._sock is None:
             raise self._closed()
         return self._sock
 
+    def _send_after(self, data: Buffer) -> None:
+        self._write_out()
+        self._send(data)
+
+    def _write_out(self) -> None:
+        if self._fill:
+            self._send(self._view[: self._fill])
+            self._fill = 0
+
     def _send(self, data: Buffer) -> None:
         sock = self._socket()
-        self._discard()
+        if not self.publish_only:
+            self._discard()
         view = memoryview(data).cast("B")
         while view:
             try:
@@ -259,8 +502,13 @@ class Subscriber(_SubscriberState):
     when given); ``subscribe``/``unsubscribe`` change that on the live
     connection, effective from the next message the relay forwards.
 
-    Iterating yields decoded ``protocol.Message`` objects; ``batches()`` yields
-    uint8 arrays of whole messages. When the relay closes the connection
+    Iterating yields a ``MessageView`` per message: a view over the received
+    batch that reads like a ``protocol.Message`` (``header``, ``records``,
+    ``raw``) and unpacks a field only when it is read (``view.sequence``,
+    ``view.timestamp_ns``, ...); ``messages()`` yields decoded
+    ``protocol.Message`` objects instead. ``batches()`` yields uint8 arrays
+    of whole messages, and ``Subscriber.headers(batch)`` every header of one
+    as a structured array of ``protocol.HEADER_DTYPE``, in one call. When the relay closes the connection
     between messages, iteration simply ends; when it closes it in the middle
     of a message, ``RelayConnectionError`` is raised. A stream that stops
     making sense (bad magic) raises ``protocol.ProtocolError``.
@@ -334,9 +582,16 @@ class Subscriber(_SubscriberState):
             assert batch is not None
             yield batch
 
-    def __iter__(self) -> Iterator[protocol.Message]:
+    def __iter__(self) -> Iterator[MessageView]:
+        for batch in self.batches():
+            yield from iter_views(batch.tobytes())
+
+    def messages(self) -> Iterator[protocol.Message]:
+        """Each message decoded into a ``protocol.Message``, for code that wants objects rather than views."""
         for batch in self.batches():
             yield from protocol.decode_messages(batch)
+
+    headers = staticmethod(batch_headers)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -371,22 +626,46 @@ async def _open(domain: str, path: Path, limit: int) -> tuple[asyncio.StreamRead
 class AsyncPublisher(_PublisherState):
     """``Publisher`` for asyncio: ``async with AsyncPublisher(domain) as pub: await pub.publish(...)``.
 
-    Each publish returns once the kernel holds the bytes, so the caller may
-    reuse a buffer it passed to ``publish_batch`` (an event loop such as
-    uvloop may otherwise keep sending from it later).
+    ``publish`` builds the message into the buffer and returns without
+    writing; the buffer is written out once per event-loop turn (a callback
+    scheduled by the first publish after a write, as nats-py's flusher does),
+    so a burst published between two awaits that yield goes out as one
+    write, and a message published alone goes out as soon as the caller
+    yields. A publisher that never yields is written out every
+    ``flush_size`` bytes, and then waits until the kernel has taken them.
+    ``flush()`` writes out everything and waits until the kernel holds it;
+    ``close()`` does the same first. Whole messages only, as ``Publisher``.
+
+    ``publish_raw``/``publish_batch`` return once the kernel holds the bytes,
+    so the caller may reuse a buffer it passed (an event loop such as uvloop
+    may otherwise keep sending from it later). It declares itself
+    publish-only as ``Publisher`` does.
     """
 
-    def __init__(self, domain: str, socket_path: str | Path | None = None, *, source: int = 0):
-        super().__init__(domain, socket_path, source)
+    def __init__(
+        self,
+        domain: str,
+        socket_path: str | Path | None = None,
+        *,
+        source: int = 0,
+        checksum: bool | None = None,
+        flush_size: int = DEFAULT_FLUSH_SIZE,
+        publish_only: bool = True,
+    ):
+        super().__init__(domain, socket_path, source, checksum, publish_only, flush_size)
         self._writer: asyncio.StreamWriter | None = None
         self._discarding: asyncio.Task[None] | None = None
         self._closed_by_relay = False
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def connect(self) -> AsyncPublisher:
         if self._writer is None:
             reader, self._writer = await _open(self.domain, self.socket_path, _DISCARD_CHUNK)
             self._writer.transport.set_write_buffer_limits(high=0)
-            self._discarding = asyncio.get_running_loop().create_task(self._discard(reader))
+            self._loop = asyncio.get_running_loop()
+            self._discarding = self._loop.create_task(self._discard(reader))
+            self._write_out()  # the publish-only declaration
         return self
 
     async def publish(
@@ -397,26 +676,35 @@ class AsyncPublisher(_PublisherState):
         sequence: int | None = None,
         timestamp_ns: int | None = None,
     ) -> int:
-        """Build one message of ``(type, value)`` records and send it; return its sequence number."""
-        await self.connect()
-        message, sequence = self._build(records, flags, sequence, timestamp_ns)
-        await self._send(message)
-        return sequence
+        """Build one message of ``(type, value)`` records into the buffer; return its sequence number."""
+        if self._writer is None:
+            await self.connect()
+        if self._closed_by_relay:
+            raise self._lost()
+        number = self._encode(records, flags, sequence, timestamp_ns)
+        if self._fill >= self.flush_size:
+            await self._send(b"")
+        elif not self._scheduled:
+            self._schedule()
+        return number
 
     async def publish_raw(self, message: Buffer) -> None:
-        """Send bytes exactly as given, valid or not."""
+        """Send bytes exactly as given, valid or not, after everything buffered."""
         await self._send(message)
 
     async def publish_batch(self, buffer: Buffer) -> None:
-        """Send a buffer of complete messages in one write."""
+        """Send a buffer of complete messages in one write, after everything buffered."""
         await self._send(buffer)
 
     async def flush(self) -> None:
-        """Wait until the kernel holds everything written."""
+        """Write out everything buffered and wait until the kernel holds it."""
         await self._send(b"")
 
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Close once the relay has read everything sent, waiting at most ``timeout`` seconds."""
+        """Write out what is buffered, then close once the relay has read everything, waiting at most ``timeout`` s."""
+        if self._writer is not None and not self._closed_by_relay:
+            with contextlib.suppress(RelayConnectionError):
+                await self._send(b"")
         writer, self._writer = self._writer, None
         discarding, self._discarding = self._discarding, None
         if writer is None or discarding is None:
@@ -441,13 +729,27 @@ class AsyncPublisher(_PublisherState):
     ) -> None:
         await self.close()
 
+    def _schedule(self) -> None:
+        assert self._loop is not None
+        self._scheduled = True
+        self._loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        """Hand the buffered messages to the transport, as an immutable copy (see the uvloop hazard)."""
+        self._scheduled = False
+        writer = self._writer
+        if self._fill and writer is not None and not writer.transport.is_closing():
+            writer.write(self._take())
+
     async def _send(self, data: Buffer) -> None:
-        await self.connect()
+        if self._writer is None:
+            await self.connect()
         writer = self._writer
         assert writer is not None
         if self._closed_by_relay or writer.transport.is_closing():
             raise self._lost()
         try:
+            self._write_out()
             if len(data):
                 writer.write(memoryview(data).cast("B"))
             await writer.drain()
@@ -543,13 +845,21 @@ class AsyncSubscriber(_SubscriberState):
             assert batch is not None
             yield batch
 
-    async def _messages(self) -> AsyncIterator[protocol.Message]:
+    async def _views(self) -> AsyncIterator[MessageView]:
+        async for batch in self.batches():
+            for view in iter_views(batch.tobytes()):
+                yield view
+
+    def __aiter__(self) -> AsyncIterator[MessageView]:
+        return self._views()
+
+    async def messages(self) -> AsyncIterator[protocol.Message]:
+        """Each message decoded into a ``protocol.Message``, as ``Subscriber.messages``."""
         async for batch in self.batches():
             for message in protocol.decode_messages(batch):
                 yield message
 
-    def __aiter__(self) -> AsyncIterator[protocol.Message]:
-        return self._messages()
+    headers = staticmethod(batch_headers)
 
     async def close(self) -> None:
         if self._writer is not None:

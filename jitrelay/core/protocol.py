@@ -126,6 +126,8 @@ REJECT_NAMES = VERDICT_NAMES[BAD_VERSION : BAD_CHECKSUM + 1]
 SUBSCRIBE_TLV_TYPES = 100
 SUBSCRIBE_SOURCES = 101
 UNSUBSCRIBE = 102
+# Empty value: the sender only publishes, so the relay sends it nothing (it never reads, and is never slow).
+PUBLISH_ONLY = 103
 BITMAP_SIZE = 32
 
 # Stream-fatal faults: the connection cannot be trusted past them.
@@ -330,6 +332,11 @@ def unsubscribe_message(*, source: int = 0) -> bytes:
     return build_message(SYSTEM, [(UNSUBSCRIBE, b"")], source=source)
 
 
+def publish_only_message(*, source: int = 0) -> bytes:
+    """A control message declaring that the sender only publishes: the relay stops sending it anything."""
+    return build_message(SYSTEM, [(PUBLISH_ONLY, b"")], source=source)
+
+
 Filter = tuple[frozenset[int] | None, frozenset[int] | None]  # (TLV types, sources); None: any
 EVERYTHING: Filter = (None, None)
 
@@ -344,9 +351,14 @@ def apply_control(current: Filter, message: bytes | memoryview) -> Filter:
             sources = bitmap_values(value)
         elif tlv_type == UNSUBSCRIBE:
             tlv_types = sources = None
-        else:
+        elif tlv_type != PUBLISH_ONLY:  # publish-only leaves the filter alone: see ``declares_publish_only``
             raise ProtocolError(f"record type {tlv_type} is not a control record")
     return tlv_types, sources
+
+
+def declares_publish_only(message: bytes | memoryview) -> bool:
+    """Whether a well-formed control message holds a ``PUBLISH_ONLY`` record."""
+    return any(tlv_type == PUBLISH_ONLY for tlv_type, _ in iter_records(memoryview(message)[HEADER_SIZE:]))
 
 
 def describe_filter(selection: Filter) -> str:

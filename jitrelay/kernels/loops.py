@@ -153,7 +153,7 @@ def _record_at(buf, i, end):
 
 @njit(**_JIT)
 def _control_verdict(buf, pos, length):
-    """CONTROL when a system-domain message holds only well-formed subscription records, else MALFORMED_TLV."""
+    """CONTROL when a system-domain message holds only well-formed control records, else MALFORMED_TLV."""
     i = pos + p.HEADER_SIZE
     end = pos + length
     if i == end:
@@ -163,7 +163,7 @@ def _control_verdict(buf, pos, length):
         if tlv_type == p.SUBSCRIBE_TLV_TYPES or tlv_type == p.SUBSCRIBE_SOURCES:
             if value_len != p.BITMAP_SIZE:
                 return p.MALFORMED_TLV
-        elif tlv_type != p.UNSUBSCRIBE or value_len != 0:
+        elif (tlv_type != p.UNSUBSCRIBE and tlv_type != p.PUBLISH_ONLY) or value_len != 0:
             return p.MALFORMED_TLV
         i += value_len
         if i > end:

@@ -81,6 +81,7 @@ class Connection(asyncio.BufferedProtocol):
         self.position = 0
         self.owed: deque[np.ndarray] = deque()  # (k, 2) arrays of [start, end) stream offsets, oldest first
         self.held = False  # a publisher paused under ``block`` until the log has room for its bytes
+        self.publish_only = False  # it declared it never reads: no target list holds it, so it is never slow
 
     # asyncio protocol callbacks
 
@@ -274,7 +275,7 @@ class Relay:
         self._release_held()
 
     def _retarget(self) -> None:
-        live = [c for c in self.connections.values() if not c.transport.is_closing()]
+        live = [c for c in self.connections.values() if not (c.publish_only or c.transport.is_closing())]
         groups: dict[protocol.Filter, list[Connection]] = {}
         for conn in live:
             if conn.filter != protocol.EVERYTHING:
@@ -518,8 +519,13 @@ class Relay:
         """Apply the connection's control messages, in order, to what it receives from now on."""
         offsets = self.scan_out.offsets
         for k in np.flatnonzero(self.scan_out.verdicts[:count] == protocol.CONTROL):
-            conn.filter = protocol.apply_control(conn.filter, conn.view[offsets[k] : offsets[k + 1]])
-        log.info("%s subscribes to %s", conn.peer, protocol.describe_filter(conn.filter))
+            message = conn.view[offsets[k] : offsets[k + 1]]
+            conn.filter = protocol.apply_control(conn.filter, message)
+            conn.publish_only = conn.publish_only or protocol.declares_publish_only(message)
+        if conn.publish_only:
+            log.info("%s publishes only; it receives nothing", conn.peer)
+        else:
+            log.info("%s subscribes to %s", conn.peer, protocol.describe_filter(conn.filter))
         if conn.behind:  # what it owed under the old filter is not what it asked for now: it starts again at the head
             self.stop_sending(conn)
         self._retarget()

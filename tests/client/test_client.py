@@ -284,7 +284,7 @@ def test_async_publish_batch_returns_only_when_the_buffer_may_be_reused(loop_kin
     original = batch.tobytes()
 
     async def scenario(path: Path) -> None:
-        async with AsyncPublisher("market_data", path) as pub:
+        async with AsyncPublisher("market_data", path, publish_only=False) as pub:  # a bare server: only our bytes
             await pub.publish_batch(batch)
             batch[:] = 0
             await pub.publish_batch(original[:71])
@@ -347,7 +347,7 @@ def test_publish_subscribe_exact_bytes(market_relay: RelayProcess) -> None:
     raw = message(MARKET_DATA, standard_record(7, b"raw bytes"), source=2, flags=0x80, sequence=99, timestamp_ns=5)
     with (
         Subscriber("market_data", market_relay.socket_path) as sub,
-        Publisher("market_data", market_relay.socket_path, source=3) as pub,
+        Publisher("market_data", market_relay.socket_path, source=3, checksum=True) as pub,
     ):
         before = time.time_ns()
         assert pub.publish([(1, b"\x01\x02\x03"), (19, b"")], flags=0x42) == 0
@@ -491,7 +491,10 @@ def run_on(loop_kind: str, coro_fn, *args):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 def test_async_round_trip(market_relay: RelayProcess, loop_kind: str) -> None:
     async def scenario(path: Path) -> tuple[list[protocol.Message], list[np.ndarray]]:
-        async with AsyncSubscriber("market_data", path) as sub, AsyncPublisher("market_data", path, source=6) as pub:
+        async with (
+            AsyncSubscriber("market_data", path) as sub,
+            AsyncPublisher("market_data", path, source=6, checksum=True) as pub,
+        ):
             assert await pub.publish([(1, b"one")]) == 0
             assert await pub.publish([(2, b"two")], flags=3, timestamp_ns=77) == 1
             await pub.publish_raw(message(MARKET_DATA, standard_record(9, b"raw"), sequence=40))

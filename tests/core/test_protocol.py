@@ -396,6 +396,18 @@ def test_control_records_apply_in_order_each_replacing_its_own_set() -> None:
     reset_then_types = p.build_message(p.SYSTEM, [(102, b""), (100, p.bitmap([5]))])
     assert p.apply_control(both, reset_then_types) == (frozenset({5}), None)
     with pytest.raises(p.ProtocolError, match="not a control record"):
-        p.apply_control(both, p.build_message(p.SYSTEM, [(103, b"")]))
+        p.apply_control(both, p.build_message(p.SYSTEM, [(119, b"")]))
     assert p.describe_filter(both) == "types 3; sources 1,2"
     assert p.describe_filter((frozenset(), None)) == "types none; sources any"
+
+
+def test_publish_only_is_a_control_record_that_leaves_the_filter_alone() -> None:
+    declared = p.publish_only_message()
+    message, _ = p.decode_message(declared)
+    assert message.header.relay_domain == p.SYSTEM and message.records == ((p.PUBLISH_ONLY, b""),)
+    assert p.declares_publish_only(declared)
+    assert not p.declares_publish_only(p.unsubscribe_message())
+    narrowed = (frozenset({3}), None)
+    assert p.apply_control(narrowed, declared) == narrowed
+    both = p.build_message(p.SYSTEM, [(p.PUBLISH_ONLY, b""), (p.SUBSCRIBE_SOURCES, p.bitmap([4]))])
+    assert p.apply_control(narrowed, both) == (frozenset({3}), frozenset({4})) and p.declares_publish_only(both)

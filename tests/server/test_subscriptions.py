@@ -128,7 +128,7 @@ def control_sequence(draw: st.DrawFn) -> tuple[bytes, p.Filter]:
     selection: p.Filter = p.EVERYTHING
     sent = []
     for _ in range(draw(st.integers(1, 3))):
-        message = ref.message(ref.SYSTEM, draw(gen.control_payload()))
+        message = ref.message(ref.SYSTEM, draw(gen.control_payload(ref.SUBSCRIPTION_RECORDS)))
         selection = ref.apply_control(selection, message)
         sent.append(message)
     return b"".join(sent), selection
@@ -283,7 +283,7 @@ def test_control_messages_are_never_forwarded_and_malformed_ones_are_rejected(st
     second = ref.message(1, ref.standard_record(2, b"b"), sequence=2)
     malformed = [
         ref.message(ref.SYSTEM, ref.standard_record(100, bytes(31))),  # bitmap one byte short
-        ref.message(ref.SYSTEM, ref.standard_record(103, b"")),  # not a control record
+        ref.message(ref.SYSTEM, ref.standard_record(119, b"")),  # not a control record
         ref.message(ref.SYSTEM, b""),  # says nothing
         ref.message(ref.SYSTEM, ref.standard_record(102, b"x")),  # unsubscribe carries no value
     ]
@@ -391,3 +391,53 @@ def test_jitrelay_sub_subscribes_at_the_relay(start_relay: StartRelay) -> None:
     assert tap.returncode == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line["sequence"] for line in lines] == [int.from_bytes(m[8:16], "little") for m in want]
+
+
+# --- publish-only connections ------------------------------------------------------------
+
+
+def test_publish_only_connection_receives_nothing_and_is_never_slow(start_relay: StartRelay) -> None:
+    """A publish-only connection that never reads: not dropped, nothing sent to it, its messages reach everyone.
+
+    Without the declaration it would be sent about 1 MiB, sixteen times its
+    pending limit: the relay would pause the publishers for it and drop it
+    (after the slow timeout, long enough for the reading peers never to be
+    dropped) before reading its messages again.
+    """
+    options = ("--slow-policy", "disconnect", "--pending-limit", "65536", "--slow-timeout", "2")
+    relay = start_relay("market_data", *options)
+    quiet = relay.connect(WAIT)  # declares publish-only, then publishes and never reads
+    witness, other = Peer(relay), Peer(relay)
+    try:
+        first = marker(1, domain=p.MARKET_DATA)
+        quiet.sendall(p.publish_only_message() + first)  # the declaration is in force from the marker on
+        assert witness.wait_for(first) == [] and other.wait_for(first) == []
+        theirs = [ref.message(1, ref.standard_record(1, bytes(200)), sequence=i) for i in range(4000)]
+        second = marker(2, domain=p.MARKET_DATA)
+        for k in range(0, len(theirs), 100):
+            other.send(b"".join(theirs[k : k + 100]))
+        other.send(second)
+        assert witness.wait_for(second) == theirs
+        mine = [ref.message(1, ref.standard_record(2, b"q"), sequence=i) for i in range(50)]
+        third = marker(3, domain=p.MARKET_DATA)
+        quiet.sendall(b"".join(mine) + third)
+        assert witness.wait_for(third) == mine
+        assert other.wait_for(third) == mine
+        quiet.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            quiet.recv(1)  # still connected, and never sent a byte
+    finally:
+        witness.close()
+        other.close()
+    quiet.setblocking(True)
+    quiet.shutdown(socket.SHUT_WR)
+    quiet.settimeout(WAIT)
+    assert quiet.recv(1) == b"", "the relay sent a publish-only connection bytes"
+    quiet.close()
+    mark = len(relay.lines)
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait_exit(15) == 0
+    stopped = relay.find_line("relay stopped:", start=mark)
+    assert stopped is not None, relay.stderr
+    assert "slow subscribers dropped 0" in stopped and "control messages 1," in stopped, stopped
+    assert relay.find_line("publishes only; it receives nothing")

@@ -150,8 +150,20 @@ def end_markers(publisher: socket.socket, readers: list[Reader], timeout: float 
         publisher.sendall(numbered(sent, MARK_SOURCE))
         sent += 1
         if all(r.wait_for(lambda r=r: marker_bytes in bytes(r.data[-2000:]), 0.05) for r in readers):
+            for reader in readers:  # markers sent before the first one arrived may still be on their way
+                settle(reader, deadline)
             return sent
         assert time.monotonic() < deadline, "no end marker reached every reader"
+
+
+def settle(reader: Reader, deadline: float, quiet: float = 0.5) -> None:
+    """Until ``reader`` has received nothing more for ``quiet`` seconds."""
+    last, since = reader.received, time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, "the reader kept receiving"
+        time.sleep(0.05)
+        if reader.received != last:
+            last, since = reader.received, time.monotonic()
 
 
 def split_stream(data: bytes) -> tuple[list[int], int]:

@@ -29,8 +29,11 @@ from jitrelay.core.protocol import (
 
 MAGIC_WIRE = b"\xef\xbe\xad\xde"
 SYSTEM = 4
-# The control records of the subscription contract and the value length each must have.
-CONTROL_RECORDS = {100: 32, 101: 32, 102: 0}
+# The control records of the subscription contract and the value length each must have
+# (103, publish-only, is docs/protocol.md's extension of the contract).
+CONTROL_RECORDS = {100: 32, 101: 32, 102: 0, 103: 0}
+PUBLISH_ONLY = 103
+SUBSCRIPTION_RECORDS = (100, 101, 102)  # the ones that change what a subscriber receives
 HEADER = 32
 VERSION = 2
 _HEADER = struct.Struct("<4sBBBBQQII")
@@ -160,7 +163,7 @@ def apply_control(selection: Selection, msg: bytes) -> Selection:
             types = chosen
         elif tlv_type == 101:
             sources = chosen
-        else:
+        elif tlv_type == 102:
             types = sources = None
     return types, sources
 

@@ -9,6 +9,8 @@ together and may end in a partial message, a stream fault or garbage.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from hypothesis import strategies as st
 
 from jitrelay.core.protocol import (
@@ -153,9 +155,9 @@ def _other_than(*values: int) -> st.SearchStrategy[int]:
 
 
 @st.composite
-def control_payload(draw: st.DrawFn) -> bytes:
-    """One to three subscription records, standard or extended."""
-    chosen = draw(st.lists(st.sampled_from(sorted(ref.CONTROL_RECORDS)), min_size=1, max_size=3))
+def control_payload(draw: st.DrawFn, kinds: Iterable[int] = tuple(ref.CONTROL_RECORDS)) -> bytes:
+    """One to three control records of ``kinds`` (every kind unless told), standard or extended."""
+    chosen = draw(st.lists(st.sampled_from(sorted(kinds)), min_size=1, max_size=3))
     encode = draw(st.sampled_from([ref.standard_record, ref.extended_record]))
     return b"".join(
         encode(t, draw(st.binary(min_size=ref.CONTROL_RECORDS[t], max_size=ref.CONTROL_RECORDS[t]))) for t in chosen
@@ -165,7 +167,8 @@ def control_payload(draw: st.DrawFn) -> bytes:
 @st.composite
 def malformed_control_payload(draw: st.DrawFn) -> bytes:
     """What a relay must count as ``malformed_tlv`` in a system-domain message."""
-    kind = draw(st.sampled_from(["empty", "bitmap_length", "unsubscribe_value", "other_type", "broken_records"]))
+    kinds = ["empty", "bitmap_length", "unsubscribe_value", "publish_only_value", "other_type", "broken_records"]
+    kind = draw(st.sampled_from(kinds))
     good = draw(control_payload())
     if kind == "empty":
         return b""
@@ -174,8 +177,10 @@ def malformed_control_payload(draw: st.DrawFn) -> bytes:
         bad = ref.standard_record(tlv_type, draw(st.binary(max_size=40).filter(lambda v: len(v) != 32)))
     elif kind == "unsubscribe_value":
         bad = ref.standard_record(102, draw(st.binary(min_size=1, max_size=8)))
+    elif kind == "publish_only_value":
+        bad = ref.standard_record(ref.PUBLISH_ONLY, draw(st.binary(min_size=1, max_size=8)))
     elif kind == "other_type":
-        bad = ref.standard_record(draw(_other_than(0, 100, 101, 102, 255)), draw(st.binary(max_size=8)))
+        bad = ref.standard_record(draw(_other_than(0, *ref.CONTROL_RECORDS, 255)), draw(st.binary(max_size=8)))
     else:
         return good + draw(malformed_payload(ref.DOMAINS["market_data"]))
     return b"".join(draw(st.permutations([good, bad])))

@@ -111,10 +111,10 @@ PROBE_SEQUENCE = (1 << 64) - 1
 
 RELAYS = ("jitrelay", "raw", "zmq", "zmq-default", "bridge")
 POLICIES = ("block", "disconnect")
-WORKLOADS = ("w1", "w2", "w1f")
+WORKLOADS = ("w1", "w2", "w1f", "client")
 FILTERED_SUBSCRIBERS = 4  # W1f: one subscriber per TLV type 1..4
 DEFAULT_RELAYS = ",".join(RELAYS)
-DEFAULT_WORKLOADS = ",".join(WORKLOADS)
+DEFAULT_WORKLOADS = "w1,w2,w1f"  # ``client`` (clients.py) when asked for
 DEFAULT_SUBSCRIBERS = "1,4"  # W1 subscriber counts
 DEFAULT_DURATION = 5.0  # seconds of publishing per run
 DEFAULT_RATE = 5000.0  # W2 messages per second
@@ -1243,7 +1243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workloads",
         default=DEFAULT_WORKLOADS,
-        help="comma-separated: w1 (throughput), w2 (latency), w1f (w1 with 4 filtered subscribers)",
+        help="comma-separated: w1 (throughput), w2 (latency), w1f (w1 with 4 filtered subscribers), "
+        "client (per-message publish and receive through the clients against pyzmq and nats-py, and W2 through them)",
     )
     parser.add_argument(
         "--subscribers",
@@ -1361,8 +1362,16 @@ class _Progress:
             self.bar.close()
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """Run every relay on every workload, print the table, write the JSON; 1 if any run failed."""
+def run_bench(
+    args: argparse.Namespace,
+    client_workload: Callable[[Options], dict] | None = None,
+    format_client: Callable[[dict], str] | None = None,
+) -> int:
+    """Run every relay on every workload, print the table, write the JSON; 1 if any run failed.
+
+    The ``client`` workload lives in ``clients`` (which builds on this
+    module), and is handed in by ``clients.run_bench``.
+    """
     opts = options(args)
 
     def on_term(signum: int, frame: object) -> None:
@@ -1384,7 +1393,8 @@ def run_bench(args: argparse.Namespace) -> int:
     runs: list[dict] = []
     startup = None
     failed = False
-    bar = _Progress(len(steps) + measure_start, opts.progress)
+    client = None
+    bar = _Progress(len(steps) + measure_start + ("client" in opts.workloads), opts.progress)
     try:
         for workload, n, relay in steps:
             bar.set_description(f"{relay} {workload} {n} sub")
@@ -1394,6 +1404,13 @@ def run_bench(args: argparse.Namespace) -> int:
                 failed = True
                 runs.append({"relay": relay, "workload": workload, "subscribers": n, "error": str(exc)})
                 bar.write(f"{relay} {workload} {n} sub failed: {exc}")
+            bar.update()
+        if "client" in opts.workloads:
+            if client_workload is None:
+                raise UsageError("the client workload runs from `jitrelay bench` (jitrelay.tools.bench.clients)")
+            bar.set_description("client")
+            client = client_workload(opts)
+            failed = failed or bool(client["errors"])
             bar.update()
         if measure_start:  # last, so the runs above have left the kernels built
             bar.set_description("jitrelay startup")
@@ -1427,8 +1444,11 @@ def run_bench(args: argparse.Namespace) -> int:
         "runs": runs,
         "jitrelay": jitrelay_summary(runs),
         "startup": startup,
+        "client": client,
     }
     print(format_report(report))
+    if client is not None and format_client is not None:
+        print("\n" + format_client(client))
     opts.json_path.parent.mkdir(parents=True, exist_ok=True)
     opts.json_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nevery figure: {opts.json_path}")

@@ -510,6 +510,12 @@ def crc32(data: np.ndarray, value: int = 0) -> int:
     return int(_loops.crc32(data, 0, len(data), value & 0xFFFFFFFF, CRC_TABLES))
 
 
+def message_end(buf: np.ndarray, pos: int, end: int) -> int:
+    """Where the message starting at ``pos`` ends, or -1 when ``buf[pos:end]`` does not hold it whole."""
+    _range(_bytes(buf), pos, end)
+    return int(_loops.next_message_end(buf, pos, end))
+
+
 def message_crc(buf: np.ndarray, pos: int = 0) -> int:
     """The checksum a message at ``pos`` should carry."""
     _range(_bytes(buf), pos, len(buf))

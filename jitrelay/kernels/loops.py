@@ -163,6 +163,9 @@ def _control_verdict(buf, pos, length):
         if tlv_type == p.SUBSCRIBE_TLV_TYPES or tlv_type == p.SUBSCRIBE_SOURCES:
             if value_len != p.BITMAP_SIZE:
                 return p.MALFORMED_TLV
+        elif tlv_type == p.POSITIONS:
+            if value_len != 0 and value_len != p.POSITION_SIZE:
+                return p.MALFORMED_TLV
         elif (tlv_type != p.UNSUBSCRIBE and tlv_type != p.PUBLISH_ONLY) or value_len != 0:
             return p.MALFORMED_TLV
         i += value_len

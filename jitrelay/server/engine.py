@@ -81,6 +81,11 @@ class Connection(asyncio.BufferedProtocol):
         self.position = 0
         self.owed: deque[np.ndarray] = deque()  # (k, 2) arrays of [start, end) stream offsets, oldest first
         self.held = False  # a publisher paused under ``block`` until the log has room for its bytes
+        # Positions (opt in, docs/protocol.md): notices in its stream say where each run of messages starts.
+        self.positioned = False
+        self.stream_at: int | None = None  # stream offset after the last log byte sent; None: a notice is due
+        self.prefix = bytearray()  # bytes due before any more from the log: notices, the rest of a cut message
+        self.writing = False  # a writability callback is registered
         self.publish_only = False  # it declared it never reads: no target list holds it, so it is never slow
 
     # asyncio protocol callbacks
@@ -205,6 +210,7 @@ class Relay:
         self._targets_dirty = True
         self._sent_since = np.zeros(0, dtype=np.int64)  # per target, what the send loop gave it since the rebuild
         self._behind: set[Connection] = set()
+        self._positioned: set[Connection] = set()  # they are always sent to from their cursors, with notices
         self._held: set[Connection] = set()
         self._next_id = 0
         self._reading = True
@@ -214,6 +220,7 @@ class Relay:
         self.slow_pids: deque[int] = deque(maxlen=SLOW_PIDS_KEPT)  # of those dropped, for tools that match them
         self.torn_messages = 0  # connections closed with part of a message in their buffer
         self.slow_pauses = 0  # times a publisher was held under ``block`` because the log was full
+        self.gap_notices = 0  # positioned subscribers told of what they missed instead of being cut off
         self.fell_behind = 0  # times a subscriber's socket took less than a batch
         self.retired_bytes_in = 0  # bytes read from connections that have closed
         self.bytes_forwarded = 0
@@ -265,6 +272,10 @@ class Relay:
         if conn.behind:
             conn.behind = False
             self._behind.discard(conn)
+        self._positioned.discard(conn)
+        conn.prefix.clear()
+        if conn.writing:
+            conn.writing = False
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_writer(conn.fd)
         if conn.slow_timer is not None:
@@ -335,15 +346,19 @@ class Relay:
             self._leave_behind(log_.tail_after(size))
         if self.journal is not None:
             self._journal([sender.view[runs[2 * k] : runs[2 * k + 1]] for k in range(result.runs)])
+        first_message = log_.messages
         start = log_.append(sender.buf, runs, result.runs, size, messages, sender.conn_id)
         sender.published = True
         self.bytes_forwarded += size
         self.batches += 1
         if self._targets_dirty:
             self._rebuild_targets()
-        group_ranges = self._group_ranges(start, result) if self._groups else None
+        group_ranges = self._group_ranges(start, first_message, result) if self._groups else None
         if self._behind:
             self._owe(sender, group_ranges)
+        for conn in self._positioned:
+            if not conn.writing and (conn.owed if conn.filter != protocol.EVERYTHING else conn is not sender):
+                self._write_when_ready(conn)
         if self._targets:
             self._send_batch(sender, start, size, group_ranges, arrived)
         done = time.perf_counter_ns()
@@ -352,17 +367,21 @@ class Relay:
         if self._behind:
             self._check_lag()
 
-    def _group_ranges(self, start: int, result: kernels.ScanResult) -> list[np.ndarray]:
-        """Each group's runs of this batch as ``(k, 2)`` stream ranges in the log."""
+    def _group_ranges(self, start: int, first_message: int, result: kernels.ScanResult) -> list[np.ndarray]:
+        """Each group's runs of this batch as ``(k, 3)`` rows: stream start, end, and the first message's number."""
         runs = self.scan_out.runs[: 2 * result.runs]
         starts, ends = runs[0::2], runs[1::2]
         at = start + np.concatenate(([0], np.cumsum(ends - starts)[:-1]))  # where each forwarded run landed
+        forwarded = self.scan_out.offsets[: result.count][self.scan_out.verdicts[: result.count] == protocol.FORWARD]
         ranges = []
         routed = self._routed
         for g in range(len(self._groups)):
             own = routed.group_runs(g).reshape(-1, 2)
             k = np.searchsorted(starts, own[:, 0], side="right") - 1
-            ranges.append(own - starts[k, None] + at[k, None])
+            rows = np.empty((len(own), 3), dtype=np.int64)
+            rows[:, :2] = own - starts[k, None] + at[k, None]
+            rows[:, 2] = first_message + np.searchsorted(forwarded, own[:, 0])
+            ranges.append(rows)
         return ranges
 
     def _send_batch(
@@ -370,7 +389,7 @@ class Relay:
     ) -> None:
         """One call into the send loop for every subscriber that keeps up; the ones left short fall behind."""
         fan = self._fan
-        slices = [np.array([[start, start + size]], dtype=np.int64)] + (group_ranges or [])
+        slices = [np.array([[start, start + size, 0]], dtype=np.int64)] + (group_ranges or [])
         fan.reserve(len(self._targets), sum(2 * len(s) for s in slices))
         firsts = np.zeros(len(slices), dtype=np.int64)
         counts = np.zeros(len(slices), dtype=np.int64)
@@ -444,6 +463,10 @@ class Relay:
         self._behind.add(conn)
         self.fell_behind += 1
         self._targets_dirty = True
+        self._write_when_ready(conn)
+
+    def _write_when_ready(self, conn: Connection) -> None:
+        conn.writing = True
         asyncio.get_running_loop().add_writer(conn.fd, self._catch_up, conn)
 
     def _catch_up(self, conn: Connection) -> None:
@@ -453,7 +476,7 @@ class Relay:
             return
         budget = CATCH_UP_BYTES
         while budget > 0:
-            views = self._owed_views(conn, budget)
+            views, segments = self._owed(conn, budget)
             if not views:
                 self._caught_up(conn)
                 return
@@ -467,38 +490,80 @@ class Relay:
                 self.stop_sending(conn)
                 conn.transport.abort()
                 return
-            self._advance(conn, taken)
+            self._advance(conn, taken, segments)
             conn.bytes_out += taken
             budget -= taken
             self._release_held()
             if taken < wanted:
                 return
 
-    def _owed_views(self, conn: Connection, budget: int) -> list[memoryview]:
-        """The log's memory for what ``conn`` is to be sent next, at most ``budget`` bytes in one sendmsg's pieces."""
+    def _owed(self, conn: Connection, budget: int) -> tuple[list, list]:
+        """What ``conn`` is to be sent next, at most ``budget`` log bytes in one sendmsg: views and what each is.
+
+        Segments are ``("prefix", n)``, ``("notice", bytes, start)`` (a position notice for the run at
+        ``start``) and ``("data", start, end)`` stream ranges.
+        """
         log_ = self.log
+        views: list = []
+        segments: list[tuple] = []
+        if conn.prefix:
+            views.append(memoryview(conn.prefix))
+            segments.append(("prefix", len(conn.prefix)))
         if conn.filter == protocol.EVERYTHING:
             start, end = log_.next_range(conn.position, conn.conn_id if conn.published else -1)
             conn.position = start
-            return log_.views(start, min(end, start + budget)) if end > start else []
-        views: list[memoryview] = []
-        for ranges in conn.owed:
-            for a, b in ranges.tolist():
-                views.extend(log_.views(a, min(b, a + budget)))
-                budget -= b - a
-                if budget <= 0 or len(views) >= CATCH_UP_PIECES:
-                    return views
-        return views
+            rows = [(start, end, -1)] if end > start else []
+        else:
+            rows = (row for ranges in conn.owed for row in ranges.tolist())
+        for a, b, message in rows:
+            if conn.positioned and a != conn.stream_at:
+                number = message if message >= 0 else log_.message_number(a)
+                notice = protocol.position_notice(protocol.Position(log_.epoch, a, number))
+                views.append(notice)
+                segments.append(("notice", notice, a))
+            b = min(b, a + budget)
+            views.extend(log_.views(a, b))
+            segments.append(("data", a, b))
+            budget -= b - a
+            if budget <= 0 or len(views) >= CATCH_UP_PIECES:
+                break
+        return (views if len(segments) else []), segments
 
-    def _advance(self, conn: Connection, taken: int) -> None:
-        """Move ``conn``'s cursor past ``taken`` bytes sent (owed ranges are shared by a group: never changed)."""
+    def _advance(self, conn: Connection, taken: int, segments: list[tuple]) -> None:
+        """Move ``conn``'s cursor past the ``taken`` bytes of ``segments`` sent (shared owed ranges never change)."""
+        for segment in segments:
+            kind = segment[0]
+            if kind == "prefix":
+                n = min(taken, segment[1])
+                del conn.prefix[:n]
+                taken -= n
+                if conn.prefix:
+                    return
+            elif kind == "notice":
+                notice = segment[1]
+                conn.stream_at = segment[2]  # from now on the notice is the stream's: its rest goes first
+                if taken < len(notice):
+                    conn.prefix[:0] = notice[taken:]
+                    return
+                taken -= len(notice)
+            else:
+                a, b = segment[1], segment[2]
+                n = min(taken, b - a)
+                self._consume(conn, a, n)
+                conn.stream_at = a + n
+                taken -= n
+                if n < b - a:
+                    return
+
+    def _consume(self, conn: Connection, start: int, n: int) -> None:
+        """``n`` log bytes from stream offset ``start`` were sent to ``conn``."""
         if conn.filter == protocol.EVERYTHING:
-            conn.position += taken
+            conn.position = start + n
             return
-        while taken and conn.owed:
+        while n and conn.owed:
             ranges = conn.owed[0]
-            rest = _after(ranges, taken)
-            taken -= int((ranges[:, 1] - ranges[:, 0]).sum()) - int((rest[:, 1] - rest[:, 0]).sum())
+            rest = _after(ranges, n)
+            n -= int((ranges[:, 1] - ranges[:, 0]).sum()) - int((rest[:, 1] - rest[:, 0]).sum())
             if len(rest):
                 conn.owed[0] = rest
                 return
@@ -506,29 +571,145 @@ class Relay:
 
     def _caught_up(self, conn: Connection) -> None:
         asyncio.get_running_loop().remove_writer(conn.fd)
-        conn.behind = False
-        conn.owed.clear()
-        self._behind.discard(conn)
+        conn.writing = False
         if conn.slow_timer is not None:
             conn.slow_timer.cancel()
             conn.slow_timer = None
+        if conn.positioned:  # it stays with the cursors: every batch reaches it from the log, with notices
+            conn.owed.clear()
+            conn.position = self.log.head
+            return
+        conn.behind = False
+        conn.owed.clear()
+        self._behind.discard(conn)
         self._targets_dirty = True
         self._release_held()
 
     def _apply_controls(self, conn: Connection, count: int) -> None:
         """Apply the connection's control messages, in order, to what it receives from now on."""
         offsets = self.scan_out.offsets
+        before = conn.filter
+        asked: protocol.Position | bool | None = False
         for k in np.flatnonzero(self.scan_out.verdicts[:count] == protocol.CONTROL):
             message = conn.view[offsets[k] : offsets[k + 1]]
             conn.filter = protocol.apply_control(conn.filter, message)
             conn.publish_only = conn.publish_only or protocol.declares_publish_only(message)
+            wanted = protocol.requested_position(message)
+            asked = asked if wanted is False else wanted
         if conn.publish_only:
             log.info("%s publishes only; it receives nothing", conn.peer)
-        else:
+        elif conn.filter != before or asked is False:
             log.info("%s subscribes to %s", conn.peer, protocol.describe_filter(conn.filter))
-        if conn.behind:  # what it owed under the old filter is not what it asked for now: it starts again at the head
+        if conn.filter != before and (conn.behind or conn.positioned):
+            # What it owed under the old filter is not what it asks for now: it starts again at the head.
+            asked = asked if asked is not False or not conn.positioned else True
             self.stop_sending(conn)
+        if asked is not False and not conn.publish_only:
+            self._position(conn, asked)
         self._retarget()
+
+    # positions
+
+    def _position(self, conn: Connection, asked: protocol.Position | bool | None) -> None:
+        """Give ``conn`` position notices from now on, starting at the head or after the position it asked for."""
+        log_ = self.log
+        start = log_.head
+        if isinstance(asked, protocol.Position):
+            resumed = self._resume_start(conn, asked)
+            if resumed is None:
+                return
+            start = resumed
+        conn.positioned = True
+        self._positioned.add(conn)
+        if not conn.behind:
+            conn.behind = True
+            self._behind.add(conn)
+            self._targets_dirty = True
+        if conn.filter == protocol.EVERYTHING:
+            conn.position = start
+        else:
+            conn.owed = self._reroute(conn.filter, start, log_.head)
+        conn.prefix += protocol.position_notice(protocol.Position(log_.epoch, start, log_.message_number(start)))
+        conn.stream_at = start
+        log.info("%s receives positions from offset %d of epoch %x", conn.peer, start, log_.epoch)
+        if not conn.writing:
+            self._write_when_ready(conn)
+
+    def _resume_start(self, conn: Connection, position: protocol.Position) -> int | None:
+        """Where a subscriber resuming after ``position`` starts (a gap notice queued if not right there), or None."""
+        log_ = self.log
+        if position.epoch != log_.epoch:
+            gap = protocol.Gap(protocol.GAP_UNKNOWN_EPOCH, protocol.UNKNOWN, protocol.UNKNOWN)
+        elif position.offset > log_.head or (
+            position.offset >= log_.tail and log_.boundary(position.offset) != position.offset
+        ):
+            log.warning(
+                "closing connection %s: resume position %s is %s",
+                conn.peer,
+                position,
+                "beyond the head of the log" if position.offset > log_.head else "not at a message boundary",
+            )
+            self.stop_sending(conn)
+            conn.transport.close()
+            return None
+        elif position.offset < log_.tail:
+            missed = max(0, log_.oldest_message() - position.message)
+            gap = protocol.Gap(protocol.GAP_LEFT_LOG, missed, log_.tail - position.offset)
+        else:
+            return position.offset
+        conn.prefix += protocol.gap_notice(gap)
+        self.gap_notices += 1
+        log.info(
+            "%s resumes after %s, which is not in the log: %s; from the oldest message kept", conn.peer, position, gap
+        )
+        return log_.tail
+
+    def _reroute(self, selection: protocol.Filter, start: int, end: int) -> deque[np.ndarray]:
+        """The ``(k, 3)`` ranges a filtered subscriber resuming at ``start`` owes, from the log up to ``end``."""
+        owed: deque[np.ndarray] = deque()
+        if start >= end:
+            return owed
+        tables = kernels.group_tables([selection])
+        scan_out = kernels.ScanBuffers(self.logic.buffer_size)
+        routed = kernels.RouteBuffers(self.logic.buffer_size, 1)
+        counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+        for a, b in self.log.spans(start, end, self.logic.buffer_size):
+            chunk = np.concatenate([np.frombuffer(view, dtype=np.uint8) for view in self.log.views(a, b)])
+            result, routed = kernels.scan_and_route(chunk, 0, len(chunk), self.tables, scan_out, tables, routed, counts)
+            own = routed.group_runs(0).reshape(-1, 2)
+            if len(own):
+                forwarded = scan_out.offsets[: result.count][scan_out.verdicts[: result.count] == protocol.FORWARD]
+                rows = np.empty((len(own), 3), dtype=np.int64)
+                rows[:, :2] = own + a
+                rows[:, 2] = self.log.message_number(a) + np.searchsorted(forwarded, own[:, 0])
+                owed.append(rows)
+        return owed
+
+    def _skip_to(self, conn: Connection, tail: int) -> None:
+        """A positioned subscriber the log leaves behind: it finishes the message it is in, then hears of the gap."""
+        log_ = self.log
+        needed = conn.needed()
+        boundary = log_.boundary(needed)
+        if boundary > needed:  # the rest of a message it has part of, copied before the ring reuses it
+            for view in log_.views(needed, boundary):
+                conn.prefix += view
+            self._consume(conn, needed, boundary - needed)
+        gap = protocol.Gap(
+            protocol.GAP_LEFT_LOG, log_.messages_from(boundary) - log_.messages_from(tail), tail - boundary
+        )
+        conn.prefix += protocol.gap_notice(gap)
+        self.gap_notices += 1
+        if conn.filter == protocol.EVERYTHING:
+            conn.position = tail
+        else:
+            while conn.owed and int(conn.owed[0][-1, 1]) <= tail:
+                conn.owed.popleft()
+        conn.stream_at = None
+        log.warning(
+            "%s fell out of the log: told of a gap of %d messages (%d bytes)", conn.peer, gap.messages, gap.bytes
+        )
+        if not conn.writing:
+            self._write_when_ready(conn)
 
     def _journal(self, pieces: list) -> None:
         """Append a batch to the journal before anyone sees it; under ``batch`` fsync soon after."""
@@ -571,7 +752,10 @@ class Relay:
     def _leave_behind(self, tail: int) -> None:
         """Before an append moves the log's tail to ``tail``: cut off every subscriber still reading before it."""
         for conn in [c for c in self._behind if c.needed() < tail]:
-            self._cut_off(conn, "fell out of the log")
+            if conn.positioned:
+                self._skip_to(conn, tail)
+            else:
+                self._cut_off(conn, "fell out of the log")
 
     def _check_lag(self) -> None:
         """Under ``disconnect``, a subscriber more than ``pending_high`` behind has ``slow_timeout`` to come back."""

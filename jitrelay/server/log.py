@@ -155,8 +155,46 @@ class RelayLog:
         after = self.messages - int(self._first_message[index])
         return after - self._whole_messages(start, position)
 
+    def spans(self, start: int, end: int, limit: int) -> list[tuple[int, int]]:
+        """``[start, end)`` cut at batch starts into stretches of at most ``limit`` bytes (one batch may be more)."""
+        starts = self._starts[self._lo : self._hi]
+        cuts = [int(s) for s in starts[(starts > start) & (starts < end)]] + [end]
+        spans, a, last = [], start, start
+        for cut in cuts:
+            if cut - a > limit and last > a:
+                spans.append((a, last))
+                a = last
+            last = cut
+        spans.append((a, end))
+        return spans
+
+    def message_number(self, position: int) -> int:
+        """The number of the message that starts at ``position`` (a message boundary in the log, or the head)."""
+        return self.messages - self.messages_from(position)
+
+    def boundary(self, position: int) -> int:
+        """The first message boundary at or after ``position`` (in the log): where a message cut there ends."""
+        if position >= self.head:
+            return self.head
+        position = max(position, self.tail)
+        index = self._lo + int(np.searchsorted(self._starts[self._lo : self._hi], position, side="right")) - 1
+        start = int(self._starts[index])
+        _, end = self._walk(start, position)
+        if end == position:
+            return end
+        at = end % self.size  # the message cut at ``position`` starts here and is whole in the ring and mirror
+        return end + kernels.message_end(self.ring, at, self.size + self.mirror) - at
+
+    def oldest_message(self) -> int:
+        """The number of the oldest message still in the log."""
+        return int(self._first_message[self._lo]) if self._hi > self._lo else self.messages
+
     def _whole_messages(self, start: int, end: int) -> int:
         """Complete messages in stream bytes ``[start, end)``, which begin at a message boundary."""
+        return self._walk(start, end)[0]
+
+    def _walk(self, start: int, end: int) -> tuple[int, int]:
+        """Complete messages in ``[start, end)`` from a boundary, and the boundary after the last of them."""
         count = 0
         while start < end:
             at = start % self.size
@@ -166,4 +204,4 @@ class RelayLog:
                 break
             count += n
             start += consumed - at
-        return count
+        return count, start

@@ -31,6 +31,7 @@ from jitrelay.client import Publisher, RelayConnectionError, Subscriber
 from jitrelay.core import protocol
 from jitrelay.core.config import ConfigError, build_logic, format_byte_count, read_config, render_config
 from jitrelay.core.domains import JOURNAL_FSYNC, LOGICS, SLOW_POLICIES, RelayLogic
+from jitrelay.core.folders import UntrustedFolder
 from jitrelay.core.units import MiB
 from jitrelay.tools.options import (
     MESSAGE_SIZE,
@@ -287,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RelayConnectionError, protocol.ProtocolError) as exc:
         print(f"jitrelay: {exc}", file=sys.stderr)
         return 1
+    except UntrustedFolder as exc:  # as tmux and ssh-agent do: refuse a folder someone else can write to
+        print(f"jitrelay {args.command}: refusing to start: {exc}", file=sys.stderr)
+        return 2
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -11,9 +11,11 @@ re-read of its header only, never of its payload.
 
 Each public function here checks its arguments and allocates; the loops that
 do the work live in ``loops``. Which build of them runs is chosen once, at
-the first call (``backend``): the ahead-of-time module from ``aot`` by
-default, numba's JIT with ``JITRELAY_KERNELS=jit`` or when no module can be
-built, and plain Python under ``NUMBA_DISABLE_JIT=1``. The ahead-of-time
+the first call (``backend``): by default the ahead-of-time module built with
+the package, else one built at run time into the cache folder (``build``);
+numba's JIT with ``JITRELAY_KERNELS=jit`` or when no module can be built or
+loaded; plain Python under ``NUMBA_DISABLE_JIT=1``. Each fallback is a
+warning that says why and what it costs. The ahead-of-time
 module trusts its arguments, so the checks here are what keeps a wrong dtype
 from reading the wrong memory.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
@@ -67,19 +70,51 @@ def _load() -> ModuleType:
     choice = requested_backend()
     if choice == "aot":
         try:
-            module = build.load()
+            module = _load_compiled()
         except build.Unavailable as error:
             log.warning(
-                "no ahead-of-time build of the kernels (%s); compiling them with numba in this process instead", error
+                "no ahead-of-time build of the kernels (%s); compiling them with numba in this process instead: "
+                "%s of compiling at the first calls and about %d MiB more resident memory for numba and LLVM",
+                error,
+                JIT_COST_SECONDS,
+                JIT_COST_MIB,
             )
         else:
             _BACKEND_INFO.update(name="aot", path=module.__file__, seconds=time.perf_counter() - started)
             return module
         choice = "jit"
+    elif choice == "jit":
+        log.info("JITRELAY_KERNELS=jit: numba compiles the kernels at their first calls (%s)", JIT_COST_SECONDS)
     from jitrelay.kernels import loops
 
     _BACKEND_INFO.update(name=choice, path=loops.__file__, seconds=time.perf_counter() - started)
     return loops
+
+
+# What the fallbacks cost, as measured on a 2-core machine; the warnings quote them.
+BUILD_COST_SECONDS = "5 to 10 s"
+JIT_COST_SECONDS = "about 5 s"
+JIT_COST_MIB = 150
+
+
+def _load_compiled() -> ModuleType:
+    """The module built with the package, else the one built at run time in the cache folder (built now if needed)."""
+    try:
+        return build.load_packaged()
+    except build.Unavailable as error:
+        not_packaged = str(error)
+
+    def announce(path: Path) -> None:
+        log.warning(
+            "%s; building the kernels now with numba and the C compiler into %s (%s, once per machine and version)",
+            not_packaged,
+            path,
+            BUILD_COST_SECONDS,
+        )
+
+    module = build.load(announce=announce)
+    log.info("%s; loaded the kernels built at run time", not_packaged)
+    return module
 
 
 _BACKEND_INFO: dict = {"name": None, "path": None, "seconds": None}

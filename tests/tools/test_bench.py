@@ -303,3 +303,22 @@ def test_bench_runs_from_an_installed_wheel_with_its_baselines(tmp_path: Path) -
     runs = by_run(json.loads(figures.read_text()))
     check_delivered_all(runs[("raw", "w1")])
     check_delivered_all(runs[("zmq", "w1")])
+
+
+def test_client_workload_measures_every_client_and_baseline_and_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "client.json"
+    done = bench("--relays=jitrelay", "--workloads=client", "--duration=0.3", "--startup-runs=0", f"--json={path}")
+    assert done.returncode == 0, done.stderr
+    client = json.loads(path.read_text())["client"]
+    assert client["errors"] == {}
+    assert set(client["publish_msg_per_s"]) == {"jitrelay", "jitrelay-unbatched", "jitrelay-async", "pyzmq", "nats"}
+    assert set(client["receive_msg_per_s"]) == {"jitrelay", "jitrelay-async", "pyzmq", "pyzmq-drain", "nats"}
+    assert all(rate > 0 for rate in [*client["publish_msg_per_s"].values(), *client["receive_msg_per_s"].values()])
+    assert client["publish_x_pyzmq"]["pyzmq"] == 1.0
+    assert all(lost == 0 for lost in client["lost"].values()), client["lost"]
+    for name in ("publish jitrelay", "publish jitrelay-async"):
+        run = client["runs"][name]
+        assert [s["received"] for s in run["subscribers"]] == [run["publisher"]["sent"]] * len(run["subscribers"])
+    latency = client["w2_client_latency_us"]
+    assert latency["samples"] > 0 and 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    assert "client: 71-byte messages" in done.stdout

@@ -58,6 +58,11 @@ class MessageView:
         self._end = end
 
     @property
+    def size(self) -> int:
+        """The message's length in bytes, header included."""
+        return self._end - self._offset
+
+    @property
     def sequence(self) -> int:
         return _SEQUENCE.unpack_from(self._data, self._offset + 8)[0]
 

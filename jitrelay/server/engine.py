@@ -507,7 +507,7 @@ class Relay:
         views: list = []
         segments: list[tuple] = []
         if conn.prefix:
-            views.append(memoryview(conn.prefix))
+            views.append(bytes(conn.prefix))  # a copy: the prefix shrinks as it goes out
             segments.append(("prefix", len(conn.prefix)))
         if conn.filter == protocol.EVERYTHING:
             start, end = log_.next_range(conn.position, conn.conn_id if conn.published else -1)

@@ -437,7 +437,7 @@ class Relay:
             fan.iovecs[2 * at + 1 : 2 * end : 2] = lengths
             return len(ranges)
         k = at
-        for a, b in ranges.tolist():
+        for a, b, *_ in ranges.tolist():
             for offset, length in self.log.pieces(a, b):
                 fan.iovecs[2 * k] = self.log.address + offset
                 fan.iovecs[2 * k + 1] = length

@@ -423,9 +423,30 @@ def sub_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sources", type=byte_list, metavar="S,S", help="subscribe to messages from one of these sources"
     )
+    parser.add_argument(
+        "--from",
+        dest="resume_from",
+        type=position_arg,
+        metavar="POSITION",
+        help="start after this position (EPOCH:OFFSET:MESSAGE, as printed on exit); implies --positions",
+    )
+    parser.add_argument(
+        "--positions",
+        action="store_true",
+        help="ask the relay for positions: report gaps as they come and the position reached on exit",
+    )
+
+
+def position_arg(text: str) -> protocol.Position:
+    try:
+        return protocol.Position.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_sub(args: argparse.Namespace) -> int:
+    if args.resume_from is not None or args.positions:
+        return _sub_positioned(args)
     received = 0
     limit = args.count
     keep = MessageFilter(args.types, args.sources)
@@ -456,6 +477,57 @@ def cmd_sub(args: argparse.Namespace) -> int:
     if args.count_only:
         print(received)
     return 0
+
+
+def _sub_positioned(args: argparse.Namespace) -> int:
+    """``jitrelay sub`` with positions: one message at a time, so that the position printed on exit is exact."""
+    received = 0
+    keep = MessageFilter(args.types, args.sources)
+    show = functools.partial(message_json if args.json else format_message, names=True)
+    subscriber = Subscriber(
+        args.domain,
+        args.socket,
+        tlv_types=args.types,
+        sources=args.sources,
+        positions=True,
+        resume_from=args.resume_from,
+    )
+    gaps = 0
+    try:
+        with subscriber:
+            print(f"jitrelay sub: connected to the {args.domain} relay at {subscriber.socket_path}", file=sys.stderr)
+            for view in subscriber:
+                for gap in subscriber.gaps[gaps:]:
+                    print(f"jitrelay sub: {_describe_gap(gap)}", file=sys.stderr)
+                gaps = len(subscriber.gaps)
+                message = view.decode()
+                if not keep.keeps(message):
+                    continue
+                if not args.count_only:
+                    sys.stdout.write(show(message) + "\n")
+                    sys.stdout.flush()
+                received += 1
+                if args.count and received >= args.count:
+                    break
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    for gap in subscriber.gaps[gaps:]:
+        print(f"jitrelay sub: {_describe_gap(gap)}", file=sys.stderr)
+    if args.count_only:
+        print(received)
+    if subscriber.position is not None:
+        print(
+            f"jitrelay sub: position {subscriber.position} (resume with --from {subscriber.position})", file=sys.stderr
+        )
+    return 0
+
+
+def _describe_gap(gap: protocol.Gap) -> str:
+    if gap.reason == protocol.GAP_UNKNOWN_EPOCH:
+        return "the relay has restarted since that position; what was missed is not known"
+    return f"gap: {gap.messages} messages ({gap.bytes} bytes) missed"
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -865,7 +865,11 @@ class Relay:
             connections_accepted=self.accepted,
             refused=dict(self.refused),
             pending_max=max((head - conn.needed() for conn in self._behind), default=0),
-            slow_actions={"hold": self.slow_pauses, "disconnect": self.slow_disconnects},
+            slow_actions={
+                "hold": self.slow_pauses,
+                "disconnect": self.slow_disconnects,
+                "gap_notice": self.gap_notices,
+            },
             journal_errors=self.journal_errors,
             forward_buckets=tuple(timing.counts),
             forward_total_ns=timing.total,

@@ -138,7 +138,8 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
     slow = CounterMetricFamily(
         "jitrelay_slow_subscriber_actions_total",
         "Slow-subscriber actions: hold (under block, a publisher waited for the slowest cursor to make room "
-        "in the log), disconnect (a subscriber was cut off: it fell out of the log, or stayed past its limit).",
+        "in the log), disconnect (a subscriber was cut off: it fell out of the log, or stayed past its limit), "
+        "gap_notice (a subscriber that asked for positions was told what it missed instead).",
         labels=["domain", "action"],
     )
     yield labelled(slow, figures.domain, figures.slow_actions)

@@ -26,7 +26,9 @@ from support.relays import RelayProcess, StartRelay
 
 from jitrelay import Subscriber
 from jitrelay.core import protocol
+from jitrelay.core.domains import stats_socket_path
 from jitrelay.core.units import MiB
+from jitrelay.tools.stats import parse_reading, read_socket
 
 # Subscribes with positions, records the start, then each message's bytes followed by the position after it.
 _RECORDER = """
@@ -158,6 +160,14 @@ def test_a_stalled_positioned_subscriber_hears_of_its_gap_instead_of_being_cut_o
     assert sequences == sorted(received), "reordered or doubled"
     assert len(received) + missed == stream.chunks * stream.chunk_messages, "a loss the gap notices do not account for"
     assert relay.find_line("fell out of the log: told of a gap")
+    figures = stats_figures(relay)
+    assert figures["gap_notice"] == len(gaps) and figures["disconnect"] == 0
+
+
+def stats_figures(relay: RelayProcess) -> dict[str, float]:
+    """The slow-subscriber actions from the relay's stats socket."""
+    reading = parse_reading(read_socket(stats_socket_path(relay.socket_path)), "market_data", time.time())
+    return {a: reading.value("jitrelay_slow_subscriber_actions_total", action=a) for a in ("gap_notice", "disconnect")}
 
 
 def _whole(data: bytes) -> int:

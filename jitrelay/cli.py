@@ -30,7 +30,7 @@ from jitrelay import __version__, kernels
 from jitrelay.client import Publisher, RelayConnectionError, Subscriber
 from jitrelay.core import protocol
 from jitrelay.core.config import ConfigError, build_logic, format_byte_count, read_config, render_config
-from jitrelay.core.domains import JOURNAL_FSYNC, LOGICS, SLOW_POLICIES, RelayLogic
+from jitrelay.core.domains import JOURNAL_FSYNC, JOURNAL_ON_ERROR, LOGICS, SLOW_POLICIES, RelayLogic
 from jitrelay.core.folders import UntrustedFolder
 from jitrelay.core.units import MiB
 from jitrelay.tools.options import (
@@ -102,6 +102,12 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
     add_byte_option(
         parser, "--journal-rotate", f"journal segment size ({format_byte_count(RelayLogic.journal_rotate_bytes)})"
     )
+    parser.add_argument(
+        "--journal-on-error",
+        choices=JOURNAL_ON_ERROR,
+        help="when an append fails: hold publishers and retry, forwarding nothing unjournaled (pause; the "
+        "execution relay's default), or forward anyway and count it (forward)",
+    )
     parser.add_argument("--no-journal", action="store_true", help="do not journal forwarded messages")
     add_metrics_port(parser)
     parser.add_argument(
@@ -132,6 +138,7 @@ _FIELD_OPTIONS = {
     "max_connections": "max_connections",
     "journal_fsync": "journal_fsync",
     "journal_rotate": "journal_rotate_bytes",
+    "journal_on_error": "journal_on_error",
     "metrics_port": "metrics_port",
     "summary_file": "summary_file",
     "log_size": "log_size",

@@ -34,6 +34,8 @@ import numpy as np
 from jitrelay.core import protocol as p
 from jitrelay.core.domains import RelayLogic
 from jitrelay.kernels import build
+from jitrelay.kernels.constants import SEND_FAILED as SEND_FAILED  # re-exported: the engine reads them here
+from jitrelay.kernels.constants import SEND_SKIPPED as SEND_SKIPPED
 
 log = logging.getLogger("jitrelay.kernels")
 
@@ -328,10 +330,6 @@ def log_append(
     if int((ends - starts).sum()) > size:
         raise ValueError("the runs hold more bytes than the ring")
     return int(_loops.log_append(buf, runs, n_runs, ring, size, mirror, at))
-
-
-SEND_FAILED = -1  # what the send loop reports for a socket that took nothing (full, or an error seen later)
-SEND_SKIPPED = -2  # and for the target it was told to skip (the batch's own publisher)
 
 
 class FanOut:

@@ -21,7 +21,7 @@ import ctypes
 import numpy as np
 from numba import njit, types
 
-from jitrelay.kernels import SEND_FAILED, SEND_SKIPPED
+from jitrelay.kernels.constants import SEND_FAILED, SEND_SKIPPED
 from jitrelay.kernels.loops import _JIT, _c_function
 
 MSG_DONTWAIT = 0x40

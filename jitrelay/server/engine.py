@@ -36,7 +36,7 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import BLOCK, DISCONNECT, FSYNC_BATCH, RelayLogic
+from jitrelay.core.domains import BLOCK, DISCONNECT, FSYNC_BATCH, JOURNAL_PAUSE, RelayLogic
 from jitrelay.core.histogram import Histogram
 from jitrelay.core.units import MiB
 from jitrelay.server.figures import Figures
@@ -50,6 +50,7 @@ SOCKET_BUFFER = 4 * MiB  # kernel buffers per connection: fewer, larger reads an
 CATCH_UP_BYTES = 8 * MiB  # the most one writability callback hands a subscriber that is behind
 CATCH_UP_PIECES = 1024  # and in at most this many pieces (one sendmsg)
 SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
+JOURNAL_RETRY_SECONDS = 0.2  # how often a relay holding its publishers tries a failed journal append again
 SLOW_PIDS_KEPT = 1000  # pids of the latest subscribers dropped as slow, for the figures
 _PEERCRED = struct.Struct("3i")
 
@@ -212,6 +213,9 @@ class Relay:
         self._behind: set[Connection] = set()
         self._positioned: set[Connection] = set()  # they are always sent to from their cursors, with notices
         self._held: set[Connection] = set()
+        self._journal_held: list[Connection] = []  # publishers whose batch waits for the journal to write again
+        self._journal_retry: asyncio.TimerHandle | None = None
+        self.journal_pauses = 0
         self._next_id = 0
         self._reading = True
         self.retired_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
@@ -303,7 +307,11 @@ class Relay:
         for i, conn in enumerate(self._targets):  # what the loop sent them since the last rebuild
             conn.bytes_out += int(self._sent_since[i])
         group_of = {conn: g for g, members in enumerate(self._groups) for conn in members}
-        targets = [c for c in self.connections.values() if not c.behind and not c.transport.is_closing() and c.fd >= 0]
+        targets = [
+            c
+            for c in self.connections.values()
+            if not (c.behind or c.publish_only or c.transport.is_closing()) and c.fd >= 0
+        ]
         self._fan.reserve(len(targets), 0)
         for i, conn in enumerate(targets):
             self._fan.fds[i] = conn.fd
@@ -315,9 +323,13 @@ class Relay:
     # the data path
 
     def on_data(self, conn: Connection, arrived: int) -> None:
+        if self._journal_retry is not None:  # the journal does not write: nothing more is read until it does
+            self._hold_for_journal(conn)
+            return
         if self.logic.slow_policy == BLOCK and self._behind and not self._has_room(conn.filled):
             self._hold(conn)
             return
+        counted = conn.counts.copy() if self.journal is not None else None  # undone if the journal refuses
         before = int(conn.counts[protocol.FORWARD])
         if self._groups:  # some subscriber has a filter: the same compiled call cuts each group's runs
             result, self._routed = kernels.scan_and_route(
@@ -325,8 +337,12 @@ class Relay:
             )
         else:
             result = kernels.scan_into(conn.buf, 0, conn.filled, self.tables, self.scan_out, conn.counts)
-        if result.forwarded_bytes:
-            self._forward(conn, result, int(conn.counts[protocol.FORWARD]) - before, arrived)
+        if result.forwarded_bytes and not self._forward(
+            conn, result, int(conn.counts[protocol.FORWARD]) - before, arrived
+        ):
+            conn.counts[:] = counted  # the batch was not taken: it is judged again when the journal writes
+            self._hold_for_journal(conn)
+            return
         if result.controls:
             self._apply_controls(conn, result.count)
         if result.fault != protocol.NO_FAULT:
@@ -337,15 +353,20 @@ class Relay:
             conn.buf[:leftover] = conn.buf[result.consumed : conn.filled]
         conn.filled = leftover
 
-    def _forward(self, sender: Connection, result: kernels.ScanResult, messages: int, arrived: int) -> None:
-        """Append the accepted runs to the log once, then hand them to every subscriber that keeps up."""
+    def _forward(self, sender: Connection, result: kernels.ScanResult, messages: int, arrived: int) -> bool:
+        """Journal the accepted runs, append them to the log once, hand them to every subscriber that keeps up.
+
+        False when the journal refused them under ``journal_on_error = pause``: nothing was forwarded.
+        """
         log_ = self.log
         size = result.forwarded_bytes
         runs = self.scan_out.runs
+        if self.journal is not None and not self._journal(
+            [sender.view[runs[2 * k] : runs[2 * k + 1]] for k in range(result.runs)]
+        ):
+            return False
         if self._behind:
             self._leave_behind(log_.tail_after(size))
-        if self.journal is not None:
-            self._journal([sender.view[runs[2 * k] : runs[2 * k + 1]] for k in range(result.runs)])
         first_message = log_.messages
         start = log_.append(sender.buf, runs, result.runs, size, messages, sender.conn_id)
         sender.published = True
@@ -366,6 +387,7 @@ class Relay:
         self.messages_timed += result.count
         if self._behind:
             self._check_lag()
+        return True
 
     def _group_ranges(self, start: int, first_message: int, result: kernels.ScanResult) -> list[np.ndarray]:
         """Each group's runs of this batch as ``(k, 3)`` rows: stream start, end, and the first message's number."""
@@ -711,17 +733,51 @@ class Relay:
         if not conn.writing:
             self._write_when_ready(conn)
 
-    def _journal(self, pieces: list) -> None:
-        """Append a batch to the journal before anyone sees it; under ``batch`` fsync soon after."""
+    def _journal(self, pieces: list) -> bool:
+        """Append a batch to the journal before anyone sees it (under ``batch``, fsync soon after); False: hold it."""
         assert self.journal is not None
         try:
             self.journal.append(pieces)
         except OSError as exc:
             self.journal_errors += 1
+            if self.logic.journal_on_error == JOURNAL_PAUSE:
+                if self._journal_retry is None:
+                    self.journal_pauses += 1
+                    log.error(
+                        "journal %s: append failed (%s); holding publishers, nothing unjournaled is forwarded",
+                        self.journal.path,
+                        exc,
+                    )
+                    self._set_reading(False)
+                    self._journal_retry = asyncio.get_running_loop().call_later(
+                        JOURNAL_RETRY_SECONDS, self._retry_journal
+                    )
+                return False
             log.error("journal %s: append failed, batch forwarded unjournaled: %s", self.journal.path, exc)
-            return
+            return True
         if self._journal_timer is None and self.logic.journal_fsync == FSYNC_BATCH:
             self._journal_timer = asyncio.get_running_loop().call_later(self.journal.sync_interval, self._sync_journal)
+        return True
+
+    def _hold_for_journal(self, conn: Connection) -> None:
+        if conn not in self._journal_held:
+            self._journal_held.append(conn)
+            conn.transport.pause_reading()
+
+    def _retry_journal(self) -> None:
+        """Offer the held batches to the journal again, oldest first; resume reading once all are taken."""
+        self._journal_retry = None
+        waiting, self._journal_held = self._journal_held, []
+        for i, conn in enumerate(waiting):
+            self.on_data(conn, time.perf_counter_ns())
+            if self._journal_retry is not None:  # refused again: the rest keep waiting, in order
+                self._journal_held = [
+                    *self._journal_held,
+                    *[c for c in waiting[i + 1 :] if c not in self._journal_held],
+                ]
+                return
+        log.info("journal %s writes again; publishers resume", self.journal.path if self.journal else "")
+        self._set_reading(True)
 
     def _sync_journal(self) -> None:
         self._journal_timer = None

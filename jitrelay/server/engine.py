@@ -40,7 +40,7 @@ from jitrelay.core.domains import BLOCK, DISCONNECT, FSYNC_BATCH, JOURNAL_PAUSE,
 from jitrelay.core.histogram import Histogram
 from jitrelay.core.units import MiB
 from jitrelay.server.figures import Figures
-from jitrelay.server.journal import Journal
+from jitrelay.server.journal import Journal, Replay, find_replay
 from jitrelay.server.log import RelayLog
 
 log = logging.getLogger("jitrelay.relay")
@@ -87,6 +87,8 @@ class Connection(asyncio.BufferedProtocol):
         self.stream_at: int | None = None  # stream offset after the last log byte sent; None: a notice is due
         self.prefix = bytearray()  # bytes due before any more from the log: notices, the rest of a cut message
         self.writing = False  # a writability callback is registered
+        self.replay: Replay | None = None  # resuming from the journal, before the log takes over
+        self.replay_epoch = 0  # the epoch the last position notice of the replay named
         self.publish_only = False  # it declared it never reads: no target list holds it, so it is never slow
 
     # asyncio protocol callbacks
@@ -178,7 +180,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def needed(self) -> int:
         """The oldest stream offset this subscriber still has to receive (the head when it keeps up)."""
-        if not self.behind:
+        if not self.behind or self.replay is not None:  # a replay reads the journal: it holds nothing in the log
             return self.relay.log.head
         if self.filter == protocol.EVERYTHING:
             return self.position
@@ -278,6 +280,9 @@ class Relay:
             self._behind.discard(conn)
         self._positioned.discard(conn)
         conn.prefix.clear()
+        if conn.replay is not None:
+            conn.replay.close()
+            conn.replay = None
         if conn.writing:
             conn.writing = False
             with contextlib.suppress(Exception):
@@ -362,7 +367,8 @@ class Relay:
         size = result.forwarded_bytes
         runs = self.scan_out.runs
         if self.journal is not None and not self._journal(
-            [sender.view[runs[2 * k] : runs[2 * k + 1]] for k in range(result.runs)]
+            [sender.view[runs[2 * k] : runs[2 * k + 1]] for k in range(result.runs)],
+            (log_.epoch, log_.head, log_.messages),
         ):
             return False
         if self._behind:
@@ -528,10 +534,14 @@ class Relay:
         log_ = self.log
         views: list = []
         segments: list[tuple] = []
+        if conn.replay is not None and not conn.prefix:
+            self._replay_more(conn)
         if conn.prefix:
             views.append(bytes(conn.prefix))  # a copy: the prefix shrinks as it goes out
             segments.append(("prefix", len(conn.prefix)))
-        if conn.filter == protocol.EVERYTHING:
+        if conn.replay is not None:
+            rows = []  # the journal first: the log takes over when the replay reaches it
+        elif conn.filter == protocol.EVERYTHING:
             start, end = log_.next_range(conn.position, conn.conn_id if conn.published else -1)
             conn.position = start
             rows = [(start, end, -1)] if end > start else []
@@ -550,6 +560,25 @@ class Relay:
             if budget <= 0 or len(views) >= CATCH_UP_PIECES:
                 break
         return (views if len(segments) else []), segments
+
+    def _replay_more(self, conn: Connection) -> None:
+        """The next chunk of a journal replay into ``conn``'s prefix, or, once it reaches the log, the log's turn."""
+        replay, log_ = conn.replay, self.log
+        assert replay is not None
+        chunk = replay.next_chunk(log_.epoch, log_.tail)
+        if chunk is None:
+            at = replay.offset if replay.epoch == log_.epoch else log_.tail
+            replay.close()
+            conn.replay = None
+            conn.position = at
+            conn.stream_at = at if conn.replay_epoch == log_.epoch else None  # else a notice names this epoch
+            log.info("%s: replay from the journal done; the log takes over at %d", conn.peer, at)
+            return
+        if replay.epoch != conn.replay_epoch:
+            conn.prefix += protocol.position_notice(protocol.Position(replay.epoch, replay.offset, replay.message))
+            conn.replay_epoch = replay.epoch
+        conn.prefix += chunk
+        replay.advance(chunk)
 
     def _advance(self, conn: Connection, taken: int, segments: list[tuple]) -> None:
         """Move ``conn``'s cursor past the ``taken`` bytes of ``segments`` sent (shared owed ranges never change)."""
@@ -642,6 +671,16 @@ class Relay:
                 return
             start = resumed
         conn.positioned = True
+        if start < 0:  # from the journal first: its notices say where each part starts
+            self._positioned.add(conn)
+            if not conn.behind:
+                conn.behind = True
+                self._behind.add(conn)
+                self._targets_dirty = True
+            conn.stream_at = None
+            if not conn.writing:
+                self._write_when_ready(conn)
+            return
         self._positioned.add(conn)
         if not conn.behind:
             conn.behind = True
@@ -660,6 +699,8 @@ class Relay:
     def _resume_start(self, conn: Connection, position: protocol.Position) -> int | None:
         """Where a subscriber resuming after ``position`` starts (a gap notice queued if not right there), or None."""
         log_ = self.log
+        if (position.epoch != log_.epoch or position.offset < log_.tail) and self._replay_from_journal(conn, position):
+            return -1
         if position.epoch != log_.epoch:
             gap = protocol.Gap(protocol.GAP_UNKNOWN_EPOCH, protocol.UNKNOWN, protocol.UNKNOWN)
         elif position.offset > log_.head or (
@@ -685,6 +726,22 @@ class Relay:
             "%s resumes after %s, which is not in the log: %s; from the oldest message kept", conn.peer, position, gap
         )
         return log_.tail
+
+    def _replay_from_journal(self, conn: Connection, position: protocol.Position) -> bool:
+        """Resume an unfiltered subscriber from the journal, which holds what the log no longer does (execution)."""
+        if self.journal is None or conn.filter != protocol.EVERYTHING:
+            return False
+        try:
+            replay = find_replay(self.journal.directory, self.journal.name, *position)
+        except OSError as exc:
+            log.warning("%s: cannot read the journal to resume after %s: %s", conn.peer, position, exc)
+            return False
+        if replay is None:
+            return False
+        conn.replay = replay
+        conn.replay_epoch = 0
+        log.info("%s resumes after %s from the journal %s", conn.peer, position, self.journal.directory)
+        return True
 
     def _reroute(self, selection: protocol.Filter, start: int, end: int) -> deque[np.ndarray]:
         """The ``(k, 3)`` ranges a filtered subscriber resuming at ``start`` owes, from the log up to ``end``."""
@@ -733,11 +790,11 @@ class Relay:
         if not conn.writing:
             self._write_when_ready(conn)
 
-    def _journal(self, pieces: list) -> bool:
+    def _journal(self, pieces: list, at: tuple[int, int, int]) -> bool:
         """Append a batch to the journal before anyone sees it (under ``batch``, fsync soon after); False: hold it."""
         assert self.journal is not None
         try:
-            self.journal.append(pieces)
+            self.journal.append(pieces, at=at)
         except OSError as exc:
             self.journal_errors += 1
             if self.logic.journal_on_error == JOURNAL_PAUSE:

@@ -229,3 +229,29 @@ def socket_to(relay: RelayProcess):  # type: ignore[no-untyped-def]
     sock = relay.connect(10)
     sock.sendall(protocol.publish_only_message())
     return sock
+
+
+def test_execution_resumes_from_the_journal_byte_exact_across_a_restart(
+    start_relay: StartRelay, clients: Clients, short_dir: Path
+) -> None:
+    journal = ["--journal-dir", str(short_dir / "audit"), "--log-size", str(8 * MiB)]
+    socket_path = short_dir / "execution.sock"
+    relay = start_relay("execution", *journal, socket_path=socket_path)
+    with Subscriber("execution", socket_path, positions=True) as first:
+        first.recv_batch(timeout=0.5)
+        start = first.position
+    assert start is not None
+    before = NumberedStream(3, [(40, b"j" * 400)], chunk_messages=1024, chunks=40)  # ~17 MiB: past the 8 MiB log
+    publish(relay, clients, before)
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait_exit(10) == 0
+    relay = start_relay("execution", *journal, socket_path=socket_path)  # a new epoch
+    after = NumberedStream(3, [(41, b"k" * 100)], chunk_messages=1024, chunks=4)
+    publish(relay, clients, after)
+    with Subscriber("execution", socket_path, resume_from=start) as sub:
+        got = receive(sub, before.total + after.total)
+        assert sub.gaps == []
+        assert sub.position is not None and sub.position.epoch != start.epoch
+        assert sub.position.message == after.chunks * after.chunk_messages
+    assert got == before.prefix(before.total) + after.prefix(after.total)
+    assert relay.find_line("from the journal")

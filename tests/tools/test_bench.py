@@ -311,7 +311,14 @@ def test_client_workload_measures_every_client_and_baseline_and_loses_nothing(tm
     assert done.returncode == 0, done.stderr
     client = json.loads(path.read_text())["client"]
     assert client["errors"] == {}
-    assert set(client["publish_msg_per_s"]) == {"jitrelay", "jitrelay-unbatched", "jitrelay-async", "pyzmq", "nats"}
+    assert set(client["publish_msg_per_s"]) == {
+        "jitrelay",
+        "jitrelay-unbatched",
+        "jitrelay-async",
+        "jitrelay-async-nowait",
+        "pyzmq",
+        "nats",
+    }
     assert set(client["receive_msg_per_s"]) == {"jitrelay", "jitrelay-async", "pyzmq", "pyzmq-drain", "nats"}
     assert all(rate > 0 for rate in [*client["publish_msg_per_s"].values(), *client["receive_msg_per_s"].values()])
     assert client["publish_x_pyzmq"]["pyzmq"] == 1.0

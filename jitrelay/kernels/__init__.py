@@ -333,11 +333,13 @@ def log_append(
 
 
 class FanOut:
-    """The send loop's arrays (``send_loop.send_all``), owned here so that a batch's call passes two integers.
+    """The send loop's arrays (``send_loop.send_all``), owned here so that a batch's call passes a few integers.
 
-    The engine writes each target's descriptor and the slice of ``iovecs`` it
-    gets (``iov_first``, ``iov_count``), and the ``(address, length)`` pairs
-    those slices hold, then calls ``send``. ``reserve`` grows the arrays.
+    The engine writes each target's descriptor and, for ``send``, the slice of
+    ``iovecs`` it gets (``iov_first``, ``iov_count``) and the ``(address,
+    length)`` pairs those slices hold. ``send_uniform`` gives every target the
+    same first iovecs and keeps the slices right itself. ``totals`` adds up what
+    each target took; ``reserve`` grows the arrays.
     """
 
     def __init__(self, targets: int = 16, iovecs: int = 64) -> None:
@@ -345,39 +347,68 @@ class FanOut:
         self.iov_first = np.zeros(targets, dtype=np.int64)
         self.iov_count = np.zeros(targets, dtype=np.int64)
         self.sent = np.zeros(targets, dtype=np.int64)
+        self.totals = np.zeros(targets, dtype=np.int64)
         self.iovecs = np.zeros(2 * iovecs, dtype=np.uint64)
         self.msghdr = np.zeros(7, dtype=np.uint64)
+        self._uniform: tuple[int, int] | None = None  # (targets, iovecs) the slices hold for send_uniform
 
     def reserve(self, targets: int, iovecs: int) -> None:
         """Room for ``targets`` targets and ``iovecs`` iovecs, keeping what is there."""
         if targets > len(self.fds):
             size = max(targets, 2 * len(self.fds))
-            for name in ("fds", "iov_first", "iov_count", "sent"):
+            for name in ("fds", "iov_first", "iov_count", "sent", "totals"):
                 old = getattr(self, name)
                 new = np.full(size, -1, dtype=np.int64) if name == "fds" else np.zeros(size, dtype=np.int64)
                 new[: len(old)] = old
                 setattr(self, name, new)
+            self._uniform = None
         if 2 * iovecs > len(self.iovecs):
             new = np.zeros(max(2 * iovecs, 2 * len(self.iovecs)), dtype=np.uint64)
             new[: len(self.iovecs)] = self.iovecs
             self.iovecs = new
 
-    def send(self, targets: int, skip: int = -1) -> np.ndarray:
-        """Hand the first ``targets`` targets their iovecs, non-blocking; per target what its socket took.
+    def send(self, targets: int, skip: int = -1) -> int:
+        """Hand the first ``targets`` targets their iovecs, non-blocking; how many took less than all.
 
-        A target gets ``SEND_FAILED`` (-1) when nothing could be sent
-        (its socket is full, or an error the engine finds on its next send)
-        and ``SEND_SKIPPED`` (-2) when its descriptor is ``skip``.
+        ``sent`` then holds per target what its socket took: ``SEND_FAILED``
+        (-1) when nothing could be sent (its socket is full, or an error the
+        engine finds on its next send), ``SEND_SKIPPED`` (-2) for ``skip``.
         """
         if not 0 <= targets <= len(self.fds):
             raise ValueError(f"{targets} targets, room for {len(self.fds)}")
-        if targets and int((self.iov_first[:targets] + self.iov_count[:targets]).max()) > len(self.iovecs) // 2:
+        first, count = self.iov_first[:targets], self.iov_count[:targets]
+        if targets and (
+            int(first.min()) < 0 or int(count.min()) < 0 or int((first + count).max()) > len(self.iovecs) // 2
+        ):
             raise ValueError("a target's iovecs reach outside the iovec array")
-        sent = self.sent[:targets]
-        _send_all()(
-            self.fds[:targets], skip, self.iov_first[:targets], self.iov_count[:targets], self.iovecs, self.msghdr, sent
+        self._uniform = None
+        return self._call(targets, skip)
+
+    def send_uniform(self, targets: int, iovecs: int, skip: int = -1) -> int:
+        """``send`` with every target given the first ``iovecs`` iovecs (a batch for everyone unfiltered)."""
+        if not (0 <= targets <= len(self.fds) and 0 <= iovecs <= len(self.iovecs) // 2):
+            raise ValueError(
+                f"{targets} targets of {iovecs} iovecs, room for {len(self.fds)} of {len(self.iovecs) // 2}"
+            )
+        if self._uniform != (targets, iovecs):
+            self.iov_first[:targets] = 0
+            self.iov_count[:targets] = iovecs
+            self._uniform = (targets, iovecs)
+        return self._call(targets, skip)
+
+    def _call(self, targets: int, skip: int) -> int:
+        return int(
+            _send_all()(
+                self.fds[:targets],
+                skip,
+                self.iov_first[:targets],
+                self.iov_count[:targets],
+                self.iovecs,
+                self.msghdr,
+                self.sent[:targets],
+                self.totals[:targets],
+            )
         )
-        return sent
 
 
 def _send_all() -> object:

@@ -76,7 +76,7 @@ SIGNATURES: dict[str, str] = {
 }
 # The send loop (``send_loop.py``): the one compiled entry point that does I/O.
 SEND_SIGNATURES: dict[str, str] = {
-    "send_all": f"void({_INTS}, int64, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS})",
+    "send_all": f"int64({_INTS}, int64, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS})",
 }
 
 BUILD_TIMEOUT = 600.0

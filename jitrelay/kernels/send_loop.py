@@ -42,15 +42,17 @@ _SENDMSG = _c_function(
 
 
 @njit(**_JIT)
-def send_all(fds, skip, iov_first, iov_count, iovecs, msghdr, sent):
+def send_all(fds, skip, iov_first, iov_count, iovecs, msghdr, sent, totals):
     """Send each target ``t`` its iovecs ``iovecs[2 * iov_first[t] :]`` (``iov_count[t]`` of them) on ``fds[t]``.
 
     ``msghdr`` is a zeroed scratch ``struct msghdr`` (``MSGHDR_WORDS`` words).
     Writes ``sent[t]``: the bytes the socket took, ``FAILED`` when its first
-    call failed, ``SKIPPED`` for the descriptor ``skip``. Returns nothing.
+    call failed, ``SKIPPED`` for the descriptor ``skip``; adds what it took to
+    ``totals[t]``. Returns how many targets took less than all they were given.
     """
     header = np.uint64(msghdr.ctypes.data)
     base = np.uint64(iovecs.ctypes.data)
+    short = 0
     for t in range(len(fds)):
         fd = fds[t]
         if fd == skip:
@@ -68,11 +70,16 @@ def send_all(fds, skip, iov_first, iov_count, iovecs, msghdr, sent):
             msghdr[3] = np.uint64(n)
             taken = np.int64(_SENDMSG(np.int32(fd), header, np.int32(_FLAGS)))
             if taken < 0:
+                short += 1
                 if total == 0:
                     total = FAILED
                 break
             total += taken
             if taken < wanted:
+                short += 1
                 break
             k += n
         sent[t] = total
+        if total > 0:
+            totals[t] += total
+    return short

@@ -211,7 +211,6 @@ class Relay:
         self._targets: list[Connection] = []
         self._target_group = np.zeros(0, dtype=np.int64)  # -1 for the unfiltered, else the group index
         self._targets_dirty = True
-        self._sent_since = np.zeros(0, dtype=np.int64)  # per target, what the send loop gave it since the rebuild
         self._behind: set[Connection] = set()
         self._positioned: set[Connection] = set()  # they are always sent to from their cursors, with notices
         self._held: set[Connection] = set()
@@ -310,7 +309,7 @@ class Relay:
     def _rebuild_targets(self) -> None:
         """The send loop's target arrays: every live subscriber that keeps up, with its group's iovec slice."""
         for i, conn in enumerate(self._targets):  # what the loop sent them since the last rebuild
-            conn.bytes_out += int(self._sent_since[i])
+            conn.bytes_out += int(self._fan.totals[i])
         group_of = {conn: g for g, members in enumerate(self._groups) for conn in members}
         targets = [
             c
@@ -322,7 +321,7 @@ class Relay:
             self._fan.fds[i] = conn.fd
         self._targets = targets
         self._target_group = np.array([group_of.get(c, -1) for c in targets], dtype=np.int64)
-        self._sent_since = np.zeros(len(targets), dtype=np.int64)
+        self._fan.totals[: len(targets)] = 0
         self._targets_dirty = False
 
     # the data path
@@ -417,34 +416,43 @@ class Relay:
     ) -> None:
         """One call into the send loop for every subscriber that keeps up; the ones left short fall behind."""
         fan = self._fan
-        slices = [np.array([[start, start + size, 0]], dtype=np.int64)] + (group_ranges or [])
-        fan.reserve(len(self._targets), sum(2 * len(s) for s in slices))
-        firsts = np.zeros(len(slices), dtype=np.int64)
-        counts = np.zeros(len(slices), dtype=np.int64)
-        wanted = np.zeros(len(slices), dtype=np.int64)
-        k = 0
-        for i, ranges in enumerate(slices):
-            firsts[i] = k
-            counts[i] = n = self._write_iovecs(ranges, k)
-            wanted[i] = size if i == 0 else int((ranges[:, 1] - ranges[:, 0]).sum())
-            k += n
         n = len(self._targets)
-        if len(slices) == 1:
-            fan.iov_first[:n] = 0
-            fan.iov_count[:n] = counts[0]
-            due = wanted[:1]
+        if not group_ranges:  # everyone gets the whole batch: its one or two pieces of the ring
+            address = self.log.address
+            pieces = self.log.pieces(start, start + size)
+            fan.reserve(n, 2)
+            for k, (at, length) in enumerate(pieces):
+                fan.iovecs[2 * k] = address + at
+                fan.iovecs[2 * k + 1] = length
+            sending = time.perf_counter_ns()
+            short = fan.send_uniform(n, len(pieces), sender.fd)
+            due = None
         else:
+            slices = [np.array([[start, start + size, 0]], dtype=np.int64), *group_ranges]
+            fan.reserve(n, sum(2 * len(s) for s in slices))
+            firsts = np.zeros(len(slices), dtype=np.int64)
+            counts = np.zeros(len(slices), dtype=np.int64)
+            wanted = np.zeros(len(slices), dtype=np.int64)
+            k = 0
+            for i, ranges in enumerate(slices):
+                firsts[i] = k
+                counts[i] = taken = self._write_iovecs(ranges, k)
+                wanted[i] = size if i == 0 else int((ranges[:, 1] - ranges[:, 0]).sum())
+                k += taken
             slot = self._target_group + 1
             fan.iov_first[:n] = firsts[slot]
             fan.iov_count[:n] = counts[slot]
             due = wanted[slot]
-        sending = time.perf_counter_ns()
-        sent = fan.send(n, sender.fd)
+            sending = time.perf_counter_ns()
+            short = fan.send(n, sender.fd)
         sent_at = time.perf_counter_ns()
         self.send_time.record(sent_at - sending)
         self.own_time.record(sending - arrived)
-        self._sent_since += np.maximum(sent, 0)
-        for t in np.flatnonzero((sent != kernels.SEND_SKIPPED) & (sent < due)):
+        if not short:
+            return
+        sent = fan.sent[:n]
+        wanted_each = size if due is None else due
+        for t in np.flatnonzero((sent != kernels.SEND_SKIPPED) & (sent < wanted_each)):
             conn = self._targets[t]
             taken = max(0, int(sent[t]))
             g = int(self._target_group[t])

@@ -85,10 +85,10 @@ def test_each_target_gets_exactly_its_slice(slices: list[list[tuple[int, int]]])
             fan.iov_count[t] = aim(fan, data, pieces, slot)
             slot += len(pieces)
             peers.append(theirs)
-        sent = fan.send(len(slices)).copy()
+        assert fan.send(len(slices)) == 0  # every socket took all it was given
         for t, pieces in enumerate(slices):
             want = expected(data, pieces)
-            assert sent[t] == len(want)
+            assert fan.sent[t] == len(want) and fan.totals[t] == len(want)
             assert drain(peers[t]) == want
     finally:
         for a, b in made:
@@ -103,16 +103,17 @@ def test_a_full_socket_takes_part_and_says_how_much(pairs: list) -> None:
     fan = kernels.FanOut()
     fan.fds[0], fan.fds[1] = ours.fileno(), roomy.fileno()
     fan.iov_count[0] = fan.iov_count[1] = aim(fan, data, [(0, 200_000)])
-    sent = fan.send(2).copy()
+    assert fan.send(2) >= 1
+    sent = fan.sent[:2].copy()
     assert 0 < sent[0] < 200_000
     assert drain(theirs) == data[: sent[0]].tobytes()
     assert 0 < sent[1] <= 200_000
     assert drain(reader) == data[: sent[1]].tobytes()
     # Nothing more fits until the peer reads: the next call reports that nothing went.
     fan.iov_count[0] = aim(fan, data, [(0, 1)])
-    while fan.send(1)[0] == 1:  # the peer's queue has room for a byte or two after the drain
+    while fan.send(1) == 0:  # the peer's queue has room for a byte or two after the drain
         pass
-    assert fan.send(1)[0] == kernels.SEND_FAILED
+    assert fan.sent[0] == kernels.SEND_FAILED
 
 
 def test_the_publisher_is_skipped_and_a_closed_peer_fails(pairs: list) -> None:
@@ -125,8 +126,9 @@ def test_the_publisher_is_skipped_and_a_closed_peer_fails(pairs: list) -> None:
     for t, sock in enumerate((publisher, gone, alive)):
         fan.fds[t] = sock.fileno()
         fan.iov_count[t] = aim(fan, data, [(0, 10)])
-    sent = fan.send(3, skip=publisher.fileno()).copy()
-    assert list(sent) == [kernels.SEND_SKIPPED, kernels.SEND_FAILED, 10]
+    assert fan.send(3, skip=publisher.fileno()) == 1  # the closed one
+    assert list(fan.sent[:3]) == [kernels.SEND_SKIPPED, kernels.SEND_FAILED, 10]
+    assert list(fan.totals[:3]) == [0, 0, 10]
     assert drain(publisher_peer) == b""
     assert drain(alive_peer) == b"0123456789"
 
@@ -139,7 +141,7 @@ def test_more_iovecs_than_one_call_takes(pairs: list) -> None:
     fan.fds[0] = ours.fileno()
     fan.iov_count[0] = aim(fan, data, pieces)
     want = expected(data, pieces)
-    assert fan.send(1)[0] == len(want)
+    assert fan.send(1) == 0 and fan.sent[0] == len(want)
     assert drain(theirs) == want
 
 
@@ -150,3 +152,22 @@ def test_bad_arguments_are_refused_before_any_send() -> None:
     fan.iov_first[0], fan.iov_count[0] = 3, 2
     with pytest.raises(ValueError, match="outside the iovec array"):
         fan.send(1)
+
+
+def test_uniform_sends_give_every_target_the_same_iovecs(pairs: list) -> None:
+    data = np.frombuffer(b"abcdefghij" * 10, dtype=np.uint8).copy()
+    ends = [pair(pairs) for _ in range(3)]
+    fan = kernels.FanOut()
+    for t, (ours, _) in enumerate(ends):
+        fan.fds[t] = ours.fileno()
+    aim(fan, data, [(0, 4), (50, 6)])
+    assert fan.send_uniform(3, 2, skip=ends[1][0].fileno()) == 0
+    assert [drain(theirs) for _, theirs in ends] == [
+        b"abcdajihgf"[:4] + data[50:56].tobytes(),
+        b"",
+        b"abcd" + data[50:56].tobytes(),
+    ]
+    assert fan.send_uniform(3, 1) == 0  # fewer iovecs: the slices follow
+    assert [drain(theirs) for _, theirs in ends] == [b"abcd"] * 3
+    with pytest.raises(ValueError, match="iovecs"):
+        fan.send_uniform(3, 10_000)

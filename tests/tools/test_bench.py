@@ -207,6 +207,10 @@ def test_forwarding_figures_come_from_the_summary_file(start_relay: StartRelay, 
         "p99_us": timing.percentile(99) / 1e3,
         "p99_9_us": timing.percentile(99.9) / 1e3,
         "ns_per_message": figures["forward_total_ns"] / 5000,
+        "own_p50_us": figures["own_p50_us"],
+        "own_p99_us": figures["own_p99_us"],
+        "send_p50_us": figures["send_p50_us"],
+        "send_p99_us": figures["send_p99_us"],
     }
     assert 0 < figures["forward_p50_us"] <= figures["forward_p99_us"] <= figures["forward_p99_9_us"]
     assert figures["kernel_build"] == "aot" and figures["kernel_load_seconds"] > 0

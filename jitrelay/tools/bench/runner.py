@@ -116,6 +116,7 @@ FILTERED_SUBSCRIBERS = 4  # W1f: one subscriber per TLV type 1..4
 STUCK_RATE = 200_000  # W3: messages per second, in sends of STUCK_BATCH, to STUCK_HEALTHY subscribers and a stuck one
 STUCK_BATCH = 100
 STUCK_HEALTHY = 3
+IDLE_SOURCE = 254  # what idle subscribers select: no workload publishes from it
 DEFAULT_RELAYS = ",".join(RELAYS)
 DEFAULT_WORKLOADS = "w1,w2,w1f,w3"  # ``client`` (clients.py) when asked for
 DEFAULT_SUBSCRIBERS = "1,4"  # W1 subscriber counts
@@ -330,6 +331,11 @@ def relay_forwarding(figures: dict | None) -> dict | None:
         "p99_us": figures["forward_p99_us"],
         "p99_9_us": figures["forward_p99_9_us"],
         "ns_per_message": figures["forward_ns_per_message"],
+        # The relay's own part (read to the send loop's call) and the part inside the send loop's system calls.
+        "own_p50_us": figures["own_p50_us"],
+        "own_p99_us": figures["own_p99_us"],
+        "send_p50_us": figures["send_p50_us"],
+        "send_p99_us": figures["send_p99_us"],
     }
 
 
@@ -867,6 +873,7 @@ class Options:
     json_path: Path
     progress: bool
     argv: list[str] = field(default_factory=list)
+    idle_subscribers: int = 0  # W1 on jitrelay: subscribers connected beside the measured ones that select nothing
 
     @property
     def drain_limit(self) -> float:
@@ -917,6 +924,9 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
             else:  # the zmq publisher sends the probes once warm
                 run.wait_for("warm", ["pub"], STARTUP_SECONDS)
                 run.wait_for("ready", subs, 10)
+            idle = _idle_subscribers(
+                spec, opts.idle_subscribers if workload == "w1" and relay_name == "jitrelay" else 0
+            )
             cpu_before = relay.cpu_seconds()
             start.set()
             pub = run.wait_for("result", ["pub"], opts.duration + 60)["pub"]
@@ -924,16 +934,31 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
                 value.value = share(pub["sent"], stride, k % stride)[0]
             results = run.wait_for("result", subs, opts.drain_limit + 10)
             cpu = relay.cpu_seconds() - cpu_before
+            for sock in idle:
+                sock.close()
         figures = summarize(relay_name, workload, opts, pub, [results[w] for w in subs], cpu)
         figures["relay_command"] = spec.command
         figures["relay_memory"] = relay.memory()
         figures["relay_forwarding"] = relay_forwarding(relay.figures)
+        figures["idle_subscribers"] = len(idle)
         figures["relay_log_tail"] = list(relay.lines)[-5:]
         figures.update(notes)
         return figures
     finally:
         run.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _idle_subscribers(spec: RelaySpec, count: int) -> list[socket.socket]:
+    """``count`` subscribers on the relay that select nothing (a source no publisher uses), connected and idle."""
+    idle = []
+    for _ in range(count):
+        sock = _connect(spec.subscribe.address)
+        sock.sendall(protocol.subscribe_message(sources=[IDLE_SOURCE]))
+        idle.append(sock)
+    if idle:
+        time.sleep(0.5)  # the relay has applied their subscriptions before the stream starts
+    return idle
 
 
 def _percentiles(values: Any) -> dict:
@@ -1247,7 +1272,8 @@ def format_report(report: dict) -> str:
                     f"jitrelay forwarding time per batch, {label}: p50 {_us(fwd['p50_us'])} us, "
                     f"p99 {_us(fwd['p99_us'])} us, p99.9 {_us(fwd['p99_9_us'])} us; "
                     + ("-" if ns is None else f"{ns:.1f}")
-                    + " ns per message"
+                    + f" ns per message; own part p50 {_us(fwd['own_p50_us'])} us, p99 {_us(fwd['own_p99_us'])} us, "
+                    f"inside send calls p50 {_us(fwd['send_p50_us'])} us"
                 )
     start = report["startup"]
     if start:
@@ -1283,7 +1309,7 @@ def jitrelay_summary(runs: list[dict]) -> dict | None:
 
 def _or_nulls(run: dict) -> dict:
     fwd = run["relay_forwarding"]
-    keys = ("p50_us", "p99_us", "p99_9_us", "ns_per_message")
+    keys = ("p50_us", "p99_us", "p99_9_us", "ns_per_message", "own_p50_us", "own_p99_us", "send_p50_us", "send_p99_us")
     return {"logged": fwd is not None, **{k: fwd[k] if fwd else None for k in keys}}
 
 
@@ -1333,6 +1359,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative,
         default=DEFAULT_STARTUP_RUNS,
         help=f"warm starts of `jitrelay run` to time, followed by one cold start; 0 skips it ({DEFAULT_STARTUP_RUNS})",
+    )
+    parser.add_argument(
+        "--idle-subscribers",
+        type=non_negative,
+        default=0,
+        help="W1 on jitrelay: also connect N subscribers that select nothing, so the relay's memory shows whether it "
+        "grows with subscribers (0)",
     )
     parser.add_argument("--json", type=Path, help=f"where to write every figure ({RESULTS_DIR}/<UTC time>.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1389,6 +1422,7 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
         json_path=args.json or RESULTS_DIR / f"{stamp}.json",
         progress=not args.no_progress,
         argv=list(sys.argv if argv is None else argv),
+        idle_subscribers=args.idle_subscribers,
     )
 
 

@@ -584,7 +584,7 @@ class _SubscriberState(_Endpoint):
         at = 0
         for k in [*notices.tolist(), len(starts)]:
             first = starts[k] if k < len(starts) else len(batch)
-            if first > at:
+            if first > at and self._position is not None:  # before the first notice: not this stream's yet
                 found.append((batch[at:first], self._position))
                 self._advance(batch[at:first], int(np.searchsorted(starts, first) - np.searchsorted(starts, at)))
             if k < len(starts):

@@ -885,6 +885,8 @@ class Relay:
         head = self.log.head
         loop = asyncio.get_running_loop()
         for conn in self._behind:
+            if conn.positioned:  # it asked to hear of gaps: it stays until the log leaves it behind
+                continue
             if conn.slow_timer is None and head - conn.needed() > self.logic.pending_high:
                 conn.slow_timer = loop.call_later(self.logic.slow_timeout, self._drop_if_still_behind, conn)
                 log.info(

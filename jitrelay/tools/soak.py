@@ -79,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from jitrelay.core import protocol
+from jitrelay.core.config import parse_byte_count
 from jitrelay.core.domains import LOGICS, logic_for
 from jitrelay.core.units import MiB
 from jitrelay.testing.processes import die_with_parent
@@ -130,7 +131,10 @@ RUNNING, ENDING, STOPPING = 0, 1, 2
 # ... and of a positioned one: notices read, position failures, gap notices and the messages they say were missed,
 # the positions it recorded, and (resuming) the messages the relay sent before its first notice, set aside.
 (NOTICES, POSITION_FAILURES, GAP_NOTICES, GAP_MESSAGES, RECORDED, BEFORE_NOTICE) = range(20, 26)
-STATS_LEN = 26
+SKIPPED_AHEAD = (
+    26  # streams that went on further ahead after a subscription change (the relay restarted it at the head)
+)
+STATS_LEN = 27
 # Client states.
 STARTING, CONNECTED, CLOSED_BY_RELAY, ENDED, ERROR = range(5)
 STATE_NAMES = ("starting", "connected", "closed_by_relay", "ended", "error")
@@ -240,6 +244,8 @@ class StreamVerifier:
         self._old: Sources = None
         self._echo: int | None = None
         self._whole: Sources = None  # sources selected ever since the start: their streams begin at 0
+        self._may_skip: set[int] = set()  # streams that may skip ahead once: a change may restart it at the head
+        self.skipped_ahead = 0
         self.filtered_verified = 0  # verified while ``allowed`` was narrower than everything
         self.closed_by_message = 0
         self.closed_by_echo = 0
@@ -290,6 +296,12 @@ class StreamVerifier:
         if old is not None:
             for key in [k for k in self.last if k & 0xFF not in old and allows(sources, k & 0xFF)]:
                 del self.last[key]
+        if self.verified:
+            # A subscriber the relay is sending to from behind in the log starts again at the head when its
+            # filter changes (the engine's cursors): each stream it has may skip ahead once, never back, and
+            # a stream may be first seen anywhere.
+            self._may_skip.update(self.last)
+            self.from_start = False
         self._old, self.sources = old, sources
         self.allowed = None if old is None or sources is None else old | sources
         if sources is not None:
@@ -412,7 +424,12 @@ class StreamVerifier:
                     if self.from_start and seq != 0 and allows(self._whole, source):
                         self._fail("head", key=key, seq=seq)
                 elif seq != previous + 1:
-                    self._fail("sequence", key=key, expected=previous + 1, got=seq)
+                    if seq > previous and key in self._may_skip:
+                        self.skipped_ahead += 1
+                    else:
+                        self._fail("sequence", key=key, expected=previous + 1, got=seq)
+                if self._may_skip:
+                    self._may_skip.discard(key)
                 last[key] = seq
                 self.verified += 1
                 if allowed is not None:
@@ -654,6 +671,7 @@ def run_subscriber(
         stats[MARKERS] = verifier.markers
         stats[BY_MESSAGE] = verifier.closed_by_message
         stats[BY_ECHO] = verifier.closed_by_echo
+        stats[SKIPPED_AHEAD] = verifier.skipped_ahead
         for kind, slot in FAILURE_SLOTS.items():
             stats[slot] = verifier.failures[kind]
         if verifier.broken:
@@ -803,6 +821,7 @@ class SoakOptions:
     resubscribe: float = 0.2
     resuming: float = 0.5
     sigstop: float = 0.1
+    log_size: int = 0  # the relay's log in bytes; 0: RELAY_OPTIONS' 16 MiB
     max_size: int = 1024
     seed: int | None = None
     json_path: Path | None = None
@@ -1147,7 +1166,10 @@ class Soak:
             raise SoakError(f"the relay did not start (exit code {code}):\n{self.relay.tail()}") from None
 
     def relay_options(self) -> tuple[str, ...]:
-        return RELAY_OPTIONS[self.logic.slow_policy]
+        options = list(RELAY_OPTIONS[self.logic.slow_policy])
+        if self.opts.log_size:
+            options[options.index("--log-size") + 1] = str(self.opts.log_size)
+        return tuple(options)
 
     # figures
 
@@ -1201,7 +1223,9 @@ class Soak:
         for client in subs + errors:
             if client.detail_path.exists():
                 for line in client.detail_path.read_text().splitlines()[:MAX_DETAILS]:
-                    details.append({"client": f"{client.kind}-{client.index}", **json.loads(line)})
+                    details.append(
+                        {"client": f"{client.kind}-{client.index}", "role": _role(client), **json.loads(line)}
+                    )
         if echo_error is not None:
             details.append({"client": "echo", "kind": "error", "error": echo_error})
         for client in torn:
@@ -1256,6 +1280,7 @@ class Soak:
                 "messages_verified": sum(c.stats[FILTERED_VERIFIED] for c in subs),
                 "windows_closed_by_message": sum(c.stats[BY_MESSAGE] for c in subs),
                 "windows_closed_by_echo": sum(c.stats[BY_ECHO] for c in subs),
+                "streams_skipped_ahead": sum(c.stats[SKIPPED_AHEAD] for c in subs),
                 "beacons_echoed": echo.beacons if echo is not None else 0,
                 "relay_control_messages": summary["control"] if summary else None,
             },
@@ -1389,6 +1414,28 @@ class Soak:
         }
 
 
+def _role(client: Client) -> str:
+    """What a client was, for a failure's detail."""
+    if client.kind == "pub":
+        return f"publisher {client.key:#06x}"
+    kind = (
+        "witness"
+        if client.witness
+        else "positioned"
+        if client.positioned
+        else "filtered"
+        if client.filtered
+        else "plain"
+    )
+    changes = client.stats[CHANGES]
+    return (
+        kind
+        + (", resumed" if client.resumed else "")
+        + (", initial" if client.from_start else "")
+        + (f", {changes} subscription changes" if changes else "")
+    )
+
+
 def format_report(report: dict) -> str:
     o, f, r = report["options"], report["faults"], report["rss"]
     fail = report["failures"]
@@ -1429,7 +1476,8 @@ def format_report(report: dict) -> str:
         (
             "verified under a subscription",
             f"{subs['messages_verified']:,} (switch windows closed: {subs['windows_closed_by_message']} by a "
-            f"message, {subs['windows_closed_by_echo']} by the echo)",
+            f"message, {subs['windows_closed_by_echo']} by the echo; {subs['streams_skipped_ahead']} streams "
+            "went on from the head after a change)",
         ),
         (
             "complete subscribers",
@@ -1540,6 +1588,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"subscriber processes stopped with SIGSTOP per second, for up to --stall-max ({d.sigstop:g})",
     )
     parser.add_argument(
+        "--log-size",
+        type=parse_byte_count,
+        default=0,
+        help="the relay's log (16MiB); a smaller one leaves stalled subscribers behind sooner",
+    )
+    parser.add_argument(
         "--max-size", type=non_negative, default=d.max_size, help=f"largest message in bytes ({d.max_size})"
     )
     parser.add_argument("--seed", type=non_negative, help="random seed, to repeat a run (default: random)")
@@ -1583,6 +1637,7 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> SoakOpti
         resubscribe=args.resubscribe,
         resuming=args.resuming,
         sigstop=args.sigstop,
+        log_size=args.log_size,
         max_size=args.max_size,
         seed=args.seed,
         json_path=args.json,

@@ -428,7 +428,7 @@ class StreamVerifier:
                         self.skipped_ahead += 1
                     else:
                         self._fail("sequence", key=key, expected=previous + 1, got=seq)
-                if self._may_skip:
+                if self._may_skip and not self.switching:  # the restart comes while the relay applies the change
                     self._may_skip.discard(key)
                 last[key] = seq
                 self.verified += 1
@@ -1337,6 +1337,11 @@ class Soak:
             "gap_notices": sum(c.stats[GAP_NOTICES] for c in positioned),
             "messages_missed": sum(c.stats[GAP_MESSAGES] for c in positioned),
             "relay_gap_notices": (self.relay_figures or {}).get("slow_actions", {}).get("gap_notice"),
+            "dropped_as_slow": sum(
+                1
+                for c in positioned
+                if self.relay_figures and c.proc.pid in self.relay_figures["slow_disconnected_pids"]
+            ),
             "gaps_checked": 0,
             "missed_stream_messages": 0,
             "missed_soak_traffic": 0,
@@ -1501,7 +1506,8 @@ def format_report(report: dict) -> str:
             "positioned subscribers",
             f"{pos['positioned_subscribers']}, {pos['positions_recorded']:,} positions recorded; "
             f"{pos['resumes']} resumes after SIGKILL ({pos['killed_before_recording']} killed before recording); "
-            f"{pos['set_aside_before_notice']} sent before the resume took effect, set aside",
+            f"{pos['set_aside_before_notice']} sent before the resume took effect, set aside; "
+            f"{pos['dropped_as_slow']} dropped as slow",
         ),
         (
             "gap notices",

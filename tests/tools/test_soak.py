@@ -562,7 +562,7 @@ def test_soak_60s(tmp_path: Path) -> None:
     report_path = tmp_path / "soak.json"
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}  # the relay runs compiled
     args = ["--duration", "60", "--rate", "10000", "--churn", "1", "--seed", "1", "--quiet", "--json", str(report_path)]
-    args += ["--filtered", "0.5", "--resubscribe", "0.2", "--resuming", "0.5", "--sigstop", "0.3"]
+    args += ["--filtered", "0.9", "--resubscribe", "0.2", "--resuming", "0.4", "--sigstop", "0.3"]
     args += ["--log-size", "2MiB", "--stall-max", "4"]
     done = subprocess.run(
         [sys.executable, "-m", "jitrelay", "soak", *args], capture_output=True, text=True, timeout=220, env=env

@@ -51,7 +51,7 @@ import numpy as np
 
 from jitrelay.core import protocol
 from jitrelay.core.domains import RelayLogic, logic_for
-from jitrelay.core.views import COLUMNS_FROM, MessageView, batch_headers, iter_views
+from jitrelay.core.views import COLUMNS_FROM, MessageView, batch_headers, iter_views, message_offsets
 from jitrelay.kernels.framer import DEFAULT_BUFFER_SIZE, Buffer, MessageFramer
 
 __all__ = [
@@ -533,7 +533,13 @@ def _subscription(tlv_types: Iterable[int] | None, sources: Iterable[int] | None
 
 
 class _SubscriberState(_Endpoint):
-    """What both subscribers share: the target, the framer, the subscription sent on connecting, how a stream ends."""
+    """What both subscribers share: the target, the framer, the subscription sent on connecting, how a stream ends.
+
+    With positions (``positions=True``, or ``resume_from``) the relay puts
+    notices in the stream (docs/protocol.md, "Positions"); they are taken out
+    here: ``position`` is where the stream stands after the last message
+    handed out, and ``gaps`` what the relay said was missed.
+    """
 
     kind = "subscriber"
 
@@ -544,10 +550,81 @@ class _SubscriberState(_Endpoint):
         buffer_size: int,
         tlv_types: Iterable[int] | None,
         sources: Iterable[int] | None,
+        positions: bool = False,
+        resume_from: protocol.Position | str | None = None,
     ):
         super().__init__(domain, socket_path)
         self._framer = MessageFramer(buffer_size)
-        self._initial = _subscription(tlv_types, sources)  # before connecting: a bad value raises with nothing open
+        initial = _subscription(tlv_types, sources)  # before connecting: a bad value raises with nothing open
+        if isinstance(resume_from, str):
+            resume_from = protocol.Position.parse(resume_from)
+        self.positioned = positions or resume_from is not None
+        if self.positioned:
+            initial = (initial or b"") + protocol.positions_message(resume_from)
+        self._initial = initial
+        self._position: protocol.Position | None = None
+        self.gaps: list[protocol.Gap] = []
+
+    @property
+    def position(self) -> protocol.Position | None:
+        """Where the stream stands after the last message handed out: give it as ``resume_from`` to go on from there."""
+        return self._position
+
+    def _segments(self, batch: np.ndarray) -> list[tuple[np.ndarray, protocol.Position | None]]:
+        """The runs of data messages in ``batch``, each with the position it starts at; notices taken out.
+
+        ``position`` is left where the batch ends.
+        """
+        if not self.positioned:
+            return [(batch, None)]
+        starts = message_offsets(batch)
+        notices = np.flatnonzero(batch[starts + protocol.OFF_DOMAIN] == protocol.SYSTEM)
+        ends = np.append(starts[1:], len(batch))
+        found: list[tuple[np.ndarray, protocol.Position | None]] = []
+        at = 0
+        for k in [*notices.tolist(), len(starts)]:
+            first = starts[k] if k < len(starts) else len(batch)
+            if first > at and self._position is not None:  # before the first notice: not this stream's yet
+                found.append((batch[at:first], self._position))
+                self._advance(batch[at:first], int(np.searchsorted(starts, first) - np.searchsorted(starts, at)))
+            if k < len(starts):
+                notice = protocol.read_notice(batch[first : ends[k]])
+                if isinstance(notice, protocol.Position):
+                    self._position = notice
+                else:
+                    self.gaps.append(notice)
+                at = int(ends[k])
+        return found
+
+    def _advance(self, data: np.ndarray, messages: int) -> None:
+        if self._position is not None:
+            epoch, offset, number = self._position
+            self._position = protocol.Position(epoch, offset + len(data), number + messages)
+
+    def _views(self, batch: np.ndarray) -> Iterator[MessageView]:
+        """Views of a batch's messages; with positions, ``position`` moves past each as it is handed out."""
+        segments = self._segments(batch)
+        end = self._position
+        for data, start in segments:
+            if start is None:
+                yield from iter_views(data.tobytes())
+                continue
+            epoch, offset, number = start
+            for view in iter_views(data.tobytes()):
+                offset += view.size
+                number += 1
+                self._position = protocol.Position(epoch, offset, number)
+                yield view
+        self._position = end
+
+    def _data(self, batch: np.ndarray) -> np.ndarray | None:
+        """The batch without notices (None if it held nothing else); ``position`` at its end."""
+        if not self.positioned:
+            return batch
+        segments = self._segments(batch)
+        if not segments:
+            return None
+        return segments[0][0] if len(segments) == 1 else np.concatenate([data for data, _ in segments])
 
     def _ended(self) -> EOFError | RelayConnectionError:
         """What the relay closing the connection means: the end between messages, a lost connection within one."""
@@ -587,8 +664,10 @@ class Subscriber(_SubscriberState):
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         tlv_types: Iterable[int] | None = None,
         sources: Iterable[int] | None = None,
+        positions: bool = False,
+        resume_from: protocol.Position | str | None = None,
     ):
-        super().__init__(domain, socket_path, buffer_size, tlv_types, sources)
+        super().__init__(domain, socket_path, buffer_size, tlv_types, sources, positions, resume_from)
         self._sock: socket.socket | None = _connect(domain, self.socket_path)
         self._timeout: float | None = None
         if self._initial is not None:
@@ -620,6 +699,17 @@ class Subscriber(_SubscriberState):
         Raises ``EOFError`` when the relay has closed the connection between
         messages, ``RelayConnectionError`` when it closed it mid-message.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            raw = self._next_raw(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if raw is None:
+                return None
+            batch = self._data(raw)
+            if batch is not None:
+                return batch
+
+    def _next_raw(self, timeout: float | None) -> np.ndarray | None:
+        """The next batch as the relay sent it, notices included."""
         sock = self._socket()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -648,6 +738,14 @@ class Subscriber(_SubscriberState):
             yield batch
 
     def __iter__(self) -> Iterator[MessageView]:
+        if self.positioned:  # notices come out of the stream, and the position moves past each message
+            while True:
+                try:
+                    raw = self._next_raw(None)
+                except EOFError:
+                    return
+                assert raw is not None
+                yield from self._views(raw)
         # recv_batch's loop without what iterating does not need (deadlines, a numpy batch then its bytes).
         framer = self._framer
         take, read_from = framer.take, framer.read_from
@@ -960,8 +1058,10 @@ class AsyncSubscriber(_SubscriberState):
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         tlv_types: Iterable[int] | None = None,
         sources: Iterable[int] | None = None,
+        positions: bool = False,
+        resume_from: protocol.Position | str | None = None,
     ):
-        super().__init__(domain, socket_path, buffer_size, tlv_types, sources)
+        super().__init__(domain, socket_path, buffer_size, tlv_types, sources, positions, resume_from)
         self._buffer_size = buffer_size
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -996,6 +1096,18 @@ class AsyncSubscriber(_SubscriberState):
         Raises ``EOFError`` when the relay has closed the connection between
         messages, ``RelayConnectionError`` when it closed it mid-message.
         """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            raw = await self._next_raw(None if deadline is None else max(0.0, deadline - loop.time()))
+            if raw is None:
+                return None
+            batch = self._data(raw)
+            if batch is not None:
+                return batch
+
+    async def _next_raw(self, timeout: float | None) -> np.ndarray | None:
+        """The next batch as the relay sent it, notices included."""
         await self.connect()
         assert self._reader is not None
         loop = asyncio.get_running_loop()
@@ -1028,7 +1140,16 @@ class AsyncSubscriber(_SubscriberState):
             assert batch is not None
             yield batch
 
-    async def _views(self) -> AsyncIterator[MessageView]:
+    async def _each_view(self) -> AsyncIterator[MessageView]:
+        if self.positioned:  # as Subscriber's: notices out, the position past each message handed out
+            while True:
+                try:
+                    raw = await self._next_raw(None)
+                except EOFError:
+                    return
+                assert raw is not None
+                for view in self._views(raw):
+                    yield view
         await self.connect()
         framer = self._framer
         while True:
@@ -1050,7 +1171,7 @@ class AsyncSubscriber(_SubscriberState):
             framer.feed(chunk)
 
     def __aiter__(self) -> AsyncIterator[MessageView]:
-        return self._views()
+        return self._each_view()
 
     async def messages(self) -> AsyncIterator[protocol.Message]:
         """Each message decoded into a ``protocol.Message``, as ``Subscriber.messages``."""

@@ -75,6 +75,11 @@ class MessageView:
         self.timestamp_ns = timestamp_ns
 
     @property
+    def size(self) -> int:
+        """The message's length in bytes, header included."""
+        return self._end - self._offset
+
+    @property
     def relay_domain(self) -> int:
         return self._data[self._offset + 4]
 

@@ -34,6 +34,8 @@ import numpy as np
 from jitrelay.core import protocol as p
 from jitrelay.core.domains import RelayLogic
 from jitrelay.kernels import build
+from jitrelay.kernels.constants import SEND_FAILED as SEND_FAILED  # re-exported: the engine reads them here
+from jitrelay.kernels.constants import SEND_SKIPPED as SEND_SKIPPED
 
 log = logging.getLogger("jitrelay.kernels")
 
@@ -308,6 +310,117 @@ def compact(buf: np.ndarray, runs: np.ndarray, n_runs: int, out: np.ndarray | No
     return out[:total]
 
 
+def log_append(
+    buf: np.ndarray, runs: np.ndarray, n_runs: int, ring: np.ndarray, size: int, mirror: int, at: int
+) -> int:
+    """Copy a scan's forwarded runs into the relay's log ring at ``at``, wrapping at ``size``; the bytes appended.
+
+    ``ring`` holds ``size + mirror`` bytes: its first ``mirror`` bytes are
+    repeated after the end, so a message that starts before the wrap is whole.
+    """
+    _bytes(buf)
+    _bytes(ring, "ring", writable=True)
+    if not 0 <= n_runs <= len(_array(runs, _I64, 1, "runs")) // 2:
+        raise ValueError(f"{n_runs} runs do not fit in an array of {len(runs)} bounds")
+    if not (size > 0 and 0 <= mirror <= size and size + mirror <= len(ring) and 0 <= at < size):
+        raise ValueError(f"a ring of {len(ring)} bytes cannot be {size} plus a mirror of {mirror} written at {at}")
+    starts, ends = runs[0 : 2 * n_runs : 2], runs[1 : 2 * n_runs : 2]
+    if n_runs and (starts.min() < 0 or ends.max() > len(buf) or (ends < starts).any()):
+        raise ValueError("runs reach outside the buffer")
+    if int((ends - starts).sum()) > size:
+        raise ValueError("the runs hold more bytes than the ring")
+    return int(_loops.log_append(buf, runs, n_runs, ring, size, mirror, at))
+
+
+class FanOut:
+    """The send loop's arrays (``send_loop.send_all``), owned here so that a batch's call passes a few integers.
+
+    The engine writes each target's descriptor and, for ``send``, the slice of
+    ``iovecs`` it gets (``iov_first``, ``iov_count``) and the ``(address,
+    length)`` pairs those slices hold. ``send_uniform`` gives every target the
+    same first iovecs and keeps the slices right itself. ``totals`` adds up what
+    each target took; ``reserve`` grows the arrays.
+    """
+
+    def __init__(self, targets: int = 16, iovecs: int = 64) -> None:
+        self.fds = np.full(targets, -1, dtype=np.int64)
+        self.iov_first = np.zeros(targets, dtype=np.int64)
+        self.iov_count = np.zeros(targets, dtype=np.int64)
+        self.sent = np.zeros(targets, dtype=np.int64)
+        self.totals = np.zeros(targets, dtype=np.int64)
+        self.iovecs = np.zeros(2 * iovecs, dtype=np.uint64)
+        self.msghdr = np.zeros(7, dtype=np.uint64)
+        self._uniform: tuple[int, int] | None = None  # (targets, iovecs) the slices hold for send_uniform
+
+    def reserve(self, targets: int, iovecs: int) -> None:
+        """Room for ``targets`` targets and ``iovecs`` iovecs, keeping what is there."""
+        if targets > len(self.fds):
+            size = max(targets, 2 * len(self.fds))
+            for name in ("fds", "iov_first", "iov_count", "sent", "totals"):
+                old = getattr(self, name)
+                new = np.full(size, -1, dtype=np.int64) if name == "fds" else np.zeros(size, dtype=np.int64)
+                new[: len(old)] = old
+                setattr(self, name, new)
+            self._uniform = None
+        if 2 * iovecs > len(self.iovecs):
+            new = np.zeros(max(2 * iovecs, 2 * len(self.iovecs)), dtype=np.uint64)
+            new[: len(self.iovecs)] = self.iovecs
+            self.iovecs = new
+
+    def send(self, targets: int, skip: int = -1) -> int:
+        """Hand the first ``targets`` targets their iovecs, non-blocking; how many took less than all.
+
+        ``sent`` then holds per target what its socket took: ``SEND_FAILED``
+        (-1) when nothing could be sent (its socket is full, or an error the
+        engine finds on its next send), ``SEND_SKIPPED`` (-2) for ``skip``.
+        """
+        if not 0 <= targets <= len(self.fds):
+            raise ValueError(f"{targets} targets, room for {len(self.fds)}")
+        first, count = self.iov_first[:targets], self.iov_count[:targets]
+        if targets and (
+            int(first.min()) < 0 or int(count.min()) < 0 or int((first + count).max()) > len(self.iovecs) // 2
+        ):
+            raise ValueError("a target's iovecs reach outside the iovec array")
+        self._uniform = None
+        return self._call(targets, skip)
+
+    def send_uniform(self, targets: int, iovecs: int, skip: int = -1) -> int:
+        """``send`` with every target given the first ``iovecs`` iovecs (a batch for everyone unfiltered)."""
+        if not (0 <= targets <= len(self.fds) and 0 <= iovecs <= len(self.iovecs) // 2):
+            raise ValueError(
+                f"{targets} targets of {iovecs} iovecs, room for {len(self.fds)} of {len(self.iovecs) // 2}"
+            )
+        if self._uniform != (targets, iovecs):
+            self.iov_first[:targets] = 0
+            self.iov_count[:targets] = iovecs
+            self._uniform = (targets, iovecs)
+        return self._call(targets, skip)
+
+    def _call(self, targets: int, skip: int) -> int:
+        return int(
+            _send_all()(
+                self.fds[:targets],
+                skip,
+                self.iov_first[:targets],
+                self.iov_count[:targets],
+                self.iovecs,
+                self.msghdr,
+                self.sent[:targets],
+                self.totals[:targets],
+            )
+        )
+
+
+def _send_all() -> object:
+    """The compiled send loop: in the ahead-of-time module, else the JIT's (or Python's) own."""
+    compiled = getattr(_loaded(), "send_all", None)
+    if compiled is not None:
+        return compiled
+    from jitrelay.kernels import send_loop  # the JIT and Python builds only: it imports numba
+
+    return send_loop.send_all
+
+
 class GroupTables(NamedTuple):
     """The filters of the subscriber groups, as per-byte-value bitmasks of groups (64 groups a word).
 
@@ -459,6 +572,12 @@ def crc32(data: np.ndarray, value: int = 0) -> int:
     """CRC-32 of a uint8 array, the same as ``zlib.crc32(data, value)``."""
     data = np.ascontiguousarray(data, dtype=np.uint8)
     return int(_loops.crc32(data, 0, len(data), value & 0xFFFFFFFF, CRC_TABLES))
+
+
+def message_end(buf: np.ndarray, pos: int, end: int) -> int:
+    """Where the message starting at ``pos`` ends, or -1 when ``buf[pos:end]`` does not hold it whole."""
+    _range(_bytes(buf), pos, end)
+    return int(_loops.next_message_end(buf, pos, end))
 
 
 def message_crc(buf: np.ndarray, pos: int = 0) -> int:

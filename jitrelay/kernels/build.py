@@ -72,12 +72,17 @@ SIGNATURES: dict[str, str] = {
     "crc32": f"int64({_BYTES}, int64, int64, int64, {_CRC_TABLES})",
     "message_crc": f"int64({_BYTES}, int64, int64, {_CRC_TABLES})",
     "stamp_batch": f"void({_BYTES}, int64, int64, int64, int64, boolean, {_CRC_TABLES})",
+    "log_append": f"int64({_BYTES}, {_INTS}, int64, {_BYTES}, int64, int64, int64)",
+}
+# The send loop (``send_loop.py``): the one compiled entry point that does I/O.
+SEND_SIGNATURES: dict[str, str] = {
+    "send_all": f"int64({_INTS}, int64, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS})",
 }
 
 BUILD_TIMEOUT = 600.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # numba colours its errors
 _PACKAGE = Path(__file__).resolve().parents[1]
-_SOURCES = ("kernels/loops.py", "core/protocol.py", "kernels/build.py")
+_SOURCES = ("kernels/loops.py", "kernels/send_loop.py", "core/protocol.py", "kernels/build.py")
 PACKAGED_NAME = "_compiled"  # jitrelay/kernels/_compiled<EXT_SUFFIX>, built with the package
 _SCRATCH = ".build-"  # <module name>.build-XXXX: a build in progress, or the leftover of an interrupted one
 
@@ -315,7 +320,7 @@ def build_into(folder: str, name: str, *, portable: bool = False) -> None:
     warnings.simplefilter("ignore", NumbaPendingDeprecationWarning)  # pycc's notice; it is still maintained
     from numba.pycc import CC
 
-    from jitrelay.kernels import loops
+    from jitrelay.kernels import loops, send_loop
 
     class LinkedCC(CC):
         """pycc, linking zlib too: the loops call its ``crc32``."""
@@ -329,6 +334,8 @@ def build_into(folder: str, name: str, *, portable: bool = False) -> None:
     cc.target_cpu = "" if portable else llvm.get_host_cpu_name()  # "": LLVM's generic model of the architecture
     for export, signature in SIGNATURES.items():
         cc.export(export, signature)(getattr(loops, export).py_func)
+    for export, signature in SEND_SIGNATURES.items():
+        cc.export(export, signature)(getattr(send_loop, export).py_func)
     if portable:
         cc.export("build_digest", "int64()")(_digest_function(packaged_digest()))
     cc.compile()

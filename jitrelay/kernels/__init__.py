@@ -324,12 +324,10 @@ def log_append(
         raise ValueError(f"{n_runs} runs do not fit in an array of {len(runs)} bounds")
     if not (size > 0 and 0 <= mirror <= size and size + mirror <= len(ring) and 0 <= at < size):
         raise ValueError(f"a ring of {len(ring)} bytes cannot be {size} plus a mirror of {mirror} written at {at}")
-    starts, ends = runs[0 : 2 * n_runs : 2], runs[1 : 2 * n_runs : 2]
-    if n_runs and (starts.min() < 0 or ends.max() > len(buf) or (ends < starts).any()):
-        raise ValueError("runs reach outside the buffer")
-    if int((ends - starts).sum()) > size:
-        raise ValueError("the runs hold more bytes than the ring")
-    return int(_loops.log_append(buf, runs, n_runs, ring, size, mirror, at))
+    appended = int(_loops.log_append(buf, runs, n_runs, ring, size, mirror, at))  # checks the runs itself
+    if appended < 0:
+        raise ValueError("runs reach outside the buffer, or hold more bytes than the ring")
+    return appended
 
 
 class FanOut:

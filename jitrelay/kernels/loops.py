@@ -369,8 +369,18 @@ def log_append(buf, runs, n_runs, ring, size, mirror, at):
     The ring holds ``size`` bytes plus ``mirror`` more after them: whatever is
     written into its first ``mirror`` bytes is written there too, so a message
     that starts before the end can be read whole without minding the wrap.
-    Returns the bytes appended.
+    Returns the bytes appended, or -1 (nothing copied) when a run reaches
+    outside ``buf`` or the runs hold more than the ring.
     """
+    total = 0
+    for k in range(n_runs):  # checked first, so that bad runs copy nothing: -1
+        a = runs[2 * k]
+        b = runs[2 * k + 1]
+        if a < 0 or b < a or b > len(buf):
+            return -1
+        total += b - a
+    if total > size:
+        return -1
     source = np.uint64(buf.ctypes.data)
     target = np.uint64(ring.ctypes.data)
     o = at

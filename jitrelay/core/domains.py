@@ -63,10 +63,10 @@ class RelayLogic:
     verify_checksum: bool = False
     max_payload: int = 1 * MiB
     slow_policy: str = DISCONNECT
-    # A subscriber with more than ``pending_high`` bytes pending pauses every
-    # publisher until it is back under ``pending_low``. Under ``disconnect`` a
-    # subscriber still above ``pending_low`` after ``slow_timeout`` seconds is
-    # dropped; under ``block`` it is waited for.
+    # Under ``disconnect`` a subscriber more than ``pending_high`` bytes behind
+    # the head of the log has ``slow_timeout`` seconds to come back under
+    # ``pending_low`` before it is cut off (one the log leaves behind is cut off
+    # at once, or told of the gap if it asked for positions); nobody waits for it.
     pending_high: int = 8 * MiB
     pending_low: int = 2 * MiB
     slow_timeout: float = 1.0

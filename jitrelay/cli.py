@@ -30,7 +30,8 @@ from jitrelay import __version__, kernels
 from jitrelay.client import Publisher, RelayConnectionError, Subscriber
 from jitrelay.core import protocol
 from jitrelay.core.config import ConfigError, build_logic, format_byte_count, read_config, render_config
-from jitrelay.core.domains import JOURNAL_FSYNC, LOGICS, SLOW_POLICIES, RelayLogic
+from jitrelay.core.domains import JOURNAL_FSYNC, JOURNAL_ON_ERROR, LOGICS, SLOW_POLICIES, RelayLogic
+from jitrelay.core.folders import UntrustedFolder
 from jitrelay.core.units import MiB
 from jitrelay.tools.options import (
     MESSAGE_SIZE,
@@ -70,7 +71,10 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
         "--config", type=Path, metavar="FILE", help="TOML file of relay settings; options given here override it"
     )
     parser.add_argument("--slow-policy", choices=SLOW_POLICIES, help="what to do with a subscriber that falls behind")
-    add_byte_option(parser, "--pending-limit", "pending bytes per subscriber before the policy acts")
+    add_byte_option(
+        parser, "--log-size", "the relay's log: every forwarded byte, which subscribers are sent from (64MiB)"
+    )
+    add_byte_option(parser, "--pending-limit", "how far a subscriber may fall behind the head before the policy acts")
     parser.add_argument(
         "--slow-timeout",
         type=non_negative_float,
@@ -97,6 +101,12 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
     )
     add_byte_option(
         parser, "--journal-rotate", f"journal segment size ({format_byte_count(RelayLogic.journal_rotate_bytes)})"
+    )
+    parser.add_argument(
+        "--journal-on-error",
+        choices=JOURNAL_ON_ERROR,
+        help="when an append fails: hold publishers and retry, forwarding nothing unjournaled (pause; the "
+        "execution relay's default), or forward anyway and count it (forward)",
     )
     parser.add_argument("--no-journal", action="store_true", help="do not journal forwarded messages")
     add_metrics_port(parser)
@@ -128,8 +138,10 @@ _FIELD_OPTIONS = {
     "max_connections": "max_connections",
     "journal_fsync": "journal_fsync",
     "journal_rotate": "journal_rotate_bytes",
+    "journal_on_error": "journal_on_error",
     "metrics_port": "metrics_port",
     "summary_file": "summary_file",
+    "log_size": "log_size",
 }
 
 
@@ -283,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RelayConnectionError, protocol.ProtocolError) as exc:
         print(f"jitrelay: {exc}", file=sys.stderr)
         return 1
+    except UntrustedFolder as exc:  # as tmux and ssh-agent do: refuse a folder someone else can write to
+        print(f"jitrelay {args.command}: refusing to start: {exc}", file=sys.stderr)
+        return 2
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -415,9 +430,30 @@ def sub_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sources", type=byte_list, metavar="S,S", help="subscribe to messages from one of these sources"
     )
+    parser.add_argument(
+        "--from",
+        dest="resume_from",
+        type=position_arg,
+        metavar="POSITION",
+        help="start after this position (EPOCH:OFFSET:MESSAGE, as printed on exit); implies --positions",
+    )
+    parser.add_argument(
+        "--positions",
+        action="store_true",
+        help="ask the relay for positions: report gaps as they come and the position reached on exit",
+    )
+
+
+def position_arg(text: str) -> protocol.Position:
+    try:
+        return protocol.Position.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_sub(args: argparse.Namespace) -> int:
+    if args.resume_from is not None or args.positions:
+        return _sub_positioned(args)
     received = 0
     limit = args.count
     keep = MessageFilter(args.types, args.sources)
@@ -448,6 +484,57 @@ def cmd_sub(args: argparse.Namespace) -> int:
     if args.count_only:
         print(received)
     return 0
+
+
+def _sub_positioned(args: argparse.Namespace) -> int:
+    """``jitrelay sub`` with positions: one message at a time, so that the position printed on exit is exact."""
+    received = 0
+    keep = MessageFilter(args.types, args.sources)
+    show = functools.partial(message_json if args.json else format_message, names=True)
+    subscriber = Subscriber(
+        args.domain,
+        args.socket,
+        tlv_types=args.types,
+        sources=args.sources,
+        positions=True,
+        resume_from=args.resume_from,
+    )
+    gaps = 0
+    try:
+        with subscriber:
+            print(f"jitrelay sub: connected to the {args.domain} relay at {subscriber.socket_path}", file=sys.stderr)
+            for view in subscriber:
+                for gap in subscriber.gaps[gaps:]:
+                    print(f"jitrelay sub: {_describe_gap(gap)}", file=sys.stderr)
+                gaps = len(subscriber.gaps)
+                message = view.decode()
+                if not keep.keeps(message):
+                    continue
+                if not args.count_only:
+                    sys.stdout.write(show(message) + "\n")
+                    sys.stdout.flush()
+                received += 1
+                if args.count and received >= args.count:
+                    break
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    for gap in subscriber.gaps[gaps:]:
+        print(f"jitrelay sub: {_describe_gap(gap)}", file=sys.stderr)
+    if args.count_only:
+        print(received)
+    if subscriber.position is not None:
+        print(
+            f"jitrelay sub: position {subscriber.position} (resume with --from {subscriber.position})", file=sys.stderr
+        )
+    return 0
+
+
+def _describe_gap(gap: protocol.Gap) -> str:
+    if gap.reason == protocol.GAP_UNKNOWN_EPOCH:
+        return "the relay has restarted since that position; what was missed is not known"
+    return f"gap: {gap.messages} messages ({gap.bytes} bytes) missed"
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ import numpy as np
 
 from jitrelay.core import protocol
 from jitrelay.core.domains import RelayLogic, logic_for
-from jitrelay.core.views import MessageView, batch_headers, iter_views
+from jitrelay.core.views import COLUMNS_FROM, MessageView, batch_headers, iter_views, message_offsets
 from jitrelay.kernels.framer import DEFAULT_BUFFER_SIZE, Buffer, MessageFramer
 
 __all__ = [
@@ -141,7 +141,7 @@ class _PublisherState(_Endpoint):
         self.domain_id = self.logic.domain_id
         self.source = source
         self.next_sequence = 0
-        self.checksum = self.logic.verify_checksum if checksum is None else checksum
+        self._checksum = self.logic.verify_checksum if checksum is None else checksum
         self.publish_only = publish_only
         self.flush_size = flush_size
         # Room for a full flush plus one more message of standard records; larger ones take the slow path.
@@ -150,6 +150,8 @@ class _PublisherState(_Endpoint):
         self._limit = len(self._buf)
         self._fill = 0
         self._prefix = protocol.MAGIC | self.domain_id << 32 | protocol.VERSION << 40 | source << 48
+        # A message of one standard record of the value length last published: (length, size, its pack_into).
+        self._one: tuple[int, int, Callable[..., None]] = _NO_LAYOUT
         if publish_only:
             declaration = protocol.publish_only_message(source=source)
             self._buf[: len(declaration)] = declaration
@@ -160,28 +162,44 @@ class _PublisherState(_Endpoint):
         """Bytes of whole messages published but not yet written to the socket."""
         return self._fill
 
+    @property
+    def checksum(self) -> bool:
+        """Whether each message carries its CRC (the domain's setting unless the publisher was told)."""
+        return self._checksum
+
+    @checksum.setter
+    def checksum(self, value: bool) -> None:
+        self._checksum = bool(value)
+        self._one = _NO_LAYOUT  # the fast path writes no CRC: leave it until _encode has seen a message again
+
     def _encode(
         self, records: Iterable[tuple[int, bytes]], flags: int, sequence: int | None, timestamp_ns: int | None
     ) -> int:
-        """Append one message to the buffer and return its sequence number; the hot path, so written flat."""
+        """Append one message to the buffer and return its sequence number.
+
+        Every shape of message; the publish methods inline its commonest case
+        (see ``_one``) and come here for the rest, and for the first message
+        of each value length.
+        """
         if sequence is None:
             sequence = self.next_sequence
         if timestamp_ns is None:
             timestamp_ns = _time_ns()
-        buf = self._buf
         start = self._fill
         try:
-            tlv_type, value = records[0] if len(records) == 1 else (-1, None)  # type: ignore[arg-type,index]
+            tlv_type, value = records[0] if len(records) == 1 else _NOT_ONE  # type: ignore[arg-type,index]
         except TypeError:  # an iterator: the general walk below
-            tlv_type, value = -1, None
+            tlv_type, value = _NOT_ONE
         if value.__class__ is bytes and 0 < tlv_type < _EXTENDED_TLV and len(value) <= _MAX_STANDARD:
-            # One standard record (market data, mostly): the whole message in one pack_into.
+            # One standard record: the whole message in one pack_into (and, without a checksum, the layout
+            # kept for the publish methods' inlined fast path).
             n = len(value)
-            pos = start + _HEADER_SIZE + 2 + n
-            if pos > self._limit:
-                buf = self._grow(pos)
-            one = _ONE_RECORD.get(n) or _one_record(n)
-            one.pack_into(buf, start, self._prefix | flags << 56, sequence, timestamp_ns, n + 2, 0, tlv_type, n, value)
+            one = (n, _HEADER_SIZE + 2 + n, _one_record(n).pack_into)
+            if not self._checksum:
+                self._one = one
+            pos = start + one[1]
+            buf = self._buf if pos <= self._limit else self._grow(pos)
+            one[2](buf, start, self._prefix | flags << 56, sequence, timestamp_ns, n + 2, 0, tlv_type, n, value)
         else:
             if start + _HEADER_SIZE > self._limit:
                 self._grow(start + _HEADER_SIZE)
@@ -189,7 +207,7 @@ class _PublisherState(_Endpoint):
             buf = self._buf
             size = pos - start - _HEADER_SIZE
             _HEAD.pack_into(buf, start, self._prefix | flags << 56, sequence, timestamp_ns, size, 0)
-        if self.checksum:
+        if self._checksum:
             view = self._view
             crc = zlib.crc32(view[start + _HEADER_SIZE : pos], zlib.crc32(view[start : start + 28]))
             _CHECKSUM.pack_into(buf, start + protocol.OFF_CHECKSUM, crc)
@@ -242,12 +260,18 @@ _HEAD = struct.Struct("<QQQII")  # magic..flags as one integer, sequence, timest
 _EXTENDED = struct.Struct("<BBBH")
 _CHECKSUM = struct.Struct("<I")
 _HEADROOM = 64 * 1024
+_VIEW_FIELDS = struct.Struct("<QQI").unpack_from  # sequence, timestamp_ns, payload_size, at OFF_SEQUENCE
+_COLUMNS_BYTES = COLUMNS_FROM * protocol.HEADER_SIZE  # below this, no batch holds COLUMNS_FROM messages
 DEFAULT_FLUSH_SIZE = 64 * 1024
+_NOT_ONE = (-1, None)  # what a records argument that is not one record unpacks to
+_NO_LAYOUT = (-1, 0, _HEAD.pack_into)  # no value has length -1: the fast path is never taken
 _ONE_RECORD: dict[int, struct.Struct] = {}  # value length -> the layout of a message of one standard record
 
 
 def _one_record(n: int) -> struct.Struct:
-    layout = _ONE_RECORD[n] = struct.Struct(f"<QQQIIBB{n}s")
+    layout = _ONE_RECORD.get(n)
+    if layout is None:
+        layout = _ONE_RECORD[n] = struct.Struct(f"<QQQIIBB{n}s")
     return layout
 
 
@@ -332,10 +356,34 @@ class Publisher(_PublisherState):
                 if self._fill >= self._flush_at:
                     self._write_out()
                 return number
-        number = self._encode(records, flags, sequence, timestamp_ns)
+        # The fast path, inlined (a call costs as much as the rest): one standard record of the length last
+        # published, room in the buffer, no checksum (``_one`` is never set then). Anything else: ``_encode``.
+        n, total, pack_into = self._one
+        start = self._fill
+        try:
+            tlv_type, value = records[0] if len(records) == 1 else _NOT_ONE  # type: ignore[arg-type,index]
+        except TypeError:  # an iterator
+            tlv_type, value = _NOT_ONE
+        if (
+            value.__class__ is bytes
+            and len(value) == n
+            and 0 < tlv_type < _EXTENDED_TLV
+            and start + total <= self._limit
+        ):
+            if sequence is None:
+                sequence = self.next_sequence
+            if timestamp_ns is None:
+                timestamp_ns = _time_ns()
+            pack_into(
+                self._buf, start, self._prefix | flags << 56, sequence, timestamp_ns, n + 2, 0, tlv_type, n, value
+            )
+            self._fill = start + total
+            self.next_sequence = sequence + 1
+        else:
+            sequence = self._encode(records, flags, sequence, timestamp_ns)
         if self._fill >= self._flush_at:  # 0 once closed, so that _write_out raises
             self._write_out()
-        return number
+        return sequence
 
     def publish_raw(self, message: Buffer) -> None:
         """Send bytes exactly as given, valid or not, after everything buffered."""
@@ -425,9 +473,22 @@ class Publisher(_PublisherState):
         self._send(data)
 
     def _write_out(self) -> None:
-        if self._fill:
-            self._send(self._view[: self._fill])
-            self._fill = 0
+        fill = self._fill
+        if not fill:
+            return
+        sock = self._sock
+        if sock is not None and self.publish_only:  # the usual case: one send takes it all
+            try:
+                sent = sock.send(self._view[:fill])
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise self._lost(exc) from exc
+            if sent < fill:
+                self._send(self._view[sent:fill])
+        else:
+            self._send(self._view[:fill])
+        self._fill = 0
 
     def _send(self, data: Buffer) -> None:
         sock = self._socket()
@@ -460,6 +521,10 @@ class Publisher(_PublisherState):
                 return
 
 
+def _not_connected(*args: Any) -> None:
+    raise RuntimeError("the publisher is not connected")  # never called: publish_nowait checks first
+
+
 def _subscription(tlv_types: Iterable[int] | None, sources: Iterable[int] | None) -> bytes | None:
     """The control message for a subscription, or None for the whole domain."""
     if tlv_types is None and sources is None:
@@ -468,7 +533,13 @@ def _subscription(tlv_types: Iterable[int] | None, sources: Iterable[int] | None
 
 
 class _SubscriberState(_Endpoint):
-    """What both subscribers share: the target, the framer, the subscription sent on connecting, how a stream ends."""
+    """What both subscribers share: the target, the framer, the subscription sent on connecting, how a stream ends.
+
+    With positions (``positions=True``, or ``resume_from``) the relay puts
+    notices in the stream (docs/protocol.md, "Positions"); they are taken out
+    here: ``position`` is where the stream stands after the last message
+    handed out, and ``gaps`` what the relay said was missed.
+    """
 
     kind = "subscriber"
 
@@ -479,10 +550,81 @@ class _SubscriberState(_Endpoint):
         buffer_size: int,
         tlv_types: Iterable[int] | None,
         sources: Iterable[int] | None,
+        positions: bool = False,
+        resume_from: protocol.Position | str | None = None,
     ):
         super().__init__(domain, socket_path)
         self._framer = MessageFramer(buffer_size)
-        self._initial = _subscription(tlv_types, sources)  # before connecting: a bad value raises with nothing open
+        initial = _subscription(tlv_types, sources)  # before connecting: a bad value raises with nothing open
+        if isinstance(resume_from, str):
+            resume_from = protocol.Position.parse(resume_from)
+        self.positioned = positions or resume_from is not None
+        if self.positioned:
+            initial = (initial or b"") + protocol.positions_message(resume_from)
+        self._initial = initial
+        self._position: protocol.Position | None = None
+        self.gaps: list[protocol.Gap] = []
+
+    @property
+    def position(self) -> protocol.Position | None:
+        """Where the stream stands after the last message handed out: give it as ``resume_from`` to go on from there."""
+        return self._position
+
+    def _segments(self, batch: np.ndarray) -> list[tuple[np.ndarray, protocol.Position | None]]:
+        """The runs of data messages in ``batch``, each with the position it starts at; notices taken out.
+
+        ``position`` is left where the batch ends.
+        """
+        if not self.positioned:
+            return [(batch, None)]
+        starts = message_offsets(batch)
+        notices = np.flatnonzero(batch[starts + protocol.OFF_DOMAIN] == protocol.SYSTEM)
+        ends = np.append(starts[1:], len(batch))
+        found: list[tuple[np.ndarray, protocol.Position | None]] = []
+        at = 0
+        for k in [*notices.tolist(), len(starts)]:
+            first = starts[k] if k < len(starts) else len(batch)
+            if first > at and self._position is not None:  # before the first notice: not this stream's yet
+                found.append((batch[at:first], self._position))
+                self._advance(batch[at:first], int(np.searchsorted(starts, first) - np.searchsorted(starts, at)))
+            if k < len(starts):
+                notice = protocol.read_notice(batch[first : ends[k]])
+                if isinstance(notice, protocol.Position):
+                    self._position = notice
+                else:
+                    self.gaps.append(notice)
+                at = int(ends[k])
+        return found
+
+    def _advance(self, data: np.ndarray, messages: int) -> None:
+        if self._position is not None:
+            epoch, offset, number = self._position
+            self._position = protocol.Position(epoch, offset + len(data), number + messages)
+
+    def _views(self, batch: np.ndarray) -> Iterator[MessageView]:
+        """Views of a batch's messages; with positions, ``position`` moves past each as it is handed out."""
+        segments = self._segments(batch)
+        end = self._position
+        for data, start in segments:
+            if start is None:
+                yield from iter_views(data.tobytes())
+                continue
+            epoch, offset, number = start
+            for view in iter_views(data.tobytes()):
+                offset += view.size
+                number += 1
+                self._position = protocol.Position(epoch, offset, number)
+                yield view
+        self._position = end
+
+    def _data(self, batch: np.ndarray) -> np.ndarray | None:
+        """The batch without notices (None if it held nothing else); ``position`` at its end."""
+        if not self.positioned:
+            return batch
+        segments = self._segments(batch)
+        if not segments:
+            return None
+        return segments[0][0] if len(segments) == 1 else np.concatenate([data for data, _ in segments])
 
     def _ended(self) -> EOFError | RelayConnectionError:
         """What the relay closing the connection means: the end between messages, a lost connection within one."""
@@ -522,8 +664,10 @@ class Subscriber(_SubscriberState):
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         tlv_types: Iterable[int] | None = None,
         sources: Iterable[int] | None = None,
+        positions: bool = False,
+        resume_from: protocol.Position | str | None = None,
     ):
-        super().__init__(domain, socket_path, buffer_size, tlv_types, sources)
+        super().__init__(domain, socket_path, buffer_size, tlv_types, sources, positions, resume_from)
         self._sock: socket.socket | None = _connect(domain, self.socket_path)
         self._timeout: float | None = None
         if self._initial is not None:
@@ -555,6 +699,17 @@ class Subscriber(_SubscriberState):
         Raises ``EOFError`` when the relay has closed the connection between
         messages, ``RelayConnectionError`` when it closed it mid-message.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            raw = self._next_raw(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if raw is None:
+                return None
+            batch = self._data(raw)
+            if batch is not None:
+                return batch
+
+    def _next_raw(self, timeout: float | None) -> np.ndarray | None:
+        """The next batch as the relay sent it, notices included."""
         sock = self._socket()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -583,8 +738,43 @@ class Subscriber(_SubscriberState):
             yield batch
 
     def __iter__(self) -> Iterator[MessageView]:
-        for batch in self.batches():
-            yield from iter_views(batch.tobytes())
+        if self.positioned:  # notices come out of the stream, and the position moves past each message
+            while True:
+                try:
+                    raw = self._next_raw(None)
+                except EOFError:
+                    return
+                assert raw is not None
+                yield from self._views(raw)
+        # recv_batch's loop without what iterating does not need (deadlines, a numpy batch then its bytes).
+        framer = self._framer
+        take, read_from = framer.take, framer.read_from
+        while True:
+            data = take()
+            if data is not None:
+                if len(data) >= _COLUMNS_BYTES:
+                    yield from iter_views(data)
+                    continue
+                # A few messages (a paced stream's one): iter_views's walk, inlined to spare a generator.
+                offset, end = 0, len(data)
+                while offset < end:
+                    sequence, stamp, payload_size = _VIEW_FIELDS(data, offset + protocol.OFF_SEQUENCE)
+                    stop = offset + _HEADER_SIZE + payload_size
+                    yield MessageView(data, offset, stop, sequence, stamp)
+                    offset = stop
+                continue
+            sock = self._socket()
+            if self._timeout is not None:
+                self._set_timeout(None)
+            try:
+                received = read_from(sock.recv_into)
+            except OSError as exc:
+                raise self._lost(exc) from exc
+            if received == 0:
+                ended = self._ended()
+                if isinstance(ended, EOFError):
+                    return
+                raise ended
 
     def messages(self) -> Iterator[protocol.Message]:
         """Each message decoded into a ``protocol.Message``, for code that wants objects rather than views."""
@@ -657,14 +847,17 @@ class AsyncPublisher(_PublisherState):
         self._discarding: asyncio.Task[None] | None = None
         self._closed_by_relay = False
         self._scheduled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._live = False  # connected, and the relay has not closed the connection: publish's one check
+        self._call_soon: Callable[..., Any] = _not_connected
 
     async def connect(self) -> AsyncPublisher:
         if self._writer is None:
             reader, self._writer = await _open(self.domain, self.socket_path, _DISCARD_CHUNK)
             self._writer.transport.set_write_buffer_limits(high=0)
-            self._loop = asyncio.get_running_loop()
-            self._discarding = self._loop.create_task(self._discard(reader))
+            loop = asyncio.get_running_loop()
+            self._call_soon = loop.call_soon
+            self._discarding = loop.create_task(self._discard(reader))
+            self._live = True
             self._write_out()  # the publish-only declaration
         return self
 
@@ -676,17 +869,108 @@ class AsyncPublisher(_PublisherState):
         sequence: int | None = None,
         timestamp_ns: int | None = None,
     ) -> int:
-        """Build one message of ``(type, value)`` records into the buffer; return its sequence number."""
-        if self._writer is None:
+        """Build one message of ``(type, value)`` records into the buffer; return its sequence number.
+
+        As ``publish_nowait``, but connects first if need be, and when
+        ``flush_size`` bytes are buffered writes them out and waits until the
+        kernel has taken them (the publisher's back-pressure).
+        """
+        if not self._live:
             await self.connect()
-        if self._closed_by_relay:
-            raise self._lost()
-        number = self._encode(records, flags, sequence, timestamp_ns)
+            if self._closed_by_relay:
+                raise self._lost()
+        # The fast path, inlined (a call costs as much as the rest): one standard record of the length last
+        # published, room in the buffer, no checksum (``_one`` is never set then). Anything else: ``_encode``.
+        n, total, pack_into = self._one
+        start = self._fill
+        try:
+            tlv_type, value = records[0] if len(records) == 1 else _NOT_ONE  # type: ignore[arg-type,index]
+        except TypeError:  # an iterator
+            tlv_type, value = _NOT_ONE
+        if (
+            value.__class__ is bytes
+            and len(value) == n
+            and 0 < tlv_type < _EXTENDED_TLV
+            and start + total <= self._limit
+        ):
+            if sequence is None:
+                sequence = self.next_sequence
+            if timestamp_ns is None:
+                timestamp_ns = _time_ns()
+            pack_into(
+                self._buf, start, self._prefix | flags << 56, sequence, timestamp_ns, n + 2, 0, tlv_type, n, value
+            )
+            self._fill = start + total
+            self.next_sequence = sequence + 1
+        else:
+            sequence = self._encode(records, flags, sequence, timestamp_ns)
         if self._fill >= self.flush_size:
             await self._send(b"")
         elif not self._scheduled:
-            self._schedule()
-        return number
+            self._scheduled = True
+            self._call_soon(self._write_out)
+        return sequence
+
+    def publish_nowait(
+        self,
+        records: Iterable[tuple[int, bytes]] = (),
+        *,
+        flags: int = 0,
+        sequence: int | None = None,
+        timestamp_ns: int | None = None,
+    ) -> int:
+        """Build one message into the buffer without awaiting anything; return its sequence number.
+
+        The message goes out with everything else buffered when the event
+        loop next turns (as with ``publish``); when ``flush_size`` bytes are
+        buffered they are handed to the transport at once, which keeps what
+        the kernel does not take yet. Nothing waits here, so a caller that
+        publishes without ever awaiting should ``await flush()`` now and then
+        (``publish`` does that for it). Needs a connected publisher
+        (``async with`` or ``await connect()``).
+        """
+        if not self._live:
+            raise self._not_live()
+        # The fast path, inlined (a call costs as much as the rest): one standard record of the length last
+        # published, room in the buffer, no checksum (``_one`` is never set then). Anything else: ``_encode``.
+        n, total, pack_into = self._one
+        start = self._fill
+        try:
+            tlv_type, value = records[0] if len(records) == 1 else _NOT_ONE  # type: ignore[arg-type,index]
+        except TypeError:  # an iterator
+            tlv_type, value = _NOT_ONE
+        if (
+            value.__class__ is bytes
+            and len(value) == n
+            and 0 < tlv_type < _EXTENDED_TLV
+            and start + total <= self._limit
+        ):
+            if sequence is None:
+                sequence = self.next_sequence
+            if timestamp_ns is None:
+                timestamp_ns = _time_ns()
+            pack_into(
+                self._buf, start, self._prefix | flags << 56, sequence, timestamp_ns, n + 2, 0, tlv_type, n, value
+            )
+            self._fill = start + total
+            self.next_sequence = sequence + 1
+        else:
+            sequence = self._encode(records, flags, sequence, timestamp_ns)
+        if self._fill >= self.flush_size:
+            self._write_out()
+        elif not self._scheduled:
+            self._scheduled = True
+            self._call_soon(self._write_out)
+        return sequence
+
+    def _not_live(self) -> Exception:
+        if self._closed_by_relay:
+            return self._lost()
+        if self._call_soon is _not_connected:
+            return RuntimeError(
+                f"the {self.kind} to the {self.domain} relay is not connected: use async with, or connect()"
+            )
+        return self._closed()
 
     async def publish_raw(self, message: Buffer) -> None:
         """Send bytes exactly as given, valid or not, after everything buffered."""
@@ -707,6 +991,7 @@ class AsyncPublisher(_PublisherState):
                 await self._send(b"")
         writer, self._writer = self._writer, None
         discarding, self._discarding = self._discarding, None
+        self._live = False
         if writer is None or discarding is None:
             return
         try:
@@ -728,11 +1013,6 @@ class AsyncPublisher(_PublisherState):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
-
-    def _schedule(self) -> None:
-        assert self._loop is not None
-        self._scheduled = True
-        self._loop.call_soon(self._write_out)
 
     def _write_out(self) -> None:
         """Hand the buffered messages to the transport, as an immutable copy (see the uvloop hazard)."""
@@ -761,6 +1041,7 @@ class AsyncPublisher(_PublisherState):
             while await reader.read(_DISCARD_CHUNK):
                 pass
         self._closed_by_relay = True
+        self._live = False
 
 
 class AsyncSubscriber(_SubscriberState):
@@ -777,8 +1058,10 @@ class AsyncSubscriber(_SubscriberState):
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         tlv_types: Iterable[int] | None = None,
         sources: Iterable[int] | None = None,
+        positions: bool = False,
+        resume_from: protocol.Position | str | None = None,
     ):
-        super().__init__(domain, socket_path, buffer_size, tlv_types, sources)
+        super().__init__(domain, socket_path, buffer_size, tlv_types, sources, positions, resume_from)
         self._buffer_size = buffer_size
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -813,6 +1096,18 @@ class AsyncSubscriber(_SubscriberState):
         Raises ``EOFError`` when the relay has closed the connection between
         messages, ``RelayConnectionError`` when it closed it mid-message.
         """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            raw = await self._next_raw(None if deadline is None else max(0.0, deadline - loop.time()))
+            if raw is None:
+                return None
+            batch = self._data(raw)
+            if batch is not None:
+                return batch
+
+    async def _next_raw(self, timeout: float | None) -> np.ndarray | None:
+        """The next batch as the relay sent it, notices included."""
         await self.connect()
         assert self._reader is not None
         loop = asyncio.get_running_loop()
@@ -845,13 +1140,38 @@ class AsyncSubscriber(_SubscriberState):
             assert batch is not None
             yield batch
 
-    async def _views(self) -> AsyncIterator[MessageView]:
-        async for batch in self.batches():
-            for view in iter_views(batch.tobytes()):
-                yield view
+    async def _each_view(self) -> AsyncIterator[MessageView]:
+        if self.positioned:  # as Subscriber's: notices out, the position past each message handed out
+            while True:
+                try:
+                    raw = await self._next_raw(None)
+                except EOFError:
+                    return
+                assert raw is not None
+                for view in self._views(raw):
+                    yield view
+        await self.connect()
+        framer = self._framer
+        while True:
+            data = framer.take()
+            if data is not None:
+                for view in iter_views(data):
+                    yield view
+                continue
+            assert self._reader is not None
+            try:
+                chunk = await self._reader.read(len(framer.space()))
+            except ConnectionError as exc:
+                raise self._lost(exc) from exc
+            if not chunk:
+                ended = self._ended()
+                if isinstance(ended, EOFError):
+                    return
+                raise ended
+            framer.feed(chunk)
 
     def __aiter__(self) -> AsyncIterator[MessageView]:
-        return self._views()
+        return self._each_view()
 
     async def messages(self) -> AsyncIterator[protocol.Message]:
         """Each message decoded into a ``protocol.Message``, as ``Subscriber.messages``."""

@@ -25,8 +25,9 @@ import tempfile
 import threading
 import time
 
-from jitrelay import common
 from jitrelay.core import protocol
+
+from . import common
 
 READY_MARKER = "relay listening on"
 STARTUP_SECONDS = 120.0  # a fresh environment compiles the kernels before the relay listens

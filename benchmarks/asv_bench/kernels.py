@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import zlib
 
-from jitrelay import common, kernels
+from jitrelay import kernels
+
+from . import common
 
 CRC = [False, True]
 

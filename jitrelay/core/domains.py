@@ -29,6 +29,11 @@ FSYNC_EVERY = "every"
 FSYNC_BATCH = "batch"
 FSYNC_NONE = "none"
 JOURNAL_FSYNC = (FSYNC_EVERY, FSYNC_BATCH, FSYNC_NONE)
+# What a relay does when a journal append fails: hold the publishers and retry (nothing unjournaled is
+# forwarded), or forward the batch anyway and count the error.
+JOURNAL_PAUSE = "pause"
+JOURNAL_FORWARD = "forward"
+JOURNAL_ON_ERROR = (JOURNAL_PAUSE, JOURNAL_FORWARD)
 
 DEFAULT_SOCKET_DIR = "/tmp/jitrelay"
 SOCKET_DIR_ENV = "JITRELAY_SOCKET_DIR"
@@ -58,15 +63,18 @@ class RelayLogic:
     verify_checksum: bool = False
     max_payload: int = 1 * MiB
     slow_policy: str = DISCONNECT
-    # A subscriber with more than ``pending_high`` bytes pending pauses every
-    # publisher until it is back under ``pending_low``. Under ``disconnect`` a
-    # subscriber still above ``pending_low`` after ``slow_timeout`` seconds is
-    # dropped; under ``block`` it is waited for.
+    # Under ``disconnect`` a subscriber more than ``pending_high`` bytes behind
+    # the head of the log has ``slow_timeout`` seconds to come back under
+    # ``pending_low`` before it is cut off (one the log leaves behind is cut off
+    # at once, or told of the gap if it asked for positions); nobody waits for it.
     pending_high: int = 8 * MiB
     pending_low: int = 2 * MiB
     slow_timeout: float = 1.0
     # Receive buffer per connection; raised to hold at least two max-size messages.
     buffer_size: int = 4 * MiB
+    # The relay's log: one ring of every forwarded byte, from which each subscriber is sent its share and
+    # behind which it may fall this far before the slow policy acts on it. Raised to two receive buffers.
+    log_size: int = 64 * MiB
     socket_path: Path = field(default_factory=lambda: Path())
     # Who may connect, checked with the peer's credentials at accept: a peer
     # is allowed when its uid or its gid is listed. None admits anyone who can
@@ -79,6 +87,7 @@ class RelayLogic:
     journal_dir: Path = field(default_factory=lambda: Path())
     journal_fsync: str = FSYNC_BATCH
     journal_rotate_bytes: int = 256 * MiB
+    journal_on_error: str = JOURNAL_FORWARD
     # Serve Prometheus metrics over HTTP on 127.0.0.1 at this port; None serves none.
     metrics_port: int | None = None
     # TCP listeners beside the Unix socket, as ``tcp://HOST:PORT`` (port 0 picks a free one). TCP peers
@@ -107,6 +116,8 @@ class RelayLogic:
             self.journal_dir = Path(self.socket_path).parent / "journal"
         if self.journal_fsync not in JOURNAL_FSYNC:
             raise ValueError(f"journal_fsync must be one of {JOURNAL_FSYNC}, not {self.journal_fsync!r}")
+        if self.journal_on_error not in JOURNAL_ON_ERROR:
+            raise ValueError(f"journal_on_error must be one of {JOURNAL_ON_ERROR}, not {self.journal_on_error!r}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be a TCP port (0..65535), not {self.metrics_port}")
         if self.max_connections < 1:
@@ -118,6 +129,7 @@ class RelayLogic:
         except ValueError as exc:
             raise ValueError(f"allowed_networks: {exc}") from None
         self.buffer_size = max(self.buffer_size, 2 * (protocol.HEADER_SIZE + self.max_payload))
+        self.log_size = max(self.log_size, 2 * self.buffer_size)
 
     def admits(self, uid: int, gid: int) -> bool:
         """Whether a peer with these credentials may connect."""
@@ -158,6 +170,7 @@ class SignalLogic(RelayLogic):
     max_payload: int = 32 * KiB
     slow_policy: str = DISCONNECT
     buffer_size: int = 1 * MiB
+    log_size: int = 16 * MiB
     max_connections: int = 1000
 
 
@@ -172,6 +185,7 @@ class ExecutionLogic(RelayLogic):
     allowed_uids: tuple[int, ...] | None = field(default_factory=lambda: (os.getuid(),))
     max_connections: int = 100
     journal: bool = True
+    journal_on_error: str = JOURNAL_PAUSE
 
 
 def parse_listen(address: str) -> tuple[str, int]:

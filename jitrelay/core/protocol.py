@@ -12,6 +12,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -129,6 +130,19 @@ UNSUBSCRIBE = 102
 # Empty value: the sender only publishes, so the relay sends it nothing (it never reads, and is never slow).
 PUBLISH_ONLY = 103
 BITMAP_SIZE = 32
+# Empty value: tell me where I am in the relay's stream. A position as value (epoch, offset, message,
+# ``POSITION_SIZE`` bytes): send me what follows it. Either way the relay then puts notices in the stream.
+POSITIONS = 104
+POSITION_SIZE = 24
+
+# Notices a relay puts in the stream of a subscriber that asked for positions (system domain, never
+# forwarded from anyone): where the next message is, and what it missed.
+POSITION_NOTICE = 110  # value: the position of the next message
+GAP_NOTICE = 111  # value: reason (1 byte), then messages and bytes missed (8 bytes each)
+GAP_SIZE = 17
+GAP_LEFT_LOG = 1  # the subscriber fell out of the log, or asked for a position that had left it
+GAP_UNKNOWN_EPOCH = 2  # it asked for a position of another relay process: how much it missed is not known
+UNKNOWN = (1 << 64) - 1  # a gap's count when it cannot be known
 
 # Stream-fatal faults: the connection cannot be trusted past them.
 NO_FAULT = 0
@@ -337,6 +351,77 @@ def publish_only_message(*, source: int = 0) -> bytes:
     return build_message(SYSTEM, [(PUBLISH_ONLY, b"")], source=source)
 
 
+class Position(NamedTuple):
+    """Where a message is in one relay process's stream: its epoch, the stream offset and number of the message."""
+
+    epoch: int
+    offset: int
+    message: int
+
+    def encode(self) -> bytes:
+        return _POSITION.pack(self.epoch, self.offset, self.message)
+
+    @classmethod
+    def decode(cls, value: bytes | memoryview) -> Position:
+        return cls(*_POSITION.unpack(bytes(value)))
+
+    def __str__(self) -> str:
+        return f"{self.epoch:x}:{self.offset}:{self.message}"
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        """``EPOCH:OFFSET:MESSAGE`` (epoch in hex), as ``str`` writes it."""
+        try:
+            epoch, offset, message = text.split(":")
+            return cls(int(epoch, 16), int(offset), int(message))
+        except ValueError:
+            raise ValueError(f"not a position: {text!r} (EPOCH:OFFSET:MESSAGE, as a subscriber reports it)") from None
+
+
+class Gap(NamedTuple):
+    """What a gap notice says: why, and how many messages and bytes the subscriber missed (``UNKNOWN`` if unknown)."""
+
+    reason: int
+    messages: int
+    bytes: int
+
+
+_POSITION = struct.Struct("<QQQ")
+_GAP = struct.Struct("<BQQ")
+
+
+def positions_message(resume_from: Position | None = None, *, source: int = 0) -> bytes:
+    """A control message asking for position notices, and to start after ``resume_from`` when given."""
+    return build_message(SYSTEM, [(POSITIONS, b"" if resume_from is None else resume_from.encode())], source=source)
+
+
+def position_notice(position: Position) -> bytes:
+    return build_message(SYSTEM, [(POSITION_NOTICE, position.encode())], timestamp_ns=time.time_ns())
+
+
+def gap_notice(gap: Gap) -> bytes:
+    return build_message(SYSTEM, [(GAP_NOTICE, _GAP.pack(*gap))], timestamp_ns=time.time_ns())
+
+
+def read_notice(message: bytes | memoryview) -> Position | Gap:
+    """The position or gap a relay's notice carries; ``ProtocolError`` for anything else."""
+    for tlv_type, value in iter_records(memoryview(message)[HEADER_SIZE:]):
+        if tlv_type == POSITION_NOTICE and len(value) == POSITION_SIZE:
+            return Position.decode(value)
+        if tlv_type == GAP_NOTICE and len(value) == GAP_SIZE:
+            return Gap(*_GAP.unpack(bytes(value)))
+    raise ProtocolError("a system-domain message in the stream that is not a position or gap notice")
+
+
+def requested_position(message: bytes | memoryview) -> Position | None | bool:
+    """What a well-formed control message asks of positions: False (nothing), True (notices), or a resume position."""
+    asked: Position | None | bool = False
+    for tlv_type, value in iter_records(memoryview(message)[HEADER_SIZE:]):
+        if tlv_type == POSITIONS:
+            asked = Position.decode(value) if len(value) else True
+    return asked
+
+
 Filter = tuple[frozenset[int] | None, frozenset[int] | None]  # (TLV types, sources); None: any
 EVERYTHING: Filter = (None, None)
 
@@ -351,7 +436,7 @@ def apply_control(current: Filter, message: bytes | memoryview) -> Filter:
             sources = bitmap_values(value)
         elif tlv_type == UNSUBSCRIBE:
             tlv_types = sources = None
-        elif tlv_type != PUBLISH_ONLY:  # publish-only leaves the filter alone: see ``declares_publish_only``
+        elif tlv_type not in (PUBLISH_ONLY, POSITIONS):  # neither changes the filter
             raise ProtocolError(f"record type {tlv_type} is not a control record")
     return tlv_types, sources
 

@@ -11,9 +11,11 @@ re-read of its header only, never of its payload.
 
 Each public function here checks its arguments and allocates; the loops that
 do the work live in ``loops``. Which build of them runs is chosen once, at
-the first call (``backend``): the ahead-of-time module from ``aot`` by
-default, numba's JIT with ``JITRELAY_KERNELS=jit`` or when no module can be
-built, and plain Python under ``NUMBA_DISABLE_JIT=1``. The ahead-of-time
+the first call (``backend``): by default the ahead-of-time module built with
+the package, else one built at run time into the cache folder (``build``);
+numba's JIT with ``JITRELAY_KERNELS=jit`` or when no module can be built or
+loaded; plain Python under ``NUMBA_DISABLE_JIT=1``. Each fallback is a
+warning that says why and what it costs. The ahead-of-time
 module trusts its arguments, so the checks here are what keeps a wrong dtype
 from reading the wrong memory.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
@@ -31,6 +34,8 @@ import numpy as np
 from jitrelay.core import protocol as p
 from jitrelay.core.domains import RelayLogic
 from jitrelay.kernels import build
+from jitrelay.kernels.constants import SEND_FAILED as SEND_FAILED  # re-exported: the engine reads them here
+from jitrelay.kernels.constants import SEND_SKIPPED as SEND_SKIPPED
 
 log = logging.getLogger("jitrelay.kernels")
 
@@ -67,19 +72,51 @@ def _load() -> ModuleType:
     choice = requested_backend()
     if choice == "aot":
         try:
-            module = build.load()
+            module = _load_compiled()
         except build.Unavailable as error:
             log.warning(
-                "no ahead-of-time build of the kernels (%s); compiling them with numba in this process instead", error
+                "no ahead-of-time build of the kernels (%s); compiling them with numba in this process instead: "
+                "%s of compiling at the first calls and about %d MiB more resident memory for numba and LLVM",
+                error,
+                JIT_COST_SECONDS,
+                JIT_COST_MIB,
             )
         else:
             _BACKEND_INFO.update(name="aot", path=module.__file__, seconds=time.perf_counter() - started)
             return module
         choice = "jit"
+    elif choice == "jit":
+        log.info("JITRELAY_KERNELS=jit: numba compiles the kernels at their first calls (%s)", JIT_COST_SECONDS)
     from jitrelay.kernels import loops
 
     _BACKEND_INFO.update(name=choice, path=loops.__file__, seconds=time.perf_counter() - started)
     return loops
+
+
+# What the fallbacks cost, as measured on a 2-core machine; the warnings quote them.
+BUILD_COST_SECONDS = "5 to 10 s"
+JIT_COST_SECONDS = "about 5 s"
+JIT_COST_MIB = 150
+
+
+def _load_compiled() -> ModuleType:
+    """The module built with the package, else the one built at run time in the cache folder (built now if needed)."""
+    try:
+        return build.load_packaged()
+    except build.Unavailable as error:
+        not_packaged = str(error)
+
+    def announce(path: Path) -> None:
+        log.warning(
+            "%s; building the kernels now with numba and the C compiler into %s (%s, once per machine and version)",
+            not_packaged,
+            path,
+            BUILD_COST_SECONDS,
+        )
+
+    module = build.load(announce=announce)
+    log.info("%s; loaded the kernels built at run time", not_packaged)
+    return module
 
 
 _BACKEND_INFO: dict = {"name": None, "path": None, "seconds": None}
@@ -273,6 +310,115 @@ def compact(buf: np.ndarray, runs: np.ndarray, n_runs: int, out: np.ndarray | No
     return out[:total]
 
 
+def log_append(
+    buf: np.ndarray, runs: np.ndarray, n_runs: int, ring: np.ndarray, size: int, mirror: int, at: int
+) -> int:
+    """Copy a scan's forwarded runs into the relay's log ring at ``at``, wrapping at ``size``; the bytes appended.
+
+    ``ring`` holds ``size + mirror`` bytes: its first ``mirror`` bytes are
+    repeated after the end, so a message that starts before the wrap is whole.
+    """
+    _bytes(buf)
+    _bytes(ring, "ring", writable=True)
+    if not 0 <= n_runs <= len(_array(runs, _I64, 1, "runs")) // 2:
+        raise ValueError(f"{n_runs} runs do not fit in an array of {len(runs)} bounds")
+    if not (size > 0 and 0 <= mirror <= size and size + mirror <= len(ring) and 0 <= at < size):
+        raise ValueError(f"a ring of {len(ring)} bytes cannot be {size} plus a mirror of {mirror} written at {at}")
+    appended = int(_loops.log_append(buf, runs, n_runs, ring, size, mirror, at))  # checks the runs itself
+    if appended < 0:
+        raise ValueError("runs reach outside the buffer, or hold more bytes than the ring")
+    return appended
+
+
+class FanOut:
+    """The send loop's arrays (``send_loop.send_all``), owned here so that a batch's call passes a few integers.
+
+    The engine writes each target's descriptor and, for ``send``, the slice of
+    ``iovecs`` it gets (``iov_first``, ``iov_count``) and the ``(address,
+    length)`` pairs those slices hold. ``send_uniform`` gives every target the
+    same first iovecs and keeps the slices right itself. ``totals`` adds up what
+    each target took; ``reserve`` grows the arrays.
+    """
+
+    def __init__(self, targets: int = 16, iovecs: int = 64) -> None:
+        self.fds = np.full(targets, -1, dtype=np.int64)
+        self.iov_first = np.zeros(targets, dtype=np.int64)
+        self.iov_count = np.zeros(targets, dtype=np.int64)
+        self.sent = np.zeros(targets, dtype=np.int64)
+        self.totals = np.zeros(targets, dtype=np.int64)
+        self.iovecs = np.zeros(2 * iovecs, dtype=np.uint64)
+        self.msghdr = np.zeros(7, dtype=np.uint64)
+        self._uniform: tuple[int, int] | None = None  # (targets, iovecs) the slices hold for send_uniform
+
+    def reserve(self, targets: int, iovecs: int) -> None:
+        """Room for ``targets`` targets and ``iovecs`` iovecs, keeping what is there."""
+        if targets > len(self.fds):
+            size = max(targets, 2 * len(self.fds))
+            for name in ("fds", "iov_first", "iov_count", "sent", "totals"):
+                old = getattr(self, name)
+                new = np.full(size, -1, dtype=np.int64) if name == "fds" else np.zeros(size, dtype=np.int64)
+                new[: len(old)] = old
+                setattr(self, name, new)
+            self._uniform = None
+        if 2 * iovecs > len(self.iovecs):
+            new = np.zeros(max(2 * iovecs, 2 * len(self.iovecs)), dtype=np.uint64)
+            new[: len(self.iovecs)] = self.iovecs
+            self.iovecs = new
+
+    def send(self, targets: int, skip: int = -1) -> int:
+        """Hand the first ``targets`` targets their iovecs, non-blocking; how many took less than all.
+
+        ``sent`` then holds per target what its socket took: ``SEND_FAILED``
+        (-1) when nothing could be sent (its socket is full, or an error the
+        engine finds on its next send), ``SEND_SKIPPED`` (-2) for ``skip``.
+        """
+        if not 0 <= targets <= len(self.fds):
+            raise ValueError(f"{targets} targets, room for {len(self.fds)}")
+        first, count = self.iov_first[:targets], self.iov_count[:targets]
+        if targets and (
+            int(first.min()) < 0 or int(count.min()) < 0 or int((first + count).max()) > len(self.iovecs) // 2
+        ):
+            raise ValueError("a target's iovecs reach outside the iovec array")
+        self._uniform = None
+        return self._call(targets, skip)
+
+    def send_uniform(self, targets: int, iovecs: int, skip: int = -1) -> int:
+        """``send`` with every target given the first ``iovecs`` iovecs (a batch for everyone unfiltered)."""
+        if not (0 <= targets <= len(self.fds) and 0 <= iovecs <= len(self.iovecs) // 2):
+            raise ValueError(
+                f"{targets} targets of {iovecs} iovecs, room for {len(self.fds)} of {len(self.iovecs) // 2}"
+            )
+        if self._uniform != (targets, iovecs):
+            self.iov_first[:targets] = 0
+            self.iov_count[:targets] = iovecs
+            self._uniform = (targets, iovecs)
+        return self._call(targets, skip)
+
+    def _call(self, targets: int, skip: int) -> int:
+        return int(
+            _send_all()(
+                self.fds[:targets],
+                skip,
+                self.iov_first[:targets],
+                self.iov_count[:targets],
+                self.iovecs,
+                self.msghdr,
+                self.sent[:targets],
+                self.totals[:targets],
+            )
+        )
+
+
+def _send_all() -> object:
+    """The compiled send loop: in the ahead-of-time module, else the JIT's (or Python's) own."""
+    compiled = getattr(_loaded(), "send_all", None)
+    if compiled is not None:
+        return compiled
+    from jitrelay.kernels import send_loop  # the JIT and Python builds only: it imports numba
+
+    return send_loop.send_all
+
+
 class GroupTables(NamedTuple):
     """The filters of the subscriber groups, as per-byte-value bitmasks of groups (64 groups a word).
 
@@ -424,6 +570,12 @@ def crc32(data: np.ndarray, value: int = 0) -> int:
     """CRC-32 of a uint8 array, the same as ``zlib.crc32(data, value)``."""
     data = np.ascontiguousarray(data, dtype=np.uint8)
     return int(_loops.crc32(data, 0, len(data), value & 0xFFFFFFFF, CRC_TABLES))
+
+
+def message_end(buf: np.ndarray, pos: int, end: int) -> int:
+    """Where the message starting at ``pos`` ends, or -1 when ``buf[pos:end]`` does not hold it whole."""
+    _range(_bytes(buf), pos, end)
+    return int(_loops.next_message_end(buf, pos, end))
 
 
 def message_crc(buf: np.ndarray, pos: int = 0) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
+
 import numpy as np
 
 from jitrelay import kernels
@@ -9,6 +12,7 @@ from jitrelay.core import protocol
 from jitrelay.core.units import MiB
 
 DEFAULT_BUFFER_SIZE = 4 * MiB
+_MAGIC_AND_SIZE = struct.Struct(f"<I{protocol.OFF_PAYLOAD_SIZE - 4}xI")  # a header's magic and payload_size
 
 Buffer = bytes | bytearray | memoryview | np.ndarray
 
@@ -28,6 +32,7 @@ class MessageFramer:
         if buffer_size < 1:
             raise ValueError("buffer_size must be positive")
         self._buf = np.empty(buffer_size, dtype=np.uint8)
+        self._bytes = memoryview(self._buf)  # the same memory: cheaper to slice, for reads and copies out
         self._start = 0
         self._end = 0
 
@@ -42,14 +47,16 @@ class MessageFramer:
 
     def space(self) -> np.ndarray:
         """The free tail of the buffer, where the next read should land; never empty."""
-        if self._start:
+        if self._start == self._end:  # everything returned: start again at the front, nothing to move
+            self._start = self._end = 0
+        elif self._start:
             tail = self._end - self._start
             self._buf[:tail] = self._buf[self._start : self._end]
             self._start, self._end = 0, tail
         if self._end == len(self._buf):
             grown = np.empty(2 * len(self._buf), dtype=np.uint8)
             grown[: self._end] = self._buf[: self._end]
-            self._buf = grown
+            self._buf, self._bytes = grown, memoryview(grown)
         return self._buf[self._end :]
 
     def commit(self, count: int) -> None:
@@ -74,13 +81,46 @@ class MessageFramer:
         Raises ``ProtocolError`` at a header whose magic is wrong, once the
         messages before it have been returned.
         """
-        count, consumed, fault = kernels.frame(self._buf, self._start, self._end)
+        consumed = self._framed()
+        if consumed is None:
+            return None
+        batch = self._buf[self._start : consumed].copy()
+        self._start = consumed
+        return batch
+
+    def take(self) -> bytes | None:
+        """As ``maybe_extract_batch``, as ``bytes``: one copy, what message views read from."""
+        consumed = self._framed()
+        if consumed is None:
+            return None
+        batch = self._bytes[self._start : consumed].tobytes()
+        self._start = consumed
+        return batch
+
+    def read_from(self, recv_into: Callable[[memoryview], int]) -> int:
+        """Read once into the free tail with ``recv_into`` (a socket's) and keep what it read; return the count."""
+        if self._start == self._end:  # the usual case: everything returned, read at the front
+            self._start = self._end = 0
+        else:
+            self.space()
+        received = recv_into(self._bytes[self._end :])
+        self._end += received
+        return received
+
+    def _framed(self) -> int | None:
+        """Where the complete messages buffered end, or None if there is none (the kernel only if bytes wait)."""
+        start, end = self._start, self._end
+        if start == end:
+            return None
+        if end - start >= protocol.HEADER_SIZE:  # exactly one message (a paced stream's read): no kernel call
+            magic, payload_size = _MAGIC_AND_SIZE.unpack_from(self._bytes, start)
+            if magic == protocol.MAGIC and protocol.HEADER_SIZE + payload_size == end - start:
+                return end
+        count, consumed, fault = kernels.frame(self._buf, start, end)
         if count == 0:
             if fault != protocol.NO_FAULT:
                 raise protocol.ProtocolError(
                     f"{protocol.FAULT_NAMES[fault]}: the stream holds no message header where one should start"
                 )
             return None
-        batch = self._buf[self._start : consumed].copy()
-        self._start = consumed
-        return batch
+        return consumed

@@ -163,6 +163,9 @@ def _control_verdict(buf, pos, length):
         if tlv_type == p.SUBSCRIBE_TLV_TYPES or tlv_type == p.SUBSCRIBE_SOURCES:
             if value_len != p.BITMAP_SIZE:
                 return p.MALFORMED_TLV
+        elif tlv_type == p.POSITIONS:
+            if value_len != 0 and value_len != p.POSITION_SIZE:
+                return p.MALFORMED_TLV
         elif (tlv_type != p.UNSUBSCRIBE and tlv_type != p.PUBLISH_ONLY) or value_len != 0:
             return p.MALFORMED_TLV
         i += value_len
@@ -357,6 +360,45 @@ def compact(buf, runs, n_runs, out):
         _MEMCPY(np.uint64(target + o), np.uint64(source + a), np.uint64(b - a))
         o += b - a
     return o
+
+
+@njit(**_JIT)
+def log_append(buf, runs, n_runs, ring, size, mirror, at):
+    """Copy the first ``n_runs`` ``[begin, end)`` runs of ``buf`` back to back into a ring, from offset ``at``.
+
+    The ring holds ``size`` bytes plus ``mirror`` more after them: whatever is
+    written into its first ``mirror`` bytes is written there too, so a message
+    that starts before the end can be read whole without minding the wrap.
+    Returns the bytes appended, or -1 (nothing copied) when a run reaches
+    outside ``buf`` or the runs hold more than the ring.
+    """
+    total = 0
+    for k in range(n_runs):  # checked first, so that bad runs copy nothing: -1
+        a = runs[2 * k]
+        b = runs[2 * k + 1]
+        if a < 0 or b < a or b > len(buf):
+            return -1
+        total += b - a
+    if total > size:
+        return -1
+    source = np.uint64(buf.ctypes.data)
+    target = np.uint64(ring.ctypes.data)
+    o = at
+    total = 0
+    for k in range(n_runs):
+        a = runs[2 * k]
+        b = runs[2 * k + 1]
+        while a < b:
+            n = min(b - a, size - o)
+            _MEMCPY(target + np.uint64(o), source + np.uint64(a), np.uint64(n))
+            if o < mirror:
+                _MEMCPY(target + np.uint64(size + o), source + np.uint64(a), np.uint64(min(n, mirror - o)))
+            a += n
+            o += n
+            total += n
+            if o == size:
+                o = 0
+    return total
 
 
 _ONE = np.uint64(1)

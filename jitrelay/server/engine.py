@@ -1,21 +1,24 @@
-"""The relay's I/O shell: sockets, receive buffers, fan-out, back-pressure, shutdown.
+"""The relay's I/O shell: sockets, receive buffers, the log, cursors, back-pressure, shutdown.
 
 Data path, per read: uvloop reads straight into the connection's numpy
 buffer (``BufferedProtocol``); one ``kernels.scan_into`` call frames and
-judges every complete message in it; the accepted runs go to every other
-connection; the partial message at the end, if any, moves to the front of
-the buffer for the next read.
+judges every complete message in it; the accepted runs are appended once to
+the relay's log (``log.RelayLog``); one compiled call (``kernels.FanOut``)
+hands the new bytes, straight from the log, to every subscriber that is
+keeping up; the partial message at the end, if any, moves to the front of the
+receive buffer for the next read.
 
-uvloop keeps a reference to the memory of a write it cannot finish at once
-and sends whatever that memory holds later, and the receive buffer is reused
-on the next read. So runs are sent zero-copy only with a synchronous
-``send``/``sendmsg`` on a spare descriptor, when the subscriber has nothing
-queued; anything left over is queued in uvloop as an immutable copy, made
-at most once per batch and shared by every subscriber that needs it.
+Every subscriber is a cursor into the log. One whose socket took less than
+the batch falls behind alone: it waits for writability on its own socket and
+resumes from its position, while everyone else goes on. Nothing is queued
+per subscriber but positions (for a filtered one, the stream ranges its
+filter selected), and nothing is ever handed to uvloop to write, so uvloop
+never holds memory the relay will change.
 
-Memory is bounded: a receive buffer per connection (pages touched only by
-publishers), and per subscriber at most ``pending_high`` bytes plus one batch
-of pending writes before the slow-subscriber policy acts.
+Memory is bounded: the log, a receive buffer per connection (pages touched
+only by publishers), and per filtered subscriber that is behind, its ranges.
+A subscriber the log is about to leave behind is cut off under ``disconnect``;
+under ``block`` the publishers wait until the slowest cursor makes room.
 """
 
 from __future__ import annotations
@@ -33,24 +36,27 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import DISCONNECT, FSYNC_BATCH, RelayLogic
+from jitrelay.core.domains import BLOCK, DISCONNECT, FSYNC_BATCH, JOURNAL_PAUSE, RelayLogic
 from jitrelay.core.histogram import Histogram
 from jitrelay.core.units import MiB
 from jitrelay.server.figures import Figures
-from jitrelay.server.journal import Journal
+from jitrelay.server.journal import Journal, Replay, find_replay
+from jitrelay.server.log import RelayLog
 
 log = logging.getLogger("jitrelay.relay")
 
 SHUTDOWN_FLUSH_SECONDS = 1.0
 SOCKET_BUFFER = 4 * MiB  # kernel buffers per connection: fewer, larger reads and sends
-MAX_IOV = 64  # runs sent with one sendmsg; more are compacted first
+CATCH_UP_BYTES = 8 * MiB  # the most one writability callback hands a subscriber that is behind
+CATCH_UP_PIECES = 1024  # and in at most this many pieces (one sendmsg)
 SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
+JOURNAL_RETRY_SECONDS = 0.2  # how often a relay holding its publishers tries a failed journal append again
 SLOW_PIDS_KEPT = 1000  # pids of the latest subscribers dropped as slow, for the figures
 _PEERCRED = struct.Struct("3i")
 
 
 class Connection(asyncio.BufferedProtocol):
-    """One client connection: a publisher, a subscriber, or both."""
+    """One client connection: a publisher, a subscriber, or both; as a subscriber, a cursor into the log."""
 
     def __init__(self, relay: Relay, conn_id: int):
         self.relay = relay
@@ -66,8 +72,23 @@ class Connection(asyncio.BufferedProtocol):
         self.bytes_out = 0
         self.fault = protocol.NO_FAULT
         self.slow_timer: asyncio.TimerHandle | None = None
-        self.spare: socket.socket | None = None  # a second descriptor: zero-copy sends and salvage
+        self.spare: socket.socket | None = None  # a second descriptor: sends from the log, and salvage
+        self.fd = -1
         self.filter: protocol.Filter = protocol.EVERYTHING  # what it asked to receive (control messages)
+        self.published = False  # has appended a batch to the log: its cursor skips its own batches
+        # The cursor. Keeping up (``behind`` False): it is at the head and gets each batch from the send loop.
+        # Behind: an unfiltered one resumes at ``position``; a filtered one owes the stream ranges in ``owed``.
+        self.behind = False
+        self.position = 0
+        self.owed: deque[np.ndarray] = deque()  # (k, 2) arrays of [start, end) stream offsets, oldest first
+        self.held = False  # a publisher paused under ``block`` until the log has room for its bytes
+        # Positions (opt in, docs/protocol.md): notices in its stream say where each run of messages starts.
+        self.positioned = False
+        self.stream_at: int | None = None  # stream offset after the last log byte sent; None: a notice is due
+        self.prefix = bytearray()  # bytes due before any more from the log: notices, the rest of a cut message
+        self.writing = False  # a writability callback is registered
+        self.replay: Replay | None = None  # resuming from the journal, before the log takes over
+        self.replay_epoch = 0  # the epoch the last position notice of the replay named
         self.publish_only = False  # it declared it never reads: no target list holds it, so it is never slow
 
     # asyncio protocol callbacks
@@ -103,12 +124,12 @@ class Connection(asyncio.BufferedProtocol):
             transport.abort()
             return
         self.spare.setblocking(False)
+        self.fd = self.spare.fileno()
         with contextlib.suppress(OSError):
             self.spare.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             self.spare.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
             if tcp:
                 self.spare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=self.relay.logic.pending_high, low=self.relay.logic.pending_low)
         self.relay.add(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -124,11 +145,12 @@ class Connection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.stop_sending(self)  # a held publisher stays held: its buffered messages go out when there is room
         if self.spare is not None:
             if self.fault == protocol.NO_FAULT and not self.relay.stopping:
                 self._salvage()
             self.spare.close()
-        if self.filled and self.fault == protocol.NO_FAULT:
+        if self.filled and self.fault == protocol.NO_FAULT and not self.held:
             self.relay.torn_messages += 1
             log.info("%s closed mid-message; discarded %d bytes of an unfinished message", self.peer, self.filled)
         self.filled = 0
@@ -144,7 +166,7 @@ class Connection(asyncio.BufferedProtocol):
         ``SALVAGE_LIMIT`` buffers.
         """
         budget = SALVAGE_LIMIT * len(self.buf)
-        while budget > 0 and self.fault == protocol.NO_FAULT:
+        while budget > 0 and self.fault == protocol.NO_FAULT and not self.held:
             try:
                 nbytes = self.spare.recv_into(self.view[self.filled :])
             except OSError:
@@ -154,15 +176,19 @@ class Connection(asyncio.BufferedProtocol):
             budget -= nbytes
             self.buffer_updated(nbytes)
 
-    def pause_writing(self) -> None:
-        self.relay.on_over_limit(self)
+    # the cursor
 
-    def resume_writing(self) -> None:
-        self.relay.on_under_limit(self)
+    def needed(self) -> int:
+        """The oldest stream offset this subscriber still has to receive (the head when it keeps up)."""
+        if not self.behind or self.replay is not None:  # a replay reads the journal: it holds nothing in the log
+            return self.relay.log.head
+        if self.filter == protocol.EVERYTHING:
+            return self.position
+        return int(self.owed[0][0, 0]) if self.owed else self.relay.log.head
 
 
 class Relay:
-    """Fans out every valid message a connection sends to all other connections."""
+    """Appends every valid message a connection sends to its log, and sends each subscriber its share from there."""
 
     def __init__(self, logic: RelayLogic, journal: Journal | None = None, kernel_load_seconds: float = 0.0):
         self.logic = logic
@@ -172,33 +198,46 @@ class Relay:
         self._journal_timer: asyncio.TimerHandle | None = None
         self.tables = kernels.tables_for(logic)
         self.scan_out = kernels.ScanBuffers(logic.buffer_size)
+        self.log = RelayLog(logic.log_size, protocol.HEADER_SIZE + logic.max_payload)
         self.connections: dict[int, Connection] = {}
         # Who receives what: connections without a filter get every forwarded
-        # run; each distinct filter is a group whose runs ``kernels.scan_and_route`` cuts.
-        self._everyone: tuple[tuple[Connection, asyncio.Transport], ...] = ()
-        self._groups: tuple[tuple[tuple[Connection, asyncio.Transport], ...], ...] = ()
+        # byte; each distinct filter is a group whose runs ``kernels.scan_and_route`` cuts.
+        self._groups: tuple[tuple[Connection, ...], ...] = ()
         self._group_filters: list[protocol.Filter] = []
         self._group_tables: kernels.GroupTables | None = None
         self._routed = kernels.RouteBuffers(logic.buffer_size, 1)
-        # Where runs too many for one sendmsg are packed; reused, as every send copies or finishes before the next.
-        self._packed = np.empty(logic.buffer_size, dtype=np.uint8)
+        # The send loop's targets: every subscriber keeping up, in ``_targets`` order; rebuilt when that changes.
+        self._fan = kernels.FanOut()
+        self._targets: list[Connection] = []
+        self._target_group = np.zeros(0, dtype=np.int64)  # -1 for the unfiltered, else the group index
+        self._targets_dirty = True
+        self._behind: set[Connection] = set()
+        self._positioned: set[Connection] = set()  # they are always sent to from their cursors, with notices
+        self._held: set[Connection] = set()
+        self._journal_held: list[Connection] = []  # publishers whose batch waits for the journal to write again
+        self._journal_retry: asyncio.TimerHandle | None = None
+        self.journal_pauses = 0
         self._next_id = 0
-        self._blocked: set[Connection] = set()
         self._reading = True
         self.retired_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
         self.faults: Counter[str] = Counter()
         self.slow_disconnects = 0
         self.slow_pids: deque[int] = deque(maxlen=SLOW_PIDS_KEPT)  # of those dropped, for tools that match them
         self.torn_messages = 0  # connections closed with part of a message in their buffer
-        self.slow_pauses = 0  # times a subscriber passed pending_high and paused the publishers
+        self.slow_pauses = 0  # times a publisher was held under ``block`` because the log was full
+        self.gap_notices = 0  # positioned subscribers told of what they missed instead of being cut off
+        self.fell_behind = 0  # times a subscriber's socket took less than a batch
         self.retired_bytes_in = 0  # bytes read from connections that have closed
         self.bytes_forwarded = 0
         self.batches = 0
         self.accepted = 0
         self.refused: Counter[str] = Counter()
         self.stopping = False
-        # Nanoseconds from a read reaching the engine to the last subscriber write issued.
+        # Nanoseconds from a read reaching the engine to the send loop's return, and the part of it spent
+        # inside the send loop's system calls: the rest is the relay's own work.
         self.forward_time = Histogram()
+        self.send_time = Histogram()
+        self.own_time = Histogram()
         self.messages_timed = 0
 
     def refusal(self, conn: Connection) -> str | None:
@@ -232,34 +271,82 @@ class Relay:
         self.retired_bytes_in += conn.bytes_in
         self._retarget()
         log.info("%s disconnected (received %d bytes, sent %d bytes)", conn.peer, conn.bytes_in, conn.bytes_out)
-        self.on_under_limit(conn)
+
+    def stop_sending(self, conn: Connection) -> None:
+        """Forget ``conn``'s cursor before its descriptors close: no writability wait, no place among the targets."""
+        if conn.behind:
+            conn.behind = False
+            self._behind.discard(conn)
+        self._positioned.discard(conn)
+        conn.prefix.clear()
+        if conn.replay is not None:
+            conn.replay.close()
+            conn.replay = None
+        if conn.writing:
+            conn.writing = False
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_writer(conn.fd)
+        if conn.slow_timer is not None:
+            conn.slow_timer.cancel()
+            conn.slow_timer = None
+        conn.owed.clear()
+        self._targets_dirty = True
+        self._release_held()
 
     def _retarget(self) -> None:
-        live = [(c, c.transport) for c in self.connections.values() if not (c.publish_only or c.transport.is_closing())]
-        self._everyone = tuple(target for target in live if target[0].filter == protocol.EVERYTHING)
-        groups: dict[protocol.Filter, list[tuple[Connection, asyncio.Transport]]] = {}
-        for target in live:
-            if target[0].filter != protocol.EVERYTHING:
-                groups.setdefault(target[0].filter, []).append(target)
+        live = [c for c in self.connections.values() if not (c.publish_only or c.transport.is_closing())]
+        groups: dict[protocol.Filter, list[Connection]] = {}
+        for conn in live:
+            if conn.filter != protocol.EVERYTHING:
+                groups.setdefault(conn.filter, []).append(conn)
         filters = list(groups)
         if filters != self._group_filters:
             self._group_filters = filters
             self._group_tables = kernels.group_tables(filters) if filters else None
         self._groups = tuple(tuple(members) for members in groups.values())
+        self._targets_dirty = True
+
+    def _rebuild_targets(self) -> None:
+        """The send loop's target arrays: every live subscriber that keeps up, with its group's iovec slice."""
+        for i, conn in enumerate(self._targets):  # what the loop sent them since the last rebuild
+            conn.bytes_out += int(self._fan.totals[i])
+        group_of = {conn: g for g, members in enumerate(self._groups) for conn in members}
+        targets = [
+            c
+            for c in self.connections.values()
+            if not (c.behind or c.publish_only or c.transport.is_closing()) and c.fd >= 0
+        ]
+        self._fan.reserve(len(targets), 0)
+        for i, conn in enumerate(targets):
+            self._fan.fds[i] = conn.fd
+        self._targets = targets
+        self._target_group = np.array([group_of.get(c, -1) for c in targets], dtype=np.int64)
+        self._fan.totals[: len(targets)] = 0
+        self._targets_dirty = False
 
     # the data path
 
     def on_data(self, conn: Connection, arrived: int) -> None:
+        if self._journal_retry is not None:  # the journal does not write: nothing more is read until it does
+            self._hold_for_journal(conn)
+            return
+        if self.logic.slow_policy == BLOCK and self._behind and not self._has_room(conn.filled):
+            self._hold(conn)
+            return
+        counted = conn.counts.copy() if self.journal is not None else None  # undone if the journal refuses
+        before = int(conn.counts[protocol.FORWARD])
         if self._groups:  # some subscriber has a filter: the same compiled call cuts each group's runs
             result, self._routed = kernels.scan_and_route(
                 conn.buf, 0, conn.filled, self.tables, self.scan_out, self._group_tables, self._routed, conn.counts
             )
         else:
             result = kernels.scan_into(conn.buf, 0, conn.filled, self.tables, self.scan_out, conn.counts)
-        if result.forwarded_bytes:
-            self._forward(conn, result)
-            self.forward_time.record(time.perf_counter_ns() - arrived)
-            self.messages_timed += result.count
+        if result.forwarded_bytes and not self._forward(
+            conn, result, int(conn.counts[protocol.FORWARD]) - before, arrived
+        ):
+            conn.counts[:] = counted  # the batch was not taken: it is judged again when the journal writes
+            self._hold_for_journal(conn)
+            return
         if result.controls:
             self._apply_controls(conn, result.count)
         if result.fault != protocol.NO_FAULT:
@@ -270,84 +357,492 @@ class Relay:
             conn.buf[:leftover] = conn.buf[result.consumed : conn.filled]
         conn.filled = leftover
 
-    def _forward(self, sender: Connection, result: kernels.ScanResult) -> None:
-        """Send the accepted runs to every other connection, and each filtered group its share of them."""
-        if self._everyone or self.journal is not None:
-            pieces = self._pieces(sender, self.scan_out.runs, result.runs)
-            if self.journal is not None:
-                self._journal(pieces)
-            if self._everyone:
-                self._send(sender, self._everyone, pieces, result.forwarded_bytes)
-        if self._groups:
-            routed = self._routed  # cut by ``scan_and_route`` in on_data
-            for g, members in enumerate(self._groups):
-                size = int(routed.sizes[g])
-                if size:
-                    self._send(sender, members, self._pieces(sender, routed.group_runs(g), routed.counts[g]), size)
-        self.bytes_forwarded += result.forwarded_bytes
-        self.batches += 1
+    def _forward(self, sender: Connection, result: kernels.ScanResult, messages: int, arrived: int) -> bool:
+        """Journal the accepted runs, append them to the log once, hand them to every subscriber that keeps up.
 
-    def _pieces(self, sender: Connection, runs: np.ndarray, n_runs: int) -> list:
-        """Views of the runs in the sender's buffer; packed back to back when there are too many for one sendmsg."""
-        if n_runs == 1:
-            return [sender.view[runs[0] : runs[1]]]
-        if n_runs <= MAX_IOV:
-            view = sender.view
-            return [view[runs[2 * k] : runs[2 * k + 1]] for k in range(n_runs)]
-        return [kernels.compact(sender.buf, runs, n_runs, self._packed).data]
-
-    @staticmethod
-    def _send(sender: Connection, targets: tuple, pieces: list, size: int) -> None:
-        """Write ``pieces`` to every target but the sender, zero-copy where the kernel takes them at once.
-
-        A subscriber with nothing pending gets the runs straight from the
-        receive buffer (``send``/``sendmsg`` on its spare descriptor: the
-        kernel copies them before the call returns). Whatever it cannot take
-        now, and everything for a subscriber that already has bytes pending,
-        goes to uvloop as an immutable copy made once per call, since uvloop
-        keeps references to what it has not sent yet.
+        False when the journal refused them under ``journal_on_error = pause``: nothing was forwarded.
         """
-        copy: memoryview | None = None
-        sender_transport = sender.transport
-        for conn, transport in targets:
-            if transport is sender_transport or transport.is_closing():
-                continue
-            sent = 0
-            if not transport.get_write_buffer_size():
-                try:
-                    sent = conn.spare.send(pieces[0]) if len(pieces) == 1 else conn.spare.sendmsg(pieces)
-                except OSError:
-                    sent = 0  # would block, or an error the transport reports when it writes the rest
-            if sent < size:
-                if copy is None:
-                    copy = memoryview(b"".join(pieces))
-                transport.write(copy[sent:])
-            conn.bytes_out += size
+        log_ = self.log
+        size = result.forwarded_bytes
+        runs = self.scan_out.runs
+        if self.journal is not None and not self._journal(
+            [sender.view[runs[2 * k] : runs[2 * k + 1]] for k in range(result.runs)],
+            (log_.epoch, log_.head, log_.messages),
+        ):
+            return False
+        if self._behind:
+            self._leave_behind(log_.tail_after(size))
+        first_message = log_.messages
+        start = log_.append(sender.buf, runs, result.runs, size, messages, sender.conn_id)
+        sender.published = True
+        self.bytes_forwarded += size
+        self.batches += 1
+        if self._targets_dirty:
+            self._rebuild_targets()
+        group_ranges = self._group_ranges(start, first_message, result) if self._groups else None
+        if self._behind:
+            self._owe(sender, group_ranges)
+        for conn in self._positioned:
+            if not conn.writing and (conn.owed if conn.filter != protocol.EVERYTHING else conn is not sender):
+                self._write_when_ready(conn)
+        if self._targets:
+            self._send_batch(sender, start, size, group_ranges, arrived)
+        done = time.perf_counter_ns()
+        self.forward_time.record(done - arrived)
+        self.messages_timed += result.count
+        if self._behind:
+            self._check_lag()
+        return True
+
+    def _group_ranges(self, start: int, first_message: int, result: kernels.ScanResult) -> list[np.ndarray]:
+        """Each group's runs of this batch as ``(k, 3)`` rows: stream start, end, and the first message's number."""
+        runs = self.scan_out.runs[: 2 * result.runs]
+        starts, ends = runs[0::2], runs[1::2]
+        at = start + np.concatenate(([0], np.cumsum(ends - starts)[:-1]))  # where each forwarded run landed
+        forwarded = self.scan_out.offsets[: result.count][self.scan_out.verdicts[: result.count] == protocol.FORWARD]
+        ranges = []
+        routed = self._routed
+        for g in range(len(self._groups)):
+            own = routed.group_runs(g).reshape(-1, 2)
+            k = np.searchsorted(starts, own[:, 0], side="right") - 1
+            rows = np.empty((len(own), 3), dtype=np.int64)
+            rows[:, :2] = own - starts[k, None] + at[k, None]
+            rows[:, 2] = first_message + np.searchsorted(forwarded, own[:, 0])
+            ranges.append(rows)
+        return ranges
+
+    def _send_batch(
+        self, sender: Connection, start: int, size: int, group_ranges: list[np.ndarray] | None, arrived: int
+    ) -> None:
+        """One call into the send loop for every subscriber that keeps up; the ones left short fall behind."""
+        fan = self._fan
+        n = len(self._targets)
+        if not group_ranges:  # everyone gets the whole batch: its one or two pieces of the ring
+            address = self.log.address
+            pieces = self.log.pieces(start, start + size)
+            fan.reserve(n, 2)
+            for k, (at, length) in enumerate(pieces):
+                fan.iovecs[2 * k] = address + at
+                fan.iovecs[2 * k + 1] = length
+            sending = time.perf_counter_ns()
+            short = fan.send_uniform(n, len(pieces), sender.fd)
+            due = None
+        else:
+            slices = [np.array([[start, start + size, 0]], dtype=np.int64), *group_ranges]
+            fan.reserve(n, sum(2 * len(s) for s in slices))
+            firsts = np.zeros(len(slices), dtype=np.int64)
+            counts = np.zeros(len(slices), dtype=np.int64)
+            wanted = np.zeros(len(slices), dtype=np.int64)
+            k = 0
+            for i, ranges in enumerate(slices):
+                firsts[i] = k
+                counts[i] = taken = self._write_iovecs(ranges, k)
+                wanted[i] = size if i == 0 else int((ranges[:, 1] - ranges[:, 0]).sum())
+                k += taken
+            slot = self._target_group + 1
+            fan.iov_first[:n] = firsts[slot]
+            fan.iov_count[:n] = counts[slot]
+            due = wanted[slot]
+            sending = time.perf_counter_ns()
+            short = fan.send(n, sender.fd)
+        sent_at = time.perf_counter_ns()
+        self.send_time.record(sent_at - sending)
+        self.own_time.record(sending - arrived)
+        if not short:
+            return
+        sent = fan.sent[:n]
+        wanted_each = size if due is None else due
+        for t in np.flatnonzero((sent != kernels.SEND_SKIPPED) & (sent < wanted_each)):
+            conn = self._targets[t]
+            taken = max(0, int(sent[t]))
+            g = int(self._target_group[t])
+            if g < 0:
+                self._fall_behind(conn, position=start + taken)
+            else:
+                self._fall_behind(conn, owed=_after(group_ranges[g], taken))
+
+    def _write_iovecs(self, ranges: np.ndarray, at: int) -> int:
+        """Write the ring pieces of ``(k, 2)`` stream ranges into the send loop's iovecs from ``at``; how many."""
+        fan = self._fan
+        size = self.log.size
+        phys = ranges[:, 0] % size
+        lengths = ranges[:, 1] - ranges[:, 0]
+        if not len(ranges) or int((phys + lengths).max()) <= size:  # nothing wraps: one piece per range
+            end = at + len(ranges)
+            fan.iovecs[2 * at : 2 * end : 2] = self.log.address + phys
+            fan.iovecs[2 * at + 1 : 2 * end : 2] = lengths
+            return len(ranges)
+        k = at
+        for a, b, *_ in ranges.tolist():
+            for offset, length in self.log.pieces(a, b):
+                fan.iovecs[2 * k] = self.log.address + offset
+                fan.iovecs[2 * k + 1] = length
+                k += 1
+        return k - at
+
+    def _owe(self, sender: Connection, group_ranges: list[np.ndarray] | None) -> None:
+        """Filtered subscribers that are behind owe their group's share of this batch (never their own batch)."""
+        if not group_ranges:
+            return
+        for g, members in enumerate(self._groups):
+            if len(group_ranges[g]):
+                for conn in members:
+                    if conn.behind and conn is not sender:
+                        conn.owed.append(group_ranges[g])
+
+    def _fall_behind(self, conn: Connection, position: int = 0, owed: np.ndarray | None = None) -> None:
+        """A subscriber's socket took less than its share: from now on it catches up on its own, when writable."""
+        conn.behind = True
+        conn.position = position
+        if owed is not None and len(owed):
+            conn.owed.append(owed)
+        self._behind.add(conn)
+        self.fell_behind += 1
+        self._targets_dirty = True
+        self._write_when_ready(conn)
+
+    def _write_when_ready(self, conn: Connection) -> None:
+        conn.writing = True
+        asyncio.get_running_loop().add_writer(conn.fd, self._catch_up, conn)
+
+    def _catch_up(self, conn: Connection) -> None:
+        """Writability on a subscriber that is behind: send what it owes from its cursor, until full or caught up."""
+        if conn.conn_id not in self.connections or conn.transport.is_closing():
+            self.stop_sending(conn)
+            return
+        budget = CATCH_UP_BYTES
+        while budget > 0:
+            views, segments = self._owed(conn, budget)
+            if not views:
+                self._caught_up(conn)
+                return
+            wanted = sum(len(v) for v in views)
+            try:
+                taken = conn.spare.sendmsg(views)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.info("%s: send failed (%s); closing", conn.peer, exc)
+                self.stop_sending(conn)
+                conn.transport.abort()
+                return
+            self._advance(conn, taken, segments)
+            conn.bytes_out += taken
+            budget -= taken
+            self._release_held()
+            if taken < wanted:
+                return
+
+    def _owed(self, conn: Connection, budget: int) -> tuple[list, list]:
+        """What ``conn`` is to be sent next, at most ``budget`` log bytes in one sendmsg: views and what each is.
+
+        Segments are ``("prefix", n)``, ``("notice", bytes, start)`` (a position notice for the run at
+        ``start``) and ``("data", start, end)`` stream ranges.
+        """
+        log_ = self.log
+        views: list = []
+        segments: list[tuple] = []
+        if conn.replay is not None and not conn.prefix:
+            self._replay_more(conn)
+        if conn.prefix:
+            views.append(bytes(conn.prefix))  # a copy: the prefix shrinks as it goes out
+            segments.append(("prefix", len(conn.prefix)))
+        if conn.replay is not None:
+            rows = []  # the journal first: the log takes over when the replay reaches it
+        elif conn.filter == protocol.EVERYTHING:
+            start, end = log_.next_range(conn.position, conn.conn_id if conn.published else -1)
+            conn.position = start
+            rows = [(start, end, -1)] if end > start else []
+        else:
+            rows = (row for ranges in conn.owed for row in ranges.tolist())
+        for a, b, message in rows:
+            if conn.positioned and a != conn.stream_at:
+                number = message if message >= 0 else log_.message_number(a)
+                notice = protocol.position_notice(protocol.Position(log_.epoch, a, number))
+                views.append(notice)
+                segments.append(("notice", notice, a))
+            b = min(b, a + budget)
+            views.extend(log_.views(a, b))
+            segments.append(("data", a, b))
+            budget -= b - a
+            if budget <= 0 or len(views) >= CATCH_UP_PIECES:
+                break
+        return (views if len(segments) else []), segments
+
+    def _replay_more(self, conn: Connection) -> None:
+        """The next chunk of a journal replay into ``conn``'s prefix, or, once it reaches the log, the log's turn."""
+        replay, log_ = conn.replay, self.log
+        assert replay is not None
+        chunk = replay.next_chunk(log_.epoch, log_.tail)
+        if chunk is None:
+            at = replay.offset if replay.epoch == log_.epoch else log_.tail
+            replay.close()
+            conn.replay = None
+            conn.position = at
+            conn.stream_at = at if conn.replay_epoch == log_.epoch else None  # else a notice names this epoch
+            log.info("%s: replay from the journal done; the log takes over at %d", conn.peer, at)
+            return
+        if replay.epoch != conn.replay_epoch:
+            conn.prefix += protocol.position_notice(protocol.Position(replay.epoch, replay.offset, replay.message))
+            conn.replay_epoch = replay.epoch
+        conn.prefix += chunk
+        replay.advance(chunk)
+
+    def _advance(self, conn: Connection, taken: int, segments: list[tuple]) -> None:
+        """Move ``conn``'s cursor past the ``taken`` bytes of ``segments`` sent (shared owed ranges never change)."""
+        for segment in segments:
+            kind = segment[0]
+            if kind == "prefix":
+                n = min(taken, segment[1])
+                del conn.prefix[:n]
+                taken -= n
+                if conn.prefix:
+                    return
+            elif kind == "notice":
+                notice = segment[1]
+                conn.stream_at = segment[2]  # from now on the notice is the stream's: its rest goes first
+                if taken < len(notice):
+                    conn.prefix[:0] = notice[taken:]
+                    return
+                taken -= len(notice)
+            else:
+                a, b = segment[1], segment[2]
+                n = min(taken, b - a)
+                self._consume(conn, a, n)
+                conn.stream_at = a + n
+                taken -= n
+                if n < b - a:
+                    return
+
+    def _consume(self, conn: Connection, start: int, n: int) -> None:
+        """``n`` log bytes from stream offset ``start`` were sent to ``conn``."""
+        if conn.filter == protocol.EVERYTHING:
+            conn.position = start + n
+            return
+        while n and conn.owed:
+            ranges = conn.owed[0]
+            rest = _after(ranges, n)
+            n -= int((ranges[:, 1] - ranges[:, 0]).sum()) - int((rest[:, 1] - rest[:, 0]).sum())
+            if len(rest):
+                conn.owed[0] = rest
+                return
+            conn.owed.popleft()
+
+    def _caught_up(self, conn: Connection) -> None:
+        asyncio.get_running_loop().remove_writer(conn.fd)
+        conn.writing = False
+        if conn.slow_timer is not None:
+            conn.slow_timer.cancel()
+            conn.slow_timer = None
+        if conn.positioned:  # it stays with the cursors: every batch reaches it from the log, with notices
+            conn.owed.clear()
+            conn.position = self.log.head
+            return
+        conn.behind = False
+        conn.owed.clear()
+        self._behind.discard(conn)
+        self._targets_dirty = True
+        self._release_held()
 
     def _apply_controls(self, conn: Connection, count: int) -> None:
         """Apply the connection's control messages, in order, to what it receives from now on."""
         offsets = self.scan_out.offsets
+        before = conn.filter
+        asked: protocol.Position | bool | None = False
         for k in np.flatnonzero(self.scan_out.verdicts[:count] == protocol.CONTROL):
             message = conn.view[offsets[k] : offsets[k + 1]]
             conn.filter = protocol.apply_control(conn.filter, message)
             conn.publish_only = conn.publish_only or protocol.declares_publish_only(message)
+            wanted = protocol.requested_position(message)
+            asked = asked if wanted is False else wanted
         if conn.publish_only:
             log.info("%s publishes only; it receives nothing", conn.peer)
-        else:
+        elif conn.filter != before or asked is False:
             log.info("%s subscribes to %s", conn.peer, protocol.describe_filter(conn.filter))
+        if conn.filter != before and (conn.behind or conn.positioned):
+            # What it owed under the old filter is not what it asks for now: it starts again at the head.
+            asked = asked if asked is not False or not conn.positioned else True
+            self.stop_sending(conn)
+        if asked is not False and not conn.publish_only:
+            self._position(conn, asked)
         self._retarget()
 
-    def _journal(self, pieces: list) -> None:
-        """Append a batch to the journal before anyone sees it; under ``batch`` fsync soon after."""
+    # positions
+
+    def _position(self, conn: Connection, asked: protocol.Position | bool | None) -> None:
+        """Give ``conn`` position notices from now on, starting at the head or after the position it asked for."""
+        log_ = self.log
+        start = log_.head
+        if isinstance(asked, protocol.Position):
+            resumed = self._resume_start(conn, asked)
+            if resumed is None:
+                return
+            start = resumed
+        conn.positioned = True
+        if start < 0:  # from the journal first: its notices say where each part starts
+            self._positioned.add(conn)
+            if not conn.behind:
+                conn.behind = True
+                self._behind.add(conn)
+                self._targets_dirty = True
+            conn.stream_at = None
+            if not conn.writing:
+                self._write_when_ready(conn)
+            return
+        self._positioned.add(conn)
+        if not conn.behind:
+            conn.behind = True
+            self._behind.add(conn)
+            self._targets_dirty = True
+        if conn.filter == protocol.EVERYTHING:
+            conn.position = start
+        else:
+            conn.owed = self._reroute(conn.filter, start, log_.head)
+        conn.prefix += protocol.position_notice(protocol.Position(log_.epoch, start, log_.message_number(start)))
+        conn.stream_at = start
+        log.info("%s receives positions from offset %d of epoch %x", conn.peer, start, log_.epoch)
+        if not conn.writing:
+            self._write_when_ready(conn)
+
+    def _resume_start(self, conn: Connection, position: protocol.Position) -> int | None:
+        """Where a subscriber resuming after ``position`` starts (a gap notice queued if not right there), or None."""
+        log_ = self.log
+        if (position.epoch != log_.epoch or position.offset < log_.tail) and self._replay_from_journal(conn, position):
+            return -1
+        if position.epoch != log_.epoch:
+            gap = protocol.Gap(protocol.GAP_UNKNOWN_EPOCH, protocol.UNKNOWN, protocol.UNKNOWN)
+        elif position.offset > log_.head or (
+            position.offset >= log_.tail and log_.boundary(position.offset) != position.offset
+        ):
+            log.warning(
+                "closing connection %s: resume position %s is %s",
+                conn.peer,
+                position,
+                "beyond the head of the log" if position.offset > log_.head else "not at a message boundary",
+            )
+            self.stop_sending(conn)
+            conn.transport.close()
+            return None
+        elif position.offset < log_.tail:
+            missed = max(0, log_.oldest_message() - position.message)
+            gap = protocol.Gap(protocol.GAP_LEFT_LOG, missed, log_.tail - position.offset)
+        else:
+            return position.offset
+        conn.prefix += protocol.gap_notice(gap)
+        self.gap_notices += 1
+        log.info(
+            "%s resumes after %s, which is not in the log: %s; from the oldest message kept", conn.peer, position, gap
+        )
+        return log_.tail
+
+    def _replay_from_journal(self, conn: Connection, position: protocol.Position) -> bool:
+        """Resume an unfiltered subscriber from the journal, which holds what the log no longer does (execution)."""
+        if self.journal is None or conn.filter != protocol.EVERYTHING:
+            return False
+        try:
+            replay = find_replay(self.journal.directory, self.journal.name, *position)
+        except OSError as exc:
+            log.warning("%s: cannot read the journal to resume after %s: %s", conn.peer, position, exc)
+            return False
+        if replay is None:
+            return False
+        conn.replay = replay
+        conn.replay_epoch = 0
+        log.info("%s resumes after %s from the journal %s", conn.peer, position, self.journal.directory)
+        return True
+
+    def _reroute(self, selection: protocol.Filter, start: int, end: int) -> deque[np.ndarray]:
+        """The ``(k, 3)`` ranges a filtered subscriber resuming at ``start`` owes, from the log up to ``end``."""
+        owed: deque[np.ndarray] = deque()
+        if start >= end:
+            return owed
+        tables = kernels.group_tables([selection])
+        scan_out = kernels.ScanBuffers(self.logic.buffer_size)
+        routed = kernels.RouteBuffers(self.logic.buffer_size, 1)
+        counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+        for a, b in self.log.spans(start, end, self.logic.buffer_size):
+            chunk = np.concatenate([np.frombuffer(view, dtype=np.uint8) for view in self.log.views(a, b)])
+            result, routed = kernels.scan_and_route(chunk, 0, len(chunk), self.tables, scan_out, tables, routed, counts)
+            own = routed.group_runs(0).reshape(-1, 2)
+            if len(own):
+                forwarded = scan_out.offsets[: result.count][scan_out.verdicts[: result.count] == protocol.FORWARD]
+                rows = np.empty((len(own), 3), dtype=np.int64)
+                rows[:, :2] = own + a
+                rows[:, 2] = self.log.message_number(a) + np.searchsorted(forwarded, own[:, 0])
+                owed.append(rows)
+        return owed
+
+    def _skip_to(self, conn: Connection, tail: int) -> None:
+        """A positioned subscriber the log leaves behind: it finishes the message it is in, then hears of the gap."""
+        log_ = self.log
+        needed = conn.needed()
+        boundary = log_.boundary(needed)
+        if boundary > needed:  # the rest of a message it has part of, copied before the ring reuses it
+            for view in log_.views(needed, boundary):
+                conn.prefix += view
+            self._consume(conn, needed, boundary - needed)
+        gap = protocol.Gap(
+            protocol.GAP_LEFT_LOG, log_.messages_from(boundary) - log_.messages_from(tail), tail - boundary
+        )
+        conn.prefix += protocol.gap_notice(gap)
+        self.gap_notices += 1
+        if conn.filter == protocol.EVERYTHING:
+            conn.position = tail
+        else:
+            while conn.owed and int(conn.owed[0][-1, 1]) <= tail:
+                conn.owed.popleft()
+        conn.stream_at = None
+        log.warning(
+            "%s fell out of the log: told of a gap of %d messages (%d bytes)", conn.peer, gap.messages, gap.bytes
+        )
+        if not conn.writing:
+            self._write_when_ready(conn)
+
+    def _journal(self, pieces: list, at: tuple[int, int, int]) -> bool:
+        """Append a batch to the journal before anyone sees it (under ``batch``, fsync soon after); False: hold it."""
         assert self.journal is not None
         try:
-            self.journal.append(pieces)
+            self.journal.append(pieces, at=at)
         except OSError as exc:
             self.journal_errors += 1
+            if self.logic.journal_on_error == JOURNAL_PAUSE:
+                if self._journal_retry is None:
+                    self.journal_pauses += 1
+                    log.error(
+                        "journal %s: append failed (%s); holding publishers, nothing unjournaled is forwarded",
+                        self.journal.path,
+                        exc,
+                    )
+                    self._set_reading(False)
+                    self._journal_retry = asyncio.get_running_loop().call_later(
+                        JOURNAL_RETRY_SECONDS, self._retry_journal
+                    )
+                return False
             log.error("journal %s: append failed, batch forwarded unjournaled: %s", self.journal.path, exc)
-            return
+            return True
         if self._journal_timer is None and self.logic.journal_fsync == FSYNC_BATCH:
             self._journal_timer = asyncio.get_running_loop().call_later(self.journal.sync_interval, self._sync_journal)
+        return True
+
+    def _hold_for_journal(self, conn: Connection) -> None:
+        if conn not in self._journal_held:
+            self._journal_held.append(conn)
+            conn.transport.pause_reading()
+
+    def _retry_journal(self) -> None:
+        """Offer the held batches to the journal again, oldest first; resume reading once all are taken."""
+        self._journal_retry = None
+        waiting, self._journal_held = self._journal_held, []
+        for i, conn in enumerate(waiting):
+            self.on_data(conn, time.perf_counter_ns())
+            if self._journal_retry is not None:  # refused again: the rest keep waiting, in order
+                self._journal_held = [
+                    *self._journal_held,
+                    *[c for c in waiting[i + 1 :] if c not in self._journal_held],
+                ]
+                return
+        log.info("journal %s writes again; publishers resume", self.journal.path if self.journal else "")
+        self._set_reading(True)
 
     def _sync_journal(self) -> None:
         self._journal_timer = None
@@ -369,63 +864,101 @@ class Relay:
             conn.bytes_in - conn.filled + offset,
         )
         conn.filled = 0
+        self.stop_sending(conn)
         conn.transport.close()
         self._retarget()
 
     # slow subscribers
 
-    def on_over_limit(self, conn: Connection) -> None:
-        """A subscriber passed ``pending_high``: pause publishers until it drains.
+    def _leave_behind(self, tail: int) -> None:
+        """Before an append moves the log's tail to ``tail``: cut off every subscriber still reading before it."""
+        for conn in [c for c in self._behind if c.needed() < tail]:
+            if conn.positioned:
+                self._skip_to(conn, tail)
+            else:
+                self._cut_off(conn, "fell out of the log")
 
-        Under ``disconnect`` it gets ``slow_timeout`` seconds to drain below
-        ``pending_low``; a subscriber that is stuck, not merely momentarily
-        behind, is then dropped and the publishers resume.
-        """
-        if not self._blocked:
-            log.info("%s has %d bytes pending; pausing publishers", conn.peer, self._pending(conn))
-        self.slow_pauses += 1
-        self._blocked.add(conn)
-        self._set_reading(False)
-        if self.logic.slow_policy == DISCONNECT and conn.slow_timer is None:
-            conn.slow_timer = asyncio.get_running_loop().call_later(self.logic.slow_timeout, self._drop_slow, conn)
+    def _check_lag(self) -> None:
+        """Under ``disconnect``, a subscriber more than ``pending_high`` behind has ``slow_timeout`` to come back."""
+        if self.logic.slow_policy != DISCONNECT:
+            return
+        head = self.log.head
+        loop = asyncio.get_running_loop()
+        for conn in self._behind:
+            if conn.positioned:  # it asked to hear of gaps: it stays until the log leaves it behind
+                continue
+            if conn.slow_timer is None and head - conn.needed() > self.logic.pending_high:
+                conn.slow_timer = loop.call_later(self.logic.slow_timeout, self._drop_if_still_behind, conn)
+                log.info(
+                    "%s is %d bytes behind the head (limit %d); cut off in %.1f s unless it catches up",
+                    conn.peer,
+                    head - conn.needed(),
+                    self.logic.pending_high,
+                    self.logic.slow_timeout,
+                )
 
-    def on_under_limit(self, conn: Connection) -> None:
-        if conn.slow_timer is not None:
-            conn.slow_timer.cancel()
-            conn.slow_timer = None
-        if conn in self._blocked:
-            self._blocked.discard(conn)
-            if not self._blocked:
-                log.info("subscribers caught up; resuming publishers")
-                self._set_reading(True)
-
-    def _drop_slow(self, conn: Connection) -> None:
+    def _drop_if_still_behind(self, conn: Connection) -> None:
         conn.slow_timer = None
+        if conn.behind and self.log.head - conn.needed() > self.logic.pending_low:
+            self._cut_off(conn, f"still behind after {self.logic.slow_timeout:.1f} s")
+
+    def _cut_off(self, conn: Connection, why: str) -> None:
         if conn.conn_id not in self.connections or conn.transport.is_closing():
             return
+        needed = conn.needed()
+        behind_bytes = self.log.head - needed
+        behind_messages = self.log.messages_from(needed)
         self.slow_disconnects += 1
         if conn.pid > 0:
             self.slow_pids.append(conn.pid)
         log.warning(
-            "disconnecting slow subscriber %s: %d bytes pending after %.1f s (limit %d)",
+            "disconnecting slow subscriber %s: %s, %d bytes (%d messages) behind the head (limit %d, log %d)",
             conn.peer,
-            self._pending(conn),
-            self.logic.slow_timeout,
+            why,
+            behind_bytes,
+            behind_messages,
             self.logic.pending_high,
+            self.log.size,
         )
+        self.stop_sending(conn)
         conn.transport.abort()
         self._retarget()
 
-    @staticmethod
-    def _pending(conn: Connection) -> int:
-        return conn.transport.get_write_buffer_size() if conn.transport else 0
+    def _has_room(self, nbytes: int) -> bool:
+        """Under ``block``: whether ``nbytes`` more fit in the log without passing the slowest cursor."""
+        tail = self.log.tail_after(min(nbytes, self.log.size))
+        return all(conn.needed() >= tail for conn in self._behind)
+
+    def _hold(self, conn: Connection) -> None:
+        if not conn.held:
+            conn.held = True
+            self._held.add(conn)
+            self.slow_pauses += 1
+            conn.transport.pause_reading()
+            if len(self._held) == 1:
+                log.info("the log is full up to the slowest subscriber; holding %s", conn.peer)
+
+    def _release_held(self) -> None:
+        """Let held publishers go on, oldest first, as far as the log has room for what they already sent."""
+        if not self._held:
+            return
+        for conn in list(self._held):
+            if not self._has_room(conn.filled):
+                return
+            conn.held = False
+            self._held.discard(conn)
+            self.on_data(conn, time.perf_counter_ns())  # a publisher that closed meanwhile still has these sent
+            if not conn.held and self._reading and not conn.transport.is_closing():
+                conn.transport.resume_reading()
+        if not self._held:
+            log.info("subscribers made room; publishers resume")
 
     def _set_reading(self, reading: bool) -> None:
         if reading == self._reading:
             return
         self._reading = reading
         for conn in self.connections.values():
-            if conn.transport.is_closing():
+            if conn.transport.is_closing() or conn.held:
                 continue
             if reading:
                 conn.transport.resume_reading()
@@ -442,7 +975,7 @@ class Relay:
     def figures(self) -> Figures:
         """Copy the relay's counters; call it on the relay's event-loop thread."""
         live = list(self.connections.values())
-        pending = [conn.transport.get_write_buffer_size() for conn in live if conn.transport is not None]
+        head = self.log.head
         timing = self.forward_time
         verdicts = self.verdict_counts()
         return Figures(
@@ -454,8 +987,12 @@ class Relay:
             connections_open=len(live),
             connections_accepted=self.accepted,
             refused=dict(self.refused),
-            pending_max=max(pending, default=0),
-            slow_actions={"pause": self.slow_pauses, "disconnect": self.slow_disconnects},
+            pending_max=max((head - conn.needed() for conn in self._behind), default=0),
+            slow_actions={
+                "hold": self.slow_pauses,
+                "disconnect": self.slow_disconnects,
+                "gap_notice": self.gap_notices,
+            },
             journal_errors=self.journal_errors,
             forward_buckets=tuple(timing.counts),
             forward_total_ns=timing.total,
@@ -472,6 +1009,23 @@ class Relay:
             torn_messages=self.torn_messages,
             kernel_build=str(kernels.backend()["name"]),
             kernel_load_seconds=self.kernel_load_seconds,
+            log_size=self.log.size,
+            log_used=self.log.used,
+            log_epoch=self.log.epoch,
+            log_head=head,
+            subscribers_behind=len(self._behind),
+            fell_behind=self.fell_behind,
+            lags=tuple(
+                (conn.peer, head - conn.needed(), self.log.messages_from(conn.needed())) for conn in self._behind
+            ),
+            own_buckets=tuple(self.own_time.counts),
+            own_total_ns=self.own_time.total,
+            own_p50_us=self.own_time.percentile(50) / 1e3,
+            own_p99_us=self.own_time.percentile(99) / 1e3,
+            send_buckets=tuple(self.send_time.counts),
+            send_total_ns=self.send_time.total,
+            send_p50_us=self.send_time.percentile(50) / 1e3,
+            send_p99_us=self.send_time.percentile(99) / 1e3,
         )
 
     def verdict_counts(self) -> dict[str, int]:
@@ -493,12 +1047,13 @@ class Relay:
         )
 
     def timing(self) -> str:
-        h = self.forward_time
+        h, own, send = self.forward_time, self.own_time, self.send_time
         per_message = h.total / self.messages_timed if self.messages_timed else 0.0
         return (
             f"forwarding time per batch: p50 {h.percentile(50) / 1e3:.1f} us, p99 {h.percentile(99) / 1e3:.1f} us, "
             f"p99.9 {h.percentile(99.9) / 1e3:.1f} us, max {h.max / 1e3:.1f} us over {h.count} batches; "
-            f"{per_message:.1f} ns per message"
+            f"{per_message:.1f} ns per message; the relay's own part p50 {own.percentile(50) / 1e3:.1f} us, "
+            f"p99 {own.percentile(99) / 1e3:.1f} us, inside send calls p50 {send.percentile(50) / 1e3:.1f} us"
         )
 
     def log_figures(self, state: str) -> None:
@@ -506,12 +1061,25 @@ class Relay:
         log.info("jitrelay %s relay %s", self.logic.name, self.timing())
 
     async def drain_and_close(self, timeout: float) -> None:
-        """Stop reading, give pending writes ``timeout`` seconds, then close everything."""
+        """Stop reading, give subscribers that are behind ``timeout`` seconds to catch up, then close everything."""
         self.stopping = True
         self._set_reading(False)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(self._pending(c) for c in self.connections.values()):
+        while time.monotonic() < deadline and self._behind:
             await asyncio.sleep(0.01)
         for conn in list(self.connections.values()):
-            conn.transport.abort() if self._pending(conn) else conn.transport.close()
+            behind = conn.behind
+            self.stop_sending(conn)
+            conn.transport.abort() if behind else conn.transport.close()
         await asyncio.sleep(0)
+
+
+def _after(ranges: np.ndarray, taken: int) -> np.ndarray:
+    """What is left of ``(k, 2)`` stream ranges once ``taken`` bytes of them were sent."""
+    lengths = ranges[:, 1] - ranges[:, 0]
+    done = np.cumsum(lengths)
+    first = int(np.searchsorted(done, taken, side="right"))
+    rest = ranges[first:].copy()
+    if len(rest):
+        rest[0, 0] += taken - (int(done[first - 1]) if first else 0)
+    return rest

@@ -48,6 +48,24 @@ class Figures:
     torn_messages: int = 0  # connections that closed with part of a message unread: the part was discarded
     kernel_build: str = ""  # which build of the loops runs: aot, jit or python
     kernel_load_seconds: float = 0.0  # loading (or building) and first calls, before the relay listened
+    # The log and the cursors into it.
+    log_size: int = 0
+    log_used: int = 0  # bytes retained: from the oldest batch kept to the head
+    log_epoch: int = 0  # names this process's stream: positions of another epoch are not positions here
+    log_head: int = 0  # stream offset of the next byte appended
+    subscribers_behind: int = 0  # cursors not at the head now
+    fell_behind: int = 0  # times a subscriber's socket took less than a batch (it then caught up on its own)
+    # (peer, bytes, messages) behind the head, for each subscriber that is behind now
+    lags: tuple[tuple[str, int, int], ...] = ()
+    # The relay's own time per batch (read to the send loop's call) and the time inside the send loop.
+    own_buckets: tuple[int, ...] = ()
+    own_total_ns: int = 0
+    own_p50_us: float = 0.0
+    own_p99_us: float = 0.0
+    send_buckets: tuple[int, ...] = ()
+    send_total_ns: int = 0
+    send_p50_us: float = 0.0
+    send_p99_us: float = 0.0
 
     def to_dict(self) -> dict:
         """The figures as plain JSON-ready values."""

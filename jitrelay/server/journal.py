@@ -113,11 +113,15 @@ class Journal:
     def closed(self) -> bool:
         return self._fd < 0
 
-    def append(self, pieces: Sequence, count: int | None = None) -> None:
+    def append(self, pieces: Sequence, count: int | None = None, at: tuple[int, int, int] | None = None) -> None:
         """Write ``pieces`` (buffers holding whole messages back to back) at the end of the journal.
 
         ``count``, when given, is how many messages the pieces hold; it only
-        feeds ``messages``. Under ``every`` the bytes are on disk when this returns.
+        feeds ``messages``. ``at`` is the relay's stream position of the first
+        of them, ``(epoch, offset, message)``: a segment's first append records
+        it beside the segment (``<segment>.position``), so that a subscriber
+        can resume from the journal after the relay's log has let it go, even
+        across restarts. Under ``every`` the bytes are on disk when this returns.
         """
         if self._fd < 0:
             raise ValueError("append to a closed journal")
@@ -125,6 +129,9 @@ class Journal:
         total = sum(len(v) for v in views)
         if self._broken or (self._size and self._size + total > self.rotate_bytes):
             self._rotate()
+        if at is not None and self._size == 0 and not self._positioned:
+            _write_position(self._path, at)
+            self._positioned = True
         try:
             _write_all(self._fd, views)
         except BaseException:
@@ -193,6 +200,7 @@ class Journal:
         self._path = path
         self._size = 0
         self._broken = False
+        self._positioned = False  # its first append writes where in the relay's stream it starts
         if self.fsync != FSYNC_NONE:
             _sync_directory(self.directory)  # the new name survives a power cut too
 
@@ -209,6 +217,103 @@ class Journal:
             os.ftruncate(self._fd, self._size)
         except OSError:
             self._broken = True
+
+
+POSITION_SUFFIX = ".position"
+CHUNK_BYTES = 1 * MiB  # what a replay reads from a segment at once
+
+
+def _write_position(segment: Path, at: tuple[int, int, int]) -> None:
+    """``<segment>.position``: the epoch, stream offset and message number the segment's first message has."""
+    epoch, offset, message = at
+    final = segment.with_name(segment.name + POSITION_SUFFIX)
+    temp = final.with_name(final.name + ".tmp")
+    temp.write_text(f"{epoch:x} {offset} {message}\n")
+    os.replace(temp, final)
+
+
+def segment_positions(directory: Path, name: str) -> list[tuple[Path, int, int, int]]:
+    """Each positioned segment of journal ``name`` in writing order: ``(path, epoch, offset, message)``."""
+    found = []
+    for path, _ in _segments_named(directory, name):
+        try:
+            epoch, offset, message = path.with_name(path.name + POSITION_SUFFIX).read_text().split()
+        except (FileNotFoundError, ValueError):
+            continue
+        found.append((path, int(epoch, 16), int(offset), int(message)))
+    return found
+
+
+class Replay:
+    """A journal read back from a stream position onwards, in chunks of whole messages, for a resuming subscriber.
+
+    ``next_chunk`` gives the bytes of the next messages and the position of
+    the first of them, until it reaches ``until`` in epoch ``current`` (or
+    the journal's end); positions move on across restarts (epochs).
+    """
+
+    def __init__(self, segments: list[tuple[Path, int, int, int]], start: int, offset: int, message: int) -> None:
+        self._segments = segments[start:]
+        path, epoch, first, number = self._segments[0]
+        self._file = open(path, "rb")  # noqa: SIM115 - read across many calls, closed by close()
+        self._file.seek(offset - first)
+        self.epoch, self.offset, self.message = epoch, offset, message
+
+    def next_chunk(self, current: int, until: int, limit: int = CHUNK_BYTES) -> bytes | None:
+        """Whole messages from the position reached, at most ``limit`` bytes, not past ``until`` of ``current``."""
+        while True:
+            if self.epoch == current and self.offset >= until:
+                return None
+            room = limit if self.epoch != current else min(limit, until - self.offset)
+            data = self._file.read(room)
+            if data:
+                whole = _whole_prefix(data)
+                if whole < len(data):
+                    self._file.seek(whole - len(data), os.SEEK_CUR)
+                if whole:
+                    return data[:whole]
+                if room < limit:  # a message larger than what is left before ``until``: the journal lies
+                    raise protocol.ProtocolError(f"journal {self._file.name}: no whole message at {self.offset}")
+            if not self._next_segment():
+                return None
+
+    def advance(self, data: bytes) -> None:
+        """``data`` (whole messages from ``next_chunk``) went out."""
+        self.offset += len(data)
+        self.message += kernels.frame(np.frombuffer(data, dtype=np.uint8))[0]
+
+    def _next_segment(self) -> bool:
+        self._file.close()
+        self._segments = self._segments[1:]
+        if not self._segments:
+            return False
+        path, epoch, offset, message = self._segments[0]
+        self._file = open(path, "rb")  # noqa: SIM115
+        self.epoch, self.offset, self.message = epoch, offset, message
+        return True
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _whole_prefix(data: bytes) -> int:
+    """The length of the whole messages at the start of ``data``."""
+    return kernels.frame(np.frombuffer(data, dtype=np.uint8))[1]
+
+
+def find_replay(directory: Path, name: str, epoch: int, offset: int, message: int) -> Replay | None:
+    """A replay of journal ``name`` from ``(epoch, offset)`` if the journal holds that position, else None."""
+    segments = segment_positions(directory, name)
+    best = None
+    for i, (path, segment_epoch, first, _) in enumerate(segments):
+        if segment_epoch == epoch and first <= offset:
+            following = segments[i + 1] if i + 1 < len(segments) else None
+            last_of_epoch = following is None or following[1] != epoch or offset <= following[2]
+            if last_of_epoch and offset - first <= path.stat().st_size:
+                best = i
+    if best is None:
+        return None
+    return Replay(segments, best, offset, message)
 
 
 def _write_all(fd: int, views: list[memoryview]) -> None:

@@ -29,7 +29,7 @@ from typing import TypeVar, cast
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -111,13 +111,35 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
     yield labelled(refused, figures.domain, {**refusals, **figures.refused})
     yield gauge(
         "jitrelay_subscriber_pending_bytes_max",
-        "The most bytes waiting to be written to any one connection now.",
+        "The most bytes any one subscriber is behind the head of the log now.",
         figures.pending_max,
     )
+    yield gauge("jitrelay_log_size_bytes", "Size of the relay's log.", figures.log_size)
+    yield gauge("jitrelay_log_used_bytes", "Bytes the log retains now, oldest batch to head.", figures.log_used)
+    yield counter(
+        "jitrelay_log_head_bytes", "Stream offset of the log's head: bytes appended since start.", figures.log_head
+    )
+    yield gauge(
+        "jitrelay_subscribers_behind", "Subscribers not at the head of the log now.", figures.subscribers_behind
+    )
+    yield counter(
+        "jitrelay_subscribers_fell_behind_total",
+        "Times a subscriber's socket took less than a batch, so that it caught up on its own.",
+        figures.fell_behind,
+    )
+    for name, index, doc in (
+        ("jitrelay_subscriber_lag_bytes", 1, "Bytes a subscriber that is behind has yet to catch up, by peer."),
+        ("jitrelay_subscriber_lag_messages", 2, "Messages a subscriber that is behind has yet to catch up, by peer."),
+    ):
+        lag = GaugeMetricFamily(name, doc, labels=["domain", "peer"])
+        for entry in figures.lags:
+            lag.add_metric([figures.domain, entry[0]], entry[index])
+        yield lag
     slow = CounterMetricFamily(
         "jitrelay_slow_subscriber_actions_total",
-        "Slow-subscriber actions: pause (a subscriber passed its pending limit and publishers paused), "
-        "disconnect (a subscriber was dropped for staying over it).",
+        "Slow-subscriber actions: hold (under block, a publisher waited for the slowest cursor to make room "
+        "in the log), disconnect (a subscriber was cut off: it fell out of the log, or stayed past its limit), "
+        "gap_notice (a subscriber that asked for positions was told what it missed instead).",
         labels=["domain", "action"],
     )
     yield labelled(slow, figures.domain, figures.slow_actions)
@@ -142,6 +164,24 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
     les = [floatToGoString(bound) for bound in FORWARDING_BUCKETS] + ["+Inf"]
     timing.add_metric(domain, list(zip(les, cumulative, strict=True)), figures.forward_total_ns / 1e9)
     yield timing
+    for name, doc, buckets, total in (
+        (
+            "jitrelay_forwarding_own_seconds",
+            "The relay's own part of a batch's forwarding time: from its bytes reaching the engine to the send loop.",
+            figures.own_buckets,
+            figures.own_total_ns,
+        ),
+        (
+            "jitrelay_forwarding_send_seconds",
+            "The part of a batch's forwarding time spent inside the send loop's system calls.",
+            figures.send_buckets,
+            figures.send_total_ns,
+        ),
+    ):
+        if buckets:
+            family = HistogramMetricFamily(name, doc, labels=["domain"])
+            family.add_metric(domain, list(zip(les, cumulative_buckets(buckets, bounds_ns), strict=True)), total / 1e9)
+            yield family
 
 
 class RelayCollector(Collector):

@@ -1,11 +1,10 @@
-"""A relay's lifecycle: claim the socket, load the kernels, open the journal, listen, and stop on a signal."""
+"""A relay's lifecycle: claim the socket, load the kernels, open the journal, bind, listen on all, stop on a signal."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 import time
@@ -19,7 +18,7 @@ from jitrelay.core.domains import RelayLogic, parse_listen
 from jitrelay.server.engine import SHUTDOWN_FLUSH_SECONDS, Relay
 from jitrelay.server.journal import Journal
 from jitrelay.server.metrics import RelayMetrics
-from jitrelay.server.sockets import bind_socket
+from jitrelay.server.sockets import claim_socket
 
 log = logging.getLogger("jitrelay.relay")
 
@@ -37,63 +36,71 @@ def warm_up(logic: RelayLogic) -> float:
 
 
 async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
-    """Run a relay until ``stop`` is set or SIGINT/SIGTERM arrives; return it for its figures."""
+    """Run a relay until ``stop`` is set or SIGINT/SIGTERM arrives; return it for its figures.
+
+    The order is the point: claim the socket path (a second relay is refused
+    before any compiling), load the kernels, open the journal, bind every TCP
+    listener, and only then listen on all of them, TCP first, so that a client
+    that sees the Unix socket accept finds the TCP listeners accepting too. A
+    client that connects earlier is refused and can retry; none is left
+    waiting on a relay that cannot serve it yet.
+    """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     path = Path(logic.socket_path)
     log.debug("configuration: %s", logic)
-    sock = bind_socket(path)  # first: a second relay on a live path is refused before any compiling
-    inode = os.stat(path).st_ino
-    seconds = warm_up(logic)
-    loaded = kernels.backend()
-    log.info("kernels ready in %.3f s (%s: %s)", seconds, loaded["name"], loaded["path"])
-    try:
-        journal = (
-            Journal(
-                Path(logic.journal_dir), logic.name, fsync=logic.journal_fsync, rotate_bytes=logic.journal_rotate_bytes
-            )
-            if logic.journal
-            else None
-        )
-    except OSError:
-        sock.close()
-        path.unlink()
-        raise
-    if journal is not None:
-        log.info("journaling forwarded messages to %s (fsync %s)", journal.path, logic.journal_fsync)
-    relay = Relay(logic, journal, kernel_load_seconds=seconds)
-    loop.add_signal_handler(signal.SIGUSR1, relay.log_figures, "running")
-    server = await loop.create_unix_server(relay.new_connection, sock=sock)
-    tcp_servers: list[asyncio.AbstractServer] = []
+    claim = claim_socket(path)
+    journal: Journal | None = None
+    relay: Relay | None = None
+    servers: list[asyncio.AbstractServer] = []
     figures = None
     try:
-        for address in logic.listen:
+        seconds = warm_up(logic)
+        loaded = kernels.backend()
+        log.info("kernels ready in %.3f s (%s: %s)", seconds, loaded["name"], loaded["path"])
+        if logic.journal:
+            log.info("opening the journal in %s", logic.journal_dir)
+            journal = Journal(
+                Path(logic.journal_dir), logic.name, fsync=logic.journal_fsync, rotate_bytes=logic.journal_rotate_bytes
+            )
+            log.info("journaling forwarded messages to %s (fsync %s)", journal.path, logic.journal_fsync)
+        relay = Relay(logic, journal, kernel_load_seconds=seconds)
+        loop.add_signal_handler(signal.SIGUSR1, relay.log_figures, "running")
+        for address in logic.listen:  # bound now, listening below
             host, port = parse_listen(address)
-            tcp_servers.append(await loop.create_server(relay.new_connection, host, port, backlog=1024))
-            for bound in tcp_servers[-1].sockets:
+            servers.append(
+                await loop.create_server(relay.new_connection, host, port, backlog=1024, start_serving=False)
+            )
+        servers.append(
+            await loop.create_unix_server(relay.new_connection, sock=claim.sock, backlog=1024, start_serving=False)
+        )
+        figures = await RelayMetrics.start(logic, relay.figures)  # the stats socket, and the HTTP endpoint if asked for
+        for server in servers:  # TCP first, the Unix socket last
+            await server.start_serving()
+        for server in servers[:-1]:
+            for bound in server.sockets:
                 where = bound.getsockname()
                 shown = f"[{where[0]}]" if bound.family == socket.AF_INET6 else where[0]
                 log.info("jitrelay %s relay listening on tcp://%s:%d", logic.name, shown, where[1])
-        figures = await RelayMetrics.start(logic, relay.figures)  # the stats socket, and the HTTP endpoint if asked for
         log.info("jitrelay %s relay listening on %s", logic.name, path)
         await stop.wait()
     finally:
-        server.close()
-        for tcp_server in tcp_servers:
-            tcp_server.close()
-        await relay.drain_and_close(SHUTDOWN_FLUSH_SECONDS)
+        for server in servers:
+            server.close()
+        if relay is not None:
+            await relay.drain_and_close(SHUTDOWN_FLUSH_SECONDS)
         if figures is not None:
             await figures.close()
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == inode:
-                path.unlink()
+        claim.release()
         if journal is not None:
             journal.close()
-        relay.log_figures("stopped")
-        if logic.summary_file is not None:
-            write_summary(relay, Path(logic.summary_file))
+        if relay is not None:
+            relay.log_figures("stopped")
+            if logic.summary_file is not None:
+                write_summary(relay, Path(logic.summary_file))
+    assert relay is not None
     return relay
 
 

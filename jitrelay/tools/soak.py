@@ -56,10 +56,12 @@ and write failure details to one file each in the run folder.
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import itertools
 import json
 import multiprocessing as mp
+import os
 import random
 import shutil
 import signal
@@ -77,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from jitrelay.core import protocol
+from jitrelay.core.config import parse_byte_count
 from jitrelay.core.domains import LOGICS, logic_for
 from jitrelay.core.units import MiB
 from jitrelay.testing.processes import die_with_parent
@@ -103,10 +106,20 @@ PROBE_FLAGS, BEACON_FLAGS, ECHO_FLAGS = 0, 1, 2
 PROBE_KEY = SOAK_SOURCE | PROBE_FLAGS << 8
 UNSUBSCRIBE_SHARE = 0.25  # of a filtered subscriber's changes
 RELAY_OPTIONS = {
-    # A stalled subscriber over 1 MiB pending pauses publishers; after 0.5 s it is dropped.
-    "disconnect": ("--slow-policy", "disconnect", "--pending-limit", "1MiB", "--slow-timeout", "0.5"),
-    # Nothing is dropped: publishers wait until every stall ends.
-    "block": ("--slow-policy", "block", "--pending-limit", "1MiB"),
+    # A stalled subscriber more than 1 MiB behind has 0.5 s to catch up, and one the 16 MiB log leaves
+    # behind is cut off at once; the others never wait for it.
+    "disconnect": (
+        "--slow-policy",
+        "disconnect",
+        "--pending-limit",
+        "1MiB",
+        "--slow-timeout",
+        "0.5",
+        "--log-size",
+        "16MiB",
+    ),
+    # Nothing is dropped: publishers wait only when the log is full up to a stalled subscriber.
+    "block": ("--slow-policy", "block", "--log-size", "16MiB"),
 }
 
 # The controller's phase, in the shared ``ctrl`` array.
@@ -115,7 +128,13 @@ RUNNING, ENDING, STOPPING = 0, 1, 2
 (VERIFIED, CRC, SEQUENCE, HEAD, FRAMING, PROBES, STATE, STALLS, STALL_MS, TAIL, STREAMS, PUBLISHED) = range(12)
 # ... and of a subscriber's subscriptions.
 (SUBSCRIPTION, FILTERED_VERIFIED, SUBSCRIBED, CHANGES, UNSUBSCRIBES, MARKERS, BY_MESSAGE, BY_ECHO) = range(12, 20)
-STATS_LEN = 20
+# ... and of a positioned one: notices read, position failures, gap notices and the messages they say were missed,
+# the positions it recorded, and (resuming) the messages the relay sent before its first notice, set aside.
+(NOTICES, POSITION_FAILURES, GAP_NOTICES, GAP_MESSAGES, RECORDED, BEFORE_NOTICE) = range(20, 26)
+SKIPPED_AHEAD = (
+    26  # streams that went on further ahead after a subscription change (the relay restarted it at the head)
+)
+STATS_LEN = 27
 # Client states.
 STARTING, CONNECTED, CLOSED_BY_RELAY, ENDED, ERROR = range(5)
 STATE_NAMES = ("starting", "connected", "closed_by_relay", "ended", "error")
@@ -156,6 +175,24 @@ class StreamVerifier:
     starts its streams afresh (the relay skipped some of them meanwhile); the
     streams of a source kept stay whole.
 
+    With ``positioned`` the stream also carries the relay's notices (system
+    domain): the verifier follows ``position``, the stream offset and message
+    number after the last message, and checks that every position notice says
+    exactly that, except the first one and the one after a gap notice. A gap
+    notice sets the streams' sequences aside (their next messages may skip);
+    the position notice after it must be exactly as many messages and bytes
+    on as the gap notice says, and ``on_gap`` hears of the gap (``gap``,
+    ``count``, ``bytes``, the message numbers ``p`` before and ``q`` after),
+    then, for each stream seen before the gap, of its first sequence after it
+    (``gap``, ``key``, ``before``, ``first``): how many messages of each stream
+    the gap took is checked against the witness's record at the end.
+    ``resume`` is ``(position, last sequences)`` of a subscriber that resumes
+    where another left off: its streams go on from those sequences, and the
+    relay's first notice must be that position (or a gap notice); what the
+    relay sent before that notice is set aside (``before_notice``), since it
+    sends it again after. ``record_keys`` keeps the key of every message by
+    message number (``keys`` from ``keys_base``): the witness's record.
+
     Reads land in ``space()`` and are checked by ``commit()``; only the
     unfinished message at the end is ever moved.
     """
@@ -167,11 +204,29 @@ class StreamVerifier:
         *,
         from_start: bool = False,
         on_failure: Callable[[dict], None] | None = None,
+        positioned: bool = False,
+        resume: tuple[protocol.Position, dict[int, int]] | None = None,
+        on_gap: Callable[[dict], None] | None = None,
+        record_keys: bool = False,
     ):
         self.domain_id = domain_id
         self.max_payload = max_payload
         self.from_start = from_start
         self.on_failure = on_failure
+        self.positioned = positioned or resume is not None
+        self.on_gap = on_gap
+        # (epoch, offset, message) after the last message; None until the first notice
+        self.position: tuple[int, int, int] | None = tuple(resume[0]) if resume is not None else None
+        self.resuming = resume is not None  # until the first notice
+        self.notices = 0
+        self.gaps = 0
+        self.gap_messages = 0
+        self.before_notice = 0
+        self._gap: dict | None = None  # a gap notice read, the position notice after it not yet
+        self._gap_id = 0
+        self._gap_watch: dict[int, int] = {}  # streams seen before the last gap, not yet after it: last sequence
+        self.keys = array.array("i") if record_keys else None
+        self.keys_base: int | None = None
         self._buf = bytearray(max(4 * MiB, 2 * (protocol.HEADER_SIZE + max_payload)))
         self._view = memoryview(self._buf)
         self._start = self._end = 0
@@ -189,9 +244,18 @@ class StreamVerifier:
         self._old: Sources = None
         self._echo: int | None = None
         self._whole: Sources = None  # sources selected ever since the start: their streams begin at 0
+        self._may_skip: set[int] = set()  # streams that may skip ahead once: a change may restart it at the head
+        self.skipped_ahead = 0
         self.filtered_verified = 0  # verified while ``allowed`` was narrower than everything
         self.closed_by_message = 0
         self.closed_by_echo = 0
+        if resume is not None:
+            self.last.update(resume[1])
+
+    @property
+    def settled(self) -> bool:
+        """Where it stands is a position to resume from: known, not inside a gap, past the resume's first notice."""
+        return self.position is not None and self._gap is None and not self.resuming
 
     @property
     def tail(self) -> int:
@@ -232,6 +296,12 @@ class StreamVerifier:
         if old is not None:
             for key in [k for k in self.last if k & 0xFF not in old and allows(sources, k & 0xFF)]:
                 del self.last[key]
+        if self.verified:
+            # A subscriber the relay is sending to from behind in the log starts again at the head when its
+            # filter changes (the engine's cursors): each stream it has may skip ahead once, never back, and
+            # a stream may be first seen anywhere.
+            self._may_skip.update(self.last)
+            self.from_start = False
         self._old, self.sources = old, sources
         self.allowed = None if old is None or sources is None else old | sources
         if sources is not None:
@@ -251,6 +321,46 @@ class StreamVerifier:
             if self.on_failure is not None:
                 self.on_failure(detail)
 
+    def _notice(self, data: memoryview) -> None:
+        """A notice of the relay's, in a positioned stream."""
+        try:
+            notice = protocol.read_notice(data)
+        except protocol.ProtocolError as exc:
+            self._fail("framing", why=str(exc))
+            return
+        self.notices += 1
+        if isinstance(notice, protocol.Gap):
+            self.gaps += 1
+            self.resuming = False
+            if notice.reason != protocol.GAP_LEFT_LOG or protocol.UNKNOWN in (notice.messages, notice.bytes):
+                self._fail("position", why="gap of unknown size", gap=list(notice))
+                self._gap = {"count": 0, "bytes": 0, "p": None}
+                return
+            self.from_start = False  # a stream may now begin anywhere, or not at all
+            if self._gap is None:  # the streams seen so far may skip after it
+                self._gap = {"count": 0, "bytes": 0, "p": self.position}
+                self._gap_watch = dict(self.last)
+                self.last.clear()
+            self._gap["count"] += notice.messages
+            self._gap["bytes"] += notice.bytes
+            self.gap_messages += notice.messages
+            return
+        at = (notice.epoch, notice.offset, notice.message)
+        gap, self._gap = self._gap, None
+        if gap is not None:
+            p = gap["p"]
+            if p is not None and (p[0] != at[0] or at[2] - p[2] != gap["count"] or at[1] - p[1] != gap["bytes"]):
+                self._fail("position", why="gap notice", before=list(p), after=list(at), missed=gap["count"])
+            self._gap_id += 1
+            if self.on_gap is not None and p is not None and p[0] == at[0]:
+                self.on_gap({"gap": self._gap_id, "count": gap["count"], "bytes": gap["bytes"], "p": p[2], "q": at[2]})
+        elif self.position is not None and at != self.position:
+            self._fail("position", why="notice elsewhere", expected=list(self.position), got=list(at))
+        self.resuming = False
+        self.position = at
+        if self.keys is not None and self.keys_base is None:
+            self.keys_base = at[2]
+
     def _check(self) -> None:
         if self.broken:
             self._start = self._end
@@ -258,6 +368,7 @@ class StreamVerifier:
         buf, view, last = self._buf, self._view, self.last
         pos, end = self._start, self._end
         unpack, crc32 = protocol.HEADER_STRUCT.unpack_from, zlib.crc32
+        positioned, keys = self.positioned, self.keys
         while end - pos >= protocol.HEADER_SIZE:
             magic, domain, version, source, flags, seq, _, size, checksum = unpack(buf, pos)
             if magic != protocol.MAGIC or size > self.max_payload:
@@ -269,6 +380,24 @@ class StreamVerifier:
             if stop > end:
                 break
             key = source | flags << 8
+            if positioned:
+                if domain == protocol.SYSTEM and version == protocol.VERSION:
+                    self._notice(view[pos:stop])
+                    pos = stop
+                    continue
+                if self.resuming:  # sent before the relay read where to resume: it comes again after the notice
+                    self.before_notice += 1
+                    pos = stop
+                    continue
+                at = self.position
+                if at is not None:
+                    self.position = (at[0], at[1] + stop - pos, at[2] + 1)
+                    if keys is not None and self.keys_base is not None:
+                        keys.append(key)
+                watch = self._gap_watch
+                if watch and key in watch and self.on_gap is not None:
+                    before = watch.pop(key)
+                    self.on_gap({"gap": self._gap_id, "key": key, "before": before, "first": seq})
             allowed = self.allowed
             if version != protocol.VERSION or domain != self.domain_id:
                 self._fail("framing", why=f"version {version}, domain {domain}", key=key, seq=seq)
@@ -295,7 +424,12 @@ class StreamVerifier:
                     if self.from_start and seq != 0 and allows(self._whole, source):
                         self._fail("head", key=key, seq=seq)
                 elif seq != previous + 1:
-                    self._fail("sequence", key=key, expected=previous + 1, got=seq)
+                    if seq > previous and key in self._may_skip:
+                        self.skipped_ahead += 1
+                    else:
+                        self._fail("sequence", key=key, expected=previous + 1, got=seq)
+                if self._may_skip and not self.switching:  # the restart comes while the relay applies the change
+                    self._may_skip.discard(key)
                 last[key] = seq
                 self.verified += 1
                 if allowed is not None:
@@ -331,6 +465,13 @@ class SubscriberRole:
     from_start: bool = False  # attached before any publisher: every stream must start at 0
     witness: bool = False  # never stalls, never changes its subscription
     sources: Sources = None
+    # Positions: asks for them; records where it stands, and its streams' sequences, in ``state_path`` (JSON,
+    # replaced whole) after each read; tells of gaps in ``gaps_path`` (JSON lines); the witness records keys.
+    positioned: bool = False
+    resume: tuple[str, dict[int, int]] | None = None  # (position, last sequences) to go on from
+    state_path: str = ""
+    gaps_path: str = ""
+    keys_path: str = ""
 
 
 def client_main(
@@ -445,20 +586,31 @@ def run_subscriber(
     change number``); the echo of that beacon ends the switch window. New
     subsets are drawn from the publishers' current sources, ``ctrl[1:]``.
     """
+    gaps = open(role.gaps_path, "a", buffering=1) if role.gaps_path else None  # noqa: SIM115
+    resume = None
+    if role.resume is not None:
+        resume = (protocol.Position.parse(role.resume[0]), {int(k): v for k, v in role.resume[1].items()})
     verifier = StreamVerifier(
         config.domain_id,
         config.max_payload,
         from_start=role.from_start,
         on_failure=lambda d: details.write(json.dumps(d) + "\n"),
+        positioned=role.positioned,
+        resume=resume,
+        on_gap=None if gaps is None else lambda d: gaps.write(json.dumps(d) + "\n"),
+        record_keys=bool(role.keys_path),
     )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(config.socket_path)
+        if verifier.positioned:
+            sock.sendall(protocol.positions_message(resume[0] if resume is not None else None))
     except OSError:
         stats[STATE] = CLOSED_BY_RELAY
         return
     stats[STATE] = CONNECTED
     changes = 0
+    recorded = verifier.position
 
     def subscribe(sources: Sources) -> bool:
         """Send the subscription and its beacon; False when the relay has closed the connection."""
@@ -482,7 +634,7 @@ def run_subscriber(
             if ctrl[0] == RUNNING and rng.random() < config.stall_prob:
                 _stall(rng.uniform(STALL_MIN, max(STALL_MIN, config.stall_max)), stats, ctrl)
             next_stall = time.monotonic() + 1.0
-        if not role.witness and config.resubscribe_prob and time.monotonic() >= next_change:
+        if not role.witness and not role.positioned and config.resubscribe_prob and time.monotonic() >= next_change:
             if ctrl[0] == RUNNING and not verifier.switching and rng.random() < config.resubscribe_prob:
                 sources = next_subscription(rng, verifier.sources, ctrl[1:])
                 sock.settimeout(None)  # a few bytes: never a partial send
@@ -502,6 +654,16 @@ def run_subscriber(
             stats[STATE] = ENDED if ctrl[0] == STOPPING else CLOSED_BY_RELAY
             break
         verifier.commit(received)
+        if role.state_path and verifier.position != recorded and verifier.settled:
+            _record(role.state_path, verifier)
+            recorded = verifier.position
+            stats[RECORDED] += 1
+        if verifier.positioned:
+            stats[NOTICES] = verifier.notices
+            stats[POSITION_FAILURES] = verifier.failures["position"]
+            stats[GAP_NOTICES] = verifier.gaps
+            stats[GAP_MESSAGES] = verifier.gap_messages
+            stats[BEFORE_NOTICE] = verifier.before_notice
         stats[VERIFIED] = verifier.verified
         stats[PROBES] = verifier.probes
         stats[STREAMS] = len(verifier.last)
@@ -509,12 +671,27 @@ def run_subscriber(
         stats[MARKERS] = verifier.markers
         stats[BY_MESSAGE] = verifier.closed_by_message
         stats[BY_ECHO] = verifier.closed_by_echo
+        stats[SKIPPED_AHEAD] = verifier.skipped_ahead
         for kind, slot in FAILURE_SLOTS.items():
             stats[slot] = verifier.failures[kind]
         if verifier.broken:
             stats[STATE] = ERROR
             break
     sock.close()
+    if gaps is not None:
+        gaps.close()
+    if role.keys_path and verifier.keys is not None and verifier.keys_base is not None:
+        Path(role.keys_path).write_bytes(verifier.keys_base.to_bytes(8, "little") + verifier.keys.tobytes())
+
+
+def _record(path: str, verifier: StreamVerifier) -> None:
+    """Where ``verifier`` stands, with its streams' last sequences, replacing the file whole: a SIGKILL leaves one."""
+    epoch, offset, number = verifier.position
+    state = {"position": str(protocol.Position(epoch, offset, number)), "last": verifier.last}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as out:
+        json.dump(state, out)
+    os.replace(tmp, path)
 
 
 def _stall(seconds: float, stats: Any, ctrl: Any) -> None:
@@ -617,6 +794,10 @@ class Client:
     from_start: bool = False
     witness: bool = False
     filtered: bool = False  # subscribed at connect
+    positioned: bool = False  # asks for positions: recorded in ``state_path``, resumed from when killed
+    resumed: bool = False  # started from the position a killed one recorded
+    state_path: Path | None = None
+    gaps_path: Path | None = None
     killed: bool = False
     replaced: bool = False
     hung: bool = False
@@ -638,6 +819,9 @@ class SoakOptions:
     stall_max: float = 2.0
     filtered: float = 0.5
     resubscribe: float = 0.2
+    resuming: float = 0.5
+    sigstop: float = 0.1
+    log_size: int = 0  # the relay's log in bytes; 0: RELAY_OPTIONS' 16 MiB
     max_size: int = 1024
     seed: int | None = None
     json_path: Path | None = None
@@ -666,6 +850,12 @@ class Soak:
         self.rss_samples: list[tuple[float, int]] = []
         self.kills = Counter()
         self.replaced = Counter()
+        self.resumes = 0  # replacements that resumed from a killed subscriber's recorded position
+        self.unrecorded = 0  # positioned subscribers killed before they had recorded one
+        self.stopped: dict[int, tuple[Client, float, float]] = {}  # SIGSTOPped: pid -> (client, since, until)
+        self.sigstops = 0
+        self.sigstop_seconds = 0.0
+        self.keys_path = None
         self.probes_sent = 0
         self.t0 = 0.0
         self.load_seconds = 0.0
@@ -689,20 +879,47 @@ class Soak:
 
     # clients
 
-    def spawn(self, kind: str, *, slot: int = -1, from_start: bool = False, witness: bool = False) -> Client:
-        """Start a publisher in ``slot``, or a subscriber (filtered at connect by the ``--filtered`` share)."""
+    def spawn(
+        self,
+        kind: str,
+        *,
+        slot: int = -1,
+        from_start: bool = False,
+        witness: bool = False,
+        resume: tuple[str, dict[int, int]] | None = None,
+    ) -> Client:
+        """Start a publisher in ``slot``, or a subscriber: the witness and a ``--resuming`` share of the others
+        ask for positions (unfiltered), the rest are filtered at connect by the ``--filtered`` share.
+        ``resume`` starts a positioned one where a killed one left off."""
         index = next(self._indexes)
         stats = self.ctx.RawArray("q", STATS_LEN)
         detail_path = self.run_dir / f"{kind}-{index}.jsonl"
         key = -1
-        filtered = False
+        filtered = positioned = False
+        state_path = gaps_path = None
         arg: int | SubscriberRole
         if kind == "pub":
             key = arg = self._stream_key(slot)
         else:
-            filtered = not witness and self.rng.random() < self.opts.filtered
+            positioned = witness or resume is not None or self.rng.random() < self.opts.resuming
+            filtered = not witness and not positioned and self.rng.random() < self.opts.filtered
             sources = pick_sources(self.rng, self.ctrl[1:]) if filtered else None
-            arg = SubscriberRole(index, from_start=from_start, witness=witness, sources=sources)
+            if positioned:
+                gaps_path = self.run_dir / f"{kind}-{index}.gaps.jsonl"
+                state_path = None if witness else self.run_dir / f"{kind}-{index}.position.json"
+            if witness:
+                self.keys_path = self.run_dir / "witness-keys.bin"
+            arg = SubscriberRole(
+                index,
+                from_start=from_start,
+                witness=witness,
+                sources=sources,
+                positioned=positioned,
+                resume=resume,
+                state_path=str(state_path or ""),
+                gaps_path=str(gaps_path or ""),
+                keys_path=str(self.keys_path) if witness else "",
+            )
         seed = (self.seed * 1_000_003 + index) % (1 << 63)
         proc = self.ctx.Process(
             target=client_main,
@@ -711,7 +928,10 @@ class Soak:
             daemon=True,
         )
         proc.start()
-        client = Client(kind, index, proc, stats, detail_path, key, slot, from_start, witness, filtered)
+        client = Client(
+            kind, index, proc, stats, detail_path, key, slot, from_start, witness, filtered, positioned,
+            resume is not None, state_path, gaps_path,
+        )  # fmt: skip
         self.clients.append(client)
         return client
 
@@ -741,7 +961,45 @@ class Soak:
         victim.proc.join(2)
         victim.killed = True
         self.kills[victim.kind] += 1
-        self.spawn(victim.kind, slot=victim.slot)
+        if victim.proc.pid in self.stopped:
+            self._account_stop(self.stopped.pop(victim.proc.pid)[1], time.monotonic())
+        resume = None
+        if victim.positioned:
+            try:
+                state = json.loads(victim.state_path.read_text())
+            except (OSError, ValueError):
+                self.unrecorded += 1  # killed before its first record: its successor starts afresh
+            else:
+                resume = (state["position"], {int(k): v for k, v in state["last"].items()})
+                self.resumes += 1
+        self.spawn(victim.kind, slot=victim.slot, resume=resume)
+
+    def sigstop_one(self, now: float) -> None:
+        """Stop a subscriber other than the witness with SIGSTOP, to be continued with SIGCONT a while later."""
+        victims = [c for c in self.live("sub") if not c.witness and c.proc.pid not in self.stopped]
+        if not victims:
+            return
+        victim = self.rng.choice(victims)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            self.stopped[victim.proc.pid] = (
+                victim,
+                now,
+                now + self.rng.uniform(STALL_MIN, max(STALL_MIN, self.opts.stall_max)),
+            )
+            self.sigstops += 1
+
+    def continue_stopped(self, now: float, every: bool = False) -> None:
+        """SIGCONT the stopped subscribers whose time is up (``every``: all of them)."""
+        for pid, (_, since, until) in list(self.stopped.items()):
+            if every or now >= until:
+                del self.stopped[pid]
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+                self._account_stop(since, now)
+
+    def _account_stop(self, since: float, now: float) -> None:
+        self.sigstop_seconds += now - since
 
     def replace_exited(self) -> None:
         """A client that ended on its own (dropped as slow, refused) gets a successor, as a killed one does."""
@@ -788,6 +1046,7 @@ class Soak:
         self.t0 = time.monotonic()
         end = self.t0 + opts.duration
         next_kill = self.t0 + self.rng.expovariate(opts.churn) if opts.churn > 0 else float("inf")
+        next_stop = self.t0 + self.rng.expovariate(opts.sigstop) if opts.sigstop > 0 else float("inf")
         next_rss = self.t0
         next_progress = self.t0 + PROGRESS_INTERVAL
         try:
@@ -797,6 +1056,10 @@ class Soak:
                 if now >= next_kill:
                     self.kill_one()
                     next_kill += self.rng.expovariate(opts.churn)
+                if now >= next_stop:
+                    self.sigstop_one(now)
+                    next_stop += self.rng.expovariate(opts.sigstop)
+                self.continue_stopped(now)
                 self.replace_exited()
                 if now >= next_rss:
                     self.sample_rss()
@@ -825,6 +1088,7 @@ class Soak:
     def finish(self) -> int | None:
         """End the run in order: stalls end, publishers flush and close, subscribers drain, the relay stops."""
         self.ctrl[0] = ENDING
+        self.continue_stopped(time.monotonic(), every=True)
         publishers = [c for c in self.live("pub")]
         deadline = time.monotonic() + DRAIN_TIMEOUT
         for client in publishers:
@@ -876,8 +1140,10 @@ class Soak:
         except KeyboardInterrupt:
             self.interrupted = True
             self.ctrl[0] = STOPPING
+            self.continue_stopped(time.monotonic(), every=True)
             exit_code = self.relay.stop()
         finally:
+            self.continue_stopped(time.monotonic(), every=True)
             for client in self.clients:
                 if client.proc.is_alive():
                     client.proc.kill()
@@ -900,7 +1166,10 @@ class Soak:
             raise SoakError(f"the relay did not start (exit code {code}):\n{self.relay.tail()}") from None
 
     def relay_options(self) -> tuple[str, ...]:
-        return RELAY_OPTIONS[self.logic.slow_policy]
+        options = list(RELAY_OPTIONS[self.logic.slow_policy])
+        if self.opts.log_size:
+            options[options.index("--log-size") + 1] = str(self.opts.log_size)
+        return tuple(options)
 
     # figures
 
@@ -930,6 +1199,9 @@ class Soak:
         # The relay closes a stream between messages; bytes left over at a clean end are a torn message.
         torn = [c for c in subs if c.stats[STATE] == ENDED and c.stats[TAIL]]
         failures["torn_tail"] = len(torn)
+        failures["position"] = sum(c.stats[POSITION_FAILURES] for c in subs)
+        resumes = self._check_gaps(subs)
+        failures["gap_count"] = resumes.pop("mismatches")
         forwarded = summary["forwarded"] if summary else None
         complete = [
             c
@@ -951,7 +1223,9 @@ class Soak:
         for client in subs + errors:
             if client.detail_path.exists():
                 for line in client.detail_path.read_text().splitlines()[:MAX_DETAILS]:
-                    details.append({"client": f"{client.kind}-{client.index}", **json.loads(line)})
+                    details.append(
+                        {"client": f"{client.kind}-{client.index}", "role": _role(client), **json.loads(line)}
+                    )
         if echo_error is not None:
             details.append({"client": "echo", "kind": "error", "error": echo_error})
         for client in torn:
@@ -963,6 +1237,7 @@ class Soak:
         for name, gap in missing.items():
             if gap:
                 details.append({"client": name, "kind": "missing", "messages": gap})
+        details.extend(resumes.pop("details"))
         gaps = failures["sequence"] + failures["head"]
         total_failures = sum(failures.values())
         rss = self._rss_figures()
@@ -980,6 +1255,8 @@ class Soak:
                 "stall_max_s": opts.stall_max,
                 "filtered": opts.filtered,
                 "resubscribe_prob": opts.resubscribe,
+                "resuming": opts.resuming,
+                "sigstop_per_s": opts.sigstop,
                 "max_size": self.config.max_size,
                 "relay_options": list(self.relay_options()),
             },
@@ -1003,6 +1280,7 @@ class Soak:
                 "messages_verified": sum(c.stats[FILTERED_VERIFIED] for c in subs),
                 "windows_closed_by_message": sum(c.stats[BY_MESSAGE] for c in subs),
                 "windows_closed_by_echo": sum(c.stats[BY_ECHO] for c in subs),
+                "streams_skipped_ahead": sum(c.stats[SKIPPED_AHEAD] for c in subs),
                 "beacons_echoed": echo.beacons if echo is not None else 0,
                 "relay_control_messages": summary["control"] if summary else None,
             },
@@ -1016,8 +1294,11 @@ class Soak:
                 "relay_slow_dropped": summary["slow_dropped"] if summary else None,
                 "stalls": sum(c.stats[STALLS] for c in subs),
                 "stall_seconds": round(sum(c.stats[STALL_MS] for c in subs) / 1000, 1),
+                "sigstops": self.sigstops,
+                "sigstop_seconds": round(self.sigstop_seconds, 1),
                 "clients_replaced_after_exit": dict(self.replaced),
             },
+            "positions": resumes,
             "clients": {"publishers": len(pubs), "subscribers": len(subs)},
             "relay": {
                 "exit_code": relay_exit,
@@ -1030,6 +1311,90 @@ class Soak:
         }
         report["ok"] = total_failures == 0 and not relay_died
         return report
+
+    def _check_gaps(self, subs: list[Client]) -> dict:
+        """The positioned subscribers' figures, and every gap they heard of checked against the witness's record.
+
+        For each gap (message numbers ``p`` to ``q``) the witness's record says
+        how many messages of each stream, and of the soak's own traffic, the
+        relay left out; a stream the subscriber saw on both sides must go on
+        exactly that many sequences on (``mismatches`` otherwise). The gap
+        notice's own count was checked against the positions around it as it
+        arrived (a ``position`` failure otherwise).
+        """
+        keys, base = None, 0
+        if self.keys_path is not None and self.keys_path.exists():
+            raw = self.keys_path.read_bytes()
+            base = int.from_bytes(raw[:8], "little")
+            keys = array.array("i", raw[8:])
+        positioned = [c for c in subs if c.positioned]
+        figures = {
+            "positioned_subscribers": len(positioned),
+            "resumes": self.resumes,
+            "killed_before_recording": self.unrecorded,
+            "positions_recorded": sum(c.stats[RECORDED] for c in positioned),
+            "set_aside_before_notice": sum(c.stats[BEFORE_NOTICE] for c in positioned),
+            "gap_notices": sum(c.stats[GAP_NOTICES] for c in positioned),
+            "messages_missed": sum(c.stats[GAP_MESSAGES] for c in positioned),
+            "relay_gap_notices": (self.relay_figures or {}).get("slow_actions", {}).get("gap_notice"),
+            "dropped_as_slow": sum(
+                1
+                for c in positioned
+                if self.relay_figures and c.proc.pid in self.relay_figures["slow_disconnected_pids"]
+            ),
+            "gaps_checked": 0,
+            "missed_stream_messages": 0,
+            "missed_soak_traffic": 0,
+            "streams_checked": 0,
+            "gaps_unchecked": 0,
+            "position_failures": sum(c.stats[POSITION_FAILURES] for c in positioned),
+            "gap_count_failures": 0,
+        }
+        mismatches, details = 0, []
+        for client in positioned:
+            if client.gaps_path is None or not client.gaps_path.exists():
+                continue
+            gaps: dict[int, dict] = {}
+            for line in client.gaps_path.read_text().splitlines():
+                with contextlib.suppress(ValueError):  # a line a SIGKILL cut short
+                    record = json.loads(line)
+                    if "count" in record:
+                        gaps[record["gap"]] = {**record, "counts": None}
+                        continue
+                    gap = gaps.get(record["gap"])
+                    if gap is None:
+                        continue
+                    if gap["counts"] is None:
+                        lo, hi = gap["p"] - base, gap["q"] - base
+                        if keys is None or lo < 0 or hi > len(keys):
+                            gap["counts"] = False
+                        else:
+                            gap["counts"] = Counter(keys[lo:hi])
+                    if gap["counts"] is False:
+                        continue
+                    figures["streams_checked"] += 1
+                    took = gap["counts"][record["key"]]
+                    if record["first"] != record["before"] + took + 1:
+                        mismatches += 1
+                        if len(details) < MAX_DETAILS:
+                            details.append(
+                                {"client": f"sub-{client.index}", "kind": "gap_count", **record, "took": took}
+                            )
+            for gap in gaps.values():
+                lo, hi = gap["p"] - base, gap["q"] - base
+                if keys is None or lo < 0 or hi > len(keys):
+                    figures["gaps_unchecked"] += 1
+                    continue
+                counts = gap["counts"] or Counter(keys[lo:hi])
+                soak = sum(n for k, n in counts.items() if k & 0xFF == SOAK_SOURCE)
+                figures["gaps_checked"] += 1
+                figures["missed_soak_traffic"] += soak
+                figures["missed_stream_messages"] += sum(counts.values()) - soak
+                if sum(counts.values()) != gap["count"]:
+                    mismatches += 1
+                    details.append({"client": f"sub-{client.index}", "kind": "gap_count", **gap, "counts": None})
+        figures["gap_count_failures"] = mismatches
+        return {**figures, "mismatches": mismatches, "details": details}
 
     @staticmethod
     def _broken(client: Client) -> bool:
@@ -1054,6 +1419,28 @@ class Soak:
         }
 
 
+def _role(client: Client) -> str:
+    """What a client was, for a failure's detail."""
+    if client.kind == "pub":
+        return f"publisher {client.key:#06x}"
+    kind = (
+        "witness"
+        if client.witness
+        else "positioned"
+        if client.positioned
+        else "filtered"
+        if client.filtered
+        else "plain"
+    )
+    changes = client.stats[CHANGES]
+    return (
+        kind
+        + (", resumed" if client.resumed else "")
+        + (", initial" if client.from_start else "")
+        + (f", {changes} subscription changes" if changes else "")
+    )
+
+
 def format_report(report: dict) -> str:
     o, f, r = report["options"], report["faults"], report["rss"]
     fail = report["failures"]
@@ -1062,6 +1449,8 @@ def format_report(report: dict) -> str:
     expected = report["complete_subscribers"]["expected_each"]
     missing = report["complete_subscribers"]["missing"]
     subs = report["subscriptions"]
+    pos = report["positions"]
+    relay_gaps = pos["relay_gap_notices"]
 
     def mib(x: float | None) -> str:
         return "-" if x is None else f"{x:.1f}"
@@ -1076,7 +1465,9 @@ def format_report(report: dict) -> str:
         (
             "verification failures",
             f"{report['verification_failures']} ("
-            + ", ".join(f"{k} {v}" for k, v in fail.items() if v or k in ("crc", "sequence", "subscription"))
+            + ", ".join(
+                f"{k} {v}" for k, v in fail.items() if v or k in ("crc", "sequence", "subscription", "gap_count")
+            )
             + ")",
         ),
         ("gaps", str(report["gaps"])),
@@ -1090,7 +1481,8 @@ def format_report(report: dict) -> str:
         (
             "verified under a subscription",
             f"{subs['messages_verified']:,} (switch windows closed: {subs['windows_closed_by_message']} by a "
-            f"message, {subs['windows_closed_by_echo']} by the echo)",
+            f"message, {subs['windows_closed_by_echo']} by the echo; {subs['streams_skipped_ahead']} streams "
+            "went on from the head after a change)",
         ),
         (
             "complete subscribers",
@@ -1109,6 +1501,21 @@ def format_report(report: dict) -> str:
             f"(relay's count: {f['relay_slow_dropped']})",
         ),
         ("stalls", f"{f['stalls']} ({f['stall_seconds']} s)"),
+        ("SIGSTOP stalls", f"{f['sigstops']} ({f['sigstop_seconds']} s)"),
+        (
+            "positioned subscribers",
+            f"{pos['positioned_subscribers']}, {pos['positions_recorded']:,} positions recorded; "
+            f"{pos['resumes']} resumes after SIGKILL ({pos['killed_before_recording']} killed before recording); "
+            f"{pos['set_aside_before_notice']} sent before the resume took effect, set aside; "
+            f"{pos['dropped_as_slow']} dropped as slow",
+        ),
+        (
+            "gap notices",
+            f"{pos['gap_notices']} read (relay sent {'-' if relay_gaps is None else relay_gaps}), "
+            f"{pos['messages_missed']:,} messages missed ({pos['missed_stream_messages']:,} of streams, "
+            f"{pos['missed_soak_traffic']:,} soak traffic); {pos['gaps_checked']} gaps and {pos['streams_checked']} "
+            f"streams checked against the witness, {pos['gap_count_failures']} wrong",
+        ),
         ("relay received/forwarded", f"{summary.get('received', '-')} / {summary.get('forwarded', '-')}"),
         ("relay rejected / faults", f"{summary.get('rejected') or 0} / {summary.get('faults') or 0}"),
         (
@@ -1175,6 +1582,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"chance per second that a subscriber changes its subscription ({d.resubscribe:g})",
     )
     parser.add_argument(
+        "--resuming",
+        type=non_negative_float,
+        default=d.resuming,
+        help=f"share of subscribers (the witness aside) that ask for positions, resumed when killed ({d.resuming:g})",
+    )
+    parser.add_argument(
+        "--sigstop",
+        type=non_negative_float,
+        default=d.sigstop,
+        help=f"subscriber processes stopped with SIGSTOP per second, for up to --stall-max ({d.sigstop:g})",
+    )
+    parser.add_argument(
+        "--log-size",
+        type=parse_byte_count,
+        default=0,
+        help="the relay's log (16MiB); a smaller one leaves stalled subscribers behind sooner",
+    )
+    parser.add_argument(
         "--max-size", type=non_negative, default=d.max_size, help=f"largest message in bytes ({d.max_size})"
     )
     parser.add_argument("--seed", type=non_negative, help="random seed, to repeat a run (default: random)")
@@ -1197,6 +1622,8 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> SoakOpti
         raise UsageError("--filtered is a share of the subscribers, 0..1")
     if not 0 <= args.resubscribe <= 1:
         raise UsageError("--resubscribe is a probability per second, 0..1")
+    if not 0 <= args.resuming <= 1:
+        raise UsageError("--resuming is a share of the subscribers, 0..1")
     if args.publishers > 255:
         raise UsageError("at most 255 publishers: each has a source byte of its own")
     if args.max_size < protocol.HEADER_SIZE + 2:
@@ -1214,6 +1641,9 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> SoakOpti
         stall_max=args.stall_max,
         filtered=args.filtered,
         resubscribe=args.resubscribe,
+        resuming=args.resuming,
+        sigstop=args.sigstop,
+        log_size=args.log_size,
         max_size=args.max_size,
         seed=args.seed,
         json_path=args.json,

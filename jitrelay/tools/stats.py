@@ -118,8 +118,8 @@ def table_rows(reading: Reading) -> list[Row]:
     if reading.kind == "bridge":
         return bridge_rows(reading)
 
-    def each(title: str, name: str, key: str) -> list[Row]:
-        return [Row(f"{title} {v}", name, ((key, v),)) for v in reading.label_values(name, key)]
+    def each(title: str, name: str, key: str, counter: bool = True) -> list[Row]:
+        return [Row(f"{title} {v}", name, ((key, v),), counter) for v in reading.label_values(name, key)]
 
     rows = [
         Row("messages received", "jitrelay_messages_received_total"),
@@ -138,6 +138,12 @@ def table_rows(reading: Reading) -> list[Row]:
         *each("connections refused", "jitrelay_connections_refused_total", "reason"),
         Row("subscriber pending bytes max", "jitrelay_subscriber_pending_bytes_max", counter=False),
         *each("slow subscriber actions", "jitrelay_slow_subscriber_actions_total", "action"),
+        Row("log used bytes", "jitrelay_log_used_bytes", counter=False),
+        Row("log size bytes", "jitrelay_log_size_bytes", counter=False),
+        Row("subscribers behind", "jitrelay_subscribers_behind", counter=False),
+        Row("subscribers fell behind", "jitrelay_subscribers_fell_behind_total"),
+        *each("lag bytes", "jitrelay_subscriber_lag_bytes", "peer", counter=False),
+        *each("lag messages", "jitrelay_subscriber_lag_messages", "peer", counter=False),
         Row("journal errors", "jitrelay_journal_errors_total"),
     ]
     return rows + process_rows(reading)

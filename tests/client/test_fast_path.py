@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -25,7 +28,8 @@ from support.relays import RelayProcess
 
 from jitrelay.client import AsyncPublisher, AsyncSubscriber, MessageView, Publisher, Subscriber, _PublisherState
 from jitrelay.core import protocol
-from jitrelay.core.views import batch_headers, iter_views, message_offsets
+from jitrelay.core.domains import logic_for
+from jitrelay.core.views import COLUMNS_FROM, batch_headers, iter_views, message_offsets
 
 MARKET_DATA = 1
 SIZE = 71  # one type-1 record of 37 bytes
@@ -127,6 +131,173 @@ def test_a_long_value_takes_an_extended_record_and_an_impossible_one_raises() ->
     with pytest.raises(ValueError):
         state._encode([(256, b"x"), (1, b"")], 0, 1, 5)
     assert state._fill == 32 + 5 + 65535  # nothing of the failed messages counts as buffered
+
+
+class _Collector:
+    """A Unix socket that accepts one connection and keeps every byte sent on it, until the sender closes."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(path)
+        self._server.listen(1)
+        self.data = b""
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn, _ = self._server.accept()
+        with conn:
+            chunks = []
+            while chunk := conn.recv(1 << 16):
+                chunks.append(chunk)
+        self.data = b"".join(chunks)
+        self._server.close()
+
+    def received(self) -> bytes:
+        self._thread.join(10.0)
+        assert not self._thread.is_alive()
+        return self.data
+
+
+publications = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [[(1, VALUE)], [(1, VALUE)], [(2, VALUE)], [(1, bytes(5))], [(0, VALUE)], [(1, VALUE), (2, b"")]]
+        ),
+        st.sampled_from(["list", "tuple", "bytearray", "iterator"]),
+        st.integers(0, 255),
+        st.none() | st.integers(0, 2**63),  # room for the numbers that follow
+        st.none() | st.integers(0, 2**64 - 1),
+    ),
+    max_size=40,
+)
+
+
+def _declared(wire: bytes) -> bytes:
+    """What follows the publish-only declaration a publisher's bytes start with (its timestamp aside)."""
+    declaration = protocol.publish_only_message()
+    first = next(protocol.decode_messages(wire[: len(declaration)]))
+    assert first.records == next(protocol.decode_messages(declaration)).records
+    return wire[len(declaration) :]
+
+
+def _shaped(records: list[tuple[int, bytes]], shape: str) -> object:
+    if shape == "tuple":
+        return tuple(records)
+    if shape == "bytearray":
+        return [(t, bytearray(v)) for t, v in records]
+    if shape == "iterator":
+        return iter(records)
+    return list(records)
+
+
+def _expected(domain: str, checksum: bool | None, items: list, times: list[int]) -> bytes:
+    """What the publications should put on the wire after the publish-only declaration."""
+    verify = logic_for(domain).verify_checksum if checksum is None else checksum
+    out, following = [], 0
+    for (records, _, flags, sequence, _), stamp in zip(items, times, strict=True):
+        number = following if sequence is None else sequence
+        out.append(
+            protocol.build_message(
+                logic_for(domain).domain_id,
+                records,
+                flags=flags,
+                sequence=number,
+                timestamp_ns=stamp,
+                checksum=None if verify else 0,
+            )
+        )
+        following = number + 1
+    return b"".join(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    items=publications,
+    domain=st.sampled_from(["market_data", "execution"]),
+    checksum=st.sampled_from([None, True, False]),
+    kind=st.sampled_from(["blocking", "blocking-batch", "await", "nowait"]),
+    flush_size=st.sampled_from([1, 200, 1 << 16]),
+)
+def test_every_publish_method_puts_exactly_the_built_messages_on_the_wire(
+    tmp_path_factory: pytest.TempPathFactory,
+    items: list,
+    domain: str,
+    checksum: bool | None,
+    kind: str,
+    flush_size: int,
+) -> None:
+    """The publish methods' inlined fast path and its fallbacks write what ``build_message`` builds, in order."""
+    path = str(tmp_path_factory.mktemp("wire") / "s")
+    collector = _Collector(path)
+    times: list[int] = []  # each message's timestamp: given, or read from the (patched) clock
+    numbers = []
+
+    def clock() -> int:
+        times.append(10**6 + len(times))
+        return times[-1]
+
+    def stamped(timestamp_ns: int | None) -> int | None:
+        if timestamp_ns is not None:
+            times.append(timestamp_ns)
+        return timestamp_ns
+
+    with mock.patch("jitrelay.client._time_ns", clock):
+        if kind.startswith("blocking"):
+            with (
+                Publisher(domain, path, checksum=checksum, flush_size=flush_size) as pub,
+                pub.batch() if kind == "blocking-batch" else contextlib_null(),
+            ):
+                for records, shape, flags, sequence, timestamp_ns in items:
+                    shaped, stamp = _shaped(records, shape), stamped(timestamp_ns)
+                    numbers.append(pub.publish(shaped, flags=flags, sequence=sequence, timestamp_ns=stamp))
+        else:
+
+            async def scenario() -> None:
+                async with AsyncPublisher(domain, path, checksum=checksum, flush_size=flush_size) as pub:
+                    publish = pub.publish if kind == "await" else pub.publish_nowait
+                    for k, (records, shape, flags, sequence, timestamp_ns) in enumerate(items):
+                        shaped, stamp = _shaped(records, shape), stamped(timestamp_ns)
+                        result = publish(shaped, flags=flags, sequence=sequence, timestamp_ns=stamp)
+                        numbers.append(await result if kind == "await" else result)
+                        if k % 7 == 3:
+                            await asyncio.sleep(0)
+
+            asyncio.run(scenario())
+    assert _declared(collector.received()) == _expected(domain, checksum, items, times)
+    following = 0
+    for (_, _, _, sequence, _), number in zip(items, numbers, strict=True):
+        assert number == (following if sequence is None else sequence)
+        following = number + 1
+
+
+def test_the_fast_path_writes_a_checksum_once_asked_for_one(tmp_path: object) -> None:
+    path = str(tmp_path / "s")  # type: ignore[operator]
+    collector = _Collector(path)
+    with Publisher("market_data", path) as pub:
+        pub.publish([(1, VALUE)], timestamp_ns=1)
+        pub.publish([(1, VALUE)], timestamp_ns=2)  # the fast path, no checksum: market data does not verify
+        pub.checksum = True
+        pub.publish([(1, VALUE)], timestamp_ns=3)
+        pub.publish([(1, VALUE)], timestamp_ns=4)
+    expected = [protocol.build_message(1, [(1, VALUE)], sequence=s, timestamp_ns=s + 1, checksum=0) for s in (0, 1)]
+    expected += [protocol.build_message(1, [(1, VALUE)], sequence=s, timestamp_ns=s + 1) for s in (2, 3)]
+    assert _declared(collector.received()) == b"".join(expected)
+
+
+def test_publish_nowait_needs_a_connection_and_raises_once_the_relay_is_gone(market_relay: RelayProcess) -> None:
+    async def scenario() -> None:
+        pub = AsyncPublisher("market_data", market_relay.socket_path)
+        with pytest.raises(RuntimeError, match="not connected"):
+            pub.publish_nowait([(1, VALUE)])
+        await pub.connect()
+        assert pub.publish_nowait([(1, VALUE)]) == 0
+        await pub.close()
+        with pytest.raises(ConnectionError):
+            pub.publish_nowait([(1, VALUE)])
+
+    asyncio.run(scenario())
 
 
 # --- coalescing, against a real relay -------------------------------------------------------------------------------
@@ -336,6 +507,34 @@ def test_views_decode_to_exactly_what_decode_messages_gives(messages: list[bytes
     assert headers.dtype == protocol.HEADER_DTYPE
     assert [tuple(int(x) for x in row) for row in headers.tolist()] == [tuple(vars(m.header).values()) for m in decoded]
     assert message_offsets(data).tolist() == list(np.cumsum([0] + [len(m) for m in messages])[:-1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    count=st.integers(COLUMNS_FROM - 2, 3 * COLUMNS_FROM),
+    value_size=st.sampled_from([0, 5, 37, 300]),
+    numbers=st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), min_size=1, max_size=8),
+    odd=st.none() | st.integers(0, 3 * COLUMNS_FROM),
+)
+def test_views_of_a_batch_of_one_size_read_as_columns_as_they_would_one_by_one(
+    count: int, value_size: int, numbers: list[tuple[int, int]], odd: int | None
+) -> None:
+    """Batches large enough for the numpy columns: of one message size, or all but one (which must walk)."""
+    value = bytes(range(256)) * 2
+    messages = []
+    for k in range(count):
+        sequence, stamp = numbers[k % len(numbers)]
+        n = value_size + 3 if k == odd else value_size  # one message of another size: not uniform
+        record = standard_record(1, value[:n]) if n < 256 else extended_record(1, value[:n])
+        messages.append(message(MARKET_DATA, record, sequence=sequence, timestamp_ns=stamp, source=k % 256))
+    data = b"".join(messages)
+    decoded = list(protocol.decode_messages(data))
+    views = list(iter_views(data))
+    assert [v.decode() for v in views] == decoded
+    assert [(v.sequence, v.timestamp_ns, v.source, len(v)) for v in views] == [
+        (m.header.sequence, m.header.timestamp_ns, m.header.source, len(m.raw)) for m in decoded
+    ]
+    assert MessageView(data, 0, len(messages[0])).sequence == decoded[0].header.sequence
 
 
 def test_subscriber_iterates_views_and_still_gives_decoded_messages(market_relay: RelayProcess) -> None:

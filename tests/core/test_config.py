@@ -249,6 +249,7 @@ def changed(domain: str) -> RelayLogic:
         "journal_dir": Path("/tmp/jr-config/journal"),
         "journal_fsync": "every",
         "journal_rotate_bytes": 1536,
+        "journal_on_error": "forward" if default.journal_on_error == "pause" else "pause",
         "metrics_port": 9187,
         "listen": ("tcp://127.0.0.1:7001", "tcp://[::1]:7002"),
         "allowed_networks": ("10.0.0.0/8",),

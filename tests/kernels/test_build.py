@@ -218,3 +218,63 @@ def test_kernels_refuse_ranges_and_companions_that_would_reach_outside_their_arr
         kernels.scan_and_route(MESSAGE, 0, len(MESSAGE), TABLES, out, groups._replace(groups=65), routed)
     with pytest.raises(TypeError, match="untyped must be"):
         kernels.route(MESSAGE, out, result.count, groups._replace(untyped=groups.untyped.astype(np.int64)), routed)
+
+
+def test_scratch_folders_of_builds_that_no_longer_run_are_removed(tmp_path: Path) -> None:
+    import fcntl
+    import time
+
+    dead = tmp_path / "jitrelay_kernels_dead.build-x1"
+    running = tmp_path / "jitrelay_kernels_live.build-x2"
+    old_style, recent_style = tmp_path / "build-old", tmp_path / "build-recent"
+    for folder in (dead, running, old_style, recent_style):
+        folder.mkdir()
+        (folder / "half.o").write_bytes(b"half a build")
+    an_hour_ago = time.time() - 3600
+    os.utime(old_style, (an_hour_ago, an_hour_ago))
+    with open(tmp_path / "jitrelay_kernels_live.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a build of that module is under way
+        with pytest.raises(build.Unavailable, match="has not been built"):
+            build.load(tmp_path, build=False)
+
+    assert not dead.exists() and not old_style.exists()
+    assert running.exists() and recent_style.exists()
+
+
+def test_an_interrupted_build_leaves_nothing_behind_at_the_next_start(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    code = f"from pathlib import Path; from jitrelay.kernels import build; build.load(Path({str(tmp_path)!r}))"
+    child = subprocess.Popen([sys.executable, "-c", code], env=_child_env(tmp_path), start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not [path for path in tmp_path.iterdir() if build._SCRATCH in path.name]:
+        assert child.poll() is None and time.monotonic() < deadline, "no build started"
+        time.sleep(0.01)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait(10)
+    assert [path for path in tmp_path.iterdir() if build._SCRATCH in path.name]  # what the kill left
+
+    with pytest.raises(build.Unavailable, match="has not been built"):
+        build.load(tmp_path, build=False)
+    assert not [path for path in tmp_path.iterdir() if build._SCRATCH in path.name]
+
+
+def test_a_checkout_has_no_packaged_module_and_says_so() -> None:
+    if build.packaged_path().exists():
+        pytest.skip("this installation was built with its module")
+    with pytest.raises(build.Unavailable, match="was not built with the package"):
+        build.load_packaged()
+
+
+def test_the_packaged_digest_follows_the_loops_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = Path(build.__file__).resolve().parents[1]
+    for source in build._SOURCES:
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(package / source, tmp_path / source)
+    same = build.packaged_digest(tmp_path)
+    with open(tmp_path / "kernels" / "loops.py", "a") as loops:
+        loops.write("\n# changed\n")
+
+    assert same == build.packaged_digest() and 0 < same < 2**63
+    assert build.packaged_digest(tmp_path) != same

@@ -3,8 +3,9 @@
 Clients of other users are real: the tests run as root and fork children
 that drop to another uid and gid (nobody/nogroup, 65534, or an unnamed id)
 before they connect, so the relay sees their credentials through the
-socket. For them to reach it, the socket lives in a folder made 0o777 and
-is made 0o666 once the relay listens.
+socket. For them to reach it, the socket lives in a folder made 0o711
+(others may pass through it but not write to it: the relay refuses a socket
+folder others can write) and is made 0o666 once the relay listens.
 
 A refused peer must read EOF straight away, before it is forwarded
 anything, and the relay logs one WARNING line naming it (``refusing``,
@@ -274,8 +275,8 @@ def children() -> Iterator[list[Child]]:
 
 @pytest.fixture
 def open_dir(short_dir: Path) -> Path:
-    """The socket folder, open to every user (the relay keeps the mode of a folder it did not create)."""
-    os.chmod(short_dir, 0o777)
+    """The socket folder, every user may pass through it (the relay keeps the mode of a folder it did not create)."""
+    os.chmod(short_dir, 0o711)
     return short_dir
 
 

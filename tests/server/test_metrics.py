@@ -155,20 +155,33 @@ def test_figures_match_the_traffic_exactly(start_relay: StartRelay) -> None:
     assert value(samples, "jitrelay_connections_accepted_total") == 4
     assert value(samples, "jitrelay_connections_refused_total", reason="not_allowed") == 0
     assert value(samples, "jitrelay_subscriber_pending_bytes_max") == 0
-    assert value(samples, "jitrelay_slow_subscriber_actions_total", action="pause") == 0
+    assert value(samples, "jitrelay_slow_subscriber_actions_total", action="hold") == 0
     assert value(samples, "jitrelay_slow_subscriber_actions_total", action="disconnect") == 0
     assert value(samples, "jitrelay_journal_errors_total") == 0
 
     # One forwarding time per batch that forwarded anything: at least one per write of the publishers.
     batches = value(samples, "jitrelay_forwarding_seconds_count")
     assert 2 <= batches <= len(forwarded)
-    buckets = sorted(
-        (float(dict(labels)["le"]), n) for (name, labels), n in samples.items() if name.endswith("_seconds_bucket")
-    )
-    assert [bound for bound, _ in buckets] == [*FORWARDING_BUCKETS, float("inf")]
-    counts = [n for _, n in buckets]
-    assert counts == sorted(counts) and counts[-1] == batches
+    for family in (
+        "jitrelay_forwarding_seconds",
+        "jitrelay_forwarding_own_seconds",
+        "jitrelay_forwarding_send_seconds",
+    ):
+        buckets = sorted(
+            (float(dict(labels)["le"]), n) for (name, labels), n in samples.items() if name == f"{family}_bucket"
+        )
+        assert [bound for bound, _ in buckets] == [*FORWARDING_BUCKETS, float("inf")]
+        counts = [n for _, n in buckets]
+        assert counts == sorted(counts) and counts[-1] == value(samples, f"{family}_count")
     assert value(samples, "jitrelay_forwarding_seconds_sum") > 0
+    # Every batch reached the subscriber through the send loop: the relay's own part and the send calls'
+    # part were timed for each, and together they never exceed the whole.
+    assert value(samples, "jitrelay_forwarding_own_seconds_count") == batches
+    assert value(samples, "jitrelay_forwarding_send_seconds_count") == batches
+    parts = value(samples, "jitrelay_forwarding_own_seconds_sum") + value(
+        samples, "jitrelay_forwarding_send_seconds_sum"
+    )
+    assert 0 < parts <= value(samples, "jitrelay_forwarding_seconds_sum")
     for sock in (subscriber, publisher, third):
         sock.close()
 
@@ -282,7 +295,7 @@ def flood() -> Iterator[Callable[[socket.socket], None]]:
 @pytest.mark.parametrize("policy", ["block", "disconnect"])
 def test_slow_subscriber_actions(start_relay: StartRelay, flood: Callable[[socket.socket], None], policy: str) -> None:
     limit = 256 * KiB
-    options = ["--slow-policy", policy, "--pending-limit", str(limit), "--slow-timeout", "0.3"]
+    options = ["--slow-policy", policy, "--pending-limit", str(limit), "--slow-timeout", "0.3", "--log-size", "8MiB"]
     relay = start_relay("market_data", "--metrics-port", "0", *options)
     port = metrics_port(relay)
     stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -291,18 +304,24 @@ def test_slow_subscriber_actions(start_relay: StartRelay, flood: Callable[[socke
     publisher = relay.connect(TIMEOUT)
     open_connections(port, 2)
     flood(publisher)  # the subscriber never reads
-    relay.wait_line("pausing publishers", timeout=TIMEOUT)
     if policy == "block":
+        # The log fills up to the stuck subscriber's cursor: the publisher is held, once; nobody is cut off.
+        relay.wait_line("the log is full up to the slowest subscriber", timeout=TIMEOUT)
         samples = scrape(port)
-        assert value(samples, "jitrelay_subscriber_pending_bytes_max") >= limit
+        assert value(samples, "jitrelay_subscriber_pending_bytes_max") > limit
+        assert value(samples, "jitrelay_subscribers_behind") == 1
+        lags = [v for (name, _), v in samples.items() if name == "jitrelay_subscriber_lag_bytes"]
+        assert lags == [value(samples, "jitrelay_subscriber_pending_bytes_max")]
         assert value(samples, "jitrelay_slow_subscriber_actions_total", action="disconnect") == 0
+        assert value(samples, "jitrelay_slow_subscriber_actions_total", action="hold") == 1
     else:
+        # Cut off (past its limit for 0.3 s, or out of the log first); the publisher is never held.
         relay.wait_line("disconnecting slow subscriber", timeout=TIMEOUT)
         samples = open_connections(port, 1)
         assert value(samples, "jitrelay_slow_subscriber_actions_total", action="disconnect") == 1
         assert value(samples, "jitrelay_subscriber_pending_bytes_max") == 0
-    # Passing the limit once paused the publishers once; nobody else subscribes.
-    assert value(samples, "jitrelay_slow_subscriber_actions_total", action="pause") == 1
+        assert value(samples, "jitrelay_subscribers_behind") == 0
+        assert value(samples, "jitrelay_slow_subscriber_actions_total", action="hold") == 0
     stuck.close()
     publisher.close()
 

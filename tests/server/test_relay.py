@@ -196,7 +196,7 @@ def test_slow_subscriber_is_dropped_and_memory_stays_bounded(start_relay: StartR
 
 
 def test_blocked_subscriber_loses_nothing_under_block(start_relay: StartRelay, clients: Clients) -> None:
-    relay = start_relay("execution", "--slow-policy", "block", "--pending-limit", str(1 * MiB))
+    relay = start_relay("execution", "--slow-policy", "block", "--log-size", str(8 * MiB))
     stream = NumberedStream(3, [(40, b"e" * 2000)], chunk_messages=64, chunks=512)  # ~64 MiB of 2037-byte messages
     (other, slow), checks, publisher = checked_readers(relay, clients, stream)
     slow.pause()
@@ -263,18 +263,18 @@ def test_publisher_that_exits_with_unread_data_loses_none_of_its_messages(
     The messages it sent before closing are complete and must still be
     forwarded, even though the relay had not read them when the write failed.
     """
-    relay = start_relay("execution", "--slow-policy", "block", "--pending-limit", str(64 * KiB))
+    relay = start_relay("execution", "--slow-policy", "block", "--log-size", str(8 * MiB))
     subscriber = clients.reader(relay)
     leaver = clients.connect(relay)  # publishes, never reads
-    talker = clients.connect(relay)  # fills the leaver's pending output
+    talker = clients.connect(relay)  # fills the leaver's socket and the log behind it
     sync(talker, [subscriber], 3)
-    noise = [build_message(3, [(41, b"n" * 200)], source=2, sequence=i) for i in range(40000)]
+    noise = [build_message(3, [(41, b"n" * 200)], source=2, sequence=i) for i in range(100000)]
     ours = [build_message(3, [(40, i.to_bytes(4, "little") * 8)], source=1, sequence=i) for i in range(300)]
     talker.settimeout(30)
-    # ~9 MiB the leaver never reads, more than kernel buffers hold: the relay pauses publishers until it is gone.
+    # ~23 MiB the leaver never reads, more than its socket and the log hold: the relay holds publishers until it goes.
     thread = threading.Thread(target=talker.sendall, args=(b"".join(noise),))
     thread.start()
-    relay.wait_line("pausing publishers")
+    relay.wait_line("the log is full up to the slowest subscriber", timeout=20)
     leaver.sendall(b"".join(ours))
     leaver.close()  # unread data in its queue: the relay's pending write to it fails
     thread.join(30)
@@ -299,7 +299,8 @@ def test_subscriber_behind_for_less_than_the_slow_timeout_loses_nothing(
     stalling.pause()
     thread = threading.Thread(target=lambda: [publisher.sendall(stream.chunk(i)) for i in range(stream.chunks)])
     thread.start()
-    relay.wait_line("pausing publishers")
+    relay.wait_line("behind the head", f"pid={os.getpid()}", timeout=20)  # past its limit: the timeout runs
+    assert fast.wait_received(stream.total, 20), "the stalled subscriber held back the other"
     time.sleep(1.0)  # well past a scheduler hiccup, well inside the timeout
     stalling.resume()
     thread.join(30)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+import resource
 import signal
 import socket
+import threading
 import time
 
+from support.clients import PROBE_MARK, Clients, sync
 from support.relays import StartRelay
 
 from jitrelay.core.protocol import build_message
@@ -62,3 +65,40 @@ def test_journal_is_off_for_market_data_and_with_no_journal(start_relay: StartRe
     assert relay.find_line("journaling") is None
     start_relay("market_data")
     assert not (short_dir / "journal").exists()
+
+
+def test_a_failing_journal_holds_the_publishers_and_forwards_nothing_unjournaled(
+    start_relay: StartRelay, clients: Clients, short_dir
+) -> None:
+    """Appends fail (EFBIG) once the segment reaches the relay's file-size limit: the publishers are held, the
+    subscriber gets nothing more, and when the limit is lifted the journal writes again and everything goes out,
+    journaled first."""
+    journal_dir = short_dir / "audit"
+    relay = start_relay("execution", "--journal-dir", str(journal_dir), "--journal-rotate", "64MiB")
+    limit = 256 * 1024
+    resource.prlimit(relay.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))  # soft: it can be lifted
+    subscriber = clients.reader(relay)
+    publisher = clients.connect(relay)
+    sync(publisher, [subscriber], 3)
+    data, valid = _stream(random.Random(11), 6000)  # about 1 MiB, four times the limit
+    expected = b"".join(valid)
+    thread = threading.Thread(target=publisher.sendall, args=(data,), daemon=True)
+    thread.start()
+    relay.wait_line("append failed", "holding publishers, nothing unjournaled is forwarded", timeout=20)
+    time.sleep(0.5)  # several retries, all refused
+    held_at = subscriber.received
+    journaled = sum(path.stat().st_size for path in journal_dir.glob("execution-*.journal"))
+    assert 0 < held_at < len(expected)
+    assert held_at <= journaled <= limit  # what went out is in the journal; the probes went out before the limit
+    time.sleep(0.3)
+    assert subscriber.received == held_at, "bytes went out while the journal could not write them"
+    resource.prlimit(relay.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    relay.wait_line("writes again; publishers resume", timeout=10)
+    assert subscriber.wait_received(len(expected), 30), f"{subscriber.received} of {len(expected)} bytes"
+    assert bytes(subscriber.data) == expected
+    thread.join(10)
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait_exit(5) == 0
+    assert [m.raw for m in read_journal(journal_dir) if m.header.source != PROBE_MARK] == valid
+    stopped = relay.find_line("relay stopped", "journal errors")
+    assert int(stopped.rsplit("journal errors ", 1)[1]) >= 2  # the first refusal and at least one retry

@@ -29,12 +29,14 @@ from jitrelay.core.protocol import (
 
 MAGIC_WIRE = b"\xef\xbe\xad\xde"
 SYSTEM = 4
-# The control records of the subscription contract and the value length each must have
-# (103, publish-only, is docs/protocol.md's extension of the contract).
-CONTROL_RECORDS = {100: 32, 101: 32, 102: 0, 103: 0}
+# The control records of the subscription contract and the value lengths each may have
+# (103, publish-only, and 104, positions, are docs/protocol.md's extensions of the contract).
+CONTROL_RECORDS = {100: (32,), 101: (32,), 102: (0,), 103: (0,), 104: (0, 24)}
 PUBLISH_ONLY = 103
 SUBSCRIPTION_RECORDS = (100, 101, 102)  # the ones that change what a subscriber receives
 HEADER = 32
+# PROTOCOL.md's reason names by verdict code; 6, a consumed control message, is docs/protocol.md's.
+VERDICTS = ("forward", "bad_version", "wrong_domain", "malformed_tlv", "tlv_out_of_range", "bad_checksum", "control")
 VERSION = 2
 _HEADER = struct.Struct("<4sBBBBQQII")
 
@@ -144,7 +146,7 @@ def verdict(msg: bytes, domain: int, verify: bool, ranges: Ranges) -> int:
 def control_verdict(msg: bytes, verify: bool) -> int:
     """A system-domain message sent to a relay: a control message when it holds only subscription records."""
     found = records(msg[HEADER:])
-    if not found or any(CONTROL_RECORDS.get(t) != len(v) for t, v in found):
+    if not found or any(len(v) not in CONTROL_RECORDS.get(t, ()) for t, v in found):
         return MALFORMED_TLV
     if verify and struct.unpack_from("<I", msg, 28)[0] != expected_checksum(msg):
         return BAD_CHECKSUM

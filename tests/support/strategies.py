@@ -24,17 +24,7 @@ from jitrelay.core.protocol import (
 )
 from support import reference as ref
 
-KINDS = (
-    "forward",
-    "empty",
-    "bad_version",
-    "wrong_domain",
-    "malformed_tlv",
-    "tlv_out_of_range",
-    "bad_checksum",
-    "control",
-    "malformed_control",
-)
+KINDS = ("empty", *ref.VERDICTS, "malformed_control")  # what a generated message may be
 EXPECTED = {
     "forward": FORWARD,
     "empty": FORWARD,
@@ -159,15 +149,24 @@ def control_payload(draw: st.DrawFn, kinds: Iterable[int] = tuple(ref.CONTROL_RE
     """One to three control records of ``kinds`` (every kind unless told), standard or extended."""
     chosen = draw(st.lists(st.sampled_from(sorted(kinds)), min_size=1, max_size=3))
     encode = draw(st.sampled_from([ref.standard_record, ref.extended_record]))
-    return b"".join(
-        encode(t, draw(st.binary(min_size=ref.CONTROL_RECORDS[t], max_size=ref.CONTROL_RECORDS[t]))) for t in chosen
-    )
+    values = [
+        draw(st.binary(min_size=n, max_size=n)) for n in (draw(st.sampled_from(ref.CONTROL_RECORDS[t])) for t in chosen)
+    ]
+    return b"".join(encode(t, value) for t, value in zip(chosen, values, strict=True))
 
 
 @st.composite
 def malformed_control_payload(draw: st.DrawFn) -> bytes:
     """What a relay must count as ``malformed_tlv`` in a system-domain message."""
-    kinds = ["empty", "bitmap_length", "unsubscribe_value", "publish_only_value", "other_type", "broken_records"]
+    kinds = [
+        "empty",
+        "bitmap_length",
+        "unsubscribe_value",
+        "publish_only_value",
+        "positions_length",
+        "other_type",
+        "broken_records",
+    ]
     kind = draw(st.sampled_from(kinds))
     good = draw(control_payload())
     if kind == "empty":
@@ -179,6 +178,8 @@ def malformed_control_payload(draw: st.DrawFn) -> bytes:
         bad = ref.standard_record(102, draw(st.binary(min_size=1, max_size=8)))
     elif kind == "publish_only_value":
         bad = ref.standard_record(ref.PUBLISH_ONLY, draw(st.binary(min_size=1, max_size=8)))
+    elif kind == "positions_length":
+        bad = ref.standard_record(104, draw(st.binary(min_size=1, max_size=40).filter(lambda v: len(v) != 24)))
     elif kind == "other_type":
         bad = ref.standard_record(draw(_other_than(0, *ref.CONTROL_RECORDS, 255)), draw(st.binary(max_size=8)))
     else:

@@ -125,7 +125,7 @@ def test_every_message_reaches_the_subscriber(report: dict) -> None:
 def test_ratios_are_to_the_baselines_of_the_same_workload(report: dict) -> None:
     runs = by_run(report)
     assert runs["raw", "w1"]["ratio_to_raw"] == {"delivered_msg_per_s": 1.0}
-    assert runs["raw", "w2"]["ratio_to_raw"] == {"p50": 1.0, "p99": 1.0, "p99_9": 1.0}
+    assert runs["raw", "w2"]["ratio_to_raw"] == {"p50": 1.0, "p99": 1.0, "p99_9": 1.0, "max": 1.0}
     mine, raw = runs["jitrelay", "w1"], runs["raw", "w1"]
     expected = mine["delivered_msg_per_s_mean"] / raw["delivered_msg_per_s_mean"]
     assert mine["ratio_to_raw"]["delivered_msg_per_s"] == pytest.approx(expected)
@@ -207,6 +207,10 @@ def test_forwarding_figures_come_from_the_summary_file(start_relay: StartRelay, 
         "p99_us": timing.percentile(99) / 1e3,
         "p99_9_us": timing.percentile(99.9) / 1e3,
         "ns_per_message": figures["forward_total_ns"] / 5000,
+        "own_p50_us": figures["own_p50_us"],
+        "own_p99_us": figures["own_p99_us"],
+        "send_p50_us": figures["send_p50_us"],
+        "send_p99_us": figures["send_p99_us"],
     }
     assert 0 < figures["forward_p50_us"] <= figures["forward_p99_us"] <= figures["forward_p99_9_us"]
     assert figures["kernel_build"] == "aot" and figures["kernel_load_seconds"] > 0
@@ -218,7 +222,7 @@ def test_forwarding_figures_come_from_the_summary_file(start_relay: StartRelay, 
     [
         ("--relays=jitrelay,nats", "unknown relay 'nats'"),
         ("--relays=raw:block", "unknown relay 'raw:block'"),
-        ("--workloads=w3", "unknown workload 'w3'"),
+        ("--workloads=w4", "unknown workload 'w4'"),
         ("--subscribers=0", "--subscribers needs counts of at least 1"),
         ("--size=20", "cannot make a 20-byte message"),
     ],
@@ -303,3 +307,43 @@ def test_bench_runs_from_an_installed_wheel_with_its_baselines(tmp_path: Path) -
     runs = by_run(json.loads(figures.read_text()))
     check_delivered_all(runs[("raw", "w1")])
     check_delivered_all(runs[("zmq", "w1")])
+
+
+def test_client_workload_measures_every_client_and_baseline_and_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "client.json"
+    done = bench("--relays=jitrelay", "--workloads=client", "--duration=0.3", "--startup-runs=0", f"--json={path}")
+    assert done.returncode == 0, done.stderr
+    client = json.loads(path.read_text())["client"]
+    assert client["errors"] == {}
+    assert set(client["publish_msg_per_s"]) == {
+        "jitrelay",
+        "jitrelay-unbatched",
+        "jitrelay-async",
+        "jitrelay-async-nowait",
+        "pyzmq",
+        "nats",
+    }
+    assert set(client["receive_msg_per_s"]) == {"jitrelay", "jitrelay-async", "pyzmq", "pyzmq-drain", "nats"}
+    assert all(rate > 0 for rate in [*client["publish_msg_per_s"].values(), *client["receive_msg_per_s"].values()])
+    assert client["publish_x_pyzmq"]["pyzmq"] == 1.0
+    assert all(lost == 0 for lost in client["lost"].values()), client["lost"]
+    for name in ("publish jitrelay", "publish jitrelay-async"):
+        run = client["runs"][name]
+        assert [s["received"] for s in run["subscribers"]] == [run["publisher"]["sent"]] * len(run["subscribers"])
+    latency = client["w2_client_latency_us"]
+    assert latency["samples"] > 0 and 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    assert "client: 71-byte messages" in done.stdout
+
+
+def test_w3_times_three_subscribers_beside_one_that_never_reads(tmp_path: Path) -> None:
+    path = tmp_path / "w3.json"
+    done = bench("--relays=jitrelay,raw", "--workloads=w3", "--duration=0.5", "--startup-runs=0", f"--json={path}")
+    assert done.returncode == 0, done.stderr
+    runs = by_run(json.loads(path.read_text()))
+    for relay in ("jitrelay", "raw"):
+        run = runs[relay, "w3"]
+        assert run["subscribers"] == 3 and run["rate"] == 200_000
+        check_delivered_all(run)
+        check_latency(run, 3 * run["sent"])
+    assert runs["jitrelay", "w3"]["ratio_to_raw"]["max"] > 0
+    assert "beside one that never reads" in done.stdout

@@ -184,3 +184,27 @@ def test_sub_stops_quietly_on_sigint_and_on_relay_shutdown(start_relay: StartRel
     assert stop(relay) == 0
     assert counting.wait() == 0
     assert counting.rest() == ["4"]
+
+
+def test_sub_from_a_position_prints_what_follows_it_and_where_it_stopped(market_relay: RelayProcess) -> None:
+    with Subscriber("market_data", market_relay.socket_path, positions=True) as probe:
+        probe.recv_batch(timeout=0.5)  # only the relay's first notice: where the stream stands now
+        start = probe.position
+    assert start is not None
+    with Publisher("market_data", market_relay.socket_path, source=4) as pub:
+        for seq in range(5):
+            pub.publish([(1, bytes([seq]))], sequence=seq, timestamp_ns=1_700_000_000_000_000_005)
+    first = SubProcess(market_relay, "--from", str(start), "--count", "2")
+    assert first.wait() == 0
+    assert [line.split()[3] for line in first.rest()] == ["seq=0", "seq=1"]
+    (told,) = [line for line in first.stderr if "position" in line]
+    middle = protocol.Position.parse(told.split()[3])
+    assert (middle.epoch, middle.message) == (start.epoch, start.message + 2)
+    second = SubProcess(market_relay, "--from", str(middle), "--count", "3")
+    assert second.wait() == 0
+    assert [line.split()[3] for line in second.rest()] == ["seq=2", "seq=3", "seq=4"]
+
+
+def test_sub_rejects_a_position_that_is_not_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sub", "market_data", "--from", "not-a-position"]) == 2
+    assert "not a position" in capsys.readouterr().err

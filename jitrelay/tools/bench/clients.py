@@ -9,7 +9,9 @@ messages are W1's (``--size`` bytes, one type-1 record). In one run:
   flush included): ``Publisher.publish([(1, value)])`` inside ``with
   pub.batch():`` (``jitrelay``) and without it (``jitrelay-unbatched``: every
   message written before ``publish`` returns), ``await
-  AsyncPublisher.publish(...)`` (``jitrelay-async``); a pyzmq PUB
+  AsyncPublisher.publish(...)`` (``jitrelay-async``) and
+  ``AsyncPublisher.publish_nowait(...)`` with ``await pub.flush()`` after
+  each 1024 (``jitrelay-async-nowait``); a pyzmq PUB
   ``sock.send(header + body)`` with the header packed by ``struct`` (over
   ipc, no proxy, high-water marks 0 so nothing is lost); nats-py core
   ``await nc.publish(subject, header + body)`` to a local nats-server. A
@@ -25,6 +27,10 @@ messages are W1's (``--size`` bytes, one type-1 record). In one run:
   backlog high-water marks of 0 kept for it (``pyzmq-drain``: its own pace,
   with libzmq's I/O thread having done the socket work beforehand); a
   nats-py subscription's messages reading one byte, while its publisher runs.
+- **receive ceiling**: the same loop over views of a 1 MiB batch already in
+  memory, in the bench's own process with nothing else running: what
+  iterating could reach if receiving cost nothing, set against
+  ``pyzmq-drain``.
 - **W2 through the clients**: W2 (``--rate`` msg/s, ``--latency-subscribers``
   subscribers) with a default ``Publisher`` and iterating ``Subscriber``s,
   set against the raw-socket W2 of the same run.
@@ -92,7 +98,7 @@ def pub_jitrelay(who: str, reports: Any, path: str, size: int, duration: float, 
     return {"sent": sent, "elapsed_s": elapsed}
 
 
-def pub_jitrelay_async(who: str, reports: Any, path: str, size: int, duration: float, start: Any) -> dict:
+def pub_jitrelay_async(who: str, reports: Any, path: str, size: int, duration: float, nowait: bool, start: Any) -> dict:
     from jitrelay.client import AsyncPublisher
 
     value = _value(size)
@@ -106,8 +112,14 @@ def pub_jitrelay_async(who: str, reports: Any, path: str, size: int, duration: f
             began = time.perf_counter()
             stop_at = began + duration
             while time.perf_counter() < stop_at:
-                for _ in range(CHECK_EVERY):
-                    await pub.publish([(1, value)])
+                if nowait:
+                    publish = pub.publish_nowait
+                    for _ in range(CHECK_EVERY):
+                        publish([(1, value)])
+                    await pub.flush()  # the burst written out, waiting while the kernel is full: the back-pressure
+                else:
+                    for _ in range(CHECK_EVERY):
+                        await pub.publish([(1, value)])
                 sent += CHECK_EVERY
                 await asyncio.sleep(0)  # an application's other tasks get their turn
             await pub.flush()
@@ -377,6 +389,33 @@ def pub_paced(who: str, reports: Any, path: str, size: int, duration: float, rat
     return {"sent": total, "elapsed_s": elapsed}
 
 
+def views_ceiling(size: int, seconds: float = 1.0) -> float:
+    """Messages per second of the receive loop over views of a 1 MiB batch already in memory: no socket, no relay.
+
+    What iterating a ``Subscriber`` could reach if receiving cost nothing (the
+    same loop as ``sub_jitrelay``), measured in the bench's own process while
+    nothing else runs; the best of several passes.
+    """
+    from jitrelay import kernels
+    from jitrelay.core.views import iter_views
+
+    count = runner.BATCH_BYTES // size
+    batch = protocol.build_batch(MARKET_DATA, count, [(1, _value(size))], checksums=False)
+    kernels.stamp_batch(batch, size, 0, 0, checksums=False)
+    data = batch.tobytes()
+    best = 0.0
+    stop_at = time.perf_counter() + seconds
+    while time.perf_counter() < stop_at:
+        began = time.perf_counter()
+        received = 0
+        for view in iter_views(data):
+            if view.sequence == SENTINEL:
+                break
+            received += 1
+        best = max(best, received / (time.perf_counter() - began))
+    return best
+
+
 def _run_loop(coro: Any) -> Any:
     import uvloop
 
@@ -444,9 +483,8 @@ def client_workload(opts: runner.Options) -> dict:
             relay,
             folder,
         )
-        attempt(
-            "publish jitrelay-async", (pub_jitrelay_async, path, size, duration), [(sub_raw, path, size)], relay, folder
-        )
+        for key, nowait in (("publish jitrelay-async", False), ("publish jitrelay-async-nowait", True)):
+            attempt(key, (pub_jitrelay_async, path, size, duration, nowait), [(sub_raw, path, size)], relay, folder)
         attempt(
             "receive jitrelay",
             (pub_raw_batches, path, size, duration),
@@ -481,7 +519,12 @@ def client_workload(opts: runner.Options) -> dict:
     except runner.BenchError as exc:
         raw_w2 = None
         errors["w2 raw"] = str(exc)
-    return summarize(runs, raw_w2, errors, opts)
+    figures = summarize(runs, raw_w2, errors, opts)
+    ceiling = views_ceiling(size)
+    figures["receive_ceiling_msg_per_s"] = ceiling
+    drain = figures["receive_msg_per_s"]["pyzmq-drain"]
+    figures["receive_ceiling_x_pyzmq_drain"] = ceiling / drain if drain else None
+    return figures
 
 
 def _nats(attempt: Any, size: int, duration: float, folder: str) -> None:
@@ -519,6 +562,7 @@ def summarize(runs: dict[str, dict], raw_w2: dict | None, errors: dict[str, str]
         "jitrelay": pub_rate("publish jitrelay"),
         "jitrelay-unbatched": pub_rate("publish jitrelay-unbatched"),
         "jitrelay-async": pub_rate("publish jitrelay-async"),
+        "jitrelay-async-nowait": pub_rate("publish jitrelay-async-nowait"),
         "pyzmq": pub_rate("pyzmq"),
         "nats": pub_rate("nats"),
     }
@@ -547,7 +591,10 @@ def summarize(runs: dict[str, dict], raw_w2: dict | None, errors: dict[str, str]
         "publish_x_pyzmq": {k: over(v, zmq_pub) for k, v in publish.items()},
         "receive_x_pyzmq": {k: over(v, zmq_sub) for k, v in receive.items()},
         "receive_x_pyzmq_drain": {k: over(v, receive["pyzmq-drain"]) for k, v in receive.items()},
-        "lost": {k: lost(k) for k in ("publish jitrelay", "publish jitrelay-async", "pyzmq", "nats")},
+        "lost": {
+            k: lost(k)
+            for k in ("publish jitrelay", "publish jitrelay-async", "publish jitrelay-async-nowait", "pyzmq", "nats")
+        },
         "w2_client_latency_us": latency,
         "w2_raw_latency_us": raw_latency,
         "w2_client_x_raw": (
@@ -579,6 +626,11 @@ def format_client(figures: dict) -> str:
         )
     drain = figures["receive_x_pyzmq_drain"]
     out.append("  receive x pyzmq-drain: " + "  ".join(f"{k} {r(v)}" for k, v in drain.items()))
+    if figures.get("receive_ceiling_msg_per_s"):
+        out.append(
+            f"  receive ceiling (views of a batch in memory, no socket): {m(figures['receive_ceiling_msg_per_s'])} "
+            f"= {r(figures['receive_ceiling_x_pyzmq_drain'])} x pyzmq-drain"
+        )
     for key, error in figures["errors"].items():
         out.append(f"  {key} failed: {error.splitlines()[0][:100]}")
     return "\n".join(out)

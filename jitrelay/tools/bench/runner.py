@@ -115,10 +115,14 @@ PROBE_SEQUENCE = (1 << 64) - 1
 RELAYS = ("jitrelay", "raw", "zmq", "zmq-default", "bridge", "bridge-js")
 BRIDGED = ("bridge", "bridge-js")
 POLICIES = ("block", "disconnect")
-WORKLOADS = ("w1", "w2", "w1f", "client")
+WORKLOADS = ("w1", "w2", "w1f", "w3", "client")
 FILTERED_SUBSCRIBERS = 4  # W1f: one subscriber per TLV type 1..4
+STUCK_RATE = 200_000  # W3: messages per second, in sends of STUCK_BATCH, to STUCK_HEALTHY subscribers and a stuck one
+STUCK_BATCH = 100
+STUCK_HEALTHY = 3
+IDLE_SOURCE = 254  # what idle subscribers select: no workload publishes from it
 DEFAULT_RELAYS = ",".join(RELAYS)
-DEFAULT_WORKLOADS = "w1,w2,w1f"  # ``client`` (clients.py) when asked for
+DEFAULT_WORKLOADS = "w1,w2,w1f,w3"  # ``client`` (clients.py) when asked for
 DEFAULT_SUBSCRIBERS = "1,4"  # W1 subscriber counts
 DEFAULT_DURATION = 5.0  # seconds of publishing per run
 DEFAULT_RATE = 5000.0  # W2 messages per second
@@ -333,6 +337,11 @@ def relay_forwarding(figures: dict | None) -> dict | None:
         "p99_us": figures["forward_p99_us"],
         "p99_9_us": figures["forward_p99_9_us"],
         "ns_per_message": figures["forward_ns_per_message"],
+        # The relay's own part (read to the send loop's call) and the part inside the send loop's system calls.
+        "own_p50_us": figures["own_p50_us"],
+        "own_p99_us": figures["own_p99_us"],
+        "send_p50_us": figures["send_p50_us"],
+        "send_p99_us": figures["send_p99_us"],
     }
 
 
@@ -757,6 +766,49 @@ def publish_paced(who: str, reports: Any, end: Endpoint, size: int, duration: fl
     return {"sent": total, "elapsed_s": elapsed, "cpu_s": cpu, "sent_late": late}
 
 
+def publish_paced_batches(
+    who: str, reports: Any, end: Endpoint, size: int, duration: float, start: Any, rate: float, batch: int
+) -> dict:
+    """W3 publisher: ``batch`` messages per send, ``rate`` messages per second, each stamped with its send time."""
+    import numpy as np
+
+    from jitrelay import kernels
+
+    one = protocol.build_message(MARKET_DATA, records_for(size), timestamp_ns=0)
+    buf = np.frombuffer(one * batch, dtype=np.uint8).copy()
+    reports.put(("warm", who, None))
+    _await_start(start, None, None)
+    sock = _connect(end.address)
+    interval = batch / rate
+    sends = int(duration * rate / batch)
+    began = time.perf_counter()
+    late = 0
+    cpu = time.process_time()
+    for k in range(sends):
+        wait = began + k * interval - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        elif wait < -interval:
+            late += 1
+        kernels.stamp_batch(buf, size, k * batch, time.time_ns())
+        sock.sendall(buf)
+    elapsed = time.perf_counter() - began
+    cpu = time.process_time() - cpu
+    sock.close()
+    return {"sent": sends * batch, "elapsed_s": elapsed, "cpu_s": cpu, "sent_late": late}
+
+
+def stuck_subscriber(who: str, reports: Any, end: Endpoint, hold_s: float) -> dict:
+    """W3's stuck subscriber: connects, never reads (a strategy in a long pause), and holds on until killed."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(end.address)
+    reports.put(("connected", who, None))
+    time.sleep(hold_s)
+    sock.close()
+    return {}
+
+
 def _close_publisher(zmq_sock: Any, sock: Any) -> None:
     if zmq_sock is not None:
         _zmq_flush(zmq_sock)
@@ -827,6 +879,7 @@ class Options:
     json_path: Path
     progress: bool
     argv: list[str] = field(default_factory=list)
+    idle_subscribers: int = 0  # W1 on jitrelay: subscribers connected beside the measured ones that select nothing
 
     @property
     def drain_limit(self) -> float:
@@ -847,8 +900,10 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
     expected = [ctx.RawValue("q", -1) for _ in range(subscribers)]
     start = ctx.Event()
     probe = probe_message(opts.size, stride)
-    mode = "time" if workload == "w2" else "count"
+    mode = "time" if workload in ("w2", "w3") else "count"
     subs = [f"sub{i}" for i in range(subscribers)]
+    if workload == "w3" and relay_name == "raw":  # the ceiling has no slow policy: it never pauses in a run
+        spec.command += ["--high", str(1 << 30), "--low", str(1 << 29)]
     try:
         notes: dict = {}
         bridged = bridged_hosts(spec, notes) if relay_name in BRIDGED else contextlib.nullcontext()
@@ -856,6 +911,11 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
             relay.sample_memory()
             if workload == "w2":
                 run.spawn("pub", publish_paced, spec.publish, opts.size, opts.duration, start, opts.rate)
+            elif workload == "w3":
+                args = (spec.publish, opts.size, opts.duration, start, STUCK_RATE, STUCK_BATCH)
+                run.spawn("pub", publish_paced_batches, *args)
+                run.spawn("stuck", stuck_subscriber, spec.subscribe, opts.duration + opts.drain_limit + 60)
+                run.wait_for("connected", ["stuck"], STARTUP_SECONDS)
             else:
                 run.spawn("pub", publish_batches, spec.publish, opts.size, opts.duration, start, stride)
             for k, who in enumerate(subs):
@@ -870,6 +930,9 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
             else:  # the zmq publisher sends the probes once warm
                 run.wait_for("warm", ["pub"], STARTUP_SECONDS)
                 run.wait_for("ready", subs, 10)
+            idle = _idle_subscribers(
+                spec, opts.idle_subscribers if workload == "w1" and relay_name == "jitrelay" else 0
+            )
             cpu_before = relay.cpu_seconds()
             start.set()
             pub = run.wait_for("result", ["pub"], opts.duration + 60)["pub"]
@@ -877,16 +940,31 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
                 value.value = share(pub["sent"], stride, k % stride)[0]
             results = run.wait_for("result", subs, opts.drain_limit + 10)
             cpu = relay.cpu_seconds() - cpu_before
+            for sock in idle:
+                sock.close()
         figures = summarize(relay_name, workload, opts, pub, [results[w] for w in subs], cpu)
         figures["relay_command"] = spec.command
         figures["relay_memory"] = relay.memory()
         figures["relay_forwarding"] = relay_forwarding(relay.figures)
+        figures["idle_subscribers"] = len(idle)
         figures["relay_log_tail"] = list(relay.lines)[-5:]
         figures.update(notes)
         return figures
     finally:
         run.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _idle_subscribers(spec: RelaySpec, count: int) -> list[socket.socket]:
+    """``count`` subscribers on the relay that select nothing (a source no publisher uses), connected and idle."""
+    idle = []
+    for _ in range(count):
+        sock = _connect(spec.subscribe.address)
+        sock.sendall(protocol.subscribe_message(sources=[IDLE_SOURCE]))
+        idle.append(sock)
+    if idle:
+        time.sleep(0.5)  # the relay has applied their subscriptions before the stream starts
+    return idle
 
 
 def _percentiles(values: Any) -> dict:
@@ -949,8 +1027,8 @@ def summarize(relay: str, workload: str, opts: Options, pub: dict, subs: list[di
         "publisher": pub,
         "per_subscriber": subs,
     }
-    if workload == "w2":
-        figures["rate"] = opts.rate
+    if workload in ("w2", "w3"):
+        figures["rate"] = opts.rate if workload == "w2" else STUCK_RATE
         samples = np.concatenate([np.frombuffer(s.pop("latency_ns"), dtype=np.int64) for s in subs])
         figures["latency_us"] = _percentiles(samples / 1e3)
     return figures
@@ -1002,10 +1080,10 @@ def _ratio(run: dict, base: dict | None) -> dict | None:
 
     if base is None:
         return None
-    if run["workload"] != "w2":
+    if run["workload"] not in ("w2", "w3"):
         return {"delivered_msg_per_s": over(run["delivered_msg_per_s_mean"], base["delivered_msg_per_s_mean"])}
     mine, theirs = run["latency_us"], base["latency_us"]
-    return {p: over(mine[p], theirs[p]) for p in ("p50", "p99", "p99_9")}
+    return {p: over(mine[p], theirs[p]) for p in ("p50", "p99", "p99_9", "max")}
 
 
 # Startup
@@ -1148,6 +1226,14 @@ def format_report(report: dict) -> str:
         )
     out.append("x raw, x zmq: W1 delivered msg/s over the baseline's; W2 p50/p99 latency over the baseline's")
     for r in report["runs"]:
+        if r["workload"] == "w3" and "error" not in r:
+            ratio = (r.get("ratio_to_raw") or {}).get("max")
+            out.append(
+                f"{r['relay']} w3: {STUCK_HEALTHY} subscribers beside one that never reads, {STUCK_RATE:,} msg/s in "
+                f"batches of {STUCK_BATCH}: worst latency {_us(r['latency_us']['max'])} us"
+                + ("" if ratio is None else f" = {ratio:.2f} x raw's")
+            )
+    for r in report["runs"]:
         if r["workload"] == "w1f" and "error" not in r:
             per_sub, stream = r.get("ratio_to_unfiltered"), r.get("stream_ratio_to_unfiltered")
             out.append(
@@ -1193,7 +1279,8 @@ def format_report(report: dict) -> str:
                     f"jitrelay forwarding time per batch, {label}: p50 {_us(fwd['p50_us'])} us, "
                     f"p99 {_us(fwd['p99_us'])} us, p99.9 {_us(fwd['p99_9_us'])} us; "
                     + ("-" if ns is None else f"{ns:.1f}")
-                    + " ns per message"
+                    + f" ns per message; own part p50 {_us(fwd['own_p50_us'])} us, p99 {_us(fwd['own_p99_us'])} us, "
+                    f"inside send calls p50 {_us(fwd['send_p50_us'])} us"
                 )
     start = report["startup"]
     if start:
@@ -1229,7 +1316,7 @@ def jitrelay_summary(runs: list[dict]) -> dict | None:
 
 def _or_nulls(run: dict) -> dict:
     fwd = run["relay_forwarding"]
-    keys = ("p50_us", "p99_us", "p99_9_us", "ns_per_message")
+    keys = ("p50_us", "p99_us", "p99_9_us", "ns_per_message", "own_p50_us", "own_p99_us", "send_p50_us", "send_p99_us")
     return {"logged": fwd is not None, **{k: fwd[k] if fwd else None for k in keys}}
 
 
@@ -1251,6 +1338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workloads",
         default=DEFAULT_WORKLOADS,
         help="comma-separated: w1 (throughput), w2 (latency), w1f (w1 with 4 filtered subscribers), "
+        "w3 (latency of 3 subscribers beside one that never reads), "
         "client (per-message publish and receive through the clients against pyzmq and nats-py, and W2 through them)",
     )
     parser.add_argument(
@@ -1278,6 +1366,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative,
         default=DEFAULT_STARTUP_RUNS,
         help=f"warm starts of `jitrelay run` to time, followed by one cold start; 0 skips it ({DEFAULT_STARTUP_RUNS})",
+    )
+    parser.add_argument(
+        "--idle-subscribers",
+        type=non_negative,
+        default=0,
+        help="W1 on jitrelay: also connect N subscribers that select nothing, so the relay's memory shows whether it "
+        "grows with subscribers (0)",
     )
     parser.add_argument("--json", type=Path, help=f"where to write every figure ({RESULTS_DIR}/<UTC time>.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1334,6 +1429,7 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
         json_path=args.json or RESULTS_DIR / f"{stamp}.json",
         progress=not args.no_progress,
         argv=list(sys.argv if argv is None else argv),
+        idle_subscribers=args.idle_subscribers,
     )
 
 
@@ -1389,11 +1485,13 @@ def run_bench(
     plan = [("w1", n) for n in opts.subscribers if "w1" in opts.workloads]
     plan += [("w2", opts.latency_subscribers)] if "w2" in opts.workloads else []
     plan += [("w1f", FILTERED_SUBSCRIBERS)] if "w1f" in opts.workloads else []
+    plan += [("w3", STUCK_HEALTHY)] if "w3" in opts.workloads else []
     steps = [
         (workload, n, relay)
         for workload, n in plan
         for relay in opts.relays  # relays side by side
         if workload != "w1f" or relay.partition(":")[0] == "jitrelay"  # only jitrelay filters at the relay
+        if workload != "w3" or relay.partition(":")[0] in ("jitrelay", "raw")  # a stuck stream subscriber
     ]
     measure_start = opts.startup_runs > 0 and any(r.partition(":")[0] == "jitrelay" for r in opts.relays)
     started = datetime.now(timezone.utc)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 
 import zmq
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--xpub", required=True, help="endpoint subscribers connect to, e.g. ipc:///tmp/xpub")
     parser.add_argument("--hwm", type=int, help="send and receive high-water mark of both sockets; 0 is unlimited")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a clean exit: the bench stops it with SIGTERM
     ctx = zmq.Context()
     xsub = ctx.socket(zmq.XSUB)
     xpub = ctx.socket(zmq.XPUB)
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     hwm = "default" if args.hwm is None else args.hwm
     print(f"zmq proxy listening on {args.xsub} -> {args.xpub} (hwm {hwm})", file=sys.stderr, flush=True)
     with contextlib.suppress(KeyboardInterrupt, zmq.ContextTerminated):
-        zmq.proxy(xsub, xpub)  # returns only when the context is terminated; SIGTERM ends the process
+        zmq.proxy(xsub, xpub)  # returns only when the context is terminated
     return 0
 
 

@@ -1,0 +1,207 @@
+"""The relay's log: one ring of every forwarded byte, and where each batch in it starts.
+
+Operations it must support, per relay process:
+
+- append an accepted batch once (the scan's runs, copied by a kernel);
+- say which part of the ring a stream range ``[start, end)`` occupies, as one
+  or two pieces (the ring wraps), for sends straight from it;
+- say what an append would evict, so the engine can act on the subscribers
+  still reading there before it happens;
+- count the messages from a position to the head, and find a subscriber's
+  next range when it must skip batches it published itself.
+
+Positions are offsets in the relay's stream, counted from 0 when the process
+starts; ``epoch`` names that stream, so a position from an earlier process is
+never taken for one of this. The ring is ``size`` bytes plus ``mirror`` more
+that repeat its first bytes, so any message that starts before the wrap can
+be read whole. The oldest retained byte (``tail``) is always the start of a
+batch, hence of a message: whatever is evicted, it is whole batches.
+
+Every batch's start, origin connection and first message number sit in three
+arrays, oldest first, bounded by ``batch_capacity``: a flood of tiny batches
+evicts old ones sooner instead of growing the index. Appends cost one copy and
+a few integer writes; nothing here is per message.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from jitrelay import kernels
+
+MIN_BATCHES = 4096
+BYTES_PER_BATCH = 256  # index entries per ring byte: a full ring of batches this small is the limit
+
+
+class RelayLog:
+    """A broadcast ring of forwarded bytes with stream positions; one per relay."""
+
+    def __init__(self, size: int, mirror: int, batch_capacity: int | None = None) -> None:
+        if size < 1 or not 0 <= mirror <= size:
+            raise ValueError(f"a log of {size} bytes cannot mirror {mirror}")
+        self.size = size
+        self.mirror = mirror
+        self.ring = np.empty(size + mirror, dtype=np.uint8)  # untouched pages cost nothing until written
+        self.address = self.ring.ctypes.data
+        self.epoch = int.from_bytes(os.urandom(8), "little") >> 1 or 1  # never 0: 0 means "no position yet"
+        self.head = 0  # stream offset after the last byte appended
+        self.tail = 0  # oldest stream offset still in the ring; a batch start
+        self.messages = 0  # messages appended since the start
+        self.batch_capacity = batch_capacity or max(MIN_BATCHES, size // BYTES_PER_BATCH)
+        room = 2 * self.batch_capacity  # the live window slides along and is moved back when it reaches the end
+        self._starts = np.zeros(room, dtype=np.int64)
+        self._origins = np.zeros(room, dtype=np.int64)
+        self._first_message = np.zeros(room, dtype=np.int64)
+        self._lo = self._hi = 0
+
+    @property
+    def batches(self) -> int:
+        return self._hi - self._lo
+
+    @property
+    def used(self) -> int:
+        return self.head - self.tail
+
+    # appending
+
+    def tail_after(self, nbytes: int) -> int:
+        """The tail an append of ``nbytes`` would leave: whole batches go until the bytes and the index fit."""
+        if nbytes > self.size:
+            raise ValueError(f"a batch of {nbytes} bytes does not fit in a log of {self.size}")
+        needed = self.head + nbytes - self.size  # the oldest byte that must go
+        keep = self._lo
+        if needed > self.tail:
+            starts = self._starts[self._lo : self._hi]
+            keep = self._lo + int(np.searchsorted(starts, needed, side="left"))
+        keep = max(keep, self._hi - self.batch_capacity + 1)  # room in the index for one more batch
+        return self._start_of(keep)
+
+    def append(self, buf: np.ndarray, runs: np.ndarray, n_runs: int, nbytes: int, n_messages: int, origin: int) -> int:
+        """Copy a scan's forwarded runs in, evicting what ``tail_after`` says; the stream offset they start at."""
+        self._evict_to(self.tail_after(nbytes))
+        start = self.head
+        kernels.log_append(buf, runs, n_runs, self.ring, self.size, self.mirror, start % self.size)
+        if self._hi == len(self._starts):
+            self._slide()
+        i = self._hi
+        self._starts[i] = start
+        self._origins[i] = origin
+        self._first_message[i] = self.messages
+        self._hi += 1
+        self.head = start + nbytes
+        self.messages += n_messages
+        return start
+
+    def _start_of(self, index: int) -> int:
+        return int(self._starts[index]) if index < self._hi else self.head
+
+    def _evict_to(self, tail: int) -> None:
+        starts = self._starts[self._lo : self._hi]
+        self._lo += int(np.searchsorted(starts, tail, side="left"))
+        self.tail = tail
+
+    def _slide(self) -> None:
+        count = self._hi - self._lo
+        for column in (self._starts, self._origins, self._first_message):
+            column[:count] = column[self._lo : self._hi]
+        self._lo, self._hi = 0, count
+
+    # reading
+
+    def pieces(self, start: int, end: int) -> tuple[tuple[int, int], ...]:
+        """Where stream bytes ``[start, end)`` lie in the ring: one or two ``(ring offset, length)`` pieces."""
+        if not self.tail <= start <= end <= self.head:
+            raise ValueError(f"[{start}, {end}) is not within the log's [{self.tail}, {self.head})")
+        at = start % self.size
+        first = min(end - start, self.size - at)
+        if first == end - start:
+            return ((at, first),)
+        return ((at, first), (0, end - start - first))
+
+    def views(self, start: int, end: int) -> list[memoryview]:
+        """The ring's memory for stream bytes ``[start, end)``, for a ``sendmsg``."""
+        data = memoryview(self.ring)
+        return [data[at : at + length] for at, length in self.pieces(start, end)]
+
+    def next_range(self, position: int, origin: int) -> tuple[int, int]:
+        """The next stretch from ``position`` of batches ``origin`` did not publish: a subscriber's own are skipped.
+
+        ``position`` is at or after the tail. Returns ``(start, end)``, empty at the head.
+        """
+        lo = self._lo + max(0, int(np.searchsorted(self._starts[self._lo : self._hi], position, side="right")) - 1)
+        origins = self._origins[lo : self._hi]
+        own = origins == origin
+        if not own.any():
+            return position, self.head
+        if own[0] and int(self._starts[lo]) <= position:
+            foreign = np.flatnonzero(~own)
+            if not len(foreign):
+                return self.head, self.head
+            lo += int(foreign[0])
+            position = max(position, int(self._starts[lo]))
+            own = self._origins[lo : self._hi] == origin
+        mine = np.flatnonzero(own)
+        return position, self._start_of(lo + int(mine[0])) if len(mine) else self.head
+
+    def messages_from(self, position: int) -> int:
+        """Messages not wholly before ``position``: what a subscriber there has yet to receive (some in part)."""
+        if position >= self.head:
+            return 0
+        position = max(position, self.tail)
+        index = self._lo + int(np.searchsorted(self._starts[self._lo : self._hi], position, side="right")) - 1
+        start = int(self._starts[index])
+        after = self.messages - int(self._first_message[index])
+        return after - self._whole_messages(start, position)
+
+    def spans(self, start: int, end: int, limit: int) -> list[tuple[int, int]]:
+        """``[start, end)`` cut at batch starts into stretches of at most ``limit`` bytes (one batch may be more)."""
+        starts = self._starts[self._lo : self._hi]
+        cuts = [int(s) for s in starts[(starts > start) & (starts < end)]] + [end]
+        spans, a, last = [], start, start
+        for cut in cuts:
+            if cut - a > limit and last > a:
+                spans.append((a, last))
+                a = last
+            last = cut
+        spans.append((a, end))
+        return spans
+
+    def message_number(self, position: int) -> int:
+        """The number of the message that starts at ``position`` (a message boundary in the log, or the head)."""
+        return self.messages - self.messages_from(position)
+
+    def boundary(self, position: int) -> int:
+        """The first message boundary at or after ``position`` (in the log): where a message cut there ends."""
+        if position >= self.head:
+            return self.head
+        position = max(position, self.tail)
+        index = self._lo + int(np.searchsorted(self._starts[self._lo : self._hi], position, side="right")) - 1
+        start = int(self._starts[index])
+        _, end = self._walk(start, position)
+        if end == position:
+            return end
+        at = end % self.size  # the message cut at ``position`` starts here and is whole in the ring and mirror
+        return end + kernels.message_end(self.ring, at, self.size + self.mirror) - at
+
+    def oldest_message(self) -> int:
+        """The number of the oldest message still in the log."""
+        return int(self._first_message[self._lo]) if self._hi > self._lo else self.messages
+
+    def _whole_messages(self, start: int, end: int) -> int:
+        """Complete messages in stream bytes ``[start, end)``, which begin at a message boundary."""
+        return self._walk(start, end)[0]
+
+    def _walk(self, start: int, end: int) -> tuple[int, int]:
+        """Complete messages in ``[start, end)`` from a boundary, and the boundary after the last of them."""
+        count = 0
+        while start < end:
+            at = start % self.size
+            window = min(end - start, self.size + self.mirror - at)
+            n, consumed, _ = kernels.frame(self.ring, at, at + window)
+            if n == 0:
+                break
+            count += n
+            start += consumed - at
+        return count, start

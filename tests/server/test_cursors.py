@@ -1,0 +1,99 @@
+"""Cursors into the log on real relays: a stopped subscriber process never holds the others back.
+
+A subscriber stopped with SIGSTOP (a strategy in a long pause) while a
+publisher runs at full speed: under ``disconnect`` the others get every byte
+and it alone is cut off, counted once, having received an exact prefix of the
+stream; under ``block`` nothing is lost by anyone, and the publisher waits
+only once the log is full up to the stopped cursor. Times are measured by
+``jitrelay bench``; these tests assert delivery, order and counts only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+from support.clients import Clients, NumberedStream, StreamCheck, sync
+from support.processes import ReaderProcess
+from support.relays import StartRelay
+
+from jitrelay.core.units import MiB
+
+
+def test_a_stopped_subscriber_is_cut_off_alone_and_the_others_get_everything(
+    start_relay: StartRelay, clients: Clients, short_dir: Path
+) -> None:
+    summary = short_dir / "figures.json"
+    relay = start_relay("market_data", "--log-size", str(8 * MiB), "--summary-file", str(summary))
+    stream = NumberedStream(1, [(1, b"q" * 37)], chunk_messages=14768, chunks=48)  # ~48 MiB of 71-byte messages
+    checks = [StreamCheck(stream) for _ in range(3)]
+    healthy = [clients.reader(relay, sink=check) for check in checks]
+    stopped = ReaderProcess(relay.socket_path, short_dir / "stopped.bin")
+    try:
+        relay.wait_line("connected", f"pid={stopped.pid}")
+        publisher = clients.connect(relay)
+        sync(publisher, healthy, 1)
+        stopped.wait_probe()
+        os.kill(stopped.pid, signal.SIGSTOP)
+        publisher.settimeout(60)
+        for i in range(stream.chunks):
+            publisher.sendall(stream.chunk(i))
+        for reader, check in zip(healthy, checks, strict=True):
+            reader.wait_received(stream.total, 30)
+            assert check.mismatch is None and check.offset == stream.total, check.verdict()
+        relay.wait_line("disconnecting slow subscriber", f"pid={stopped.pid}", "fell out of the log")
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+    assert stopped.wait_exit() == 0  # the relay closed its connection
+    got = stopped.stream()
+    assert 0 < len(got) < stream.total
+    assert got == stream.prefix(len(got)), "the stopped subscriber's bytes are not an exact prefix of the stream"
+    relay.kill()
+    figures = json.loads(summary.read_text())
+    assert figures["slow_actions"] == {"hold": 0, "disconnect": 1, "gap_notice": 0}
+    assert figures["slow_disconnected_pids"] == [stopped.pid]
+    assert figures["messages_forwarded"] >= stream.chunks * stream.chunk_messages
+
+
+def test_under_block_a_stopped_subscriber_holds_the_publisher_and_nobody_loses_anything(
+    start_relay: StartRelay, clients: Clients, short_dir: Path
+) -> None:
+    relay = start_relay("execution", "--log-size", str(8 * MiB))
+    stream = NumberedStream(3, [(40, b"x" * 400)], chunk_messages=1024, chunks=72)  # ~31 MiB of 435-byte messages
+    check = StreamCheck(stream)
+    other = clients.reader(relay, sink=check)
+    stopped = ReaderProcess(relay.socket_path, short_dir / "stopped.bin")
+    relay.wait_line("connected", f"pid={stopped.pid}")
+    publisher = clients.connect(relay)
+    sync(publisher, [other], 3)
+    stopped.wait_probe()
+    os.kill(stopped.pid, signal.SIGSTOP)
+    errors: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            publisher.settimeout(60)
+            for i in range(stream.chunks):
+                publisher.sendall(stream.chunk(i))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=publish)
+    try:
+        thread.start()
+        relay.wait_line("the log is full up to the slowest subscriber", timeout=30)
+        assert thread.is_alive() and other.received < stream.total
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+    thread.join(60)
+    assert not thread.is_alive() and not errors
+    assert other.wait_received(stream.total, 30)
+    assert check.mismatch is None and check.offset == stream.total, check.verdict()
+    publisher.close()
+    assert relay.find_line("disconnecting slow subscriber") is None
+    relay.kill()  # the stopped one has caught up: it has everything when the relay closes it
+    assert stopped.wait_exit() == 0
+    assert stopped.stream() == stream.prefix(stream.total)

@@ -68,9 +68,9 @@ def restart(host: Host, cluster: NatsCluster, restarted: list[BridgeProcess]) ->
     return host.bridge
 
 
-def wait_for_all(reader: object, sent: int, size: int) -> None:
+def wait_for_all(reader: object, sent: int, size: int, timeout: float = WAIT) -> None:
     """Until the reader holds every stream message's bytes, then until it has been quiet for a moment."""
-    assert reader.wait_for(lambda: reader.received >= sent * size, WAIT), f"{reader.received} bytes"  # type: ignore[attr-defined]
+    assert reader.wait_for(lambda: reader.received >= sent * size, timeout), f"{reader.received} bytes"  # type: ignore[attr-defined]
     time.sleep(0.5)  # room for a duplicate that should not come
 
 
@@ -137,11 +137,12 @@ def test_full_stream_holds_the_relay_back_under_block(
     sub_b = clients.reader(b.relay)
     publisher = clients.connect(a.relay)
     sync(publisher, [sub_b], 3, timeout=WAIT)
-    count = 300_000
+    count = 600_000  # ~48 MB: more than the bridge's socket, outbox and the 8 MiB log can absorb while it waits
     burst = b"".join(order(i) for i in range(count))
+    publisher.settimeout(4 * WAIT)
     publisher.sendall(burst)  # returns once the relay has read it all: it holds its publisher meanwhile
     assert a.bridge.wait_line("the stream is full", timeout=WAIT)
-    wait_for_all(sub_b, count, ORDER_SIZE)
+    wait_for_all(sub_b, count, ORDER_SIZE, timeout=4 * WAIT)
     assert stream_sequences(bytes(sub_b.data), order) == list(range(count))
     assert a.relay.find_line("the log is full up to the slowest subscriber"), "the relay never held its publisher"
     assert a.bridge.find_line("the stream takes messages again")

@@ -171,7 +171,9 @@ def relay_spec(name: str, folder: str) -> RelaySpec:
     summary = os.path.join(folder, "relay-figures.json")
     if base in BRIDGED:  # the relay of host A; host B, the bridges and the cluster come from ``bridged_hosts``
         path_a, path_b = (os.path.join(folder, host, "relay.sock") for host in ("a", "b"))
-        command = jitrelay_run(path_a, summary) + (["--slow-policy", "block"] if base == "bridge-js" else [])
+        # Under block: its bridge is a subscriber that must not be cut off for falling behind at full speed,
+        # or the other host's figures would measure a cut-off instead of the bridge (publishers wait for it).
+        command = jitrelay_run(path_a, summary) + ["--slow-policy", "block"]
         return RelaySpec(
             name, command, "relay listening on", Endpoint("unix", path_a), Endpoint("unix", path_b), summary
         )

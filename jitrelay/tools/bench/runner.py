@@ -736,9 +736,11 @@ def publish_batches(
     return {"sent": seq, "elapsed_s": elapsed, "cpu_s": cpu, "batch_messages": count}
 
 
-def publish_paced(who: str, reports: Any, end: Endpoint, size: int, duration: float, start: Any, rate: float) -> dict:
-    """W2 publisher: one message per send at ``rate`` per second, stamped with its send time."""
-    message = bytearray(protocol.build_message(MARKET_DATA, records_for(size), timestamp_ns=0))
+def publish_paced(
+    who: str, reports: Any, end: Endpoint, size: int, duration: float, start: Any, rate: float, batch: int = 1
+) -> dict:
+    """W2 (one message per send) and W3 (``batch`` per send) publisher: ``rate`` messages per second, stamped."""
+    message = bytearray(protocol.build_message(MARKET_DATA, records_for(size), timestamp_ns=0) * batch)
     zmq_sock = _zmq_socket("pub", end) if end.transport == "zmq" else None
     sock = None
     reports.put(("warm", who, None))
@@ -749,38 +751,12 @@ def publish_paced(who: str, reports: Any, end: Endpoint, size: int, duration: fl
         _await_start(start, None, None)
         sock = _connect(end.address)
         send = sock.sendall
-    interval = 1.0 / rate
-    total = int(duration * rate)
-    began = time.perf_counter()
-    late = 0
-    cpu = time.process_time()
-    for seq in range(total):
-        wait = began + seq * interval - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        elif wait < -interval:
-            late += 1
-        SEQUENCE_TIMESTAMP_FIELDS.pack_into(message, OFF_SEQUENCE, seq, time.time_ns())
-        send(message)
-    elapsed = time.perf_counter() - began
-    cpu = time.process_time() - cpu
-    _close_publisher(zmq_sock, sock)
-    return {"sent": total, "elapsed_s": elapsed, "cpu_s": cpu, "sent_late": late}
+    if batch > 1:  # a batch is stamped by the kernel, every message with the send time
+        import numpy as np
 
+        from jitrelay import kernels
 
-def publish_paced_batches(
-    who: str, reports: Any, end: Endpoint, size: int, duration: float, start: Any, rate: float, batch: int
-) -> dict:
-    """W3 publisher: ``batch`` messages per send, ``rate`` messages per second, each stamped with its send time."""
-    import numpy as np
-
-    from jitrelay import kernels
-
-    one = protocol.build_message(MARKET_DATA, records_for(size), timestamp_ns=0)
-    buf = np.frombuffer(one * batch, dtype=np.uint8).copy()
-    reports.put(("warm", who, None))
-    _await_start(start, None, None)
-    sock = _connect(end.address)
+        view = np.frombuffer(message, dtype=np.uint8)
     interval = batch / rate
     sends = int(duration * rate / batch)
     began = time.perf_counter()
@@ -792,11 +768,14 @@ def publish_paced_batches(
             time.sleep(wait)
         elif wait < -interval:
             late += 1
-        kernels.stamp_batch(buf, size, k * batch, time.time_ns())
-        sock.sendall(buf)
+        if batch == 1:
+            SEQUENCE_TIMESTAMP_FIELDS.pack_into(message, OFF_SEQUENCE, k, time.time_ns())
+        else:
+            kernels.stamp_batch(view, size, k * batch, time.time_ns())
+        send(message)
     elapsed = time.perf_counter() - began
     cpu = time.process_time() - cpu
-    sock.close()
+    _close_publisher(zmq_sock, sock)
     return {"sent": sends * batch, "elapsed_s": elapsed, "cpu_s": cpu, "sent_late": late}
 
 
@@ -915,7 +894,7 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
                 run.spawn("pub", publish_paced, spec.publish, opts.size, opts.duration, start, opts.rate)
             elif workload == "w3":
                 args = (spec.publish, opts.size, opts.duration, start, STUCK_RATE, STUCK_BATCH)
-                run.spawn("pub", publish_paced_batches, *args)
+                run.spawn("pub", publish_paced, *args)
                 run.spawn("stuck", stuck_subscriber, spec.subscribe, opts.duration + opts.drain_limit + 60)
                 run.wait_for("connected", ["stuck"], STARTUP_SECONDS)
             else:

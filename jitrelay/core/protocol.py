@@ -134,6 +134,11 @@ BITMAP_SIZE = 32
 # ``POSITION_SIZE`` bytes): send me what follows it. Either way the relay then puts notices in the stream.
 POSITIONS = 104
 POSITION_SIZE = 24
+# Empty value: map the relay's log and read it from shared memory (docs/protocol.md, "Shared memory").
+SHARED_MEMORY = 105
+# A shared-memory reader's report that the relay lapped it: the offset it was at, messages and bytes it missed.
+LAPPED = 106
+LAPPED_SIZE = 24
 
 # Notices a relay puts in the stream of a subscriber that asked for positions (system domain, never
 # forwarded from anyone): where the next message is, and what it missed.
@@ -143,6 +148,10 @@ GAP_SIZE = 17
 GAP_LEFT_LOG = 1  # the subscriber fell out of the log, or asked for a position that had left it
 GAP_UNKNOWN_EPOCH = 2  # it asked for a position of another relay process: how much it missed is not known
 UNKNOWN = (1 << 64) - 1  # a gap's count when it cannot be known
+# The relay's answer to SHARED_MEMORY, sent with the log's and the reader slots' descriptors (SCM_RIGHTS):
+# the epoch, where the mapping takes over the stream (offset, message number), the reader's slot.
+SHARED_LOG_NOTICE = 112
+SHARED_LOG_SIZE = 32
 
 # Stream-fatal faults: the connection cannot be trusted past them.
 NO_FAULT = 0
@@ -386,8 +395,31 @@ class Gap(NamedTuple):
     bytes: int
 
 
+class SharedLog(NamedTuple):
+    """What a shared-log notice says: where the mapping takes the stream over, and the reader's slot in it."""
+
+    epoch: int
+    offset: int
+    message: int
+    slot: int
+
+    @property
+    def position(self) -> Position:
+        return Position(self.epoch, self.offset, self.message)
+
+
+class Lapped(NamedTuple):
+    """A shared-memory reader's report: the offset the relay lapped it at, and what it missed there."""
+
+    offset: int
+    messages: int
+    bytes: int
+
+
 _POSITION = struct.Struct("<QQQ")
 _GAP = struct.Struct("<BQQ")
+_SHARED_LOG = struct.Struct("<QQQQ")
+_LAPPED = struct.Struct("<QQQ")
 
 
 def positions_message(resume_from: Position | None = None, *, source: int = 0) -> bytes:
@@ -403,14 +435,43 @@ def gap_notice(gap: Gap) -> bytes:
     return build_message(SYSTEM, [(GAP_NOTICE, _GAP.pack(*gap))], timestamp_ns=time.time_ns())
 
 
-def read_notice(message: bytes | memoryview) -> Position | Gap:
-    """The position or gap a relay's notice carries; ``ProtocolError`` for anything else."""
+def shared_memory_message(*, source: int = 0) -> bytes:
+    """A control message asking to read the relay's log from shared memory instead of the socket."""
+    return build_message(SYSTEM, [(SHARED_MEMORY, b"")], source=source)
+
+
+def shared_log_notice(grant: SharedLog) -> bytes:
+    return build_message(SYSTEM, [(SHARED_LOG_NOTICE, _SHARED_LOG.pack(*grant))], timestamp_ns=time.time_ns())
+
+
+def lapped_message(report: Lapped, *, source: int = 0) -> bytes:
+    """A shared-memory reader's control message: the relay overwrote what it had yet to read."""
+    return build_message(SYSTEM, [(LAPPED, _LAPPED.pack(*report))], source=source)
+
+
+def read_notice(message: bytes | memoryview) -> Position | Gap | SharedLog:
+    """The position, gap or shared log a relay's notice carries; ``ProtocolError`` for anything else."""
     for tlv_type, value in iter_records(memoryview(message)[HEADER_SIZE:]):
         if tlv_type == POSITION_NOTICE and len(value) == POSITION_SIZE:
             return Position.decode(value)
         if tlv_type == GAP_NOTICE and len(value) == GAP_SIZE:
             return Gap(*_GAP.unpack(bytes(value)))
-    raise ProtocolError("a system-domain message in the stream that is not a position or gap notice")
+        if tlv_type == SHARED_LOG_NOTICE and len(value) == SHARED_LOG_SIZE:
+            return SharedLog(*_SHARED_LOG.unpack(bytes(value)))
+    raise ProtocolError("a system-domain message in the stream that is not a position, gap or shared-log notice")
+
+
+def requests_shared_memory(message: bytes | memoryview) -> bool:
+    """Whether a well-formed control message holds a ``SHARED_MEMORY`` record."""
+    return any(tlv_type == SHARED_MEMORY for tlv_type, _ in iter_records(memoryview(message)[HEADER_SIZE:]))
+
+
+def lapped_report(message: bytes | memoryview) -> Lapped | None:
+    """The ``LAPPED`` report a well-formed control message holds, if any."""
+    for tlv_type, value in iter_records(memoryview(message)[HEADER_SIZE:]):
+        if tlv_type == LAPPED:
+            return Lapped(*_LAPPED.unpack(bytes(value)))
+    return None
 
 
 def requested_position(message: bytes | memoryview) -> Position | None | bool:
@@ -436,7 +497,7 @@ def apply_control(current: Filter, message: bytes | memoryview) -> Filter:
             sources = bitmap_values(value)
         elif tlv_type == UNSUBSCRIBE:
             tlv_types = sources = None
-        elif tlv_type not in (PUBLISH_ONLY, POSITIONS):  # neither changes the filter
+        elif tlv_type not in (PUBLISH_ONLY, POSITIONS, SHARED_MEMORY, LAPPED):  # none changes the filter
             raise ProtocolError(f"record type {tlv_type} is not a control record")
     return tlv_types, sources
 

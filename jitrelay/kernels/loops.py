@@ -166,7 +166,12 @@ def _control_verdict(buf, pos, length):
         elif tlv_type == p.POSITIONS:
             if value_len != 0 and value_len != p.POSITION_SIZE:
                 return p.MALFORMED_TLV
-        elif (tlv_type != p.UNSUBSCRIBE and tlv_type != p.PUBLISH_ONLY) or value_len != 0:
+        elif tlv_type == p.LAPPED:
+            if value_len != p.LAPPED_SIZE:
+                return p.MALFORMED_TLV
+        elif (
+            tlv_type != p.UNSUBSCRIBE and tlv_type != p.PUBLISH_ONLY and tlv_type != p.SHARED_MEMORY
+        ) or value_len != 0:
             return p.MALFORMED_TLV
         i += value_len
         if i > end:

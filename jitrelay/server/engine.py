@@ -38,10 +38,12 @@ from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.domains import BLOCK, DISCONNECT, FSYNC_BATCH, JOURNAL_PAUSE, RelayLogic
 from jitrelay.core.histogram import Histogram
+from jitrelay.core.shared_log import S_POSITION
 from jitrelay.core.units import MiB
 from jitrelay.server.figures import Figures
 from jitrelay.server.journal import Journal, Replay, find_replay
 from jitrelay.server.log import RelayLog
+from jitrelay.server.shared_memory import SharedLogMemory
 
 log = logging.getLogger("jitrelay.relay")
 
@@ -52,6 +54,7 @@ CATCH_UP_PIECES = 1024  # and in at most this many pieces (one sendmsg)
 SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
 JOURNAL_RETRY_SECONDS = 0.2  # how often a relay holding its publishers tries a failed journal append again
 SLOW_PIDS_KEPT = 1000  # pids of the latest subscribers dropped as slow, for the figures
+SHARED_POLL_SECONDS = 0.001  # how often a relay held by a shared-memory reader under ``block`` looks again
 _PEERCRED = struct.Struct("3i")
 
 
@@ -90,6 +93,10 @@ class Connection(asyncio.BufferedProtocol):
         self.replay: Replay | None = None  # resuming from the journal, before the log takes over
         self.replay_epoch = 0  # the epoch the last position notice of the replay named
         self.publish_only = False  # it declared it never reads: no target list holds it, so it is never slow
+        # Shared memory (opt in): asked, then caught up over the socket, then granted a slot in the mapped log.
+        self.sharing = False  # asked; the socket still carries its stream until the grant
+        self.shared_slot = -1  # its reader slot, from the moment the grant is sent
+        self.granted = False  # the grant is out: it reads the log from shared memory, the socket carries nothing
 
     # asyncio protocol callbacks
 
@@ -180,6 +187,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def needed(self) -> int:
         """The oldest stream offset this subscriber still has to receive (the head when it keeps up)."""
+        if self.shared_slot >= 0:  # a reader of the mapped log says itself how far it has read
+            return int(self.relay.memory.slots[self.shared_slot, S_POSITION])
         if not self.behind or self.replay is not None:  # a replay reads the journal: it holds nothing in the log
             return self.relay.log.head
         if self.filter == protocol.EVERYTHING:
@@ -198,7 +207,14 @@ class Relay:
         self._journal_timer: asyncio.TimerHandle | None = None
         self.tables = kernels.tables_for(logic)
         self.scan_out = kernels.ScanBuffers(logic.buffer_size)
-        self.log = RelayLog(logic.log_size, protocol.HEADER_SIZE + logic.max_payload)
+        mirror = protocol.HEADER_SIZE + logic.max_payload
+        self.memory = SharedLogMemory(logic.log_size, mirror, logic.max_connections)
+        self.log = RelayLog(logic.log_size, mirror, ring=self.memory.ring)
+        self.memory.start(self.log.epoch)
+        self._shared: dict[Connection, int] = {}  # readers of the mapped log, and their slots
+        self._shared_timer: asyncio.TimerHandle | None = None
+        self.shared_grants = 0
+        self.shared_lapped = 0
         self.connections: dict[int, Connection] = {}
         # Who receives what: connections without a filter get every forwarded
         # byte; each distinct filter is a group whose runs ``kernels.scan_and_route`` cuts.
@@ -269,6 +285,13 @@ class Relay:
             return
         self.retired_counts += conn.counts
         self.retired_bytes_in += conn.bytes_in
+        if conn.shared_slot >= 0:
+            self._shared.pop(conn, None)
+            self.memory.release(conn.shared_slot)
+            conn.shared_slot = -1
+            if not self.memory.owners:
+                self.log.publisher = None  # no reader maps the log: appends stop publishing its extent
+            self._release_held()
         self._retarget()
         log.info("%s disconnected (received %d bytes, sent %d bytes)", conn.peer, conn.bytes_in, conn.bytes_out)
 
@@ -294,7 +317,7 @@ class Relay:
         self._release_held()
 
     def _retarget(self) -> None:
-        live = [c for c in self.connections.values() if not (c.publish_only or c.transport.is_closing())]
+        live = [c for c in self.connections.values() if not (c.publish_only or c.granted or c.transport.is_closing())]
         groups: dict[protocol.Filter, list[Connection]] = {}
         for conn in live:
             if conn.filter != protocol.EVERYTHING:
@@ -314,7 +337,7 @@ class Relay:
         targets = [
             c
             for c in self.connections.values()
-            if not (c.behind or c.publish_only or c.transport.is_closing()) and c.fd >= 0
+            if not (c.behind or c.publish_only or c.granted or c.transport.is_closing()) and c.fd >= 0
         ]
         self._fan.reserve(len(targets), 0)
         for i, conn in enumerate(targets):
@@ -330,7 +353,7 @@ class Relay:
         if self._journal_retry is not None:  # the journal does not write: nothing more is read until it does
             self._hold_for_journal(conn)
             return
-        if self.logic.slow_policy == BLOCK and self._behind and not self._has_room(conn.filled):
+        if self.logic.slow_policy == BLOCK and (self._behind or self._shared) and not self._has_room(conn.filled):
             self._hold(conn)
             return
         counted = conn.counts.copy() if self.journal is not None else None  # undone if the journal refuses
@@ -385,6 +408,8 @@ class Relay:
         for conn in self._positioned:
             if not conn.writing and (conn.owed if conn.filter != protocol.EVERYTHING else conn is not sender):
                 self._write_when_ready(conn)
+        if self._shared:
+            self.memory.wake()  # every sleeping reader of the mapped log, in one call
         if self._targets:
             self._send_batch(sender, start, size, group_ranges, arrived)
         done = time.perf_counter_ns()
@@ -547,8 +572,8 @@ class Relay:
         if conn.prefix:
             views.append(bytes(conn.prefix))  # a copy: the prefix shrinks as it goes out
             segments.append(("prefix", len(conn.prefix)))
-        if conn.replay is not None:
-            rows = []  # the journal first: the log takes over when the replay reaches it
+        if conn.replay is not None or conn.shared_slot >= 0:
+            rows = []  # the journal first (the log takes over when it ends); after a grant, the mapping
         elif conn.filter == protocol.EVERYTHING:
             start, end = log_.next_range(conn.position, conn.conn_id if conn.published else -1)
             conn.position = start
@@ -629,6 +654,8 @@ class Relay:
             conn.owed.popleft()
 
     def _caught_up(self, conn: Connection) -> None:
+        if conn.sharing and self._grant(conn):
+            return
         asyncio.get_running_loop().remove_writer(conn.fd)
         conn.writing = False
         if conn.slow_timer is not None:
@@ -649,12 +676,19 @@ class Relay:
         offsets = self.scan_out.offsets
         before = conn.filter
         asked: protocol.Position | bool | None = False
+        share = False
         for k in np.flatnonzero(self.scan_out.verdicts[:count] == protocol.CONTROL):
             message = conn.view[offsets[k] : offsets[k + 1]]
             conn.filter = protocol.apply_control(conn.filter, message)
             conn.publish_only = conn.publish_only or protocol.declares_publish_only(message)
             wanted = protocol.requested_position(message)
             asked = asked if wanted is False else wanted
+            share = share or protocol.requests_shared_memory(message)
+            report = protocol.lapped_report(message)
+            if report is not None:
+                self._lapped(conn, report)
+        if conn.granted:  # it reads the mapped log and filters it itself: the socket carries nothing more
+            return
         if conn.publish_only:
             log.info("%s publishes only; it receives nothing", conn.peer)
         elif conn.filter != before or asked is False:
@@ -665,7 +699,109 @@ class Relay:
             self.stop_sending(conn)
         if asked is not False and not conn.publish_only:
             self._position(conn, asked)
+        if share and not conn.publish_only:
+            self._share(conn)
         self._retarget()
+
+    # shared memory
+
+    def _share(self, conn: Connection) -> None:
+        """Move ``conn`` to the mapped log: first its socket catches up to the head, then the grant goes out."""
+        if conn.sharing or conn.granted:
+            return
+        if conn.address is not None:
+            log.warning("%s asked for shared memory over TCP; its stream stays on the socket", conn.peer)
+            return
+        conn.sharing = True
+        if not conn.behind:
+            conn.behind = True
+            conn.position = self.log.head
+            self._behind.add(conn)
+            self._targets_dirty = True
+        if not conn.writing:
+            self._write_when_ready(conn)
+
+    def _grant(self, conn: Connection) -> bool:
+        """Send the caught-up ``conn`` its slot and the log's descriptors; False if it must stay on the socket."""
+        log_, memory = self.log, self.memory
+        if conn.shared_slot < 0:
+            slot = memory.claim(conn.conn_id, log_.head)
+            if slot < 0:
+                log.warning("%s asked for shared memory, but all %d reader slots are taken", conn.peer, memory.readers)
+                conn.sharing = False
+                return False
+            conn.shared_slot = slot
+            if log_.publisher is None:
+                log_.publisher = memory.publish
+            memory.publish(log_.extent())
+            notice = protocol.shared_log_notice(protocol.SharedLog(log_.epoch, log_.head, log_.messages, slot))
+            try:
+                sent = socket.send_fds(conn.spare, [notice], memory.descriptors)
+            except (BlockingIOError, InterruptedError):
+                memory.release(slot)
+                conn.shared_slot = -1
+                return True  # writability brings it back here
+            except OSError as exc:
+                log.info("%s: send failed (%s); closing", conn.peer, exc)
+                self.stop_sending(conn)
+                conn.transport.abort()
+                return True
+            conn.bytes_out += sent
+            if sent < len(notice):
+                conn.prefix += notice[sent:]  # the descriptors went with its first byte; the rest follows
+                return True
+        elif conn.prefix:
+            return True
+        conn.sharing = False
+        conn.granted = True
+        self.stop_sending(conn)
+        self._shared[conn] = conn.shared_slot
+        self.shared_grants += 1
+        log.info(
+            "%s reads the log from shared memory (slot %d) from offset %d",
+            conn.peer,
+            conn.shared_slot,
+            memory.slots[conn.shared_slot, S_POSITION],
+        )
+        self._retarget()
+        return True
+
+    def _lapped(self, conn: Connection, report: protocol.Lapped) -> None:
+        """A reader of the mapped log found its bytes overwritten: a gap it was told of, or the end of it."""
+        if not conn.granted:
+            log.info("%s sent a lapped report but does not read shared memory; ignored", conn.peer)
+            return
+        self.shared_lapped += 1
+        if conn.positioned:
+            self.gap_notices += 1
+            log.warning(
+                "%s fell out of the log in shared memory at offset %d: a gap of %d messages (%d bytes)",
+                conn.peer,
+                report.offset,
+                report.messages,
+                report.bytes,
+            )
+            return
+        self.slow_disconnects += 1
+        if conn.pid > 0:
+            self.slow_pids.append(conn.pid)
+        log.warning(
+            "disconnecting slow subscriber %s: lapped in shared memory at offset %d, "
+            "%d messages (%d bytes) overwritten before it read them (log %d)",
+            conn.peer,
+            report.offset,
+            report.messages,
+            report.bytes,
+            self.log.size,
+        )
+        conn.transport.abort()
+
+    def _poll_shared(self) -> None:
+        """Held under ``block`` by a reader of the mapped log, which moves without telling: look again soon."""
+        self._shared_timer = None
+        self._release_held()
+        if self._held and self._shared:
+            self._shared_timer = asyncio.get_running_loop().call_later(SHARED_POLL_SECONDS, self._poll_shared)
 
     # positions
 
@@ -927,6 +1063,8 @@ class Relay:
     def _has_room(self, nbytes: int) -> bool:
         """Under ``block``: whether ``nbytes`` more fit in the log without passing the slowest cursor."""
         tail = self.log.tail_after(min(nbytes, self.log.size))
+        if self._shared and int(self.memory.positions(list(self._shared.values())).min()) < tail:
+            return False
         return all(conn.needed() >= tail for conn in self._behind)
 
     def _hold(self, conn: Connection) -> None:
@@ -937,6 +1075,8 @@ class Relay:
             conn.transport.pause_reading()
             if len(self._held) == 1:
                 log.info("the log is full up to the slowest subscriber; holding %s", conn.peer)
+        if self._shared and self._shared_timer is None:
+            self._shared_timer = asyncio.get_running_loop().call_later(SHARED_POLL_SECONDS, self._poll_shared)
 
     def _release_held(self) -> None:
         """Let held publishers go on, oldest first, as far as the log has room for what they already sent."""
@@ -987,7 +1127,7 @@ class Relay:
             connections_open=len(live),
             connections_accepted=self.accepted,
             refused=dict(self.refused),
-            pending_max=max((head - conn.needed() for conn in self._behind), default=0),
+            pending_max=max((head - conn.needed() for conn in self._cursors()), default=0),
             slow_actions={
                 "hold": self.slow_pauses,
                 "disconnect": self.slow_disconnects,
@@ -1016,8 +1156,9 @@ class Relay:
             subscribers_behind=len(self._behind),
             fell_behind=self.fell_behind,
             lags=tuple(
-                (conn.peer, head - conn.needed(), self.log.messages_from(conn.needed())) for conn in self._behind
+                (conn.peer, head - conn.needed(), self.log.messages_from(conn.needed())) for conn in self._cursors()
             ),
+            shared_readers=len(self._shared),
             own_buckets=tuple(self.own_time.counts),
             own_total_ns=self.own_time.total,
             own_p50_us=self.own_time.percentile(50) / 1e3,
@@ -1027,6 +1168,10 @@ class Relay:
             send_p50_us=self.send_time.percentile(50) / 1e3,
             send_p99_us=self.send_time.percentile(99) / 1e3,
         )
+
+    def _cursors(self) -> list[Connection]:
+        """Every subscriber not at the head for sure: those behind on their sockets, and the mapped log's readers."""
+        return [*self._behind, *self._shared]
 
     def verdict_counts(self) -> dict[str, int]:
         total = self.retired_counts.copy()
@@ -1071,6 +1216,7 @@ class Relay:
             behind = conn.behind
             self.stop_sending(conn)
             conn.transport.abort() if behind else conn.transport.close()
+        self.memory.close()  # readers of the mapped log read on to the head, then end
         await asyncio.sleep(0)
 
 

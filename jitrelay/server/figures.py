@@ -55,8 +55,9 @@ class Figures:
     log_head: int = 0  # stream offset of the next byte appended
     subscribers_behind: int = 0  # cursors not at the head now
     fell_behind: int = 0  # times a subscriber's socket took less than a batch (it then caught up on its own)
-    # (peer, bytes, messages) behind the head, for each subscriber that is behind now
+    # (peer, bytes, messages) behind the head, for each subscriber that is behind now or reads shared memory
     lags: tuple[tuple[str, int, int], ...] = ()
+    shared_readers: int = 0  # subscribers reading the log from shared memory
     # The relay's own time per batch (read to the send loop's call) and the time inside the send loop.
     own_buckets: tuple[int, ...] = ()
     own_total_ns: int = 0

@@ -26,10 +26,12 @@ a few integer writes; nothing here is per message.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 
 from jitrelay import kernels
+from jitrelay.core.shared_log import Snapshot
 
 MIN_BATCHES = 4096
 BYTES_PER_BATCH = 256  # index entries per ring byte: a full ring of batches this small is the limit
@@ -38,12 +40,20 @@ BYTES_PER_BATCH = 256  # index entries per ring byte: a full ring of batches thi
 class RelayLog:
     """A broadcast ring of forwarded bytes with stream positions; one per relay."""
 
-    def __init__(self, size: int, mirror: int, batch_capacity: int | None = None) -> None:
+    def __init__(
+        self, size: int, mirror: int, batch_capacity: int | None = None, ring: np.ndarray | None = None
+    ) -> None:
         if size < 1 or not 0 <= mirror <= size:
             raise ValueError(f"a log of {size} bytes cannot mirror {mirror}")
         self.size = size
         self.mirror = mirror
-        self.ring = np.empty(size + mirror, dtype=np.uint8)  # untouched pages cost nothing until written
+        if ring is None:
+            ring = np.empty(size + mirror, dtype=np.uint8)  # untouched pages cost nothing until written
+        elif ring.shape != (size + mirror,) or ring.dtype != np.uint8:
+            raise ValueError(f"a ring for a log of {size} bytes mirroring {mirror} must be that many bytes")
+        self.ring = ring
+        # Told the extent before an append overwrites anything and again once its bytes are in (shared readers).
+        self.publisher: Callable[[Snapshot], None] | None = None
         self.address = self.ring.ctypes.data
         self.epoch = int.from_bytes(os.urandom(8), "little") >> 1 or 1  # never 0: 0 means "no position yet"
         self.head = 0  # stream offset after the last byte appended
@@ -81,6 +91,8 @@ class RelayLog:
     def append(self, buf: np.ndarray, runs: np.ndarray, n_runs: int, nbytes: int, n_messages: int, origin: int) -> int:
         """Copy a scan's forwarded runs in, evicting what ``tail_after`` says; the stream offset they start at."""
         self._evict_to(self.tail_after(nbytes))
+        if self.publisher is not None:
+            self.publisher(self.extent())  # readers see the new tail before the bytes they lose change
         start = self.head
         kernels.log_append(buf, runs, n_runs, self.ring, self.size, self.mirror, start % self.size)
         if self._hi == len(self._starts):
@@ -92,7 +104,13 @@ class RelayLog:
         self._hi += 1
         self.head = start + nbytes
         self.messages += n_messages
+        if self.publisher is not None:
+            self.publisher(self.extent())
         return start
+
+    def extent(self) -> Snapshot:
+        """What is readable now: ``[tail, head)``, with the numbers of the messages at both ends."""
+        return Snapshot(self.head, self.messages, self.tail, self.oldest_message())
 
     def _start_of(self, index: int) -> int:
         return int(self._starts[index]) if index < self._hi else self.head

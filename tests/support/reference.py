@@ -30,8 +30,8 @@ from jitrelay.core.protocol import (
 MAGIC_WIRE = b"\xef\xbe\xad\xde"
 SYSTEM = 4
 # The control records of the subscription contract and the value lengths each may have
-# (103, publish-only, and 104, positions, are docs/protocol.md's extensions of the contract).
-CONTROL_RECORDS = {100: (32,), 101: (32,), 102: (0,), 103: (0,), 104: (0, 24)}
+# (103 publish-only, 104 positions, 105 shared memory and 106 lapped are docs/protocol.md's extensions).
+CONTROL_RECORDS = {100: (32,), 101: (32,), 102: (0,), 103: (0,), 104: (0, 24), 105: (0,), 106: (24,)}
 PUBLISH_ONLY = 103
 SUBSCRIPTION_RECORDS = (100, 101, 102)  # the ones that change what a subscriber receives
 HEADER = 32

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from jitrelay.client.shared_log import IDLE_CHECK_SECONDS, MappedStream
 from jitrelay.core import protocol
 from jitrelay.core.domains import RelayLogic, logic_for
 from jitrelay.core.views import COLUMNS_FROM, MessageView, batch_headers, iter_views, message_offsets
@@ -539,6 +540,12 @@ class _SubscriberState(_Endpoint):
     notices in the stream (docs/protocol.md, "Positions"); they are taken out
     here: ``position`` is where the stream stands after the last message
     handed out, and ``gaps`` what the relay said was missed.
+
+    With ``shared_memory=True`` the stream, once the relay has granted it,
+    comes from the relay's log mapped into this process (``client.shared_log``)
+    instead of the socket: the same bytes, in the same order, without a send
+    per subscriber. A subscription is then applied here, with the relay's own
+    compiled routing.
     """
 
     kind = "subscriber"
@@ -552,18 +559,24 @@ class _SubscriberState(_Endpoint):
         sources: Iterable[int] | None,
         positions: bool = False,
         resume_from: protocol.Position | str | None = None,
+        shared_memory: bool = False,
     ):
         super().__init__(domain, socket_path)
         self._framer = MessageFramer(buffer_size)
         initial = _subscription(tlv_types, sources)  # before connecting: a bad value raises with nothing open
+        self._selection = protocol.apply_control(protocol.EVERYTHING, initial) if initial else protocol.EVERYTHING
         if isinstance(resume_from, str):
             resume_from = protocol.Position.parse(resume_from)
         self.positioned = positions or resume_from is not None
         if self.positioned:
             initial = (initial or b"") + protocol.positions_message(resume_from)
+        self.shared_memory = shared_memory
+        if shared_memory:
+            initial = (initial or b"") + protocol.shared_memory_message()
         self._initial = initial
         self._position: protocol.Position | None = None
         self.gaps: list[protocol.Gap] = []
+        self._mapped: MappedStream | None = None
 
     @property
     def position(self) -> protocol.Position | None:
@@ -626,6 +639,63 @@ class _SubscriberState(_Endpoint):
             return None
         return segments[0][0] if len(segments) == 1 else np.concatenate([data for data, _ in segments])
 
+    # shared memory
+
+    def _open_mapped(self, sock: socket.socket) -> None:
+        """Ask for the mapped log and wait for it (blocking); what the socket carried before it is kept."""
+        assert self._initial is not None
+        try:
+            sock.sendall(self._initial)
+            self._mapped = MappedStream.take_grant(
+                sock,
+                self._framer.feed,
+                self.logic,
+                self._selection,
+                self._framer.capacity,
+                self.positioned,
+                self.gaps,
+            )
+        except OSError as exc:
+            raise RelayConnectionError(
+                f"the {self.domain} relay at {self.socket_path} did not hand over its log: {exc}"
+            ) from exc
+
+    def _select(self, message: bytes) -> bytes:
+        """Note the subscription ``message`` sets: a reader of the mapped log filters by it itself."""
+        self._selection = protocol.apply_control(self._selection, message)
+        if self._mapped is not None:
+            self._mapped.select(self._selection)
+        return message
+
+    def _mapped_next(self) -> np.ndarray | None:
+        """The next batch: first the stream's part that came over the socket before the grant, then the mapping."""
+        while True:
+            raw = self._framer.maybe_extract_batch()
+            if raw is None:
+                break
+            batch = self._data(raw)
+            if batch is not None:
+                return batch
+        assert self._mapped is not None
+        batch = self._mapped.poll()
+        self._position = self._mapped.reader.position
+        return batch
+
+    def _mapped_views(self, batch: np.ndarray) -> Iterator[MessageView]:
+        """A mapped batch's views; unfiltered, ``position`` moves past each as it is handed out."""
+        views = list(iter_views(batch.tobytes()))
+        end = self._position
+        if end is None or (self._mapped is not None and self._mapped.filtered):
+            yield from views
+            return
+        offset, number = end.offset - len(batch), end.message - len(views)
+        for view in views:
+            offset += view.size
+            number += 1
+            self._position = protocol.Position(end.epoch, offset, number)
+            yield view
+        self._position = end
+
     def _ended(self) -> EOFError | RelayConnectionError:
         """What the relay closing the connection means: the end between messages, a lost connection within one."""
         if self._framer.buffered:
@@ -666,24 +736,28 @@ class Subscriber(_SubscriberState):
         sources: Iterable[int] | None = None,
         positions: bool = False,
         resume_from: protocol.Position | str | None = None,
+        shared_memory: bool = False,
     ):
-        super().__init__(domain, socket_path, buffer_size, tlv_types, sources, positions, resume_from)
+        super().__init__(domain, socket_path, buffer_size, tlv_types, sources, positions, resume_from, shared_memory)
         self._sock: socket.socket | None = _connect(domain, self.socket_path)
         self._timeout: float | None = None
         if self._initial is not None:
             try:
-                self._control(self._initial)
+                if shared_memory:
+                    self._open_mapped(self._sock)
+                else:
+                    self._control(self._initial)
             except BaseException:
                 self.close()  # the caller never gets the object, so nobody else would close the socket
                 raise
 
     def subscribe(self, tlv_types: Iterable[int] | None = None, sources: Iterable[int] | None = None) -> None:
         """Receive only messages from ``sources`` carrying a record of ``tlv_types``; None leaves that set as it is."""
-        self._control(protocol.subscribe_message(tlv_types, sources))
+        self._control(self._select(protocol.subscribe_message(tlv_types, sources)))
 
     def unsubscribe(self) -> None:
         """Receive the whole domain again."""
-        self._control(protocol.unsubscribe_message())
+        self._control(self._select(protocol.unsubscribe_message()))
 
     def _control(self, message: bytes) -> None:
         sock = self._socket()
@@ -700,6 +774,8 @@ class Subscriber(_SubscriberState):
         messages, ``RelayConnectionError`` when it closed it mid-message.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._mapped is not None:
+            return self._recv_mapped(deadline)
         while True:
             raw = self._next_raw(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if raw is None:
@@ -707,6 +783,19 @@ class Subscriber(_SubscriberState):
             batch = self._data(raw)
             if batch is not None:
                 return batch
+
+    def _recv_mapped(self, deadline: float | None) -> np.ndarray | None:
+        self._socket()
+        mapped = self._mapped
+        assert mapped is not None
+        while True:
+            batch = self._mapped_next()
+            if batch is not None:
+                return batch
+            remaining = IDLE_CHECK_SECONDS if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            mapped.wait(remaining)
 
     def _next_raw(self, timeout: float | None) -> np.ndarray | None:
         """The next batch as the relay sent it, notices included."""
@@ -738,6 +827,10 @@ class Subscriber(_SubscriberState):
             yield batch
 
     def __iter__(self) -> Iterator[MessageView]:
+        if self._mapped is not None:
+            for batch in self.batches():
+                yield from self._mapped_views(batch)
+            return
         if self.positioned:  # notices come out of the stream, and the position moves past each message
             while True:
                 try:
@@ -787,6 +880,7 @@ class Subscriber(_SubscriberState):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._mapped = None
 
     def __enter__(self) -> Subscriber:
         return self
@@ -1060,13 +1154,25 @@ class AsyncSubscriber(_SubscriberState):
         sources: Iterable[int] | None = None,
         positions: bool = False,
         resume_from: protocol.Position | str | None = None,
+        shared_memory: bool = False,
     ):
-        super().__init__(domain, socket_path, buffer_size, tlv_types, sources, positions, resume_from)
+        super().__init__(domain, socket_path, buffer_size, tlv_types, sources, positions, resume_from, shared_memory)
         self._buffer_size = buffer_size
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._sock: socket.socket | None = None  # with shared memory: the socket beside the mapping
 
     async def connect(self) -> AsyncSubscriber:
+        if self.shared_memory:
+            if self._sock is None:
+                sock = _connect(self.domain, self.socket_path)
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, self._open_mapped, sock)
+                except BaseException:
+                    sock.close()
+                    raise
+                self._sock = sock
+            return self
         if self._reader is None:
             self._reader, self._writer = await _open(self.domain, self.socket_path, self._buffer_size)
             if self._initial is not None:
@@ -1075,14 +1181,20 @@ class AsyncSubscriber(_SubscriberState):
 
     async def subscribe(self, tlv_types: Iterable[int] | None = None, sources: Iterable[int] | None = None) -> None:
         """As ``Subscriber.subscribe``."""
-        await self._control(protocol.subscribe_message(tlv_types, sources))
+        await self._control(self._select(protocol.subscribe_message(tlv_types, sources)))
 
     async def unsubscribe(self) -> None:
         """Receive the whole domain again."""
-        await self._control(protocol.unsubscribe_message())
+        await self._control(self._select(protocol.unsubscribe_message()))
 
     async def _control(self, message: bytes) -> None:
         await self.connect()
+        if self._mapped is not None:
+            try:
+                self._mapped.send(message)  # a few dozen bytes on a socket the relay never leaves full
+            except OSError as exc:
+                raise self._lost(exc) from exc
+            return
         assert self._writer is not None
         self._writer.write(message)
         try:
@@ -1098,6 +1210,9 @@ class AsyncSubscriber(_SubscriberState):
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        if self.shared_memory:
+            await self.connect()
+            return await self._recv_mapped(deadline)
         while True:
             raw = await self._next_raw(None if deadline is None else max(0.0, deadline - loop.time()))
             if raw is None:
@@ -1105,6 +1220,20 @@ class AsyncSubscriber(_SubscriberState):
             batch = self._data(raw)
             if batch is not None:
                 return batch
+
+    async def _recv_mapped(self, deadline: float | None) -> np.ndarray | None:
+        """As ``Subscriber``'s: the sleep on the log's futex word runs in the loop's executor."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._mapped is None:
+                raise self._closed()
+            batch = self._mapped_next()
+            if batch is not None:
+                return batch
+            remaining = IDLE_CHECK_SECONDS if deadline is None else deadline - loop.time()
+            if remaining <= 0:
+                return None
+            await loop.run_in_executor(None, self._mapped.wait, remaining)
 
     async def _next_raw(self, timeout: float | None) -> np.ndarray | None:
         """The next batch as the relay sent it, notices included."""
@@ -1141,6 +1270,11 @@ class AsyncSubscriber(_SubscriberState):
             yield batch
 
     async def _each_view(self) -> AsyncIterator[MessageView]:
+        if self.shared_memory:
+            async for batch in self.batches():
+                for view in self._mapped_views(batch):
+                    yield view
+            return
         if self.positioned:  # as Subscriber's: notices out, the position past each message handed out
             while True:
                 try:
@@ -1182,6 +1316,10 @@ class AsyncSubscriber(_SubscriberState):
     headers = staticmethod(batch_headers)
 
     async def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._mapped = None
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(OSError):

@@ -1,0 +1,57 @@
+"""Sleep on, and wake, a 32-bit word in shared memory: one call wakes every reader of the log, however many.
+
+Besides the send loop, the only system call of the hot path: the relay bumps
+the word after each append and wakes all its waiters at once (``FUTEX_WAKE``
+on a word no one may be waiting on costs a hash lookup in the kernel); a
+reader that has caught up waits until the word moves from what it last saw.
+Shared (not ``FUTEX_PRIVATE``) futexes: waker and waiters are processes
+mapping the same memory file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine())
+FUTEX_WAIT = 0
+FUTEX_WAKE = 1
+_EVERYONE = 0x7FFFFFFF
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def available() -> bool:
+    return _SYS_FUTEX is not None
+
+
+def wake_all(address: int) -> int:
+    """Wake every process waiting on the word at ``address``; how many were."""
+    woken = _syscall(
+        ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(FUTEX_WAKE), ctypes.c_int(_EVERYONE),
+        None, None, ctypes.c_int(0),
+    )  # fmt: skip
+    if woken < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return woken
+
+
+def wait(address: int, seen: int, timeout: float) -> None:
+    """Sleep while the word at ``address`` still holds ``seen`` (its low 32 bits), at most ``timeout`` seconds.
+
+    Returns on a wake, on a timeout, at once if the word already moved, or on
+    a signal; the caller looks at the log again in every case.
+    """
+    timeout = max(0.0, timeout)
+    ts = _Timespec(int(timeout), int((timeout % 1.0) * 1e9))
+    _syscall(
+        ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(FUTEX_WAIT),
+        ctypes.c_uint(seen & 0xFFFFFFFF), ctypes.byref(ts), None, ctypes.c_int(0),
+    )  # fmt: skip

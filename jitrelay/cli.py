@@ -442,6 +442,11 @@ def sub_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ask the relay for positions: report gaps as they come and the position reached on exit",
     )
+    parser.add_argument(
+        "--shm",
+        action="store_true",
+        help="read the relay's log from shared memory (a local subscriber: no send per message by the relay)",
+    )
 
 
 def position_arg(text: str) -> protocol.Position:
@@ -459,8 +464,13 @@ def cmd_sub(args: argparse.Namespace) -> int:
     keep = MessageFilter(args.types, args.sources)
     show = functools.partial(message_json if args.json else format_message, names=True)
     try:
-        with Subscriber(args.domain, args.socket, tlv_types=args.types, sources=args.sources) as subscriber:
-            print(f"jitrelay sub: connected to the {args.domain} relay at {subscriber.socket_path}", file=sys.stderr)
+        with Subscriber(
+            args.domain, args.socket, tlv_types=args.types, sources=args.sources, shared_memory=args.shm
+        ) as subscriber:
+            print(
+                f"jitrelay sub: connected to the {args.domain} relay at {subscriber.socket_path}{_how(args)}",
+                file=sys.stderr,
+            )
             for batch in subscriber.batches():
                 left = limit - received if limit else None
                 if args.count_only and not keep.active:  # counting alone needs no decoding
@@ -486,6 +496,10 @@ def cmd_sub(args: argparse.Namespace) -> int:
     return 0
 
 
+def _how(args: argparse.Namespace) -> str:
+    return ", reading its log from shared memory" if args.shm else ""
+
+
 def _sub_positioned(args: argparse.Namespace) -> int:
     """``jitrelay sub`` with positions: one message at a time, so that the position printed on exit is exact."""
     received = 0
@@ -498,11 +512,15 @@ def _sub_positioned(args: argparse.Namespace) -> int:
         sources=args.sources,
         positions=True,
         resume_from=args.resume_from,
+        shared_memory=args.shm,
     )
     gaps = 0
     try:
         with subscriber:
-            print(f"jitrelay sub: connected to the {args.domain} relay at {subscriber.socket_path}", file=sys.stderr)
+            print(
+                f"jitrelay sub: connected to the {args.domain} relay at {subscriber.socket_path}{_how(args)}",
+                file=sys.stderr,
+            )
             for view in subscriber:
                 for gap in subscriber.gaps[gaps:]:
                     print(f"jitrelay sub: {_describe_gap(gap)}", file=sys.stderr)

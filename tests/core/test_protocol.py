@@ -403,3 +403,26 @@ def test_publish_only_is_a_control_record_that_leaves_the_filter_alone() -> None
     assert p.apply_control(narrowed, declared) == narrowed
     both = p.build_message(p.SYSTEM, [(p.PUBLISH_ONLY, b""), (p.SUBSCRIBE_SOURCES, p.bitmap([4]))])
     assert p.apply_control(narrowed, both) == (frozenset({3}), frozenset({4})) and p.declares_publish_only(both)
+
+
+def test_shared_memory_records_are_the_bytes_docs_protocol_md_gives() -> None:
+    asked = p.shared_memory_message()
+    assert asked[4] == p.SYSTEM and asked[32:] == bytes((105, 0))
+    assert p.requests_shared_memory(asked) and not p.requests_shared_memory(p.unsubscribe_message())
+    assert p.apply_control(p.EVERYTHING, asked) == p.EVERYTHING  # it leaves the filter alone
+
+    report = p.Lapped(offset=4096, messages=7, bytes=300)
+    lapped = p.lapped_message(report)
+    assert lapped[32:] == bytes((106, 24)) + struct.pack("<QQQ", 4096, 7, 300)
+    assert p.lapped_report(lapped) == report and p.lapped_report(asked) is None
+    assert p.apply_control(p.EVERYTHING, lapped) == p.EVERYTHING
+
+
+def test_a_shared_log_notice_reads_back_with_its_position() -> None:
+    grant = p.SharedLog(epoch=0x1234, offset=640, message=20, slot=3)
+    notice = p.shared_log_notice(grant)
+    assert notice[4] == p.SYSTEM and notice[32:34] == bytes((112, 32))
+    assert notice[34:] == struct.pack("<QQQQ", 0x1234, 640, 20, 3)
+    assert zlib.crc32(notice[:28] + notice[32:]) == struct.unpack_from("<I", notice, 28)[0]
+    assert p.read_notice(notice) == grant
+    assert grant.position == p.Position(0x1234, 640, 20)

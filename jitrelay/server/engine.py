@@ -54,6 +54,7 @@ CATCH_UP_PIECES = 1024  # and in at most this many pieces (one sendmsg)
 SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
 JOURNAL_RETRY_SECONDS = 0.2  # how often a relay holding its publishers tries a failed journal append again
 SLOW_PIDS_KEPT = 1000  # pids of the latest subscribers dropped as slow, for the figures
+DIRECT_CARRY_LIMIT = 64 * 1024  # the most of an unfinished message copied into the ring to read the rest there
 SHARED_POLL_SECONDS = 0.001  # how often a relay held by a shared-memory reader under ``block`` looks again
 _PEERCRED = struct.Struct("3i")
 
@@ -70,6 +71,7 @@ class Connection(asyncio.BufferedProtocol):
         self.buf = np.empty(relay.logic.buffer_size, dtype=np.uint8)
         self.view = memoryview(self.buf)
         self.filled = 0
+        self.direct_at = -1  # where in the log's ring the read under way lands, when it reads there
         self.counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
         self.bytes_in = 0
         self.bytes_out = 0
@@ -140,13 +142,22 @@ class Connection(asyncio.BufferedProtocol):
         self.relay.add(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.view[self.filled :]
+        at = self.relay.read_space(self)
+        if at < 0:
+            self.direct_at = -1
+            return self.view[self.filled :]
+        self.direct_at = at
+        return self.relay.ring_bytes[at + self.filled : at + self.relay.log.reserve]
 
     def buffer_updated(self, nbytes: int) -> None:
         arrived = time.perf_counter_ns()
         self.filled += nbytes
         self.bytes_in += nbytes
-        self.relay.on_data(self, arrived)
+        if self.direct_at >= 0:
+            at, self.direct_at = self.direct_at, -1
+            self.relay.on_direct_data(self, at, arrived)
+        else:
+            self.relay.on_data(self, arrived)
 
     def eof_received(self) -> bool:
         return False
@@ -174,6 +185,7 @@ class Connection(asyncio.BufferedProtocol):
         """
         budget = SALVAGE_LIMIT * len(self.buf)
         while budget > 0 and self.fault == protocol.NO_FAULT and not self.held:
+            self.direct_at = -1  # salvage reads into the connection's own buffer
             try:
                 nbytes = self.spare.recv_into(self.view[self.filled :])
             except OSError:
@@ -208,8 +220,11 @@ class Relay:
         self.tables = kernels.tables_for(logic)
         self.scan_out = kernels.ScanBuffers(logic.buffer_size)
         mirror = protocol.HEADER_SIZE + logic.max_payload
-        self.memory = SharedLogMemory(logic.log_size, mirror, logic.max_connections)
-        self.log = RelayLog(logic.log_size, mirror, ring=self.memory.ring)
+        # The ring keeps ``log_size`` bytes and one receive buffer more: reads land straight in the log there.
+        ring_size = logic.log_size + logic.buffer_size
+        self.memory = SharedLogMemory(ring_size, mirror, logic.max_connections)
+        self.log = RelayLog(ring_size, mirror, ring=self.memory.ring, reserve=logic.buffer_size)
+        self.ring_bytes = memoryview(self.log.ring)
         self.memory.start(self.log.epoch)
         self._shared: dict[Connection, int] = {}  # readers of the mapped log, and their slots
         self._shared_timer: asyncio.TimerHandle | None = None
@@ -380,23 +395,82 @@ class Relay:
             conn.buf[:leftover] = conn.buf[result.consumed : conn.filled]
         conn.filled = leftover
 
-    def _forward(self, sender: Connection, result: kernels.ScanResult, messages: int, arrived: int) -> bool:
+    def read_space(self, conn: Connection) -> int:
+        """Where ``conn``'s next read may land in the log's ring (its unfinished message copied there first), or -1.
+
+        A read lands in the ring when what it brings can be taken as it is:
+        then the log's copy is the read itself. Anything else (a message that
+        is not forwarded, a control message, a fault, a batch the journal or
+        ``block`` holds back) is moved to the connection's own buffer and
+        takes the usual way.
+        """
+        if self._journal_retry is not None or conn.filled > DIRECT_CARRY_LIMIT:
+            return -1
+        at, room = self.log.space()
+        if room < self.log.reserve:  # near the end of the ring: the usual way, until the head wraps
+            return -1
+        if conn.filled:
+            self.log.ring[at : at + conn.filled] = conn.buf[: conn.filled]
+        return at
+
+    def on_direct_data(self, conn: Connection, at: int, arrived: int) -> None:
+        """A read that landed in the ring at ``at``: forward it where it lies, or hand it to ``on_data``."""
+        n = conn.filled
+        ring = self.log.ring
+        if not (
+            self.logic.slow_policy == BLOCK and (self._behind or self._shared) and not self._has_room(n)
+        ):  # under ``block`` without room the usual way holds the publisher
+            counted = conn.counts.copy()
+            before = int(counted[protocol.FORWARD])
+            if self._groups:
+                result, self._routed = kernels.scan_and_route(
+                    ring, at, at + n, self.tables, self.scan_out, self._group_tables, self._routed, conn.counts
+                )
+            else:
+                result = kernels.scan_into(ring, at, at + n, self.tables, self.scan_out, conn.counts)
+            size = result.forwarded_bytes
+            if size and size == result.consumed - at and not result.controls and result.fault == protocol.NO_FAULT:
+                conn.filled = 0
+                if self._forward(conn, result, int(conn.counts[protocol.FORWARD]) - before, arrived, direct=at):
+                    leftover = n - size
+                    if leftover:
+                        conn.buf[:leftover] = ring[at + size : at + n]
+                    conn.filled = leftover
+                    return
+                conn.filled = n  # the journal refused it: from the connection's own buffer when it writes again
+                conn.counts[:] = counted
+                conn.buf[:n] = ring[at : at + n]
+                self._hold_for_journal(conn)
+                return
+            conn.counts[:] = counted
+        conn.buf[:n] = ring[at : at + n]
+        self.on_data(conn, arrived)
+
+    def _forward(
+        self, sender: Connection, result: kernels.ScanResult, messages: int, arrived: int, direct: int = -1
+    ) -> bool:
         """Journal the accepted runs, append them to the log once, hand them to every subscriber that keeps up.
 
+        With ``direct``, the runs are one, already in the ring at that offset: the log takes them as they lie.
         False when the journal refused them under ``journal_on_error = pause``: nothing was forwarded.
         """
         log_ = self.log
         size = result.forwarded_bytes
         runs = self.scan_out.runs
         if self.journal is not None and not self._journal(
-            [sender.view[runs[2 * k] : runs[2 * k + 1]] for k in range(result.runs)],
+            [self.ring_bytes[direct : direct + size]]
+            if direct >= 0
+            else [sender.view[runs[2 * k] : runs[2 * k + 1]] for k in range(result.runs)],
             (log_.epoch, log_.head, log_.messages),
         ):
             return False
         if self._behind:
             self._leave_behind(log_.tail_after(size))
         first_message = log_.messages
-        start = log_.append(sender.buf, runs, result.runs, size, messages, sender.conn_id)
+        if direct >= 0:
+            start = log_.commit(size, messages, sender.conn_id)
+        else:
+            start = log_.append(sender.buf, runs, result.runs, size, messages, sender.conn_id)
         sender.published = True
         self.bytes_forwarded += size
         self.batches += 1
@@ -1062,7 +1136,7 @@ class Relay:
 
     def _has_room(self, nbytes: int) -> bool:
         """Under ``block``: whether ``nbytes`` more fit in the log without passing the slowest cursor."""
-        tail = self.log.tail_after(min(nbytes, self.log.size))
+        tail = self.log.tail_after(min(nbytes, self.log.size - self.log.reserve))
         if self._shared and int(self.memory.positions(list(self._shared.values())).min()) < tail:
             return False
         return all(conn.needed() >= tail for conn in self._behind)
@@ -1149,7 +1223,7 @@ class Relay:
             torn_messages=self.torn_messages,
             kernel_build=str(kernels.backend()["name"]),
             kernel_load_seconds=self.kernel_load_seconds,
-            log_size=self.log.size,
+            log_size=self.log.size - self.log.reserve,
             log_used=self.log.used,
             log_epoch=self.log.epoch,
             log_head=head,

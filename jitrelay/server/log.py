@@ -41,12 +41,19 @@ class RelayLog:
     """A broadcast ring of forwarded bytes with stream positions; one per relay."""
 
     def __init__(
-        self, size: int, mirror: int, batch_capacity: int | None = None, ring: np.ndarray | None = None
+        self,
+        size: int,
+        mirror: int,
+        batch_capacity: int | None = None,
+        ring: np.ndarray | None = None,
+        reserve: int = 0,
     ) -> None:
-        if size < 1 or not 0 <= mirror <= size:
-            raise ValueError(f"a log of {size} bytes cannot mirror {mirror}")
+        if size < 1 or not 0 <= mirror <= size or not 0 <= reserve < size:
+            raise ValueError(f"a log of {size} bytes cannot mirror {mirror} and keep {reserve} free")
         self.size = size
         self.mirror = mirror
+        # Bytes after the head that hold nothing retained: a connection's next read may land there (``space``).
+        self.reserve = reserve
         if ring is None:
             ring = np.empty(size + mirror, dtype=np.uint8)  # untouched pages cost nothing until written
         elif ring.shape != (size + mirror,) or ring.dtype != np.uint8:
@@ -78,9 +85,9 @@ class RelayLog:
 
     def tail_after(self, nbytes: int) -> int:
         """The tail an append of ``nbytes`` would leave: whole batches go until the bytes and the index fit."""
-        if nbytes > self.size:
-            raise ValueError(f"a batch of {nbytes} bytes does not fit in a log of {self.size}")
-        needed = self.head + nbytes - self.size  # the oldest byte that must go
+        if nbytes > self.size - self.reserve:
+            raise ValueError(f"a batch of {nbytes} bytes does not fit in a log of {self.size - self.reserve}")
+        needed = self.head + nbytes + self.reserve - self.size  # the oldest byte that must go
         keep = self._lo
         if needed > self.tail:
             starts = self._starts[self._lo : self._hi]
@@ -95,6 +102,33 @@ class RelayLog:
             self.publisher(self.extent())  # readers see the new tail before the bytes they lose change
         start = self.head
         kernels.log_append(buf, runs, n_runs, self.ring, self.size, self.mirror, start % self.size)
+        return self._record(start, nbytes, n_messages, origin)
+
+    def space(self) -> tuple[int, int]:
+        """Where the next read may land in the ring: ``(ring offset, length)`` of free bytes at the head, in one piece.
+
+        The piece may run on into the mirror; ``commit`` puts such bytes where they belong.
+        """
+        at = self.head % self.size
+        return at, min(self.reserve, self.size + self.mirror - at)
+
+    def commit(self, nbytes: int, n_messages: int, origin: int) -> int:
+        """Take ``nbytes`` already read into ``space()`` as the next batch; the stream offset they start at."""
+        at, room = self.space()
+        if not 0 < nbytes <= room:
+            raise ValueError(f"{nbytes} bytes cannot be committed from {room} free at the head")
+        self._evict_to(self.tail_after(nbytes))
+        if self.publisher is not None:
+            self.publisher(self.extent())
+        ring, size, mirror = self.ring, self.size, self.mirror
+        end = at + nbytes
+        if end > size:  # read on into the mirror: these bytes belong at the ring's start
+            ring[: end - size] = ring[size:end]
+        if at < mirror:  # written at the ring's start: its mirror repeats them
+            ring[size + at : size + min(mirror, end)] = ring[at : min(mirror, end)]
+        return self._record(self.head, nbytes, n_messages, origin)
+
+    def _record(self, start: int, nbytes: int, n_messages: int, origin: int) -> int:
         if self._hi == len(self._starts):
             self._slide()
         i = self._hi
@@ -116,6 +150,8 @@ class RelayLog:
         return int(self._starts[index]) if index < self._hi else self.head
 
     def _evict_to(self, tail: int) -> None:
+        if tail == self.tail:
+            return
         starts = self._starts[self._lo : self._hi]
         self._lo += int(np.searchsorted(starts, tail, side="left"))
         self.tail = tail

@@ -108,3 +108,41 @@ def test_pieces_split_where_the_ring_wraps_and_the_mirror_keeps_messages_whole()
 def test_a_batch_larger_than_the_log_is_refused() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         RelayLog(64, 0).tail_after(65)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches, st.integers(1152, 4096), st.integers(256, 512), st.lists(st.booleans(), min_size=40, max_size=40))
+def test_reads_committed_where_they_landed_keep_the_same_stream_as_appends(
+    plan: list, size: int, reserve: int, direct: list[bool]
+) -> None:
+    """A read into ``space()`` then ``commit`` is an append without the copy: the ring, mirror and index agree."""
+    log, model = RelayLog(size + reserve, MIRROR, batch_capacity=16, reserve=reserve), Model()
+    for (origin, sizes), in_place in zip(plan, direct, strict=False):
+        data, lengths = batch(origin, sizes, len(model.message_starts))
+        data, lengths = data[:reserve], lengths[: max(1, sum(1 for k in np.cumsum(lengths) if k <= reserve))]
+        data = data[: sum(lengths)]
+        at, room = log.space()
+        assert room <= reserve
+        kept = held(log, log.tail, log.head)
+        if in_place and len(data) <= room:
+            log.ring[at : at + len(data)] = np.frombuffer(data, dtype=np.uint8)  # what a read there does
+            assert held(log, log.tail, log.head) == kept  # the space holds nothing the log keeps
+            start = log.commit(len(data), len(lengths), origin)
+        else:
+            start = append(log, data, lengths, origin)
+        assert start == len(model.stream)
+        model.append(data, lengths, origin)
+        assert log.used <= size
+        assert held(log, log.tail, log.head) == model.stream[log.tail :]
+        kept_at = np.arange(log.tail, log.head) % log.size  # where each byte kept lies; its mirror repeats it
+        mirrored = kept_at[kept_at < MIRROR]
+        assert (log.ring[log.size + mirrored] == log.ring[mirrored]).all()
+        for position in [s for s, _, _ in model.batches if s >= log.tail]:
+            assert log.boundary(position) == position
+
+
+def test_a_commit_larger_than_the_space_is_refused() -> None:
+    log = RelayLog(1024, MIRROR, reserve=128)
+    assert log.space() == (0, 128)
+    with pytest.raises(ValueError, match="cannot be committed"):
+        log.commit(129, 1, 1)

@@ -122,6 +122,11 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
     yield gauge(
         "jitrelay_subscribers_behind", "Subscribers not at the head of the log now.", figures.subscribers_behind
     )
+    yield gauge(
+        "jitrelay_shared_memory_readers",
+        "Subscribers reading the relay's log from shared memory.",
+        figures.shared_readers,
+    )
     yield counter(
         "jitrelay_subscribers_fell_behind_total",
         "Times a subscriber's socket took less than a batch, so that it caught up on its own.",

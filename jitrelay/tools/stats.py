@@ -142,6 +142,7 @@ def table_rows(reading: Reading) -> list[Row]:
         Row("log size bytes", "jitrelay_log_size_bytes", counter=False),
         Row("subscribers behind", "jitrelay_subscribers_behind", counter=False),
         Row("subscribers fell behind", "jitrelay_subscribers_fell_behind_total"),
+        Row("shared-memory readers", "jitrelay_shared_memory_readers", counter=False),
         *each("lag bytes", "jitrelay_subscriber_lag_bytes", "peer", counter=False),
         *each("lag messages", "jitrelay_subscriber_lag_messages", "peer", counter=False),
         Row("journal errors", "jitrelay_journal_errors_total"),

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from support.relays import RelayProcess, StartRelay
 
+from jitrelay.client import Publisher, Subscriber
 from jitrelay.core import protocol
 from jitrelay.core.histogram import Histogram
 from jitrelay.core.protocol import build_message
@@ -338,3 +339,31 @@ def test_cumulative_buckets_never_count_a_sample_under_a_lower_bound() -> None:
     expected = [3, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7, 9]
     assert cumulative == expected
     assert len(cumulative) == len(bounds_ns) + 1 and cumulative[-1] == histogram.count
+
+
+def test_a_shared_memory_reader_is_counted_and_its_lag_read_from_its_slot(start_relay: StartRelay) -> None:
+    relay = start_relay("market_data", "--metrics-port", "0")
+    port = metrics_port(relay)
+    with Subscriber("market_data", relay.socket_path, shared_memory=True) as reader:
+        relay.wait_line("reads the log from shared memory", timeout=TIMEOUT)
+        samples = scrape(port)
+        assert value(samples, "jitrelay_shared_memory_readers") == 1
+        messages = [build_message(protocol.MARKET_DATA, [(1, bytes([i]) * 10)], sequence=i) for i in range(50)]
+        with Publisher("market_data", relay.socket_path) as publisher:
+            for message in messages:
+                publisher.publish_raw(message)
+        total = sum(map(len, messages))
+        samples = wait_for(port, lambda s: value(s, "jitrelay_log_head_bytes_total") == total, "every message forwarded")
+        lags = [v for (name, _), v in samples.items() if name == "jitrelay_subscriber_lag_bytes"]
+        assert lags == [total]  # it has read nothing yet: all of it
+        received = b""
+        while len(received) < total:
+            batch = reader.recv_batch(timeout=TIMEOUT)
+            assert batch is not None, f"{len(received)} of {total} bytes read"
+            received += batch.tobytes()
+        assert received == b"".join(messages)
+        samples = scrape(port)
+        lags = [v for (name, _), v in samples.items() if name == "jitrelay_subscriber_lag_messages"]
+        assert lags == [0]
+    samples = open_connections(port, 0)
+    assert value(samples, "jitrelay_shared_memory_readers") == 0

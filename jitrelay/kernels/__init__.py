@@ -349,6 +349,7 @@ class FanOut:
         self.iovecs = np.zeros(2 * iovecs, dtype=np.uint64)
         self.msghdr = np.zeros(7, dtype=np.uint64)
         self._uniform: tuple[int, int] | None = None  # (targets, iovecs) the slices hold for send_uniform
+        self._args: tuple | None = None  # the loop's array arguments for the last target count, sliced once
 
     def reserve(self, targets: int, iovecs: int) -> None:
         """Room for ``targets`` targets and ``iovecs`` iovecs, keeping what is there."""
@@ -395,28 +396,27 @@ class FanOut:
         return self._call(targets, skip)
 
     def _call(self, targets: int, skip: int) -> int:
-        return int(
-            _send_all()(
-                self.fds[:targets],
-                skip,
-                self.iov_first[:targets],
-                self.iov_count[:targets],
-                self.iovecs,
-                self.msghdr,
-                self.sent[:targets],
-                self.totals[:targets],
-            )
-        )
+        args = self._args
+        if args is None or args[0] is not self.fds or args[1] != targets or args[2] is not self.iovecs:
+            views = (self.fds[:targets], self.iov_first[:targets], self.iov_count[:targets])
+            args = self._args = (self.fds, targets, self.iovecs, views, self.sent[:targets], self.totals[:targets])
+        fds, first, count = args[3]
+        return int(_send_all()(fds, skip, first, count, self.iovecs, self.msghdr, args[4], args[5]))
 
 
 def _send_all() -> object:
     """The compiled send loop: in the ahead-of-time module, else the JIT's (or Python's) own."""
-    compiled = getattr(_loaded(), "send_all", None)
-    if compiled is not None:
-        return compiled
-    from jitrelay.kernels import send_loop  # the JIT and Python builds only: it imports numba
+    global _send_all_loop
+    if _send_all_loop is None:
+        _send_all_loop = getattr(_loaded(), "send_all", None)
+        if _send_all_loop is None:
+            from jitrelay.kernels import send_loop  # the JIT and Python builds only: it imports numba
 
-    return send_loop.send_all
+            _send_all_loop = send_loop.send_all
+    return _send_all_loop
+
+
+_send_all_loop: object = None
 
 
 class GroupTables(NamedTuple):

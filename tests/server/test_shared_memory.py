@@ -13,9 +13,14 @@ they die, and a refused peer never maps it.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import signal
 import socket
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,17 +28,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import reference as ref
 from support import strategies as gen
-from support.mapped import drain
+from support.clients import Clients, NumberedStream, StreamCheck, sync
+from support.mapped import MappedReaderProcess, drain, memfd_descriptors, memfd_mappings, receive
 from support.relays import RelayProcess, StartRelay
 from support.streams import ThreadedReader
 
 from jitrelay import kernels
-from jitrelay.client import AsyncSubscriber, Subscriber
+from jitrelay.client import AsyncSubscriber, RelayConnectionError, Subscriber
 from jitrelay.core import protocol as p
+from jitrelay.core.units import MiB
 
 MARK = 0xEE  # source and flags of the test's markers
 WAIT = 15.0
 GRANTED = "reads the log from shared memory"
+LOG = 8 * MiB  # the smallest log a relay keeps: twice its read buffer
 
 
 def marker(domain: int, sequence: int, flags: int = MARK) -> bytes:
@@ -238,3 +246,239 @@ def test_an_async_mapped_subscriber_receives_what_a_socket_subscriber_does(start
     assert on_socket == b"".join(stream)
     assert got_every == on_socket
     assert got_some == wanted_some
+
+
+# --- a reader the log overwrites -------------------------------------------------------------
+
+
+def numbered(domain_id: int, chunks: int) -> NumberedStream:
+    """About ``chunks`` x 70 KiB of equal messages numbered from 0."""
+    if domain_id == p.EXECUTION:
+        return NumberedStream(domain_id, [(40, b"x" * 400)], chunk_messages=160, chunks=chunks)
+    return NumberedStream(domain_id, [(1, b"q" * 37)], chunk_messages=1024, chunks=chunks)
+
+
+def wait_received(reader: MappedReaderProcess, nbytes: int, timeout: float = 30.0) -> None:
+    """Until the reader process has written ``nbytes`` to its file (it writes as it reads)."""
+    deadline = time.monotonic() + timeout
+    while len(reader.received()) < nbytes:
+        assert reader.proc.poll() is None, "the mapped reader ended early"
+        assert time.monotonic() < deadline, f"the mapped reader did not receive {nbytes} bytes"
+        time.sleep(0.02)
+
+
+def stall_while_publishing(
+    relay: RelayProcess, clients: Clients, stream: NumberedStream, reader: MappedReaderProcess
+) -> None:
+    """The reader reads the first chunk, is stopped while the rest (many times the log) is published, then goes on."""
+    publisher = clients.connect(relay)
+    publisher.settimeout(60)
+    publisher.sendall(stream.chunk(0))
+    wait_received(reader, stream.chunk_size)
+    os.kill(reader.pid, signal.SIGSTOP)
+    try:
+        for i in range(1, stream.chunks):
+            publisher.sendall(stream.chunk(i))
+        publisher.shutdown(socket.SHUT_WR)
+        while publisher.recv(1 << 16):  # the relay has appended everything
+            pass
+    finally:
+        os.kill(reader.pid, signal.SIGCONT)
+
+
+def test_a_lapped_mapped_reader_is_cut_off_once_and_never_returns_an_overwritten_message(
+    start_relay: StartRelay, clients: Clients, short_dir: Path
+) -> None:
+    summary = short_dir / "figures.json"
+    relay = start_relay("market_data", "--log-size", str(LOG), "--summary-file", str(summary))
+    stream = numbered(p.MARKET_DATA, 400)  # ~28 MiB: more than three times the log
+    reader = MappedReaderProcess("market_data", relay.socket_path, short_dir)
+    reader.wait_granted()
+    relay.wait_line(GRANTED, f"pid={reader.pid}")
+    stall_while_publishing(relay, clients, stream, reader)
+    assert reader.wait_exit() == 0
+    assert reader.summary()["ended"] == "eof"  # the iteration ended: cut off, as a slow socket subscriber is
+    line = relay.wait_line("disconnecting slow subscriber", f"pid={reader.pid}", "lapped in shared memory")
+    assert f"log {LOG}" in line, line
+    got = reader.received()
+    assert stream.chunk_size <= len(got) < stream.total
+    assert got == stream.prefix(len(got)), "the cut-off reader's bytes are not an exact prefix of the stream"
+    relay.kill()
+    figures = json.loads(summary.read_text())
+    assert figures["slow_actions"] == {"hold": 0, "disconnect": 1, "gap_notice": 0}
+    assert figures["slow_disconnected_pids"] == [reader.pid]
+    assert figures["log_size"] == LOG
+
+
+def test_a_lapped_positioned_mapped_reader_hears_of_exact_gaps_and_reads_on(
+    start_relay: StartRelay, clients: Clients, short_dir: Path
+) -> None:
+    summary = short_dir / "figures.json"
+    relay = start_relay("market_data", "--log-size", str(LOG), "--summary-file", str(summary))
+    stream = numbered(p.MARKET_DATA, 400)
+    total = stream.chunks * stream.chunk_messages
+    reader = MappedReaderProcess("market_data", relay.socket_path, short_dir, positions=True, last=total - 1)
+    reader.wait_granted()
+    relay.wait_line(GRANTED, f"pid={reader.pid}")
+    stall_while_publishing(relay, clients, stream, reader)
+    assert reader.wait_exit() == 0
+    result = reader.summary()
+    assert result["ended"] == "last", result
+    gaps = [p.Gap(*gap) for gap in result["gaps"]]
+    assert gaps and all(gap.reason == p.GAP_LEFT_LOG for gap in gaps)
+    relay.wait_line("fell out of the log in shared memory", f"pid={reader.pid}")
+    got = reader.messages()
+    sequences = [int.from_bytes(m[8:16], "little") for m in got]
+    whole = stream.prefix(stream.total)
+    size = stream.message_size
+    assert all(m == whole[s * size : (s + 1) * size] for m, s in zip(got, sequences, strict=True)), "a torn message"
+    assert sequences == sorted(set(sequences)), "reordered or doubled"
+    assert len(got) + sum(gap.messages for gap in gaps) == total, "a loss the gaps do not account for"
+    assert sum(len(m) for m in got) + sum(gap.bytes for gap in gaps) == stream.total
+    assert p.Position.parse(result["position"]).offset == stream.total
+    relay.kill()
+    figures = json.loads(summary.read_text())
+    assert figures["slow_actions"] == {"hold": 0, "disconnect": 0, "gap_notice": len(gaps)}
+
+
+# --- processes that die -----------------------------------------------------------------------
+
+
+def test_a_killed_mapped_subscriber_leaves_nothing_behind_and_the_others_go_on(
+    start_relay: StartRelay, short_dir: Path
+) -> None:
+    shm_before = sorted(os.listdir("/dev/shm"))
+    relay = start_relay("market_data")
+    relay_fds = sorted(os.listdir(f"/proc/{relay.pid}/fd"))
+    relay_memory = memfd_descriptors(relay.pid)  # the log, its read-only twin, the slots (and the mappings' own)
+    victim = MappedReaderProcess("market_data", relay.socket_path, short_dir)
+    victim.wait_granted()
+    relay.wait_line(GRANTED, f"pid={victim.pid}")
+    assert any("memfd:jitrelay-log" in line for line in memfd_mappings(victim.pid))
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.wait_exit()
+    relay.wait_line("disconnected", f"pid={victim.pid}")
+    assert sorted(os.listdir(f"/proc/{relay.pid}/fd")) == relay_fds
+    assert memfd_descriptors(relay.pid) == relay_memory
+
+    stream = numbered(p.MARKET_DATA, 30)
+    witness, peer = Peer(relay), Peer(relay)
+    settle(witness, [peer], [b""], 1, p.MARKET_DATA)
+    try:
+        with Subscriber("market_data", relay.socket_path, shared_memory=True) as other:
+            publish_all(relay, stream.prefix(stream.total), random.Random(3))
+            assert drain(other) == stream.prefix(stream.total)
+        fence = marker(p.MARKET_DATA, 1, flags=MARK + 1)
+        witness.send(fence)
+        assert b"".join(peer.wait_for(fence)) == stream.prefix(stream.total)
+    finally:
+        witness.close()
+        peer.close()
+    relay.kill()
+    assert sorted(os.listdir("/dev/shm")) == shm_before
+
+
+def test_a_mapped_subscriber_drains_the_log_then_ends_when_the_relay_is_killed(start_relay: StartRelay) -> None:
+    shm_before = sorted(os.listdir("/dev/shm"))
+    relay = start_relay("market_data")
+    stream = numbered(p.MARKET_DATA, 20)
+    with Subscriber("market_data", relay.socket_path, shared_memory=True) as sub:
+        publish_all(relay, stream.prefix(stream.total), random.Random(5))
+        relay.proc.kill()
+        relay.proc.wait(10)
+        got = b"".join(batch.tobytes() for batch in sub.batches())  # ends at EOF
+        with pytest.raises(EOFError):
+            sub.recv_batch(timeout=1.0)
+    assert got == stream.prefix(stream.total)
+    assert sorted(os.listdir("/dev/shm")) == shm_before
+
+
+# --- who may map the log ----------------------------------------------------------------------
+
+
+def test_a_refused_peer_never_maps_the_log(start_relay: StartRelay) -> None:
+    relay = start_relay("market_data", "--allow-uid", "65534")  # nobody: not this test's uid
+    assert os.getuid() != 65534
+    mapped, descriptors = memfd_mappings(), memfd_descriptors()
+    with pytest.raises(RelayConnectionError):
+        Subscriber("market_data", relay.socket_path, shared_memory=True)
+    line = relay.wait_line("refusing", f"pid={os.getpid()}")
+    assert "not allowed" in line, line
+    assert memfd_mappings() == mapped, "the refused subscriber mapped the relay's memory"
+    assert not [line for line in memfd_mappings() if "memfd:jitrelay-log" in line and line not in mapped]
+    assert memfd_descriptors() == descriptors, "the refused subscriber was passed the relay's memory"
+    assert relay.find_line(GRANTED) is None
+
+
+# --- block --------------------------------------------------------------------------------------
+
+
+def test_under_block_a_stopped_mapped_reader_holds_the_publisher_and_nobody_loses_anything(
+    start_relay: StartRelay, clients: Clients, short_dir: Path
+) -> None:
+    summary = short_dir / "figures.json"
+    relay = start_relay("execution", "--log-size", str(LOG), "--summary-file", str(summary))
+    stream = numbered(p.EXECUTION, 350)  # ~24 MiB of 435-byte messages: three times the log
+    total = stream.chunks * stream.chunk_messages
+    stopped = MappedReaderProcess("execution", relay.socket_path, short_dir, last=total - 1)
+    stopped.wait_granted()
+    relay.wait_line(GRANTED, f"pid={stopped.pid}")
+    check = StreamCheck(stream)
+    other = clients.reader(relay, sink=check)
+    publisher = clients.connect(relay)
+    sync(publisher, [other], p.EXECUTION)
+    os.kill(stopped.pid, signal.SIGSTOP)
+    errors: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            publisher.settimeout(60)
+            for i in range(stream.chunks):
+                publisher.sendall(stream.chunk(i))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=publish)
+    try:
+        thread.start()
+        relay.wait_line("the log is full up to the slowest subscriber", "holding", timeout=30)
+        assert thread.is_alive() and other.received < stream.total
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+    thread.join(60)
+    assert not thread.is_alive() and not errors
+    assert other.wait_received(stream.total, 30)
+    assert check.mismatch is None and check.offset == stream.total, check.verdict()
+    assert stopped.wait_exit() == 0
+    result = stopped.summary()
+    assert (result["ended"], result["gaps"]) == ("last", []), result
+    assert b"".join(stopped.messages()) == stream.prefix(stream.total)
+    publisher.close()
+    relay.kill()
+    figures = json.loads(summary.read_text())
+    assert figures["slow_actions"]["hold"] > 0
+    assert figures["slow_actions"]["disconnect"] == 0 and figures["slow_actions"]["gap_notice"] == 0
+    assert relay.find_line("disconnecting slow subscriber") is None
+
+
+# --- resume -------------------------------------------------------------------------------------
+
+
+def test_a_mapped_subscriber_resumes_from_its_position_with_exactly_the_rest(start_relay: StartRelay) -> None:
+    relay = start_relay("market_data")
+    stream = numbered(p.MARKET_DATA, 64)  # ~4.4 MiB, all of it kept in the log
+    whole = stream.prefix(stream.total)
+    with Subscriber("market_data", relay.socket_path, shared_memory=True, positions=True) as first:
+        publish_all(relay, whole, random.Random(11))
+        got = receive(first, stream.total // 2)
+        position = first.position
+    assert position is not None and len(got) < stream.total
+    assert (position.offset, position.message) == (len(got), len(got) // stream.message_size)
+    with Subscriber("market_data", relay.socket_path, shared_memory=True, resume_from=position) as second:
+        relay.wait_line(GRANTED, "from offset", start=0)
+        rest = receive(second, stream.total - len(got))
+        assert drain(second) == b""  # nothing after the end, nothing twice
+        assert second.gaps == []
+        end = second.position
+    assert got + rest == whole, "lost, doubled or changed bytes"
+    assert end == p.Position(position.epoch, stream.total, stream.total // stream.message_size)

@@ -162,6 +162,7 @@ class MappedStream:
     ) -> MappedStream:
         """Read the socket up to the relay's grant: what came before goes to ``feed``; the grant opens the mapping."""
         pending = bytearray()
+        at = 0  # where the first message not yet looked at starts: each byte is looked at once
         received: list[int] = []
         sock.settimeout(GRANT_TIMEOUT)
         try:
@@ -174,7 +175,6 @@ class MappedStream:
                 if not data:
                     raise ConnectionError("the relay closed the connection instead of handing over its log")
                 pending += data
-                at = 0
                 while len(pending) - at >= protocol.HEADER_SIZE:
                     size = protocol.HEADER_SIZE + int.from_bytes(
                         pending[at + protocol.OFF_PAYLOAD_SIZE : at + protocol.OFF_PAYLOAD_SIZE + 4], "little"

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from support import reference as ref
 from support import strategies as gen
 from support.clients import Clients, NumberedStream, StreamCheck, sync
-from support.mapped import MappedReaderProcess, drain, memfd_descriptors, memfd_mappings, receive
+from support.mapped import MappedReaderProcess, drain, memfd_descriptors, memfd_mappings, receive, shm_entries
 from support.relays import RelayProcess, StartRelay
 from support.streams import ThreadedReader
 
@@ -347,7 +347,7 @@ def test_a_lapped_positioned_mapped_reader_hears_of_exact_gaps_and_reads_on(
 def test_a_killed_mapped_subscriber_leaves_nothing_behind_and_the_others_go_on(
     start_relay: StartRelay, short_dir: Path
 ) -> None:
-    shm_before = sorted(os.listdir("/dev/shm"))
+    shm_before = shm_entries()
     relay = start_relay("market_data")
     relay_fds = sorted(os.listdir(f"/proc/{relay.pid}/fd"))
     relay_memory = memfd_descriptors(relay.pid)  # the log, its read-only twin, the slots (and the mappings' own)
@@ -375,22 +375,28 @@ def test_a_killed_mapped_subscriber_leaves_nothing_behind_and_the_others_go_on(
         witness.close()
         peer.close()
     relay.kill()
-    assert sorted(os.listdir("/dev/shm")) == shm_before
+    assert shm_entries() == shm_before
 
 
-def test_a_mapped_subscriber_drains_the_log_then_ends_when_the_relay_is_killed(start_relay: StartRelay) -> None:
-    shm_before = sorted(os.listdir("/dev/shm"))
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_a_mapped_subscriber_drains_the_log_then_ends_when_the_relay_goes(
+    start_relay: StartRelay, how: signal.Signals
+) -> None:
+    shm_before = shm_entries()
     relay = start_relay("market_data")
     stream = numbered(p.MARKET_DATA, 20)
+    mapped = memfd_mappings()
     with Subscriber("market_data", relay.socket_path, shared_memory=True) as sub:
+        assert len(memfd_mappings()) == len(mapped) + 2  # the log and the reader slots
         publish_all(relay, stream.prefix(stream.total), random.Random(5))
-        relay.proc.kill()
+        relay.proc.send_signal(how)
         relay.proc.wait(10)
         got = b"".join(batch.tobytes() for batch in sub.batches())  # ends at EOF
         with pytest.raises(EOFError):
             sub.recv_batch(timeout=1.0)
     assert got == stream.prefix(stream.total)
-    assert sorted(os.listdir("/dev/shm")) == shm_before
+    assert shm_entries() == shm_before
+    assert memfd_mappings() == mapped, "the closed subscriber still maps the relay's memory"
 
 
 # --- who may map the log ----------------------------------------------------------------------
@@ -482,3 +488,22 @@ def test_a_mapped_subscriber_resumes_from_its_position_with_exactly_the_rest(sta
         end = second.position
     assert got + rest == whole, "lost, doubled or changed bytes"
     assert end == p.Position(position.epoch, stream.total, stream.total // stream.message_size)
+
+
+def test_a_mapped_subscriber_resuming_far_back_is_caught_up_over_its_socket_first(
+    start_relay: StartRelay, clients: Clients
+) -> None:
+    relay = start_relay("market_data")
+    with Subscriber("market_data", relay.socket_path, positions=True) as first:
+        first.recv_batch(timeout=0.2)  # nothing yet: the relay's first notice says where the stream starts
+        start = first.position
+    assert start is not None
+    stream = numbered(p.MARKET_DATA, 340)  # ~24 MiB, all in the log
+    publish_all(relay, stream.prefix(stream.total), random.Random(13))
+    with Subscriber("market_data", relay.socket_path, shared_memory=True, resume_from=start) as sub:
+        line = relay.wait_line(GRANTED)
+        assert line.endswith(f"from offset {start.offset + stream.total}"), line  # all of it came on the socket
+        got = receive(sub, stream.total)
+        assert drain(sub) == b"" and sub.gaps == []
+        assert sub.position == p.Position(start.epoch, start.offset + stream.total, start.message + 340 * 1024)
+    assert got == stream.prefix(stream.total)

@@ -118,6 +118,11 @@ def receive(sub: Subscriber, nbytes: int, timeout: float = 30.0) -> bytes:
     return bytes(got)
 
 
+def shm_entries() -> set[str]:
+    """What ``/dev/shm`` holds of the relay's (other programs on the machine come and go there too)."""
+    return {name for name in os.listdir("/dev/shm") if "jitrelay" in name or name.startswith("jr-")}
+
+
 def memfd_mappings(pid: int | str = "self") -> list[str]:
     """The lines of ``/proc/<pid>/maps`` that map one of a relay's memory files."""
     with open(f"/proc/{pid}/maps") as maps:

@@ -310,17 +310,32 @@ def test_a_lapped_mapped_reader_is_cut_off_once_and_never_returns_an_overwritten
     assert figures["log_size"] == LOG
 
 
+def publish_paced(relay: RelayProcess, clients: Clients, stream: NumberedStream, pause: float) -> None:
+    """A chunk, then a pause: a publisher that outruns a slow reader for a while rather than at once."""
+    publisher = clients.connect(relay)
+    publisher.settimeout(60)
+    for i in range(stream.chunks):
+        publisher.sendall(stream.chunk(i))
+        time.sleep(pause)
+    publisher.close()
+
+
+@pytest.mark.parametrize("slowed", ["stopped", "paced"])
 def test_a_lapped_positioned_mapped_reader_hears_of_exact_gaps_and_reads_on(
-    start_relay: StartRelay, clients: Clients, short_dir: Path
+    start_relay: StartRelay, clients: Clients, short_dir: Path, slowed: str
 ) -> None:
     summary = short_dir / "figures.json"
     relay = start_relay("market_data", "--log-size", str(LOG), "--summary-file", str(summary))
     stream = numbered(p.MARKET_DATA, 400)
     total = stream.chunks * stream.chunk_messages
-    reader = MappedReaderProcess("market_data", relay.socket_path, short_dir, positions=True, last=total - 1)
+    pace = {"stopped": 0, "paced": 20}[slowed]
+    reader = MappedReaderProcess("market_data", relay.socket_path, short_dir, positions=True, last=total - 1, pace=pace)
     reader.wait_granted()
     relay.wait_line(GRANTED, f"pid={reader.pid}")
-    stall_while_publishing(relay, clients, stream, reader)
+    if slowed == "stopped":
+        stall_while_publishing(relay, clients, stream, reader)
+    else:  # lapped again and again, reading from the tail as the log overwrites it: copies race the writes
+        publish_paced(relay, clients, stream, 0.005)
     assert reader.wait_exit() == 0
     result = reader.summary()
     assert result["ended"] == "last", result

@@ -23,10 +23,11 @@ from support.processes import _starts
 
 # argv: socket, data file, summary file, JSON options. The ready file says the relay has granted the log.
 _MAPPED_READER = """
-import json, os, sys
+import json, os, sys, time
 from jitrelay import Subscriber
 socket_path, data_path, summary_path, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 last = options.pop("last", None)
+pace = options.pop("pace", 0)  # a pause of 1 ms after every this many messages: a reader slower than the stream
 domain = options.pop("domain")
 out = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 ended = "last"
@@ -34,8 +35,10 @@ sub = Subscriber(domain, socket_path, shared_memory=True, **options)
 with open(summary_path + ".ready", "w"):
     pass
 try:
-    for message in sub:
+    for count, message in enumerate(sub, 1):
         os.write(out, message.raw)
+        if pace and count % pace == 0:
+            time.sleep(0.001)
         if last is not None and message.sequence == last and message.source != 0xEE:
             break
     else:
@@ -50,7 +53,11 @@ os.replace(summary_path + ".tmp", summary_path)
 
 
 class MappedReaderProcess:
-    """A shared-memory subscriber process; ``Subscriber`` options as keywords, ``last`` a sequence to stop after."""
+    """A shared-memory subscriber process: ``Subscriber`` options as keywords, ``last`` a sequence to stop after.
+
+    ``pace=n`` makes it pause a millisecond after every ``n`` messages, so that a publisher at full speed laps it
+    again and again, often while it copies.
+    """
 
     def __init__(self, domain: str, socket_path: Path, folder: Path, name: str = "mapped", **options: object) -> None:
         self.out = folder / f"{name}.bin"

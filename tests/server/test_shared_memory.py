@@ -36,7 +36,9 @@ from support.streams import ThreadedReader
 from jitrelay import kernels
 from jitrelay.client import AsyncSubscriber, RelayConnectionError, Subscriber
 from jitrelay.core import protocol as p
+from jitrelay.core.domains import stats_socket_path
 from jitrelay.core.units import MiB
+from jitrelay.tools.stats import Reading, parse_reading, read_socket
 
 MARK = 0xEE  # source and flags of the test's markers
 WAIT = 15.0
@@ -522,3 +524,54 @@ def test_a_mapped_subscriber_resuming_far_back_is_caught_up_over_its_socket_firs
         assert drain(sub) == b"" and sub.gaps == []
         assert sub.position == p.Position(start.epoch, start.offset + stream.total, start.message + 340 * 1024)
     assert got == stream.prefix(stream.total)
+
+
+# --- what the relay's figures say of mapped readers ---------------------------------------------
+
+
+def stats(relay: RelayProcess) -> Reading:
+    return parse_reading(read_socket(stats_socket_path(relay.socket_path)), relay.domain, time.time())
+
+
+def test_the_lag_figures_count_a_mapped_reader_by_its_slot(start_relay: StartRelay) -> None:
+    relay = start_relay("market_data")
+    stream = numbered(p.MARKET_DATA, 10)
+    with Subscriber("market_data", relay.socket_path, shared_memory=True) as sub:
+        peer = relay.wait_line(GRANTED).split("jitrelay.relay: ")[1].split(" reads the log")[0]
+        publish_all(relay, stream.prefix(stream.total), random.Random(17))
+        behind = stats(relay)
+        assert behind.value("jitrelay_subscriber_lag_bytes", peer=peer) == stream.total
+        assert behind.value("jitrelay_subscriber_lag_messages", peer=peer) == 10 * 1024
+        assert behind.value("jitrelay_subscriber_pending_bytes_max") == stream.total
+        assert drain(sub) == stream.prefix(stream.total)  # its slot says so as it reads
+        caught_up = stats(relay)
+        assert caught_up.value("jitrelay_subscriber_lag_bytes", peer=peer) == 0
+        assert caught_up.value("jitrelay_subscriber_pending_bytes_max") == 0
+
+
+def test_under_block_killing_the_mapped_reader_that_holds_the_publisher_lets_it_go_on(
+    start_relay: StartRelay, clients: Clients, short_dir: Path
+) -> None:
+    relay = start_relay("execution", "--log-size", str(LOG))
+    stream = numbered(p.EXECUTION, 350)
+    stopped = MappedReaderProcess("execution", relay.socket_path, short_dir)
+    stopped.wait_granted()
+    relay.wait_line(GRANTED, f"pid={stopped.pid}")
+    check = StreamCheck(stream)
+    other = clients.reader(relay, sink=check)
+    publisher = clients.connect(relay)
+    sync(publisher, [other], p.EXECUTION)
+    os.kill(stopped.pid, signal.SIGSTOP)
+    publisher.settimeout(60)
+    thread = threading.Thread(target=lambda: [publisher.sendall(stream.chunk(i)) for i in range(stream.chunks)])
+    thread.start()
+    relay.wait_line("the log is full up to the slowest subscriber", "holding", timeout=30)
+    assert thread.is_alive() and other.received < stream.total
+    stopped.proc.send_signal(signal.SIGKILL)
+    stopped.wait_exit()
+    relay.wait_line("disconnected", f"pid={stopped.pid}")
+    thread.join(60)
+    assert not thread.is_alive()
+    assert other.wait_received(stream.total, 30)
+    assert check.mismatch is None and check.offset == stream.total, check.verdict()
+    assert relay.find_line("disconnecting slow subscriber") is None

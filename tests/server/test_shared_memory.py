@@ -487,18 +487,34 @@ def test_under_block_a_stopped_mapped_reader_holds_the_publisher_and_nobody_lose
 # --- resume -------------------------------------------------------------------------------------
 
 
-def test_a_mapped_subscriber_resumes_from_its_position_with_exactly_the_rest(start_relay: StartRelay) -> None:
+def take_messages(sub: Subscriber, count: int) -> bytes:
+    """The next ``count`` messages, iterating: ``position`` moves past each as it is handed out."""
+    got = bytearray()
+    for n, view in enumerate(sub, 1):
+        got += view.raw
+        if n == count:
+            return bytes(got)
+    raise AssertionError("the stream ended early")
+
+
+@pytest.mark.parametrize("reading", ["batches", "messages"])
+def test_a_mapped_subscriber_resumes_from_its_position_with_exactly_the_rest(
+    start_relay: StartRelay, reading: str
+) -> None:
     relay = start_relay("market_data")
     stream = numbered(p.MARKET_DATA, 64)  # ~4.4 MiB, all of it kept in the log
     whole = stream.prefix(stream.total)
     with Subscriber("market_data", relay.socket_path, shared_memory=True, positions=True) as first:
         publish_all(relay, whole, random.Random(11))
-        got = receive(first, stream.total // 2)
+        # Iterating, it stops between two messages of a batch.
+        half = stream.total // 2
+        got = receive(first, half) if reading == "batches" else take_messages(first, half // stream.message_size + 7)
         position = first.position
     assert position is not None and len(got) < stream.total
     assert (position.offset, position.message) == (len(got), len(got) // stream.message_size)
+    mark = len(relay.lines)
     with Subscriber("market_data", relay.socket_path, shared_memory=True, resume_from=position) as second:
-        relay.wait_line(GRANTED, "from offset", start=0)
+        relay.wait_line(GRANTED, start=mark)
         rest = receive(second, stream.total - len(got))
         assert drain(second) == b""  # nothing after the end, nothing twice
         assert second.gaps == []

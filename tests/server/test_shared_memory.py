@@ -591,3 +591,24 @@ def test_under_block_killing_the_mapped_reader_that_holds_the_publisher_lets_it_
     assert other.wait_received(stream.total, 30)
     assert check.mismatch is None and check.offset == stream.total, check.verdict()
     assert relay.find_line("disconnecting slow subscriber") is None
+
+
+def test_a_mapped_subscriber_changes_its_subscription_on_the_live_connection(start_relay: StartRelay) -> None:
+    relay = start_relay("market_data")
+    rounds = [
+        [
+            ref.message(1, ref.standard_record(1 + i % 4, b"v" * (i % 5)), source=i % 3, sequence=i)
+            for i in range(k, k + 400)
+        ]
+        for k in (0, 400, 800)
+    ]
+    picks = [(frozenset({1}), None), (frozenset({2, 3}), frozenset({1})), p.EVERYTHING]
+    with Subscriber("market_data", relay.socket_path, shared_memory=True, tlv_types=[1]) as sub:
+        for k, (messages, selection) in enumerate(zip(rounds, picks, strict=True)):
+            if k == 1:
+                sub.subscribe(tlv_types=[2, 3], sources=[1])
+            elif k == 2:
+                sub.unsubscribe()
+            publish_all(relay, b"".join(messages), random.Random(k))
+            wanted = b"".join(m for m in messages if ref.selects(selection, m))
+            assert drain(sub) == wanted, f"round {k}: {p.describe_filter(selection)}"

@@ -612,3 +612,27 @@ def test_a_mapped_subscriber_changes_its_subscription_on_the_live_connection(sta
             publish_all(relay, b"".join(messages), random.Random(k))
             wanted = b"".join(m for m in messages if ref.selects(selection, m))
             assert drain(sub) == wanted, f"round {k}: {p.describe_filter(selection)}"
+
+
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["socket", "mapped"])
+def test_a_new_subscription_leaves_what_was_forwarded_before_it_as_it_was(
+    start_relay: StartRelay, shared_memory: bool
+) -> None:
+    """Effective from the next message the relay forwards: unread messages keep the subscription they went under."""
+    relay = start_relay("market_data")
+    before = [ref.message(1, ref.standard_record(1 + i % 2, b"b"), sequence=i) for i in range(300)]
+    after = [ref.message(1, ref.standard_record(1 + i % 2, b"a"), sequence=i) for i in range(300, 600)]
+    witness, mark = Peer(relay), marker(p.MARKET_DATA, 1)
+    with Subscriber("market_data", relay.socket_path, shared_memory=shared_memory, tlv_types=[1]) as sub:
+        if not shared_memory:  # a mapped subscriber is in force once built; this one once its marker is through
+            sub._sock.sendall(mark)
+            witness.wait_for(mark)
+        publish_all(relay, b"".join(before), random.Random(1))  # forwarded under types {1}, not read yet
+        sub.subscribe(tlv_types=[2])
+        if not shared_memory:
+            sub._sock.sendall(mark)
+            witness.wait_for(mark)
+        publish_all(relay, b"".join(after), random.Random(2))
+        wanted = b"".join(m for m in before if m[32] == 1) + b"".join(m for m in after if m[32] == 2)
+        assert receive(sub, len(wanted)) == wanted
+    witness.close()

@@ -636,3 +636,23 @@ def test_a_new_subscription_leaves_what_was_forwarded_before_it_as_it_was(
         wanted = b"".join(m for m in before if m[32] == 1) + b"".join(m for m in after if m[32] == 2)
         assert receive(sub, len(wanted)) == wanted
     witness.close()
+
+
+def test_subscriptions_changed_twice_before_a_mapped_subscriber_reads_each_keep_their_share(
+    start_relay: StartRelay,
+) -> None:
+    relay = start_relay("market_data")
+    rounds = [
+        [ref.message(1, ref.standard_record(1 + i % 3, b"r"), sequence=i) for i in range(k, k + 300)]
+        for k in (0, 300, 600)
+    ]
+    with Subscriber("market_data", relay.socket_path, shared_memory=True, tlv_types=[1]) as sub:
+        publish_all(relay, b"".join(rounds[0]), random.Random(1))
+        sub.subscribe(tlv_types=[2])
+        publish_all(relay, b"".join(rounds[1]), random.Random(2))
+        sub.subscribe(tlv_types=[3])
+        publish_all(relay, b"".join(rounds[2]), random.Random(3))
+        sub.unsubscribe()  # nothing appended after it: nothing more to read
+        got = drain(sub)
+    wanted = b"".join(m for k, messages in enumerate(rounds) for m in messages if m[32] == k + 1)
+    assert got == wanted

@@ -119,10 +119,6 @@ def publish_all(relay: RelayProcess, data: bytes, rng: random.Random) -> None:
             pass
 
 
-def split(data: bytes) -> list[bytes]:
-    return [m.raw for m in p.decode_messages(data)]
-
-
 # --- the same stream as the socket ---------------------------------------------------------
 
 TYPES = {"market_data": (1, 4), "signal": (20, 23)}

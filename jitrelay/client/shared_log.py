@@ -21,6 +21,7 @@ import mmap
 import os
 import select
 import socket
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -95,6 +96,11 @@ class SharedLogReader:
             return
         futex.wait(self._wake, seen, timeout)
 
+    @property
+    def head(self) -> int:
+        """The stream offset after the last message the relay has appended."""
+        return int(self._header[shared_log.W_HEAD])
+
     def at_head(self) -> bool:
         return int(self._header[shared_log.W_HEAD]) <= self.offset
 
@@ -147,7 +153,10 @@ class MappedStream:
         self.cut_off: EOFError | None = None
         self._selection = protocol.EVERYTHING
         self._route: tuple | None = None
-        self.select(selection)
+        # Subscriptions asked for while the log held messages not read yet: (stream offset, selection), oldest first.
+        self._switches: deque[tuple[int, protocol.Filter]] = deque()
+        self._filtered_batch = False
+        self._apply(selection)
 
     @classmethod
     def take_grant(
@@ -162,6 +171,7 @@ class MappedStream:
     ) -> MappedStream:
         """Read the socket up to the relay's grant: what came before goes to ``feed``; the grant opens the mapping."""
         pending = bytearray()
+        at = 0  # where the first message not yet looked at starts: each byte is looked at once
         received: list[int] = []
         sock.settimeout(GRANT_TIMEOUT)
         try:
@@ -174,7 +184,6 @@ class MappedStream:
                 if not data:
                     raise ConnectionError("the relay closed the connection instead of handing over its log")
                 pending += data
-                at = 0
                 while len(pending) - at >= protocol.HEADER_SIZE:
                     size = protocol.HEADER_SIZE + int.from_bytes(
                         pending[at + protocol.OFF_PAYLOAD_SIZE : at + protocol.OFF_PAYLOAD_SIZE + 4], "little"
@@ -199,7 +208,18 @@ class MappedStream:
                     os.close(fd)
 
     def select(self, selection: protocol.Filter) -> None:
-        """Filter from now on as the relay would have for a subscription of ``selection``."""
+        """Filter as the relay would for a subscription of ``selection``, from the next message it appends.
+
+        What the log holds already was forwarded under the subscription in force until now: it is read under
+        that one (as a socket subscriber receives it), however late it is read.
+        """
+        at = self.reader.head
+        if self._switches or at > self.reader.offset:
+            self._switches.append((at, selection))
+        else:
+            self._apply(selection)
+
+    def _apply(self, selection: protocol.Filter) -> None:
         self._selection = selection
         if selection == protocol.EVERYTHING:
             self._route = None
@@ -215,27 +235,47 @@ class MappedStream:
 
     @property
     def filtered(self) -> bool:
-        return self._route is not None
+        """Whether batches are (or the last one was) filtered here, so that their messages may skip some."""
+        return self._route is not None or self._filtered_batch
 
     def poll(self) -> np.ndarray | None:
         """The next batch the subscriber is to get, or None if it is at the head; EOFError once cut off."""
         if self.cut_off is not None:
             raise self.cut_off
         while True:
+            start = self.reader.offset
             got = self.reader.read(self.limit)
             if got is None:
                 return None
             if isinstance(got, protocol.Lapped):
                 self._lapped(got)
                 continue
-            if self._route is None:
+            if self._route is None and not self._switches:
+                self._filtered_batch = False
                 return got
-            tables, scanned, groups, routed, counts = self._route
-            _, routed = kernels.scan_and_route(got, 0, len(got), tables, scanned, groups, routed, counts)
-            self._route = (tables, scanned, groups, routed, counts)
-            runs = routed.group_runs(0)
-            if len(runs):
-                return kernels.compact(got, runs, len(runs) // 2)
+            self._filtered_batch = False
+            end, at, pieces = self.reader.offset, start, []
+            while self._switches and self._switches[0][0] < end:  # a subscription that takes over within the batch
+                switch, selection = self._switches.popleft()
+                if switch > at:
+                    pieces.append(self._filter(got[at - start : switch - start]))
+                    at = switch
+                self._apply(selection)
+            pieces.append(self._filter(got[at - start :]))
+            pieces = [piece for piece in pieces if len(piece)]
+            if pieces:
+                return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _filter(self, data: np.ndarray) -> np.ndarray:
+        """The messages of ``data`` the subscription in force selects."""
+        if self._route is None:
+            return data
+        self._filtered_batch = True
+        tables, scanned, groups, routed, counts = self._route
+        _, routed = kernels.scan_and_route(data, 0, len(data), tables, scanned, groups, routed, counts)
+        self._route = (tables, scanned, groups, routed, counts)
+        runs = routed.group_runs(0)
+        return kernels.compact(data, runs, len(runs) // 2) if len(runs) else data[:0]
 
     def wait(self, timeout: float) -> None:
         """Sleep on the log until it moves or ``timeout`` passes; EOFError when the relay has gone and all is read."""

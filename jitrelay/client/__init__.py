@@ -66,6 +66,7 @@ __all__ = [
 ]
 
 _DISCARD_CHUNK = 256 * 1024
+_FROM_MAPPING: Any = object()  # ``_position`` when it is the mapped reader's own
 CLOSE_TIMEOUT = 5.0
 
 
@@ -581,7 +582,9 @@ class _SubscriberState(_Endpoint):
     @property
     def position(self) -> protocol.Position | None:
         """Where the stream stands after the last message handed out: give it as ``resume_from`` to go on from there."""
-        return self._position
+        if self._position is _FROM_MAPPING:
+            return self._mapped.reader.position if self._mapped is not None else None
+        return self._position  # type: ignore[return-value]
 
     def _segments(self, batch: np.ndarray) -> list[tuple[np.ndarray, protocol.Position | None]]:
         """The runs of data messages in ``batch``, each with the position it starts at; notices taken out.
@@ -669,7 +672,7 @@ class _SubscriberState(_Endpoint):
 
     def _mapped_next(self) -> np.ndarray | None:
         """The next batch: first the stream's part that came over the socket before the grant, then the mapping."""
-        while True:
+        while self._framer.buffered:
             raw = self._framer.maybe_extract_batch()
             if raw is None:
                 break
@@ -677,14 +680,13 @@ class _SubscriberState(_Endpoint):
             if batch is not None:
                 return batch
         assert self._mapped is not None
-        batch = self._mapped.poll()
-        self._position = self._mapped.reader.position
-        return batch
+        self._position = _FROM_MAPPING  # where the reader is: asked for only when wanted
+        return self._mapped.poll()
 
     def _mapped_views(self, batch: np.ndarray) -> Iterator[MessageView]:
         """A mapped batch's views; unfiltered, ``position`` moves past each as it is handed out."""
         views = list(iter_views(batch.tobytes()))
-        end = self._position
+        kept, end = self._position, self.position
         if end is None or (self._mapped is not None and self._mapped.filtered):
             yield from views
             return
@@ -694,7 +696,7 @@ class _SubscriberState(_Endpoint):
             number += 1
             self._position = protocol.Position(end.epoch, offset, number)
             yield view
-        self._position = end
+        self._position = kept
 
     def _ended(self) -> EOFError | RelayConnectionError:
         """What the relay closing the connection means: the end between messages, a lost connection within one."""

@@ -69,8 +69,10 @@ class SharedLogReader:
 
     def read(self, limit: int) -> np.ndarray | protocol.Lapped | None:
         """The next whole messages (at most ``limit`` bytes, at least one message), a lap, or None at the head."""
-        extent = shared_log.snapshot(self._header)
         start = self.offset
+        if self._header[shared_log.W_HEAD] <= start:  # at the head (where the tail never passes it): one load
+            return None
+        extent = shared_log.snapshot(self._header)
         if start < extent.tail:
             return self._lapped(extent)
         if start >= extent.head:
@@ -89,12 +91,15 @@ class SharedLogReader:
         self._slot[shared_log.S_POSITION] = end
         return data
 
-    def wait(self, timeout: float) -> None:
-        """Sleep until the relay appends (or ``timeout`` seconds pass), unless there is something to read now."""
+    def wait(self, timeout: float) -> bool:
+        """Sleep until the relay appends (or ``timeout`` seconds pass), unless there is something to read now.
+
+        False when the whole ``timeout`` passed without a wake: a quiet log, or a relay that is gone.
+        """
         seen = int(self._header[shared_log.W_WAKE])
-        if int(self._header[shared_log.W_HEAD]) != self.offset or self.closed:
-            return
-        futex.wait(self._wake, seen, timeout)
+        if self._header[shared_log.W_HEAD] != self.offset or self.closed:
+            return True
+        return futex.wait(self._wake, seen, timeout)
 
     @property
     def head(self) -> int:
@@ -155,6 +160,7 @@ class MappedStream:
         self._route: tuple | None = None
         # Subscriptions asked for while the log held messages not read yet: (stream offset, selection), oldest first.
         self._switches: deque[tuple[int, protocol.Filter]] = deque()
+        self._quiet = True  # the last wait ended without a wake: look whether the relay is still there
         self._filtered_batch = False
         self._apply(selection)
 
@@ -282,11 +288,12 @@ class MappedStream:
         reader = self.reader
         if not reader.at_head():
             return
-        if reader.closed or self._relay_gone():
+        if self._quiet and (reader.closed or self._relay_gone()):
             if reader.at_head():
                 raise EOFError("the relay closed the connection")
             return
-        reader.wait(min(timeout, IDLE_CHECK_SECONDS))
+        # The socket is looked at only after a wait that nothing ended: a busy reader never pays for it.
+        self._quiet = not reader.wait(min(timeout, IDLE_CHECK_SECONDS)) or reader.closed
 
     def send(self, message: bytes) -> None:
         self.sock.sendall(message)

@@ -94,12 +94,8 @@ def publish(header: np.ndarray, snapshot: Snapshot) -> None:
 
 def snapshot(header: np.ndarray) -> Snapshot:
     """Read the extent as one consistent seqlock snapshot."""
+    words = header[W_SEQUENCE : W_TAIL_MESSAGE + 1]
     while True:
-        before = int(header[W_SEQUENCE])
-        if before & 1:
-            continue
-        found = Snapshot(
-            int(header[W_HEAD]), int(header[W_HEAD_MESSAGE]), int(header[W_TAIL]), int(header[W_TAIL_MESSAGE])
-        )
-        if int(header[W_SEQUENCE]) == before:
-            return found
+        before, head, head_message, tail, tail_message = words.tolist()  # one load each, sequence first
+        if not before & 1 and header[W_SEQUENCE] == before:
+            return Snapshot(head, head_message, tail, tail_message)

@@ -11,6 +11,7 @@ mapping the same memory file.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 
@@ -32,26 +33,38 @@ def available() -> bool:
     return _SYS_FUTEX is not None
 
 
+class Waker:
+    """``wake_all`` on one word, its arguments converted once: the relay calls it after every append."""
+
+    def __init__(self, address: int) -> None:
+        self._args = (
+            ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(FUTEX_WAKE), ctypes.c_int(_EVERYONE),
+            None, None, ctypes.c_int(0),
+        )  # fmt: skip
+
+    def __call__(self) -> int:
+        woken = _syscall(*self._args)
+        if woken < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        return woken
+
+
 def wake_all(address: int) -> int:
     """Wake every process waiting on the word at ``address``; how many were."""
-    woken = _syscall(
-        ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(FUTEX_WAKE), ctypes.c_int(_EVERYONE),
-        None, None, ctypes.c_int(0),
-    )  # fmt: skip
-    if woken < 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-    return woken
+    return Waker(address)()
 
 
-def wait(address: int, seen: int, timeout: float) -> None:
+def wait(address: int, seen: int, timeout: float) -> bool:
     """Sleep while the word at ``address`` still holds ``seen`` (its low 32 bits), at most ``timeout`` seconds.
 
     Returns on a wake, on a timeout, at once if the word already moved, or on
-    a signal; the caller looks at the log again in every case.
+    a signal; the caller looks at the log again in every case. False only
+    when the whole timeout passed.
     """
     timeout = max(0.0, timeout)
     ts = _Timespec(int(timeout), int((timeout % 1.0) * 1e9))
-    _syscall(
+    result = _syscall(
         ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(FUTEX_WAIT),
         ctypes.c_uint(seen & 0xFFFFFFFF), ctypes.byref(ts), None, ctypes.c_int(0),
     )  # fmt: skip
+    return result == 0 or ctypes.get_errno() != errno.ETIMEDOUT

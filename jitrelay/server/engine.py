@@ -866,7 +866,7 @@ class Relay:
             report.offset,
             report.messages,
             report.bytes,
-            self.log.size,
+            self.log.capacity,
         )
         conn.transport.abort()
 
@@ -1128,7 +1128,7 @@ class Relay:
             behind_bytes,
             behind_messages,
             self.logic.pending_high,
-            self.log.size,
+            self.log.capacity,
         )
         self.stop_sending(conn)
         conn.transport.abort()
@@ -1136,7 +1136,7 @@ class Relay:
 
     def _has_room(self, nbytes: int) -> bool:
         """Under ``block``: whether ``nbytes`` more fit in the log without passing the slowest cursor."""
-        tail = self.log.tail_after(min(nbytes, self.log.size - self.log.reserve))
+        tail = self.log.tail_after(min(nbytes, self.log.capacity))
         if self._shared and int(self.memory.positions(list(self._shared.values())).min()) < tail:
             return False
         return all(conn.needed() >= tail for conn in self._behind)
@@ -1223,7 +1223,7 @@ class Relay:
             torn_messages=self.torn_messages,
             kernel_build=str(kernels.backend()["name"]),
             kernel_load_seconds=self.kernel_load_seconds,
-            log_size=self.log.size - self.log.reserve,
+            log_size=self.log.capacity,
             log_used=self.log.used,
             log_epoch=self.log.epoch,
             log_head=head,

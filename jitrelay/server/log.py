@@ -78,6 +78,11 @@ class RelayLog:
         return self._hi - self._lo
 
     @property
+    def capacity(self) -> int:
+        """What the log keeps at most: the ring less the space kept free for reads."""
+        return self.size - self.reserve
+
+    @property
     def used(self) -> int:
         return self.head - self.tail
 
@@ -85,8 +90,8 @@ class RelayLog:
 
     def tail_after(self, nbytes: int) -> int:
         """The tail an append of ``nbytes`` would leave: whole batches go until the bytes and the index fit."""
-        if nbytes > self.size - self.reserve:
-            raise ValueError(f"a batch of {nbytes} bytes does not fit in a log of {self.size - self.reserve}")
+        if nbytes > self.capacity:
+            raise ValueError(f"a batch of {nbytes} bytes does not fit in a log of {self.capacity}")
         needed = self.head + nbytes + self.reserve - self.size  # the oldest byte that must go
         keep = self._lo
         if needed > self.tail:

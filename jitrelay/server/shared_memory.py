@@ -47,7 +47,7 @@ class SharedLogMemory:
         self.header = shared_log.header_view(self._log_map)
         self.ring = shared_log.ring_view(self._log_map, size, mirror)
         self.slots = shared_log.slots_view(self._slots_map)
-        self._wake_address = self.header.ctypes.data + 8 * shared_log.W_WAKE
+        self._wake = futex.Waker(self.header.ctypes.data + 8 * shared_log.W_WAKE)
         self._free = list(range(readers - 1, -1, -1))
         self.owners: dict[int, int] = {}  # slot -> connection id
 
@@ -85,7 +85,7 @@ class SharedLogMemory:
     def wake(self) -> None:
         """Tell every sleeping reader the head moved: one system call, whatever their number."""
         self.header[shared_log.W_WAKE] = (int(self.header[shared_log.W_WAKE]) + 1) & 0xFFFFFFFF
-        futex.wake_all(self._wake_address)
+        self._wake()
 
     def close(self) -> None:
         """The relay is going: readers drain to the head and end; the files go with the last mapping."""

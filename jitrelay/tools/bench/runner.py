@@ -875,11 +875,11 @@ def fanout_host(
     jitrelay relay's) are non-blocking sockets in one epoll set: the loop
     sleeps in ``epoll_wait`` until one is readable, then reads each readable
     one into one shared ``FANOUT_BUFFER``. Shared-memory subscribers
-    (``"shm"``) are ``Subscriber(shared_memory=True)`` objects: the loop asks
-    each for its next batch without waiting (``recv_batch(0)``), and when none
-    had anything it sleeps in the first one's ``recv_batch`` (the log's futex
-    word, which every reader of the log shares), then goes round again. Either
-    way one wait per wake-up, then one read per subscriber. Each message a
+    (``"shm"``) are ``Subscriber(shared_memory=True)`` objects: the loop
+    sleeps in the first one's ``recv_batch`` (on the log's futex word, which
+    every reader of the log shares) until it returns a batch, then asks each
+    of the others for its next batch without waiting (``recv_batch(0)``).
+    Either way one wait per wake-up, then one read per subscriber. Each message a
     subscriber reads is stamped ``time.monotonic_ns()`` right after its read,
     less the publisher's ``time.monotonic_ns()`` stamp in the message.
     """
@@ -922,36 +922,32 @@ def fanout_host(
     stop = None
     partial = [b""] * count
     if shared:
+
+        def read(k: int, timeout: float) -> Any:
+            try:
+                batch = subs[k].recv_batch(timeout)
+            except EOFError as exc:
+                ended[k] = "lapped" if "overwrote" in str(exc) else "closed by relay"
+                return None
+            if batch is not None:
+                take(k, batch, len(batch), time.monotonic_ns())
+            return batch
+
         while stop is None:
-            woken = False
-            for k, sub in enumerate(subs):
-                if ended[k] is not None:
-                    continue
-                try:
-                    batch = sub.recv_batch(0)
-                except EOFError as exc:
-                    ended[k] = "lapped" if "overwrote" in str(exc) else "closed by relay"
-                    continue
-                if batch is not None:
-                    take(k, batch, len(batch), time.monotonic_ns())
-                    woken = True
             live = [k for k in range(count) if ended[k] is None]
             if not live:
                 stop = "closed by relay"
-            elif woken:
-                ending.data()
-                stop = "all received" if finished() else None
-            else:  # every reader is at the head: sleep on the log until the relay appends
-                k = live[0]
-                try:
-                    batch = subs[k].recv_batch(POLL_SECONDS)
-                except EOFError as exc:
-                    ended[k] = "lapped" if "overwrote" in str(exc) else "closed by relay"
-                    continue
-                if batch is None:
+                continue
+            # The first reader is never behind the others (it reads first each round), so while it waits on the
+            # log's futex word none of them has anything left to read.
+            if read(live[0], POLL_SECONDS) is None:
+                if ended[live[0]] is None:
                     stop = ending.on_timeout(min(received))
-                else:
-                    take(k, batch, len(batch), time.monotonic_ns())
+                continue
+            for k in live[1:]:
+                read(k, 0)
+            ending.data()
+            stop = "all received" if finished() else None
     else:
         selector = selectors.EpollSelector()
         for k, sock in enumerate(subs):

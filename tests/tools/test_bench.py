@@ -419,4 +419,4 @@ def test_fanout_times_each_message_until_every_subscriber_has_it(tmp_path: Path)
         shm["latency_us"]["p50"] / runs["jitrelay", 5]["latency_us"]["p50"]
     )
     assert "time until the LAST subscriber had it" in done.stdout
-    assert "relay forwarding time per batch, fanout 1 -> 5 shm subscribers" in done.stdout
+    assert "jitrelay-shm forwarding time per batch, fanout 1 -> 5 subscribers" in done.stdout

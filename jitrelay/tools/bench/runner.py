@@ -1624,6 +1624,10 @@ def _fanout_lines(report: dict) -> list[str]:
     return out
 
 
+def _subscribers(run: dict) -> int:
+    return run["subscribers"]
+
+
 def _p50_ratio(run: dict, key: str) -> str:
     value = (run.get(key) or {}).get("p50")
     return "-" if value is None else f"{value:.2f}"
@@ -1654,25 +1658,27 @@ def _shared_memory_lines(report: dict) -> list[str]:
             f"  {r['relay']} {r['workload']} {r['subscribers']} sub: {what} {x(r.get('ratio_to_raw'), key)} x raw, "
             f"{x(r.get('ratio_to_socket'), key)} x socket"
         )
-    fanout = sorted((r for r in shm if r["workload"] == "fanout"), key=lambda r: r["subscribers"])
-    if len(fanout) > 1 and fanout[0]["relay_forwarding"] and fanout[-1]["relay_forwarding"]:
-        low, high = fanout[0], fanout[-1]
-        a, b = low["relay_forwarding"], high["relay_forwarding"]
-        grow = b["p50_us"] / a["p50_us"] if a["p50_us"] else None
-        out.append(
-            f"  relay forwarding time per batch, fanout {low['subscribers']} -> {high['subscribers']} shm subscribers: "
-            f"p50 {_us(a['p50_us'])} -> {_us(b['p50_us'])} us"
-            + ("" if grow is None else f" ({grow:.2f} x)")
-            + f", p99 {_us(a['p99_us'])} -> {_us(b['p99_us'])} us, own p50 {_us(a['own_p50_us'])} -> "
-            f"{_us(b['own_p50_us'])} us"
-        )
-    for r in fanout:
-        memory = r["relay_memory"]
-        if memory["peak_sampled_mib"] is not None:
+    for name in dict.fromkeys(r["relay"] for r in shm):  # each variant (policy) on its own
+        fanout = sorted((r for r in shm if r["workload"] == "fanout" and r["relay"] == name), key=_subscribers)
+        if len(fanout) > 1 and fanout[0]["relay_forwarding"] and fanout[-1]["relay_forwarding"]:
+            low, high = fanout[0], fanout[-1]
+            a, b = low["relay_forwarding"], high["relay_forwarding"]
+            grow = b["p50_us"] / a["p50_us"] if a["p50_us"] else None
             out.append(
-                f"  relay memory, fanout {r['subscribers']} shm subscribers: peak RSS {memory['peak_sampled_mib']:.1f} "
-                f"MiB, private {memory['peak_anon_mib']:.1f} MiB, VmHWM {memory['vm_hwm_mib']:.1f} MiB"
+                f"  {name} forwarding time per batch, fanout {low['subscribers']} -> {high['subscribers']} "
+                f"subscribers: p50 {_us(a['p50_us'])} -> {_us(b['p50_us'])} us"
+                + ("" if grow is None else f" ({grow:.2f} x)")
+                + f", p99 {_us(a['p99_us'])} -> {_us(b['p99_us'])} us, own p50 {_us(a['own_p50_us'])} -> "
+                f"{_us(b['own_p50_us'])} us"
             )
+        for r in fanout:
+            memory = r["relay_memory"]
+            if memory["peak_sampled_mib"] is not None:
+                out.append(
+                    f"  {name} relay memory, fanout {r['subscribers']} subscribers: peak RSS "
+                    f"{memory['peak_sampled_mib']:.1f} MiB, private {memory['peak_anon_mib']:.1f} MiB, "
+                    f"VmHWM {memory['vm_hwm_mib']:.1f} MiB"
+                )
     return out
 
 

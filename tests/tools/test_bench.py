@@ -223,6 +223,9 @@ def test_forwarding_figures_come_from_the_summary_file(start_relay: StartRelay, 
         ("--relays=jitrelay,nats", "unknown relay 'nats'"),
         ("--relays=raw:block", "unknown relay 'raw:block'"),
         ("--workloads=w4", "unknown workload 'w4'"),
+        ("--relays=jitrelay-shm:fast", "unknown relay 'jitrelay-shm:fast'"),
+        ("--fanout-subscribers=0", "--fanout-subscribers needs counts of at least 1"),
+        ("--fanout-subscribers=ten", "--fanout-subscribers takes comma-separated counts"),
         ("--subscribers=0", "--subscribers needs counts of at least 1"),
         ("--size=20", "cannot make a 20-byte message"),
     ],
@@ -347,3 +350,73 @@ def test_w3_times_three_subscribers_beside_one_that_never_reads(tmp_path: Path) 
         check_latency(run, 3 * run["sent"])
     assert runs["jitrelay", "w3"]["ratio_to_raw"]["max"] > 0
     assert "beside one that never reads" in done.stdout
+
+
+def test_shared_memory_subscribers_on_w1_and_w2_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "shm.json"
+    done = bench(
+        "--relays=raw,jitrelay,jitrelay-shm",
+        "--workloads=w1,w2",
+        "--subscribers=2",
+        "--duration=0.3",
+        "--rate=500",
+        "--startup-runs=0",
+        f"--json={path}",
+    )
+    assert done.returncode == 0, done.stderr
+    runs = by_run(json.loads(path.read_text()))
+    assert sorted(runs) == [(relay, w) for relay in ("jitrelay", "jitrelay-shm", "raw") for w in ("w1", "w2")]
+    for run in runs.values():
+        assert run["subscribers"] == 2
+        check_delivered_all(run)
+    check_latency(runs["jitrelay-shm", "w2"], 2 * 150)
+    shm, sockets, raw = runs["jitrelay-shm", "w1"], runs["jitrelay", "w1"], runs["raw", "w1"]
+    assert shm["ratio_to_raw"]["delivered_msg_per_s"] == pytest.approx(
+        shm["delivered_msg_per_s_mean"] / raw["delivered_msg_per_s_mean"]
+    )
+    assert shm["ratio_to_socket"]["delivered_msg_per_s"] == pytest.approx(
+        shm["delivered_msg_per_s_mean"] / sockets["delivered_msg_per_s_mean"]
+    )
+    assert "ratio_to_socket" not in sockets
+    assert shm["relay_forwarding"]["p50_us"] > 0  # the relay is jitrelay's: its summary file is read
+    assert "jitrelay-shm w1 2 sub: msg/s per sub" in done.stdout
+
+
+def test_fanout_times_each_message_until_every_subscriber_has_it(tmp_path: Path) -> None:
+    path = tmp_path / "fanout.json"
+    done = bench(
+        "--relays=raw,jitrelay,jitrelay-shm",
+        "--workloads=fanout",
+        "--fanout-subscribers=1,5",
+        "--fanout-hosts=2",
+        "--fanout-interval=10",
+        "--duration=0.3",
+        "--startup-runs=0",
+        f"--json={path}",
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(path.read_text())
+    assert report["options"]["fanout_subscribers"] == [1, 5] and report["options"]["fanout_hosts"] == 2
+    runs = {(r["relay"], r["subscribers"]): r for r in report["runs"]}
+    assert sorted(runs) == [(relay, n) for relay in ("jitrelay", "jitrelay-shm", "raw") for n in (1, 5)]
+    for (relay, n), run in runs.items():
+        assert run["workload"] == "fanout" and run["sent"] == 30  # 0.3 s, one message every 10 ms
+        assert run["hosting"] == ([1] if n == 1 else [3, 2])  # the same processes for every relay
+        assert run["lost_total"] == 0 and run["reached_all"] == run["sent"]
+        for sub in run["per_subscriber"]:
+            assert (sub["received"], sub["lost"], sub["partial_bytes"]) == (30, 0, 0), sub
+            assert sub["sequence_gaps"] == 0 and sub["bad_magic"] == 0 and sub["last_sequence_ok"], sub
+            assert sub["stop"] == "all received"
+        last, first, each = run["latency_us"], run["first_us"], run["each_us"]
+        assert last["samples"] == first["samples"] == 30 and each["samples"] == 30 * n
+        assert 0 < first["p50"] <= last["p50"] <= last["p99"] <= last["max"]
+        assert first["max"] <= last["max"] and each["max"] == last["max"]
+        assert run["relay_memory"]["peak_sampled_mib"] > 0
+        assert (run["relay_forwarding"] is None) == (relay == "raw")
+    assert runs["raw", 5]["ratio_to_raw"]["p50"] == 1.0
+    shm = runs["jitrelay-shm", 5]
+    assert shm["ratio_to_socket"]["p50"] == pytest.approx(
+        shm["latency_us"]["p50"] / runs["jitrelay", 5]["latency_us"]["p50"]
+    )
+    assert "time until the LAST subscriber had it" in done.stdout
+    assert "jitrelay-shm forwarding time per batch, fanout 1 -> 5 subscribers" in done.stdout

@@ -112,21 +112,28 @@ RSS_INTERVAL = 0.05
 SEQUENCE_CHECK_EVERY = 1024  # a zmq W1 subscriber checks the sequence of one frame in this many
 PROBE_SEQUENCE = (1 << 64) - 1
 
-RELAYS = ("jitrelay", "raw", "zmq", "zmq-default", "bridge", "bridge-js")
+RELAYS = ("jitrelay", "jitrelay-shm", "raw", "zmq", "zmq-default", "bridge", "bridge-js")
+JITRELAYS = ("jitrelay", "jitrelay-shm")  # a jitrelay relay: its subscribers on sockets, or on its log in shared memory
 BRIDGED = ("bridge", "bridge-js")
 POLICIES = ("block", "disconnect")
-WORKLOADS = ("w1", "w2", "w1f", "w3", "client")
+WORKLOADS = ("w1", "w2", "w1f", "w3", "fanout", "client")
+LATENCY_WORKLOADS = ("w2", "w3", "fanout")  # figures are latency percentiles, not a rate
+FANOUT_RELAYS = ("jitrelay", "jitrelay-shm", "raw")  # fanout: stream relays whose subscribers a host process polls
 FILTERED_SUBSCRIBERS = 4  # W1f: one subscriber per TLV type 1..4
 STUCK_RATE = 200_000  # W3: messages per second, in sends of STUCK_BATCH, to STUCK_HEALTHY subscribers and a stuck one
 STUCK_BATCH = 100
 STUCK_HEALTHY = 3
 IDLE_SOURCE = 254  # what idle subscribers select: no workload publishes from it
-DEFAULT_RELAYS = ",".join(RELAYS)
-DEFAULT_WORKLOADS = "w1,w2,w1f,w3"  # ``client`` (clients.py) when asked for
+DEFAULT_RELAYS = ",".join(name for name in RELAYS if name != "jitrelay-shm")  # shared memory when asked for
+DEFAULT_WORKLOADS = "w1,w2,w1f,w3"  # ``fanout`` and ``client`` (clients.py) when asked for
 DEFAULT_SUBSCRIBERS = "1,4"  # W1 subscriber counts
 DEFAULT_DURATION = 5.0  # seconds of publishing per run
 DEFAULT_RATE = 5000.0  # W2 messages per second
 DEFAULT_STARTUP_RUNS = 3
+DEFAULT_FANOUT_SUBSCRIBERS = "1,10,100,200"
+DEFAULT_FANOUT_INTERVAL_MS = 5.0  # fanout: one message every this many milliseconds
+DEFAULT_FANOUT_HOSTS = 4  # fanout: subscriber processes, each polling its share of the subscribers in one loop
+FANOUT_BUFFER = 64 * 1024  # fanout: a host's receive buffer (sockets: one for all; shared memory: each reader's)
 RESULTS_DIR = Path("bench-results")  # where the JSON report goes unless --json says
 BRIDGE_MAX_PENDING = 256 * MiB  # the servers' queue per client: the bench measures throughput, not their 64 MiB
 PATH_CHECK_SECONDS = 0.2  # a bridged run's path check waits this long for each check message
@@ -143,7 +150,7 @@ class BenchError(RuntimeError):
 class Endpoint:
     """Where a worker connects: a Unix stream socket path, or a zmq endpoint and its high-water mark."""
 
-    transport: str  # "unix" or "zmq"
+    transport: str  # "unix", "shm" (a Unix socket whose subscribers read the relay's log in shared memory) or "zmq"
     address: str
     hwm: int | None = None  # zmq only: None keeps libzmq's default, 0 is unlimited
 
@@ -177,12 +184,13 @@ def relay_spec(name: str, folder: str) -> RelaySpec:
         return RelaySpec(
             name, command, "relay listening on", Endpoint("unix", path_a), Endpoint("unix", path_b), summary
         )
-    if base in ("jitrelay", "raw"):
+    if base in (*JITRELAYS, "raw"):
         path = os.path.join(folder, "relay.sock")
         end = Endpoint("unix", path)
-        if base == "jitrelay":
+        if base in JITRELAYS:
             command = jitrelay_run(path, summary) + (["--slow-policy", policy] if policy else [])
-            return RelaySpec(name, command, "relay listening on", end, end, summary)
+            readers = Endpoint("shm", path) if base == "jitrelay-shm" else end
+            return RelaySpec(name, command, "relay listening on", end, readers, summary)
         command = [sys.executable, "-m", "jitrelay.tools.bench.raw_forwarder", "--socket", path]
         return RelaySpec(name, command, "raw forwarder listening on", end, end)
     hwm = 0 if name == "zmq" else None
@@ -479,6 +487,10 @@ def subscribe(
         sock = _zmq_socket("sub", end)
         reports.put(("connected", who, None))
         _zmq_await_probe(sock, probe)
+    elif end.transport == "shm":
+        sock = _shared_subscriber(end.address, tlv_types=None if tlv_type is None else [tlv_type])
+        reports.put(("connected", who, None))  # granted: it reads the log from shared memory from here on
+        _mapped_await_probe(sock, probe)
     else:
         sock = _connect(end.address)
         if tlv_type is not None:
@@ -489,13 +501,31 @@ def subscribe(
     cpu = time.process_time()
     if end.transport == "zmq":
         result = _zmq_receive(sock, size, mode == "time", expected, limit_s)
-    elif mode == "count":
-        stride = 1 if tlv_type is None else FILTERED_SUBSCRIBERS
-        result = _count(sock, size, expected, limit_s, stride, 0 if tlv_type is None else tlv_type - 1)
     else:
-        result = _time(sock, size, expected, limit_s)
+        reads = _MappedReads if end.transport == "shm" else _Reads
+        if mode == "count":
+            stride = 1 if tlv_type is None else FILTERED_SUBSCRIBERS
+            result = _count(reads, sock, size, expected, limit_s, stride, 0 if tlv_type is None else tlv_type - 1)
+        else:
+            result = _time(reads, sock, size, expected, limit_s)
     result["cpu_s"] = time.process_time() - cpu
+    if end.transport == "shm":
+        sock.close()
     return result
+
+
+def _shared_subscriber(path: str, buffer_size: int = RECV_BUFFER, tlv_types: list[int] | None = None) -> Any:
+    """A ``Subscriber(shared_memory=True)``: returns once the relay has granted it the log (or raises)."""
+    from jitrelay.client import Subscriber
+
+    return Subscriber("market_data", path, buffer_size=buffer_size, tlv_types=tlv_types, shared_memory=True)
+
+
+def _mapped_await_probe(sub: Any, probe: bytes) -> None:
+    """The probe is the first message a granted subscriber reads from the log."""
+    batch = sub.recv_batch(STARTUP_SECONDS)
+    if batch is None or batch.tobytes() != probe:
+        raise BenchError("the first message read from shared memory was not the probe")
 
 
 def _await_probe(sock: socket.socket, probe: bytes) -> None:
@@ -530,10 +560,10 @@ class _Reads:
     ``stop`` why the reads ended.
     """
 
-    def __init__(self, sock: socket.socket, expected: Any, limit_s: float, received: Callable[[], int]):
+    def __init__(self, sock: Any, expected: Any, limit_s: float, received: Callable[[], int]):
         self.sock = sock
-        self.buf = bytearray(RECV_BUFFER)
-        self.view = memoryview(self.buf)
+        self.buf: Any = bytearray(RECV_BUFFER)
+        self.view: Any = memoryview(self.buf)
         self.ending = _Ending(expected, limit_s)
         self.received = received
         self.stop: str | None = None
@@ -571,16 +601,50 @@ class _Reads:
         }
 
 
-def _count(sock: socket.socket, size: int, expected: Any, limit_s: float, stride: int = 1, first: int = 0) -> dict:
+class _MappedReads(_Reads):
+    """``_Reads`` of a shared-memory ``Subscriber``: each batch it copies out of the mapped log is one read.
+
+    ``buf`` and ``view`` are that batch (whole messages, a fresh array each
+    time); it waits on the log's futex word for ``POLL_SECONDS`` at most.
+    """
+
+    def __init__(self, sub: Any, expected: Any, limit_s: float, received: Callable[[], int]):
+        super().__init__(sub, expected, limit_s, received)
+        self.buf = self.view = None
+
+    def __iter__(self) -> Iterator[int]:
+        recv_batch, ending = self.sock.recv_batch, self.ending
+        while self.stop is None:
+            try:
+                batch = recv_batch(POLL_SECONDS)
+            except EOFError as exc:  # the relay went away, or overwrote what this reader had yet to read
+                self.stop = "lapped" if "overwrote" in str(exc) else "closed by relay"
+                return
+            if batch is None:
+                self.stop = ending.on_timeout(self.received())
+                continue
+            self.wall_ns = time.time_ns()
+            self.last_ns = time.monotonic_ns()
+            self.first_ns = self.first_ns or self.last_ns
+            self.buf = self.view = batch
+            yield len(batch)
+            ending.data()
+            if 0 <= ending.expected.value <= self.received():
+                self.stop = "all received"
+
+
+def _count(
+    reader: type[_Reads], sock: Any, size: int, expected: Any, limit_s: float, stride: int = 1, first: int = 0
+) -> dict:
     """Count whole messages; message ``i`` received should carry sequence ``first + i * stride``."""
     keep = 2 * size
     tail = b""
     total = 0
     seq_shift = first
     gaps = bad_magic = 0
-    reads = _Reads(sock, expected, limit_s, lambda: total // size)
-    buf, view = reads.buf, reads.view
+    reads = reader(sock, expected, limit_s, lambda: total // size)
     for n in reads:
+        buf, view = reads.buf, reads.view  # a mapped read's batch is new each time; a socket's buffer is not
         # The one message header that starts in this read, if it is whole: magic and sequence.
         skip = -total % size
         if skip + OFF_SEQUENCE + SEQUENCE_FIELD.size <= n:
@@ -599,17 +663,16 @@ def _count(sock: socket.socket, size: int, expected: Any, limit_s: float, stride
     return reads.result(received, partial, last_seq, gaps, bad_magic)
 
 
-def _time(sock: socket.socket, size: int, expected: Any, limit_s: float) -> dict:
+def _time(reader: type[_Reads], sock: Any, size: int, expected: Any, limit_s: float) -> dict:
     """Time every message: receive time minus the send time it carries."""
     import numpy as np
 
     latencies: list[int] = []
     carry = b""
     received = next_seq = gaps = bad_magic = 0
-    reads = _Reads(sock, expected, limit_s, lambda: received)
-    view = reads.view
+    reads = reader(sock, expected, limit_s, lambda: received)
     for n in reads:
-        now_ns = reads.wall_ns
+        now_ns, view = reads.wall_ns, reads.view
         data = carry + bytes(view[:n]) if carry else view[:n]
         whole = len(data) // size
         for k in range(whole):
@@ -737,9 +800,22 @@ def publish_batches(
 
 
 def publish_paced(
-    who: str, reports: Any, end: Endpoint, size: int, duration: float, start: Any, rate: float, batch: int = 1
+    who: str,
+    reports: Any,
+    end: Endpoint,
+    size: int,
+    duration: float,
+    start: Any,
+    rate: float,
+    batch: int = 1,
+    monotonic: bool = False,
 ) -> dict:
-    """W2 (one message per send) and W3 (``batch`` per send) publisher: ``rate`` messages per second, stamped."""
+    """W2 (one message per send) and W3 (``batch`` per send) publisher: ``rate`` messages per second, stamped.
+
+    Stamped with ``time.time_ns()``, or with ``monotonic`` (fanout) ``time.monotonic_ns()``: CLOCK_MONOTONIC,
+    the clock every process on the machine shares.
+    """
+    stamp = time.monotonic_ns if monotonic else time.time_ns
     message = bytearray(protocol.build_message(MARKET_DATA, records_for(size), timestamp_ns=0) * batch)
     zmq_sock = _zmq_socket("pub", end) if end.transport == "zmq" else None
     sock = None
@@ -769,9 +845,9 @@ def publish_paced(
         elif wait < -interval:
             late += 1
         if batch == 1:
-            SEQUENCE_TIMESTAMP_FIELDS.pack_into(message, OFF_SEQUENCE, k, time.time_ns())
+            SEQUENCE_TIMESTAMP_FIELDS.pack_into(message, OFF_SEQUENCE, k, stamp())
         else:
-            kernels.stamp_batch(view, size, k * batch, time.time_ns())
+            kernels.stamp_batch(view, size, k * batch, stamp())
         send(message)
     elapsed = time.perf_counter() - began
     cpu = time.process_time() - cpu
@@ -788,6 +864,143 @@ def stuck_subscriber(who: str, reports: Any, end: Endpoint, hold_s: float) -> di
     time.sleep(hold_s)
     sock.close()
     return {}
+
+
+def fanout_host(
+    who: str, reports: Any, end: Endpoint, size: int, count: int, probe: bytes, expected: Any, limit_s: float
+) -> dict:
+    """A fanout subscriber process: ``count`` subscribers of one kind, polled in one loop, every arrival stamped.
+
+    Socket subscribers (``end.transport == "unix"``: the raw forwarder's, a
+    jitrelay relay's) are non-blocking sockets in one epoll set: the loop
+    sleeps in ``epoll_wait`` until one is readable, then reads each readable
+    one into one shared ``FANOUT_BUFFER``. Shared-memory subscribers
+    (``"shm"``) are ``Subscriber(shared_memory=True)`` objects: the loop
+    sleeps in the first one's ``recv_batch`` (on the log's futex word, which
+    every reader of the log shares) until it returns a batch, then asks each
+    of the others for its next batch without waiting (``recv_batch(0)``).
+    Either way one wait per wake-up, then one read per subscriber. Each message a
+    subscriber reads is stamped ``time.monotonic_ns()`` right after its read,
+    less the publisher's ``time.monotonic_ns()`` stamp in the message.
+    """
+    import selectors
+    from array import array
+
+    shared = end.transport == "shm"
+    subs: list[Any] = [
+        _shared_subscriber(end.address, FANOUT_BUFFER) if shared else _connect(end.address) for _ in range(count)
+    ]
+    reports.put(("connected", who, None))
+    for sub in subs:
+        (_mapped_await_probe if shared else _await_probe)(sub, probe)
+    reports.put(("ready", who, None))
+    seqs = [array("Q") for _ in subs]
+    delays = [array("q") for _ in subs]
+    received = [0] * count
+    gaps = [0] * count
+    bad_magic = [0] * count
+    ended: list[str | None] = [None] * count
+    ending = _Ending(expected, limit_s)
+
+    def take(k: int, data: Any, end_at: int, now: int) -> None:
+        got_seq, got_delay = seqs[k], delays[k]
+        for pos in range(0, end_at, size):
+            if MAGIC_FIELD.unpack_from(data, pos + OFF_MAGIC)[0] != MAGIC:
+                bad_magic[k] += 1
+                continue
+            seq, sent_ns = SEQUENCE_TIMESTAMP_FIELDS.unpack_from(data, pos + OFF_SEQUENCE)
+            if seq != received[k]:
+                gaps[k] += 1
+            got_seq.append(seq)
+            got_delay.append(now - sent_ns)
+            received[k] += 1
+
+    def finished() -> bool:
+        return 0 <= expected.value <= min(received)
+
+    cpu = time.process_time()
+    stop = None
+    partial = [b""] * count
+    if shared:
+
+        def read(k: int, timeout: float) -> Any:
+            try:
+                batch = subs[k].recv_batch(timeout)
+            except EOFError as exc:
+                ended[k] = "lapped" if "overwrote" in str(exc) else "closed by relay"
+                return None
+            if batch is not None:
+                take(k, batch, len(batch), time.monotonic_ns())
+            return batch
+
+        while stop is None:
+            live = [k for k in range(count) if ended[k] is None]
+            if not live:
+                stop = "closed by relay"
+                continue
+            # The first reader is never behind the others (it reads first each round), so while it waits on the
+            # log's futex word none of them has anything left to read.
+            if read(live[0], POLL_SECONDS) is None:
+                if ended[live[0]] is None:
+                    stop = ending.on_timeout(min(received))
+                continue
+            for k in live[1:]:
+                read(k, 0)
+            ending.data()
+            stop = "all received" if finished() else None
+    else:
+        selector = selectors.EpollSelector()
+        for k, sock in enumerate(subs):
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, k)
+        buf = bytearray(FANOUT_BUFFER)
+        view = memoryview(buf)
+        while stop is None:
+            events = selector.select(POLL_SECONDS)
+            if not events:
+                stop = ending.on_timeout(min(received))
+                continue
+            for key, _ in events:
+                k = key.data
+                try:
+                    n = key.fileobj.recv_into(buf)
+                except BlockingIOError:
+                    continue
+                now = time.monotonic_ns()
+                if n == 0:
+                    ended[k] = "closed by relay"
+                    selector.unregister(key.fileobj)
+                    continue
+                data = partial[k] + bytes(view[:n]) if partial[k] else view[:n]
+                whole = len(data) - len(data) % size
+                take(k, data, whole, now)
+                partial[k] = bytes(data[whole:])
+            if all(e is not None for e in ended):
+                stop = "closed by relay"
+            else:
+                ending.data()
+                stop = "all received" if finished() else stop
+        selector.close()
+    cpu = time.process_time() - cpu
+    for sub in subs:
+        sub.close()
+    return {
+        "cpu_s": cpu,
+        "stop": stop,
+        "subscribers": [
+            {
+                "received": received[k],
+                "partial_bytes": len(partial[k]),
+                "sequence_gaps": gaps[k],
+                "bad_magic": bad_magic[k],
+                "last_sequence": seqs[k][-1] if received[k] else None,
+                "stop": ended[k] or stop,
+                "sequences": seqs[k].tobytes(),
+                "delays_ns": delays[k].tobytes(),
+            }
+            for k in range(count)
+        ],
+    }
 
 
 def _close_publisher(zmq_sock: Any, sock: Any) -> None:
@@ -861,6 +1074,9 @@ class Options:
     progress: bool
     argv: list[str] = field(default_factory=list)
     idle_subscribers: int = 0  # W1 on jitrelay: subscribers connected beside the measured ones that select nothing
+    fanout_subscribers: list[int] = field(default_factory=lambda: [1, 10, 100, 200])
+    fanout_interval_ms: float = DEFAULT_FANOUT_INTERVAL_MS
+    fanout_hosts: int = DEFAULT_FANOUT_HOSTS
 
     @property
     def drain_limit(self) -> float:
@@ -934,6 +1150,105 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
     finally:
         run.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def hosting(subscribers: int, hosts: int) -> list[int]:
+    """How many of ``subscribers`` each fanout subscriber process holds: spread evenly over at most ``hosts``."""
+    hosts = min(subscribers, hosts)
+    return [subscribers // hosts + (h < subscribers % hosts) for h in range(hosts)]
+
+
+def run_fanout(relay_name: str, subscribers: int, opts: Options) -> dict:
+    """Fanout: one message every ``fanout_interval_ms``, timed until it has reached every one of ``subscribers``.
+
+    The subscribers live in ``hosting`` processes (``fanout_host``), the
+    same for every relay; the publisher is W2's (one message per send),
+    stamped with the monotonic clock.
+    """
+    folder = tempfile.mkdtemp(prefix="jitrelay-bench-")
+    spec = relay_spec(relay_name, folder)
+    ctx = mp.get_context("spawn")
+    run = Run(ctx)
+    counts = hosting(subscribers, opts.fanout_hosts)
+    names = [f"host{h}" for h in range(len(counts))]
+    expected = ctx.RawValue("q", -1)
+    start = ctx.Event()
+    probe = probe_message(opts.size)
+    rate = 1000.0 / opts.fanout_interval_ms
+    try:
+        with BenchedProcess(relay_name, spec.command, spec.marker, summary=spec.summary) as relay:
+            relay.sample_memory()
+            run.spawn("pub", publish_paced, spec.publish, opts.size, opts.duration, start, rate, 1, True)
+            for who, count in zip(names, counts, strict=True):
+                run.spawn(who, fanout_host, spec.subscribe, opts.size, count, probe, expected, opts.drain_limit)
+            run.wait_for("connected", names, STARTUP_SECONDS)
+            with _connect(spec.publish.address) as prober:
+                prober.sendall(probe)
+                run.wait_for("ready", names, STARTUP_SECONDS)
+            run.wait_for("warm", ["pub"], STARTUP_SECONDS)
+            cpu_before = relay.cpu_seconds()
+            start.set()
+            pub = run.wait_for("result", ["pub"], opts.duration + 60)["pub"]
+            expected.value = pub["sent"]
+            results = run.wait_for("result", names, opts.drain_limit + 10)
+            cpu = relay.cpu_seconds() - cpu_before
+        figures = summarize_fanout(relay_name, opts, pub, [results[w] for w in names], cpu)
+        figures["relay_command"] = spec.command
+        figures["relay_memory"] = relay.memory()
+        figures["relay_forwarding"] = relay_forwarding(relay.figures)
+        figures["relay_log_tail"] = list(relay.lines)[-5:]
+        return figures
+    finally:
+        run.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def summarize_fanout(relay: str, opts: Options, pub: dict, hosts: list[dict], relay_cpu: float) -> dict:
+    """Per message: its delay to each subscriber; the largest (the last to have it) is what fanout reports."""
+    import numpy as np
+
+    sent, elapsed = pub["sent"], pub["elapsed_s"]
+    held = [len(host["subscribers"]) for host in hosts]
+    subs = [sub for host in hosts for sub in host.pop("subscribers")]
+    delays = np.full((len(subs), sent), -1, dtype=np.int64)
+    for k, sub in enumerate(subs):
+        seqs = np.frombuffer(sub.pop("sequences"), dtype=np.uint64)
+        got = np.frombuffer(sub.pop("delays_ns"), dtype=np.int64)
+        inside = seqs < sent
+        delays[k, seqs[inside].astype(np.int64)] = got[inside]
+        sub["expected"] = sent
+        sub["lost"] = sent - sub["received"]
+        sub["last_sequence_ok"] = sub["last_sequence"] == sent - 1
+    complete = (delays >= 0).all(axis=0)
+    reached = delays[:, complete]
+    lost = [s["lost"] for s in subs]
+    return {
+        "relay": relay,
+        "workload": "fanout",
+        "subscribers": len(subs),
+        "hosts": len(hosts),
+        "hosting": held,
+        "message_size": opts.size,
+        "duration_s": opts.duration,
+        "interval_ms": opts.fanout_interval_ms,
+        "sent": sent,
+        "publisher_msg_per_s": sent / elapsed if elapsed > 0 else 0.0,
+        "delivered_msg_per_s_mean": None,
+        "reached_all": int(complete.sum()),
+        "lost": lost,
+        "lost_total": sum(lost),
+        "lost_fraction": sum(lost) / (sent * len(subs)) if sent and subs else 0.0,
+        # The time until the last subscriber had the message: the fanout figure.
+        "latency_us": _percentiles(reached.max(axis=0) / 1e3) if reached.size else _percentiles(np.array([])),
+        "first_us": _percentiles(reached.min(axis=0) / 1e3) if reached.size else _percentiles(np.array([])),
+        "each_us": _percentiles(delays[delays >= 0] / 1e3),
+        "relay_cpu_percent": 100 * relay_cpu / elapsed if elapsed > 0 else 0.0,
+        "publisher_cpu_percent": 100 * pub["cpu_s"] / elapsed if elapsed > 0 else 0.0,
+        "host_cpu_percent": [100 * h["cpu_s"] / elapsed if elapsed > 0 else 0.0 for h in hosts],
+        "publisher": pub,
+        "per_host": hosts,
+        "per_subscriber": subs,
+    }
 
 
 def _idle_subscribers(spec: RelaySpec, count: int) -> list[socket.socket]:
@@ -1040,6 +1355,11 @@ def add_ratios(runs: list[dict]) -> None:
         bases = by_workload(base_name)
         for r in done:
             r[key] = _ratio(r, bases.get((r["workload"], r["subscribers"])))
+    for r in done:  # shared-memory subscribers against socket subscribers of the same relay (and policy)
+        base, _, policy = r["relay"].partition(":")
+        if base == "jitrelay-shm":
+            sockets = by_workload("jitrelay" + (f":{policy}" if policy else ""))
+            r["ratio_to_socket"] = _ratio(r, sockets.get((r["workload"], r["subscribers"])))
     local = by_workload("jitrelay")
     for r in done:
         if r["relay"] in BRIDGED:
@@ -1061,7 +1381,7 @@ def _ratio(run: dict, base: dict | None) -> dict | None:
 
     if base is None:
         return None
-    if run["workload"] not in ("w2", "w3"):
+    if run["workload"] not in LATENCY_WORKLOADS:
         return {"delivered_msg_per_s": over(run["delivered_msg_per_s_mean"], base["delivered_msg_per_s_mean"])}
     mine, theirs = run["latency_us"], base["latency_us"]
     return {p: over(mine[p], theirs[p]) for p in ("p50", "p99", "p99_9", "max")}
@@ -1172,7 +1492,7 @@ def _us(x: float | None) -> str:
 def _x(ratio: dict | None, workload: str) -> str:
     if not ratio:
         return "-"
-    if workload == "w1":
+    if workload not in LATENCY_WORKLOADS:
         value = ratio["delivered_msg_per_s"]
         return "-" if value is None else f"{value:.2f}"
     if ratio["p50"] is None or ratio["p99"] is None:
@@ -1222,6 +1542,8 @@ def format_report(report: dict) -> str:
                 f"{_m(r['delivered_msg_per_s_mean'])} msg/s per subscriber"
                 + ("" if per_sub is None else f" = {per_sub:.2f} x unfiltered W1 with 4, stream rate {stream:.2f} x")
             )
+    out += _fanout_lines(report)
+    out += _shared_memory_lines(report)
     bridged = [r for r in report["runs"] if r["relay"] in BRIDGED and "error" not in r]
     if bridged:
         out.append("")
@@ -1275,9 +1597,94 @@ def format_report(report: dict) -> str:
     return "\n".join(out)
 
 
+def _fanout_lines(report: dict) -> list[str]:
+    """Fanout: per subscriber count and relay, the time until the last subscriber had each message."""
+    fanout = [r for r in report["runs"] if r["workload"] == "fanout" and "error" not in r]
+    if not fanout:
+        return []
+    first = fanout[0]
+    out = [
+        "",
+        f"fanout: one message every {first['interval_ms']:g} ms, subscribers spread over at most "
+        f"{report['options'].get('fanout_hosts', '-')} processes (one polling loop each); "
+        "time until the LAST subscriber had it, us",
+        f"{'relay':<20} {'subs':>4} {'p50':>8} {'p99':>8} {'first p50':>9} {'x raw p50':>9} {'x sock p50':>10} "
+        f"{'lost':>6} {'relay RSS':>10} {'relay CPU':>9} {'fwd p50':>8} {'own p50':>8}",
+    ]
+    for r in sorted(fanout, key=lambda r: (r["subscribers"], r["relay"])):
+        lat, fwd = r["latency_us"], r["relay_forwarding"] or {}
+        rss = r["relay_memory"]["peak_sampled_mib"]
+        to_raw, to_socket = _p50_ratio(r, "ratio_to_raw"), _p50_ratio(r, "ratio_to_socket")
+        out.append(
+            f"{r['relay']:<20} {r['subscribers']:>4} {_us(lat['p50']):>8} {_us(lat['p99']):>8} "
+            f"{_us(r['first_us']['p50']):>9} {to_raw:>9} {to_socket:>10} {r['lost_total']:>6} "
+            + ("-" if rss is None else f"{rss:.1f} MiB").rjust(10)
+            + f" {r['relay_cpu_percent']:>8.0f}% {_us(fwd.get('p50_us')):>8} {_us(fwd.get('own_p50_us')):>8}"
+        )
+    return out
+
+
+def _subscribers(run: dict) -> int:
+    return run["subscribers"]
+
+
+def _p50_ratio(run: dict, key: str) -> str:
+    value = (run.get(key) or {}).get("p50")
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _shared_memory_lines(report: dict) -> list[str]:
+    """The shared-memory subscribers' figures over the raw forwarder's and the socket subscribers' of the same run."""
+    shm = [r for r in report["runs"] if r["relay"].partition(":")[0] == "jitrelay-shm" and "error" not in r]
+    if not shm:
+        return []
+    out = [
+        "",
+        "jitrelay-shm (subscribers read the relay's log from shared memory) x raw forwarder, x socket subscribers:",
+    ]
+
+    def x(ratio: dict | None, key: str) -> str:
+        value = (ratio or {}).get(key)
+        return "-" if value is None else f"{value:.2f}"
+
+    for r in shm:
+        key = "p50" if r["workload"] in LATENCY_WORKLOADS else "delivered_msg_per_s"
+        what = (
+            "p50 latency" if r["workload"] == "w2" else "p50 until the last has it" if key == "p50" else "msg/s per sub"
+        )
+        if r["workload"] == "w3":
+            continue
+        out.append(
+            f"  {r['relay']} {r['workload']} {r['subscribers']} sub: {what} {x(r.get('ratio_to_raw'), key)} x raw, "
+            f"{x(r.get('ratio_to_socket'), key)} x socket"
+        )
+    for name in dict.fromkeys(r["relay"] for r in shm):  # each variant (policy) on its own
+        fanout = sorted((r for r in shm if r["workload"] == "fanout" and r["relay"] == name), key=_subscribers)
+        if len(fanout) > 1 and fanout[0]["relay_forwarding"] and fanout[-1]["relay_forwarding"]:
+            low, high = fanout[0], fanout[-1]
+            a, b = low["relay_forwarding"], high["relay_forwarding"]
+            grow = b["p50_us"] / a["p50_us"] if a["p50_us"] else None
+            out.append(
+                f"  {name} forwarding time per batch, fanout {low['subscribers']} -> {high['subscribers']} "
+                f"subscribers: p50 {_us(a['p50_us'])} -> {_us(b['p50_us'])} us"
+                + ("" if grow is None else f" ({grow:.2f} x)")
+                + f", p99 {_us(a['p99_us'])} -> {_us(b['p99_us'])} us, own p50 {_us(a['own_p50_us'])} -> "
+                f"{_us(b['own_p50_us'])} us"
+            )
+        for r in fanout:
+            memory = r["relay_memory"]
+            if memory["peak_sampled_mib"] is not None:
+                out.append(
+                    f"  {name} relay memory, fanout {r['subscribers']} subscribers: peak RSS "
+                    f"{memory['peak_sampled_mib']:.1f} MiB, private {memory['peak_anon_mib']:.1f} MiB, "
+                    f"VmHWM {memory['vm_hwm_mib']:.1f} MiB"
+                )
+    return out
+
+
 def jitrelay_summary(runs: list[dict]) -> dict | None:
     """The jitrelay relay's own figures gathered over its runs: memory during W1 and forwarding time."""
-    mine = [r for r in runs if r["relay"].partition(":")[0] == "jitrelay" and "error" not in r]
+    mine = [r for r in runs if r["relay"].partition(":")[0] in JITRELAYS and "error" not in r]
     if not mine:
         return None
     w1 = [r["relay_memory"] for r in mine if r["workload"] == "w1"]
@@ -1313,13 +1720,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--relays",
         default=DEFAULT_RELAYS,
-        help="comma-separated: jitrelay (or jitrelay:block, jitrelay:disconnect), raw, zmq, zmq-default, bridge",
+        help="comma-separated: jitrelay (or jitrelay:block, jitrelay:disconnect), jitrelay-shm (subscribers read the "
+        "log from shared memory; also :block, :disconnect), raw, zmq, zmq-default, bridge, bridge-js",
     )
     parser.add_argument(
         "--workloads",
         default=DEFAULT_WORKLOADS,
         help="comma-separated: w1 (throughput), w2 (latency), w1f (w1 with 4 filtered subscribers), "
         "w3 (latency of 3 subscribers beside one that never reads), "
+        "fanout (time for one message to reach every one of --fanout-subscribers subscribers), "
         "client (per-message publish and receive through the clients against pyzmq and nats-py, and W2 through them)",
     )
     parser.add_argument(
@@ -1355,6 +1764,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="W1 on jitrelay: also connect N subscribers that select nothing, so the relay's memory shows whether it "
         "grows with subscribers (0)",
     )
+    parser.add_argument(
+        "--fanout-subscribers",
+        default=DEFAULT_FANOUT_SUBSCRIBERS,
+        help=f"fanout subscriber counts, comma-separated ({DEFAULT_FANOUT_SUBSCRIBERS})",
+    )
+    parser.add_argument(
+        "--fanout-interval",
+        type=non_negative_float,
+        default=DEFAULT_FANOUT_INTERVAL_MS,
+        help=f"fanout: milliseconds between messages ({DEFAULT_FANOUT_INTERVAL_MS:g})",
+    )
+    parser.add_argument(
+        "--fanout-hosts",
+        type=non_negative,
+        default=DEFAULT_FANOUT_HOSTS,
+        help=f"fanout: subscriber processes the subscribers are spread over, each polling its own in one loop "
+        f"({DEFAULT_FANOUT_HOSTS})",
+    )
     parser.add_argument("--json", type=Path, help=f"where to write every figure ({RESULTS_DIR}/<UTC time>.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -1364,7 +1791,7 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
     relays = _names(args.relays)
     for name in relays:
         base, _, policy = name.partition(":")
-        if base not in RELAYS or (policy and (base != "jitrelay" or policy not in POLICIES)):
+        if base not in RELAYS or (policy and (base not in JITRELAYS or policy not in POLICIES)):
             raise UsageError(f"unknown relay {name!r}; choose from {', '.join(RELAYS)}, jitrelay:block")
     if any(name in BRIDGED for name in relays):
         from jitrelay.testing.nats_cluster import nats_server_path
@@ -1391,6 +1818,17 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
         raise UsageError("--latency-subscribers needs at least 1")
     if not args.duration > 0 or not args.rate > 0 or args.startup_runs < 0:
         raise UsageError("--duration and --rate must be positive, --startup-runs at least 0")
+    try:
+        fanout = [int(n) for n in _names(args.fanout_subscribers)]
+    except ValueError:
+        raise UsageError(
+            f"--fanout-subscribers takes comma-separated counts, not {args.fanout_subscribers!r}"
+        ) from None
+    if not fanout or min(fanout) < 1 or args.fanout_hosts < 1 or not args.fanout_interval > 0:
+        raise UsageError(
+            "--fanout-subscribers needs counts of at least 1, --fanout-hosts at least 1, "
+            "--fanout-interval a positive number of milliseconds"
+        )
     records_for(args.size)  # a size one record cannot make raises UsageError
     if any(r.startswith("zmq") for r in relays):
         try:
@@ -1411,6 +1849,9 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
         progress=not args.no_progress,
         argv=list(sys.argv if argv is None else argv),
         idle_subscribers=args.idle_subscribers,
+        fanout_subscribers=fanout,
+        fanout_interval_ms=args.fanout_interval,
+        fanout_hosts=args.fanout_hosts,
     )
 
 
@@ -1471,10 +1912,17 @@ def run_bench(
         (workload, n, relay)
         for workload, n in plan
         for relay in opts.relays  # relays side by side
-        if workload != "w1f" or relay.partition(":")[0] == "jitrelay"  # only jitrelay filters at the relay
+        if workload != "w1f" or relay.partition(":")[0] in JITRELAYS  # jitrelay filters (shm: in the reader)
         if workload != "w3" or relay.partition(":")[0] in ("jitrelay", "raw")  # a stuck stream subscriber
     ]
-    measure_start = opts.startup_runs > 0 and any(r.partition(":")[0] == "jitrelay" for r in opts.relays)
+    steps += [
+        ("fanout", n, relay)
+        for n in opts.fanout_subscribers
+        if "fanout" in opts.workloads
+        for relay in opts.relays
+        if relay.partition(":")[0] in FANOUT_RELAYS
+    ]
+    measure_start = opts.startup_runs > 0 and any(r.partition(":")[0] in JITRELAYS for r in opts.relays)
     started = datetime.now(timezone.utc)
     runs: list[dict] = []
     startup = None
@@ -1485,7 +1933,7 @@ def run_bench(
         for workload, n, relay in steps:
             bar.set_description(f"{relay} {workload} {n} sub")
             try:
-                runs.append(run_one(relay, workload, n, opts))
+                runs.append(run_fanout(relay, n, opts) if workload == "fanout" else run_one(relay, workload, n, opts))
             except BenchError as exc:
                 failed = True
                 runs.append({"relay": relay, "workload": workload, "subscribers": n, "error": str(exc)})
@@ -1524,6 +1972,15 @@ def run_bench(
             "duration": opts.duration,
             "rate": opts.rate,
             "startup_runs": opts.startup_runs,
+            **(
+                {
+                    "fanout_subscribers": opts.fanout_subscribers,
+                    "fanout_interval_ms": opts.fanout_interval_ms,
+                    "fanout_hosts": opts.fanout_hosts,
+                }
+                if "fanout" in opts.workloads
+                else {}
+            ),
         },
         **git_commit(),
         "machine": machine(),

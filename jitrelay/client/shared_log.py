@@ -52,7 +52,7 @@ class SharedLogReader:
         self.mirror = int(header[shared_log.W_MIRROR])
         self._ring = shared_log.ring_view(self._log_map, self.size, self.mirror)
         self._slot = shared_log.slots_view(self._slots_map)[grant.slot]
-        self._wake = header.ctypes.data + 8 * shared_log.W_WAKE
+        self._wait = futex.Waiter(header.ctypes.data + 8 * shared_log.W_WAKE)
         self.epoch = grant.epoch
         self.offset = grant.offset  # stream offset of the next byte to read
         self.message = grant.message  # number of the message that starts there
@@ -99,7 +99,7 @@ class SharedLogReader:
         seen = int(self._header[shared_log.W_WAKE])
         if self._header[shared_log.W_HEAD] != self.offset or self.closed:
             return True
-        return futex.wait(self._wake, seen, timeout)
+        return self._wait(seen, timeout)
 
     @property
     def head(self) -> int:

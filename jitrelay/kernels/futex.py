@@ -49,6 +49,26 @@ class Waker:
         return woken
 
 
+class Waiter:
+    """``wait`` on one word, its arguments made once: a reader sleeps on the same word after every batch."""
+
+    def __init__(self, address: int) -> None:
+        self._seen = ctypes.c_uint(0)
+        self._timespec = _Timespec(0, 0)
+        self._args = (
+            ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(FUTEX_WAIT), self._seen,
+            ctypes.byref(self._timespec), None, ctypes.c_int(0),
+        )  # fmt: skip
+
+    def __call__(self, seen: int, timeout: float) -> bool:
+        """As ``wait``."""
+        timeout = max(0.0, timeout)
+        self._seen.value = seen & 0xFFFFFFFF
+        self._timespec.tv_sec = int(timeout)
+        self._timespec.tv_nsec = int((timeout % 1.0) * 1e9)
+        return _syscall(*self._args) == 0 or ctypes.get_errno() != errno.ETIMEDOUT
+
+
 def wake_all(address: int) -> int:
     """Wake every process waiting on the word at ``address``; how many were."""
     return Waker(address)()
@@ -61,10 +81,4 @@ def wait(address: int, seen: int, timeout: float) -> bool:
     a signal; the caller looks at the log again in every case. False only
     when the whole timeout passed.
     """
-    timeout = max(0.0, timeout)
-    ts = _Timespec(int(timeout), int((timeout % 1.0) * 1e9))
-    result = _syscall(
-        ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(FUTEX_WAIT),
-        ctypes.c_uint(seen & 0xFFFFFFFF), ctypes.byref(ts), None, ctypes.c_int(0),
-    )  # fmt: skip
-    return result == 0 or ctypes.get_errno() != errno.ETIMEDOUT
+    return Waiter(address)(seen, timeout)

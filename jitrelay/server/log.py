@@ -122,9 +122,9 @@ class RelayLog:
         at, room = self.space()
         if not 0 < nbytes <= room:
             raise ValueError(f"{nbytes} bytes cannot be committed from {room} free at the head")
+        # One publication, after: the read landed in space no reader may read, and what this eviction gives up
+        # is overwritten only by a later read, which comes after readers have seen the new tail.
         self._evict_to(self.tail_after(nbytes))
-        if self.publisher is not None:
-            self.publisher(self.extent())
         ring, size, mirror = self.ring, self.size, self.mirror
         end = at + nbytes
         if end > size:  # read on into the mirror: these bytes belong at the ring's start

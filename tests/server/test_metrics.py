@@ -353,7 +353,9 @@ def test_a_shared_memory_reader_is_counted_and_its_lag_read_from_its_slot(start_
             for message in messages:
                 publisher.publish_raw(message)
         total = sum(map(len, messages))
-        samples = wait_for(port, lambda s: value(s, "jitrelay_log_head_bytes_total") == total, "every message forwarded")
+        samples = wait_for(
+            port, lambda s: value(s, "jitrelay_log_head_bytes_total") == total, "every message forwarded"
+        )
         lags = [v for (name, _), v in samples.items() if name == "jitrelay_subscriber_lag_bytes"]
         assert lags == [total]  # it has read nothing yet: all of it
         received = b""

@@ -161,6 +161,19 @@ def test_sub_prints_one_line_per_message_and_stops_at_count(market_relay: RelayP
     ]
 
 
+def test_sub_shm_prints_what_it_reads_from_the_mapped_log(market_relay: RelayProcess) -> None:
+    sub = SubProcess(market_relay, "--shm", "--count", "3")
+    assert any("reading its log from shared memory" in line for line in sub.stderr)
+    market_relay.wait_line("reads the log from shared memory", timeout=10)
+    with Publisher("market_data", market_relay.socket_path, source=5) as pub:
+        for seq in range(4):
+            pub.publish([(2, bytes([seq]))], sequence=seq, timestamp_ns=1_700_000_000_000_000_005)
+    assert sub.wait() == 0
+    assert sub.rest() == [
+        f"2023-11-14T22:13:20.000000005Z market_data source=5 seq={seq} size=35 quote:{seq:02x}" for seq in range(3)
+    ]
+
+
 def test_sub_count_only(market_relay: RelayProcess) -> None:
     sub = SubProcess(market_relay, "--count-only", "--count", "1000")
     with Publisher("market_data", market_relay.socket_path) as pub:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 from pathlib import Path
 
-from support.clients import Clients, NumberedStream, StreamCheck, sync
+from support.clients import Clients, NumberedStream, StreamCheck, publish_while_stopped, sync
 from support.processes import ReaderProcess
 from support.relays import StartRelay
 
@@ -70,27 +69,7 @@ def test_under_block_a_stopped_subscriber_holds_the_publisher_and_nobody_loses_a
     publisher = clients.connect(relay)
     sync(publisher, [other], 3)
     stopped.wait_probe()
-    os.kill(stopped.pid, signal.SIGSTOP)
-    errors: list[BaseException] = []
-
-    def publish() -> None:
-        try:
-            publisher.settimeout(60)
-            for i in range(stream.chunks):
-                publisher.sendall(stream.chunk(i))
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=publish)
-    try:
-        thread.start()
-        relay.wait_line("the log is full up to the slowest subscriber", timeout=30)
-        assert thread.is_alive() and other.received < stream.total
-    finally:
-        os.kill(stopped.pid, signal.SIGCONT)
-    thread.join(60)
-    assert not thread.is_alive() and not errors
-    assert other.wait_received(stream.total, 30)
+    publish_while_stopped(relay, publisher, stream, stopped.pid, other)
     assert check.mismatch is None and check.offset == stream.total, check.verdict()
     publisher.close()
     assert relay.find_line("disconnecting slow subscriber") is None

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.clients import Clients, NumberedStream, sync
+from support.mapped import receive
 from support.relays import RelayProcess, StartRelay
 
 from jitrelay import Subscriber
@@ -53,17 +54,6 @@ def publish(relay: RelayProcess, clients: Clients, stream: NumberedStream) -> No
     for i in range(stream.chunks):
         publisher.sendall(stream.chunk(i))
     publisher.close()
-
-
-def receive(sub: Subscriber, nbytes: int, timeout: float = 30.0) -> bytes:
-    got = bytearray()
-    deadline = time.monotonic() + timeout
-    while len(got) < nbytes:
-        assert time.monotonic() < deadline, f"received {len(got)} of {nbytes} bytes"
-        batch = sub.recv_batch(timeout=1.0)
-        if batch is not None:
-            got += batch.tobytes()
-    return bytes(got)
 
 
 def test_a_subscriber_killed_mid_stream_resumes_with_exactly_the_rest(

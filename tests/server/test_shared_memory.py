@@ -22,101 +22,24 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import reference as ref
 from support import strategies as gen
-from support.clients import Clients, NumberedStream, StreamCheck, sync
+from support.clients import Clients, NumberedStream, StreamCheck, publish_while_stopped, sync
 from support.mapped import MappedReaderProcess, drain, memfd_descriptors, memfd_mappings, receive, shm_entries
+from support.peers import MARK, Peer, is_marker, marker, publish_all, settle
 from support.relays import RelayProcess, StartRelay
-from support.streams import ThreadedReader
 
-from jitrelay import kernels
 from jitrelay.client import AsyncSubscriber, RelayConnectionError, Subscriber
 from jitrelay.core import protocol as p
 from jitrelay.core.domains import stats_socket_path
 from jitrelay.core.units import MiB
 from jitrelay.tools.stats import Reading, parse_reading, read_socket
 
-MARK = 0xEE  # source and flags of the test's markers
-WAIT = 15.0
 GRANTED = "reads the log from shared memory"
 LOG = 8 * MiB  # the smallest log a relay keeps: twice its read buffer
-
-
-def marker(domain: int, sequence: int, flags: int = MARK) -> bytes:
-    return ref.message(domain, b"", source=MARK, flags=flags, sequence=sequence)
-
-
-def is_marker(message: bytes) -> bool:
-    return message[6] == MARK and message[7] in (MARK, MARK + 1)
-
-
-class Peer(ThreadedReader):
-    """A raw socket subscriber whose reader thread cuts what arrives into whole messages."""
-
-    def __init__(self, relay: RelayProcess) -> None:
-        self.sock = relay.connect(WAIT)
-        super().__init__(self.sock, 1 << 20)
-        self.messages: list[bytes] = []
-        self._pending = bytearray()
-        self.start()
-
-    def _received(self, chunk: memoryview) -> None:
-        self._pending += chunk
-        _, consumed, fault = kernels.frame(np.frombuffer(bytes(self._pending), dtype=np.uint8))
-        assert fault == p.NO_FAULT, "the relay sent bytes that are not whole messages"
-        found = [m.raw for m in p.decode_messages(bytes(self._pending[:consumed]))]
-        del self._pending[:consumed]
-        with self.changed:
-            self.messages += found
-            self.changed.notify_all()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def wait_for(self, message: bytes, timeout: float = WAIT) -> list[bytes]:
-        """Everything received before ``message``, once it has arrived (markers dropped)."""
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while message not in self.messages:
-                left = deadline - time.monotonic()
-                assert left > 0, f"{message.hex()} did not arrive within {timeout} s"
-                self.changed.wait(left)
-            at = self.messages.index(message)
-            before, self.messages = self.messages[:at], self.messages[at + 1 :]
-        return [m for m in before if not is_marker(m)]
-
-    def close(self) -> None:
-        self.stop()
-        self.sock.close()
-
-
-def settle(witness: Peer, peers: list[Peer], controls: list[bytes], round_: int, domain: int) -> None:
-    """Each peer sends its control bytes then a marker: once the witness has every marker, all are in force."""
-    marks = []
-    for k, (peer, control) in enumerate(zip(peers, controls, strict=True)):
-        mark = marker(domain, round_ * 1000 + k)
-        peer.send(control + mark)
-        marks.append(mark)
-    for mark in marks:
-        witness.wait_for(mark)
-
-
-def publish_all(relay: RelayProcess, data: bytes, rng: random.Random) -> None:
-    """Send ``data`` in random pieces and close gracefully: when this returns, the relay has handled every byte."""
-    with relay.connect(WAIT) as sock:
-        view = memoryview(data)
-        pos = 0
-        while pos < len(view):
-            n = rng.choice((1, 7, 64, 500, 4096))
-            sock.sendall(view[pos : pos + n])
-            pos += n
-        sock.shutdown(socket.SHUT_WR)
-        while sock.recv(1 << 16):
-            pass
 
 
 # --- the same stream as the socket ---------------------------------------------------------
@@ -185,7 +108,7 @@ def test_a_mapped_subscriber_receives_what_a_socket_subscriber_does(
         publish_all(relay, sent, rng)
         got_mapped = [drain(sub) for sub in mapped]  # the log holds the whole stream once publish_all returns
         settle(witness, peers, [p.unsubscribe_message()] * len(peers), 2 * round_ + 1, spec.ident)
-        fence = marker(spec.ident, round_, flags=MARK + 1)
+        fence = marker(round_, flags=MARK + 1, domain=spec.ident)
         witness.send(fence)
         for k, (peer, selection, got) in enumerate(zip(peers, chosen, got_mapped, strict=True)):
             wanted = (
@@ -235,7 +158,7 @@ def test_an_async_mapped_subscriber_receives_what_a_socket_subscriber_does(start
     wanted_some = b"".join(m for m in stream if ref.selects((frozenset({2, 3}), frozenset({1})), m))
     try:
         got_every, got_some = asyncio.run(run())
-        fence = marker(1, 2, flags=MARK + 1)
+        fence = marker(2, flags=MARK + 1, domain=1)
         witness.send(fence)
         on_socket = b"".join(peer.wait_for(fence))
     finally:
@@ -381,7 +304,7 @@ def test_a_killed_mapped_subscriber_leaves_nothing_behind_and_the_others_go_on(
         with Subscriber("market_data", relay.socket_path, shared_memory=True) as other:
             publish_all(relay, stream.prefix(stream.total), random.Random(3))
             assert drain(other) == stream.prefix(stream.total)
-        fence = marker(p.MARKET_DATA, 1, flags=MARK + 1)
+        fence = marker(1, flags=MARK + 1, domain=p.MARKET_DATA)
         witness.send(fence)
         assert b"".join(peer.wait_for(fence)) == stream.prefix(stream.total)
     finally:
@@ -446,27 +369,7 @@ def test_under_block_a_stopped_mapped_reader_holds_the_publisher_and_nobody_lose
     other = clients.reader(relay, sink=check)
     publisher = clients.connect(relay)
     sync(publisher, [other], p.EXECUTION)
-    os.kill(stopped.pid, signal.SIGSTOP)
-    errors: list[BaseException] = []
-
-    def publish() -> None:
-        try:
-            publisher.settimeout(60)
-            for i in range(stream.chunks):
-                publisher.sendall(stream.chunk(i))
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=publish)
-    try:
-        thread.start()
-        relay.wait_line("the log is full up to the slowest subscriber", "holding", timeout=30)
-        assert thread.is_alive() and other.received < stream.total
-    finally:
-        os.kill(stopped.pid, signal.SIGCONT)
-    thread.join(60)
-    assert not thread.is_alive() and not errors
-    assert other.wait_received(stream.total, 30)
+    publish_while_stopped(relay, publisher, stream, stopped.pid, other)
     assert check.mismatch is None and check.offset == stream.total, check.verdict()
     assert stopped.wait_exit() == 0
     result = stopped.summary()
@@ -618,7 +521,7 @@ def test_a_new_subscription_leaves_what_was_forwarded_before_it_as_it_was(
     relay = start_relay("market_data")
     before = [ref.message(1, ref.standard_record(1 + i % 2, b"b"), sequence=i) for i in range(300)]
     after = [ref.message(1, ref.standard_record(1 + i % 2, b"a"), sequence=i) for i in range(300, 600)]
-    witness, mark = Peer(relay), marker(p.MARKET_DATA, 1)
+    witness, mark = Peer(relay), marker(1, domain=p.MARKET_DATA)
     with Subscriber("market_data", relay.socket_path, shared_memory=shared_memory, tlv_types=[1]) as sub:
         if not shared_memory:  # a mapped subscriber is in force once built; this one once its marker is through
             sub._sock.sendall(mark)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import socket
 import struct
 import threading
@@ -359,3 +361,35 @@ def exact_payload(tlv_type: int, size: int) -> bytes:
         out += extended_record(tlv_type, b"\x01" * 65535)
     rest = size - len(out)
     return out + (extended_record(tlv_type, b"\x02" * (rest - 5)) if rest else b"")
+
+
+def publish_while_stopped(
+    relay: RelayProcess, publisher: socket.socket, stream: NumberedStream, stopped_pid: int, other: Reader
+) -> None:
+    """Publish all of ``stream`` while process ``stopped_pid`` is stopped, under ``block``.
+
+    The relay must hold the publisher before ``other`` has had everything; then
+    the stopped one goes on, and this returns once the publisher has sent the
+    whole stream and ``other`` has received it.
+    """
+    os.kill(stopped_pid, signal.SIGSTOP)
+    errors: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            publisher.settimeout(60)
+            for i in range(stream.chunks):
+                publisher.sendall(stream.chunk(i))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=publish)
+    try:
+        thread.start()
+        relay.wait_line("the log is full up to the slowest subscriber", "holding", timeout=30)
+        assert thread.is_alive() and other.received < stream.total
+    finally:
+        os.kill(stopped_pid, signal.SIGCONT)
+    thread.join(60)
+    assert not thread.is_alive() and not errors
+    assert other.wait_received(stream.total, 30)

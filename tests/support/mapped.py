@@ -114,7 +114,7 @@ def drain(sub: Subscriber) -> bytes:
 
 
 def receive(sub: Subscriber, nbytes: int, timeout: float = 30.0) -> bytes:
-    """At least ``nbytes`` from ``sub`` (whole batches), within ``timeout`` seconds."""
+    """At least ``nbytes`` from ``sub`` (whole batches, from its socket or its mapping), within ``timeout`` seconds."""
     got = bytearray()
     deadline = time.monotonic() + timeout
     while len(got) < nbytes:

@@ -1290,6 +1290,13 @@ class Soak:
         if summary and summary["slow_dropped"] > len(dropped_pids):  # more drops than the pids kept: trust the count
             unexpected = unexpected[summary["slow_dropped"] - len(dropped_pids) :]
         failures["unexpected_close"] = len(unexpected)
+        # A shared-memory reader is cut off only by a lap it reported itself, and one that asked for positions never.
+        miscut = [
+            c
+            for c in subs
+            if c.shm and not c.killed and c.proc.pid in dropped_pids and (c.positioned or not c.stats[SHM_CUT_OFF])
+        ]
+        failures["shm_cut_off"] = len(miscut)
         # The relay closes a stream between messages; bytes left over at a clean end are a torn message.
         torn = [c for c in subs if c.stats[STATE] == ENDED and c.stats[TAIL]]
         failures["torn_tail"] = len(torn)
@@ -1328,6 +1335,8 @@ class Soak:
             details.append({"client": f"{client.kind}-{client.index}", "kind": "hung", "state": client.state})
         for client in unexpected:
             details.append({"client": f"sub-{client.index}", "kind": "unexpected_close", "pid": client.proc.pid})
+        for client in miscut:
+            details.append({"client": f"sub-{client.index}", "kind": "shm_cut_off", "role": _role(client)})
         for name, gap in missing.items():
             if gap:
                 details.append({"client": name, "kind": "missing", "messages": gap})

@@ -724,10 +724,8 @@ class MappedFeed:
     LIMIT = MiB  # bytes per batch read from the mapping
 
     def __init__(self, sock: socket.socket, config: ClientConfig, verifier: StreamVerifier):
-        from jitrelay import kernels
         from jitrelay.client.shared_log import MappedStream
 
-        self._frame = kernels.frame
         self.verifier = verifier
         self.gaps: list[protocol.Gap] = []
         self.laps = 0  # gaps recorded so far, and fed to the verifier
@@ -751,6 +749,7 @@ class MappedFeed:
     def read(self, timeout: float) -> int | None:
         """Feed the next batch to the verifier: its size, None if there was none yet, 0 at the end of the stream."""
         stream, verifier = self.stream, self.verifier
+        epoch, offset, number = stream.reader.position
         try:
             batch = stream.poll()
             if batch is None:
@@ -759,12 +758,13 @@ class MappedFeed:
         except EOFError:
             return 0
         if verifier.positioned:
-            for gap in self.gaps[self.laps :]:
+            for gap in self.gaps[
+                self.laps :
+            ]:  # the reader went on from the oldest message kept: the batch starts there
                 verifier.feed(protocol.gap_notice(gap))
+                offset, number = offset + gap.bytes, number + gap.messages
             self.laps = len(self.gaps)
-            epoch, offset, number = stream.reader.position
-            count, _, _ = self._frame(batch, 0, len(batch))
-            verifier.feed(protocol.position_notice(protocol.Position(epoch, offset - len(batch), number - count)))
+            verifier.feed(protocol.position_notice(protocol.Position(epoch, offset, number)))
         verifier.feed(memoryview(batch))
         return len(batch)
 

@@ -47,6 +47,11 @@ subscriber stops reading for 0.1 s to ``--stall-max`` seconds; under the
 the witness, never stalls and is never killed, so every run has one complete
 stream to count.
 
+Shared memory. A ``--shm`` share of the subscribers (never the witness) reads
+the relay's log from shared memory (``MappedFeed``) and is checked by the same
+verifier; a lap is a gap for a positioned one and a cut-off for the others,
+each matched against the relay's figures.
+
 Clients are forked from a ``multiprocessing`` forkserver that has this module
 loaded, so churning costs milliseconds, not an interpreter start. They report
 through shared counters (``RawArray``), which stay readable after a SIGKILL,

@@ -618,7 +618,7 @@ def test_impossible_soak_is_a_usage_error(args: list[str], error: str, capsys: p
 
 @pytest.mark.timeout(240)
 def test_soak_60s(tmp_path: Path) -> None:
-    """60 s of load with a SIGKILL a second, SIGSTOP stalls, filtered and resuming subscribers, a 2 MiB log.
+    """60 s of load: a SIGKILL a second, SIGSTOP stalls, filtered, resuming and shared-memory subscribers, 2 MiB log.
 
     Every message checks out; killed positioned subscribers resume exactly where they recorded; every gap
     notice counts exactly what the witness saw go by; memory stays flat.
@@ -626,7 +626,7 @@ def test_soak_60s(tmp_path: Path) -> None:
     report_path = tmp_path / "soak.json"
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}  # the relay runs compiled
     args = ["--duration", "60", "--rate", "10000", "--churn", "1", "--seed", "1", "--quiet", "--json", str(report_path)]
-    args += ["--filtered", "0.9", "--resubscribe", "0.2", "--resuming", "0.4", "--sigstop", "0.3"]
+    args += ["--filtered", "0.9", "--resubscribe", "0.2", "--resuming", "0.4", "--sigstop", "0.3", "--shm", "0.5"]
     args += ["--log-size", "2MiB", "--stall-max", "4"]
     done = subprocess.run(
         [sys.executable, "-m", "jitrelay", "soak", *args], capture_output=True, text=True, timeout=220, env=env
@@ -654,6 +654,14 @@ def test_soak_60s(tmp_path: Path) -> None:
     assert positions["gaps_unchecked"] == 0
     assert positions["gaps_checked"] <= positions["gap_notices"]
     assert positions["gap_notices"] <= positions["relay_gap_notices"]  # some went to subscribers killed unread
+    # Shared-memory subscribers ran beside socket ones, were granted the log, and verified as much without a failure.
+    kinds = report["kinds"]
+    shm, sock = kinds["shm"], kinds["socket"]
+    assert shm["subscribers"] >= 1 and shm["granted"] >= 1 and shm["messages_verified"] > 0, kinds
+    assert shm["failures"] == sock["failures"] == 0 and report["failures"]["shm_cut_off"] == 0
+    assert shm["gap_notices"] >= shm["laps"]  # and the relay's, before the grant, to one resuming from out of the log
+    assert positions["gap_notices"] == shm["gap_notices"] + sock["gap_notices"]
+    assert report["faults"]["subscribers_dropped_slow"] == shm["cut_off"] + sock["cut_off"]
     summary = report["relay"]["summary"]
     assert summary["rejected"] == {} and summary["faults"] == {}
     assert summary["control"] >= subscriptions["subscribed_at_connect"] + 1  # and the echo connection's own

@@ -542,7 +542,7 @@ def test_shared_memory_subscribers_verify_and_account_for_every_lap(start_relay:
     summary = short_dir / "figures.json"
     options = ("--summary-file", str(summary), "--slow-policy", "disconnect", "--log-size", "256KiB")
     relay = start_relay("market_data", *options)
-    config = client_config(relay, publisher_rate=8000.0, max_size=700, stall_prob=1.0, stall_max=3.0)
+    config = client_config(relay, publisher_rate=4000.0, max_size=4000, stall_prob=1.0, stall_max=2.0)
     ctrl = [soak.RUNNING]
     witness, positioned, plain, pub = ([0] * soak.STATS_LEN for _ in range(4))
     details = io.StringIO()

@@ -47,6 +47,11 @@ subscriber stops reading for 0.1 s to ``--stall-max`` seconds; under the
 the witness, never stalls and is never killed, so every run has one complete
 stream to count.
 
+Shared memory. A ``--shm`` share of the subscribers (never the witness) reads
+the relay's log from shared memory (``MappedFeed``) and is checked by the same
+verifier; a lap is a gap for a positioned one and a cut-off for the others,
+each matched against the relay's figures.
+
 Clients are forked from a ``multiprocessing`` forkserver that has this module
 loaded, so churning costs milliseconds, not an interpreter start. They report
 through shared counters (``RawArray``), which stay readable after a SIGKILL,
@@ -134,7 +139,9 @@ RUNNING, ENDING, STOPPING = 0, 1, 2
 SKIPPED_AHEAD = (
     26  # streams that went on further ahead after a subscription change (the relay restarted it at the head)
 )
-STATS_LEN = 27
+# ... and of a shared-memory reader: granted the mapped log (1), laps that became gaps, the lap that cut it off (1).
+(SHM_GRANTED, SHM_LAPS, SHM_CUT_OFF) = range(27, 30)
+STATS_LEN = 30
 # Client states.
 STARTING, CONNECTED, CLOSED_BY_RELAY, ENDED, ERROR = range(5)
 STATE_NAMES = ("starting", "connected", "closed_by_relay", "ended", "error")
@@ -472,6 +479,7 @@ class SubscriberRole:
     state_path: str = ""
     gaps_path: str = ""
     keys_path: str = ""
+    shm: bool = False  # reads the relay's log from shared memory once granted (client.shared_log)
 
 
 def client_main(
@@ -601,12 +609,19 @@ def run_subscriber(
         record_keys=bool(role.keys_path),
     )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mapped: MappedFeed | None = None
     try:
         sock.connect(config.socket_path)
-        if verifier.positioned:
-            sock.sendall(protocol.positions_message(resume[0] if resume is not None else None))
-    except OSError:
-        stats[STATE] = CLOSED_BY_RELAY
+        initial = protocol.positions_message(resume[0] if resume is not None else None) if verifier.positioned else b""
+        if role.shm:
+            sock.sendall(initial + protocol.shared_memory_message())
+            mapped = MappedFeed(sock, config, verifier)
+            stats[SHM_GRANTED] = 1
+        elif initial:
+            sock.sendall(initial)
+    except (OSError, EOFError):
+        sock.close()
+        stats[STATE] = ENDED if ctrl[0] == STOPPING else CLOSED_BY_RELAY
         return
     stats[STATE] = CONNECTED
     changes = 0
@@ -619,6 +634,8 @@ def run_subscriber(
         tag = role.index << 32 | changes
         control = protocol.unsubscribe_message() if sources is None else protocol.subscribe_message(sources=sources)
         verifier.subscribe(sources, echo=tag)
+        if mapped is not None:
+            mapped.select(control)  # from the log's head on: where the relay appends the beacon and its echo
         try:
             sock.sendall(control + soak_message(config.domain_id, BEACON_FLAGS, tag))
         except OSError:
@@ -627,7 +644,8 @@ def run_subscriber(
 
     if role.sources is not None and subscribe(role.sources):
         stats[SUBSCRIBED] = 1
-    sock.settimeout(POLL)
+    if mapped is None:
+        sock.settimeout(POLL)
     next_stall = next_change = time.monotonic() + 1.0
     while True:
         if not role.witness and config.stall_prob and time.monotonic() >= next_stall:
@@ -641,19 +659,29 @@ def run_subscriber(
                 if subscribe(sources):
                     stats[CHANGES] += 1
                     stats[UNSUBSCRIBES] += int(sources is None)
-                sock.settimeout(POLL)
+                if mapped is None:
+                    sock.settimeout(POLL)
             next_change = time.monotonic() + 1.0
-        try:
-            received = sock.recv_into(verifier.space())
-        except TimeoutError:
-            continue
-        except ConnectionError:
-            received = 0
+        if mapped is not None:
+            received = mapped.read(POLL)
+            stats[SHM_LAPS] = mapped.laps
+            if received is None:
+                continue
+        else:
+            try:
+                received = sock.recv_into(verifier.space())
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                received = 0
+            if received:
+                verifier.commit(received)
         if received == 0:
             stats[TAIL] = verifier.tail
-            stats[STATE] = ENDED if ctrl[0] == STOPPING else CLOSED_BY_RELAY
+            cut_off = mapped is not None and mapped.cut_off
+            stats[SHM_CUT_OFF] = int(cut_off)
+            stats[STATE] = ENDED if ctrl[0] == STOPPING and not cut_off else CLOSED_BY_RELAY
             break
-        verifier.commit(received)
         if role.state_path and verifier.position != recorded and verifier.settled:
             _record(role.state_path, verifier)
             recorded = verifier.position
@@ -682,6 +710,68 @@ def run_subscriber(
         gaps.close()
     if role.keys_path and verifier.keys is not None and verifier.keys_base is not None:
         Path(role.keys_path).write_bytes(verifier.keys_base.to_bytes(8, "little") + verifier.keys.tobytes())
+
+
+class MappedFeed:
+    """A shared-memory subscriber's stream, fed to its verifier: the socket up to the grant, then the mapped log.
+
+    It reads through ``client.shared_log.MappedStream``, which is what
+    ``Subscriber(..., shared_memory=True)`` reads through: the bytes a socket
+    subscriber would get. The mapping carries no notices, so for a positioned
+    subscriber this puts in the ones a socket stream would hold: the grant's
+    position, then before every batch the position it starts at, preceded by a
+    gap notice for each lap the reader recorded. The verifier then checks the
+    mapped stream as it checks a socket one: each position must be exactly
+    where its own count of messages and bytes stands (a ``position`` failure
+    otherwise), and each gap is checked against the witness's record.
+    """
+
+    LIMIT = MiB  # bytes per batch read from the mapping
+
+    def __init__(self, sock: socket.socket, config: ClientConfig, verifier: StreamVerifier):
+        from jitrelay.client.shared_log import MappedStream
+
+        self.verifier = verifier
+        self.gaps: list[protocol.Gap] = []
+        self.laps = 0  # gaps recorded so far, and fed to the verifier
+        self.selection = protocol.EVERYTHING
+        self.stream = MappedStream.take_grant(
+            sock, verifier.feed, logic_for(config.domain), self.selection, self.LIMIT, verifier.positioned, self.gaps
+        )
+        if verifier.positioned:
+            verifier.feed(protocol.position_notice(self.stream.reader.position))
+
+    @property
+    def cut_off(self) -> bool:
+        """The relay lapped this reader, which had not asked for positions: it is cut off."""
+        return self.stream.cut_off is not None
+
+    def select(self, control: bytes) -> None:
+        """The subscriber has just sent the subscription ``control``: the reader filters by it from the head on."""
+        self.selection = protocol.apply_control(self.selection, control)
+        self.stream.select(self.selection)
+
+    def read(self, timeout: float) -> int | None:
+        """Feed the next batch to the verifier: its size, None if there was none yet, 0 at the end of the stream."""
+        stream, verifier = self.stream, self.verifier
+        epoch, offset, number = stream.reader.position
+        try:
+            batch = stream.poll()
+            if batch is None:
+                stream.wait(timeout)
+                return None
+        except EOFError:
+            return 0
+        if verifier.positioned:
+            for gap in self.gaps[
+                self.laps :
+            ]:  # the reader went on from the oldest message kept: the batch starts there
+                verifier.feed(protocol.gap_notice(gap))
+                offset, number = offset + gap.bytes, number + gap.messages
+            self.laps = len(self.gaps)
+            verifier.feed(protocol.position_notice(protocol.Position(epoch, offset, number)))
+        verifier.feed(memoryview(batch))
+        return len(batch)
 
 
 def _record(path: str, verifier: StreamVerifier) -> None:
@@ -801,6 +891,7 @@ class Client:
     killed: bool = False
     replaced: bool = False
     hung: bool = False
+    shm: bool = False  # reads the log from shared memory
 
     @property
     def state(self) -> str:
@@ -821,6 +912,7 @@ class SoakOptions:
     resubscribe: float = 0.2
     resuming: float = 0.5
     sigstop: float = 0.1
+    shm: float = 0.25
     log_size: int = 0  # the relay's log in bytes; 0: RELAY_OPTIONS' 16 MiB
     max_size: int = 1024
     seed: int | None = None
@@ -855,6 +947,7 @@ class Soak:
         self.stopped: dict[int, tuple[Client, float, float]] = {}  # SIGSTOPped: pid -> (client, since, until)
         self.sigstops = 0
         self.sigstop_seconds = 0.0
+        self.sigstopped: Counter[str] = Counter()  # SIGSTOPs by the kind of subscriber stopped
         self.keys_path = None
         self.probes_sent = 0
         self.t0 = 0.0
@@ -887,10 +980,12 @@ class Soak:
         from_start: bool = False,
         witness: bool = False,
         resume: tuple[str, dict[int, int]] | None = None,
+        shm: bool | None = None,
     ) -> Client:
         """Start a publisher in ``slot``, or a subscriber: the witness and a ``--resuming`` share of the others
-        ask for positions (unfiltered), the rest are filtered at connect by the ``--filtered`` share.
-        ``resume`` starts a positioned one where a killed one left off."""
+        ask for positions (unfiltered), the rest are filtered at connect by the ``--filtered`` share; a ``--shm``
+        share of them (the witness aside) reads the log from shared memory. ``resume`` starts a positioned one
+        where a killed one left off; ``shm`` says how it reads (a successor reads as the one it replaces)."""
         index = next(self._indexes)
         stats = self.ctx.RawArray("q", STATS_LEN)
         detail_path = self.run_dir / f"{kind}-{index}.jsonl"
@@ -904,6 +999,8 @@ class Soak:
             positioned = witness or resume is not None or self.rng.random() < self.opts.resuming
             filtered = not witness and not positioned and self.rng.random() < self.opts.filtered
             sources = pick_sources(self.rng, self.ctrl[1:]) if filtered else None
+            if shm is None:
+                shm = not witness and bool(self.opts.shm) and self.rng.random() < self.opts.shm
             if positioned:
                 gaps_path = self.run_dir / f"{kind}-{index}.gaps.jsonl"
                 state_path = None if witness else self.run_dir / f"{kind}-{index}.position.json"
@@ -919,6 +1016,7 @@ class Soak:
                 state_path=str(state_path or ""),
                 gaps_path=str(gaps_path or ""),
                 keys_path=str(self.keys_path) if witness else "",
+                shm=shm,
             )
         seed = (self.seed * 1_000_003 + index) % (1 << 63)
         proc = self.ctx.Process(
@@ -930,7 +1028,7 @@ class Soak:
         proc.start()
         client = Client(
             kind, index, proc, stats, detail_path, key, slot, from_start, witness, filtered, positioned,
-            resume is not None, state_path, gaps_path,
+            resume is not None, state_path, gaps_path, shm=bool(shm),
         )  # fmt: skip
         self.clients.append(client)
         return client
@@ -972,7 +1070,7 @@ class Soak:
             else:
                 resume = (state["position"], {int(k): v for k, v in state["last"].items()})
                 self.resumes += 1
-        self.spawn(victim.kind, slot=victim.slot, resume=resume)
+        self.spawn(victim.kind, slot=victim.slot, resume=resume, shm=victim.shm)
 
     def sigstop_one(self, now: float) -> None:
         """Stop a subscriber other than the witness with SIGSTOP, to be continued with SIGCONT a while later."""
@@ -988,6 +1086,7 @@ class Soak:
                 now + self.rng.uniform(STALL_MIN, max(STALL_MIN, self.opts.stall_max)),
             )
             self.sigstops += 1
+            self.sigstopped[_kind(victim)] += 1
 
     def continue_stopped(self, now: float, every: bool = False) -> None:
         """SIGCONT the stopped subscribers whose time is up (``every``: all of them)."""
@@ -1007,7 +1106,7 @@ class Soak:
             if not client.killed and not client.replaced and client.proc.exitcode is not None:
                 client.replaced = True
                 self.replaced[client.kind] += 1
-                self.spawn(client.kind, slot=client.slot)
+                self.spawn(client.kind, slot=client.slot, shm=client.shm)
 
     # phases
 
@@ -1196,6 +1295,13 @@ class Soak:
         if summary and summary["slow_dropped"] > len(dropped_pids):  # more drops than the pids kept: trust the count
             unexpected = unexpected[summary["slow_dropped"] - len(dropped_pids) :]
         failures["unexpected_close"] = len(unexpected)
+        # A shared-memory reader is cut off only by a lap it reported itself, and one that asked for positions never.
+        miscut = [
+            c
+            for c in subs
+            if c.shm and not c.killed and c.proc.pid in dropped_pids and (c.positioned or not c.stats[SHM_CUT_OFF])
+        ]
+        failures["shm_cut_off"] = len(miscut)
         # The relay closes a stream between messages; bytes left over at a clean end are a torn message.
         torn = [c for c in subs if c.stats[STATE] == ENDED and c.stats[TAIL]]
         failures["torn_tail"] = len(torn)
@@ -1234,6 +1340,8 @@ class Soak:
             details.append({"client": f"{client.kind}-{client.index}", "kind": "hung", "state": client.state})
         for client in unexpected:
             details.append({"client": f"sub-{client.index}", "kind": "unexpected_close", "pid": client.proc.pid})
+        for client in miscut:
+            details.append({"client": f"sub-{client.index}", "kind": "shm_cut_off", "role": _role(client)})
         for name, gap in missing.items():
             if gap:
                 details.append({"client": name, "kind": "missing", "messages": gap})
@@ -1257,6 +1365,7 @@ class Soak:
                 "resubscribe_prob": opts.resubscribe,
                 "resuming": opts.resuming,
                 "sigstop_per_s": opts.sigstop,
+                "shm": opts.shm,
                 "max_size": self.config.max_size,
                 "relay_options": list(self.relay_options()),
             },
@@ -1299,6 +1408,7 @@ class Soak:
                 "clients_replaced_after_exit": dict(self.replaced),
             },
             "positions": resumes,
+            "kinds": {kind: self._kind_figures(kind, subs, dropped_pids) for kind in KINDS},
             "clients": {"publishers": len(pubs), "subscribers": len(subs)},
             "relay": {
                 "exit_code": relay_exit,
@@ -1396,6 +1506,28 @@ class Soak:
         figures["gap_count_failures"] = mismatches
         return {**figures, "mismatches": mismatches, "details": details}
 
+    def _kind_figures(self, kind: str, subs: list[Client], dropped_pids: set[int]) -> dict:
+        """What the subscribers of one kind (``socket`` or ``shm``: how they read) ran and verified, and lost."""
+        mine = [c for c in subs if _kind(c) == kind]
+        positioned = [c for c in mine if c.positioned]
+        return {
+            "subscribers": len(mine),
+            "granted": sum(c.stats[SHM_GRANTED] for c in mine),
+            "positioned": len(positioned),
+            "resumed": sum(1 for c in mine if c.resumed),
+            "filtered": sum(1 for c in mine if c.filtered),
+            "killed": sum(1 for c in mine if c.killed),
+            "sigstops": self.sigstopped[kind],
+            "messages_verified": sum(c.stats[VERIFIED] for c in mine),
+            "verified_under_a_subscription": sum(c.stats[FILTERED_VERIFIED] for c in mine),
+            "failures": sum(c.stats[slot] for c in mine for slot in (*FAILURE_SLOTS.values(), POSITION_FAILURES)),
+            "gap_notices": sum(c.stats[GAP_NOTICES] for c in positioned),
+            "messages_missed": sum(c.stats[GAP_MESSAGES] for c in positioned),
+            "laps": sum(c.stats[SHM_LAPS] for c in mine),  # shm: laps a positioned reader recorded as gaps
+            "cut_off": sum(1 for c in mine if c.proc.pid in dropped_pids),  # dropped as slow, lapped (shm)
+            "cut_off_by_lap": sum(c.stats[SHM_CUT_OFF] for c in mine),
+        }
+
     @staticmethod
     def _broken(client: Client) -> bool:
         """A subscriber that stopped on a framing failure: counted under ``framing``, not as an error."""
@@ -1419,6 +1551,14 @@ class Soak:
         }
 
 
+KINDS = ("socket", "shm")
+
+
+def _kind(client: Client) -> str:
+    """How a subscriber reads its stream: from its socket, or from the relay's log in shared memory."""
+    return "shm" if client.shm else "socket"
+
+
 def _role(client: Client) -> str:
     """What a client was, for a failure's detail."""
     if client.kind == "pub":
@@ -1435,6 +1575,7 @@ def _role(client: Client) -> str:
     changes = client.stats[CHANGES]
     return (
         kind
+        + (", shared memory" if client.shm else "")
         + (", resumed" if client.resumed else "")
         + (", initial" if client.from_start else "")
         + (f", {changes} subscription changes" if changes else "")
@@ -1516,6 +1657,21 @@ def format_report(report: dict) -> str:
             f"{pos['missed_soak_traffic']:,} soak traffic); {pos['gaps_checked']} gaps and {pos['streams_checked']} "
             f"streams checked against the witness, {pos['gap_count_failures']} wrong",
         ),
+        *(
+            (
+                f"{kind} subscribers",
+                f"{k['subscribers']} ({k['positioned']} positioned, {k['resumed']} resumed, {k['filtered']} "
+                f"filtered; {k['killed']} killed, {k['sigstops']} SIGSTOPs), {k['messages_verified']:,} messages "
+                f"verified, {k['failures']} failures; {k['gap_notices']} gaps ({k['messages_missed']:,} messages), "
+                f"{k['cut_off']} cut off"
+                + (
+                    f"; {k['granted']} granted the log, {k['laps']} laps, {k['cut_off_by_lap']} by a lap"
+                    if kind == "shm"
+                    else ""
+                ),
+            )
+            for kind, k in report["kinds"].items()
+        ),
         ("relay received/forwarded", f"{summary.get('received', '-')} / {summary.get('forwarded', '-')}"),
         ("relay rejected / faults", f"{summary.get('rejected') or 0} / {summary.get('faults') or 0}"),
         (
@@ -1594,6 +1750,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"subscriber processes stopped with SIGSTOP per second, for up to --stall-max ({d.sigstop:g})",
     )
     parser.add_argument(
+        "--shm",
+        type=non_negative_float,
+        default=d.shm,
+        help=f"share of subscribers (the witness aside) that read the relay's log from shared memory ({d.shm:g})",
+    )
+    parser.add_argument(
         "--log-size",
         type=parse_byte_count,
         default=0,
@@ -1624,6 +1786,8 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> SoakOpti
         raise UsageError("--resubscribe is a probability per second, 0..1")
     if not 0 <= args.resuming <= 1:
         raise UsageError("--resuming is a share of the subscribers, 0..1")
+    if not 0 <= args.shm <= 1:
+        raise UsageError("--shm is a share of the subscribers, 0..1")
     if args.publishers > 255:
         raise UsageError("at most 255 publishers: each has a source byte of its own")
     if args.max_size < protocol.HEADER_SIZE + 2:
@@ -1643,6 +1807,7 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> SoakOpti
         resubscribe=args.resubscribe,
         resuming=args.resuming,
         sigstop=args.sigstop,
+        shm=args.shm,
         log_size=args.log_size,
         max_size=args.max_size,
         seed=args.seed,

@@ -532,6 +532,70 @@ def test_filtered_subscriber_receives_exactly_its_sources(start_relay: StartRela
     assert (echo_connection.beacons, echo_connection.echoes, echo_connection.error) == (1, 1, None)
 
 
+def test_shared_memory_subscribers_verify_and_account_for_every_lap(start_relay: StartRelay, short_dir: Path) -> None:
+    """Two stalling shared-memory subscribers on a small log, beside a socket one that never stalls.
+
+    The positioned one is lapped and hears of each lap as a gap: what it verified and what its gaps say it
+    missed add up to exactly what was published, as the relay's gap notice count does to its laps. The other
+    is cut off by its first lap, which the relay counts as a slow disconnect (this process's pid).
+    """
+    summary = short_dir / "figures.json"
+    options = ("--summary-file", str(summary), "--slow-policy", "disconnect", "--log-size", "256KiB")
+    relay = start_relay("market_data", *options)
+    config = client_config(relay, publisher_rate=4000.0, max_size=4000, stall_prob=1.0, stall_max=2.0)
+    ctrl = [soak.RUNNING]
+    witness, positioned, plain, pub = ([0] * soak.STATS_LEN for _ in range(4))
+    details = io.StringIO()
+    roles = [
+        soak.SubscriberRole(0, from_start=True, witness=True),
+        soak.SubscriberRole(1, from_start=True, positioned=True, shm=True),
+        soak.SubscriberRole(2, from_start=True, shm=True),
+    ]
+    subscribers = [
+        threading.Thread(target=soak.run_subscriber, args=(config, stats, ctrl, random.Random(i), role, details))
+        for i, (stats, role) in enumerate(zip([witness, positioned, plain], roles, strict=True))
+    ]
+    for thread in subscribers:
+        thread.start()
+    for stats in (witness, positioned, plain):
+        probe_until_attached(relay, stats)
+    publisher = threading.Thread(target=soak.run_publisher, args=(config, pub, ctrl, random.Random(9), 0x0001))
+    publisher.start()
+    wait_for(
+        lambda: plain[soak.STATE] == soak.CLOSED_BY_RELAY and positioned[soak.SHM_LAPS] >= 1,
+        "the shared-memory subscribers were never lapped",
+        60,
+    )
+    ctrl[0] = soak.ENDING
+    publisher.join(10)
+    published = pub[soak.PUBLISHED]
+    wait_for(lambda: witness[soak.VERIFIED] == published, "the socket subscriber fell short")
+    wait_for(
+        lambda: (
+            positioned[soak.VERIFIED] + positioned[soak.GAP_MESSAGES]
+            == published + witness[soak.PROBES] - positioned[soak.PROBES]
+        ),
+        "the positioned shared-memory subscriber's messages and gaps do not add up to what was published",
+    )
+    ctrl[0] = soak.STOPPING
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait_exit(15) == 0
+    for thread in subscribers:
+        thread.join(10)
+    assert not publisher.is_alive() and not any(thread.is_alive() for thread in subscribers)
+    assert details.getvalue() == ""
+    assert (positioned[soak.SHM_GRANTED], plain[soak.SHM_GRANTED], witness[soak.SHM_GRANTED]) == (1, 1, 0)
+    assert positioned[soak.STATE] == witness[soak.STATE] == soak.ENDED
+    assert positioned[soak.GAP_NOTICES] == positioned[soak.SHM_LAPS] >= 1 and positioned[soak.SHM_CUT_OFF] == 0
+    assert (plain[soak.STATE], plain[soak.SHM_CUT_OFF], plain[soak.SHM_LAPS]) == (soak.CLOSED_BY_RELAY, 1, 0)
+    for stats in (witness, positioned, plain):
+        assert [stats[slot] for slot in soak.FAILURE_SLOTS.values()] == [0] * len(soak.FAILURE_SLOTS)
+        assert stats[soak.POSITION_FAILURES] == stats[soak.TAIL] == 0
+    figures = read_figures(summary)
+    assert figures["slow_actions"]["gap_notice"] == positioned[soak.SHM_LAPS]
+    assert figures["slow_actions"]["disconnect"] == 1 and figures["slow_disconnected_pids"] == [os.getpid()]
+
+
 @pytest.mark.parametrize(
     ("args", "error"),
     [
@@ -554,7 +618,7 @@ def test_impossible_soak_is_a_usage_error(args: list[str], error: str, capsys: p
 
 @pytest.mark.timeout(240)
 def test_soak_60s(tmp_path: Path) -> None:
-    """60 s of load with a SIGKILL a second, SIGSTOP stalls, filtered and resuming subscribers, a 2 MiB log.
+    """60 s of load: a SIGKILL a second, SIGSTOP stalls, filtered, resuming and shared-memory subscribers, 2 MiB log.
 
     Every message checks out; killed positioned subscribers resume exactly where they recorded; every gap
     notice counts exactly what the witness saw go by; memory stays flat.
@@ -562,7 +626,7 @@ def test_soak_60s(tmp_path: Path) -> None:
     report_path = tmp_path / "soak.json"
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}  # the relay runs compiled
     args = ["--duration", "60", "--rate", "10000", "--churn", "1", "--seed", "1", "--quiet", "--json", str(report_path)]
-    args += ["--filtered", "0.9", "--resubscribe", "0.2", "--resuming", "0.4", "--sigstop", "0.3"]
+    args += ["--filtered", "0.9", "--resubscribe", "0.2", "--resuming", "0.4", "--sigstop", "0.3", "--shm", "0.5"]
     args += ["--log-size", "2MiB", "--stall-max", "4"]
     done = subprocess.run(
         [sys.executable, "-m", "jitrelay", "soak", *args], capture_output=True, text=True, timeout=220, env=env
@@ -590,6 +654,14 @@ def test_soak_60s(tmp_path: Path) -> None:
     assert positions["gaps_unchecked"] == 0
     assert positions["gaps_checked"] <= positions["gap_notices"]
     assert positions["gap_notices"] <= positions["relay_gap_notices"]  # some went to subscribers killed unread
+    # Shared-memory subscribers ran beside socket ones, were granted the log, and verified as much without a failure.
+    kinds = report["kinds"]
+    shm, sock = kinds["shm"], kinds["socket"]
+    assert shm["subscribers"] >= 1 and shm["granted"] >= 1 and shm["messages_verified"] > 0, kinds
+    assert shm["failures"] == sock["failures"] == 0 and report["failures"]["shm_cut_off"] == 0
+    assert shm["gap_notices"] >= shm["laps"]  # and the relay's, before the grant, to one resuming from out of the log
+    assert positions["gap_notices"] == shm["gap_notices"] + sock["gap_notices"]
+    assert report["faults"]["subscribers_dropped_slow"] == shm["cut_off"] + sock["cut_off"]
     summary = report["relay"]["summary"]
     assert summary["rejected"] == {} and summary["faults"] == {}
     assert summary["control"] >= subscriptions["subscribed_at_connect"] + 1  # and the echo connection's own

@@ -570,13 +570,14 @@ def test_shared_memory_subscribers_verify_and_account_for_every_lap(start_relay:
     publisher.join(10)
     published = pub[soak.PUBLISHED]
     wait_for(lambda: witness[soak.VERIFIED] == published, "the socket subscriber fell short")
+    # Every published message was verified or fell in a gap; a gap may also hold probes this one never read
+    # (the witness read every probe; a probe sent before this one's grant is in neither its stream nor its gaps).
+    unseen_probes = witness[soak.PROBES] - positioned[soak.PROBES]
     wait_for(
-        lambda: (
-            positioned[soak.VERIFIED] + positioned[soak.GAP_MESSAGES]
-            == published + witness[soak.PROBES] - positioned[soak.PROBES]
-        ),
+        lambda: positioned[soak.VERIFIED] + positioned[soak.GAP_MESSAGES] >= published,
         "the positioned shared-memory subscriber's messages and gaps do not add up to what was published",
     )
+    assert positioned[soak.VERIFIED] + positioned[soak.GAP_MESSAGES] <= published + unseen_probes
     ctrl[0] = soak.STOPPING
     relay.send_signal(signal.SIGTERM)
     assert relay.wait_exit(15) == 0

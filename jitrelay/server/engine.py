@@ -728,7 +728,8 @@ class Relay:
             conn.owed.popleft()
 
     def _caught_up(self, conn: Connection) -> None:
-        if conn.sharing and self._grant(conn):
+        if conn.sharing:
+            self._grant(conn)
             return
         asyncio.get_running_loop().remove_writer(conn.fd)
         conn.writing = False
@@ -795,15 +796,20 @@ class Relay:
         if not conn.writing:
             self._write_when_ready(conn)
 
-    def _grant(self, conn: Connection) -> bool:
-        """Send the caught-up ``conn`` its slot and the log's descriptors; False if it must stay on the socket."""
+    def _grant(self, conn: Connection) -> None:
+        """Send the caught-up ``conn`` its slot and the log's descriptors; it stays writing until all is out."""
         log_, memory = self.log, self.memory
         if conn.shared_slot < 0:
             slot = memory.claim(conn.conn_id, log_.head)
-            if slot < 0:
-                log.warning("%s asked for shared memory, but all %d reader slots are taken", conn.peer, memory.readers)
-                conn.sharing = False
-                return False
+            if slot < 0:  # one per connection, as many as connections: only a relay mid-close runs out
+                log.warning(
+                    "closing connection %s: it asked for shared memory, but all %d reader slots are taken",
+                    conn.peer,
+                    memory.readers,
+                )
+                self.stop_sending(conn)
+                conn.transport.close()
+                return
             conn.shared_slot = slot
             if log_.publisher is None:
                 log_.publisher = memory.publish
@@ -814,18 +820,18 @@ class Relay:
             except (BlockingIOError, InterruptedError):
                 memory.release(slot)
                 conn.shared_slot = -1
-                return True  # writability brings it back here
+                return  # writability brings it back here
             except OSError as exc:
                 log.info("%s: send failed (%s); closing", conn.peer, exc)
                 self.stop_sending(conn)
                 conn.transport.abort()
-                return True
+                return
             conn.bytes_out += sent
             if sent < len(notice):
                 conn.prefix += notice[sent:]  # the descriptors went with its first byte; the rest follows
-                return True
+                return
         elif conn.prefix:
-            return True
+            return
         conn.sharing = False
         conn.granted = True
         self.stop_sending(conn)
@@ -838,7 +844,6 @@ class Relay:
             memory.slots[conn.shared_slot, S_POSITION],
         )
         self._retarget()
-        return True
 
     def _lapped(self, conn: Connection, report: protocol.Lapped) -> None:
         """A reader of the mapped log found its bytes overwritten: a gap it was told of, or the end of it."""

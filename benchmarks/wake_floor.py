@@ -54,9 +54,10 @@ def _readers(kind: str, n: int, shared: np.ndarray) -> tuple[list[int], list[soc
                 while theirs.recv(1 << 16):
                     shared[slot] = time.perf_counter_ns()
             else:
+                wait = futex.Waiter(address)
                 while not shared[1]:
                     seen = int(shared[0])
-                    futex.wait(address, seen, 1.0)
+                    wait(seen, 1.0)
                     if int(shared[0]) != seen:
                         shared[slot] = time.perf_counter_ns()
             os._exit(0)

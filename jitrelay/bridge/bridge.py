@@ -467,6 +467,22 @@ class Bridge:
             return 0, "it holds a control message"
         return result.count, None
 
+    def _gap_from_nats(self, sender: str, expected: tuple[int, int], sequence: int, offset: int) -> None:
+        """Messages ``expected`` up to ``sequence`` of bridge ``sender`` never arrived: count them and say so."""
+        missing, missing_bytes = sequence - expected[0], offset - expected[1]
+        gap = self.figures.gap_from_nats
+        gap.messages += missing
+        gap.bytes += missing_bytes
+        gap.events += 1
+        log.warning(
+            "gap from NATS: %d messages (%d bytes) of bridge %s never arrived (messages %d to %d)",
+            missing,
+            missing_bytes,
+            sender,
+            expected[0],
+            sequence - 1,
+        )
+
     def _follow_stream(self, headers: dict[str, str] | None, count: int, size: int) -> None:
         """Check a NATS message's place in its sender's stream; count and log what went missing before it."""
         if not headers or HEADER_BRIDGE not in headers:
@@ -479,20 +495,9 @@ class Bridge:
             return
         expected = self._streams.pop(sender, None)
         if expected is not None:
-            missing, missing_bytes = sequence - expected[0], offset - expected[1]
+            missing = sequence - expected[0]
             if missing > 0:
-                gap = self.figures.gap_from_nats
-                gap.messages += missing
-                gap.bytes += missing_bytes
-                gap.events += 1
-                log.warning(
-                    "gap from NATS: %d messages (%d bytes) of bridge %s never arrived (messages %d to %d)",
-                    missing,
-                    missing_bytes,
-                    sender,
-                    expected[0],
-                    sequence - 1,
-                )
+                self._gap_from_nats(sender, expected, sequence, offset)
             elif missing < 0:
                 log.warning("bridge %s: messages from %d arrived after %d; out of order", sender, sequence, expected[0])
         elif len(self._streams) >= MAX_STREAMS:
@@ -892,19 +897,7 @@ class Bridge:
                 self._held.setdefault(sender, {})[previous] = (time.monotonic(), msg)
                 return
             if sequence > expected[0]:
-                missing, missing_bytes = sequence - expected[0], offset - expected[1]
-                gap = self.figures.gap_from_nats
-                gap.messages += missing
-                gap.bytes += missing_bytes
-                gap.events += 1
-                log.warning(
-                    "gap from NATS: %d messages (%d bytes) of bridge %s never arrived (messages %d to %d)",
-                    missing,
-                    missing_bytes,
-                    sender,
-                    expected[0],
-                    sequence - 1,
-                )
+                self._gap_from_nats(sender, expected, sequence, offset)
         skip = 0 if expected is None else max(0, expected[0] - sequence)
         view = memoryview(data)
         if skip:  # part of it was written before (the sender cut its batches differently after a restart)

@@ -63,6 +63,7 @@ import numpy as np
 from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.units import MiB
+from jitrelay.core.views import message_offsets
 
 log = logging.getLogger("jitrelay.bridge")
 
@@ -456,7 +457,8 @@ class JournalTail:
                 if fault != protocol.NO_FAULT:
                     raise protocol.ProtocolError(f"{self.path(segment)}: not a message at byte offset {offset}")
                 if consumed == 0 and len(data) == TAIL_READ:  # one message longer than a read
-                    size = protocol.HEADER_SIZE + int(buf[24:28].view("<u4")[0])
+                    payload = buf[protocol.OFF_PAYLOAD_SIZE : protocol.OFF_PAYLOAD_SIZE + 4].view("<u4")
+                    size = protocol.HEADER_SIZE + int(payload[0])
                     with open(self.path(segment), "rb") as f:
                         f.seek(offset)
                         data = f.read(size)
@@ -477,15 +479,9 @@ class JournalTail:
 
 
 def message_bounds(buf: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) of each whole message in ``buf``."""
-    bounds = []
-    pos, end = 0, len(buf)
-    sizes = buf.view(np.uint8)
-    while pos + protocol.HEADER_SIZE <= end:
-        size = protocol.HEADER_SIZE + int(sizes[pos + 24 : pos + 28].view("<u4")[0])
-        bounds.append((pos, pos + size))
-        pos += size
-    return bounds
+    """(start, end) of each message of ``buf``, a batch of whole messages."""
+    starts = message_offsets(buf)
+    return list(zip(starts.tolist(), [*starts[1:].tolist(), len(buf)], strict=True))
 
 
 @dataclass

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from jitrelay.client.shared_log import IDLE_CHECK_SECONDS, MappedStream
+from jitrelay.client.shared_log import IDLE_CHECK_SECONDS, CutOff, MappedStream
 from jitrelay.core import protocol
 from jitrelay.core.domains import RelayLogic, logic_for
 from jitrelay.core.views import COLUMNS_FROM, MessageView, batch_headers, iter_views, message_offsets
@@ -58,6 +58,7 @@ from jitrelay.kernels.framer import DEFAULT_BUFFER_SIZE, Buffer, MessageFramer
 __all__ = [
     "AsyncPublisher",
     "AsyncSubscriber",
+    "CutOff",
     "MessageFramer",
     "MessageView",
     "Publisher",

@@ -29,7 +29,9 @@ import numpy as np
 from jitrelay import kernels
 from jitrelay.core import protocol, shared_log
 from jitrelay.core.domains import RelayLogic
+from jitrelay.core.views import message_offsets
 from jitrelay.kernels import futex
+from jitrelay.kernels.framer import MessageFramer
 
 
 class SharedLogReader:
@@ -128,6 +130,10 @@ class SharedLogReader:
         return report
 
 
+class CutOff(EOFError):
+    """The end of a shared-memory reader's stream because the relay lapped it (no positions asked for)."""
+
+
 IDLE_CHECK_SECONDS = 0.05  # how long a caught-up reader sleeps before it looks whether the relay is still there
 GRANT_TIMEOUT = 10.0  # how long a subscriber waits for the relay to hand over its log
 
@@ -155,7 +161,7 @@ class MappedStream:
         self.limit = limit
         self.positioned = positioned
         self.gaps = gaps
-        self.cut_off: EOFError | None = None
+        self.cut_off: CutOff | None = None
         self._selection = protocol.EVERYTHING
         self._route: tuple | None = None
         # Subscriptions asked for while the log held messages not read yet: (stream offset, selection), oldest first.
@@ -176,8 +182,7 @@ class MappedStream:
         gaps: list[protocol.Gap],
     ) -> MappedStream:
         """Read the socket up to the relay's grant: what came before goes to ``feed``; the grant opens the mapping."""
-        pending = bytearray()
-        at = 0  # where the first message not yet looked at starts: each byte is looked at once
+        framer = MessageFramer()
         received: list[int] = []
         sock.settimeout(GRANT_TIMEOUT)
         try:
@@ -189,25 +194,24 @@ class MappedStream:
                 received += fds
                 if not data:
                     raise ConnectionError("the relay closed the connection instead of handing over its log")
-                pending += data
-                while len(pending) - at >= protocol.HEADER_SIZE:
-                    size = protocol.HEADER_SIZE + int.from_bytes(
-                        pending[at + protocol.OFF_PAYLOAD_SIZE : at + protocol.OFF_PAYLOAD_SIZE + 4], "little"
-                    )
-                    if len(pending) - at < size:
-                        break
-                    if pending[at + protocol.OFF_DOMAIN] == protocol.SYSTEM:
-                        notice = protocol.read_notice(bytes(pending[at : at + size]))
-                        if isinstance(notice, protocol.SharedLog):
-                            if len(received) != 2:
-                                raise ConnectionError(f"the relay's grant came with {len(received)} descriptors, not 2")
-                            feed(bytes(pending[:at]))
-                            log_fd, slots_fd = received
-                            received = []
-                            reader = SharedLogReader(notice, log_fd, slots_fd, protocol.HEADER_SIZE + logic.max_payload)
-                            sock.settimeout(None)
-                            return cls(sock, reader, logic, selection, limit, positioned, gaps)
-                    at += size
+                framer.feed(data)
+                while (batch := framer.maybe_extract_batch()) is not None:
+                    starts = message_offsets(batch)
+                    ends = np.append(starts[1:], len(batch))
+                    for k in np.flatnonzero(batch[starts + protocol.OFF_DOMAIN] == protocol.SYSTEM).tolist():
+                        at = int(starts[k])
+                        notice = protocol.read_notice(batch[at : ends[k]].tobytes())
+                        if not isinstance(notice, protocol.SharedLog):
+                            continue
+                        if len(received) != 2:
+                            raise ConnectionError(f"the relay's grant came with {len(received)} descriptors, not 2")
+                        feed(batch[:at].tobytes())
+                        log_fd, slots_fd = received
+                        received = []
+                        reader = SharedLogReader(notice, log_fd, slots_fd, protocol.HEADER_SIZE + logic.max_payload)
+                        sock.settimeout(None)
+                        return cls(sock, reader, logic, selection, limit, positioned, gaps)
+                    feed(batch.tobytes())
         finally:
             for fd in received:
                 with contextlib.suppress(OSError):
@@ -232,7 +236,7 @@ class MappedStream:
             return
         capacity = self.limit + self.reader.max_message
         self._route = (
-            kernels.tables_for(self.logic),
+            kernels.tables_for(self.logic)._replace(verify_checksum=False),  # the relay verified what it logged
             kernels.ScanBuffers(capacity),
             kernels.group_tables([selection]),
             kernels.RouteBuffers(capacity, 1),
@@ -315,7 +319,7 @@ class MappedStream:
         if self.positioned:
             self.gaps.append(protocol.Gap(protocol.GAP_LEFT_LOG, report.messages, report.bytes))
             return
-        self.cut_off = EOFError(
+        self.cut_off = CutOff(
             f"the relay overwrote {report.messages} messages ({report.bytes} bytes) this shared-memory reader "
             "had not read yet: it is cut off, as a slow socket subscriber would be"
         )

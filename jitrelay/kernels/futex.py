@@ -29,12 +29,8 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-def available() -> bool:
-    return _SYS_FUTEX is not None
-
-
 class Waker:
-    """``wake_all`` on one word, its arguments converted once: the relay calls it after every append."""
+    """``FUTEX_WAKE`` of every waiter on one word, its arguments converted once: the relay calls it per append."""
 
     def __init__(self, address: int) -> None:
         self._args = (
@@ -43,6 +39,7 @@ class Waker:
         )  # fmt: skip
 
     def __call__(self) -> int:
+        """Wake everyone waiting on the word; how many were."""
         woken = _syscall(*self._args)
         if woken < 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
@@ -61,24 +58,14 @@ class Waiter:
         )  # fmt: skip
 
     def __call__(self, seen: int, timeout: float) -> bool:
-        """As ``wait``."""
+        """Sleep while the word still holds ``seen`` (its low 32 bits), at most ``timeout`` seconds.
+
+        Returns on a wake, on a timeout, at once if the word already moved, or
+        on a signal; the caller looks at the log again in every case. False
+        only when the whole timeout passed.
+        """
         timeout = max(0.0, timeout)
         self._seen.value = seen & 0xFFFFFFFF
         self._timespec.tv_sec = int(timeout)
         self._timespec.tv_nsec = int((timeout % 1.0) * 1e9)
         return _syscall(*self._args) == 0 or ctypes.get_errno() != errno.ETIMEDOUT
-
-
-def wake_all(address: int) -> int:
-    """Wake every process waiting on the word at ``address``; how many were."""
-    return Waker(address)()
-
-
-def wait(address: int, seen: int, timeout: float) -> bool:
-    """Sleep while the word at ``address`` still holds ``seen`` (its low 32 bits), at most ``timeout`` seconds.
-
-    Returns on a wake, on a timeout, at once if the word already moved, or on
-    a signal; the caller looks at the log again in every case. False only
-    when the whole timeout passed.
-    """
-    return Waiter(address)(seen, timeout)

@@ -226,10 +226,8 @@ class Relay:
         self.log = RelayLog(ring_size, mirror, ring=self.memory.ring, reserve=logic.buffer_size)
         self.ring_bytes = memoryview(self.log.ring)
         self.memory.start(self.log.epoch)
-        self._shared: dict[Connection, int] = {}  # readers of the mapped log, and their slots
+        self._shared: set[Connection] = set()  # readers of the mapped log (each knows its slot)
         self._shared_timer: asyncio.TimerHandle | None = None
-        self.shared_grants = 0
-        self.shared_lapped = 0
         self.connections: dict[int, Connection] = {}
         # Who receives what: connections without a filter get every forwarded
         # byte; each distinct filter is a group whose runs ``kernels.scan_and_route`` cuts.
@@ -247,7 +245,6 @@ class Relay:
         self._held: set[Connection] = set()
         self._journal_held: list[Connection] = []  # publishers whose batch waits for the journal to write again
         self._journal_retry: asyncio.TimerHandle | None = None
-        self.journal_pauses = 0
         self._next_id = 0
         self._reading = True
         self.retired_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
@@ -301,10 +298,10 @@ class Relay:
         self.retired_counts += conn.counts
         self.retired_bytes_in += conn.bytes_in
         if conn.shared_slot >= 0:
-            self._shared.pop(conn, None)
+            self._shared.discard(conn)
             self.memory.release(conn.shared_slot)
             conn.shared_slot = -1
-            if not self.memory.owners:
+            if not self.memory.claimed:
                 self.log.publisher = None  # no reader maps the log: appends stop publishing its extent
             self._release_held()
         self._retarget()
@@ -368,17 +365,12 @@ class Relay:
         if self._journal_retry is not None:  # the journal does not write: nothing more is read until it does
             self._hold_for_journal(conn)
             return
-        if self.logic.slow_policy == BLOCK and (self._behind or self._shared) and not self._has_room(conn.filled):
+        if self._must_hold(conn.filled):
             self._hold(conn)
             return
         counted = conn.counts.copy() if self.journal is not None else None  # undone if the journal refuses
         before = int(conn.counts[protocol.FORWARD])
-        if self._groups:  # some subscriber has a filter: the same compiled call cuts each group's runs
-            result, self._routed = kernels.scan_and_route(
-                conn.buf, 0, conn.filled, self.tables, self.scan_out, self._group_tables, self._routed, conn.counts
-            )
-        else:
-            result = kernels.scan_into(conn.buf, 0, conn.filled, self.tables, self.scan_out, conn.counts)
+        result = self._scan(conn, conn.buf, 0, conn.filled)
         if result.forwarded_bytes and not self._forward(
             conn, result, int(conn.counts[protocol.FORWARD]) - before, arrived
         ):
@@ -414,37 +406,39 @@ class Relay:
         return at
 
     def on_direct_data(self, conn: Connection, at: int, arrived: int) -> None:
-        """A read that landed in the ring at ``at``: forward it where it lies, or hand it to ``on_data``."""
+        """A read that landed in the ring at ``at``: forward it where it lies, or hand it to ``on_data``.
+
+        ``on_data`` takes whatever this does not: a read with anything but forwarded messages, one that
+        ``block`` must hold, one the journal refused (it then holds the publisher until the journal writes).
+        """
         n = conn.filled
         ring = self.log.ring
-        if not (
-            self.logic.slow_policy == BLOCK and (self._behind or self._shared) and not self._has_room(n)
-        ):  # under ``block`` without room the usual way holds the publisher
+        if not self._must_hold(n):
             counted = conn.counts.copy()
             before = int(counted[protocol.FORWARD])
-            if self._groups:
-                result, self._routed = kernels.scan_and_route(
-                    ring, at, at + n, self.tables, self.scan_out, self._group_tables, self._routed, conn.counts
-                )
-            else:
-                result = kernels.scan_into(ring, at, at + n, self.tables, self.scan_out, conn.counts)
+            result = self._scan(conn, ring, at, at + n)
             size = result.forwarded_bytes
-            if size and size == result.consumed - at and not result.controls and result.fault == protocol.NO_FAULT:
-                conn.filled = 0
-                if self._forward(conn, result, int(conn.counts[protocol.FORWARD]) - before, arrived, direct=at):
-                    leftover = n - size
-                    if leftover:
-                        conn.buf[:leftover] = ring[at + size : at + n]
-                    conn.filled = leftover
-                    return
-                conn.filled = n  # the journal refused it: from the connection's own buffer when it writes again
-                conn.counts[:] = counted
-                conn.buf[:n] = ring[at : at + n]
-                self._hold_for_journal(conn)
+            clean = size == result.consumed - at and not result.controls and result.fault == protocol.NO_FAULT
+            if size and clean and self._forward(conn, result, int(conn.counts[protocol.FORWARD]) - before, arrived, at):
+                conn.filled = n - size
+                conn.buf[: conn.filled] = ring[at + size : at + n]
                 return
-            conn.counts[:] = counted
+            conn.counts[:] = counted  # judged again there
         conn.buf[:n] = ring[at : at + n]
         self.on_data(conn, arrived)
+
+    def _must_hold(self, nbytes: int) -> bool:
+        """Under ``block``: whether ``nbytes`` more would pass the slowest cursor, so the publisher waits."""
+        return self.logic.slow_policy == BLOCK and bool(self._behind or self._shared) and not self._has_room(nbytes)
+
+    def _scan(self, conn: Connection, buf: np.ndarray, start: int, end: int) -> kernels.ScanResult:
+        """Frame and judge ``buf[start:end]`` for ``conn``; with filters, each group's runs in the same call."""
+        if self._groups:
+            result, self._routed = kernels.scan_and_route(
+                buf, start, end, self.tables, self.scan_out, self._group_tables, self._routed, conn.counts
+            )
+            return result
+        return kernels.scan_into(buf, start, end, self.tables, self.scan_out, conn.counts)
 
     def _forward(
         self, sender: Connection, result: kernels.ScanResult, messages: int, arrived: int, direct: int = -1
@@ -835,8 +829,7 @@ class Relay:
         conn.sharing = False
         conn.granted = True
         self.stop_sending(conn)
-        self._shared[conn] = conn.shared_slot
-        self.shared_grants += 1
+        self._shared.add(conn)
         log.info(
             "%s reads the log from shared memory (slot %d) from offset %d",
             conn.peer,
@@ -850,7 +843,6 @@ class Relay:
         if not conn.granted:
             log.info("%s sent a lapped report but does not read shared memory; ignored", conn.peer)
             return
-        self.shared_lapped += 1
         if conn.positioned:
             self.gap_notices += 1
             log.warning(
@@ -1022,7 +1014,6 @@ class Relay:
             self.journal_errors += 1
             if self.logic.journal_on_error == JOURNAL_PAUSE:
                 if self._journal_retry is None:
-                    self.journal_pauses += 1
                     log.error(
                         "journal %s: append failed (%s); holding publishers, nothing unjournaled is forwarded",
                         self.journal.path,
@@ -1142,7 +1133,7 @@ class Relay:
     def _has_room(self, nbytes: int) -> bool:
         """Under ``block``: whether ``nbytes`` more fit in the log without passing the slowest cursor."""
         tail = self.log.tail_after(min(nbytes, self.log.capacity))
-        if self._shared and int(self.memory.positions(list(self._shared.values())).min()) < tail:
+        if self._shared and int(self.memory.positions([c.shared_slot for c in self._shared]).min()) < tail:
             return False
         return all(conn.needed() >= tail for conn in self._behind)
 

@@ -254,7 +254,7 @@ class Replay:
 
     def __init__(self, segments: list[tuple[Path, int, int, int]], start: int, offset: int, message: int) -> None:
         self._segments = segments[start:]
-        path, epoch, first, number = self._segments[0]
+        path, epoch, first, _ = self._segments[0]
         self._file = open(path, "rb")  # noqa: SIM115 - read across many calls, closed by close()
         self._file.seek(offset - first)
         self.epoch, self.offset, self.message = epoch, offset, message

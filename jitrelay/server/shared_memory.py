@@ -49,7 +49,6 @@ class SharedLogMemory:
         self.slots = shared_log.slots_view(self._slots_map)
         self._wake = futex.Waker(self.header.ctypes.data + 8 * shared_log.W_WAKE)
         self._free = list(range(readers - 1, -1, -1))
-        self.owners: dict[int, int] = {}  # slot -> connection id
 
     def start(self, epoch: int) -> None:
         """Write the header of the log of relay process ``epoch``: readers may map it from now on."""
@@ -67,13 +66,17 @@ class SharedLogMemory:
         slot = self._free.pop()
         self.slots[slot, shared_log.S_POSITION] = position
         self.slots[slot, shared_log.S_OWNER] = owner
-        self.owners[slot] = owner
         return slot
 
     def release(self, slot: int) -> None:
-        if self.owners.pop(slot, None) is not None:
+        if self.slots[slot, shared_log.S_OWNER]:
             self.slots[slot] = 0
             self._free.append(slot)
+
+    @property
+    def claimed(self) -> int:
+        """Slots given to readers now."""
+        return self.readers - len(self._free)
 
     def positions(self, slots: list[int]) -> np.ndarray:
         """How far the readers in ``slots`` say they have read."""

@@ -84,13 +84,12 @@ from pathlib import Path
 from typing import Any
 
 from jitrelay.core import protocol
-from jitrelay.core.config import parse_byte_count
 from jitrelay.core.domains import LOGICS, logic_for
 from jitrelay.core.units import MiB
 from jitrelay.testing.processes import die_with_parent
 from jitrelay.testing.procfs import proc_status
 from jitrelay.testing.relay import ProcessFailed, RelayProcess
-from jitrelay.tools.options import non_negative, non_negative_float
+from jitrelay.tools.options import add_byte_option, non_negative, non_negative_float
 from jitrelay.tools.usage import UsageError
 
 READY_TIMEOUT = 60.0  # a relay on a fresh checkout compiles its kernels first
@@ -1755,11 +1754,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.shm,
         help=f"share of subscribers (the witness aside) that read the relay's log from shared memory ({d.shm:g})",
     )
-    parser.add_argument(
-        "--log-size",
-        type=parse_byte_count,
-        default=0,
-        help="the relay's log (16MiB); a smaller one leaves stalled subscribers behind sooner",
+    add_byte_option(
+        parser, "--log-size", "the relay's log (16MiB); a smaller one leaves stalled subscribers behind sooner", 0
     )
     parser.add_argument(
         "--max-size", type=non_negative, default=d.max_size, help=f"largest message in bytes ({d.max_size})"

@@ -58,13 +58,13 @@ class Log:
 
     def reader(self) -> SharedLogReader:
         """A reader granted from the head, as the relay grants one: a slot, the epoch, duplicated descriptors."""
-        slot = self.memory.claim(owner=1 + len(self.memory.owners), position=self.log.head)
+        slot = self.memory.claim(owner=1 + self.memory.claimed, position=self.log.head)
         grant = protocol.SharedLog(self.log.epoch, self.log.head, self.log.messages, slot)
         log_fd, slots_fd = (os.dup(fd) for fd in self.memory.descriptors)
         return SharedLogReader(grant, log_fd, slots_fd, MIRROR)
 
     def slot_position(self, reader: SharedLogReader) -> int:
-        return int(self.memory.positions(list(self.memory.owners))[0])
+        return int(self.memory.positions([0])[0])  # the first reader's: slots are given from 0
 
     def close(self) -> None:
         self.memory.close()

@@ -84,6 +84,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from jitrelay.client.shared_log import CutOff
 from jitrelay.core import protocol
 from jitrelay.core.protocol import (
     MAGIC,
@@ -618,7 +619,7 @@ class _MappedReads(_Reads):
             try:
                 batch = recv_batch(POLL_SECONDS)
             except EOFError as exc:  # the relay went away, or overwrote what this reader had yet to read
-                self.stop = "lapped" if "overwrote" in str(exc) else "closed by relay"
+                self.stop = "lapped" if isinstance(exc, CutOff) else "closed by relay"
                 return
             if batch is None:
                 self.stop = ending.on_timeout(self.received())
@@ -927,7 +928,7 @@ def fanout_host(
             try:
                 batch = subs[k].recv_batch(timeout)
             except EOFError as exc:
-                ended[k] = "lapped" if "overwrote" in str(exc) else "closed by relay"
+                ended[k] = "lapped" if isinstance(exc, CutOff) else "closed by relay"
                 return None
             if batch is not None:
                 take(k, batch, len(batch), time.monotonic_ns())
@@ -1074,7 +1075,9 @@ class Options:
     progress: bool
     argv: list[str] = field(default_factory=list)
     idle_subscribers: int = 0  # W1 on jitrelay: subscribers connected beside the measured ones that select nothing
-    fanout_subscribers: list[int] = field(default_factory=lambda: [1, 10, 100, 200])
+    fanout_subscribers: list[int] = field(
+        default_factory=lambda: [int(n) for n in DEFAULT_FANOUT_SUBSCRIBERS.split(",")]
+    )
     fanout_interval_ms: float = DEFAULT_FANOUT_INTERVAL_MS
     fanout_hosts: int = DEFAULT_FANOUT_HOSTS
 
@@ -1628,6 +1631,11 @@ def _subscribers(run: dict) -> int:
     return run["subscribers"]
 
 
+def _counts(text: str) -> list[int]:
+    """``1,10,100``: subscriber counts."""
+    return [int(n) for n in _names(text)]
+
+
 def _p50_ratio(run: dict, key: str) -> str:
     value = (run.get(key) or {}).get("p50")
     return "-" if value is None else f"{value:.2f}"
@@ -1819,7 +1827,7 @@ def options(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
     if not args.duration > 0 or not args.rate > 0 or args.startup_runs < 0:
         raise UsageError("--duration and --rate must be positive, --startup-runs at least 0")
     try:
-        fanout = [int(n) for n in _names(args.fanout_subscribers)]
+        fanout = _counts(args.fanout_subscribers)
     except ValueError:
         raise UsageError(
             f"--fanout-subscribers takes comma-separated counts, not {args.fanout_subscribers!r}"

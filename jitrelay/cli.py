@@ -30,7 +30,14 @@ from jitrelay import __version__, kernels
 from jitrelay.client import Publisher, RelayConnectionError, Subscriber
 from jitrelay.core import protocol
 from jitrelay.core.config import ConfigError, build_logic, format_byte_count, read_config, render_config
-from jitrelay.core.domains import JOURNAL_FSYNC, JOURNAL_ON_ERROR, LOGICS, SLOW_POLICIES, RelayLogic
+from jitrelay.core.domains import (
+    CHECKSUM_POLICIES,
+    JOURNAL_FSYNC,
+    JOURNAL_ON_ERROR,
+    LOGICS,
+    SLOW_POLICIES,
+    RelayLogic,
+)
 from jitrelay.core.folders import UntrustedFolder
 from jitrelay.core.units import MiB
 from jitrelay.tools.options import (
@@ -128,6 +135,26 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
         metavar="CIDR",
         help="admit TCP clients from this network (repeatable; replaces the default 127.0.0.0/8 and ::1/128)",
     )
+    parser.add_argument(
+        "--versions",
+        type=lambda text: tuple(sorted(byte_list(text))),
+        metavar="V,V",
+        help="header versions accepted; any other is bad_version (1,2: Torq writes 1)",
+    )
+    parser.add_argument(
+        "--checksum",
+        choices=CHECKSUM_POLICIES,
+        help="checksum policy: off, if_set (0 means not computed) or required (the domain's default)",
+    )
+    parser.add_argument(
+        "--domain-id",
+        type=source_id,
+        metavar="N",
+        help="the header domain byte this relay takes (for producers of Torq's 0-based numbering)",
+    )
+    parser.add_argument(
+        "--no-vendor-types", action="store_true", help="reject vendor TLV types 200..254, accepted by default"
+    )
 
 
 # The relay options that set one ``RelayLogic`` field to their value as given: option's dest -> field.
@@ -142,6 +169,9 @@ _FIELD_OPTIONS = {
     "metrics_port": "metrics_port",
     "summary_file": "summary_file",
     "log_size": "log_size",
+    "versions": "versions",
+    "checksum": "checksum",
+    "domain_id": "domain_id",
 }
 
 
@@ -167,6 +197,8 @@ def relay_overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["listen"] = tuple(args.listen)
     if args.allow_network is not None:
         overrides["allowed_networks"] = tuple(args.allow_network)
+    if args.no_vendor_types:
+        overrides["vendor_types"] = False
     return overrides
 
 

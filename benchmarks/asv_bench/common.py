@@ -105,7 +105,7 @@ def route_fixture(groups: int, size: int = 71) -> RouteFixture:
 
 def tables(crc: bool) -> kernels.KernelTables:
     """market_data's kernel tables; with ``crc`` the same domain verifying checksums."""
-    return kernels.tables_for(MarketDataLogic(verify_checksum=crc))
+    return kernels.tables_for(MarketDataLogic(checksum="required" if crc else "off"))
 
 
 class ScanFixture(NamedTuple):

@@ -288,8 +288,7 @@ class Bridge:
         self._last_error: tuple[str, float] = ("", 0.0)
         self._stopping = False
         logic = logic_for(self.domain, max_payload=options.max_payload)
-        tables = kernels.tables_for(logic)
-        self._tables = kernels.KernelTables(tables.domain, tables.max_payload, False, tables.type_allowed)
+        self._tables = kernels.tables_for(logic)._replace(checksum_policy=protocol.CHECKSUM_OFF)
         self._scan_out = kernels.ScanBuffers(64 * 1024)
         self._scan_counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
         self.lossy = not options.hold_when_full
@@ -462,7 +461,7 @@ class Bridge:
             return 0, f"ends {len(buf) - result.consumed} bytes into an unfinished message"
         if (
             result.count
-            and (buf[self._scan_out.offsets[: result.count] + protocol.OFF_DOMAIN] == protocol.SYSTEM).any()
+            and (buf[self._scan_out.offsets[: result.count] + protocol.OFF_DOMAIN] == protocol.CONTROL_DOMAIN).any()
         ):
             return 0, "it holds a control message"
         return result.count, None

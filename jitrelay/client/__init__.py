@@ -135,16 +135,20 @@ class _PublisherState(_Endpoint):
         checksum: bool | None,
         publish_only: bool,
         flush_size: int,
+        version: int,
     ):
         super().__init__(domain, socket_path)
         if not 0 <= source <= 255:
             raise ValueError(f"source {source} is not a byte value (0..255)")
+        if not 0 <= version <= 255:
+            raise ValueError(f"version {version} is not a byte value (0..255)")
         if flush_size < 1:
             raise ValueError("flush_size must be positive")
         self.domain_id = self.logic.domain_id
         self.source = source
         self.next_sequence = 0
-        self._checksum = self.logic.verify_checksum if checksum is None else checksum
+        self._checksum = self.logic.verifies_checksums if checksum is None else checksum
+        self.version = version
         self.publish_only = publish_only
         self.flush_size = flush_size
         # Room for a full flush plus one more message of standard records; larger ones take the slow path.
@@ -152,7 +156,7 @@ class _PublisherState(_Endpoint):
         self._view = memoryview(self._buf)
         self._limit = len(self._buf)
         self._fill = 0
-        self._prefix = protocol.MAGIC | self.domain_id << 32 | protocol.VERSION << 40 | source << 48
+        self._prefix = protocol.MAGIC | self.domain_id << 32 | version << 40 | source << 48
         # A message of one standard record of the value length last published: (length, size, its pack_into).
         self._one: tuple[int, int, Callable[..., None]] = _NO_LAYOUT
         if publish_only:
@@ -300,6 +304,10 @@ class Publisher(_PublisherState):
     Only whole messages are ever buffered or written, so a publisher killed
     with messages still buffered loses those messages, never part of one.
 
+    Headers carry ``version`` (jitrelay's 2 unless told; a relay accepts
+    what its ``versions`` setting lists, 1 and 2 by default). The checksum is
+    computed when the domain's policy checks it, unless ``checksum`` says.
+
     The publisher tells the relay it only publishes (a ``PUBLISH_ONLY``
     control message, see docs/protocol.md), so the relay sends it nothing and
     it never reads. With ``publish_only=False`` it stays an ordinary
@@ -316,10 +324,11 @@ class Publisher(_PublisherState):
         linger: float = 0.0,
         flush_size: int = DEFAULT_FLUSH_SIZE,
         publish_only: bool = True,
+        version: int = protocol.VERSION,
     ):
         if linger < 0:
             raise ValueError("linger must be at least 0")
-        super().__init__(domain, socket_path, source, checksum, publish_only, flush_size)
+        super().__init__(domain, socket_path, source, checksum, publish_only, flush_size, version)
         self.linger = linger
         self._sock: socket.socket | None = _connect(domain, self.socket_path)
         self._sock.setblocking(False)
@@ -595,7 +604,7 @@ class _SubscriberState(_Endpoint):
         if not self.positioned:
             return [(batch, None)]
         starts = message_offsets(batch)
-        notices = np.flatnonzero(batch[starts + protocol.OFF_DOMAIN] == protocol.SYSTEM)
+        notices = np.flatnonzero(batch[starts + protocol.OFF_DOMAIN] == protocol.CONTROL_DOMAIN)
         ends = np.append(starts[1:], len(batch))
         found: list[tuple[np.ndarray, protocol.Position | None]] = []
         at = 0
@@ -938,8 +947,9 @@ class AsyncPublisher(_PublisherState):
         checksum: bool | None = None,
         flush_size: int = DEFAULT_FLUSH_SIZE,
         publish_only: bool = True,
+        version: int = protocol.VERSION,
     ):
-        super().__init__(domain, socket_path, source, checksum, publish_only, flush_size)
+        super().__init__(domain, socket_path, source, checksum, publish_only, flush_size, version)
         self._writer: asyncio.StreamWriter | None = None
         self._discarding: asyncio.Task[None] | None = None
         self._closed_by_relay = False

@@ -198,7 +198,7 @@ class MappedStream:
                 while (batch := framer.maybe_extract_batch()) is not None:
                     starts = message_offsets(batch)
                     ends = np.append(starts[1:], len(batch))
-                    for k in np.flatnonzero(batch[starts + protocol.OFF_DOMAIN] == protocol.SYSTEM).tolist():
+                    for k in np.flatnonzero(batch[starts + protocol.OFF_DOMAIN] == protocol.CONTROL_DOMAIN).tolist():
                         at = int(starts[k])
                         notice = protocol.read_notice(batch[at : ends[k]].tobytes())
                         if not isinstance(notice, protocol.SharedLog):
@@ -236,7 +236,9 @@ class MappedStream:
             return
         capacity = self.limit + self.reader.max_message
         self._route = (
-            kernels.tables_for(self.logic)._replace(verify_checksum=False),  # the relay verified what it logged
+            kernels.tables_for(self.logic)._replace(
+                checksum_policy=protocol.CHECKSUM_OFF
+            ),  # the relay verified what it logged
             kernels.ScanBuffers(capacity),
             kernels.group_tables([selection]),
             kernels.RouteBuffers(capacity, 1),

@@ -1,7 +1,7 @@
 """What makes one relay domain differ from another, and nothing else.
 
-A ``RelayLogic`` is data: the domain id, the TLV types it carries, whether it
-verifies checksums, its limits and its slow-subscriber policy. The engine
+A ``RelayLogic`` is data: the domain id, the header versions and TLV types it
+carries, its checksum policy, its limits and its slow-subscriber policy. The engine
 never asks it anything per message; it turns itself once into the flat
 ``KernelTables`` the compiled scan reads. A new domain is one subclass and
 one ``LOGICS`` entry.
@@ -20,6 +20,13 @@ import numpy as np
 
 from jitrelay.core import protocol
 from jitrelay.core.units import KiB, MiB
+
+# Checksum policies (PROTOCOL.md's domain table): not verified, verified when non-zero (zero means "not
+# computed", as Torq's fast path writes), or verified and required.
+CHECKSUM_OFF = "off"
+CHECKSUM_IF_SET = "if_set"
+CHECKSUM_REQUIRED = "required"
+CHECKSUM_POLICIES = tuple(protocol.CHECKSUM_POLICIES)
 
 DISCONNECT = "disconnect"
 BLOCK = "block"
@@ -58,9 +65,15 @@ class RelayLogic:
     """One relay domain. Subclasses set the class-level defaults; instances may override any field."""
 
     name: ClassVar[str]
-    domain_id: ClassVar[int]
+    # The header's relay_domain byte this relay takes. Torq's relays and codec number the domains 1..4;
+    # producers built on Torq's newer ``libs/types`` enum write 0..3, and a relay can be told to take those.
+    domain_id: int = 0
     tlv_ranges: tuple[tuple[int, int], ...] = ()
-    verify_checksum: bool = False
+    # Vendor TLV types (``protocol.VENDOR_TLV_RANGE``, 200..254) pass in every domain unless this is off.
+    vendor_types: bool = True
+    # Header versions accepted; any other is ``bad_version``. 1 (what Torq writes) and 2 share one layout.
+    versions: tuple[int, ...] = protocol.VERSIONS
+    checksum: str = CHECKSUM_OFF
     max_payload: int = 1 * MiB
     slow_policy: str = DISCONNECT
     # Under ``disconnect`` a subscriber more than ``pending_high`` bytes behind
@@ -110,6 +123,14 @@ class RelayLogic:
         for lo, hi in self.tlv_ranges:
             if not 1 <= lo <= hi <= 255:
                 raise ValueError(f"TLV range {lo}..{hi} is not within 1..255")
+        if self.checksum not in CHECKSUM_POLICIES:
+            raise ValueError(f"checksum must be one of {CHECKSUM_POLICIES}, not {self.checksum!r}")
+        if not self.versions or not all(0 <= v <= 255 for v in self.versions):
+            raise ValueError(f"versions must name one or more header versions (0..255), not {self.versions!r}")
+        if not 0 <= self.domain_id <= 254:
+            raise ValueError(
+                f"domain_id must be a domain byte (0..254; 255 is the control domain), not {self.domain_id}"
+            )
         if self.socket_path == Path():
             self.socket_path = socket_dir() / f"{self.name}.sock"
         if self.journal_dir == Path():
@@ -145,18 +166,30 @@ class RelayLogic:
         return any(ip in net for net in self._networks)
 
     def type_allowed(self) -> np.ndarray:
+        """One byte per TLV type, 1 where this domain carries it: the scan's table."""
         allowed = np.zeros(256, dtype=np.uint8)
-        for lo, hi in self.tlv_ranges:
+        for lo, hi in self.tlv_ranges + ((protocol.VENDOR_TLV_RANGE,) if self.vendor_types else ()):
             allowed[lo : hi + 1] = 1
         return allowed
+
+    def version_allowed(self) -> np.ndarray:
+        """One byte per header version, 1 where this relay accepts it: the scan's table."""
+        allowed = np.zeros(256, dtype=np.uint8)
+        allowed[list(self.versions)] = 1
+        return allowed
+
+    @property
+    def verifies_checksums(self) -> bool:
+        """Whether any checksum is ever verified: the publishers of a domain that does compute them."""
+        return self.checksum != CHECKSUM_OFF
 
 
 @dataclass
 class MarketDataLogic(RelayLogic):
     name: ClassVar[str] = "market_data"
-    domain_id: ClassVar[int] = protocol.MARKET_DATA
+    domain_id: int = protocol.MARKET_DATA
     tlv_ranges: tuple[tuple[int, int], ...] = protocol.DOMAIN_TLV_RANGES[protocol.MARKET_DATA]
-    verify_checksum: bool = False
+    checksum: str = CHECKSUM_OFF
     max_payload: int = 1 * MiB
     slow_policy: str = DISCONNECT
 
@@ -164,9 +197,9 @@ class MarketDataLogic(RelayLogic):
 @dataclass
 class SignalLogic(RelayLogic):
     name: ClassVar[str] = "signal"
-    domain_id: ClassVar[int] = protocol.SIGNAL
+    domain_id: int = protocol.SIGNAL
     tlv_ranges: tuple[tuple[int, int], ...] = protocol.DOMAIN_TLV_RANGES[protocol.SIGNAL]
-    verify_checksum: bool = True
+    checksum: str = CHECKSUM_IF_SET
     max_payload: int = 32 * KiB
     slow_policy: str = DISCONNECT
     buffer_size: int = 1 * MiB
@@ -177,15 +210,29 @@ class SignalLogic(RelayLogic):
 @dataclass
 class ExecutionLogic(RelayLogic):
     name: ClassVar[str] = "execution"
-    domain_id: ClassVar[int] = protocol.EXECUTION
+    domain_id: int = protocol.EXECUTION
     tlv_ranges: tuple[tuple[int, int], ...] = protocol.DOMAIN_TLV_RANGES[protocol.EXECUTION]
-    verify_checksum: bool = True
+    checksum: str = CHECKSUM_REQUIRED
     max_payload: int = 1 * MiB
     slow_policy: str = BLOCK
     allowed_uids: tuple[int, ...] | None = field(default_factory=lambda: (os.getuid(),))
     max_connections: int = 100
     journal: bool = True
     journal_on_error: str = JOURNAL_PAUSE
+
+
+@dataclass
+class SystemLogic(RelayLogic):
+    """Torq's system and recovery records (heartbeat, snapshot, error, config, discovery, health, recovery)."""
+
+    name: ClassVar[str] = "system"
+    domain_id: int = protocol.SYSTEM
+    tlv_ranges: tuple[tuple[int, int], ...] = protocol.DOMAIN_TLV_RANGES[protocol.SYSTEM]
+    checksum: str = CHECKSUM_IF_SET
+    max_payload: int = 32 * KiB
+    buffer_size: int = 1 * MiB
+    log_size: int = 16 * MiB
+    max_connections: int = 1000
 
 
 def parse_listen(address: str) -> tuple[str, int]:
@@ -200,9 +247,17 @@ def parse_listen(address: str) -> tuple[str, int]:
     return url.hostname, port
 
 
-LOGICS: dict[str, type[RelayLogic]] = {cls.name: cls for cls in (MarketDataLogic, SignalLogic, ExecutionLogic)}
-# Domains whose messages must carry a correct CRC-32 (PROTOCOL.md): those whose logic verifies it by default.
-CHECKSUMMED_DOMAINS = frozenset(cls.domain_id for cls in LOGICS.values() if cls.verify_checksum)
+LOGICS: dict[str, type[RelayLogic]] = {
+    cls.name: cls for cls in (MarketDataLogic, SignalLogic, ExecutionLogic, SystemLogic)
+}
+# Each domain's default checksum policy, by domain byte: what a journal of that domain's relay let in.
+CHECKSUM_POLICY_BY_DOMAIN = {cls.domain_id: cls.checksum for cls in LOGICS.values()}
+
+
+def checksum_expected(domain_id: int, checksum: int) -> bool:
+    """Whether a relay of ``domain_id`` with its default policy verified a message carrying ``checksum``."""
+    policy = CHECKSUM_POLICY_BY_DOMAIN.get(domain_id, CHECKSUM_OFF)
+    return policy == CHECKSUM_REQUIRED or (policy == CHECKSUM_IF_SET and checksum != 0)
 
 
 def logic_for(name: str, **overrides: object) -> RelayLogic:

@@ -16,9 +16,15 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jitrelay.core import tlv_types
+
 MAGIC = 0xDEADBEEF
 MAGIC_BYTES = b"\xef\xbe\xad\xde"
+# The version jitrelay's own encoders write, and the versions a relay accepts unless told otherwise: Torq's
+# services write 1 (``PROTOCOL_VERSION`` in Torq's ``libs/types/src/protocol/constants.rs``); 1 and 2 share
+# one layout.
 VERSION = 2
+VERSIONS = (1, 2)
 HEADER_SIZE = 32
 CHECKSUM_COVERED = 28  # header bytes 0..27 precede the payload in the CRC
 
@@ -63,39 +69,32 @@ EXECUTION = 3
 SYSTEM = 4
 DOMAIN_NAMES = {MARKET_DATA: "market_data", SIGNAL: "signal", EXECUTION: "execution", SYSTEM: "system"}
 DOMAIN_IDS = {name: ident for ident, name in DOMAIN_NAMES.items()}
+# The relay's own control records and notices (subscriptions, positions, shared memory) travel in a
+# domain Torq never writes, so that no Torq message, of any domain or type, reads as one (docs/protocol.md).
+# Messages of this domain pass only between a client and its relay: never forwarded, never journaled.
+CONTROL_DOMAIN = 255
 
-# TLV types each domain carries, as inclusive ranges.
+# TLV types each domain carries, as inclusive ranges: the ranges Torq's codec routes by
+# (``RelayDomain::from_tlv_type`` in Torq's ``libs/codec/src/protocol/relay_domain.rs``).
 DOMAIN_TLV_RANGES: dict[int, tuple[tuple[int, int], ...]] = {
     MARKET_DATA: ((1, 19),),
-    SIGNAL: ((20, 39),),
-    EXECUTION: ((40, 79),),
-    SYSTEM: ((100, 119),),
+    SIGNAL: ((20, 39), (60, 79)),
+    EXECUTION: ((40, 59),),
+    SYSTEM: ((80, 119),),
 }
+# Vendor types, accepted in every domain unless a relay is told not to (``VendorTLVBuilder`` in Torq's
+# ``libs/codec/src/builder.rs``).
+VENDOR_TLV_RANGE = (200, 254)
 
-# Names of the TLV types tools print. Each domain owns a disjoint range, so one
-# table covers them all; a type missing here is printed as ``type<N>``.
-TLV_TYPE_NAMES: dict[int, str] = {
-    # market_data
-    1: "trade",
-    2: "quote",
-    3: "order_book",
-    4: "order_book_delta",
-    5: "bar",
-    6: "instrument",
-    7: "status",
-    # signal
-    20: "signal",
-    21: "prediction",
-    22: "feature",
-    # execution
-    40: "new_order",
-    41: "cancel",
-    42: "replace",
-    43: "ack",
-    44: "reject",
-    45: "fill",
-    46: "order_status",
-}
+# Checksum policies (``RelayLogic.checksum``), as the kernels take them.
+CHECKSUM_OFF = 0  # not verified: speed first
+CHECKSUM_IF_SET = 1  # zero means "not computed" and passes; any other value must match
+CHECKSUM_REQUIRED = 2  # must match: zero is a bad checksum
+CHECKSUM_POLICIES = {"off": CHECKSUM_OFF, "if_set": CHECKSUM_IF_SET, "required": CHECKSUM_REQUIRED}
+
+# Names of the TLV types tools print: Torq's registry (``tlv_types``); a type missing there is printed as
+# ``type<N>``.
+TLV_TYPE_NAMES = tlv_types.TLV_TYPE_NAMES
 
 EXTENDED_TLV = 255
 MAX_STANDARD_VALUE = 255
@@ -109,7 +108,7 @@ WRONG_DOMAIN = 2
 MALFORMED_TLV = 3
 TLV_OUT_OF_RANGE = 4
 BAD_CHECKSUM = 5
-# A well-formed control message (system domain): consumed by the relay, never forwarded.
+# A well-formed control message (``CONTROL_DOMAIN``): consumed by the relay, never forwarded.
 CONTROL = 6
 VERDICT_NAMES = (
     "forward",
@@ -122,7 +121,7 @@ VERDICT_NAMES = (
 )
 REJECT_NAMES = VERDICT_NAMES[BAD_VERSION : BAD_CHECKSUM + 1]
 
-# Control records a client sends in a system-domain message to choose what it
+# Control records a client sends in a ``CONTROL_DOMAIN`` message to choose what it
 # receives. Bitmaps are 32 bytes: bit ``i % 8`` of byte ``i // 8`` stands for value ``i``.
 SUBSCRIBE_TLV_TYPES = 100
 SUBSCRIBE_SOURCES = 101
@@ -140,7 +139,7 @@ SHARED_MEMORY = 105
 LAPPED = 106
 LAPPED_SIZE = 24
 
-# Notices a relay puts in the stream of a subscriber that asked for positions (system domain, never
+# Notices a relay puts in the stream of a subscriber that asked for positions (``CONTROL_DOMAIN``, never
 # forwarded from anyone): where the next message is, and what it missed.
 POSITION_NOTICE = 110  # value: the position of the next message
 GAP_NOTICE = 111  # value: reason (1 byte), then messages and bytes missed (8 bytes each)
@@ -347,17 +346,17 @@ def subscribe_message(
         records.append((SUBSCRIBE_SOURCES, bitmap(sources)))
     if not records:
         raise ValueError("a subscription needs tlv_types, sources, or both")
-    return build_message(SYSTEM, records, source=source)
+    return build_message(CONTROL_DOMAIN, records, source=source)
 
 
 def unsubscribe_message(*, source: int = 0) -> bytes:
     """A control message that returns the sender to receiving the whole domain."""
-    return build_message(SYSTEM, [(UNSUBSCRIBE, b"")], source=source)
+    return build_message(CONTROL_DOMAIN, [(UNSUBSCRIBE, b"")], source=source)
 
 
 def publish_only_message(*, source: int = 0) -> bytes:
     """A control message declaring that the sender only publishes: the relay stops sending it anything."""
-    return build_message(SYSTEM, [(PUBLISH_ONLY, b"")], source=source)
+    return build_message(CONTROL_DOMAIN, [(PUBLISH_ONLY, b"")], source=source)
 
 
 class Position(NamedTuple):
@@ -424,29 +423,31 @@ _LAPPED = struct.Struct("<QQQ")
 
 def positions_message(resume_from: Position | None = None, *, source: int = 0) -> bytes:
     """A control message asking for position notices, and to start after ``resume_from`` when given."""
-    return build_message(SYSTEM, [(POSITIONS, b"" if resume_from is None else resume_from.encode())], source=source)
+    return build_message(
+        CONTROL_DOMAIN, [(POSITIONS, b"" if resume_from is None else resume_from.encode())], source=source
+    )
 
 
 def position_notice(position: Position) -> bytes:
-    return build_message(SYSTEM, [(POSITION_NOTICE, position.encode())], timestamp_ns=time.time_ns())
+    return build_message(CONTROL_DOMAIN, [(POSITION_NOTICE, position.encode())], timestamp_ns=time.time_ns())
 
 
 def gap_notice(gap: Gap) -> bytes:
-    return build_message(SYSTEM, [(GAP_NOTICE, _GAP.pack(*gap))], timestamp_ns=time.time_ns())
+    return build_message(CONTROL_DOMAIN, [(GAP_NOTICE, _GAP.pack(*gap))], timestamp_ns=time.time_ns())
 
 
 def shared_memory_message(*, source: int = 0) -> bytes:
     """A control message asking to read the relay's log from shared memory instead of the socket."""
-    return build_message(SYSTEM, [(SHARED_MEMORY, b"")], source=source)
+    return build_message(CONTROL_DOMAIN, [(SHARED_MEMORY, b"")], source=source)
 
 
 def shared_log_notice(grant: SharedLog) -> bytes:
-    return build_message(SYSTEM, [(SHARED_LOG_NOTICE, _SHARED_LOG.pack(*grant))], timestamp_ns=time.time_ns())
+    return build_message(CONTROL_DOMAIN, [(SHARED_LOG_NOTICE, _SHARED_LOG.pack(*grant))], timestamp_ns=time.time_ns())
 
 
 def lapped_message(report: Lapped, *, source: int = 0) -> bytes:
     """A shared-memory reader's control message: the relay overwrote what it had yet to read."""
-    return build_message(SYSTEM, [(LAPPED, _LAPPED.pack(*report))], source=source)
+    return build_message(CONTROL_DOMAIN, [(LAPPED, _LAPPED.pack(*report))], source=source)
 
 
 def read_notice(message: bytes | memoryview) -> Position | Gap | SharedLog:
@@ -458,7 +459,7 @@ def read_notice(message: bytes | memoryview) -> Position | Gap | SharedLog:
             return Gap(*_GAP.unpack(bytes(value)))
         if tlv_type == SHARED_LOG_NOTICE and len(value) == SHARED_LOG_SIZE:
             return SharedLog(*_SHARED_LOG.unpack(bytes(value)))
-    raise ProtocolError("a system-domain message in the stream that is not a position, gap or shared-log notice")
+    raise ProtocolError("a control-domain message in the stream that is not a position, gap or shared-log notice")
 
 
 def requests_shared_memory(message: bytes | memoryview) -> bool:

@@ -159,6 +159,10 @@ def _check_tables(tables: KernelTables) -> None:
     if tables is not _checked_tables:
         if len(_array(tables.type_allowed, _U8, 1, "type_allowed")) != 256:
             raise ValueError("type_allowed needs 256 entries, one per TLV type")
+        if len(_array(tables.version_allowed, _U8, 1, "version_allowed")) != 256:
+            raise ValueError("version_allowed needs 256 entries, one per version byte")
+        if tables.checksum_policy not in p.CHECKSUM_POLICIES.values():
+            raise ValueError(f"checksum_policy must be one of {sorted(p.CHECKSUM_POLICIES.values())}")
         _checked_tables = tables
 
 
@@ -193,13 +197,20 @@ class KernelTables(NamedTuple):
 
     domain: int
     max_payload: int
-    verify_checksum: bool
+    checksum_policy: int  # protocol.CHECKSUM_OFF, CHECKSUM_IF_SET or CHECKSUM_REQUIRED
     type_allowed: np.ndarray  # uint8[256]; 1 where the domain carries the TLV type
+    version_allowed: np.ndarray  # uint8[256]; 1 for each header version the relay accepts
 
 
 def tables_for(logic: RelayLogic) -> KernelTables:
     """The scan's view of a domain's rules."""
-    return KernelTables(logic.domain_id, logic.max_payload, logic.verify_checksum, logic.type_allowed())
+    return KernelTables(
+        logic.domain_id,
+        logic.max_payload,
+        p.CHECKSUM_POLICIES[logic.checksum],
+        logic.type_allowed(),
+        logic.version_allowed(),
+    )
 
 
 class ScanResult(NamedTuple):
@@ -263,8 +274,9 @@ def _scan_args(
         end,
         tables.domain,
         tables.max_payload,
-        tables.verify_checksum,
+        tables.checksum_policy,
         tables.type_allowed,
+        tables.version_allowed,
         out.offsets,
         out.verdicts,
         out.runs,

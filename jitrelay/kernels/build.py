@@ -56,7 +56,8 @@ _INTS = "int64[::1]"
 _MASKS = "uint64[:, ::1]"
 _CRC_TABLES = "int64[:, ::1]"
 _SCAN_ARGS = (
-    f"{_BYTES}, int64, int64, int64, int64, boolean, {_BYTES}, {_INTS}, {_BYTES}, {_INTS}, {_INTS}, {_CRC_TABLES}"
+    f"{_BYTES}, int64, int64, int64, int64, int64, {_BYTES}, {_BYTES}, {_INTS}, {_BYTES}, {_INTS}, {_INTS}, "
+    f"{_CRC_TABLES}"
 )
 _ROUTE_ARGS = f"{_MASKS}, {_MASKS}, uint64[::1], int64, {_MASKS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}"
 

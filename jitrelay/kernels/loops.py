@@ -153,7 +153,7 @@ def _record_at(buf, i, end):
 
 @njit(**_JIT)
 def _control_verdict(buf, pos, length):
-    """CONTROL when a system-domain message holds only well-formed control records, else MALFORMED_TLV."""
+    """CONTROL when a control-domain message holds only well-formed control records, else MALFORMED_TLV."""
     i = pos + p.HEADER_SIZE
     end = pos + length
     if i == end:
@@ -180,12 +180,12 @@ def _control_verdict(buf, pos, length):
 
 
 @njit(**_JIT)
-def _verdict(buf, pos, length, domain, type_allowed):
+def _verdict(buf, pos, length, domain, type_allowed, version_allowed):
     """The verdict of a complete message, short of its checksum."""
-    if buf[pos + p.OFF_VERSION] != p.VERSION:
-        return p.BAD_VERSION
+    if version_allowed[buf[pos + p.OFF_VERSION]] == 0:
+        return p.BAD_VERSION  # control-domain messages are looked at again by ``_controls``
     if buf[pos + p.OFF_DOMAIN] != domain:
-        return p.WRONG_DOMAIN  # system-domain messages are looked at again by ``_controls``
+        return p.WRONG_DOMAIN  # and so are these
     i = pos + p.HEADER_SIZE
     end = pos + length
     out_of_range = False
@@ -202,7 +202,7 @@ def _verdict(buf, pos, length, domain, type_allowed):
 
 
 @njit(**_JIT)
-def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts):
+def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, version_allowed, offsets, verdicts):
     n = 0
     pos = start
     fault = p.NO_FAULT
@@ -223,7 +223,7 @@ def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets
         if avail < length:
             break
         offsets[n] = pos
-        verdicts[n] = _verdict(buf, pos, length, domain, type_allowed)
+        verdicts[n] = _verdict(buf, pos, length, domain, type_allowed, version_allowed)
         n += 1
         pos += length
     offsets[n] = pos
@@ -231,11 +231,19 @@ def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets
 
 
 @njit(**_JIT)
-def _verify_checksums(buf, offsets, verdicts, n, crc_tables):
+def _verify_checksums(buf, offsets, verdicts, n, policy, crc_tables):
+    """Judge the checksums of the forwarded messages under ``policy`` (never ``CHECKSUM_OFF``: not called then).
+
+    Under ``CHECKSUM_IF_SET`` a zero checksum means "not computed" and passes.
+    """
+    skip_zero = policy == p.CHECKSUM_IF_SET
     for k in range(n):
         if verdicts[k] == p.FORWARD:
             pos = offsets[k]
-            if message_crc(buf, pos, offsets[k + 1] - pos, crc_tables) != _u32(buf, pos + p.OFF_CHECKSUM):
+            stored = _u32(buf, pos + p.OFF_CHECKSUM)
+            if stored == 0 and skip_zero:
+                continue
+            if message_crc(buf, pos, offsets[k + 1] - pos, crc_tables) != stored:
                 verdicts[k] = p.BAD_CHECKSUM
 
 
@@ -270,27 +278,36 @@ def _runs_and_counts(offsets, verdicts, n, runs, counts):
 
 
 @njit(**_JIT)
-def _controls(buf, offsets, verdicts, n, verify, crc_tables, counts):
-    """Give the system-domain messages among the ``wrong_domain`` ones their control verdict; return how many.
+def _controls(buf, offsets, verdicts, n, policy, crc_tables, counts):
+    """Give the control-domain messages among the ``bad_version`` and ``wrong_domain`` ones their verdict.
 
-    A pass of its own, run only for batches with a wrong-domain message, so
-    control messages cost the framing loop nothing.
+    A control message carries jitrelay's own ``VERSION`` whatever data
+    versions the relay accepts. A pass of its own, run only for batches with
+    such a reject, so control messages cost the framing loop nothing. Returns
+    how many control messages it found.
     """
     n_controls = 0
     for k in range(n):
         pos = offsets[k]
-        if verdicts[k] != p.WRONG_DOMAIN or buf[pos + p.OFF_DOMAIN] != p.SYSTEM:
+        before = verdicts[k]
+        if (
+            (before != p.WRONG_DOMAIN and before != p.BAD_VERSION)
+            or buf[pos + p.OFF_DOMAIN] != p.CONTROL_DOMAIN
+            or buf[pos + p.OFF_VERSION] != p.VERSION
+        ):
             continue
         length = offsets[k + 1] - pos
         verdict = _control_verdict(buf, pos, length)
+        stored = _u32(buf, pos + p.OFF_CHECKSUM)
         if (
             verdict == p.CONTROL
-            and verify
-            and message_crc(buf, pos, length, crc_tables) != _u32(buf, pos + p.OFF_CHECKSUM)
+            and policy != p.CHECKSUM_OFF
+            and (stored != 0 or policy == p.CHECKSUM_REQUIRED)
+            and message_crc(buf, pos, length, crc_tables) != stored
         ):
             verdict = p.BAD_CHECKSUM
         verdicts[k] = verdict
-        counts[p.WRONG_DOMAIN] -= 1
+        counts[before] -= 1
         counts[verdict] += 1
         if verdict == p.CONTROL:
             n_controls += 1
@@ -298,24 +315,43 @@ def _controls(buf, offsets, verdicts, n, verify, crc_tables, counts):
 
 
 @njit(**_JIT)
-def scan(buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, crc_tables):
+def scan(
+    buf,
+    start,
+    end,
+    domain,
+    max_payload,
+    checksum_policy,
+    type_allowed,
+    version_allowed,
+    offsets,
+    verdicts,
+    runs,
+    counts,
+    crc_tables,
+):
     """Frame and judge every complete message in ``buf[start:end]`` and merge the forwarded ones into runs.
 
     Fills ``offsets[k]`` (start of message k; ``offsets[n]`` is where framing
     stopped), ``verdicts[k]`` (``protocol`` verdict codes), ``runs`` (pairs of
     ``[begin, end)`` byte offsets of adjacent forwarded messages) and adds each
-    verdict's count into ``counts``. ``verify`` checks CRCs with ``crc_tables``.
+    verdict's count into ``counts``. ``type_allowed`` and ``version_allowed``
+    are 256-entry tables, non-zero for what the domain takes;
+    ``checksum_policy`` (``protocol.CHECKSUM_*``) says how CRCs are checked,
+    with ``crc_tables``.
     Returns ``(messages, consumed up to, fault code, runs, forwarded bytes,
     control messages)``; framing stops at the first stream fault.
     """
-    n, pos, fault = _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, offsets, verdicts)
-    if verify:
-        _verify_checksums(buf, offsets, verdicts, n, crc_tables)
-    wrong_domain = counts[p.WRONG_DOMAIN]
+    n, pos, fault = _frame_and_judge(
+        buf, start, end, domain, max_payload, type_allowed, version_allowed, offsets, verdicts
+    )
+    if checksum_policy != p.CHECKSUM_OFF:
+        _verify_checksums(buf, offsets, verdicts, n, checksum_policy, crc_tables)
+    rejected_early = counts[p.WRONG_DOMAIN] + counts[p.BAD_VERSION]
     n_runs, forwarded = _runs_and_counts(offsets, verdicts, n, runs, counts)
     n_controls = 0
-    if counts[p.WRONG_DOMAIN] != wrong_domain:
-        n_controls = _controls(buf, offsets, verdicts, n, verify, crc_tables, counts)
+    if counts[p.WRONG_DOMAIN] + counts[p.BAD_VERSION] != rejected_early:
+        n_controls = _controls(buf, offsets, verdicts, n, checksum_policy, crc_tables, counts)
     return n, pos, fault, n_runs, forwarded, n_controls
 
 
@@ -533,8 +569,9 @@ def scan_route(
     end,
     domain,
     max_payload,
-    verify,
+    checksum_policy,
     type_allowed,
+    version_allowed,
     offsets,
     verdicts,
     runs,
@@ -557,7 +594,19 @@ def scan_route(
     needed (when they outnumber what ``group_run_bounds`` holds, ``group_runs`` runs again with room).
     """
     n, pos, fault, n_runs, forwarded, n_controls = scan(
-        buf, start, end, domain, max_payload, verify, type_allowed, offsets, verdicts, runs, counts, crc_tables
+        buf,
+        start,
+        end,
+        domain,
+        max_payload,
+        checksum_policy,
+        type_allowed,
+        version_allowed,
+        offsets,
+        verdicts,
+        runs,
+        counts,
+        crc_tables,
     )
     group_masks(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks)
     needed = group_runs(offsets, masks, n, groups, first, group_counts, sizes, group_run_bounds)

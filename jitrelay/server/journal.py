@@ -42,7 +42,7 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import CHECKSUMMED_DOMAINS, FSYNC_BATCH, FSYNC_EVERY, FSYNC_NONE, RelayLogic
+from jitrelay.core.domains import FSYNC_BATCH, FSYNC_EVERY, FSYNC_NONE, RelayLogic, checksum_expected
 from jitrelay.core.domains import JOURNAL_FSYNC as FSYNC_POLICIES
 from jitrelay.core.units import MiB
 
@@ -440,7 +440,7 @@ def _decode(data: bytes, pos: int, path: Path, base: int) -> tuple[protocol.Mess
     except protocol.ProtocolError as exc:
         raise protocol.ProtocolError(f"{path}: corrupt message at byte offset {base + pos}: {exc}") from exc
     # A domain that verifies checksums let only correct CRC-32s in: a mismatch in its journal is damage on disk.
-    if message.header.relay_domain in CHECKSUMMED_DOMAINS and not message.checksum_ok:
+    if checksum_expected(message.header.relay_domain, message.header.checksum) and not message.checksum_ok:
         raise protocol.ProtocolError(
             f"{path}: checksum mismatch at byte offset {base + pos} "
             f"(header says 0x{message.header.checksum:08x}, bytes give 0x{protocol.message_checksum(message.raw):08x})"

@@ -387,7 +387,7 @@ class StreamVerifier:
                 break
             key = source | flags << 8
             if positioned:
-                if domain == protocol.SYSTEM and version == protocol.VERSION:
+                if domain == protocol.CONTROL_DOMAIN and version == protocol.VERSION:
                     self._notice(view[pos:stop])
                     pos = stop
                     continue

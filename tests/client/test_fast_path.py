@@ -65,8 +65,8 @@ def publish_numbered(pub: Publisher, first: int, count: int) -> None:
 class _Offline(_PublisherState):
     """The publishers' message building without a socket."""
 
-    def __init__(self, domain: str, source: int, checksum: bool | None):
-        super().__init__(domain, None, source, checksum, False, 1024)
+    def __init__(self, domain: str, source: int, checksum: bool | None, version: int = protocol.VERSION):
+        super().__init__(domain, None, source, checksum, False, 1024, version)
 
 
 values = st.one_of(st.binary(max_size=300), st.sampled_from([b"", bytes(255), bytes(256), bytes(3000)]))
@@ -75,8 +75,9 @@ record_lists = st.lists(st.tuples(st.integers(0, 255), values), max_size=4)
 
 @settings(max_examples=300, deadline=None)
 @given(
-    domain=st.sampled_from(["market_data", "signal", "execution"]),
+    domain=st.sampled_from(["market_data", "signal", "execution", "system"]),
     checksum=st.sampled_from([None, True, False]),
+    version=st.sampled_from([1, 2]),
     records=record_lists,
     shape=st.sampled_from(["list", "tuple", "iterator", "bytearray values"]),
     source=st.integers(0, 255),
@@ -88,6 +89,7 @@ record_lists = st.lists(st.tuples(st.integers(0, 255), values), max_size=4)
 def test_fast_path_builds_exactly_what_build_message_builds(
     domain: str,
     checksum: bool | None,
+    version: int,
     records: list[tuple[int, bytes]],
     shape: str,
     source: int,
@@ -96,7 +98,7 @@ def test_fast_path_builds_exactly_what_build_message_builds(
     timestamp_ns: int,
     crowded: bool,
 ) -> None:
-    state = _Offline(domain, source, checksum)
+    state = _Offline(domain, source, checksum, version)
     start = state._limit - 3 if crowded else 0  # nearly full: the message must grow the buffer
     state._fill = start
     state._buf[:start] = bytes(start)
@@ -109,7 +111,7 @@ def test_fast_path_builds_exactly_what_build_message_builds(
     number = state._encode(given_records, flags, sequence, timestamp_ns)  # type: ignore[arg-type]
     assert number == (0 if sequence is None else sequence)
     assert state.next_sequence == number + 1
-    verify = state.logic.verify_checksum if checksum is None else checksum
+    verify = state.logic.verifies_checksums if checksum is None else checksum
     expected = protocol.build_message(
         state.domain_id,
         records,
@@ -118,6 +120,7 @@ def test_fast_path_builds_exactly_what_build_message_builds(
         sequence=number,
         timestamp_ns=timestamp_ns,
         checksum=None if verify else 0,
+        version=version,
     )
     assert bytes(state._buf[start : state._fill]) == expected
 
@@ -194,7 +197,7 @@ def _shaped(records: list[tuple[int, bytes]], shape: str) -> object:
 
 def _expected(domain: str, checksum: bool | None, items: list, times: list[int]) -> bytes:
     """What the publications should put on the wire after the publish-only declaration."""
-    verify = logic_for(domain).verify_checksum if checksum is None else checksum
+    verify = logic_for(domain).verifies_checksums if checksum is None else checksum
     out, following = [], 0
     for (records, _, flags, sequence, _), stamp in zip(items, times, strict=True):
         number = following if sequence is None else sequence

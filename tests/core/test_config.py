@@ -71,12 +71,12 @@ def test_flags_override_the_file_and_the_file_overrides_the_defaults(tmp_path: P
     assert market.slow_timeout == 2.5  # file over default
     assert market.max_connections == 60  # the domain's table over the file's top level
     assert (market.pending_high, market.pending_low) == (16 * MiB, 2 * MiB)  # table, and default
-    assert market.verify_checksum is False and market.slow_policy == "disconnect"  # defaults
+    assert market.checksum == "off" and market.slow_policy == "disconnect"  # defaults
     assert (market.allowed_uids, market.allowed_gids) == (None, (5,))
 
     signal = logic_from("signal", "--config", str(relay_toml))
     assert (signal.max_payload, signal.max_connections, signal.pending_high) == (64 * KiB, 50, 8 * MiB)
-    assert signal.verify_checksum is True  # the signal default, untouched by the file
+    assert signal.checksum == "if_set"  # the signal default, untouched by the file
 
     # --pending-limit sets both marks; --allow-uid/--allow-gid replace the whole access list.
     flagged = logic_from("market_data", "--config", str(relay_toml), "--pending-limit", "1MiB", "--allow-uid", "7")
@@ -113,10 +113,11 @@ BAD_FILES = [
     ("max_paylod = 1", "unknown key 'max_paylod' (did you mean 'max_payload'?)"),
     ("colour = 'blue'", "unknown key 'colour'"),
     ('[signal]\nslow_polcy = "block"', "unknown key 'signal.slow_polcy' (did you mean 'slow_policy'?)"),
-    ("[fx]\nmax_payload = 1", "unknown table [fx]; a table names a domain: market_data, signal, execution"),
+    ("[fx]\nmax_payload = 1", "unknown table [fx]; a table names a domain: market_data, signal, execution, system"),
     ("signal = 5", "'signal' must be a table, not an integer"),
     # wrong types, one or more per kind of knob
-    ("verify_checksum = 1", "'verify_checksum' must be a boolean, not an integer"),
+    ("vendor_types = 1", "'vendor_types' must be a boolean, not an integer"),
+    ('versions = "1,2"', "'versions' must be an array, not a string"),
     ('journal = "yes"', "'journal' must be a boolean, not a string"),
     ("[market_data]\njournal = {}", "'market_data.journal' must be a boolean, not a table"),
     ('max_connections = "5000"', "'max_connections' must be an integer, not a string"),
@@ -236,6 +237,8 @@ def changed(domain: str) -> RelayLogic:
     hints = typing.get_type_hints(type(default))
     values: dict[str, object] = {
         "tlv_ranges": ((1, 5), (40, 41)),
+        "versions": (1, 7),
+        "checksum": "required" if default.checksum != "required" else "off",
         "max_payload": 5000,
         "slow_policy": "block" if default.slow_policy == "disconnect" else "disconnect",
         "pending_high": 3 * MiB,

@@ -26,9 +26,12 @@ def test_constants_follow_the_contract() -> None:
     assert (p.MARKET_DATA, p.SIGNAL, p.EXECUTION, p.SYSTEM) == (1, 2, 3, 4)
     assert p.DOMAIN_NAMES == {1: "market_data", 2: "signal", 3: "execution", 4: "system"}
     assert p.DOMAIN_IDS == {"market_data": 1, "signal": 2, "execution": 3, "system": 4}
-    assert p.DOMAIN_TLV_RANGES == {1: ((1, 19),), 2: ((20, 39),), 3: ((40, 79),), 4: ((100, 119),)}
+    assert p.DOMAIN_TLV_RANGES == {1: ((1, 19),), 2: ((20, 39), (60, 79)), 3: ((40, 59),), 4: ((80, 119),)}
+    assert p.VENDOR_TLV_RANGE == (200, 254)
     for name, spec in ref.DOMAINS.items():
-        assert p.DOMAIN_TLV_RANGES[p.DOMAIN_IDS[name]] == spec.ranges
+        assert (*p.DOMAIN_TLV_RANGES[p.DOMAIN_IDS[name]], p.VENDOR_TLV_RANGE) == spec.ranges
+    assert p.VERSIONS == ref.VERSIONS and p.CONTROL_DOMAIN == ref.CONTROL_DOMAIN == 255
+    assert p.CONTROL_DOMAIN not in p.DOMAIN_NAMES
     assert p.VERDICT_NAMES == ref.VERDICTS
     assert [p.VERDICT_NAMES[v] for v in (p.FORWARD, p.BAD_VERSION, p.WRONG_DOMAIN)] == [
         "forward",
@@ -368,7 +371,7 @@ def test_bitmaps_put_value_i_at_bit_i_mod_8_of_byte_i_div_8() -> None:
 
 def test_subscribe_and_unsubscribe_messages_are_system_domain_control_records() -> None:
     message, _ = p.decode_message(p.subscribe_message([1, 2], [7]))
-    assert message.header.relay_domain == p.SYSTEM
+    assert message.header.relay_domain == p.CONTROL_DOMAIN
     assert message.checksum_ok
     assert message.records == ((100, p.bitmap([1, 2])), (101, p.bitmap([7])))
     only_types, _ = p.decode_message(p.subscribe_message(tlv_types=[]))
@@ -385,10 +388,10 @@ def test_control_records_apply_in_order_each_replacing_its_own_set() -> None:
     both = p.apply_control(types_only, p.subscribe_message(sources=[1, 2]))
     assert both == (frozenset({3}), frozenset({1, 2}))
     assert p.apply_control(both, p.unsubscribe_message()) == p.EVERYTHING
-    reset_then_types = p.build_message(p.SYSTEM, [(102, b""), (100, p.bitmap([5]))])
+    reset_then_types = p.build_message(p.CONTROL_DOMAIN, [(102, b""), (100, p.bitmap([5]))])
     assert p.apply_control(both, reset_then_types) == (frozenset({5}), None)
     with pytest.raises(p.ProtocolError, match="not a control record"):
-        p.apply_control(both, p.build_message(p.SYSTEM, [(119, b"")]))
+        p.apply_control(both, p.build_message(p.CONTROL_DOMAIN, [(119, b"")]))
     assert p.describe_filter(both) == "types 3; sources 1,2"
     assert p.describe_filter((frozenset(), None)) == "types none; sources any"
 
@@ -396,18 +399,18 @@ def test_control_records_apply_in_order_each_replacing_its_own_set() -> None:
 def test_publish_only_is_a_control_record_that_leaves_the_filter_alone() -> None:
     declared = p.publish_only_message()
     message, _ = p.decode_message(declared)
-    assert message.header.relay_domain == p.SYSTEM and message.records == ((p.PUBLISH_ONLY, b""),)
+    assert message.header.relay_domain == p.CONTROL_DOMAIN and message.records == ((p.PUBLISH_ONLY, b""),)
     assert p.declares_publish_only(declared)
     assert not p.declares_publish_only(p.unsubscribe_message())
     narrowed = (frozenset({3}), None)
     assert p.apply_control(narrowed, declared) == narrowed
-    both = p.build_message(p.SYSTEM, [(p.PUBLISH_ONLY, b""), (p.SUBSCRIBE_SOURCES, p.bitmap([4]))])
+    both = p.build_message(p.CONTROL_DOMAIN, [(p.PUBLISH_ONLY, b""), (p.SUBSCRIBE_SOURCES, p.bitmap([4]))])
     assert p.apply_control(narrowed, both) == (frozenset({3}), frozenset({4})) and p.declares_publish_only(both)
 
 
 def test_shared_memory_records_are_the_bytes_docs_protocol_md_gives() -> None:
     asked = p.shared_memory_message()
-    assert asked[4] == p.SYSTEM and asked[32:] == bytes((105, 0))
+    assert asked[4] == p.CONTROL_DOMAIN and asked[32:] == bytes((105, 0))
     assert p.requests_shared_memory(asked) and not p.requests_shared_memory(p.unsubscribe_message())
     assert p.apply_control(p.EVERYTHING, asked) == p.EVERYTHING  # it leaves the filter alone
 
@@ -421,7 +424,7 @@ def test_shared_memory_records_are_the_bytes_docs_protocol_md_gives() -> None:
 def test_a_shared_log_notice_reads_back_with_its_position() -> None:
     grant = p.SharedLog(epoch=0x1234, offset=640, message=20, slot=3)
     notice = p.shared_log_notice(grant)
-    assert notice[4] == p.SYSTEM and notice[32:34] == bytes((112, 32))
+    assert notice[4] == p.CONTROL_DOMAIN and notice[32:34] == bytes((112, 32))
     assert notice[34:] == struct.pack("<QQQQ", 0x1234, 640, 20, 3)
     assert zlib.crc32(notice[:28] + notice[32:]) == struct.unpack_from("<I", notice, 28)[0]
     assert p.read_notice(notice) == grant

@@ -43,7 +43,7 @@ def tables_for(name: str, max_payload: int | None = None) -> kernels.KernelTable
 
 def expected(name: str, data: bytes, max_payload: int) -> tuple[list[ref.Judged], int, int]:
     spec = ref.DOMAINS[name]
-    return ref.reference_scan(data, spec.ident, max_payload, spec.verify, spec.ranges)
+    return ref.reference_scan(data, spec.ident, max_payload, spec.checksum, spec.ranges)
 
 
 def assert_scan_matches(name: str, data: bytes, max_payload: int | None = None) -> None:
@@ -74,9 +74,19 @@ def test_kernel_tables_follow_the_domain_table(name: str) -> None:
     tables = tables_for(name)
     assert tables.domain == spec.ident
     assert tables.max_payload == spec.max_payload
-    assert bool(tables.verify_checksum) == spec.verify
+    assert tables.checksum_policy == {"off": p.CHECKSUM_OFF, "if_set": p.CHECKSUM_IF_SET, "required": 2}[spec.checksum]
     assert tables.type_allowed.dtype == np.uint8
     assert tables.type_allowed.tolist() == [int(ref.in_ranges(t, spec.ranges)) for t in range(256)]
+    assert tables.version_allowed.tolist() == [int(v in spec.versions) for v in range(256)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vendor_types_can_be_turned_off(name: str) -> None:
+    tables = kernels.tables_for(logic_for(name, vendor_types=False))
+    assert not tables.type_allowed[200:255].any()
+    assert tables.type_allowed.tolist() == [
+        int(ref.in_ranges(t, ref.DOMAINS[name].ranges) and not 200 <= t <= 254) for t in range(256)
+    ]
 
 
 # --- scan against the reference -------------------------------------------------
@@ -89,8 +99,8 @@ def test_kernel_tables_follow_the_domain_table(name: str) -> None:
 def test_each_kind_of_message_gets_its_verdict(name: str, kind: str, data: st.DataObject) -> None:
     spec = ref.DOMAINS[name]
     msg = data.draw(gen.judged_message(spec, kind))
-    want = p.FORWARD if kind == "bad_checksum" and not spec.verify else gen.EXPECTED[kind]
-    assert ref.verdict(msg, spec.ident, spec.verify, spec.ranges) == want
+    want = gen.expected_verdict(spec, kind)
+    assert ref.verdict(msg, spec.ident, spec.checksum, spec.ranges) == want
 
     result, out = kernels.scan(arr(msg), tables_for(name))
     assert (result.count, result.consumed, result.fault) == (1, len(msg), p.NO_FAULT)
@@ -117,13 +127,55 @@ def test_each_kind_of_message_gets_its_verdict(name: str, kind: str, data: st.Da
 def test_signal_verdicts_by_hand(payload: bytes, want: int) -> None:
     msg = ref.message(p.SIGNAL, payload, sequence=3, timestamp_ns=4)
     spec = ref.DOMAINS["signal"]
-    assert ref.verdict(msg, spec.ident, spec.verify, spec.ranges) == want
+    assert ref.verdict(msg, spec.ident, spec.checksum, spec.ranges) == want
     result, out = kernels.scan(arr(msg), tables_for("signal"))
     assert (result.count, result.consumed, out.verdicts[0]) == (1, len(msg), want)
     # Only a message that is otherwise forwarded is judged on its checksum.
     broken = msg[:28] + (ref.expected_checksum(msg) ^ 0x80).to_bytes(4, "little") + msg[32:]
     result, out = kernels.scan(arr(broken), tables_for("signal"))
     assert out.verdicts[0] == (p.BAD_CHECKSUM if want == p.FORWARD else want)
+
+
+@pytest.mark.parametrize("checksum", ("off", "if_set", "required"))
+@pytest.mark.parametrize("name", NAMES)
+@FAST
+@given(data=st.data(), versions=st.sampled_from([(1, 2), (1,), (2,)]) | st.sets(st.integers(0, 255), min_size=1))
+def test_scan_follows_any_checksum_policy_and_version_set(
+    name: str, checksum: str, versions: tuple[int, ...] | set[int], data: st.DataObject
+) -> None:
+    """Random streams, random versions and checksum values: the kernel agrees with the reference under every setting."""
+    accepted = tuple(sorted(versions))
+    spec = ref.DOMAINS[name]._replace(checksum=checksum, versions=accepted)
+    tables = kernels.tables_for(logic_for(name, checksum=checksum, versions=accepted))
+    stream = data.draw(gen.stream(spec, spec.max_payload))
+    judged, consumed, fault = ref.reference_scan(stream, spec.ident, spec.max_payload, checksum, spec.ranges, accepted)
+    result, out = kernels.scan(arr(stream), tables)
+    assert (result.count, result.consumed, result.fault) == (len(judged), consumed, fault)
+    assert out.verdicts[: result.count].tolist() == [v for _, _, v in judged]
+    assert out.counts.tolist() == ref.reference_counts(judged)
+
+
+@pytest.mark.parametrize(
+    ("name", "zero", "wrong"),
+    [
+        ("market_data", p.FORWARD, p.FORWARD),
+        ("signal", p.FORWARD, p.BAD_CHECKSUM),
+        ("system", p.FORWARD, p.BAD_CHECKSUM),
+        ("execution", p.BAD_CHECKSUM, p.BAD_CHECKSUM),
+    ],
+)
+@pytest.mark.parametrize("version", (1, 2))
+def test_zero_and_wrong_checksums_by_domain(name: str, zero: int, wrong: int, version: int) -> None:
+    """A zero checksum means "not computed" where the policy allows it (Torq's fast path writes 0)."""
+    spec = ref.DOMAINS[name]
+    tlv_type = spec.ranges[0][0]
+    good = ref.message(spec.ident, ref.standard_record(tlv_type, b"value"), version=version)
+    right = ref.expected_checksum(good)
+    for stored, want in ((0, zero), (right ^ 1, wrong), (right, p.FORWARD)):
+        msg = good[:28] + stored.to_bytes(4, "little") + good[32:]
+        assert ref.verdict(msg, spec.ident, spec.checksum, spec.ranges) == want
+        result, out = kernels.scan(arr(msg), tables_for(name))
+        assert (result.count, out.verdicts[0]) == (1, want)
 
 
 @FAST
@@ -219,7 +271,7 @@ def test_counts_accumulate_across_calls() -> None:
 def test_scan_into_can_tally_into_the_callers_counts() -> None:
     """One ``ScanBuffers`` may serve several connections, each keeping its own tally."""
     tables = tables_for("execution")
-    good = ref.message(p.EXECUTION, ref.extended_record(79, b"fill"))
+    good = ref.message(p.EXECUTION, ref.extended_record(59, b"fill"))
     bad = good[:28] + bytes(4) + good[32:]
     data = arr(good + bad + good)
     out = kernels.ScanBuffers(len(data))

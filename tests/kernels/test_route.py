@@ -41,7 +41,7 @@ def value_set(draw: st.DrawFn, seen: list[int]) -> frozenset[int] | None:
 def stream_and_filters(draw: st.DrawFn, name: str, max_groups: int) -> tuple[bytes, list[p.Filter]]:
     spec = ref.DOMAINS[name]
     data = draw(gen.stream(spec, spec.max_payload))
-    judged, _, _ = ref.reference_scan(data, spec.ident, spec.max_payload, spec.verify, spec.ranges)
+    judged, _, _ = ref.reference_scan(data, spec.ident, spec.max_payload, spec.checksum, spec.ranges)
     kept = [data[o : o + n] for o, n, v in judged if v == p.FORWARD]
     types = sorted({t for m in kept for t in ref.record_types(m[ref.HEADER :]) or []})
     sources = sorted({m[6] for m in kept})
@@ -52,7 +52,7 @@ def stream_and_filters(draw: st.DrawFn, name: str, max_groups: int) -> tuple[byt
 
 def expected_runs(data: bytes, name: str, selection: p.Filter) -> list[tuple[int, int]]:
     spec = ref.DOMAINS[name]
-    judged, _, _ = ref.reference_scan(data, spec.ident, spec.max_payload, spec.verify, spec.ranges)
+    judged, _, _ = ref.reference_scan(data, spec.ident, spec.max_payload, spec.checksum, spec.ranges)
     chosen = [
         (o, n, p.FORWARD if v == p.FORWARD and ref.selects(selection, data[o : o + n]) else p.WRONG_DOMAIN)
         for o, n, v in judged

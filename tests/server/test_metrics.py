@@ -194,7 +194,7 @@ def test_subscriptions_are_counted(start_relay: StartRelay) -> None:
     quotes.sendall(protocol.subscribe_message(tlv_types=[2]))
     also_quotes.sendall(protocol.subscribe_message(tlv_types=[2]) + protocol.unsubscribe_message())
     also_quotes.sendall(protocol.subscribe_message(tlv_types=[2]))
-    malformed = build_message(protocol.SYSTEM, [(protocol.SUBSCRIBE_SOURCES, bytes(8))])
+    malformed = build_message(protocol.CONTROL_DOMAIN, [(protocol.SUBSCRIBE_SOURCES, bytes(8))])
     trades_from_4.sendall(malformed + protocol.subscribe_message([1], [4]))
     samples = wait_for(port, lambda s: value(s, "jitrelay_subscription_changes_total") == 5, "five changes applied")
     assert value(samples, "jitrelay_control_messages_total") == 5

@@ -137,12 +137,12 @@ def test_a_stalled_positioned_subscriber_hears_of_its_gap_instead_of_being_cut_o
     deadline = time.monotonic() + 30
     while True:  # until the end of the stream arrived after the gap
         messages = list(protocol.decode_messages(bytes(stalled.data)[: _whole(bytes(stalled.data))]))
-        data = [m for m in messages if m.header.relay_domain != protocol.SYSTEM]
+        data = [m for m in messages if m.header.relay_domain != protocol.CONTROL_DOMAIN]
         if data and data[-1].header.sequence == stream.chunks * stream.chunk_messages - 1:
             break
         assert time.monotonic() < deadline, "the stream did not go on after the gap"
         time.sleep(0.05)
-    notices = [protocol.read_notice(m.raw) for m in messages if m.header.relay_domain == protocol.SYSTEM]
+    notices = [protocol.read_notice(m.raw) for m in messages if m.header.relay_domain == protocol.CONTROL_DOMAIN]
     gaps = [n for n in notices if isinstance(n, protocol.Gap)]
     assert gaps and all(g.reason == protocol.GAP_LEFT_LOG for g in gaps)
     sequences = [m.header.sequence for m in data if m.header.source != 0xEE]  # sync probes aside

@@ -117,13 +117,28 @@ def rule_cases(domain: str) -> list[tuple[str, bytes, bool]]:
         ("bad checksum, heartbeat", corrupt_crc(msg(b"")), not verifies),
         ("good checksum again", msg(standard_record(hi, b"crc")), True),
     ]
+    cases += [
+        ("vendor type 200", msg(standard_record(200, b"vendor")), True),
+        ("vendor type 254, extended", msg(extended_record(254, b"v" * 300)), True),
+        ("type 199", msg(standard_record(199, b"")), False),
+        ("type 100 (Torq system)", msg(standard_record(100, b"")), False),
+    ]
     if domain == "execution":
         cases += [
             ("type 40", msg(standard_record(40, b"")), True),
+            ("type 59", msg(standard_record(59, b"")), True),
+            ("type 60 (signal)", msg(standard_record(60, b"")), False),
+            ("type 79", msg(standard_record(79, b"")), False),
+        ]
+    if domain == "signal":
+        cases += [
+            ("type 60", msg(standard_record(60, b"")), True),
             ("type 79", msg(standard_record(79, b"")), True),
             ("type 80", msg(standard_record(80, b"")), False),
-            ("type 100 (system)", msg(standard_record(100, b"")), False),
+            ("zero checksum: not computed", msg(standard_record(32, b"arb"), checksum=0), True),
         ]
+    if domain == "execution":
+        cases += [("zero checksum: required", msg(standard_record(42, b"fill"), checksum=0), False)]
     return cases
 
 

@@ -46,7 +46,7 @@ def control_sequence(draw: st.DrawFn) -> tuple[bytes, p.Filter]:
     selection: p.Filter = p.EVERYTHING
     sent = []
     for _ in range(draw(st.integers(1, 3))):
-        message = ref.message(ref.SYSTEM, draw(gen.control_payload(ref.SUBSCRIPTION_RECORDS)))
+        message = ref.message(ref.CONTROL_DOMAIN, draw(gen.control_payload(ref.SUBSCRIPTION_RECORDS)))
         selection = ref.apply_control(selection, message)
         sent.append(message)
     return b"".join(sent), selection
@@ -200,10 +200,10 @@ def test_control_messages_are_never_forwarded_and_malformed_ones_are_rejected(st
     first = ref.message(1, ref.standard_record(1, b"a"), sequence=1)
     second = ref.message(1, ref.standard_record(2, b"b"), sequence=2)
     malformed = [
-        ref.message(ref.SYSTEM, ref.standard_record(100, bytes(31))),  # bitmap one byte short
-        ref.message(ref.SYSTEM, ref.standard_record(119, b"")),  # not a control record
-        ref.message(ref.SYSTEM, b""),  # says nothing
-        ref.message(ref.SYSTEM, ref.standard_record(102, b"x")),  # unsubscribe carries no value
+        ref.message(ref.CONTROL_DOMAIN, ref.standard_record(100, bytes(31))),  # bitmap one byte short
+        ref.message(ref.CONTROL_DOMAIN, ref.standard_record(119, b"")),  # not a control record
+        ref.message(ref.CONTROL_DOMAIN, b""),  # says nothing
+        ref.message(ref.CONTROL_DOMAIN, ref.standard_record(102, b"x")),  # unsubscribe carries no value
     ]
     witness, publisher = Peer(relay), Peer(relay)
     try:

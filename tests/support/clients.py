@@ -15,15 +15,16 @@ import numpy as np
 
 from jitrelay.core.protocol import MAGIC_BYTES, build_batch, build_message, decode_messages
 from jitrelay.core.units import MiB
+from support import reference as ref
 from support.reference import extended_record, standard_record
 from support.relays import RelayProcess
 from support.streams import ThreadedReader
 
-# name -> (domain id, lowest TLV type, highest TLV type, verifies checksums), from PROTOCOL.md
+# name -> (domain id, lowest and highest TLV type of its first range, verifies checksums), from PROTOCOL.md
 DOMAINS = {
     "market_data": (1, 1, 19, False),
     "signal": (2, 20, 39, True),
-    "execution": (3, 40, 79, True),
+    "execution": (3, 40, 59, True),
 }
 
 
@@ -209,7 +210,10 @@ def malformed_payload(rng: random.Random, lo: int, hi: int) -> bytes:
 
 
 def out_of_range_payload(rng: random.Random, lo: int, hi: int) -> bytes:
-    outside = [t for t in (lo - 1, hi + 1, 1, 19, 20, 39, 40, 79, 80, 100, 119, 200, 254) if t and not lo <= t <= hi]
+    """Records of the domain whose first range is ``lo..hi``, and one of a type none of its ranges holds."""
+    ranges = next(d.ranges for d in ref.DOMAINS.values() if d.ranges[0] == (lo, hi))
+    candidates = (lo - 1, hi + 1, 1, 19, 20, 39, 40, 59, 60, 79, 80, 100, 119, 120, 199)
+    outside = [t for t in candidates if t and not ref.in_ranges(t, ranges)]
     bad = rng.choice(outside)
     record = extended_record(bad, b"v" * 300) if rng.random() < 0.3 else standard_record(bad, b"value")
     return valid_payload(rng, lo, hi) + record + standard_record(rng.randint(lo, hi), b"")
@@ -238,7 +242,7 @@ def mixed_messages(rng: random.Random, domain: str, count: int) -> list[tuple[by
             other = rng.choice([d for d in (0, 1, 2, 3, 4, 9, 255) if d != domain_id])
             out.append((build_message(other, payload=valid_payload(rng, lo, hi), **head), False))
         elif kind == "bad_version":
-            version = rng.choice((0, 1, 3, 255))
+            version = rng.choice((0, 3, 4, 255))
             out.append((build_message(domain_id, payload=valid_payload(rng, lo, hi), version=version, **head), False))
         elif kind == "malformed":
             out.append((build_message(domain_id, payload=malformed_payload(rng, lo, hi), **head), False))

@@ -29,15 +29,20 @@ from jitrelay.core.protocol import (
 
 MAGIC_WIRE = b"\xef\xbe\xad\xde"
 SYSTEM = 4
-# The control records of the subscription contract and the value lengths each may have
-# (103 publish-only, 104 positions, 105 shared memory and 106 lapped are docs/protocol.md's extensions).
+# docs/protocol.md: jitrelay's control records travel in header domain 255 with version 2, whatever the
+# relay's accepted data versions; they are never read from any other domain.
+CONTROL_DOMAIN = 255
+CONTROL_VERSION = 2
+# The control records and the value lengths each may have (docs/protocol.md).
 CONTROL_RECORDS = {100: (32,), 101: (32,), 102: (0,), 103: (0,), 104: (0, 24), 105: (0,), 106: (24,)}
 PUBLISH_ONLY = 103
 SUBSCRIPTION_RECORDS = (100, 101, 102)  # the ones that change what a subscriber receives
 HEADER = 32
 # PROTOCOL.md's reason names by verdict code; 6, a consumed control message, is docs/protocol.md's.
 VERDICTS = ("forward", "bad_version", "wrong_domain", "malformed_tlv", "tlv_out_of_range", "bad_checksum", "control")
-VERSION = 2
+VERSION = 2  # what the reference encodes unless told
+VERSIONS = (1, 2)  # PROTOCOL.md's default accepted set
+VENDOR = (200, 254)  # accepted in every domain
 _HEADER = struct.Struct("<4sBBBBQQII")
 
 Ranges = Sequence[tuple[int, int]]
@@ -46,16 +51,18 @@ Judged = tuple[int, int, int]  # (offset, length, verdict)
 
 class Domain(NamedTuple):
     ident: int
-    ranges: tuple[tuple[int, int], ...]
-    verify: bool
+    ranges: tuple[tuple[int, int], ...]  # vendor types included
+    checksum: str  # "off", "if_set" (0 means not computed) or "required"
     max_payload: int
+    versions: tuple[int, ...] = VERSIONS
 
 
 # The domain table of PROTOCOL.md.
 DOMAINS = {
-    "market_data": Domain(1, ((1, 19),), False, 1 << 20),
-    "signal": Domain(2, ((20, 39),), True, 32 << 10),
-    "execution": Domain(3, ((40, 79),), True, 1 << 20),
+    "market_data": Domain(1, ((1, 19), VENDOR), "off", 1 << 20),
+    "signal": Domain(2, ((20, 39), (60, 79), VENDOR), "if_set", 32 << 10),
+    "execution": Domain(3, ((40, 59), VENDOR), "required", 1 << 20),
+    "system": Domain(4, ((80, 119), VENDOR), "if_set", 32 << 10),
 }
 
 
@@ -127,28 +134,37 @@ def records(payload: bytes) -> list[tuple[int, bytes]] | None:
     return found
 
 
-def verdict(msg: bytes, domain: int, verify: bool, ranges: Ranges) -> int:
+def checksum_fails(msg: bytes, checksum: str) -> bool:
+    """Whether ``msg`` fails a checksum policy: off never; if_set when non-zero and wrong; required when wrong."""
+    stored = struct.unpack_from("<I", msg, 28)[0]
+    if checksum == "off" or (checksum == "if_set" and stored == 0):
+        return False
+    return stored != expected_checksum(msg)
+
+
+def verdict(msg: bytes, domain: int, checksum: str, ranges: Ranges, versions: Sequence[int] = VERSIONS) -> int:
     """The per-message verdict of a relay of ``domain`` for one complete, well-framed message."""
-    if msg[5] != VERSION:
-        return BAD_VERSION
+    is_control = msg[4] == CONTROL_DOMAIN and msg[5] == CONTROL_VERSION
+    if msg[5] not in versions:
+        return control_verdict(msg, checksum) if is_control else BAD_VERSION
     if msg[4] != domain:
-        return control_verdict(msg, verify) if msg[4] == SYSTEM else WRONG_DOMAIN
+        return control_verdict(msg, checksum) if is_control else WRONG_DOMAIN
     types = record_types(msg[HEADER:])
     if types is None:
         return MALFORMED_TLV
     if not all(in_ranges(t, ranges) for t in types):
         return TLV_OUT_OF_RANGE
-    if verify and struct.unpack_from("<I", msg, 28)[0] != expected_checksum(msg):
+    if checksum_fails(msg, checksum):
         return BAD_CHECKSUM
     return FORWARD
 
 
-def control_verdict(msg: bytes, verify: bool) -> int:
-    """A system-domain message sent to a relay: a control message when it holds only subscription records."""
+def control_verdict(msg: bytes, checksum: str) -> int:
+    """A control-domain message sent to a relay: a control message when it holds only control records."""
     found = records(msg[HEADER:])
     if not found or any(len(v) not in CONTROL_RECORDS.get(t, ()) for t, v in found):
         return MALFORMED_TLV
-    if verify and struct.unpack_from("<I", msg, 28)[0] != expected_checksum(msg):
+    if checksum_fails(msg, checksum):
         return BAD_CHECKSUM
     return CONTROL
 
@@ -179,7 +195,7 @@ def selects(selection: Selection, msg: bytes) -> bool:
 
 
 def reference_scan(
-    data: bytes, domain: int, max_payload: int, verify: bool, ranges: Ranges
+    data: bytes, domain: int, max_payload: int, checksum: str, ranges: Ranges, versions: Sequence[int] = VERSIONS
 ) -> tuple[list[Judged], int, int]:
     """Frame and judge ``data`` from its start.
 
@@ -202,7 +218,7 @@ def reference_scan(
         if avail < HEADER + size:
             return judged, pos, NO_FAULT
         length = HEADER + size
-        judged.append((pos, length, verdict(data[pos : pos + length], domain, verify, ranges)))
+        judged.append((pos, length, verdict(data[pos : pos + length], domain, checksum, ranges, versions)))
         pos += length
 
 

@@ -24,7 +24,7 @@ from jitrelay.core.protocol import (
 )
 from support import reference as ref
 
-KINDS = ("empty", *ref.VERDICTS, "malformed_control")  # what a generated message may be
+KINDS = ("empty", *ref.VERDICTS, "malformed_control", "zero_checksum")  # what a generated message may be
 EXPECTED = {
     "forward": FORWARD,
     "empty": FORWARD,
@@ -35,7 +35,19 @@ EXPECTED = {
     "bad_checksum": BAD_CHECKSUM,
     "control": CONTROL,
     "malformed_control": MALFORMED_TLV,
+    "zero_checksum": BAD_CHECKSUM,
 }
+
+
+def expected_verdict(domain: ref.Domain, kind: str) -> int:
+    """``EXPECTED[kind]`` as a relay of ``domain`` gives it: its checksum policy may let the checksum kinds pass."""
+    if kind == "bad_checksum" and domain.checksum == "off":
+        return FORWARD
+    if kind == "zero_checksum" and domain.checksum != "required":
+        return FORWARD
+    return EXPECTED[kind]
+
+
 MALFORMED_KINDS = (
     "dangling_byte",
     "standard_overrun",
@@ -189,49 +201,52 @@ def malformed_control_payload(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def judged_message(draw: st.DrawFn, domain: ref.Domain, kind: str) -> bytes:
-    """A message a relay of ``domain`` should give the verdict ``EXPECTED[kind]``.
-
-    ``bad_checksum`` is forwarded by a domain that does not verify checksums.
-    """
+    """A message a relay of ``domain`` should give the verdict ``expected_verdict(domain, kind)``."""
     fields = draw(header_fields())
     d = domain.ident
+    data_version = st.sampled_from(domain.versions)
     if kind == "forward":
-        return ref.message(d, draw(valid_payload(domain)), **fields)
+        return ref.message(d, draw(valid_payload(domain)), version=draw(data_version), **fields)
     if kind == "empty":
-        return ref.message(d, b"", **fields)
+        return ref.message(d, b"", version=draw(data_version), **fields)
     if kind == "bad_version":
         # A bad version wins over every later check.
         target = draw(st.sampled_from([d, draw(_other_than(d))]))
         payload = draw(st.one_of(any_payload(domain), malformed_payload(domain)))
         checksum = draw(st.none() | st.integers(0, 2**32 - 1))
-        return ref.message(target, payload, version=draw(_other_than(2)), checksum=checksum, **fields)
+        return ref.message(target, payload, version=draw(_other_than(*domain.versions)), checksum=checksum, **fields)
     if kind == "wrong_domain":
         payload = draw(st.one_of(any_payload(domain), malformed_payload(domain)))
         checksum = draw(st.none() | st.integers(0, 2**32 - 1))
-        return ref.message(draw(_other_than(d, ref.SYSTEM)), payload, checksum=checksum, **fields)
+        target = draw(_other_than(d, ref.CONTROL_DOMAIN))
+        return ref.message(target, payload, version=draw(data_version), checksum=checksum, **fields)
     if kind == "malformed_tlv":
         checksum = draw(st.none() | st.integers(0, 2**32 - 1))
         return ref.message(d, draw(malformed_payload(domain)), checksum=checksum, **fields)
     if kind == "tlv_out_of_range":
         checksum = draw(st.none() | st.integers(0, 2**32 - 1))
         return ref.message(d, draw(out_of_range_payload(domain)), checksum=checksum, **fields)
-    if kind == "bad_checksum":
-        good = ref.message(d, draw(valid_payload(domain)), **fields)
-        wrong = ref.expected_checksum(good) ^ draw(st.integers(1, 2**32 - 1))
+    if kind in ("bad_checksum", "zero_checksum"):
+        good = ref.message(d, draw(valid_payload(domain)), version=draw(data_version), **fields)
+        if ref.expected_checksum(good) == 0:  # one message in four billion: its zero is right, not "not computed"
+            return good
+        right = ref.expected_checksum(good)
+        wrong = 0 if kind == "zero_checksum" else draw(st.integers(1, 2**32 - 1).filter(lambda w: w != right))
         return good[:28] + wrong.to_bytes(4, "little") + good[32:]
     if kind == "control":
-        return ref.message(ref.SYSTEM, draw(control_payload()), **fields)
+        return ref.message(ref.CONTROL_DOMAIN, draw(control_payload()), version=ref.CONTROL_VERSION, **fields)
     if kind == "malformed_control":
         checksum = draw(st.none() | st.integers(0, 2**32 - 1))
-        return ref.message(ref.SYSTEM, draw(malformed_control_payload()), checksum=checksum, **fields)
+        payload = draw(malformed_control_payload())
+        return ref.message(ref.CONTROL_DOMAIN, payload, version=ref.CONTROL_VERSION, checksum=checksum, **fields)
     raise ValueError(kind)
 
 
 @st.composite
 def random_message(draw: st.DrawFn, domain: ref.Domain) -> bytes:
     """Header fields and payload loosely drawn; the reference decides the verdict."""
-    version = draw(st.sampled_from([2, 2, 2, draw(st.integers(0, 255))]))
-    target = draw(st.sampled_from([domain.ident, domain.ident, draw(st.integers(0, 255))]))
+    version = draw(st.sampled_from([1, 2, 2, draw(st.integers(0, 255))]))
+    target = draw(st.sampled_from([domain.ident, domain.ident, ref.CONTROL_DOMAIN, draw(st.integers(0, 255))]))
     checksum = draw(st.none() | st.integers(0, 2**32 - 1))
     return ref.message(target, draw(any_payload(domain)), version=version, checksum=checksum)
 

@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -34,20 +35,29 @@ def test_text_line_names_known_types_and_shows_values_in_hex(start_relay: StartR
         pub.publish_raw(message(MARKET_DATA, extended_record(7, bytes(300)), source=5, timestamp_ns=STAMP_NS))
     assert sub.wait() == 0
     assert sub.rest() == [
-        f"{STAMP_TEXT} market_data source=4 seq=9 size=42 trade:01ab quote: type17:ff00",
-        f"{STAMP_TEXT} market_data source=5 seq=0 size=337 status:{'00' * 300}",
+        f"{STAMP_TEXT} market_data source=4 seq=9 size=42 trade:01ab quote: quote_update:ff00",
+        f"{STAMP_TEXT} market_data source=5 seq=0 size=337 l2_reset:{'00' * 300}",
     ]
 
 
 @pytest.mark.parametrize(
     ("domain", "types", "names"),
     [
-        ("market_data", range(1, 8), "trade quote order_book order_book_delta bar instrument status"),
-        ("signal", range(20, 24), "signal prediction feature type23"),
-        ("execution", range(40, 48), "new_order cancel replace ack reject fill order_status type47"),
+        ("market_data", range(1, 8), "trade quote order_book instrument_meta l2_snapshot l2_delta l2_reset"),
+        ("signal", range(31, 35), "performance_metrics arbitrage_signal type33 type34"),
+        ("signal", range(71, 75), "circuit_breaker strategy_registration type73 type74"),
+        ("execution", range(46, 52), "portfolio position balance trade_confirmation type50 type51"),
+        ("system", (100, 103, 104, 109, 112), "heartbeat config_update service_discovery type109 sequence_sync"),
+        (
+            "market_data",
+            range(200, 206),
+            "pool_info pool_cache_header proprietary_data custom_metrics experimental_signal type205",
+        ),
     ],
 )
-def test_every_domain_has_its_type_names(start_relay: StartRelay, domain: str, types: range, names: str) -> None:
+def test_every_domain_has_its_type_names(
+    start_relay: StartRelay, domain: str, types: Sequence[int], names: str
+) -> None:
     relay = start_relay(domain)
     sub = SubProcess(relay, "--count", "1")
     records = [(t, bytes((t,))) for t in types]
@@ -64,7 +74,7 @@ def test_json_lines_hold_the_header_and_records(start_relay: StartRelay) -> None
     sub = SubProcess(relay, "--json", "--count", "2")
     sent = [
         tap_message(11, 7, (40, b"\x01\x02"), (45, b"\xfe"), domain=EXECUTION),
-        tap_message(12, 8, (60, b""), domain=EXECUTION),
+        tap_message(12, 8, (50, b""), domain=EXECUTION),
     ]
     with Publisher("execution", relay.socket_path) as pub:
         for raw in sent:
@@ -81,8 +91,8 @@ def test_json_lines_hold_the_header_and_records(start_relay: StartRelay) -> None
             "payload_size": 7,
             "checksum": zlib.crc32(sent[0][:28] + sent[0][32:]),
             "records": [
-                {"type": 40, "name": "new_order", "value_hex": "0102"},
-                {"type": 45, "name": "fill", "value_hex": "fe"},
+                {"type": 40, "name": "order_request", "value_hex": "0102"},
+                {"type": 45, "name": "execution_report", "value_hex": "fe"},
             ],
         },
         common
@@ -91,7 +101,7 @@ def test_json_lines_hold_the_header_and_records(start_relay: StartRelay) -> None
             "sequence": 12,
             "payload_size": 2,
             "checksum": zlib.crc32(sent[1][:28] + sent[1][32:]),
-            "records": [{"type": 60, "name": "type60", "value_hex": ""}],
+            "records": [{"type": 50, "name": "type50", "value_hex": ""}],
         },
     ]
 

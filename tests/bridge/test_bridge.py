@@ -40,7 +40,7 @@ from support.relays import relay_environ
 from support.streams import send_chunked
 
 from jitrelay.bridge.bridge import HEADER_ROOM
-from jitrelay.core.protocol import SYSTEM, build_message, decode_messages
+from jitrelay.core.protocol import CONTROL_DOMAIN, SYSTEM, build_message, decode_messages
 from jitrelay.testing.nats_cluster import NatsCluster, nats_server_path
 
 if nats_server_path() is None:  # CI installs it (.ci/run); say so loudly rather than skip
@@ -277,8 +277,8 @@ def test_what_a_foreign_publisher_puts_on_the_subject_is_judged_again(
         good[0] + bad_crc + good[1],  # framed: the relay drops the bad one
         good[2][:-3],  # torn: refused whole
         b"\x00" * 8 + good[2],  # bad magic: refused whole
-        build_message(SYSTEM, [(100, b"")]),  # a control message would change what the bridge receives: refused
-        wrong_domain + good[3],
+        build_message(CONTROL_DOMAIN, [(102, b"")]),  # a control message would change what the bridge receives
+        wrong_domain + build_message(SYSTEM, [(100, bytes(16))]) + good[3],  # Torq's heartbeat: data, not control
         build_message(2, [(20, b"x" * 40000)]),  # above the signal domain's 32 KiB: refused whole
     ]
     nats_publish(cluster.urls[0], "jitrelay.signal", payloads)
@@ -293,7 +293,7 @@ def test_what_a_foreign_publisher_puts_on_the_subject_is_judged_again(
     assert b.relay.find_line("closing connection") is None
     b.relay.send_signal(signal.SIGTERM)
     assert b.relay.wait_exit(WAIT) == 0
-    assert b.relay.find_line("relay stopped:", "'wrong_domain': 1", "'bad_checksum': 1"), b.relay.stderr
+    assert b.relay.find_line("relay stopped:", "'wrong_domain': 2", "'bad_checksum': 1"), b.relay.stderr
 
 
 def test_bridge_logs_its_figures_and_stops_when_its_relay_goes(

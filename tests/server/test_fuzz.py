@@ -141,7 +141,7 @@ class Rig:
 
 def whole_messages(what: str, stream: bytes, domain: ref.Domain) -> list[bytes]:
     """Split what the relay sent into messages; fail at the first byte that is not a message it may forward."""
-    judged, end, fault = ref.reference_scan(stream, domain.ident, domain.max_payload, domain.verify, domain.ranges)
+    judged, end, fault = ref.reference_scan(stream, domain.ident, domain.max_payload, domain.checksum, domain.ranges)
     assert fault == NO_FAULT and end == len(stream), (
         f"{what}: byte {end} does not start a whole message ({FAULT_NAMES[fault]}): {stream[end : end + 32].hex()}"
     )
@@ -233,7 +233,7 @@ def number_clean(rig: Rig, drawn: list[tuple[bytes, dict[str, int]]]) -> list[by
 
 def must_forward(data: bytes, domain: ref.Domain) -> tuple[list[bytes], int]:
     """What the relay must forward from a connection that sends ``data`` then hangs up, and its stream fault."""
-    judged, _, fault = ref.reference_scan(data, domain.ident, domain.max_payload, domain.verify, domain.ranges)
+    judged, _, fault = ref.reference_scan(data, domain.ident, domain.max_payload, domain.checksum, domain.ranges)
     return [data[at : at + n] for at, n, verdict in judged if verdict == FORWARD], fault
 
 

@@ -21,7 +21,7 @@ def _stream(rng: random.Random, count: int) -> tuple[bytes, list[bytes]]:
     sent: list[bytes] = []
     valid: list[bytes] = []
     for i in range(count):
-        good = build_message(3, [(40 + i % 40, rng.randbytes(rng.randrange(0, 300)))], source=5, sequence=i)
+        good = build_message(3, [(40 + i % 20, rng.randbytes(rng.randrange(0, 300)))], source=5, sequence=i)
         sent.append(good)
         valid.append(good)
         if i % 7 == 0:

@@ -93,7 +93,7 @@ def test_a_mapped_subscriber_receives_what_a_socket_subscriber_does(
     stream = data.draw(streams(domain), label="stream")
     chosen = [(None, None), *data.draw(st.lists(filters(domain), max_size=2), label="filters")]
     sent = b"".join(stream)
-    judged, _, _ = ref.reference_scan(sent, spec.ident, spec.max_payload, spec.verify, spec.ranges)
+    judged, _, _ = ref.reference_scan(sent, spec.ident, spec.max_payload, spec.checksum, spec.ranges)
     forwarded = [sent[o : o + n] for o, n, v in judged if v == p.FORWARD]
 
     round_ = next(_rounds)

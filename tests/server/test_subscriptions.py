@@ -109,7 +109,7 @@ def check_round(
     round_ = next(_rounds)
     data = b"".join(stream)
     spec = ref.DOMAINS[relay.domain]
-    judged, _, _ = ref.reference_scan(data, spec.ident, spec.max_payload, spec.verify, spec.ranges)
+    judged, _, _ = ref.reference_scan(data, spec.ident, spec.max_payload, spec.checksum, spec.ranges)
     forwarded = [data[o : o + n] for o, n, v in judged if v == p.FORWARD]
     witness = Peer(relay)
     subscribers = [Peer(relay) for _ in chosen]

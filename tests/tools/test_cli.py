@@ -42,7 +42,7 @@ def test_help() -> None:
     [
         ["bogus"],
         ["run", "bogus"],
-        ["sub", "system"],
+        ["sub", "fx"],
         ["pub", "market_data", "--count", "-1"],
         ["pub", "market_data", "--count", "many"],
         ["pub", "market_data", "--rate", "fast"],
@@ -156,7 +156,8 @@ def test_sub_prints_one_line_per_message_and_stops_at_count(market_relay: RelayP
             )
     assert sub.wait() == 0
     assert sub.rest() == [
-        f"2023-11-14T22:13:20.000000005Z market_data source=3 seq={100 + seq} size=38 trade:{seq:02x}ab type19:"
+        f"2023-11-14T22:13:20.000000005Z market_data source=3 seq={100 + seq} size=38 trade:{seq:02x}ab "
+        "state_invalidation_reason:"
         for seq in range(3)
     ]
 

@@ -366,7 +366,7 @@ def test_summary_file_holds_exactly_what_the_relay_saw(start_relay: StartRelay, 
     batch = protocol.build_batch(MARKET_DATA, 10_000, [(1, b"v" * 37)]).tobytes()
     rejected = [
         message(2, standard_record(20, b"signal")),  # wrong_domain
-        message(MARKET_DATA, standard_record(200, b"out of range")),  # tlv_out_of_range
+        message(MARKET_DATA, standard_record(120, b"out of range")),  # tlv_out_of_range
         message(MARKET_DATA, b"\x01\x05ab"),  # malformed_tlv: five bytes promised, two given
     ]
     with relay.connect(timeout=30) as publisher:

@@ -18,7 +18,9 @@ never holds memory the relay will change.
 Memory is bounded: the log, a receive buffer per connection (pages touched
 only by publishers), and per filtered subscriber that is behind, its ranges.
 A subscriber the log is about to leave behind is cut off under ``disconnect``;
-under ``block`` the publishers wait until the slowest cursor makes room.
+under ``block`` the publishers wait until the slowest cursor makes room. A
+publisher that has never read a byte of what it was sent (``_never_read``) is
+neither: it is detached from the log, and what it is not sent is counted.
 """
 
 from __future__ import annotations

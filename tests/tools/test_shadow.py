@@ -17,16 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from support.relays import StartRelay
 
 from jitrelay.client import Publisher
 from jitrelay.core import protocol
 from jitrelay.testing.relay import ChildProcess, relay_environ
+from jitrelay.tools.shadow import ShadowReport, StreamComparison, Tally, format_report
 
 MARKET_DATA, SIGNAL, EXECUTION = 1, 2, 3
 SAMPLE_BYTES = 64
@@ -256,3 +259,51 @@ def test_a_broken_source_stream_stops_the_source_side_with_its_fault(start_relay
     assert report["identical"] is True  # what came before the fault went through unchanged
     assert report["digest"]["local"] == digest(b"".join(good))
     assert "bad_magic" in shadow.stderr
+
+
+# The comparison and the report, without processes.
+
+
+def judged(messages: list[bytes], verdicts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    data = b"".join(messages)
+    starts = np.cumsum([0] + [len(m) for m in messages[:-1]]).astype(np.int64)
+    return np.frombuffer(data, dtype=np.uint8), starts, np.array(verdicts, dtype=np.uint8)
+
+
+def test_comparison_finds_the_first_differing_message_within_a_batch() -> None:
+    messages = [protocol.build_message(MARKET_DATA, [(1, bytes([k]) * k)], sequence=k) for k in range(1, 6)]
+    comparison = StreamComparison()
+    comparison.expect(b"".join(messages), len(messages))
+    comparison.received(b"".join(messages[:2]))
+    assert comparison.diverged_at is None and comparison.behind == sum(map(len, messages[2:]))
+    changed = messages[3][:-1] + b"\xff"
+    comparison.received(messages[2] + changed + messages[4])
+    assert comparison.diverged_at == 3 and not comparison.identical
+    assert comparison.local_messages == 5 and comparison.expected_messages == 5
+
+
+def test_comparison_counts_a_message_never_forwarded_as_the_divergence() -> None:
+    messages = [protocol.build_message(MARKET_DATA, [(1, b"m")], sequence=k) for k in range(3)]
+    comparison = StreamComparison()
+    comparison.expect(b"".join(messages), 3)
+    comparison.received(b"".join(messages[:2]))
+    assert comparison.identical is False and comparison.diverged_at is None  # still owed one
+    comparison.finish()
+    assert comparison.diverged_at == 2
+
+
+def test_format_report_lays_out_both_sides_rejects_and_the_verdict() -> None:
+    good = protocol.build_message(MARKET_DATA, [(1, b"ok")], sequence=1)
+    old = protocol.build_message(MARKET_DATA, [(1, b"v")], sequence=2, version=7)
+    tally, comparison = Tally(), StreamComparison()
+    tally.add_source(*judged([good, old, good], [protocol.FORWARD, protocol.BAD_VERSION, protocol.FORWARD]))
+    comparison.expect(good + good, 2)
+    comparison.received(good + good)
+    report = ShadowReport("market_data", "/tmp/torq.sock", "/tmp/jr.sock", 2.0, tally, comparison, final=True)
+    text = format_report(report)
+    assert "jitrelay shadow market_data (final, 2.0 s)" in text
+    assert re.search(r"messages\s+3\s+2\n", text) and re.search(rf"bytes\s+{2 * len(good) + len(old)}\s+", text)
+    assert re.search(r"\n  bad_version +1  #1 domain=1 version=7 source=0 seq=2 payload=3 ", text)
+    assert old[:SAMPLE_BYTES].hex() in text
+    assert "streams: identical (2 messages" in text
+    assert report.clean and report.as_json()["rejects"]["bad_version"]["count"] == 1

@@ -132,7 +132,7 @@ class StreamComparison:
             return
         common = min(len(raw), len(self._pending))
         mine = np.frombuffer(raw, dtype=np.uint8, count=common)
-        theirs = np.frombuffer(self._pending, dtype=np.uint8, count=common)
+        theirs = np.frombuffer(bytes(self._pending[:common]), dtype=np.uint8)  # a copy: the buffer is cleared next
         differing = np.flatnonzero(mine != theirs)
         at = int(differing[0]) if len(differing) else common  # else the local relay sent more than it was given
         self.diverged_at = self._matched + int(np.searchsorted(starts, at, side="right")) - 1
@@ -258,7 +258,7 @@ def format_report(report: ShadowReport) -> str:
     lines.append(f"streams: {_verdict(report)}")
     if report.ended:
         lines.append(f"ended: {report.ended}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
 def _verdict(report: ShadowReport) -> str:

@@ -244,7 +244,7 @@ def format_report(report: ShadowReport) -> str:
     else:
         lines.append("rejects by the local relay's rules: none")
     if tally.controls:
-        lines.append(f"  {'control':<18}{tally.controls:>10,}  (taken by the local relay as its own control messages)")
+        lines.append(f"jitrelay control messages (taken by the local relay, never forwarded): {tally.controls:,}")
     if report.source_fault is not None:
         fault = report.source_fault
         lines.append(

@@ -1206,13 +1206,14 @@ class Relay:
     def _never_read(self, conn: Connection, sender: Connection | None = None) -> bool:
         """Whether ``conn``, about to be cut off or to hold publishers, is a publisher that never read: then detach it.
 
-        It must have published (or be publishing now: ``sender``, or held with a batch waiting) and its peer's
+        It must have published (or be publishing now: ``sender``, or held with a batch waiting, or have sent any
+        message that is not a control message, even one the relay rejected) and its peer's
         receive queue must still hold every byte the relay wrote to it. Once the kernel says it read anything it
         is a subscriber for good. TCP peers, and kernels without ``unix_diag``, keep the slow policy as it is.
         """
         if conn.has_read or conn.address is not None or conn.fd < 0:
             return False
-        if not (conn.published or conn.held or conn is sender):
+        if not (conn.published or conn.held or conn is sender or self._sent_data(conn)):
             return False
         try:
             unread = peer_unread_bytes(conn.fd)
@@ -1232,6 +1233,16 @@ class Relay:
             return False
         self._detach_unread(conn, sent)
         return True
+
+    @staticmethod
+    def _sent_data(conn: Connection) -> bool:
+        """Whether ``conn`` sent any message that is not a control message, forwarded or not.
+
+        A Torq publisher's first bytes may be rejected (its identification
+        header is market data whatever relay it reaches), and a strategy may
+        publish rarely: what it sent still shows it is a publisher.
+        """
+        return int(conn.counts.sum()) > int(conn.counts[protocol.CONTROL])
 
     def _sent_to(self, conn: Connection) -> int:
         """Bytes written to ``conn`` so far, the send loop's share since the targets were last rebuilt included."""

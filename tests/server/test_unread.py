@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import torq
 from support.processes import ReaderProcess
 from support.relays import RelayProcess, StartRelay
 
@@ -321,3 +322,24 @@ def test_a_publisher_that_reads_a_little_then_stops_keeps_the_slow_policy(
         assert flooder.answer() == f"sent {len(flood)}"
         assert slow.received() == flood
     assert relay.find_line("has never read its socket") is None
+
+
+def test_a_torq_publisher_that_sent_only_its_identification_header_is_never_cut_off(
+    start_relay: StartRelay, started: StartClient, short_dir: Path
+) -> None:
+    """A Torq strategy's first bytes on the signal relay are a market-data header (rejected), then it waits for an
+    opportunity: it has published nothing the relay forwarded, yet it is a publisher, not a slow subscriber."""
+    relay = start_relay("signal", "--log-size", str(LOG_SIZE))
+    flood = stream_of("signal", 1)
+    quiet = started(relay, "quiet", torq.identification_header())
+    flooder = started(relay, "flooder", flood)
+    assert quiet.ask("hello") == "hello"
+    relay.wait_line("connected", f"pid={flooder.pid} uid=")
+    flooder.send(f"go {256 * KiB} 0")
+    assert flooder.answer() == f"sent {len(flood)}"
+    relay.wait_line(f"pid={quiet.pid} uid=", "has never read its socket")
+    assert relay.find_line("disconnecting slow subscriber") is None
+    state, _ = quiet.ask("drain").split()
+    assert state == "open"
+    own = quiet.received()
+    assert 0 < len(own) < len(flood) and own == flood[: len(own)]

@@ -1,4 +1,4 @@
-"""The ``jitrelay`` command: run a relay, publish synthetic load, watch a domain.
+"""The ``jitrelay`` command: run a relay, publish synthetic load, watch a domain, shadow a Torq relay.
 
 ``main`` returns the exit code instead of exiting, so tests and other tools can
 call it: 0 for success, 1 when the relay cannot be reached or started, 2 for a
@@ -303,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
             "run a relay under load, churn, stalls and SIGKILLs, and verify every message delivered",
             tool_arguments("jitrelay.tools.soak"),
             cmd_soak,
+        ),
+        (
+            "shadow",
+            "run beside a running (Torq) relay: republish its stream into this relay and compare the two",
+            tool_arguments("jitrelay.tools.shadow"),
+            cmd_shadow,
         ),
     ]
     for name, help, declare, handler in table:
@@ -736,6 +742,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"jitrelay audit: cannot read {args.path}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    from jitrelay.tools.shadow import run_shadow  # the comparison loads only for this command
+
+    return run_shadow(args)
 
 
 def cmd_soak(args: argparse.Namespace) -> int:

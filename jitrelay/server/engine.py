@@ -18,7 +18,9 @@ never holds memory the relay will change.
 Memory is bounded: the log, a receive buffer per connection (pages touched
 only by publishers), and per filtered subscriber that is behind, its ranges.
 A subscriber the log is about to leave behind is cut off under ``disconnect``;
-under ``block`` the publishers wait until the slowest cursor makes room.
+under ``block`` the publishers wait until the slowest cursor makes room. A
+publisher that has never read a byte of what it was sent (``_never_read``) is
+neither: it is detached from the log, and what it is not sent is counted.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from jitrelay.server.figures import Figures
 from jitrelay.server.journal import Journal, Replay, find_replay
 from jitrelay.server.log import RelayLog
 from jitrelay.server.shared_memory import SharedLogMemory
+from jitrelay.server.unread import Unjudgeable, peer_unread_bytes
 
 log = logging.getLogger("jitrelay.relay")
 
@@ -95,6 +98,14 @@ class Connection(asyncio.BufferedProtocol):
         self.replay: Replay | None = None  # resuming from the journal, before the log takes over
         self.replay_epoch = 0  # the epoch the last position notice of the replay named
         self.publish_only = False  # it declared it never reads: no target list holds it, so it is never slow
+        # A publisher found never to read its socket (``Relay._never_read``): from then on treated as publish-only,
+        # and what it is not sent is counted from ``unread_from``: (messages, bytes) its cursor still owed, then
+        # the log's message count and head, and its own published messages and bytes, all at the moment.
+        self.never_reads = False
+        self.unread_from: tuple[int, int, int, int, int, int] | None = None
+        self.has_read = False  # the kernel said it read some of what it was sent: it is never judged again
+        self.messages_published = 0  # messages (and bytes) of its own the log took
+        self.bytes_published = 0
         # Shared memory (opt in): asked, then caught up over the socket, then granted a slot in the mapped log.
         self.sharing = False  # asked; the socket still carries its stream until the grant
         self.shared_slot = -1  # its reader slot, from the moment the grant is sent
@@ -255,6 +266,13 @@ class Relay:
         self.slow_pauses = 0  # times a publisher was held under ``block`` because the log was full
         self.gap_notices = 0  # positioned subscribers told of what they missed instead of being cut off
         self.fell_behind = 0  # times a subscriber's socket took less than a batch
+        # Publishers found never to read (``_never_read``): how many, those still open, and what the closed
+        # ones were not sent.
+        self.never_reading = 0
+        self._unread: set[Connection] = set()
+        self.retired_unread_messages = 0
+        self.retired_unread_bytes = 0
+        self._cannot_judge_said = False
         self.retired_bytes_in = 0  # bytes read from connections that have closed
         self.bytes_forwarded = 0
         self.batches = 0
@@ -305,10 +323,30 @@ class Relay:
                 self.log.publisher = None  # no reader maps the log: appends stop publishing its extent
             self._release_held()
         self._retarget()
+        if conn.never_reads:
+            messages, nbytes = self._not_taken(conn)
+            self.retired_unread_messages += messages
+            self.retired_unread_bytes += nbytes
+            self._unread.discard(conn)
+            log.info(
+                "%s disconnected (received %d bytes, sent %d bytes); it never read: "
+                "not sent %d messages (%d bytes) since it was detached",
+                conn.peer,
+                conn.bytes_in,
+                conn.bytes_out,
+                messages,
+                nbytes,
+            )
+            return
         log.info("%s disconnected (received %d bytes, sent %d bytes)", conn.peer, conn.bytes_in, conn.bytes_out)
 
     def stop_sending(self, conn: Connection) -> None:
         """Forget ``conn``'s cursor before its descriptors close: no writability wait, no place among the targets."""
+        self._drop_cursor(conn)
+        self._release_held()
+
+    def _drop_cursor(self, conn: Connection) -> None:
+        """``stop_sending`` without letting held publishers go: for callers in the middle of judging room."""
         if conn.behind:
             conn.behind = False
             self._behind.discard(conn)
@@ -326,10 +364,13 @@ class Relay:
             conn.slow_timer = None
         conn.owed.clear()
         self._targets_dirty = True
-        self._release_held()
 
     def _retarget(self) -> None:
-        live = [c for c in self.connections.values() if not (c.publish_only or c.granted or c.transport.is_closing())]
+        live = [
+            c
+            for c in self.connections.values()
+            if not (c.publish_only or c.never_reads or c.granted or c.transport.is_closing())
+        ]
         groups: dict[protocol.Filter, list[Connection]] = {}
         for conn in live:
             if conn.filter != protocol.EVERYTHING:
@@ -349,7 +390,7 @@ class Relay:
         targets = [
             c
             for c in self.connections.values()
-            if not (c.behind or c.publish_only or c.granted or c.transport.is_closing()) and c.fd >= 0
+            if not (c.behind or c.publish_only or c.never_reads or c.granted or c.transport.is_closing()) and c.fd >= 0
         ]
         self._fan.reserve(len(targets), 0)
         for i, conn in enumerate(targets):
@@ -365,7 +406,7 @@ class Relay:
         if self._journal_retry is not None:  # the journal does not write: nothing more is read until it does
             self._hold_for_journal(conn)
             return
-        if self._must_hold(conn.filled):
+        if self._must_hold(conn.filled, conn):
             self._hold(conn)
             return
         counted = conn.counts.copy() if self.journal is not None else None  # undone if the journal refuses
@@ -413,7 +454,7 @@ class Relay:
         """
         n = conn.filled
         ring = self.log.ring
-        if not self._must_hold(n):
+        if not self._must_hold(n, conn):
             counted = conn.counts.copy()
             before = int(counted[protocol.FORWARD])
             result = self._scan(conn, ring, at, at + n)
@@ -427,9 +468,13 @@ class Relay:
         conn.buf[:n] = ring[at : at + n]
         self.on_data(conn, arrived)
 
-    def _must_hold(self, nbytes: int) -> bool:
-        """Under ``block``: whether ``nbytes`` more would pass the slowest cursor, so the publisher waits."""
-        return self.logic.slow_policy == BLOCK and bool(self._behind or self._shared) and not self._has_room(nbytes)
+    def _must_hold(self, nbytes: int, sender: Connection) -> bool:
+        """Under ``block``: whether ``nbytes`` more from ``sender`` would pass the slowest cursor, so it waits."""
+        return (
+            self.logic.slow_policy == BLOCK
+            and bool(self._behind or self._shared)
+            and not self._has_room(nbytes, sender)
+        )
 
     def _scan(self, conn: Connection, buf: np.ndarray, start: int, end: int) -> kernels.ScanResult:
         """Frame and judge ``buf[start:end]`` for ``conn``; with filters, each group's runs in the same call."""
@@ -459,13 +504,15 @@ class Relay:
         ):
             return False
         if self._behind:
-            self._leave_behind(log_.tail_after(size))
+            self._leave_behind(log_.tail_after(size), sender)
         first_message = log_.messages
         if direct >= 0:
             start = log_.commit(size, messages, sender.conn_id)
         else:
             start = log_.append(sender.buf, runs, result.runs, size, messages, sender.conn_id)
         sender.published = True
+        sender.messages_published += messages
+        sender.bytes_published += size
         self.bytes_forwarded += size
         self.batches += 1
         if self._targets_dirty:
@@ -757,6 +804,12 @@ class Relay:
             if report is not None:
                 self._lapped(conn, report)
         if conn.granted:  # it reads the mapped log and filters it itself: the socket carries nothing more
+            return
+        if conn.never_reads:
+            if conn.filter != before or asked is not False or share:
+                log.warning(
+                    "%s asks to receive, but it never read what it was sent: ignored (it must reconnect)", conn.peer
+                )
             return
         if conn.publish_only:
             log.info("%s publishes only; it receives nothing", conn.peer)
@@ -1076,9 +1129,14 @@ class Relay:
 
     # slow subscribers
 
-    def _leave_behind(self, tail: int) -> None:
-        """Before an append moves the log's tail to ``tail``: cut off every subscriber still reading before it."""
+    def _leave_behind(self, tail: int, sender: Connection) -> None:
+        """Before ``sender``'s append moves the log's tail to ``tail``: cut off every subscriber still before it.
+
+        A publisher that never read a byte is not a subscriber falling behind: it is detached instead.
+        """
         for conn in [c for c in self._behind if c.needed() < tail]:
+            if self._never_read(conn, sender):
+                continue
             if conn.positioned:
                 self._skip_to(conn, tail)
             else:
@@ -1106,6 +1164,8 @@ class Relay:
     def _drop_if_still_behind(self, conn: Connection) -> None:
         conn.slow_timer = None
         if conn.behind and self.log.head - conn.needed() > self.logic.pending_low:
+            if self._never_read(conn):
+                return
             self._cut_off(conn, f"still behind after {self.logic.slow_timeout:.1f} s")
 
     def _cut_off(self, conn: Connection, why: str) -> None:
@@ -1130,12 +1190,155 @@ class Relay:
         conn.transport.abort()
         self._retarget()
 
-    def _has_room(self, nbytes: int) -> bool:
-        """Under ``block``: whether ``nbytes`` more fit in the log without passing the slowest cursor."""
+    def _has_room(self, nbytes: int, sender: Connection | None = None) -> bool:
+        """Under ``block``: whether ``nbytes`` more fit in the log without passing the slowest cursor.
+
+        A cursor in the way whose connection has published and never read is detached, not waited for.
+        """
         tail = self.log.tail_after(min(nbytes, self.log.capacity))
         if self._shared and int(self.memory.positions([c.shared_slot for c in self._shared]).min()) < tail:
             return False
-        return all(conn.needed() >= tail for conn in self._behind)
+        in_the_way = [c for c in self._behind if c.needed() < tail]  # a list: detaching one changes ``_behind``
+        return all(self._never_read(conn, sender) for conn in in_the_way)
+
+    # publishers that never read
+
+    def _never_read(self, conn: Connection, sender: Connection | None = None) -> bool:
+        """Whether ``conn``, about to be cut off or to hold publishers, is a publisher that never read: then detach it.
+
+        It must have published (or be publishing now: ``sender``, or held with a batch waiting, or have sent any
+        message that is not a control message, even one the relay rejected) and its peer's
+        receive queue must still hold every byte the relay wrote to it. Once the kernel says it read anything it
+        is a subscriber for good. TCP peers, and kernels without ``unix_diag``, keep the slow policy as it is.
+        """
+        if conn.has_read or conn.address is not None or conn.fd < 0:
+            return False
+        if not (conn.published or conn.held or conn is sender or self._sent_data(conn)):
+            return False
+        try:
+            unread = peer_unread_bytes(conn.fd)
+        except (Unjudgeable, OSError) as exc:
+            if not self._cannot_judge_said:
+                self._cannot_judge_said = True
+                log.warning(
+                    "cannot tell whether %s reads its socket (%s); publishers that never read get the slow policy",
+                    conn.peer,
+                    exc,
+                )
+            return False
+        sent = self._sent_to(conn)
+        if unread < sent:
+            conn.has_read = True
+        if unread < sent or sent == 0:  # nothing sent yet: nothing to tell from
+            return False
+        self._detach_unread(conn, sent)
+        return True
+
+    @staticmethod
+    def _sent_data(conn: Connection) -> bool:
+        """Whether ``conn`` sent any message that is not a control message, forwarded or not.
+
+        A Torq publisher's first bytes may be rejected (its identification
+        header is market data whatever relay it reaches), and a strategy may
+        publish rarely: what it sent still shows it is a publisher.
+        """
+        return int(conn.counts.sum()) > int(conn.counts[protocol.CONTROL])
+
+    def _sent_to(self, conn: Connection) -> int:
+        """Bytes written to ``conn`` so far, the send loop's share since the targets were last rebuilt included."""
+        sent = conn.bytes_out
+        for i, target in enumerate(self._targets):
+            if target is conn:
+                sent += int(self._fan.totals[i])
+        return sent
+
+    def _detach_unread(self, conn: Connection, sent: int) -> None:
+        """Treat ``conn`` as publish-only from now on; note what its cursor still owed, to count what it misses.
+
+        A message its socket took part of is finished first (from the prefix, when it becomes writable), so
+        that whatever it reads one day is whole messages.
+        """
+        log_ = self.log
+        needed = conn.needed()
+        boundary = log_.boundary(needed)
+        rest = b"".join(bytes(v) for v in log_.views(needed, boundary)) if boundary > needed else b""
+        ranges: list[tuple[int, int]]
+        if conn.filter == protocol.EVERYTHING:
+            ranges, at = [], boundary
+            while True:
+                start, end = log_.next_range(at, conn.conn_id)
+                if start >= end:
+                    break
+                ranges.append((start, end))
+                at = end
+        else:
+            ranges = [(max(a, boundary), b) for block in conn.owed for a, b, *_ in block.tolist() if b > boundary]
+        owed_messages = sum(log_.message_number(b) - log_.message_number(a) for a, b in ranges)
+        owed_bytes = sum(b - a for a, b in ranges)
+        prefix = bytes(conn.prefix) + rest
+        self._drop_cursor(conn)
+        conn.never_reads = True
+        conn.unread_from = (
+            owed_messages,
+            owed_bytes,
+            log_.messages,
+            log_.head,
+            conn.messages_published,
+            conn.bytes_published,
+        )
+        self._unread.add(conn)
+        self.never_reading += 1
+        self._retarget()
+        log.warning(
+            "%s publishes and has never read its socket (%d bytes sent to it, all unread): "
+            "it is sent nothing more and never holds anyone; what it is not sent is counted",
+            conn.peer,
+            sent,
+        )
+        loop = asyncio.get_running_loop()
+        if prefix:
+            conn.prefix += prefix
+            conn.writing = True
+            loop.add_writer(conn.fd, self._finish_message, conn)
+        if self._held:  # publishers it held may have room now; judged again outside whatever judges room now
+            loop.call_soon(self._release_held)
+
+    def _finish_message(self, conn: Connection) -> None:
+        """Writability on a detached publisher: the rest of the message its socket took part of, then nothing."""
+        if conn.conn_id not in self.connections or conn.transport.is_closing() or not conn.prefix:
+            self._drop_cursor(conn)
+            return
+        try:
+            taken = conn.spare.send(conn.prefix)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.info("%s: send failed (%s); closing", conn.peer, exc)
+            self._drop_cursor(conn)
+            conn.transport.abort()
+            return
+        del conn.prefix[:taken]
+        conn.bytes_out += taken
+        if not conn.prefix:
+            self._drop_cursor(conn)
+
+    def _not_taken(self, conn: Connection) -> tuple[int, int]:
+        """Messages and bytes a detached publisher would have been sent and was not: others' messages since."""
+        assert conn.unread_from is not None
+        owed_messages, owed_bytes, messages, head, own_messages, own_bytes = conn.unread_from
+        return (
+            owed_messages + self.log.messages - messages - (conn.messages_published - own_messages),
+            owed_bytes + self.log.head - head - (conn.bytes_published - own_bytes),
+        )
+
+    def _unread_totals(self) -> tuple[int, int]:
+        """What every publisher that never read, open or closed, was not sent: messages and bytes."""
+        messages, nbytes = self.retired_unread_messages, self.retired_unread_bytes
+        for conn in self._unread:
+            m, b = self._not_taken(conn)
+            messages += m
+            nbytes += b
+        return messages, nbytes
 
     def _hold(self, conn: Connection) -> None:
         if not conn.held:
@@ -1188,6 +1391,7 @@ class Relay:
         head = self.log.head
         timing = self.forward_time
         verdicts = self.verdict_counts()
+        unread_messages, unread_bytes = self._unread_totals()
         return Figures(
             domain=self.logic.name,
             verdicts=verdicts,
@@ -1203,6 +1407,10 @@ class Relay:
                 "disconnect": self.slow_disconnects,
                 "gap_notice": self.gap_notices,
             },
+            never_reading=self.never_reading,
+            never_reading_open=len(self._unread),
+            unread_messages=unread_messages,
+            unread_bytes=unread_bytes,
             journal_errors=self.journal_errors,
             forward_buckets=tuple(timing.counts),
             forward_total_ns=timing.total,
@@ -1251,6 +1459,7 @@ class Relay:
 
     def summary(self) -> str:
         counts = self.verdict_counts()
+        unread_messages = self._unread_totals()[0]
         received = sum(counts.values())
         rejected = {k: counts[k] for k in protocol.REJECT_NAMES if counts[k]}
         return (
@@ -1258,6 +1467,7 @@ class Relay:
             f"({self.bytes_forwarded} bytes in {self.batches} batches), rejected {rejected or 0}, "
             f"control messages {counts['control']}, "
             f"faults {dict(self.faults) or 0}, slow subscribers dropped {self.slow_disconnects}, "
+            f"publishers that never read {self.never_reading} (not sent {unread_messages} messages), "
             f"connections {self.accepted}, refused {dict(self.refused) or 0}, journal errors {self.journal_errors}"
         )
 

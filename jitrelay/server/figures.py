@@ -67,6 +67,11 @@ class Figures:
     send_total_ns: int = 0
     send_p50_us: float = 0.0
     send_p99_us: float = 0.0
+    # Publishers found never to read their socket: detached, never cut off, never holding anyone.
+    never_reading: int = 0  # found since the start
+    never_reading_open: int = 0  # of them, still connected
+    unread_messages: int = 0  # others' messages they would have been sent and were not, open and closed ones
+    unread_bytes: int = 0
 
     def to_dict(self) -> dict:
         """The figures as plain JSON-ready values."""

@@ -148,6 +148,26 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
         labels=["domain", "action"],
     )
     yield labelled(slow, figures.domain, figures.slow_actions)
+    yield counter(
+        "jitrelay_never_reading_publishers_total",
+        "Publishers found never to read their socket: detached from the log (never cut off, never holding anyone).",
+        figures.never_reading,
+    )
+    yield gauge(
+        "jitrelay_never_reading_publishers",
+        "Publishers that never read their socket, connected now.",
+        figures.never_reading_open,
+    )
+    yield counter(
+        "jitrelay_never_reading_unsent_messages_total",
+        "Messages publishers that never read would have been sent (others' messages) and were not.",
+        figures.unread_messages,
+    )
+    yield counter(
+        "jitrelay_never_reading_unsent_bytes_total",
+        "Bytes of the messages publishers that never read would have been sent and were not.",
+        figures.unread_bytes,
+    )
     yield counter("jitrelay_journal_errors_total", "Journal appends or fsyncs that failed.", figures.journal_errors)
     yield gauge(
         "jitrelay_subscriber_groups",

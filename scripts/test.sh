@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, every test with the kernels built ahead of time
+# The whole test suite: lint, the type check, the API reference, every test with the kernels built ahead of time
 # (what the relay runs), the kernel tests again with numba's JIT build (the
 # fallback) and as plain Python (NUMBA_DISABLE_JIT=1) so coverage sees kernel
 # code, then the combined coverage gate. Fails on the first failure; pytest's
@@ -16,6 +16,8 @@ fi
 
 ruff check jitrelay tests benchmarks
 ruff format --check jitrelay tests benchmarks
+mypy  # jitrelay/, as configured in pyproject.toml
+scripts/api-docs.sh build/api  # the API reference from the docstrings: a module that no longer imports fails here
 
 coverage erase
 python -m pytest --cov=jitrelay --cov-report= "$@"

@@ -10,6 +10,7 @@ or a circle among modules fails with the lines that break the rule.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -151,3 +152,144 @@ def test_the_rules_catch_a_wrong_arrow_and_a_circle() -> None:
     assert not allowed("jitrelay.bridge.bridge", "jitrelay.server.engine")
     assert allowed("jitrelay.bridge.bridge", "jitrelay.server.exposition")
     assert allowed("jitrelay.tools.soak", "jitrelay.testing.processes")
+
+
+# --- sizes: one module, one job; a function that fits on a screen ---------------------------------------------------
+
+MAX_MODULE_LINES = 800
+MAX_FUNCTION_LINES = 80  # from its first decorator to its last line
+# Modules allowed past MAX_MODULE_LINES, each with the reason it must stay whole for now.
+LONG_MODULES: dict[str, str] = {
+    "jitrelay.server.engine": "the relay's connections, cursors, policies and fan-out in one event-loop class; "
+    "the compiled data plane moves the per-read path out of it and splits the control plane by responsibility",
+}
+# Functions allowed past MAX_FUNCTION_LINES ("module.function"), each with its reason.
+LONG_FUNCTIONS: dict[str, str] = {}
+
+
+def functions(module: str) -> list[tuple[str, int, int]]:
+    """(qualified name, first line, lines) of every function and method in ``module``."""
+    tree = ast.parse(MODULES[module].read_text())
+    found = []
+
+    def walk(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                assert child.end_lineno is not None
+                found.append((f"{prefix}{child.name}", start, child.end_lineno - start + 1))
+                walk(child, f"{prefix}{child.name}.")
+            elif isinstance(child, ast.ClassDef):
+                walk(child, f"{prefix}{child.name}.")
+
+    walk(tree, "")
+    return found
+
+
+def test_no_module_is_longer_than_the_rule_allows() -> None:
+    long = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
+    over = [f"{m}: {n} lines" for m, n in long.items() if n > MAX_MODULE_LINES and m not in LONG_MODULES]
+    assert not over, f"modules over {MAX_MODULE_LINES} lines (split them by job, or justify in LONG_MODULES):\n" + (
+        "\n".join(over)
+    )
+    stale = [m for m in LONG_MODULES if m not in MODULES or long[m] <= MAX_MODULE_LINES]
+    assert not stale, f"LONG_MODULES names modules that no longer need it: {stale}"
+
+
+def test_no_function_is_longer_than_the_rule_allows() -> None:
+    found = {f"{m}.{name}": (line, n) for m in MODULES for name, line, n in functions(m)}
+    over = [
+        f"{name} (line {line}): {n} lines"
+        for name, (line, n) in found.items()
+        if n > MAX_FUNCTION_LINES and name not in LONG_FUNCTIONS
+    ]
+    assert not over, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(over)
+    stale = [f for f in LONG_FUNCTIONS if f not in found or found[f][1] <= MAX_FUNCTION_LINES]
+    assert not stale, f"LONG_FUNCTIONS names functions that no longer need it: {stale}"
+
+
+# --- docstrings name files that exist ---------------------------------------------------------------------------------
+
+REPOSITORY = PACKAGE.parent
+_FILE_NAME = re.compile(r"(?<![\w./-])((?:[\w.-]+/)*[\w-]+\.(?:py|md|toml|ipynb|sh|json))\b")
+# Files that docstrings name but that are not this repository's: other projects' sources cited for a design.
+FOREIGN_FILES = {"_receivebuffer.py", "_connection.py", "_state.py", "_readers.py", "_writers.py", "asv.conf.json"}
+
+
+def _exists(name: str) -> bool:
+    if "/" in name:
+        return any((base / name).exists() for base in (REPOSITORY, PACKAGE, PACKAGE.parent / "docs"))
+    return (
+        name in FOREIGN_FILES
+        or any(
+            True
+            for folder in ("jitrelay", "tests", "benchmarks", "scripts", "docs", "notebooks")
+            for _ in (REPOSITORY / folder).rglob(name)
+        )
+        or (REPOSITORY / name).exists()
+    )
+
+
+def docstrings(module: str) -> list[tuple[int, str]]:
+    """(line, text) of the module's docstring and every class's and function's."""
+    tree = ast.parse(MODULES[module].read_text())
+    found = []
+    for node in [tree, *ast.walk(tree)]:
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            text = ast.get_docstring(node, clean=False)
+            if text:
+                found.append((getattr(node, "lineno", 1), text))
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_docstrings_name_only_files_that_exist(module: str) -> None:
+    stale = [
+        f"{MODULES[module].relative_to(REPOSITORY)}:{line} names {name}"
+        for line, text in docstrings(module)
+        for name in _FILE_NAME.findall(text)
+        if not _exists(name)
+    ]
+    assert not stale, "\n".join(stale)
+
+
+def test_the_size_and_docstring_rules_catch_what_they_are_for() -> None:
+    assert not _exists("jitrelay/server/no_such_module.py") and not _exists("no_such_page.md")
+    assert _exists("jitrelay/server/engine.py") and _exists("engine.py") and _exists("docs/protocol.md")
+    assert _FILE_NAME.findall("see ``kernels/loops.py`` and docs/protocol.md, not x.rs") == [
+        "kernels/loops.py",
+        "docs/protocol.md",
+    ]
+
+
+# --- the public API explains itself ---------------------------------------------------------------------------------
+
+# Rooms whose public names users build on: the package's face, the pure core, the client, the kernels' face.
+PUBLIC_ROOMS = ("face", "core", "client")
+PUBLIC_MODULES = ("jitrelay.kernels",)
+
+
+def undocumented(module: str) -> list[str]:
+    """Public classes, functions and methods of ``module`` without a docstring (properties and dunders aside)."""
+    tree = ast.parse(MODULES[module].read_text())
+    missing = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            if ast.get_docstring(node) is None:
+                missing.append(f"{node.name} (line {node.lineno})")
+            if isinstance(node, ast.ClassDef):
+                missing += [
+                    f"{node.name}.{m.name} (line {m.lineno})"
+                    for m in node.body
+                    if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and not m.name.startswith("_")
+                    and ast.get_docstring(m) is None
+                    and not any(isinstance(d, (ast.Name, ast.Attribute)) for d in m.decorator_list)
+                ]
+    return missing
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if room(m) in PUBLIC_ROOMS or m in PUBLIC_MODULES))
+def test_every_public_class_and_function_has_a_docstring(module: str) -> None:
+    missing = undocumented(module)
+    assert not missing, f"{module}: public names without a docstring:\n" + "\n".join(missing)

@@ -47,6 +47,7 @@ SOCKET_DIR_ENV = "JITRELAY_SOCKET_DIR"
 
 
 def socket_dir() -> Path:
+    """Where relays put their sockets: ``$JITRELAY_SOCKET_DIR``, else ``/tmp/jitrelay``."""
     return Path(os.environ.get(SOCKET_DIR_ENV) or DEFAULT_SOCKET_DIR)
 
 
@@ -186,6 +187,8 @@ class RelayLogic:
 
 @dataclass
 class MarketDataLogic(RelayLogic):
+    """Trades, quotes and books (types 1..19): speed first, so checksums are not checked."""
+
     name: ClassVar[str] = "market_data"
     domain_id: int = protocol.MARKET_DATA
     tlv_ranges: tuple[tuple[int, int], ...] = protocol.DOMAIN_TLV_RANGES[protocol.MARKET_DATA]
@@ -196,6 +199,8 @@ class MarketDataLogic(RelayLogic):
 
 @dataclass
 class SignalLogic(RelayLogic):
+    """Strategy signals (20..39, 60..79): a zero checksum is "not computed", as Torq's fast path writes."""
+
     name: ClassVar[str] = "signal"
     domain_id: int = protocol.SIGNAL
     tlv_ranges: tuple[tuple[int, int], ...] = protocol.DOMAIN_TLV_RANGES[protocol.SIGNAL]
@@ -209,6 +214,8 @@ class SignalLogic(RelayLogic):
 
 @dataclass
 class ExecutionLogic(RelayLogic):
+    """Orders and fills (40..59): checksums required, nothing dropped for a slow reader, everything journaled."""
+
     name: ClassVar[str] = "execution"
     domain_id: int = protocol.EXECUTION
     tlv_ranges: tuple[tuple[int, int], ...] = protocol.DOMAIN_TLV_RANGES[protocol.EXECUTION]

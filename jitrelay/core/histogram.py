@@ -41,6 +41,7 @@ class Histogram:
         self.max = 0
 
     def record(self, value: int) -> None:
+        """Count one value in its bucket; values past the last bound go to the overflow bucket."""
         self.counts[min(bucket_of(value), len(self.counts) - 1)] += 1
         self.count += 1
         self.total += value

@@ -53,6 +53,7 @@ HEADER_DTYPE = np.dtype(
     ]
 )
 assert HEADER_DTYPE.itemsize == HEADER_SIZE
+HEADER_FIELDS: tuple[str, ...] = tuple(HEADER_DTYPE.fields or ())  # the header's field names, in order
 
 HEADER_STRUCT = struct.Struct("<IBBBBQQII")  # the fields of HEADER_DTYPE, in order
 assert HEADER_STRUCT.size == HEADER_SIZE
@@ -165,6 +166,8 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class Header:
+    """The 32-byte header's fields, decoded: what tools print and tests compare."""
+
     magic: int
     relay_domain: int
     version: int
@@ -177,6 +180,7 @@ class Header:
 
     @classmethod
     def unpack(cls, data: bytes | memoryview, offset: int = 0) -> Header:
+        """The header at ``offset`` of ``data``; ``struct.error`` when fewer than 32 bytes are there."""
         return cls(*HEADER_STRUCT.unpack_from(data, offset))
 
 
@@ -209,6 +213,7 @@ def encode_record(tlv_type: int, value: bytes, extended: bool | None = None) -> 
 
 
 def encode_records(records: Iterable[tuple[int, bytes]]) -> bytes:
+    """Records back to back, each standard or extended as its value needs (``encode_record``)."""
     return b"".join(encode_record(t, bytes(v)) for t, v in records)
 
 
@@ -306,7 +311,7 @@ def build_cycled_batch(
     headers["checksum"] = 0
     batch[:, :HEADER_SIZE] = headers.view(np.uint8).reshape(count, HEADER_SIZE)
     if checksums:
-        flat = memoryview(batch.reshape(-1))
+        flat = batch.reshape(-1).data
         crcs = headers["checksum"]
         for i in range(count):
             crcs[i] = message_checksum(flat[i * size : (i + 1) * size])
@@ -367,10 +372,12 @@ class Position(NamedTuple):
     message: int
 
     def encode(self) -> bytes:
+        """The 24 bytes a ``POSITIONS`` record or a ``POSITION`` notice carries."""
         return _POSITION.pack(self.epoch, self.offset, self.message)
 
     @classmethod
     def decode(cls, value: bytes | memoryview) -> Position:
+        """A position from its 24 bytes; ``struct.error`` for any other length."""
         return cls(*_POSITION.unpack(bytes(value)))
 
     def __str__(self) -> str:
@@ -429,10 +436,12 @@ def positions_message(resume_from: Position | None = None, *, source: int = 0) -
 
 
 def position_notice(position: Position) -> bytes:
+    """The notice a relay sends a positioned subscriber: where the next message is."""
     return build_message(CONTROL_DOMAIN, [(POSITION_NOTICE, position.encode())], timestamp_ns=time.time_ns())
 
 
 def gap_notice(gap: Gap) -> bytes:
+    """The notice a relay sends a positioned subscriber: what it missed, and why."""
     return build_message(CONTROL_DOMAIN, [(GAP_NOTICE, _GAP.pack(*gap))], timestamp_ns=time.time_ns())
 
 
@@ -442,6 +451,7 @@ def shared_memory_message(*, source: int = 0) -> bytes:
 
 
 def shared_log_notice(grant: SharedLog) -> bytes:
+    """The relay's grant of its mapped log, sent with the two descriptors."""
     return build_message(CONTROL_DOMAIN, [(SHARED_LOG_NOTICE, _SHARED_LOG.pack(*grant))], timestamp_ns=time.time_ns())
 
 

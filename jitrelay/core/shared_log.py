@@ -21,6 +21,7 @@ no system call: the wake-up and the mapping live with their users.
 
 from __future__ import annotations
 
+import mmap
 from typing import NamedTuple
 
 import numpy as np
@@ -58,23 +59,24 @@ class Snapshot(NamedTuple):
     tail_message: int
 
 
-def header_view(buffer: object) -> np.ndarray:
+def header_view(buffer: mmap.mmap) -> np.ndarray:
     """The header words of a mapped log (read-only or writable, as the buffer is)."""
     return np.frombuffer(buffer, dtype=np.int64, count=WORDS)
 
 
-def ring_view(buffer: object, size: int, mirror: int) -> np.ndarray:
+def ring_view(buffer: mmap.mmap, size: int, mirror: int) -> np.ndarray:
     """The ring and its mirror, as bytes."""
     return np.frombuffer(buffer, dtype=np.uint8, count=size + mirror, offset=HEADER_BYTES)
 
 
-def slots_view(buffer: object) -> np.ndarray:
+def slots_view(buffer: mmap.mmap) -> np.ndarray:
     """The reader slots as a ``(slots, SLOT_WORDS)`` array of int64."""
     words = np.frombuffer(buffer, dtype=np.int64)
     return words.reshape(-1, SLOT_WORDS)
 
 
 def initialise(header: np.ndarray, epoch: int, size: int, mirror: int) -> None:
+    """Write a new log's header words: its epoch, sizes and empty extent, before any reader maps it."""
     header[:] = 0
     header[W_EPOCH] = epoch
     header[W_SIZE] = size

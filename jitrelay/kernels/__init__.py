@@ -27,7 +27,7 @@ import os
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,7 +45,7 @@ BACKENDS = ("aot", "jit")
 class _Backend:
     """Stands in for the loops until the first call, which loads them and replaces it."""
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:  # a compiled entry point: typed by its signature in ``build``
         return getattr(_loaded(), name)
 
 
@@ -214,7 +214,9 @@ def tables_for(logic: RelayLogic) -> KernelTables:
 
 
 class ScanResult(NamedTuple):
-    count: int  # complete messages framed
+    """What one scan found: its counts, where framing stopped, and why."""
+
+    count: int  # type: ignore[assignment]  # complete messages framed (a field may shadow tuple.count)
     consumed: int  # offset just past the last complete message
     fault: int  # protocol.NO_FAULT, BAD_MAGIC or OVERSIZE
     runs: int  # runs of forwarded messages written to ``ScanBuffers.runs``
@@ -374,9 +376,9 @@ class FanOut:
                 setattr(self, name, new)
             self._uniform = None
         if 2 * iovecs > len(self.iovecs):
-            new = np.zeros(max(2 * iovecs, 2 * len(self.iovecs)), dtype=np.uint64)
-            new[: len(self.iovecs)] = self.iovecs
-            self.iovecs = new
+            grown = np.zeros(max(2 * iovecs, 2 * len(self.iovecs)), dtype=np.uint64)
+            grown[: len(self.iovecs)] = self.iovecs
+            self.iovecs = grown
 
     def send(self, targets: int, skip: int = -1) -> int:
         """Hand the first ``targets`` targets their iovecs, non-blocking; how many took less than all.
@@ -416,7 +418,7 @@ class FanOut:
         return int(_send_all()(fds, skip, first, count, self.iovecs, self.msghdr, args[4], args[5]))
 
 
-def _send_all() -> object:
+def _send_all() -> Any:
     """The compiled send loop: in the ahead-of-time module, else the JIT's (or Python's) own."""
     global _send_all_loop
     if _send_all_loop is None:
@@ -428,7 +430,7 @@ def _send_all() -> object:
     return _send_all_loop
 
 
-_send_all_loop: object = None
+_send_all_loop: Any = None
 
 
 class GroupTables(NamedTuple):

@@ -32,7 +32,7 @@ class MessageFramer:
         if buffer_size < 1:
             raise ValueError("buffer_size must be positive")
         self._buf = np.empty(buffer_size, dtype=np.uint8)
-        self._bytes = memoryview(self._buf)  # the same memory: cheaper to slice, for reads and copies out
+        self._bytes = self._buf.data  # the same memory: cheaper to slice, for reads and copies out
         self._start = 0
         self._end = 0
 
@@ -56,7 +56,7 @@ class MessageFramer:
         if self._end == len(self._buf):
             grown = np.empty(2 * len(self._buf), dtype=np.uint8)
             grown[: self._end] = self._buf[: self._end]
-            self._buf, self._bytes = grown, memoryview(grown)
+            self._buf, self._bytes = grown, grown.data
         return self._buf[self._end :]
 
     def commit(self, count: int) -> None:

@@ -15,7 +15,7 @@ import errno
 import os
 import platform
 
-_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine())
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine(), -1)  # -1: ENOSYS
 FUTEX_WAIT = 0
 FUTEX_WAKE = 1
 _EVERYONE = 0x7FFFFFFF

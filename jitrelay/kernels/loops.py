@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from typing import Any
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -28,10 +29,11 @@ from numba import config, njit, types
 
 from jitrelay.core import protocol as p
 
-_JIT = {"cache": True, "nogil": True}
+# How every loop is compiled: cached on disk under the JIT, and without the GIL so the metrics thread runs.
+kernel = njit(cache=True, nogil=True)
 
 
-def _c_function(library: str | None, name: str, argtypes: list, restype: object, signature: object):
+def _c_function(library: str | None, name: str, argtypes: list, restype: object, signature: Any) -> Any:
     """A C function the loops call directly, as an external symbol linked by its own name.
 
     Compiled ahead of time, the extension module links the library itself.
@@ -43,7 +45,7 @@ def _c_function(library: str | None, name: str, argtypes: list, restype: object,
     fn = getattr(ctypes.CDLL(library), name)
     fn.argtypes = argtypes
     fn.restype = restype
-    if config.DISABLE_JIT:
+    if config.DISABLE_JIT:  # type: ignore[attr-defined]  # numba sets its config attributes at import
         return fn
     llvm.add_symbol(name, ctypes.cast(fn, ctypes.c_void_p).value)
     return types.ExternalFunction(name, signature)
@@ -80,7 +82,7 @@ _MEMCPY = _c_function(
 CRC_ZLIB_MIN = 256
 
 
-@njit(**_JIT)
+@kernel
 def _u32(buf, pos):
     return (
         np.int64(buf[pos])
@@ -90,7 +92,7 @@ def _u32(buf, pos):
     )
 
 
-@njit(**_JIT)
+@kernel
 def _crc32_table(buf, start, end, value, tables):
     c = value ^ 0xFFFFFFFF
     i = start
@@ -114,12 +116,12 @@ def _crc32_table(buf, start, end, value, tables):
     return c ^ 0xFFFFFFFF
 
 
-@njit(**_JIT)
+@kernel
 def _crc32_zlib(buf, start, end, value):
     return np.int64(_ZLIB_CRC32(np.uint64(value), np.uint64(buf.ctypes.data + start), np.uint32(end - start)))
 
 
-@njit(**_JIT)
+@kernel
 def crc32(buf, start, end, value, crc_tables):
     """CRC-32 of ``buf[start:end]`` continuing from ``value`` (as ``zlib.crc32``); returns the new value.
 
@@ -130,7 +132,7 @@ def crc32(buf, start, end, value, crc_tables):
     return _crc32_zlib(buf, start, end, value)
 
 
-@njit(**_JIT)
+@kernel
 def message_crc(buf, pos, length, crc_tables):
     """The checksum of the ``length``-byte message at ``pos``: header bytes 0..27, then the payload."""
     head = _crc32_table(buf, pos, pos + p.CHECKSUM_COVERED, np.int64(0), crc_tables)
@@ -139,7 +141,7 @@ def message_crc(buf, pos, length, crc_tables):
     return _crc32_zlib(buf, pos + p.HEADER_SIZE, pos + length, head)
 
 
-@njit(**_JIT)
+@kernel
 def _record_at(buf, i, end):
     """The record at ``i``: ``(type, value length, offset of the value)``, or type -1 if its header is cut or bad."""
     if buf[i] == p.EXTENDED_TLV:
@@ -151,7 +153,7 @@ def _record_at(buf, i, end):
     return np.int64(buf[i]), np.int64(buf[i + 1]), i + 2
 
 
-@njit(**_JIT)
+@kernel
 def _control_verdict(buf, pos, length):
     """CONTROL when a control-domain message holds only well-formed control records, else MALFORMED_TLV."""
     i = pos + p.HEADER_SIZE
@@ -179,7 +181,7 @@ def _control_verdict(buf, pos, length):
     return p.CONTROL
 
 
-@njit(**_JIT)
+@kernel
 def _verdict(buf, pos, length, domain, type_allowed, version_allowed):
     """The verdict of a complete message, short of its checksum."""
     if version_allowed[buf[pos + p.OFF_VERSION]] == 0:
@@ -201,7 +203,7 @@ def _verdict(buf, pos, length, domain, type_allowed, version_allowed):
     return p.TLV_OUT_OF_RANGE if out_of_range else p.FORWARD
 
 
-@njit(**_JIT)
+@kernel
 def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, version_allowed, offsets, verdicts):
     n = 0
     pos = start
@@ -230,7 +232,7 @@ def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, version
     return n, pos, fault
 
 
-@njit(**_JIT)
+@kernel
 def _verify_checksums(buf, offsets, verdicts, n, policy, crc_tables):
     """Judge the checksums of the forwarded messages under ``policy`` (never ``CHECKSUM_OFF``: not called then).
 
@@ -247,7 +249,7 @@ def _verify_checksums(buf, offsets, verdicts, n, policy, crc_tables):
                 verdicts[k] = p.BAD_CHECKSUM
 
 
-@njit(**_JIT)
+@kernel
 def _runs_and_counts(offsets, verdicts, n, runs, counts):
     n_runs = 0
     forwarded = 0
@@ -277,7 +279,7 @@ def _runs_and_counts(offsets, verdicts, n, runs, counts):
     return n_runs, forwarded
 
 
-@njit(**_JIT)
+@kernel
 def _controls(buf, offsets, verdicts, n, policy, crc_tables, counts):
     """Give the control-domain messages among the ``bad_version`` and ``wrong_domain`` ones their verdict.
 
@@ -314,7 +316,7 @@ def _controls(buf, offsets, verdicts, n, policy, crc_tables, counts):
     return n_controls
 
 
-@njit(**_JIT)
+@kernel
 def scan(
     buf,
     start,
@@ -355,7 +357,7 @@ def scan(
     return n, pos, fault, n_runs, forwarded, n_controls
 
 
-@njit(**_JIT)
+@kernel
 def frame(buf, start, end):
     """Walk the headers of ``buf[start:end]`` without judging anything.
 
@@ -377,7 +379,7 @@ def frame(buf, start, end):
     return n, pos, p.NO_FAULT
 
 
-@njit(**_JIT)
+@kernel
 def next_message_end(buf, start, end):
     """The end offset of the message starting at ``start``, or -1 while it is not complete in ``buf[:end]``."""
     if end - start < p.HEADER_SIZE:
@@ -386,7 +388,7 @@ def next_message_end(buf, start, end):
     return start + length if end - start >= length else -1
 
 
-@njit(**_JIT)
+@kernel
 def compact(buf, runs, n_runs, out):
     """Copy the first ``n_runs`` ``[begin, end)`` pairs of ``runs`` back to back into ``out`` (libc ``memcpy``).
 
@@ -403,7 +405,7 @@ def compact(buf, runs, n_runs, out):
     return o
 
 
-@njit(**_JIT)
+@kernel
 def log_append(buf, runs, n_runs, ring, size, mirror, at):
     """Copy the first ``n_runs`` ``[begin, end)`` runs of ``buf`` back to back into a ring, from offset ``at``.
 
@@ -446,7 +448,7 @@ _ONE = np.uint64(1)
 _ZERO = np.uint64(0)
 
 
-@njit(**_JIT)
+@kernel
 def _group_masks_one_word(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks):
     """``group_masks`` for up to 64 groups: the mask stays in a register."""
     base = untyped[0]
@@ -469,7 +471,7 @@ def _group_masks_one_word(buf, offsets, verdicts, n, type_groups, source_groups,
         masks[k, 0] = mask & source_groups[np.int64(buf[pos + p.OFF_SOURCE]), 0]
 
 
-@njit(**_JIT)
+@kernel
 def group_masks(buf, offsets, verdicts, n, type_groups, source_groups, untyped, masks):
     """For each of the ``n`` scanned messages, the bitmask of subscriber groups that want it.
 
@@ -506,7 +508,7 @@ def group_masks(buf, offsets, verdicts, n, type_groups, source_groups, untyped, 
             masks[k, w] &= source_groups[source, w]
 
 
-@njit(**_JIT)
+@kernel
 def group_runs(offsets, masks, n, groups, first, counts, sizes, runs):
     """Runs of each group from the per-message masks; returns the runs needed, filling only if they fit.
 
@@ -562,7 +564,7 @@ def group_runs(offsets, masks, n, groups, first, counts, sizes, runs):
     return total
 
 
-@njit(**_JIT)
+@kernel
 def scan_route(
     buf,
     start,
@@ -613,7 +615,7 @@ def scan_route(
     return n, pos, fault, n_runs, forwarded, n_controls, needed
 
 
-@njit(**_JIT)
+@kernel
 def stamp_batch(buf, size, count, first_sequence, timestamp_ns, checksums, crc_tables):
     """Renumber ``count`` messages of ``size`` bytes each, back to back in ``buf``, for a synthetic publisher.
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
-from numba import njit, types
+from numba import types
 
 from jitrelay.kernels.constants import SEND_FAILED, SEND_SKIPPED
-from jitrelay.kernels.loops import _JIT, _c_function
+from jitrelay.kernels.loops import _c_function, kernel
 
 MSG_DONTWAIT = 0x40
 MSG_NOSIGNAL = 0x4000
@@ -41,7 +41,7 @@ _SENDMSG = _c_function(
 )
 
 
-@njit(**_JIT)
+@kernel
 def send_all(fds, skip, iov_first, iov_count, iovecs, msghdr, sent, totals):
     """Send each target ``t`` its iovecs ``iovecs[2 * iov_first[t] :]`` (``iov_count[t]`` of them) on ``fds[t]``.
 
@@ -58,12 +58,12 @@ def send_all(fds, skip, iov_first, iov_count, iovecs, msghdr, sent, totals):
         if fd == skip:
             sent[t] = SKIPPED
             continue
-        total = 0
+        total = np.int64(0)
         k = iov_first[t]
         end = k + iov_count[t]
         while k < end:
             n = min(end - k, IOV_PER_CALL)
-            wanted = 0
+            wanted = np.int64(0)
             for j in range(k, k + n):
                 wanted += np.int64(iovecs[2 * j + 1])
             msghdr[2] = base + np.uint64(16 * k)
@@ -72,7 +72,7 @@ def send_all(fds, skip, iov_first, iov_count, iovecs, msghdr, sent, totals):
             if taken < 0:
                 short += 1
                 if total == 0:
-                    total = FAILED
+                    total = np.int64(FAILED)
                 break
             total += taken
             if taken < wanted:

@@ -33,6 +33,7 @@ import socket
 import struct
 import time
 from collections import Counter, deque
+from typing import cast
 
 import numpy as np
 
@@ -68,11 +69,12 @@ class Connection(asyncio.BufferedProtocol):
     def __init__(self, relay: Relay, conn_id: int):
         self.relay = relay
         self.conn_id = conn_id
-        self.transport: asyncio.Transport | None = None
+        # Set by ``connection_made``, before the event loop calls anything else of the protocol's.
+        self.transport: asyncio.Transport
         self.peer = f"conn={conn_id}"
         self.pid = self.uid = self.gid = -1
         self.buf = np.empty(relay.logic.buffer_size, dtype=np.uint8)
-        self.view = memoryview(self.buf)
+        self.view = self.buf.data
         self.filled = 0
         self.direct_at = -1  # where in the log's ring the read under way lands, when it reads there
         self.counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
@@ -114,7 +116,8 @@ class Connection(asyncio.BufferedProtocol):
     # asyncio protocol callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # uvloop's transports do not subclass asyncio.Transport, though they are one: no isinstance check.
+        transport = self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         # TCP peers have no credentials: their address, checked against the allowed networks, stands in for them.
@@ -198,6 +201,7 @@ class Connection(asyncio.BufferedProtocol):
         while budget > 0 and self.fault == protocol.NO_FAULT and not self.held:
             self.direct_at = -1  # salvage reads into the connection's own buffer
             try:
+                assert self.spare is not None  # salvage runs only on a connection that was accepted
                 nbytes = self.spare.recv_into(self.view[self.filled :])
             except OSError:
                 return
@@ -235,7 +239,7 @@ class Relay:
         ring_size = logic.log_size + logic.buffer_size
         self.memory = SharedLogMemory(ring_size, mirror, logic.max_connections)
         self.log = RelayLog(ring_size, mirror, ring=self.memory.ring, reserve=logic.buffer_size)
-        self.ring_bytes = memoryview(self.log.ring)
+        self.ring_bytes = self.log.ring.data
         self.memory.start(self.log.epoch)
         self._shared: set[Connection] = set()  # readers of the mapped log (each knows its slot)
         self._shared_timer: asyncio.TimerHandle | None = None
@@ -415,6 +419,7 @@ class Relay:
         if result.forwarded_bytes and not self._forward(
             conn, result, int(conn.counts[protocol.FORWARD]) - before, arrived
         ):
+            assert counted is not None  # only the journal refuses a batch
             conn.counts[:] = counted  # the batch was not taken: it is judged again when the journal writes
             self._hold_for_journal(conn)
             return
@@ -479,6 +484,7 @@ class Relay:
     def _scan(self, conn: Connection, buf: np.ndarray, start: int, end: int) -> kernels.ScanResult:
         """Frame and judge ``buf[start:end]`` for ``conn``; with filters, each group's runs in the same call."""
         if self._groups:
+            assert self._group_tables is not None  # built with the groups
             result, self._routed = kernels.scan_and_route(
                 buf, start, end, self.tables, self.scan_out, self._group_tables, self._routed, conn.counts
             )
@@ -599,6 +605,7 @@ class Relay:
             if g < 0:
                 self._fall_behind(conn, position=start + taken)
             else:
+                assert group_ranges is not None  # a target in a group was sent its group's ranges
                 self._fall_behind(conn, owed=_after(group_ranges[g], taken))
 
     def _write_iovecs(self, ranges: np.ndarray, at: int) -> int:
@@ -657,6 +664,7 @@ class Relay:
                 self._caught_up(conn)
                 return
             wanted = sum(len(v) for v in views)
+            assert conn.spare is not None  # a cursor exists only on an accepted connection
             try:
                 taken = conn.spare.sendmsg(views)
             except (BlockingIOError, InterruptedError):
@@ -694,7 +702,7 @@ class Relay:
             conn.position = start
             rows = [(start, end, -1)] if end > start else []
         else:
-            rows = (row for ranges in conn.owed for row in ranges.tolist())
+            rows = [row for ranges in conn.owed for row in ranges.tolist()]
         for a, b, message in rows:
             if conn.positioned and a != conn.stream_at:
                 number = message if message >= 0 else log_.message_number(a)
@@ -862,6 +870,7 @@ class Relay:
                 log_.publisher = memory.publish
             memory.publish(log_.extent())
             notice = protocol.shared_log_notice(protocol.SharedLog(log_.epoch, log_.head, log_.messages, slot))
+            assert conn.spare is not None
             try:
                 sent = socket.send_fds(conn.spare, [notice], memory.descriptors)
             except (BlockingIOError, InterruptedError):
@@ -1308,6 +1317,7 @@ class Relay:
         if conn.conn_id not in self.connections or conn.transport.is_closing() or not conn.prefix:
             self._drop_cursor(conn)
             return
+        assert conn.spare is not None
         try:
             taken = conn.spare.send(conn.prefix)
         except (BlockingIOError, InterruptedError):

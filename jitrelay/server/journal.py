@@ -97,6 +97,7 @@ class Journal:
         self._size = 0  # bytes in the current segment
         self._unsynced = False
         self._broken = False  # a failed write could not be undone: the next append starts a new segment
+        self._positioned = False  # the current segment starts with where in the relay's stream it is
         self._last_sync = time.monotonic()
         if not self.directory.exists():
             self.directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)

@@ -181,7 +181,7 @@ class RelayLog:
 
     def views(self, start: int, end: int) -> list[memoryview]:
         """The ring's memory for stream bytes ``[start, end)``, for a ``sendmsg``."""
-        data = memoryview(self.ring)
+        data = self.ring.data
         return [data[at : at + length] for at, length in self.pieces(start, end)]
 
     def next_range(self, position: int, origin: int) -> tuple[int, int]:

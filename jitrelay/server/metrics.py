@@ -62,11 +62,17 @@ _PEERCRED = struct.Struct("3i")
 
 def metric_families(figures: Figures) -> Iterator[Metric]:
     """The Prometheus metric families of one reading, every one labelled with the domain."""
-    domain = [figures.domain]
+    yield from _traffic_families(figures)
+    yield from _connection_families(figures)
+    yield from _log_families(figures)
+    yield from _slow_families(figures)
+    yield from _timing_families(figures)
+
+
+def _traffic_families(figures: Figures) -> Iterator[Metric]:
+    """Messages and bytes: received, forwarded, rejected by reason, control."""
     verdicts = figures.verdicts
     counter = functools.partial(domain_counter, figures.domain)
-    gauge = functools.partial(domain_gauge, figures.domain)
-
     yield counter("jitrelay_messages_received_total", "Complete messages read and judged.", sum(verdicts.values()))
     yield counter(
         "jitrelay_messages_forwarded_total",
@@ -80,7 +86,7 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
     if "control" in verdicts:
         yield counter(
             "jitrelay_control_messages_total",
-            "Control messages (system domain) the relay acted on instead of forwarding.",
+            "Control messages (domain 255) the relay acted on instead of forwarding.",
             verdicts["control"],
         )
     yield counter(
@@ -93,6 +99,17 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
         "Bytes of forwarded messages (each counted once, whatever the number of subscribers).",
         figures.bytes_forwarded,
     )
+    yield counter(
+        "jitrelay_subscription_changes_total",
+        "Subscription control messages applied.",
+        verdicts.get("control", 0),  # every control message the relay judged well formed is applied
+    )
+
+
+def _connection_families(figures: Figures) -> Iterator[Metric]:
+    """Connections: open, accepted, refused and faulted by reason; subscription groups."""
+    counter = functools.partial(domain_counter, figures.domain)
+    gauge = functools.partial(domain_gauge, figures.domain)
     faults = CounterMetricFamily(
         "jitrelay_connection_faults_total",
         "Connections closed for a stream-fatal fault, by reason.",
@@ -109,6 +126,18 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
     )
     refusals = {name: figures.refused.get(name, 0) for name in REFUSAL_REASONS}
     yield labelled(refused, figures.domain, {**refusals, **figures.refused})
+    yield gauge(
+        "jitrelay_subscriber_groups",
+        "Distinct subscription filters in force now (connections with the same filter share one).",
+        figures.subscriber_groups,
+    )
+    yield counter("jitrelay_journal_errors_total", "Journal appends or fsyncs that failed.", figures.journal_errors)
+
+
+def _log_families(figures: Figures) -> Iterator[Metric]:
+    """The log and the cursors in it: size, use, head, who is behind and by how much."""
+    counter = functools.partial(domain_counter, figures.domain)
+    gauge = functools.partial(domain_gauge, figures.domain)
     yield gauge(
         "jitrelay_subscriber_pending_bytes_max",
         "The most bytes any one subscriber is behind the head of the log now.",
@@ -138,8 +167,14 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
     ):
         lag = GaugeMetricFamily(name, doc, labels=["domain", "peer"])
         for entry in figures.lags:
-            lag.add_metric([figures.domain, entry[0]], entry[index])
+            lag.add_metric([figures.domain, str(entry[0])], float(entry[index]))
         yield lag
+
+
+def _slow_families(figures: Figures) -> Iterator[Metric]:
+    """What the slow-subscriber policy did, and what publishers that never read were not sent."""
+    counter = functools.partial(domain_counter, figures.domain)
+    gauge = functools.partial(domain_gauge, figures.domain)
     slow = CounterMetricFamily(
         "jitrelay_slow_subscriber_actions_total",
         "Slow-subscriber actions: hold (under block, a publisher waited for the slowest cursor to make room "
@@ -168,17 +203,11 @@ def metric_families(figures: Figures) -> Iterator[Metric]:
         "Bytes of the messages publishers that never read would have been sent and were not.",
         figures.unread_bytes,
     )
-    yield counter("jitrelay_journal_errors_total", "Journal appends or fsyncs that failed.", figures.journal_errors)
-    yield gauge(
-        "jitrelay_subscriber_groups",
-        "Distinct subscription filters in force now (connections with the same filter share one).",
-        figures.subscriber_groups,
-    )
-    yield counter(
-        "jitrelay_subscription_changes_total",
-        "Subscription control messages applied.",
-        verdicts.get("control", 0),  # every control message the relay judged well formed is applied
-    )
+
+
+def _timing_families(figures: Figures) -> Iterator[Metric]:
+    """Forwarding time per batch as histograms: the whole, the relay's own part, the send loop's part."""
+    domain = [figures.domain]
     timing = HistogramMetricFamily(
         "jitrelay_forwarding_seconds",
         "Time per batch from its bytes reaching the engine to the last subscriber write issued.",

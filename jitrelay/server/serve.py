@@ -80,7 +80,7 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
         for server in servers:  # TCP first, the Unix socket last
             await server.start_serving()
         for server in servers[:-1]:
-            for bound in server.sockets:
+            for bound in server.sockets:  # type: ignore[attr-defined]  # an asyncio.Server's, not in AbstractServer
                 where = bound.getsockname()
                 shown = f"[{where[0]}]" if bound.family == socket.AF_INET6 else where[0]
                 log.info("jitrelay %s relay listening on tcp://%s:%d", logic.name, shown, where[1])

@@ -153,8 +153,8 @@ class NatsCluster:
         for _ in range(START_ATTEMPTS):
             ports = free_ports(3 * self.size)
             self.nodes = [
-                NatsNode(f"{self.name}-{i}", *ports[3 * i : 3 * i + 3], self.folder / f"node{i}.log")
-                for i in range(self.size)
+                NatsNode(f"{self.name}-{i}", client, cluster, monitor, self.folder / f"node{i}.log")
+                for i, (client, cluster, monitor) in enumerate(zip(*[iter(ports)] * 3, strict=True))
             ]
             for node in self.nodes:
                 self._launch(node)
@@ -258,7 +258,7 @@ class NatsCluster:
 
     def _stop_nodes(self) -> None:
         for node in self.nodes:
-            if node.running:
+            if node.running and node.proc is not None:
                 node.proc.terminate()
         for node in self.nodes:
             if node.proc is None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import signal
+from collections.abc import Callable
 
+_PRCTL: Callable[..., int] | None
 try:
     _PRCTL = ctypes.CDLL(None).prctl
 except (OSError, AttributeError):  # not Linux

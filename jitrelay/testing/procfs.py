@@ -60,10 +60,11 @@ class MemorySampler:
     def _run(self) -> None:
         while not self._stopped.is_set():
             values = [proc_status(self.pid, key) for key in self.keys]
-            if None in values:
+            known = [v for v in values if v is not None]
+            if len(known) < len(values):
                 return
-            for key, value in zip(self.keys, values, strict=True):
-                self.peaks[key] = max(self.peaks[key], value)  # type: ignore[type-var]
+            for key, value in zip(self.keys, known, strict=True):
+                self.peaks[key] = max(self.peaks[key], value)
             self.samples += 1
             time.sleep(self.interval)
 

@@ -146,9 +146,9 @@ class TorqRelay:
         deadline = time.monotonic() + FLUSH_SECONDS
         while any(c.outgoing for c in self.connections.values()) and time.monotonic() < deadline:
             for key, _ in self.selector.select(0.1):
-                connection = self.connections.get(key.fd)
-                if connection is not None:
-                    self._write(connection)
+                waiting = self.connections.get(key.fd)
+                if waiting is not None:
+                    self._write(waiting)
         for connection in list(self.connections.values()):
             self._close(connection)
         self.selector.close()

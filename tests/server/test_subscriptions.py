@@ -1,6 +1,6 @@
 """Subscriptions against a real relay: each subscriber receives exactly what its filter selects.
 
-Control messages (system domain, records 100/101/102) set what a connection
+Control messages (domain 255, records 100/101/102) set what a connection
 receives; the relay consumes them and decides, in the same kernel pass for all
 groups, which subscriber gets which message. Every check here compares whole
 messages, byte for byte and in order, against ``reference.selects``.

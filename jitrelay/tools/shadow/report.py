@@ -45,7 +45,7 @@ class Sample:
     @classmethod
     def of(cls, raw: bytes | memoryview, message_index: int) -> Sample:
         head = protocol.Header.unpack(raw)
-        fields = {name: getattr(head, name) for name in protocol.HEADER_DTYPE.names}
+        fields = {name: getattr(head, name) for name in protocol.HEADER_FIELDS}
         return cls(message_index, fields, bytes(raw[:SAMPLE_BYTES]).hex())
 
     def describe(self) -> str:
@@ -88,7 +88,7 @@ class Tally:
                 self.rejects[name] += len(hits)
                 if name not in self.samples:
                     k = int(hits[0])
-                    self.samples[name] = Sample.of(memoryview(batch)[starts[k] : ends[k]], first + k)
+                    self.samples[name] = Sample.of(batch.data[starts[k] : ends[k]], first + k)
 
 
 @dataclass
@@ -102,8 +102,8 @@ class StreamComparison:
     diverged_at: int | None = None  # the index, in the stream jitrelay should forward, of the first difference
     _pending: bytearray = field(default_factory=bytearray)
     _matched: int = 0  # messages of the local stream found equal so far
-    _expected_hash: hashlib._Hash = field(default_factory=lambda: hashlib.blake2b(digest_size=DIGEST_SIZE))
-    _local_hash: hashlib._Hash = field(default_factory=lambda: hashlib.blake2b(digest_size=DIGEST_SIZE))
+    _expected_hash: hashlib.blake2b = field(default_factory=lambda: hashlib.blake2b(digest_size=DIGEST_SIZE))
+    _local_hash: hashlib.blake2b = field(default_factory=lambda: hashlib.blake2b(digest_size=DIGEST_SIZE))
 
     def expect(self, data: bytes, messages: int) -> None:
         """``messages`` whole messages, back to back, that the local relay should forward next."""

@@ -73,7 +73,7 @@ class SourceStream:
             grown[: self._end] = self._buf[: self._end]
             self._buf = grown
             self._out = kernels.ScanBuffers(len(grown))
-        return memoryview(self._buf)[self._end :]
+        return self._buf.data[self._end :]
 
     def commit(self, count: int) -> None:
         """``count`` bytes were read into the start of ``space()``."""

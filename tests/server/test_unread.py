@@ -38,8 +38,8 @@ MESSAGE = 32 + 2 + VALUE
 PER_PUBLISHER = 3 * LOG_SIZE // MESSAGE
 WAIT = 60.0  # generous: the machine is shared; a stall shows as this running out, not as a slow pass
 
-# name -> (domain id, a TLV type valid in it before and after the control records move, checksummed)
-DOMAINS = {"market_data": (1, 1, False), "signal": (2, 20, True), "execution": (3, 40, True)}
+# name -> (domain id, a TLV type it carries (100 is Torq's heartbeat), checksummed)
+DOMAINS = {"market_data": (1, 1, False), "signal": (2, 20, True), "execution": (3, 40, True), "system": (4, 100, True)}
 
 # A client process: connects, then does what each line on its stdin says and answers with one line.
 # hello: send the first message; go PIECE PAUSE: send the rest in PIECE-byte writes, PAUSE seconds apart;

@@ -43,7 +43,7 @@ def format_message(message: protocol.Message, names: bool = False) -> str:
 def message_fields(message: protocol.Message, names: bool = False) -> dict[str, object]:
     """Every header field, the header time as text, the records in hex, and whether the checksum holds."""
     head = message.header
-    fields: dict[str, object] = {name: getattr(head, name) for name in protocol.HEADER_DTYPE.names}
+    fields: dict[str, object] = {name: getattr(head, name) for name in protocol.HEADER_DTYPE.names or ()}
     fields["time"] = header_time(head.timestamp_ns)
     fields["domain"] = protocol.DOMAIN_NAMES.get(head.relay_domain, str(head.relay_domain))
     if names:

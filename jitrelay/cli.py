@@ -99,14 +99,17 @@ class CommandParser(argparse.ArgumentParser):
             declare(self)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """argparse's, with the options declared first; raises ``SystemExit`` as argparse does."""
         self._declared()
         return super().parse_known_args(args, namespace)
 
     def format_usage(self) -> str:
+        """argparse's, with the options declared first; raises nothing."""
         self._declared()
         return super().format_usage()
 
     def format_help(self) -> str:
+        """argparse's, with the options declared first; raises nothing."""
         self._declared()
         return super().format_help()
 

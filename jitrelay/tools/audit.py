@@ -14,7 +14,7 @@ from jitrelay.tools.tap import format_message, message_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``jitrelay audit`` command line, which ``run`` reads."""
+    """The ``jitrelay audit`` command line, which ``run`` reads; raises nothing."""
     parser.add_argument("path", type=Path, metavar="PATH", help="a journal segment, a journal folder, or a name prefix")
     parser.add_argument("--json", action="store_true", help="one JSON object per message instead of a line of text")
     parser.add_argument(

@@ -16,7 +16,7 @@ from jitrelay.tools.usage import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``jitrelay bridge`` command line, which ``run`` reads."""
+    """The ``jitrelay bridge`` command line, which ``run`` reads; raises nothing."""
     from jitrelay.bridge.bridge import RECONNECT_BUFFER, SUBSCRIPTION_PENDING_BYTES  # imported only for this command
 
     add_target(parser)

@@ -11,7 +11,7 @@ from jitrelay.tools.relay_command import add_relay_options, relay_logic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``jitrelay config`` command line: ``run``'s, without the log options."""
+    """The ``jitrelay config`` command line: ``run``'s, without the log options; raises nothing."""
     add_target(parser)
     add_relay_options(parser)
 

@@ -9,7 +9,7 @@ from jitrelay import kernels
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``jitrelay kernels`` takes no options."""
+    """``jitrelay kernels`` takes no options; raises nothing."""
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ LOG_FORMAT = LOG_FORMATS[0]  # and of --log-format
 
 
 def add_log_options(parser: argparse.ArgumentParser) -> None:
-    """The --log-level and --log-format options of the long-running commands; ``configure_logging`` reads them."""
+    """The --log-level and --log-format of the long-running commands, read by ``configure_logging``; raises nothing."""
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=LOG_LEVEL)
     parser.add_argument(
         "--log-format",
@@ -42,6 +42,7 @@ class JsonLogFormatter(logging.Formatter):
         self.domain = domain
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one JSON object, its exception (if any) as text; raises nothing."""
         moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
         entry = {
             "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),

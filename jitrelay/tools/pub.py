@@ -18,7 +18,7 @@ PUB_BATCH_BYTES = 1 * MiB  # what one unpaced ``jitrelay pub`` write holds at mo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``jitrelay pub`` command line, which ``run`` reads."""
+    """The ``jitrelay pub`` command line, which ``run`` reads; raises nothing."""
     add_target(parser)
     parser.add_argument("--count", type=non_negative, default=1000, help="messages to send; 0 sends until SIGINT")
     parser.add_argument("--rate", type=non_negative_float, default=0.0, help="messages per second; 0 for full speed")

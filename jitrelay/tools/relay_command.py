@@ -28,7 +28,10 @@ from jitrelay.tools.usage import UsageError
 
 
 def add_relay_options(parser: argparse.ArgumentParser) -> None:
-    """The relay's knobs on the command line, shared by ``run`` and ``config``; ``relay_overrides`` reads them."""
+    """The relay's knobs on the command line, shared by ``run`` and ``config``; ``relay_overrides`` reads them.
+
+    Declared once here so that ``config`` prints what ``run`` would use with the same options. Raises nothing.
+    """
     parser.add_argument(
         "--config", type=Path, metavar="FILE", help="TOML file of relay settings; options given here override it"
     )
@@ -184,7 +187,7 @@ def relay_logic(args: argparse.Namespace) -> RelayLogic:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``jitrelay run`` command line, which ``run`` reads."""
+    """The ``jitrelay run`` command line, which ``run`` reads; raises nothing."""
     add_target(parser)
     add_log_options(parser)
     add_relay_options(parser)

@@ -24,7 +24,7 @@ from jitrelay.tools.tap import MessageFilter, format_message, message_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``jitrelay sub`` command line, which ``run`` reads."""
+    """The ``jitrelay sub`` command line, which ``run`` reads; raises nothing."""
     add_target(parser)
     parser.add_argument(
         "--count", type=non_negative, default=0, help="stop after this many messages pass the filters (0: never)"

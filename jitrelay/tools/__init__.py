@@ -1,1 +1,1 @@
-"""Operator and measurement commands: bench, soak, stats, message formatting."""
+"""The commands: one module per ``jitrelay`` subcommand (``add_arguments`` and ``run``), and what they share."""

@@ -1,8 +1,8 @@
 """Command-line pieces every command shares: argparse value types and the options relay commands take.
 
-The tools declare their own options (``add_arguments`` beside the code that
-reads them) and ``jitrelay.cli`` composes them into subcommands; both take
-these from here, since a tool may not import the cli.
+Each command declares its own options (``add_arguments`` beside the code
+that reads them) and ``jitrelay.cli`` makes them subcommands; the commands
+take these from here.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 from support.reference import extended_record, message
 from support.relays import StartRelay, relay_environ
 
-from jitrelay.cli import build_parser, main, relay_logic
+from jitrelay.cli import build_parser, main
 from jitrelay.core.config import (
     ConfigError,
     config_overrides,
@@ -24,6 +24,7 @@ from jitrelay.core.config import (
 )
 from jitrelay.core.domains import LOGICS, RelayLogic, logic_for
 from jitrelay.core.units import KiB, MiB
+from jitrelay.tools.relay_command import relay_logic
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,0 +1,120 @@
+"""``jitrelay bridge DOMAIN --nats URL``: join this host's relay of one domain to the other hosts' through NATS.
+
+The bridge itself is ``jitrelay.bridge``; this is its command line. nats-py
+loads only when the command runs, so the package works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jitrelay.core.config import format_byte_count
+from jitrelay.tools.options import add_byte_option, add_metrics_port, add_target
+from jitrelay.tools.output import add_log_options, configure_logging
+from jitrelay.tools.usage import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``jitrelay bridge`` command line, which ``run`` reads; raises nothing."""
+    from jitrelay.bridge.bridge import RECONNECT_BUFFER, SUBSCRIPTION_PENDING_BYTES  # imported only for this command
+
+    add_target(parser)
+    parser.add_argument(
+        "--nats",
+        action="append",
+        required=True,
+        metavar="URL[,URL...]",
+        help="NATS servers of the cluster, e.g. nats://10.0.0.1:4222,nats://10.0.0.2:4222 (repeatable)",
+    )
+    parser.add_argument("--subject", help="NATS subject the domain's relays share (jitrelay.DOMAIN)")
+    add_byte_option(
+        parser,
+        "--reconnect-buffer",
+        "what to hold for NATS while reconnecting; more is dropped and counted as a gap "
+        f"({format_byte_count(RECONNECT_BUFFER)})",
+        default=RECONNECT_BUFFER,
+    )
+    add_byte_option(parser, "--max-payload", "largest payload taken from NATS (the domain's)")
+    add_byte_option(
+        parser,
+        "--nats-pending-limit",
+        "what the NATS client may hold while the relay is behind; more is dropped and counted as a gap "
+        f"({format_byte_count(SUBSCRIPTION_PENDING_BYTES)})",
+        default=SUBSCRIPTION_PENDING_BYTES,
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--jetstream",
+        dest="jetstream",
+        action="store_const",
+        const=True,
+        help="carry the domain through a JetStream stream, without loss (the default for execution)",
+    )
+    mode.add_argument(
+        "--core", dest="jetstream", action="store_const", const=False, help="core NATS, at most once (the default else)"
+    )
+    parser.add_argument("--host", help="this host's name in the stream and its durable consumer's (the host name)")
+    parser.add_argument("--replicas", type=int, default=3, help="JetStream: the stream's replicas (3)")
+    parser.add_argument("--max-age", type=float, default=86400.0, help="JetStream: seconds the stream keeps a message")
+    add_byte_option(parser, "--max-bytes", "JetStream: what the stream holds at most (1GiB)", default=1024**3)
+    parser.add_argument(
+        "--duplicate-window", type=float, default=120.0, help="JetStream: seconds the stream drops a republish (120)"
+    )
+    parser.add_argument(
+        "--max-in-flight", type=int, default=64, help="JetStream: publishes awaiting acknowledgement at most (64)"
+    )
+    parser.add_argument(
+        "--when-full",
+        choices=("hold", "drop"),
+        help="JetStream: a full stream holds the relay back, or its refusals are counted gaps "
+        "(hold for execution, else drop)",
+    )
+    parser.add_argument("--journal", type=Path, help="JetStream: the relay's journal folder (<socket folder>/journal)")
+    parser.add_argument(
+        "--no-journal",
+        action="store_true",
+        help="JetStream: send what the relay forwards to the bridge, not what it journals",
+    )
+    parser.add_argument("--state-dir", type=Path, help="JetStream: where the bridge keeps its state (socket folder)")
+    add_metrics_port(parser)
+    add_log_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bridge until SIGINT or SIGTERM: its exit code (``run_bridge``'s).
+
+    Raises ``UsageError`` for options the bridge cannot take together.
+    """
+    from jitrelay.bridge.bridge import BridgeOptions, run_bridge  # nats-py loads only for this command
+    from jitrelay.bridge.jetstream import StreamSettings
+
+    servers = tuple(url.strip() for urls in args.nats for url in urls.split(",") if url.strip())
+    try:
+        options = BridgeOptions(
+            args.domain,
+            servers,
+            socket_path=args.socket,
+            subject=args.subject,
+            metrics_port=args.metrics_port,
+            reconnect_buffer=args.reconnect_buffer,
+            max_payload=args.max_payload,
+            nats_pending_limit=args.nats_pending_limit,
+            jetstream=args.jetstream,
+            host=args.host,
+            stream=StreamSettings(
+                replicas=args.replicas,
+                max_age=args.max_age,
+                max_bytes=args.max_bytes,
+                duplicate_window=args.duplicate_window,
+                max_in_flight=args.max_in_flight,
+            ),
+            journal_dir=args.journal,
+            use_journal=False if args.no_journal else None,
+            state_dir=args.state_dir,
+            hold_when_full=None if args.when_full is None else args.when_full == "hold",
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    configure_logging(args)
+    return run_bridge(options)

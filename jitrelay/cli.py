@@ -751,6 +751,6 @@ def cmd_shadow(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from jitrelay.tools.soak import run_soak  # the soak's processes load only for this command
+    from jitrelay.tools import soak  # the soak's processes load only for this command
 
-    return run_soak(args)
+    return soak.run(args)

@@ -26,6 +26,16 @@ def _flag(default: Any, help: str, type: Any = None, *, share: str = "", **extra
     return field(default=default, metadata={"help": help, "type": type, "share": share, **extra})
 
 
+def _probability(default: float, help: str) -> Any:
+    """A field for a chance per second, 0..1."""
+    return _flag(default, help, non_negative_float, share="a probability per second")
+
+
+def _share(default: float, help: str) -> Any:
+    """A field for a share of the subscribers, 0..1."""
+    return _flag(default, help, non_negative_float, share="a share of the subscribers")
+
+
 @dataclass
 class SoakOptions:
     """One soak run's settings; the defaults here are the command line's."""
@@ -36,41 +46,22 @@ class SoakOptions:
     publishers: int = _flag(3, "publisher processes at a time ({default})", non_negative)
     subscribers: int = _flag(4, "subscriber processes at a time ({default})", non_negative)
     churn: float = _flag(1.0, "clients killed and replaced per second", non_negative_float)
-    stall_prob: float = _flag(
-        0.2,
-        "chance per second that a subscriber stalls ({default:g})",
-        non_negative_float,
-        share="a probability per second",
-    )
+    stall_prob: float = _probability(0.2, "chance per second that a subscriber stalls ({default:g})")
     stall_max: float = _flag(2.0, "longest stall in seconds ({default:g})", non_negative_float)
-    filtered: float = _flag(
-        0.5,
-        "share of subscribers that subscribe at connect to some publishers' sources ({default:g})",
-        non_negative_float,
-        share="a share of the subscribers",
+    filtered: float = _share(
+        0.5, "share of subscribers that subscribe at connect to some publishers' sources ({default:g})"
     )
-    resubscribe: float = _flag(
-        0.2,
-        "chance per second that a subscriber changes its subscription ({default:g})",
-        non_negative_float,
-        share="a probability per second",
-    )
-    resuming: float = _flag(
-        0.5,
-        "share of subscribers (the witness aside) that ask for positions, resumed when killed ({default:g})",
-        non_negative_float,
-        share="a share of the subscribers",
+    resubscribe: float = _probability(0.2, "chance per second that a subscriber changes its subscription ({default:g})")
+    resuming: float = _share(
+        0.5, "share of subscribers (the witness aside) that ask for positions, resumed when killed ({default:g})"
     )
     sigstop: float = _flag(
         0.1,
         "subscriber processes stopped with SIGSTOP per second, for up to --stall-max ({default:g})",
         non_negative_float,
     )
-    shm: float = _flag(
-        0.25,
-        "share of subscribers (the witness aside) that read the relay's log from shared memory ({default:g})",
-        non_negative_float,
-        share="a share of the subscribers",
+    shm: float = _share(
+        0.25, "share of subscribers (the witness aside) that read the relay's log from shared memory ({default:g})"
     )
     # the relay's log in bytes; 0: RELAY_OPTIONS' 16 MiB
     log_size: int = _flag(

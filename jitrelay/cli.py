@@ -75,7 +75,6 @@ COMMANDS = (
         "soak",
         "run a relay under load, churn, stalls and SIGKILLs, and verify every message delivered",
         "jitrelay.tools.soak",
-        runs="jitrelay.tools.soak:run_soak",
     ),
     Command(
         "shadow",

@@ -77,6 +77,10 @@ def test_torq_system_records_sent_by_a_subscriber_change_nothing_for_it(
     relay = start_counted(start_relay, tmp_path, domain)
     sender = Peer(relay)
     witness = Peer(relay)
+    probe = fence(domain, 0)  # from a connection the relay accepts after both: each has it once both are in
+    with publish_as_torq(relay, probe):
+        sender.wait_for(probe)
+        witness.wait_for(probe)
     system_messages = [torq.system_tlv(t) for t in torq.SYSTEM_TLVS]
     first = fence(domain, 1)
     sender.send(b"".join(system_messages) + first)

@@ -16,7 +16,7 @@ from jitrelay.client.shared_log import IDLE_CHECK_SECONDS
 from jitrelay.client.stream import SubscriberMode, SubscriberStream
 from jitrelay.client.subscriber import next_mapped, open_mapped
 from jitrelay.core import protocol
-from jitrelay.core.views import MessageView, batch_headers, iter_views
+from jitrelay.core.views import MessageView, iter_views
 from jitrelay.kernels.framer import DEFAULT_BUFFER_SIZE
 
 
@@ -199,8 +199,6 @@ class AsyncSubscriber(SubscriberStream):
         async for batch in self.batches():
             for message in protocol.decode_messages(batch):  # type: ignore[arg-type]  # numpy's stubs do not type an array as a buffer
                 yield message
-
-    headers = staticmethod(batch_headers)
 
     async def close(self) -> None:
         """Close the connection (and drop the mapping). Never raises."""

@@ -60,6 +60,9 @@ class Link(enum.Enum):
     CLOSED = "closed"
 
 
+_OPEN = Link.OPEN  # a module global: the fast path's check is one load and one ``is``
+
+
 class Encoder(Endpoint):
     """What both publishers share: the target, the source id, the sequence counter and the outgoing buffer.
 
@@ -138,7 +141,7 @@ class Encoder(Endpoint):
         the asyncio publisher's ``RuntimeError`` before it is connected),
         ``ValueError`` for a record value too long for the wire.
         """
-        if self._link is not Link.OPEN:
+        if self._link is not _OPEN:
             return self._publish_guarded(records, flags, sequence, timestamp_ns)
         # The fast path (a call costs as much as the rest): one standard record of the length last published,
         # room in the buffer, no checksum (``_one`` is never set then). Anything else: ``_encode``.

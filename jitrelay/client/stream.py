@@ -26,7 +26,7 @@ import numpy as np
 from jitrelay.client.errors import Endpoint, RelayConnectionError
 from jitrelay.client.shared_log import MappedStream
 from jitrelay.core import protocol
-from jitrelay.core.views import MessageView, iter_views, message_offsets
+from jitrelay.core.views import MessageView, batch_headers, iter_views, message_offsets
 from jitrelay.kernels.framer import MessageFramer
 
 _FROM_MAPPING: Any = object()  # ``_position`` when it is the mapped reader's own
@@ -94,6 +94,8 @@ class SubscriberStream(Endpoint):
         self._position: protocol.Position | None = None
         self.gaps: list[protocol.Gap] = []
         self._mapped: MappedStream | None = None
+
+    headers = staticmethod(batch_headers)  # every header of a batch as one structured array, in one call
 
     @property
     def mode(self) -> SubscriberMode:

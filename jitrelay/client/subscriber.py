@@ -21,7 +21,7 @@ from jitrelay.client.errors import connect as _connect  # a module global, so th
 from jitrelay.client.shared_log import IDLE_CHECK_SECONDS, MappedStream
 from jitrelay.client.stream import SubscriberMode, SubscriberStream
 from jitrelay.core import protocol
-from jitrelay.core.views import COLUMNS_FROM, MessageView, batch_headers, iter_views
+from jitrelay.core.views import COLUMNS_FROM, MessageView, iter_views
 from jitrelay.kernels.framer import DEFAULT_BUFFER_SIZE
 
 _HEADER_SIZE = protocol.HEADER_SIZE
@@ -236,8 +236,6 @@ class Subscriber(SubscriberStream):
         """Each message decoded into a ``protocol.Message``, for code that wants objects rather than views."""
         for batch in self.batches():
             yield from protocol.decode_messages(batch)  # type: ignore[arg-type]  # numpy's stubs do not type an array as a buffer
-
-    headers = staticmethod(batch_headers)
 
     def close(self) -> None:
         """Close the connection (and drop the mapping); the relay forgets this subscriber. Never raises."""

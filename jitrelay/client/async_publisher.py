@@ -54,7 +54,7 @@ class AsyncPublisher(Encoder):
         flush_size: int = DEFAULT_FLUSH_SIZE,
         publish_only: bool = True,
         version: int = protocol.VERSION,
-    ):
+    ) -> None:
         super().__init__(domain, socket_path, source, checksum, publish_only, flush_size, version)
         self._writer: asyncio.StreamWriter | None = None
         self._discarding: asyncio.Task[None] | None = None

@@ -79,7 +79,7 @@ class Publisher(Encoder):
         flush_size: int = DEFAULT_FLUSH_SIZE,
         publish_only: bool = True,
         version: int = protocol.VERSION,
-    ):
+    ) -> None:
         if linger < 0:
             raise ValueError("linger must be at least 0")
         super().__init__(domain, socket_path, source, checksum, publish_only, flush_size, version)

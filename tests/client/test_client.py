@@ -27,8 +27,8 @@ from support.commands import receive, running_relay, stop
 from support.reference import extended_record, message, standard_record
 from support.relays import RelayProcess, StartRelay
 
-from jitrelay import client as client_module
 from jitrelay.client import AsyncPublisher, AsyncSubscriber, Publisher, RelayConnectionError, Subscriber
+from jitrelay.client import subscriber as client_module
 from jitrelay.core import protocol
 from jitrelay.kernels.framer import MessageFramer
 

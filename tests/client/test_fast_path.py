@@ -26,7 +26,8 @@ from support.commands import receive, running_relay
 from support.reference import extended_record, message, standard_record
 from support.relays import RelayProcess
 
-from jitrelay.client import AsyncPublisher, AsyncSubscriber, MessageView, Publisher, Subscriber, _PublisherState
+from jitrelay.client import AsyncPublisher, AsyncSubscriber, MessageView, Publisher, Subscriber
+from jitrelay.client.encoder import Encoder as _PublisherState
 from jitrelay.core import protocol
 from jitrelay.core.domains import logic_for
 from jitrelay.core.views import COLUMNS_FROM, batch_headers, iter_views, message_offsets
@@ -246,7 +247,7 @@ def test_every_publish_method_puts_exactly_the_built_messages_on_the_wire(
             times.append(timestamp_ns)
         return timestamp_ns
 
-    with mock.patch("jitrelay.client._time_ns", clock):
+    with mock.patch("jitrelay.client.encoder._time_ns", clock):
         if kind.startswith("blocking"):
             with (
                 Publisher(domain, path, checksum=checksum, flush_size=flush_size) as pub,

@@ -109,6 +109,7 @@ class SharedLogReader:
         return int(self._header[shared_log.W_HEAD])
 
     def at_head(self) -> bool:
+        """Whether the reader has copied everything the relay has published: then it waits for the next append."""
         return int(self._header[shared_log.W_HEAD]) <= self.offset
 
     def _copy(self, start: int, end: int) -> np.ndarray:
@@ -302,6 +303,7 @@ class MappedStream:
         self._quiet = not reader.wait(min(timeout, IDLE_CHECK_SECONDS)) or reader.closed
 
     def send(self, message: bytes) -> None:
+        """Send a control message on the socket the grant came over (subscriptions, lap reports); ``OSError``."""
         self.sock.sendall(message)
 
     def _relay_gone(self) -> bool:

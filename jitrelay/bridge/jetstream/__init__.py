@@ -30,7 +30,7 @@ The plan:
   the relay; those messages are recognised by their 32-byte header (which
   carries the CRC of the whole message in a checksummed domain) and skipped,
   so nothing comes back to the host it came from.
-- The receiving side (``Bridge._read_host``) reads each other host's subject
+- The receiving side (``receiver.StreamReceiver``) reads each other host's subject
   through a durable pull consumer ``<host>_from_<remote>``, writes a fetched
   batch into the relay, and acknowledges it only once the relay's socket has
   taken every byte. It keeps, per sending host, the next
@@ -38,6 +38,11 @@ The plan:
   took the bytes, so a redelivered message is never written twice; a message
   that arrives before the one it follows (a republish after a node failure)
   waits, unacknowledged, until the one before it arrives.
+
+The modules: ``carrier`` (the stream, where this host's sending stands, the
+state saved by one method), ``sender`` (``StreamSender``), ``receiver``
+(``StreamReceiver``, ``PullReader``), ``state`` (``BridgeState``,
+``EchoFilter``), ``journal`` (``JournalTail``).
 
 Not measured yet: fsync of the state file (it is not fsynced: a process kill
 loses nothing, a power cut may replay one batch).

@@ -17,7 +17,11 @@ from jitrelay.tools.usage import UsageError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``jitrelay bridge`` command line, which ``run`` reads; raises nothing."""
-    from jitrelay.bridge.bridge import RECONNECT_BUFFER, SUBSCRIPTION_PENDING_BYTES  # imported only for this command
+    from jitrelay.bridge.options import BridgeOptions, StreamSettings  # the bridge's defaults live there only
+
+    reconnect_buffer = BridgeOptions.default("reconnect_buffer")
+    pending_limit = BridgeOptions.default("nats_pending_limit")
+    stream = StreamSettings()
 
     add_target(parser)
     parser.add_argument(
@@ -32,16 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "--reconnect-buffer",
         "what to hold for NATS while reconnecting; more is dropped and counted as a gap "
-        f"({format_byte_count(RECONNECT_BUFFER)})",
-        default=RECONNECT_BUFFER,
+        f"({format_byte_count(reconnect_buffer)})",
+        default=reconnect_buffer,
     )
     add_byte_option(parser, "--max-payload", "largest payload taken from NATS (the domain's)")
     add_byte_option(
         parser,
         "--nats-pending-limit",
         "what the NATS client may hold while the relay is behind; more is dropped and counted as a gap "
-        f"({format_byte_count(SUBSCRIPTION_PENDING_BYTES)})",
-        default=SUBSCRIPTION_PENDING_BYTES,
+        f"({format_byte_count(pending_limit)})",
+        default=pending_limit,
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -55,14 +59,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--core", dest="jetstream", action="store_const", const=False, help="core NATS, at most once (the default else)"
     )
     parser.add_argument("--host", help="this host's name in the stream and its durable consumer's (the host name)")
-    parser.add_argument("--replicas", type=int, default=3, help="JetStream: the stream's replicas (3)")
-    parser.add_argument("--max-age", type=float, default=86400.0, help="JetStream: seconds the stream keeps a message")
-    add_byte_option(parser, "--max-bytes", "JetStream: what the stream holds at most (1GiB)", default=1024**3)
     parser.add_argument(
-        "--duplicate-window", type=float, default=120.0, help="JetStream: seconds the stream drops a republish (120)"
+        "--replicas", type=int, default=stream.replicas, help=f"JetStream: the stream's replicas ({stream.replicas})"
     )
     parser.add_argument(
-        "--max-in-flight", type=int, default=64, help="JetStream: publishes awaiting acknowledgement at most (64)"
+        "--max-age", type=float, default=stream.max_age, help="JetStream: seconds the stream keeps a message"
+    )
+    add_byte_option(
+        parser,
+        "--max-bytes",
+        f"JetStream: what the stream holds at most ({format_byte_count(stream.max_bytes)})",
+        default=stream.max_bytes,
+    )
+    parser.add_argument(
+        "--duplicate-window",
+        type=float,
+        default=stream.duplicate_window,
+        help=f"JetStream: seconds the stream drops a republish ({stream.duplicate_window:g})",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=stream.max_in_flight,
+        help=f"JetStream: publishes awaiting acknowledgement at most ({stream.max_in_flight})",
     )
     parser.add_argument(
         "--when-full",
@@ -86,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
     Raises ``UsageError`` for options the bridge cannot take together.
     """
-    from jitrelay.bridge.bridge import BridgeOptions, run_bridge  # nats-py loads only for this command
-    from jitrelay.bridge.jetstream import StreamSettings
+    from jitrelay.bridge.bridge import run_bridge  # nats-py loads only for this command
+    from jitrelay.bridge.options import BridgeOptions, StreamSettings
 
     servers = tuple(url.strip() for urls in args.nats for url in urls.split(",") if url.strip())
     try:

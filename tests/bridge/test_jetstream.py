@@ -243,8 +243,10 @@ def test_messages_aged_out_while_a_host_was_away_are_its_counted_gap(
 
 def test_after_a_kill_mid_write_the_journal_says_what_the_relay_took(tmp_path: Path) -> None:
     """The state saved before a write names the batch; what the journal holds of it counts as written."""
-    from jitrelay.bridge.bridge import Bridge, BridgeOptions
-    from jitrelay.bridge.jetstream import BridgeState, JournalTail
+    from jitrelay.bridge.jetstream.carrier import JetStreamCarrier as Bridge
+    from jitrelay.bridge.jetstream.journal import JournalTail
+    from jitrelay.bridge.jetstream.state import BridgeState
+    from jitrelay.bridge.options import BridgeOptions
 
     journal = tmp_path / "journal"
     journal.mkdir()

@@ -333,7 +333,7 @@ class Bridge:
             no_echo=True,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=self.options.reconnect_wait,  # type: ignore[arg-type]
+            reconnect_time_wait=self.options.reconnect_wait,
             connect_timeout=2,
             pending_size=self.options.reconnect_buffer,
             error_cb=self._on_error,

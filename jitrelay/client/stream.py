@@ -112,7 +112,7 @@ class SubscriberStream(Endpoint):
         """Where the stream stands after the last message handed out: give it as ``resume_from`` to go on from there."""
         if self._position is _FROM_MAPPING:
             return self._mapped.reader.position if self._mapped is not None else None
-        return self._position  # type: ignore[return-value]
+        return self._position
 
     def _segments(self, batch: np.ndarray) -> list[tuple[np.ndarray, protocol.Position | None]]:
         """The runs of data messages in ``batch``, each with the position it starts at; notices taken out.

@@ -143,7 +143,7 @@ class JetStreamCarrier(Carrier):
         saved = self.state.sender
         if found is None and saved:
             journal = tuple(saved["journal"]) if saved.get("journal") else None
-            found = SenderPosition(int(saved["sequence"]), int(saved["offset"]), journal)  # type: ignore[arg-type]
+            found = SenderPosition(int(saved["sequence"]), int(saved["offset"]), journal)
         if found is not None:
             position.sequence, position.offset, position.journal = found.sequence, found.offset, found.journal
         if self.options.use_journal:
@@ -166,7 +166,7 @@ class JetStreamCarrier(Carrier):
         if sent is not None and sent.journal is not None:
             journal.position = sent.journal
         elif self.state.sender.get("journal"):
-            journal.position = tuple(self.state.sender["journal"])  # type: ignore[assignment]
+            journal.position = tuple(self.state.sender["journal"])
         else:
             journal.position = (1, 0)
         found: set[bytes] = set()

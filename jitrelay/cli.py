@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "bench",
             "measure the relay against the raw-bytes forwarder and pyzmq on workloads W1 and W2",
-            tool_arguments("jitrelay.tools.bench.runner"),
+            tool_arguments("jitrelay.tools.bench"),
             cmd_bench,
         ),
         (
@@ -700,11 +700,9 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from jitrelay.tools.bench.clients import (
-        run_bench,  # the benchmark's processes and baselines load only for this command
-    )
+    import jitrelay.tools.bench  # the benchmark's processes and baselines load only for this command
 
-    return run_bench(args)
+    return jitrelay.tools.bench.run(args)
 
 
 def audit_arguments(parser: argparse.ArgumentParser) -> None:

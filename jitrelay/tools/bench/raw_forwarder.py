@@ -83,7 +83,7 @@ class Forwarder(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
         self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=self.hub.high, low=self.hub.low)
+        self.transport.set_write_buffer_limits(high=self.hub.high, low=self.hub.low)
         self.hub.add(self)
 
     def data_received(self, data: bytes) -> None:

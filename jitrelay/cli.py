@@ -61,9 +61,8 @@ COMMANDS = (
     ),
     Command(
         "bench",
-        "measure the relay against the raw-bytes forwarder and pyzmq on workloads W1 and W2",
-        "jitrelay.tools.bench.runner",
-        runs="jitrelay.tools.bench.clients:run_bench",
+        "measure the relay against the raw-bytes forwarder and pyzmq on the workloads of docs/benchmarks.md",
+        "jitrelay.tools.bench",
     ),
     Command(
         "kernels",

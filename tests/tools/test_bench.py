@@ -27,7 +27,7 @@ from jitrelay.cli import main
 from jitrelay.core import protocol
 from jitrelay.core.histogram import Histogram
 from jitrelay.server.figures import read_figures
-from jitrelay.tools.bench.runner import relay_forwarding
+from jitrelay.tools.bench.figures import relay_forwarding
 
 ROOT = Path(__file__).resolve().parents[2]
 

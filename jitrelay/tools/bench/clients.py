@@ -41,7 +41,6 @@ shared by the relay, the publisher and the subscriber.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import multiprocessing as mp
@@ -53,8 +52,14 @@ import time
 from typing import Any
 
 from jitrelay.core import protocol
-from jitrelay.core.protocol import MARKET_DATA
-from jitrelay.tools.bench import runner
+from jitrelay.core.protocol import MARKET_DATA, SEQUENCE_FIELD
+from jitrelay.tools.bench.figures import percentiles
+from jitrelay.tools.bench.messages import BATCH_BYTES, probe_message, records_for
+from jitrelay.tools.bench.options import Options
+from jitrelay.tools.bench.receive import RECV_BUFFER, await_probe
+from jitrelay.tools.bench.relays import STARTUP_SECONDS, BenchedProcess, BenchError, connect, jitrelay_run
+from jitrelay.tools.bench.runs import Run, run_one
+from jitrelay.tools.bench.workers import PROBE_INTERVAL, await_start
 
 SENTINEL = (1 << 64) - 1  # the sequence of the end-of-run message a jitrelay publisher sends
 END = b"end"  # what a zmq or NATS publisher sends last: never ``size`` bytes long
@@ -64,7 +69,7 @@ HEADER = struct.Struct("<IBBBBQQII")
 
 
 def _value(size: int) -> bytes:
-    return runner.records_for(size)[0][1]
+    return records_for(size)[0][1]
 
 
 def _body(size: int) -> bytes:
@@ -77,13 +82,17 @@ def _body(size: int) -> bytes:
 
 
 def pub_jitrelay(who: str, reports: Any, path: str, size: int, duration: float, batched: bool, start: Any) -> dict:
+    """Publish: ``Publisher.publish`` per message, inside ``pub.batch()`` when ``batched``.
+
+    Raises ``BenchError`` when no go comes within ``STARTUP_SECONDS``.
+    """
     from jitrelay.client import Publisher
 
     value = _value(size)
     records = [(1, value)]
     with Publisher("market_data", path) as pub:
         reports.put(("warm", who, None))
-        runner._await_start(start, None, None)
+        await_start(start, None, None)
         sent = 0
         began = time.perf_counter()
         stop_at = began + duration
@@ -99,6 +108,11 @@ def pub_jitrelay(who: str, reports: Any, path: str, size: int, duration: float, 
 
 
 def pub_jitrelay_async(who: str, reports: Any, path: str, size: int, duration: float, nowait: bool, start: Any) -> dict:
+    """Publish: ``await AsyncPublisher.publish`` per message.
+
+    With ``nowait``, ``publish_nowait`` per message and ``await pub.flush()``
+    after each ``CHECK_EVERY``.
+    """
     from jitrelay.client import AsyncPublisher
 
     value = _value(size)
@@ -134,13 +148,13 @@ def pub_raw_batches(who: str, reports: Any, path: str, size: int, duration: floa
     """The receive runs' feeder: W1's 1 MiB batches as fast as the relay takes them, then the sentinel."""
     from jitrelay import kernels
 
-    count = runner.BATCH_BYTES // size
-    batch = protocol.build_batch(MARKET_DATA, count, [(1, _value(size))], checksums=False)
+    count = BATCH_BYTES // size
+    batch: Any = protocol.build_batch(MARKET_DATA, count, [(1, _value(size))], checksums=False)  # an array: a buffer
     kernels.stamp_batch(batch, size, 0, 0, checksums=False)
-    sock = runner._connect(path)
+    sock = connect(path)
     sock.sendall(protocol.publish_only_message())
     reports.put(("warm", who, None))
-    runner._await_start(start, None, None)
+    await_start(start, None, None)
     seq = 0
     began = time.perf_counter()
     while time.perf_counter() < began + duration:
@@ -154,6 +168,7 @@ def pub_raw_batches(who: str, reports: Any, path: str, size: int, duration: floa
 
 
 def pub_zmq(who: str, reports: Any, address: str, size: int, duration: float, start: Any) -> dict:
+    """Publish: a pyzmq PUB bound at ``address``, ``send(header + body)`` per message, high-water mark 0."""
     import zmq
 
     ctx = zmq.Context()
@@ -163,7 +178,7 @@ def pub_zmq(who: str, reports: Any, address: str, size: int, duration: float, st
     body = _body(size)
     pack = HEADER.pack
     reports.put(("warm", who, None))
-    while not start.wait(runner.PROBE_INTERVAL):  # probes until the subscriber has one (slow joiner)
+    while not start.wait(PROBE_INTERVAL):  # probes until the subscriber has one (slow joiner)
         sock.send(b"probe")
     send = sock.send
     sent = 0
@@ -181,6 +196,7 @@ def pub_zmq(who: str, reports: Any, address: str, size: int, duration: float, st
 
 
 def pub_nats(who: str, reports: Any, url: str, size: int, duration: float, start: Any) -> dict:
+    """Publish: nats-py core ``await nc.publish(subject, header + body)`` per message to the server at ``url``."""
     import nats
 
     body = _body(size)
@@ -191,7 +207,7 @@ def pub_nats(who: str, reports: Any, url: str, size: int, duration: float, start
         reports.put(("warm", who, None))
         while not start.is_set():
             await nc.publish(SUBJECT, b"probe")
-            await asyncio.sleep(runner.PROBE_INTERVAL)
+            await asyncio.sleep(PROBE_INTERVAL)
         publish = nc.publish
         sent = 0
         began = time.perf_counter()
@@ -217,12 +233,12 @@ def pub_nats(who: str, reports: Any, url: str, size: int, duration: float, start
 
 def sub_raw(who: str, reports: Any, path: str, size: int) -> dict:
     """The publish runs' reader: counts bytes and stops at the sentinel (the last message)."""
-    sock = runner._connect(path)
+    sock = connect(path)
     reports.put(("connected", who, None))
-    runner._await_probe(sock, runner.probe_message(size))
+    await_probe(sock, probe_message(size))
     reports.put(("ready", who, None))
-    sock.settimeout(runner.STARTUP_SECONDS + 120)
-    buf = bytearray(runner.RECV_BUFFER)
+    sock.settimeout(STARTUP_SECONDS + 120)
+    buf = bytearray(RECV_BUFFER)
     total = 0
     tail = b""
     while True:
@@ -231,20 +247,27 @@ def sub_raw(who: str, reports: Any, path: str, size: int) -> dict:
             break
         total += n
         tail = (tail + bytes(buf[max(0, n - size) : n]))[-size:]
-        if len(tail) == size and runner.SEQUENCE_FIELD.unpack_from(tail, protocol.OFF_SEQUENCE)[0] == SENTINEL:
+        if len(tail) == size and SEQUENCE_FIELD.unpack_from(tail, protocol.OFF_SEQUENCE)[0] == SENTINEL:
             break
     return {"received": total // size - 1}
 
 
+def _first_is_probe(batch: Any, size: int) -> None:
+    """Raises ``BenchError`` unless a client subscriber's first batch is the probe, alone."""
+    if batch is None or batch.tobytes() != probe_message(size):
+        raise BenchError("the first bytes received were not the probe message")
+
+
 def sub_jitrelay(who: str, reports: Any, path: str, size: int) -> dict:
+    """Receive: iterate a ``Subscriber``, reading each message's sequence, until the sentinel.
+
+    Raises ``BenchError`` when its first batch is not the probe.
+    """
     from jitrelay.client import Subscriber
 
     with Subscriber("market_data", path) as sub:
-        probe = runner.probe_message(size)
         reports.put(("connected", who, None))
-        first_batch = sub.recv_batch(runner.STARTUP_SECONDS)
-        if first_batch is None or first_batch.tobytes() != probe:
-            raise runner.BenchError("the first bytes received were not the probe message")
+        _first_is_probe(sub.recv_batch(STARTUP_SECONDS), size)
         reports.put(("ready", who, None))
         received = 0
         first = 0.0
@@ -258,14 +281,13 @@ def sub_jitrelay(who: str, reports: Any, path: str, size: int) -> dict:
 
 
 def sub_jitrelay_async(who: str, reports: Any, path: str, size: int) -> dict:
+    """Receive: ``async for`` over an ``AsyncSubscriber``, as ``sub_jitrelay``; raises ``BenchError`` as it does."""
     from jitrelay.client import AsyncSubscriber
 
     async def main() -> dict:
         async with AsyncSubscriber("market_data", path) as sub:
             reports.put(("connected", who, None))
-            first_batch = await sub.recv_batch(runner.STARTUP_SECONDS)
-            if first_batch is None or first_batch.tobytes() != runner.probe_message(size):
-                raise runner.BenchError("the first bytes received were not the probe message")
+            _first_is_probe(await sub.recv_batch(STARTUP_SECONDS), size)
             reports.put(("ready", who, None))
             received = 0
             first = 0.0
@@ -293,9 +315,9 @@ def sub_zmq(who: str, reports: Any, address: str, size: int, wait: float) -> dic
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
     sock.connect(address)
-    sock.setsockopt(zmq.RCVTIMEO, int(runner.STARTUP_SECONDS * 1000))
+    sock.setsockopt(zmq.RCVTIMEO, int(STARTUP_SECONDS * 1000))
     if sock.recv() != b"probe":
-        raise runner.BenchError("the first frame was not a probe")
+        raise BenchError("the first frame was not a probe")
     reports.put(("ready", who, None))
     time.sleep(wait)
     recv = sock.recv
@@ -318,6 +340,7 @@ def sub_zmq(who: str, reports: Any, address: str, size: int, wait: float) -> dic
 
 
 def sub_nats(who: str, reports: Any, url: str, size: int) -> dict:
+    """Receive: a nats-py subscription's messages, one byte read of each, until the end message."""
     import nats
 
     async def main() -> dict:
@@ -348,7 +371,10 @@ def sub_nats(who: str, reports: Any, url: str, size: int) -> dict:
 
 
 def sub_latency(who: str, reports: Any, path: str, size: int) -> dict:
-    """W2 through the client: an iterating ``Subscriber``, receive time minus each message's timestamp."""
+    """W2 through the client: an iterating ``Subscriber``, receive time minus each message's timestamp.
+
+    Raises ``BenchError`` when its first batch is not the probe.
+    """
     import numpy as np
 
     from jitrelay.client import Subscriber
@@ -356,9 +382,7 @@ def sub_latency(who: str, reports: Any, path: str, size: int) -> dict:
     latencies: list[int] = []
     with Subscriber("market_data", path) as sub:
         reports.put(("connected", who, None))
-        first_batch = sub.recv_batch(runner.STARTUP_SECONDS)
-        if first_batch is None or first_batch.tobytes() != runner.probe_message(size):
-            raise runner.BenchError("the first bytes received were not the probe message")
+        _first_is_probe(sub.recv_batch(STARTUP_SECONDS), size)
         reports.put(("ready", who, None))
         for view in sub:
             now = time.time_ns()
@@ -375,7 +399,7 @@ def pub_paced(who: str, reports: Any, path: str, size: int, duration: float, rat
     value = _value(size)
     with Publisher("market_data", path) as pub:
         reports.put(("warm", who, None))
-        runner._await_start(start, None, None)
+        await_start(start, None, None)
         total = int(duration * rate)
         interval = 1.0 / rate
         began = time.perf_counter()
@@ -399,7 +423,7 @@ def views_ceiling(size: int, seconds: float = 1.0) -> float:
     from jitrelay import kernels
     from jitrelay.core.views import iter_views
 
-    count = runner.BATCH_BYTES // size
+    count = BATCH_BYTES // size
     batch = protocol.build_batch(MARKET_DATA, count, [(1, _value(size))], checksums=False)
     kernels.stamp_batch(batch, size, 0, 0, checksums=False)
     data = batch.tobytes()
@@ -428,42 +452,40 @@ def _run_loop(coro: Any) -> Any:
 def _one(name: str, pub: tuple, subs: list[tuple], relay_command: list[str] | None, folder: str) -> dict:
     """Start the relay (if any), the subscribers, then the publisher; wait for all; return their reports."""
     ctx = mp.get_context("spawn")
-    run = runner.Run(ctx)
+    run = Run(ctx)
     start = ctx.Event()
     names = [f"sub{k}" for k in range(len(subs))]
-    relay_ctx = (
-        runner.BenchedProcess(name, relay_command, "relay listening on") if relay_command else contextlib.nullcontext()
-    )
+    relay_ctx = BenchedProcess(name, relay_command, "relay listening on") if relay_command else contextlib.nullcontext()
     try:
         with relay_ctx:
             stream = relay_command is not None
             for who, (target, *args) in zip(names, subs, strict=True):
                 run.spawn(who, target, *args)
             if stream:
-                run.wait_for("connected", names, runner.STARTUP_SECONDS)
+                run.wait_for("connected", names, STARTUP_SECONDS)
             target, *args = pub
             run.spawn("pub", target, *args, start)
-            run.wait_for("warm", ["pub"], runner.STARTUP_SECONDS)
-            if stream:
-                with runner._connect(relay_command[relay_command.index("--socket") + 1]) as prober:
-                    prober.sendall(runner.probe_message(pub[2]))
-                    run.wait_for("ready", names, runner.STARTUP_SECONDS)
+            run.wait_for("warm", ["pub"], STARTUP_SECONDS)
+            if relay_command is not None:
+                with connect(relay_command[relay_command.index("--socket") + 1]) as prober:
+                    prober.sendall(probe_message(pub[2]))
+                    run.wait_for("ready", names, STARTUP_SECONDS)
             else:  # the publisher sends probes until it is told to start
-                run.wait_for("ready", names, runner.STARTUP_SECONDS)
+                run.wait_for("ready", names, STARTUP_SECONDS)
             start.set()
-            published = run.wait_for("result", ["pub"], runner.STARTUP_SECONDS + 600)["pub"]
-            received = run.wait_for("result", names, runner.STARTUP_SECONDS + 600)
+            published = run.wait_for("result", ["pub"], STARTUP_SECONDS + 600)["pub"]
+            received = run.wait_for("result", names, STARTUP_SECONDS + 600)
     finally:
         run.close()
     return {"name": name, "publisher": published, "subscribers": [received[w] for w in names]}
 
 
-def client_workload(opts: runner.Options) -> dict:
+def client_workload(opts: Options) -> dict:
     """Every figure of the ``client`` workload, and its ratios to pyzmq and to the raw-socket W2."""
     size, duration = opts.size, opts.duration
     folder = tempfile.mkdtemp(prefix="jitrelay-bench-client-")
     path = os.path.join(folder, "relay.sock")
-    relay = runner.jitrelay_run(path)
+    relay = jitrelay_run(path)
     blocking_relay = [*relay, "--slow-policy", "block"]
     runs: dict[str, dict] = {}
     errors: dict[str, str] = {}
@@ -471,7 +493,7 @@ def client_workload(opts: runner.Options) -> dict:
     def attempt(key: str, *args: Any) -> None:
         try:
             runs[key] = _one(key, *args)
-        except runner.BenchError as exc:
+        except BenchError as exc:
             errors[key] = str(exc)
 
     try:
@@ -504,7 +526,7 @@ def client_workload(opts: runner.Options) -> dict:
         drain = (sub_zmq, zmq_address, size, duration + 1.0)
         attempt("pyzmq-drain", (pub_zmq, zmq_address, size, duration), [drain], None, folder)
         _nats(attempt, size, duration, folder)
-        n = opts.latency_subscribers
+        n = opts.latency_count
         attempt(
             "w2 jitrelay client",
             (pub_paced, path, size, duration, opts.rate),
@@ -515,8 +537,8 @@ def client_workload(opts: runner.Options) -> dict:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     try:
-        raw_w2 = runner.run_one("jitrelay", "w2", opts.latency_subscribers, opts)
-    except runner.BenchError as exc:
+        raw_w2 = run_one("jitrelay", "w2", opts.latency_count, opts)
+    except BenchError as exc:
         raw_w2 = None
         errors["w2 raw"] = str(exc)
     figures = summarize(runs, raw_w2, errors, opts)
@@ -540,7 +562,8 @@ def _nats(attempt: Any, size: int, duration: float, folder: str) -> None:
         return
 
 
-def summarize(runs: dict[str, dict], raw_w2: dict | None, errors: dict[str, str], opts: runner.Options) -> dict:
+def summarize(runs: dict[str, dict], raw_w2: dict | None, errors: dict[str, str], opts: Options) -> dict:
+    """The client workload's figures from its runs' reports: rates, ratios to pyzmq, losses, W2 latency."""
     import numpy as np
 
     def pub_rate(key: str) -> float | None:
@@ -582,7 +605,7 @@ def summarize(runs: dict[str, dict], raw_w2: dict | None, errors: dict[str, str]
     w2 = runs.get("w2 jitrelay client")
     if w2:
         samples = np.concatenate([np.frombuffer(s.pop("latency_ns"), dtype=np.int64) for s in w2["subscribers"]])
-        latency = runner._percentiles(samples / 1e3)
+        latency = percentiles(samples / 1e3)
     raw_latency = raw_w2["latency_us"] if raw_w2 else None
     return {
         "message_size": opts.size,
@@ -603,39 +626,3 @@ def summarize(runs: dict[str, dict], raw_w2: dict | None, errors: dict[str, str]
         "runs": runs,
         "errors": errors,
     }
-
-
-def format_client(figures: dict) -> str:
-    """The client workload's lines of the report."""
-
-    def m(x: float | None) -> str:
-        return "-" if x is None else f"{x / 1e6:.3f} M"
-
-    def r(x: float | None) -> str:
-        return "-" if x is None else f"{x:.2f}"
-
-    out = [f"client: {figures['message_size']}-byte messages, one call per message; msg/s and x pyzmq"]
-    for label, key in (("publish", "publish"), ("receive", "receive")):
-        rates, ratios = figures[f"{key}_msg_per_s"], figures[f"{key}_x_pyzmq"]
-        out.append(f"  {label:<8} " + "  ".join(f"{k} {m(v)} ({r(ratios[k])} x)" for k, v in rates.items()))
-    lat, raw, x = figures["w2_client_latency_us"], figures["w2_raw_latency_us"], figures["w2_client_x_raw"]
-    if lat and raw and x:
-        out.append(
-            f"  W2 through Publisher/Subscriber: p50 {lat['p50']:.1f} us, p99 {lat['p99']:.1f} us; raw-socket W2 "
-            f"p50 {raw['p50']:.1f} us, p99 {raw['p99']:.1f} us; x raw p50 {r(x['p50'])}, p99 {r(x['p99'])}"
-        )
-    drain = figures["receive_x_pyzmq_drain"]
-    out.append("  receive x pyzmq-drain: " + "  ".join(f"{k} {r(v)}" for k, v in drain.items()))
-    if figures.get("receive_ceiling_msg_per_s"):
-        out.append(
-            f"  receive ceiling (views of a batch in memory, no socket): {m(figures['receive_ceiling_msg_per_s'])} "
-            f"= {r(figures['receive_ceiling_x_pyzmq_drain'])} x pyzmq-drain"
-        )
-    for key, error in figures["errors"].items():
-        out.append(f"  {key} failed: {error.splitlines()[0][:100]}")
-    return "\n".join(out)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """``jitrelay bench``: the relay workloads of ``runner``, and this one when asked for."""
-    return runner.run_bench(args, client_workload, format_client)

@@ -39,21 +39,25 @@ class Hub:
         self.blocked: set[Forwarder] = set()
 
     def add(self, peer: Forwarder) -> None:
+        """A new connection: paused at once while anyone is blocked."""
         self.peers.append(peer)
         if self.blocked:
             peer.transport.pause_reading()
 
     def remove(self, peer: Forwarder) -> None:
+        """A closed connection: it no longer holds the others back."""
         if peer in self.peers:
             self.peers.remove(peer)
         self.unblock(peer)
 
     def block(self, peer: Forwarder) -> None:
+        """``peer`` has too much pending: stop reading every connection until it drains."""
         if not self.blocked:
             self._set_reading(False)
         self.blocked.add(peer)
 
     def unblock(self, peer: Forwarder) -> None:
+        """``peer`` has drained: resume reading once no one is blocked."""
         if peer in self.blocked:
             self.blocked.discard(peer)
             if not self.blocked:
@@ -69,6 +73,7 @@ class Hub:
                 peer.transport.pause_reading()
 
     def close_all(self) -> None:
+        """Abort every connection (on the way out)."""
         for peer in list(self.peers):
             peer.transport.abort()
 
@@ -81,26 +86,32 @@ class Forwarder(asyncio.Protocol):
         self.transport: asyncio.Transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Join the hub, pausing writes past the hub's high mark."""
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
         self.transport = transport  # type: ignore[assignment]
         self.transport.set_write_buffer_limits(high=self.hub.high, low=self.hub.low)
         self.hub.add(self)
 
     def data_received(self, data: bytes) -> None:
+        """Copy the bytes to every other connection, unparsed."""
         for peer in self.hub.peers:
             if peer is not self:
                 peer.transport.write(data)
 
     def eof_received(self) -> bool:
+        """Close on EOF."""
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Leave the hub."""
         self.hub.remove(self)
 
     def pause_writing(self) -> None:
+        """This connection is over the high mark: block the hub."""
         self.hub.block(self)
 
     def resume_writing(self) -> None:
+        """This connection is under the low mark: unblock the hub."""
         self.hub.unblock(self)
 
 
@@ -120,6 +131,7 @@ def _claim(path: str) -> None:
 
 
 async def serve(path: str, high: int, low: int) -> None:
+    """Forward on ``path`` until SIGINT or SIGTERM; raises ``SystemExit`` when ``path`` is taken."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -140,6 +152,7 @@ async def serve(path: str, high: int, low: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m jitrelay.tools.bench.raw_forwarder --socket PATH``: serve until stopped; 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True, help="Unix socket path to listen on")
     parser.add_argument("--high", type=int, default=8 * MiB, help="pending bytes per connection that pause reading")

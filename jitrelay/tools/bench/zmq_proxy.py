@@ -24,6 +24,7 @@ import zmq
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m jitrelay.tools.bench.zmq_proxy --xsub E --xpub E``: proxy until SIGTERM; 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--xsub", required=True, help="endpoint publishers connect to, e.g. ipc:///tmp/xsub")
     parser.add_argument("--xpub", required=True, help="endpoint subscribers connect to, e.g. ipc:///tmp/xpub")

@@ -17,12 +17,10 @@ from jitrelay.tools.usage import UsageError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``jitrelay bridge`` command line, which ``run`` reads; raises nothing."""
-    from jitrelay.bridge.options import BridgeOptions, StreamSettings  # the bridge's defaults live there only
+    from jitrelay.bridge.options import BridgeOptions  # the bridge's defaults live there only
 
     reconnect_buffer = BridgeOptions.default("reconnect_buffer")
     pending_limit = BridgeOptions.default("nats_pending_limit")
-    stream = StreamSettings()
-
     add_target(parser)
     parser.add_argument(
         "--nats",
@@ -59,6 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--core", dest="jetstream", action="store_const", const=False, help="core NATS, at most once (the default else)"
     )
     parser.add_argument("--host", help="this host's name in the stream and its durable consumer's (the host name)")
+    _jetstream_arguments(parser)
+    add_metrics_port(parser)
+    add_log_options(parser)
+
+
+def _jetstream_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that apply on JetStream only, their defaults from ``StreamSettings``."""
+    from jitrelay.bridge.options import StreamSettings
+
+    stream = StreamSettings()
     parser.add_argument(
         "--replicas", type=int, default=stream.replicas, help=f"JetStream: the stream's replicas ({stream.replicas})"
     )
@@ -96,8 +104,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="JetStream: send what the relay forwards to the bridge, not what it journals",
     )
     parser.add_argument("--state-dir", type=Path, help="JetStream: where the bridge keeps its state (socket folder)")
-    add_metrics_port(parser)
-    add_log_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:

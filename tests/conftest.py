@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from support.clients import Clients
+from support.commands import running_relay
 from support.relays import RelayProcess, StartRelay
 
 _MADE_CACHE = pytest.StashKey[str]()
@@ -81,3 +82,17 @@ def start_relay(short_dir: Path) -> Iterator[StartRelay]:
     yield start
     for relay in relays:
         relay.kill()
+
+
+@pytest.fixture(scope="module")
+def market_relay() -> Iterator[RelayProcess]:
+    """A market-data relay a whole module shares (``support.commands.running_relay``)."""
+    with running_relay("market_data") as relay:
+        yield relay
+
+
+@pytest.fixture(scope="module")
+def signal_relay() -> Iterator[RelayProcess]:
+    """A signal relay a whole module shares."""
+    with running_relay("signal") as relay:
+        yield relay

@@ -23,7 +23,7 @@ import pytest
 import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.commands import receive, running_relay, stop
+from support.commands import no_more, receive, stop
 from support.reference import extended_record, message, standard_record
 from support.relays import RelayProcess, StartRelay
 
@@ -33,25 +33,6 @@ from jitrelay.core import protocol
 from jitrelay.kernels.framer import MessageFramer
 
 MARKET_DATA, SIGNAL, EXECUTION = 1, 2, 3
-
-
-# --- relays ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def market_relay() -> Iterator[RelayProcess]:
-    with running_relay("market_data") as relay:
-        yield relay
-
-
-@pytest.fixture(scope="module")
-def signal_relay() -> Iterator[RelayProcess]:
-    with running_relay("signal") as relay:
-        yield relay
-
-
-def no_more(sub: Subscriber) -> None:
-    assert sub.recv_batch(timeout=0.2) is None
 
 
 # --- MessageFramer: no socket needed -------------------------------------------------------------------------------

@@ -15,14 +15,13 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 from unittest import mock
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.commands import receive, running_relay
+from support.commands import no_more, receive
 from support.reference import extended_record, message, standard_record
 from support.relays import RelayProcess
 
@@ -35,16 +34,6 @@ from jitrelay.core.views import COLUMNS_FROM, batch_headers, iter_views, message
 MARKET_DATA = 1
 SIZE = 71  # one type-1 record of 37 bytes
 VALUE = bytes(range(37))
-
-
-@pytest.fixture(scope="module")
-def market_relay() -> Iterator[RelayProcess]:
-    with running_relay("market_data") as relay:
-        yield relay
-
-
-def no_more(sub: Subscriber) -> None:
-    assert sub.recv_batch(timeout=0.2) is None
 
 
 def numbered(first: int, count: int, source: int = 0) -> bytes:

@@ -87,6 +87,11 @@ def stop(relay: RelayProcess, signum: int = signal.SIGTERM) -> int:
     return relay.wait_exit(20)
 
 
+def no_more(sub: Subscriber) -> None:
+    """Nothing more arrives within a fifth of a second."""
+    assert sub.recv_batch(timeout=0.2) is None
+
+
 def receive(sub: Subscriber, nbytes: int, timeout: float = 10.0) -> bytes:
     """Exactly ``nbytes`` of whole messages, or fail."""
     got = bytearray()

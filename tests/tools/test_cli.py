@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import signal
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.commands import SubProcess, jitrelay, receive, running_relay, stop
+from support.commands import SubProcess, jitrelay, receive, stop
 from support.reference import extended_record, message, standard_record
 from support.relays import RelayProcess, StartRelay
 
@@ -17,12 +16,6 @@ from jitrelay.client import Publisher, Subscriber
 from jitrelay.core import protocol
 
 MARKET_DATA, SIGNAL = 1, 2
-
-
-@pytest.fixture(scope="module")
-def market_relay() -> Iterator[RelayProcess]:
-    with running_relay("market_data") as relay:
-        yield relay
 
 
 # --- the command line itself ---------------------------------------------------------------------------------------

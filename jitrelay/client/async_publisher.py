@@ -12,11 +12,10 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from jitrelay.client.encoder import DEFAULT_FLUSH_SIZE, Encoder, Link
-from jitrelay.client.errors import CLOSE_TIMEOUT, DISCARD_CHUNK, RelayConnectionError, open_connection
+from jitrelay.client.errors import CLOSE_TIMEOUT, DISCARD_CHUNK, AsyncConnection, RelayConnectionError, open_connection
 from jitrelay.core import protocol
 from jitrelay.kernels.framer import Buffer
 
@@ -25,7 +24,7 @@ def _not_connected(*args: Any) -> None:
     raise RuntimeError("the publisher is not connected")  # never called: publish_nowait checks first
 
 
-class AsyncPublisher(Encoder):
+class AsyncPublisher(Encoder, AsyncConnection):
     """``Publisher`` for asyncio: ``async with AsyncPublisher(domain) as pub: await pub.publish(...)``.
 
     ``publish`` builds the message into the buffer and returns without
@@ -159,14 +158,6 @@ class AsyncPublisher(Encoder):
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-
-    async def __aenter__(self) -> AsyncPublisher:
-        return await self.connect()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     def _write_out(self) -> None:
         """Hand the buffered messages to the transport, as an immutable copy (see the uvloop hazard)."""

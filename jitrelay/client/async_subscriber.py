@@ -7,11 +7,10 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 
-from jitrelay.client.errors import connect, open_connection
+from jitrelay.client.errors import AsyncConnection, connect, open_connection
 from jitrelay.client.shared_log import IDLE_CHECK_SECONDS
 from jitrelay.client.stream import SubscriberMode, SubscriberStream
 from jitrelay.client.subscriber import next_mapped, open_mapped
@@ -20,7 +19,7 @@ from jitrelay.core.views import MessageView, iter_views
 from jitrelay.kernels.framer import DEFAULT_BUFFER_SIZE
 
 
-class AsyncSubscriber(SubscriberStream):
+class AsyncSubscriber(SubscriberStream, AsyncConnection):
     """``Subscriber`` for asyncio: ``async for message in sub``, ``async for batch in sub.batches()``.
 
     Subscribes, ends and raises exactly as ``Subscriber`` does.
@@ -211,11 +210,3 @@ class AsyncSubscriber(SubscriberStream):
             with contextlib.suppress(OSError):
                 await self._writer.wait_closed()
             self._reader = self._writer = None
-
-    async def __aenter__(self) -> AsyncSubscriber:
-        return await self.connect()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
 
 from jitrelay.core.domains import RelayLogic, logic_for
 
@@ -16,8 +18,31 @@ CLOSE_TIMEOUT = 5.0  # how long a publisher's close waits for the relay to have 
 DISCARD_CHUNK = 256 * 1024  # what a publisher that reads reads at once, to throw away
 
 
+_Client = TypeVar("_Client", bound="AsyncConnection")
+
+
 class RelayConnectionError(ConnectionError):
     """The relay is not there, or went away."""
+
+
+class AsyncConnection:
+    """What the asyncio clients share: ``async with client:`` connects on entry and closes on exit."""
+
+    async def connect(self: _Client) -> _Client:
+        """Connect unless connected; the client says how."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close the connection; the client says how."""
+        raise NotImplementedError
+
+    async def __aenter__(self: _Client) -> _Client:
+        return await self.connect()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
 
 
 def missing(domain: str, path: Path, exc: OSError) -> RelayConnectionError:

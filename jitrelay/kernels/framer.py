@@ -81,21 +81,13 @@ class MessageFramer:
         Raises ``ProtocolError`` at a header whose magic is wrong, once the
         messages before it have been returned.
         """
-        consumed = self._framed()
-        if consumed is None:
-            return None
-        batch = self._buf[self._start : consumed].copy()
-        self._start = consumed
-        return batch
+        framed = self._claim_framed()
+        return None if framed is None else self._buf[framed].copy()
 
     def take(self) -> bytes | None:
         """As ``maybe_extract_batch``, as ``bytes``: one copy, what message views read from."""
-        consumed = self._framed()
-        if consumed is None:
-            return None
-        batch = self._bytes[self._start : consumed].tobytes()
-        self._start = consumed
-        return batch
+        framed = self._claim_framed()
+        return None if framed is None else self._bytes[framed].tobytes()
 
     def read_from(self, recv_into: Callable[[memoryview], int]) -> int:
         """Read once into the free tail with ``recv_into`` (a socket's) and keep what it read; return the count."""
@@ -107,15 +99,16 @@ class MessageFramer:
         self._end += received
         return received
 
-    def _framed(self) -> int | None:
-        """Where the complete messages buffered end, or None if there is none (the kernel only if bytes wait)."""
+    def _claim_framed(self) -> slice | None:
+        """The complete messages buffered, now returned, or None if there is none (the kernel only if bytes wait)."""
         start, end = self._start, self._end
         if start == end:
             return None
         if end - start >= protocol.HEADER_SIZE:  # exactly one message (a paced stream's read): no kernel call
             magic, payload_size = _MAGIC_AND_SIZE.unpack_from(self._bytes, start)
             if magic == protocol.MAGIC and protocol.HEADER_SIZE + payload_size == end - start:
-                return end
+                self._start = end
+                return slice(start, end)
         count, consumed, fault = kernels.frame(self._buf, start, end)
         if count == 0:
             if fault != protocol.NO_FAULT:
@@ -123,4 +116,5 @@ class MessageFramer:
                     f"{protocol.FAULT_NAMES[fault]}: the stream holds no message header where one should start"
                 )
             return None
-        return consumed
+        self._start = consumed
+        return slice(start, consumed)

@@ -32,6 +32,7 @@ from support.bridges import (
 )
 from support.clients import Clients, sync
 from support.commands import stats, tables, total
+from support.processes import killed_at_teardown
 
 from jitrelay.testing.nats_cluster import NatsCluster, nats_server_path
 
@@ -50,10 +51,7 @@ def js_cluster() -> Iterator[NatsCluster]:
 @pytest.fixture
 def restarted() -> Iterator[list[BridgeProcess]]:
     """Bridges a test starts again after killing one; killed at teardown."""
-    bridges: list[BridgeProcess] = []
-    yield bridges
-    for bridge in bridges:
-        bridge.kill()
+    yield from killed_at_teardown()
 
 
 def restart(host: Host, cluster: NatsCluster, restarted: list[BridgeProcess]) -> BridgeProcess:

@@ -41,6 +41,13 @@ def tables_for(name: str, max_payload: int | None = None) -> kernels.KernelTable
     return kernels.tables_for(logic_for(name, max_payload=max_payload))
 
 
+def draw_stream(data: st.DataObject) -> tuple[str, kernels.KernelTables, bytes]:
+    """A domain, its kernel tables, and a stream of its messages within its payload limit."""
+    name = data.draw(names)
+    tables = tables_for(name)
+    return name, tables, data.draw(gen.stream(ref.DOMAINS[name], tables.max_payload))
+
+
 def expected(name: str, data: bytes, max_payload: int) -> tuple[list[ref.Judged], int, int]:
     spec = ref.DOMAINS[name]
     return ref.reference_scan(data, spec.ident, max_payload, spec.checksum, spec.ranges)
@@ -202,9 +209,7 @@ def test_scan_matches_reference_on_mixed_streams(data: st.DataObject) -> None:
 @FEW
 @given(data=st.data())
 def test_scan_honours_start_and_end(data: st.DataObject) -> None:
-    name = data.draw(names)
-    tables = tables_for(name)
-    stream = data.draw(gen.stream(ref.DOMAINS[name], tables.max_payload))
+    name, tables, stream = draw_stream(data)
     before = data.draw(st.binary(max_size=40))
     after = data.draw(st.binary(max_size=40))
     start, end = len(before), len(before) + len(stream)
@@ -405,9 +410,7 @@ def test_message_crc_needs_a_complete_message(cut: int) -> None:
 @FAST
 @given(data=st.data())
 def test_compact_joins_the_forwarded_messages(data: st.DataObject) -> None:
-    name = data.draw(names)
-    tables = tables_for(name)
-    stream = data.draw(gen.stream(ref.DOMAINS[name], tables.max_payload))
+    name, tables, stream = draw_stream(data)
     judged, _, _ = expected(name, stream, tables.max_payload)
     want = b"".join(stream[o : o + n] for o, n, v in judged if v == p.FORWARD)
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.processes import killed_at_teardown
 from support.reference import DOMAINS, HEADER, message, standard_record
 from support.relays import RelayProcess, StartRelay
 
@@ -231,13 +232,20 @@ class Child:
         self._reaped = True
 
 
+@contextlib.contextmanager
+def connected(path: Path) -> Iterator[socket.socket]:
+    """A Unix socket connected to ``path``, with the tests' timeout; closed on leaving."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(str(path))
+        yield sock
+
+
 def refused_work(path: Path) -> Callable[[], dict[str, object]]:
     """Connect and read: a refused peer sees EOF before it sends anything."""
 
     def work() -> dict[str, object]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(TIMEOUT)
-            sock.connect(str(path))
+        with connected(path) as sock:
             return {"outcome": reads_eof(sock), "uid": os.getuid(), "gid": os.getgid()}
 
     return work
@@ -247,9 +255,7 @@ def round_trip_work(path: Path, publish: bytes, expect: bytes) -> Callable[[], d
     """Connect, publish ``publish``, then read ``len(expect)`` bytes (which the test sends once ``publish`` arrives)."""
 
     def work() -> dict[str, object]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(TIMEOUT)
-            sock.connect(str(path))
+        with connected(path) as sock:
             sock.sendall(publish)
             got = b""
             try:
@@ -267,10 +273,7 @@ def round_trip_work(path: Path, publish: bytes, expect: bytes) -> Callable[[], d
 
 @pytest.fixture
 def children() -> Iterator[list[Child]]:
-    started: list[Child] = []
-    yield started
-    for child in started:
-        child.kill()
+    yield from killed_at_teardown()
 
 
 @pytest.fixture
@@ -446,9 +449,7 @@ def pong_work(path: Path, ping: bytes, pong: bytes) -> Callable[[], dict[str, ob
     """Answer the first ``ping`` with one ``pong``, then stay until the relay has surely read it."""
 
     def work() -> dict[str, object]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(TIMEOUT)
-            sock.connect(str(path))
+        with connected(path) as sock:
             got = b""
             while ping not in got:
                 chunk = sock.recv(1 << 16)

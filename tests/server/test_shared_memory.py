@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import reference as ref
 from support import strategies as gen
-from support.clients import Clients, NumberedStream, StreamCheck, publish_while_stopped, sync
+from support.clients import Clients, NumberedStream, Reader, StreamCheck, publish_while_stopped, sync
 from support.mapped import MappedReaderProcess, drain, memfd_descriptors, memfd_mappings, receive, shm_entries
 from support.peers import MARK, Peer, is_marker, marker, publish_all, settle
 from support.relays import RelayProcess, StartRelay
@@ -355,6 +355,20 @@ def test_a_refused_peer_never_maps_the_log(start_relay: StartRelay) -> None:
 # --- block --------------------------------------------------------------------------------------
 
 
+def beside_a_mapped_reader(
+    relay: RelayProcess, clients: Clients, short_dir: Path, stream: NumberedStream, **options: object
+) -> tuple[MappedReaderProcess, StreamCheck, Reader, socket.socket]:
+    """An execution relay's mapped reader, granted; a socket reader checking ``stream``; a publisher, in step."""
+    mapped = MappedReaderProcess("execution", relay.socket_path, short_dir, **options)
+    mapped.wait_granted()
+    relay.wait_line(GRANTED, f"pid={mapped.pid}")
+    check = StreamCheck(stream)
+    other = clients.reader(relay, sink=check)
+    publisher = clients.connect(relay)
+    sync(publisher, [other], p.EXECUTION)
+    return mapped, check, other, publisher
+
+
 def test_under_block_a_stopped_mapped_reader_holds_the_publisher_and_nobody_loses_anything(
     start_relay: StartRelay, clients: Clients, short_dir: Path
 ) -> None:
@@ -362,13 +376,7 @@ def test_under_block_a_stopped_mapped_reader_holds_the_publisher_and_nobody_lose
     relay = start_relay("execution", "--log-size", str(LOG), "--summary-file", str(summary))
     stream = numbered(p.EXECUTION, 350)  # ~24 MiB of 435-byte messages: three times the log
     total = stream.chunks * stream.chunk_messages
-    stopped = MappedReaderProcess("execution", relay.socket_path, short_dir, last=total - 1)
-    stopped.wait_granted()
-    relay.wait_line(GRANTED, f"pid={stopped.pid}")
-    check = StreamCheck(stream)
-    other = clients.reader(relay, sink=check)
-    publisher = clients.connect(relay)
-    sync(publisher, [other], p.EXECUTION)
+    stopped, check, other, publisher = beside_a_mapped_reader(relay, clients, short_dir, stream, last=total - 1)
     publish_while_stopped(relay, publisher, stream, stopped.pid, other)
     assert check.mismatch is None and check.offset == stream.total, check.verdict()
     assert stopped.wait_exit() == 0
@@ -469,13 +477,7 @@ def test_under_block_killing_the_mapped_reader_that_holds_the_publisher_lets_it_
 ) -> None:
     relay = start_relay("execution", "--log-size", str(LOG))
     stream = numbered(p.EXECUTION, 350)
-    stopped = MappedReaderProcess("execution", relay.socket_path, short_dir)
-    stopped.wait_granted()
-    relay.wait_line(GRANTED, f"pid={stopped.pid}")
-    check = StreamCheck(stream)
-    other = clients.reader(relay, sink=check)
-    publisher = clients.connect(relay)
-    sync(publisher, [other], p.EXECUTION)
+    stopped, check, other, publisher = beside_a_mapped_reader(relay, clients, short_dir, stream)
     os.kill(stopped.pid, signal.SIGSTOP)
     publisher.settimeout(60)
     thread = threading.Thread(target=lambda: [publisher.sendall(stream.chunk(i)) for i in range(stream.chunks)])

@@ -138,6 +138,16 @@ def numbered(sequence: int) -> bytes:
     )
 
 
+def stopped_line(relay: RelayProcess) -> str:
+    """Stop ``relay`` with SIGTERM, see it exit cleanly, and return the ``relay stopped:`` line it logged."""
+    mark = len(relay.lines)
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait_exit(15) == 0
+    stopped = relay.find_line("relay stopped:", start=mark)
+    assert stopped is not None, relay.stderr
+    return stopped
+
+
 def test_changing_a_subscription_mid_stream_switches_at_a_message_boundary(start_relay: StartRelay) -> None:
     relay = start_relay("market_data")
     published = [numbered(i) for i in range(30_000)]
@@ -214,11 +224,7 @@ def test_control_messages_are_never_forwarded_and_malformed_ones_are_rejected(st
     finally:
         witness.close()
         publisher.close()
-    mark = len(relay.lines)
-    relay.send_signal(signal.SIGTERM)
-    assert relay.wait_exit(15) == 0
-    stopped = relay.find_line("relay stopped:", start=mark)
-    assert stopped is not None, relay.stderr
+    stopped = stopped_line(relay)
     assert "'malformed_tlv': 4" in stopped and "control messages 1," in stopped, stopped
     assert relay.find_line("subscribes to types 9; sources any")
 
@@ -352,10 +358,6 @@ def test_publish_only_connection_receives_nothing_and_is_never_slow(start_relay:
     quiet.settimeout(WAIT)
     assert quiet.recv(1) == b"", "the relay sent a publish-only connection bytes"
     quiet.close()
-    mark = len(relay.lines)
-    relay.send_signal(signal.SIGTERM)
-    assert relay.wait_exit(15) == 0
-    stopped = relay.find_line("relay stopped:", start=mark)
-    assert stopped is not None, relay.stderr
+    stopped = stopped_line(relay)
     assert "slow subscribers dropped 0" in stopped and "control messages 1," in stopped, stopped
     assert relay.find_line("publishes only; it receives nothing")

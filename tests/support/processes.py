@@ -5,10 +5,30 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from jitrelay.core.protocol import HEADER_SIZE, OFF_PAYLOAD_SIZE, OFF_SOURCE
 from support.clients import PROBE_MARK
+
+
+class Killable(Protocol):
+    """Anything a test starts that a fixture kills: a process, a bridge, a child."""
+
+    def kill(self) -> object: ...
+
+
+_Killable = TypeVar("_Killable", bound=Killable)
+
+
+def killed_at_teardown() -> Iterator[list[_Killable]]:
+    """The body of a fixture that yields a list a test adds its processes to, and kills each of them at teardown."""
+    started: list[_Killable] = []
+    yield started
+    for process in started:
+        process.kill()
+
 
 # Connects, then appends everything it reads to a file until the relay closes the connection.
 _READER = """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from jitrelay.core.config import format_byte_count
 from jitrelay.tools.options import add_byte_option, add_metrics_port, add_target
@@ -106,6 +107,24 @@ def _jetstream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, help="JetStream: where the bridge keeps its state (socket folder)")
 
 
+# The options that go to ``BridgeOptions`` and to its ``StreamSettings`` as given, each by its own name.
+_BRIDGE_OPTIONS = (
+    "subject",
+    "host",
+    "jetstream",
+    "metrics_port",
+    "reconnect_buffer",
+    "nats_pending_limit",
+    "max_payload",
+)
+_STREAM_OPTIONS = ("replicas", "max_age", "max_bytes", "duplicate_window", "max_in_flight")
+
+
+def _as_given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The command line's value of each of ``names``, by name."""
+    return {name: getattr(args, name) for name in names}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the bridge until SIGINT or SIGTERM: its exit code (``run_bridge``'s).
 
@@ -120,24 +139,12 @@ def run(args: argparse.Namespace) -> int:
             args.domain,
             servers,
             socket_path=args.socket,
-            subject=args.subject,
-            metrics_port=args.metrics_port,
-            reconnect_buffer=args.reconnect_buffer,
-            max_payload=args.max_payload,
-            nats_pending_limit=args.nats_pending_limit,
-            jetstream=args.jetstream,
-            host=args.host,
-            stream=StreamSettings(
-                replicas=args.replicas,
-                max_age=args.max_age,
-                max_bytes=args.max_bytes,
-                duplicate_window=args.duplicate_window,
-                max_in_flight=args.max_in_flight,
-            ),
+            stream=StreamSettings(**_as_given(args, _STREAM_OPTIONS)),
             journal_dir=args.journal,
             use_journal=False if args.no_journal else None,
             state_dir=args.state_dir,
             hold_when_full=None if args.when_full is None else args.when_full == "hold",
+            **_as_given(args, _BRIDGE_OPTIONS),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

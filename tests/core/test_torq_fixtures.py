@@ -20,19 +20,13 @@ RANGES = {1: ((1, 19),), 2: ((20, 39), (60, 79)), 3: ((40, 59),), 4: ((80, 119),
 VENDOR = (200, 254)
 
 
+# MessageHeader's fields in order, as ``<IBBBBQQII`` packs them.
+HEADER_FIELDS = ("magic", "domain", "version", "source", "flags", "sequence", "timestamp_ns", "payload_size")
+HEADER_FIELDS += ("checksum",)
+
+
 def parse(message: bytes) -> dict[str, int]:
-    magic, domain, version, source, flags, sequence, ts, size, checksum = struct.unpack_from("<IBBBBQQII", message)
-    return dict(
-        magic=magic,
-        domain=domain,
-        version=version,
-        source=source,
-        flags=flags,
-        sequence=sequence,
-        timestamp_ns=ts,
-        payload_size=size,
-        checksum=checksum,
-    )
+    return dict(zip(HEADER_FIELDS, struct.unpack_from("<IBBBBQQII", message), strict=True))
 
 
 def records(payload: bytes) -> list[tuple[int, bytes, bool]]:

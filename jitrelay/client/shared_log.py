@@ -23,6 +23,7 @@ import select
 import socket
 from collections import deque
 from collections.abc import Callable
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 
@@ -139,6 +140,7 @@ IDLE_CHECK_SECONDS = 0.05  # how long a caught-up reader sleeps before it looks 
 GRANT_TIMEOUT = 10.0  # how long a subscriber waits for the relay to hand over its log
 
 
+@dataclass(eq=False, repr=False)
 class MappedStream:
     """A subscriber's stream once the relay granted shared memory: the mapped log, filtered here if asked.
 
@@ -146,29 +148,23 @@ class MappedStream:
     lapped reports, and its end tells the reader the relay has gone.
     """
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        reader: SharedLogReader,
-        logic: RelayLogic,
-        selection: protocol.Filter,
-        limit: int,
-        positioned: bool,
-        gaps: list[protocol.Gap],
-    ) -> None:
-        self.sock = sock
-        self.reader = reader
-        self.logic = logic
-        self.limit = limit
-        self.positioned = positioned
-        self.gaps = gaps
-        self.cut_off: CutOff | None = None
-        self._selection = protocol.EVERYTHING
-        self._route: tuple | None = None
-        # Subscriptions asked for while the log held messages not read yet: (stream offset, selection), oldest first.
-        self._switches: deque[tuple[int, protocol.Filter]] = deque()
-        self._quiet = True  # the last wait ended without a wake: look whether the relay is still there
-        self._filtered_batch = False
+    sock: socket.socket
+    reader: SharedLogReader
+    logic: RelayLogic
+    selection: InitVar[protocol.Filter]
+    limit: int
+    positioned: bool
+    gaps: list[protocol.Gap]
+    cut_off: CutOff | None = field(default=None, init=False)
+    _selection: protocol.Filter = field(default=protocol.EVERYTHING, init=False)
+    _route: tuple | None = field(default=None, init=False)
+    # Subscriptions asked for while the log held messages not read yet: (stream offset, selection), oldest first.
+    _switches: deque[tuple[int, protocol.Filter]] = field(default_factory=deque, init=False)
+    # the last wait ended without a wake: look whether the relay is still there
+    _quiet: bool = field(default=True, init=False)
+    _filtered_batch: bool = field(default=False, init=False)
+
+    def __post_init__(self, selection: protocol.Filter) -> None:
         self._apply(selection)
 
     @classmethod

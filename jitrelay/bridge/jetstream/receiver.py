@@ -42,6 +42,7 @@ class _Batch:
     written: Traffic = field(default_factory=Traffic)
 
 
+@dataclass(eq=False, repr=False)
 class StreamReceiver:
     """Reads every other host's subject through a durable consumer of this host's and writes it into the relay.
 
@@ -50,27 +51,19 @@ class StreamReceiver:
     and a message that arrives before the one it follows waits for it.
     """
 
-    def __init__(
-        self,
-        bridge: Lifecycle,
-        js: Any,
-        stream: str,
-        state: BridgeState,
-        echo: EchoFilter | None,
-        figures: StreamFigures,
-        save_state: Callable[[], None],
-    ) -> None:
-        self.bridge = bridge
-        self.js = js
-        self.stream = stream
-        self.state = state
-        self.echo = echo
-        self.figures = figures
-        self.save_state = save_state
-        self.consumers: dict[str, str] = {}  # remote host -> the durable consumer reading it
-        self._held: dict[str, dict[int, tuple[float, Any]]] = {}
-        self._held_checked: set[tuple[str, int]] = set()  # held messages whose predecessors were looked for
-        self._writing = asyncio.Lock()  # one fetched batch at a time goes into the relay and the state file
+    bridge: Lifecycle
+    js: Any
+    stream: str
+    state: BridgeState
+    echo: EchoFilter | None
+    figures: StreamFigures
+    save_state: Callable[[], None]
+    consumers: dict[str, str] = field(default_factory=dict, init=False)  # remote host -> its durable consumer
+    _held: dict[str, dict[int, tuple[float, Any]]] = field(default_factory=dict, init=False)
+    # held messages whose predecessors were looked for
+    _held_checked: set[tuple[str, int]] = field(default_factory=set, init=False)
+    # one fetched batch at a time goes into the relay and the state file
+    _writing: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     async def run(self) -> None:
         """Find the hosts that publish on the stream and read each (a task); raises what stops a reader."""

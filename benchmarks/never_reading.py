@@ -14,6 +14,7 @@ when it finally drains it. A stall shows as the ``--timeout`` running out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -21,6 +22,7 @@ import select
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
@@ -52,32 +54,30 @@ def publisher(path: str, data: bytes, both: Event, start: Event, results: multip
     except OSError as exc:
         outcome = f"cut off ({type(exc).__name__})"
     seconds = time.monotonic() - began
-    drained = 0
-    try:
-        while select.select([sock], [], [], 1.0)[0]:  # until nothing more comes for a second
+    # until nothing more comes for a second
+    drained = read_while(sock, lambda _: bool(select.select([sock], [], [], 1.0)[0]), ConnectionResetError)
+    results.put((os.getpid(), outcome, seconds, drained))
+    sock.close()
+
+
+def read_while(sock: socket.socket, more: Callable[[int], bool], stops: type[OSError]) -> int:
+    """Read ``sock`` while ``more(bytes read so far)`` holds, until it closes or raises ``stops``; the bytes read."""
+    got = 0
+    with contextlib.suppress(stops):
+        while more(got):
             chunk = sock.recv(1 << 20)
             if not chunk:
                 break
-            drained += len(chunk)
-    except ConnectionResetError:
-        pass
-    results.put((os.getpid(), outcome, seconds, drained))
-    sock.close()
+            got += len(chunk)
+    return got
 
 
 def subscriber(path: str, total: int, timeout: float, results: multiprocessing.Queue) -> None:
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(path)
     sock.settimeout(timeout)
-    got, began = 0, time.monotonic()
-    try:
-        while got < total:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            got += len(chunk)
-    except TimeoutError:
-        pass
+    began = time.monotonic()
+    got = read_while(sock, lambda got: got < total, TimeoutError)
     results.put(("subscriber", got, time.monotonic() - began))
 
 

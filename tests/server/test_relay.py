@@ -94,6 +94,18 @@ def test_two_publishers_interleave_only_whole_messages(start_relay: StartRelay, 
     assert_stream(echoes[1].data, streams[0], "publisher 1 reading publisher 0")
 
 
+# Types at the edges of the execution and signal ranges, each in a record with an empty value: (case, type, forwarded).
+EDGE_TYPES: dict[str, list[tuple[str, int, bool]]] = {
+    "execution": [
+        ("type 40", 40, True),
+        ("type 59", 59, True),
+        ("type 60 (signal)", 60, False),
+        ("type 79", 79, False),
+    ],
+    "signal": [("type 60", 60, True), ("type 79", 79, True), ("type 80", 80, False)],
+}
+
+
 def rule_cases(domain: str) -> list[tuple[str, bytes, bool]]:
     """(label, message, forwarded) pairs for the domain rules of PROTOCOL.md."""
     domain_id, lo, hi, verifies = DOMAINS[domain]
@@ -123,20 +135,10 @@ def rule_cases(domain: str) -> list[tuple[str, bytes, bool]]:
         ("type 199", msg(standard_record(199, b"")), False),
         ("type 100 (Torq system)", msg(standard_record(100, b"")), False),
     ]
-    if domain == "execution":
-        cases += [
-            ("type 40", msg(standard_record(40, b"")), True),
-            ("type 59", msg(standard_record(59, b"")), True),
-            ("type 60 (signal)", msg(standard_record(60, b"")), False),
-            ("type 79", msg(standard_record(79, b"")), False),
-        ]
+    edges = EDGE_TYPES.get(domain, [])
+    cases += [(name, msg(standard_record(type_, b"")), forwarded) for name, type_, forwarded in edges]
     if domain == "signal":
-        cases += [
-            ("type 60", msg(standard_record(60, b"")), True),
-            ("type 79", msg(standard_record(79, b"")), True),
-            ("type 80", msg(standard_record(80, b"")), False),
-            ("zero checksum: not computed", msg(standard_record(32, b"arb"), checksum=0), True),
-        ]
+        cases += [("zero checksum: not computed", msg(standard_record(32, b"arb"), checksum=0), True)]
     if domain == "execution":
         cases += [("zero checksum: required", msg(standard_record(42, b"fill"), checksum=0), False)]
     return cases

@@ -26,6 +26,7 @@ from typing import Any
 import llvmlite.binding as llvm
 import numpy as np
 from numba import config, njit, types
+from numba.core.typing.ctypes_utils import from_ctypes
 
 from jitrelay.core import protocol as p
 
@@ -33,8 +34,10 @@ from jitrelay.core import protocol as p
 kernel = njit(cache=True, nogil=True)
 
 
-def _c_function(library: str | None, name: str, argtypes: list, restype: object, signature: Any) -> Any:
+def _c_function(library: str | None, name: str, argtypes: list, restype: Any) -> Any:
     """A C function the loops call directly, as an external symbol linked by its own name.
+
+    Its numba signature is the one its C types map to (``size_t`` to ``uintp``, ``int`` to ``int32``, ...).
 
     Compiled ahead of time, the extension module links the library itself.
     Under the JIT the symbol is registered with LLVM at import, so cached
@@ -48,7 +51,7 @@ def _c_function(library: str | None, name: str, argtypes: list, restype: object,
     if config.DISABLE_JIT:  # type: ignore[attr-defined]  # numba sets its config attributes at import
         return fn
     llvm.add_symbol(name, ctypes.cast(fn, ctypes.c_void_p).value)
-    return types.ExternalFunction(name, signature)
+    return types.ExternalFunction(name, from_ctypes(restype)(*map(from_ctypes, argtypes)))
 
 
 def zlib_library() -> str:
@@ -61,20 +64,8 @@ def zlib_library() -> str:
 
 # zlib's crc32 (the library behind Python's zlib module) and the C library's
 # memcpy: for long ranges both beat what numba generates for the same loops.
-_ZLIB_CRC32 = _c_function(
-    zlib_library(),
-    "crc32",
-    [ctypes.c_ulong, ctypes.c_size_t, ctypes.c_uint],
-    ctypes.c_ulong,
-    types.uint64(types.uint64, types.uintp, types.uint32),
-)
-_MEMCPY = _c_function(
-    None,
-    "memcpy",
-    [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t],
-    ctypes.c_size_t,
-    types.uintp(types.uintp, types.uintp, types.uintp),
-)
+_ZLIB_CRC32 = _c_function(zlib_library(), "crc32", [ctypes.c_ulong, ctypes.c_size_t, ctypes.c_uint], ctypes.c_ulong)
+_MEMCPY = _c_function(None, "memcpy", [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t], ctypes.c_size_t)
 
 
 # Below this many bytes a table-driven loop beats a call into zlib (whose fast

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
-from numba import types
 
 from jitrelay.kernels.constants import SEND_FAILED, SEND_SKIPPED
 from jitrelay.kernels.loops import _c_function, kernel
@@ -32,13 +31,7 @@ MSGHDR_WORDS = 7  # struct msghdr on 64-bit Linux: name, namelen, iov, iovlen, c
 SKIPPED = SEND_SKIPPED
 FAILED = SEND_FAILED
 
-_SENDMSG = _c_function(
-    None,
-    "sendmsg",
-    [ctypes.c_int, ctypes.c_size_t, ctypes.c_int],
-    ctypes.c_ssize_t,
-    types.intp(types.int32, types.uintp, types.int32),
-)
+_SENDMSG = _c_function(None, "sendmsg", [ctypes.c_int, ctypes.c_size_t, ctypes.c_int], ctypes.c_ssize_t)
 
 
 @kernel

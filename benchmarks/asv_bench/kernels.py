@@ -20,20 +20,28 @@ CRC = [False, True]
 common.load_kernels()
 
 
-class _Scan:
-    """One ``scan_into`` over a prebuilt buffer; subclasses say which buffer."""
+class _Prebuilt:
+    """Benchmarks of one kernel over what ``fixture`` builds in ``setup`` (kept as ``self.f``), never timed."""
 
-    param_names: list[str]
-    params: list[list]
     # asv re-runs setup before every sample and times one call per sample
     # (about 0.1-5 ms here), so ask for many samples within a short time.
     repeat = (10, 200, 1.0)
 
-    def fixture(self, *params) -> common.ScanFixture:
+    def fixture(self, *params):
         raise NotImplementedError
 
     def setup(self, *params):
         self.f = self.fixture(*params)
+
+
+class _Scan(_Prebuilt):
+    """One ``scan_into`` over a prebuilt buffer; subclasses say which buffer."""
+
+    param_names: list[str]
+    params: list[list]
+
+    def fixture(self, *params) -> common.ScanFixture:
+        raise NotImplementedError
 
     def time_scan(self, *params):
         self.f.scan()
@@ -74,7 +82,7 @@ class ScanRecords(_Scan):
         return common.scan_by_records(records, crc)
 
 
-class Route:
+class Route(_Prebuilt):
     """``kernels.route`` after a scan of 71-byte messages: masks and runs for 1, 4, 16 or 64 subscriber groups.
 
     Per message of the scanned batch; the stream cycles through four TLV types,
@@ -83,10 +91,7 @@ class Route:
 
     param_names = ["groups"]
     params = [[1, 4, 16, 64]]
-    repeat = (10, 200, 1.0)
-
-    def setup(self, groups):
-        self.f = common.route_fixture(groups)
+    fixture = staticmethod(common.route_fixture)
 
     def time_route(self, groups):
         self.f.route()
@@ -97,49 +102,40 @@ class Route:
     track_messages_per_second.unit = "messages/s"
 
 
-class Compact:
+class Compact(_Prebuilt):
     """``kernels.compact`` of the runs a scan of 71-byte messages left, over reject share."""
 
     param_names = ["reject_share"]
     params = [[0.0, 0.25, 0.5, 1.0]]
-    repeat = (10, 200, 1.0)
-
-    def setup(self, reject_share):
-        self.f = common.compact_fixture(reject_share)
+    fixture = staticmethod(common.compact_fixture)
 
     def time_compact(self, reject_share):
         kernels.compact(self.f.buf, self.f.runs, self.f.n_runs, self.f.out)
 
 
-class Frame:
-    """``kernels.frame``: the bare header walk a subscriber uses, on 71-byte messages."""
+class Frame(_Prebuilt):
+    """``kernels.frame``: the bare header walk a subscriber uses, on 71-byte messages (the buffer is ``self.f``)."""
 
-    repeat = (10, 200, 1.0)
-
-    def setup(self):
-        self.buf = common.frame_fixture()
+    fixture = staticmethod(common.frame_fixture)
 
     def time_frame(self):
-        kernels.frame(self.buf)
+        kernels.frame(self.f)
 
 
-class Crc32:
-    """``kernels.crc32`` against ``zlib.crc32`` on the same 1 MiB of random bytes."""
+class Crc32(_Prebuilt):
+    """``kernels.crc32`` against ``zlib.crc32`` on the same 1 MiB of random bytes (``self.f``)."""
 
-    repeat = (10, 200, 1.0)
-
-    def setup(self):
-        self.data = common.crc_data()
+    fixture = staticmethod(common.crc_data)
 
     def time_kernel(self):
-        kernels.crc32(self.data)
+        kernels.crc32(self.f)
 
     def time_zlib(self):
-        zlib.crc32(self.data)
+        zlib.crc32(self.f)
 
     def track_ratio_to_zlib(self):
         """Above 1: the kernel is faster than zlib."""
-        return common.speed_ratio(lambda: kernels.crc32(self.data), lambda: zlib.crc32(self.data))
+        return common.speed_ratio(lambda: kernels.crc32(self.f), lambda: zlib.crc32(self.f))
 
     track_ratio_to_zlib.unit = "zlib time / kernel time"
 

@@ -21,6 +21,7 @@ everything, closes its side, then closes.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import select
 import socket
@@ -91,7 +92,7 @@ class Publisher(Encoder):
         self._scratch = bytearray(DISCARD_CHUNK)
         self._batching = 0
         self._flush_at = flush_size if linger else 1  # buffered bytes that make publish write out
-        self._lock: threading.Lock | None = None
+        self._lock: _thread.LockType | None = None
         self._lingering: threading.Event | None = None
         try:
             self._write_out()  # the publish-only declaration

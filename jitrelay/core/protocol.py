@@ -12,11 +12,14 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypedDict
 
 import numpy as np
 
 from jitrelay.core import tlv_types
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11; annotations are not evaluated at run time
 
 MAGIC = 0xDEADBEEF
 MAGIC_BYTES = b"\xef\xbe\xad\xde"
@@ -251,16 +254,18 @@ def build_message(
     return head[:CHECKSUM_COVERED] + struct.pack("<I", checksum) + body
 
 
+class BatchOptions(TypedDict, total=False):
+    """The header fields a synthetic batch may set, as ``build_batch`` and ``build_cycled_batch`` take them."""
+
+    source: int  # 0 unless given
+    flags: int  # 0
+    first_sequence: int  # 0: message k gets first_sequence + k
+    timestamp_ns: int | None  # the current time
+    checksums: bool  # True: each message's CRC-32 filled in
+
+
 def build_batch(
-    domain: int,
-    count: int,
-    records: Sequence[tuple[int, bytes]],
-    *,
-    source: int = 0,
-    flags: int = 0,
-    first_sequence: int = 0,
-    timestamp_ns: int | None = None,
-    checksums: bool = True,
+    domain: int, count: int, records: Sequence[tuple[int, bytes]], **options: Unpack[BatchOptions]
 ) -> np.ndarray:
     """``count`` messages with the same records and consecutive sequence numbers.
 
@@ -269,16 +274,7 @@ def build_batch(
     ``zlib.crc32`` per message) can be skipped for domains that do not verify
     them, or filled later by ``kernels.stamp_batch``.
     """
-    return build_cycled_batch(
-        domain,
-        count,
-        [records],
-        source=source,
-        flags=flags,
-        first_sequence=first_sequence,
-        timestamp_ns=timestamp_ns,
-        checksums=checksums,
-    )
+    return build_cycled_batch(domain, count, [records], **options)
 
 
 def build_cycled_batch(

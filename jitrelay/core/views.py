@@ -28,9 +28,13 @@ import numpy as np
 from jitrelay.core.protocol import (
     HEADER_DTYPE,
     HEADER_SIZE,
+    OFF_DOMAIN,
+    OFF_FLAGS,
     OFF_PAYLOAD_SIZE,
     OFF_SEQUENCE,
+    OFF_SOURCE,
     OFF_TIMESTAMP,
+    OFF_VERSION,
     Header,
     Message,
     iter_records,
@@ -45,6 +49,11 @@ _HEADER_BYTES = np.arange(HEADER_SIZE)
 COLUMNS_FROM = 32  # messages in a batch from which iter_views reads its header fields as numpy columns
 
 __all__ = ["MessageView", "batch_headers", "iter_views", "message_offsets"]
+
+
+def _header_byte(offset: int) -> property:
+    """A one-byte header field of a ``MessageView``'s message, read where it lies when asked for."""
+    return property(lambda view: view._data[view._offset + offset])
 
 
 class MessageView:
@@ -79,21 +88,10 @@ class MessageView:
         """The message's length in bytes, header included."""
         return self._end - self._offset
 
-    @property
-    def relay_domain(self) -> int:
-        return self._data[self._offset + 4]
-
-    @property
-    def version(self) -> int:
-        return self._data[self._offset + 5]
-
-    @property
-    def source(self) -> int:
-        return self._data[self._offset + 6]
-
-    @property
-    def flags(self) -> int:
-        return self._data[self._offset + 7]
+    relay_domain = _header_byte(OFF_DOMAIN)
+    version = _header_byte(OFF_VERSION)
+    source = _header_byte(OFF_SOURCE)
+    flags = _header_byte(OFF_FLAGS)
 
     @property
     def payload_size(self) -> int:

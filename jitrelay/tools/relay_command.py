@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from jitrelay.core.config import ConfigError, build_logic, format_byte_count, read_config
 from jitrelay.core.domains import CHECKSUM_POLICIES, JOURNAL_FSYNC, JOURNAL_ON_ERROR, SLOW_POLICIES, RelayLogic
 from jitrelay.tools.options import (
-    add_byte_option,
     add_metrics_port,
     add_target,
+    byte_count,
     byte_list,
     non_negative,
     non_negative_float,
@@ -26,103 +27,93 @@ from jitrelay.tools.options import (
 from jitrelay.tools.output import add_log_options, configure_logging
 from jitrelay.tools.usage import UsageError
 
+_BYTES: dict[str, Any] = {"type": byte_count, "metavar": "BYTES"}  # an option taking a byte count, such as 64KiB
+
+# The relay's knobs, each group as flag -> ``add_argument``'s keywords, in the order ``--help`` lists them.
+_LIMIT_OPTIONS: dict[str, dict[str, Any]] = {
+    "--config": dict(type=Path, metavar="FILE", help="TOML file of relay settings; options given here override it"),
+    "--slow-policy": dict(choices=SLOW_POLICIES, help="what to do with a subscriber that falls behind"),
+    "--log-size": dict(_BYTES, help="the relay's log: every forwarded byte, which subscribers are sent from (64MiB)"),
+    "--pending-limit": dict(_BYTES, help="how far a subscriber may fall behind the head before the policy acts"),
+    "--slow-timeout": dict(
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="under disconnect, how long a subscriber may stay over its limit before it is dropped",
+    ),
+    "--max-payload": dict(_BYTES, help="largest payload a message may carry"),
+    "--allow-uid": dict(
+        type=non_negative,
+        action="append",
+        metavar="UID",
+        help="admit peers with this uid (repeatable; with --allow-gid replaces the domain's default list)",
+    ),
+    "--allow-gid": dict(type=non_negative, action="append", metavar="GID", help="admit peers in this gid"),
+    "--max-connections": dict(type=non_negative, metavar="N", help="refuse connections beyond N"),
+}
+# Whether and how the relay journals what it forwards (the execution domain's, by default).
+_JOURNAL_OPTIONS: dict[str, dict[str, Any]] = {
+    "--journal-dir": dict(type=Path, metavar="DIR", help="where the journal segments go (enables it)"),
+    "--journal-fsync": dict(
+        choices=JOURNAL_FSYNC, help=f"when the journal is flushed to disk ({RelayLogic.journal_fsync})"
+    ),
+    "--journal-rotate": dict(
+        _BYTES, help=f"journal segment size ({format_byte_count(RelayLogic.journal_rotate_bytes)})"
+    ),
+    "--journal-on-error": dict(
+        choices=JOURNAL_ON_ERROR,
+        help="when an append fails: hold publishers and retry, forwarding nothing unjournaled (pause; the "
+        "execution relay's default), or forward anyway and count it (forward)",
+    ),
+    "--no-journal": dict(action="store_true", help="do not journal forwarded messages"),
+}
+# After ``--metrics-port``: TCP clients, and the figures written on stopping.
+_OUTWARD_OPTIONS: dict[str, dict[str, Any]] = {
+    "--listen": dict(
+        action="append",
+        metavar="tcp://HOST:PORT",
+        help="also accept TCP clients here (repeatable; port 0 picks a free port)",
+    ),
+    "--summary-file": dict(
+        type=Path,
+        metavar="PATH",
+        help="on stopping, write the relay's final figures here as one JSON object (replaced atomically)",
+    ),
+    "--allow-network": dict(
+        action="append",
+        metavar="CIDR",
+        help="admit TCP clients from this network (repeatable; replaces the default 127.0.0.0/8 and ::1/128)",
+    ),
+}
+# Which headers the relay takes: versions, checksums, the domain byte, vendor types.
+_WIRE_OPTIONS: dict[str, dict[str, Any]] = {
+    "--versions": dict(
+        type=lambda text: tuple(sorted(byte_list(text))),
+        metavar="V,V",
+        help="header versions accepted; any other is bad_version (1,2: Torq writes 1)",
+    ),
+    "--checksum": dict(
+        choices=CHECKSUM_POLICIES,
+        help="checksum policy: off, if_set (0 means not computed) or required (the domain's default)",
+    ),
+    "--domain-id": dict(
+        type=source_id,
+        metavar="N",
+        help="the header domain byte this relay takes (for producers of Torq's 0-based numbering)",
+    ),
+    "--no-vendor-types": dict(action="store_true", help="reject vendor TLV types 200..254, accepted by default"),
+}
+
 
 def add_relay_options(parser: argparse.ArgumentParser) -> None:
     """The relay's knobs on the command line, shared by ``run`` and ``config``; ``relay_overrides`` reads them.
 
     Declared once here so that ``config`` prints what ``run`` would use with the same options. Raises nothing.
     """
-    parser.add_argument(
-        "--config", type=Path, metavar="FILE", help="TOML file of relay settings; options given here override it"
-    )
-    parser.add_argument("--slow-policy", choices=SLOW_POLICIES, help="what to do with a subscriber that falls behind")
-    add_byte_option(
-        parser, "--log-size", "the relay's log: every forwarded byte, which subscribers are sent from (64MiB)"
-    )
-    add_byte_option(parser, "--pending-limit", "how far a subscriber may fall behind the head before the policy acts")
-    parser.add_argument(
-        "--slow-timeout",
-        type=non_negative_float,
-        metavar="SECONDS",
-        help="under disconnect, how long a subscriber may stay over its limit before it is dropped",
-    )
-    add_byte_option(parser, "--max-payload", "largest payload a message may carry")
-    parser.add_argument(
-        "--allow-uid",
-        type=non_negative,
-        action="append",
-        metavar="UID",
-        help="admit peers with this uid (repeatable; with --allow-gid replaces the domain's default list)",
-    )
-    parser.add_argument(
-        "--allow-gid", type=non_negative, action="append", metavar="GID", help="admit peers in this gid"
-    )
-    parser.add_argument("--max-connections", type=non_negative, metavar="N", help="refuse connections beyond N")
-    _add_journal_options(parser)
+    for flag, keywords in (_LIMIT_OPTIONS | _JOURNAL_OPTIONS).items():
+        parser.add_argument(flag, **keywords)
     add_metrics_port(parser)
-    parser.add_argument(
-        "--listen",
-        action="append",
-        metavar="tcp://HOST:PORT",
-        help="also accept TCP clients here (repeatable; port 0 picks a free port)",
-    )
-    parser.add_argument(
-        "--summary-file",
-        type=Path,
-        metavar="PATH",
-        help="on stopping, write the relay's final figures here as one JSON object (replaced atomically)",
-    )
-    parser.add_argument(
-        "--allow-network",
-        action="append",
-        metavar="CIDR",
-        help="admit TCP clients from this network (repeatable; replaces the default 127.0.0.0/8 and ::1/128)",
-    )
-    _add_wire_options(parser)
-
-
-def _add_journal_options(parser: argparse.ArgumentParser) -> None:
-    """Whether and how the relay journals what it forwards (the execution domain's, by default)."""
-    parser.add_argument("--journal-dir", type=Path, metavar="DIR", help="where the journal segments go (enables it)")
-    parser.add_argument(
-        "--journal-fsync",
-        choices=JOURNAL_FSYNC,
-        help=f"when the journal is flushed to disk ({RelayLogic.journal_fsync})",
-    )
-    add_byte_option(
-        parser, "--journal-rotate", f"journal segment size ({format_byte_count(RelayLogic.journal_rotate_bytes)})"
-    )
-    parser.add_argument(
-        "--journal-on-error",
-        choices=JOURNAL_ON_ERROR,
-        help="when an append fails: hold publishers and retry, forwarding nothing unjournaled (pause; the "
-        "execution relay's default), or forward anyway and count it (forward)",
-    )
-    parser.add_argument("--no-journal", action="store_true", help="do not journal forwarded messages")
-
-
-def _add_wire_options(parser: argparse.ArgumentParser) -> None:
-    """Which headers the relay takes: versions, checksums, the domain byte, vendor types."""
-    parser.add_argument(
-        "--versions",
-        type=lambda text: tuple(sorted(byte_list(text))),
-        metavar="V,V",
-        help="header versions accepted; any other is bad_version (1,2: Torq writes 1)",
-    )
-    parser.add_argument(
-        "--checksum",
-        choices=CHECKSUM_POLICIES,
-        help="checksum policy: off, if_set (0 means not computed) or required (the domain's default)",
-    )
-    parser.add_argument(
-        "--domain-id",
-        type=source_id,
-        metavar="N",
-        help="the header domain byte this relay takes (for producers of Torq's 0-based numbering)",
-    )
-    parser.add_argument(
-        "--no-vendor-types", action="store_true", help="reject vendor TLV types 200..254, accepted by default"
-    )
+    for flag, keywords in (_OUTWARD_OPTIONS | _WIRE_OPTIONS).items():
+        parser.add_argument(flag, **keywords)
 
 
 # The relay options that set one ``RelayLogic`` field to their value as given: option's dest -> field.

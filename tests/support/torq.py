@@ -386,21 +386,22 @@ def identification_header() -> bytes:
 # ---------------------------------------------------------------------------------------------------------
 # System domain (4): one message per system TLV, 100-112 (libs/types/src/protocol/tlv/types.rs).
 
-# ``TLVType::size_constraint`` (types.rs) for the system types: (min, max), equal for fixed sizes.
-SYSTEM_SIZE_BOUNDS: dict[int, tuple[int, int]] = {
-    100: (16, 16),
+# ``TLVType::size_constraint`` (types.rs) for the system types, as Torq writes it: ``Fixed(n)`` or
+# ``Bounded { min, max }``; ``SYSTEM_SIZE_BOUNDS`` gives both as (min, max), equal for fixed sizes.
+SYSTEM_FIXED_SIZES: dict[int, int] = {100: 16, 105: 64, 107: 48, 110: 24}
+SYSTEM_BOUNDED_SIZES: dict[int, tuple[int, int]] = {
     101: (32, 1024),
     102: (16, 512),
     103: (20, 2048),
     104: (24, 512),
-    105: (64, 64),
     106: (16, 512),
-    107: (48, 48),
     108: (32, 256),
-    110: (24, 24),
     111: (20, 1024),
     112: (16, 256),
 }
+SYSTEM_SIZE_BOUNDS: dict[int, tuple[int, int]] = dict(
+    sorted({**{t: (n, n) for t, n in SYSTEM_FIXED_SIZES.items()}, **SYSTEM_BOUNDED_SIZES}.items())
+)
 
 
 def _snapshot_value() -> bytes:

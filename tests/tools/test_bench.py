@@ -32,16 +32,24 @@ from jitrelay.tools.bench.figures import relay_forwarding
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def bench(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def bench(options: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``jitrelay bench --no-progress`` with ``options``, written as on a command line (space-separated)."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}  # relays run compiled
     return subprocess.run(
-        [sys.executable, "-m", "jitrelay", "bench", "--no-progress", *args],
+        [sys.executable, "-m", "jitrelay", "bench", "--no-progress", *options.split()],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
         cwd=cwd,
     )
+
+
+def bench_report(path: Path, options: str) -> tuple[dict, str]:
+    """``bench(options)`` writing its figures to ``path``, which must succeed: the report it wrote, what it printed."""
+    done = bench(f"{options} --json={path}")
+    assert done.returncode == 0, done.stderr
+    return json.loads(path.read_text()), done.stdout
 
 
 def by_run(report: dict) -> dict[tuple[str, str], dict]:
@@ -69,19 +77,11 @@ def check_latency(run: dict, expected_samples: int) -> None:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     path = tmp_path_factory.mktemp("bench") / "figures.json"
-    done = bench(
-        "--relays=jitrelay,raw",
-        "--workloads=w1,w2",
-        "--subscribers=1",
-        "--duration=0.5",
-        "--rate=500",
-        "--startup-runs=1",
-        f"--json={path}",
-    )
-    assert done.returncode == 0, done.stderr
-    assert f"every figure: {path}" in done.stdout
-    assert "delivered/s per sub" in done.stdout
-    return json.loads(path.read_text())
+    options = "--relays=jitrelay,raw --workloads=w1,w2 --subscribers=1 --duration=0.5 --rate=500 --startup-runs=1"
+    report, printed = bench_report(path, options)
+    assert f"every figure: {path}" in printed
+    assert "delivered/s per sub" in printed
+    return report
 
 
 def test_report_describes_the_run(report: dict) -> None:
@@ -155,14 +155,7 @@ def test_relay_memory_forwarding_time_and_startup(report: dict) -> None:
 
 
 def test_zmq_proxy_lossless_and_default(tmp_path: Path) -> None:
-    done = bench(
-        "--relays=zmq,zmq-default",
-        "--workloads=w1,w2",
-        "--subscribers=1",
-        "--duration=0.3",
-        "--rate=500",
-        cwd=tmp_path,
-    )
+    done = bench("--relays=zmq,zmq-default --workloads=w1,w2 --subscribers=1 --duration=0.3 --rate=500", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     (written,) = (tmp_path / "bench-results").glob("*.json")  # the default place
     report = json.loads(written.read_text())
@@ -236,17 +229,9 @@ def test_bad_command_line_exits_2(option: str, message: str, capsys: pytest.Capt
 
 
 def test_filtered_w1_gives_each_subscriber_its_quarter(tmp_path: Path) -> None:
-    path = tmp_path / "filtered.json"
-    done = bench(
-        "--relays=jitrelay,raw",
-        "--workloads=w1,w1f",
-        "--subscribers=4",
-        "--duration=0.5",
-        "--startup-runs=0",
-        f"--json={path}",
-    )
-    assert done.returncode == 0, done.stderr
-    runs = by_run(json.loads(path.read_text()))
+    options = "--relays=jitrelay,raw --workloads=w1,w1f --subscribers=4 --duration=0.5 --startup-runs=0"
+    report, printed = bench_report(tmp_path / "filtered.json", options)
+    runs = by_run(report)
     assert sorted(runs) == [("jitrelay", "w1"), ("jitrelay", "w1f"), ("raw", "w1")]  # raw cannot filter
     filtered, unfiltered = runs["jitrelay", "w1f"], runs["jitrelay", "w1"]
     sent = filtered["sent"]
@@ -258,7 +243,7 @@ def test_filtered_w1_gives_each_subscriber_its_quarter(tmp_path: Path) -> None:
     ratio = filtered["delivered_msg_per_s_mean"] / unfiltered["delivered_msg_per_s_mean"]
     assert filtered["ratio_to_unfiltered"] == pytest.approx(ratio)
     assert filtered["stream_ratio_to_unfiltered"] == pytest.approx(4 * ratio)
-    assert "jitrelay w1f: four subscribers, one TLV type each" in done.stdout
+    assert "jitrelay w1f: four subscribers, one TLV type each" in printed
 
 
 def test_bench_runs_from_an_installed_wheel_with_its_baselines(tmp_path: Path) -> None:
@@ -313,10 +298,9 @@ def test_bench_runs_from_an_installed_wheel_with_its_baselines(tmp_path: Path) -
 
 
 def test_client_workload_measures_every_client_and_baseline_and_loses_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "client.json"
-    done = bench("--relays=jitrelay", "--workloads=client", "--duration=0.3", "--startup-runs=0", f"--json={path}")
-    assert done.returncode == 0, done.stderr
-    client = json.loads(path.read_text())["client"]
+    options = "--relays=jitrelay --workloads=client --duration=0.3 --startup-runs=0"
+    report, printed = bench_report(tmp_path / "client.json", options)
+    client = report["client"]
     assert client["errors"] == {}
     assert set(client["publish_msg_per_s"]) == {
         "jitrelay",
@@ -335,36 +319,26 @@ def test_client_workload_measures_every_client_and_baseline_and_loses_nothing(tm
         assert [s["received"] for s in run["subscribers"]] == [run["publisher"]["sent"]] * len(run["subscribers"])
     latency = client["w2_client_latency_us"]
     assert latency["samples"] > 0 and 0 < latency["p50"] <= latency["p99"] <= latency["max"]
-    assert "client: 71-byte messages" in done.stdout
+    assert "client: 71-byte messages" in printed
 
 
 def test_w3_times_three_subscribers_beside_one_that_never_reads(tmp_path: Path) -> None:
-    path = tmp_path / "w3.json"
-    done = bench("--relays=jitrelay,raw", "--workloads=w3", "--duration=0.5", "--startup-runs=0", f"--json={path}")
-    assert done.returncode == 0, done.stderr
-    runs = by_run(json.loads(path.read_text()))
+    options = "--relays=jitrelay,raw --workloads=w3 --duration=0.5 --startup-runs=0"
+    report, printed = bench_report(tmp_path / "w3.json", options)
+    runs = by_run(report)
     for relay in ("jitrelay", "raw"):
         run = runs[relay, "w3"]
         assert run["subscribers"] == 3 and run["rate"] == 200_000
         check_delivered_all(run)
         check_latency(run, 3 * run["sent"])
     assert runs["jitrelay", "w3"]["ratio_to_raw"]["max"] > 0
-    assert "beside one that never reads" in done.stdout
+    assert "beside one that never reads" in printed
 
 
 def test_shared_memory_subscribers_on_w1_and_w2_lose_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "shm.json"
-    done = bench(
-        "--relays=raw,jitrelay,jitrelay-shm",
-        "--workloads=w1,w2",
-        "--subscribers=2",
-        "--duration=0.3",
-        "--rate=500",
-        "--startup-runs=0",
-        f"--json={path}",
-    )
-    assert done.returncode == 0, done.stderr
-    runs = by_run(json.loads(path.read_text()))
+    options = "--workloads=w1,w2 --subscribers=2 --duration=0.3 --rate=500 --startup-runs=0"
+    report, printed = bench_report(tmp_path / "shm.json", f"--relays=raw,jitrelay,jitrelay-shm {options}")
+    runs = by_run(report)
     assert sorted(runs) == [(relay, w) for relay in ("jitrelay", "jitrelay-shm", "raw") for w in ("w1", "w2")]
     for run in runs.values():
         assert run["subscribers"] == 2
@@ -379,23 +353,13 @@ def test_shared_memory_subscribers_on_w1_and_w2_lose_nothing(tmp_path: Path) -> 
     )
     assert "ratio_to_socket" not in sockets
     assert shm["relay_forwarding"]["p50_us"] > 0  # the relay is jitrelay's: its summary file is read
-    assert "jitrelay-shm w1 2 sub: msg/s per sub" in done.stdout
+    assert "jitrelay-shm w1 2 sub: msg/s per sub" in printed
 
 
 def test_fanout_times_each_message_until_every_subscriber_has_it(tmp_path: Path) -> None:
-    path = tmp_path / "fanout.json"
-    done = bench(
-        "--relays=raw,jitrelay,jitrelay-shm",
-        "--workloads=fanout",
-        "--fanout-subscribers=1,5",
-        "--fanout-hosts=2",
-        "--fanout-interval=10",
-        "--duration=0.3",
-        "--startup-runs=0",
-        f"--json={path}",
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(path.read_text())
+    fanout = "--fanout-subscribers=1,5 --fanout-hosts=2 --fanout-interval=10"
+    options = f"--relays=raw,jitrelay,jitrelay-shm --workloads=fanout {fanout} --duration=0.3 --startup-runs=0"
+    report, printed = bench_report(tmp_path / "fanout.json", options)
     assert report["options"]["fanout_subscribers"] == [1, 5] and report["options"]["fanout_hosts"] == 2
     runs = {(r["relay"], r["subscribers"]): r for r in report["runs"]}
     assert sorted(runs) == [(relay, n) for relay in ("jitrelay", "jitrelay-shm", "raw") for n in (1, 5)]
@@ -418,5 +382,5 @@ def test_fanout_times_each_message_until_every_subscriber_has_it(tmp_path: Path)
     assert shm["ratio_to_socket"]["p50"] == pytest.approx(
         shm["latency_us"]["p50"] / runs["jitrelay", 5]["latency_us"]["p50"]
     )
-    assert "time until the LAST subscriber had it" in done.stdout
-    assert "jitrelay-shm forwarding time per batch, fanout 1 -> 5 subscribers" in done.stdout
+    assert "time until the LAST subscriber had it" in printed
+    assert "jitrelay-shm forwarding time per batch, fanout 1 -> 5 subscribers" in printed

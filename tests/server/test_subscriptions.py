@@ -330,8 +330,9 @@ def test_publish_only_connection_receives_nothing_and_is_never_slow(start_relay:
     """
     options = ("--slow-policy", "disconnect", "--pending-limit", "65536", "--slow-timeout", "2")
     relay = start_relay("market_data", *options)
-    quiet = relay.connect(WAIT)  # declares publish-only, then publishes and never reads
     witness, other = Peer(relay), Peer(relay)
+    # Connected last: the relay accepts in order, so both peers are in before it reads a byte of this one.
+    quiet = relay.connect(WAIT)  # declares publish-only, then publishes and never reads
     try:
         first = marker(1, domain=p.MARKET_DATA)
         quiet.sendall(p.publish_only_message() + first)  # the declaration is in force from the marker on

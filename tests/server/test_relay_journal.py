@@ -82,7 +82,12 @@ def test_a_failing_journal_holds_the_publishers_and_forwards_nothing_unjournaled
     sync(publisher, [subscriber], 3)
     data, valid = _stream(random.Random(11), 6000)  # about 1 MiB, four times the limit
     expected = b"".join(valid)
-    thread = threading.Thread(target=publisher.sendall, args=(data,), daemon=True)
+    # A first part well under the limit goes out before the rest is sent: the relay may read the rest in one
+    # piece larger than the limit, and then nothing at all would have gone out before the journal refused.
+    first = len(_stream(random.Random(11), 1)[0])  # the stream's first round: one valid message and two rejects
+    publisher.sendall(data[:first])
+    assert subscriber.wait_received(len(valid[0]), 10), "the first message did not go out"
+    thread = threading.Thread(target=publisher.sendall, args=(data[first:],), daemon=True)
     thread.start()
     relay.wait_line("append failed", "holding publishers, nothing unjournaled is forwarded", timeout=20)
     time.sleep(0.5)  # several retries, all refused

@@ -4,6 +4,11 @@ It builds messages with the same encoder and fast path as ``Publisher``
 (``encoder``) and declares itself publish-only as ``Publisher`` does; where
 the blocking publisher writes at once, this one schedules one write-out per
 event-loop turn, as nats-py's flusher does.
+
+A relay lost (its end of the connection closes) is reconnected to in the
+background (``client.reconnect``); messages published meanwhile are kept in
+the buffer and written out, after the publish-only declaration, on the new
+connection.
 """
 
 from __future__ import annotations
@@ -15,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from jitrelay.client.encoder import DEFAULT_FLUSH_SIZE, Encoder, Link
-from jitrelay.client.errors import CLOSE_TIMEOUT, DISCARD_CHUNK, AsyncConnection, RelayConnectionError, open_connection
+from jitrelay.client.errors import (
+    CLOSE_TIMEOUT,
+    DISCARD_CHUNK,
+    AsyncConnection,
+    PublishTimeout,
+    RelayConnectionError,
+    open_connection,
+)
+from jitrelay.client.reconnect import Reconnect, ReconnectFailed, announce_lost, log, policy_for, retry_async
 from jitrelay.core import protocol
 from jitrelay.kernels.framer import Buffer
 
@@ -41,6 +54,18 @@ class AsyncPublisher(Encoder, AsyncConnection):
     so the caller may reuse a buffer it passed (an event loop such as uvloop
     may otherwise keep sending from it later). It declares itself
     publish-only as ``Publisher`` does.
+
+    Back-pressure: ``await publish(..., timeout=T)`` first waits at most
+    ``T`` seconds for the relay to have taken what was written before, and
+    raises ``PublishTimeout`` (the message not published) if it has not;
+    ``async with asyncio.timeout(T): await pub.flush()`` bounds a flush.
+
+    A lost relay is reconnected to in the background as ``reconnect`` says
+    (see ``Publisher``): ``publish_nowait`` keeps the messages meanwhile,
+    ``publish`` and ``flush`` wait for the new connection;
+    ``ReconnectFailed`` when it gives up. What the event loop's transport or
+    the kernel held for the old connection is lost with it (logged, with the
+    transport's byte count).
     """
 
     def __init__(
@@ -53,24 +78,77 @@ class AsyncPublisher(Encoder, AsyncConnection):
         flush_size: int = DEFAULT_FLUSH_SIZE,
         publish_only: bool = True,
         version: int = protocol.VERSION,
+        reconnect: bool | Reconnect = True,
     ) -> None:
         super().__init__(domain, socket_path, source, checksum, publish_only, flush_size, version)
+        self.reconnect = policy_for(reconnect)
+        self.reconnects = 0  # how many times a lost relay was reconnected to
+        self._fill = 0  # the encoder's publish-only declaration: _open writes it on every connection
         self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
         self._discarding: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._gave_up: ReconnectFailed | None = None
+        self._closing = False
         self._link = Link.NEW
         self._call_soon: Callable[..., Any] = _not_connected  # the loop's call_soon, once connected
 
     async def connect(self) -> AsyncPublisher:
         """Connect unless connected; raises ``RelayConnectionError`` when no relay listens."""
         if self._writer is None:
-            reader, self._writer = await open_connection(self.domain, self.socket_path, DISCARD_CHUNK)
-            self._writer.transport.set_write_buffer_limits(high=0)
-            loop = asyncio.get_running_loop()
-            self._call_soon = loop.call_soon
-            self._discarding = loop.create_task(self._discard(reader))
+            await self._open()
             self._link = Link.OPEN
-            self._write_out()  # the publish-only declaration
         return self
+
+    async def _open(self) -> None:
+        """A new connection: declared publish-only (if so), read away by ``_discard``, what is buffered written out."""
+        reader, writer = await open_connection(self.domain, self.socket_path, DISCARD_CHUNK)
+        writer.transport.set_write_buffer_limits(high=0)
+        if self.publish_only:
+            writer.write(protocol.publish_only_message(source=self.source))
+        loop = asyncio.get_running_loop()
+        self._call_soon = loop.call_soon
+        self._reader, self._writer = reader, writer
+        self._discarding = loop.create_task(self._discard(reader))
+        self._flush_at = 1
+        if self._fill:
+            writer.write(self._take())
+
+    def _relay_lost(self, exc: OSError | None = None) -> None:
+        """The relay closed the connection: reconnect in the background, unless told not to (or closing)."""
+        if self._link is Link.LOST or self._closing or self._writer is None:
+            return
+        self._link = Link.LOST
+        writer = self._writer
+        held = writer.transport.get_write_buffer_size()
+        if held:
+            log.warning("publisher to the %s relay lost %d bytes its transport held", self.domain, held)
+        if self.reconnect is None:
+            return
+        writer.close()
+        announce_lost(self.reconnect, self._what(), self._lost(exc))
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(self.reconnect))
+
+    async def _reconnect(self, policy: Reconnect) -> None:
+        try:
+            await retry_async(policy, self._what(), self._open)
+        except ReconnectFailed as failed:
+            self._gave_up = failed
+            return
+        self.reconnects += 1
+        self._link = Link.OPEN
+
+    def _what(self) -> str:
+        return f"publisher to the {self.domain} relay at {self.socket_path}"
+
+    async def _back(self) -> None:
+        """Wait for the reconnection under way; raise why the link is down if there is none, or it gave up."""
+        if self._reconnecting is not None:
+            await asyncio.shield(self._reconnecting)
+        if self._gave_up is not None:
+            raise self._gave_up
+        if self._link is not Link.OPEN:
+            raise self._not_live()
 
     async def publish(
         self,
@@ -79,18 +157,23 @@ class AsyncPublisher(Encoder, AsyncConnection):
         flags: int = 0,
         sequence: int | None = None,
         timestamp_ns: int | None = None,
+        timeout: float | None = None,
     ) -> int:
         """Build one message of ``(type, value)`` records into the buffer; return its sequence number.
 
-        As ``publish_nowait``, but connects first if need be, and when
-        ``flush_size`` bytes are buffered writes them out and waits until the
-        kernel has taken them (the publisher's back-pressure).
+        As ``publish_nowait``, but connects first if need be (and waits for a
+        reconnection under way), and when ``flush_size`` bytes are buffered
+        writes them out and waits until the kernel has taken them (the
+        publisher's back-pressure). With ``timeout``, ``PublishTimeout`` when
+        the relay has not taken what was written before within it.
         """
         if self._link is not Link.OPEN:
-            lost = self._link is Link.LOST
-            await self.connect()
-            if lost:
-                raise self._lost()
+            if self._link is Link.NEW:
+                await self.connect()
+            else:
+                await self._back()
+        if timeout is not None:
+            await self._room(timeout)
         # publish_nowait's fast path, which hands a full buffer to the transport at once (leaving it
         # empty) or, when the transport is closing, keeps it: then wait until the kernel has taken it,
         # or raise.
@@ -99,12 +182,38 @@ class AsyncPublisher(Encoder, AsyncConnection):
             await self._send(b"")
         return sequence
 
+    async def _room(self, timeout: float) -> None:
+        """Wait at most ``timeout`` s for the transport to have handed everything to the kernel."""
+        writer = self._writer
+        if writer is None or not writer.transport.get_write_buffer_size():
+            return
+        try:
+            await asyncio.wait_for(writer.drain(), timeout)
+        except asyncio.TimeoutError:
+            raise PublishTimeout(
+                f"the {self.domain} relay at {self.socket_path} held the publisher for {timeout} s: the message "
+                f"is not published ({writer.transport.get_write_buffer_size()} bytes before it wait)"
+            ) from None
+        except ConnectionError:
+            pass  # lost: the discarding task reconnects, and the next write waits for it
+
     publish_nowait = Encoder._append  # the one fast path: see encoder.py
 
     def _publish_guarded(
-        self, records: Iterable[tuple[int, bytes]], flags: int, sequence: int | None, timestamp_ns: int | None
+        self,
+        records: Iterable[tuple[int, bytes]],
+        flags: int,
+        sequence: int | None,
+        timestamp_ns: int | None,
+        timeout: float | None,
     ) -> int:
-        """``publish_nowait`` on a publisher that is not connected: raises why (see ``_not_live``)."""
+        """``publish_nowait`` while reconnecting (kept in the buffer), or not connected (raises, see ``_not_live``)."""
+        if timeout is not None:
+            raise TypeError("publish_nowait never waits: give the timeout to `await publish(...)`")
+        if self._link is Link.LOST and self._reconnecting is not None and self._gave_up is None:
+            return self._encode(records, flags, sequence, timestamp_ns)
+        if self._link is Link.OPEN:  # with a timeout given as None explicitly
+            return Encoder._append(self, records, flags=flags, sequence=sequence, timestamp_ns=timestamp_ns)
         raise self._not_live()
 
     def _filled(self) -> None:
@@ -116,6 +225,8 @@ class AsyncPublisher(Encoder, AsyncConnection):
             self._call_soon(self._write_out)
 
     def _not_live(self) -> Exception:
+        if self._gave_up is not None:
+            return self._gave_up
         if self._link is Link.LOST:
             return self._lost()
         if self._link is Link.NEW:
@@ -141,6 +252,11 @@ class AsyncPublisher(Encoder, AsyncConnection):
         if self._writer is not None and self._link is not Link.LOST:
             with contextlib.suppress(RelayConnectionError):
                 await self._send(b"")
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        if self._fill:
+            log.warning("publisher to the %s relay closed with %d bytes unwritten", self.domain, self._fill)
         writer, self._writer = self._writer, None
         discarding, self._discarding = self._discarding, None
         if self._link is Link.OPEN:
@@ -171,18 +287,26 @@ class AsyncPublisher(Encoder, AsyncConnection):
             await self.connect()
         writer = self._writer
         assert writer is not None
-        if self._link is Link.LOST or writer.transport.is_closing():
-            raise self._lost()
+        if self._link is Link.OPEN and writer.transport.is_closing():
+            self._relay_lost()
+        if self._link is not Link.OPEN:
+            await self._back()
+            writer = self._writer
+            assert writer is not None
         try:
             self._write_out()
             if len(data):
                 writer.write(memoryview(data).cast("B"))  # type: ignore[arg-type]  # numpy's stubs do not type an array as a buffer
             await writer.drain()
         except ConnectionError as exc:
-            raise self._lost(exc) from exc
+            if self.reconnect is None or self._closing:
+                raise self._lost(exc) from exc
+            self._relay_lost(exc)  # what the transport held is gone; what is buffered from now on is kept
+            await self._back()
 
     async def _discard(self, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(ConnectionError):
             while await reader.read(DISCARD_CHUNK):
                 pass
-        self._link = Link.LOST
+        if reader is self._reader:  # not an old connection, closed after a reconnection
+            self._relay_lost()

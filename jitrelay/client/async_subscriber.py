@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jitrelay.client.errors import AsyncConnection, connect, open_connection
-from jitrelay.client.shared_log import IDLE_CHECK_SECONDS
+from jitrelay.client.errors import AsyncConnection, RelayConnectionError, connect, open_connection
+from jitrelay.client.reconnect import Reconnect, ReconnectFailed, announce_lost, log, policy_for, retry_async
+from jitrelay.client.shared_log import IDLE_CHECK_SECONDS, CutOff
 from jitrelay.client.stream import SubscriberMode, SubscriberStream
 from jitrelay.client.subscriber import next_mapped, open_mapped
 from jitrelay.core import protocol
@@ -22,7 +23,7 @@ from jitrelay.kernels.framer import DEFAULT_BUFFER_SIZE
 class AsyncSubscriber(SubscriberStream, AsyncConnection):
     """``Subscriber`` for asyncio: ``async for message in sub``, ``async for batch in sub.batches()``.
 
-    Subscribes, ends and raises exactly as ``Subscriber`` does.
+    Subscribes, reconnects, ends and raises exactly as ``Subscriber`` does.
     """
 
     def __init__(
@@ -36,32 +37,64 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
         positions: bool = False,
         resume_from: protocol.Position | str | None = None,
         shared_memory: bool = False,
+        reconnect: bool | Reconnect = True,
     ) -> None:
         super().__init__(domain, socket_path, buffer_size, tlv_types, sources, positions, resume_from, shared_memory)
+        self.reconnect = policy_for(reconnect)
+        self.reconnects = 0  # how many times a lost relay was reconnected to
         self._buffer_size = buffer_size
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._sock: socket.socket | None = None  # with shared memory: the socket beside the mapping
+        self._closed_by_caller = False
 
     async def connect(self) -> AsyncSubscriber:
         """Connect unless connected, and send the subscription; raises ``RelayConnectionError`` as ``Subscriber``."""
-        if self._mode is SubscriberMode.MAPPED:
-            if self._sock is None:
-                sock = connect(self.domain, self.socket_path)
-                try:
-                    # The grant comes with the log's descriptors (recvmsg), which asyncio's streams cannot read: the
-                    # blocking wait for it (at most GRANT_TIMEOUT) runs in the executor, once per connection.
-                    await asyncio.get_running_loop().run_in_executor(None, open_mapped, self, sock)
-                except BaseException:
-                    sock.close()
-                    raise
-                self._sock = sock
-            return self
-        if self._reader is None:
-            self._reader, self._writer = await open_connection(self.domain, self.socket_path, self._buffer_size)
-            if self._initial is not None:
-                await self._control(self._initial)
+        if self._gave_up is not None:
+            raise self._gave_up
+        if self._sock is None and self._reader is None:
+            await self._open()
         return self
+
+    async def _open(self) -> None:
+        """A connection that has been sent the initial control message (or granted the mapped log)."""
+        if self._mode is SubscriberMode.MAPPED:
+            sock = connect(self.domain, self.socket_path)
+            try:
+                # The grant comes with the log's descriptors (recvmsg), which asyncio's streams cannot read: the
+                # blocking wait for it (at most GRANT_TIMEOUT) runs in the executor, once per connection.
+                await asyncio.get_running_loop().run_in_executor(None, open_mapped, self, sock)
+            except BaseException:
+                sock.close()
+                raise
+            self._sock = sock
+            return
+        reader, writer = await open_connection(self.domain, self.socket_path, self._buffer_size)
+        if self._initial is not None:
+            writer.write(self._initial)
+            try:
+                await writer.drain()
+            except BaseException:
+                writer.close()
+                raise
+        self._reader, self._writer = reader, writer
+
+    async def _recover(self, lost: BaseException) -> None:
+        """Reconnect after losing the relay, as ``Subscriber`` does, or raise ``lost`` if not to."""
+        if self.reconnect is None or self._closed_by_caller or isinstance(lost, CutOff):
+            raise lost
+        what = f"subscriber to the {self.domain} relay at {self.socket_path}"
+        announce_lost(self.reconnect, what, lost if isinstance(lost, RelayConnectionError) else self._lost())
+        await self._drop()
+        partial = self._forget_connection()
+        if partial and not self.positioned:
+            log.warning("%s lost the %d bytes it had of an unfinished message", what, partial)
+        try:
+            await retry_async(self.reconnect, what, self._open)
+        except ReconnectFailed as failed:
+            self._gave_up = failed
+            raise
+        self.reconnects += 1
 
     async def subscribe(self, tlv_types: Iterable[int] | None = None, sources: Iterable[int] | None = None) -> None:
         """As ``Subscriber.subscribe``."""
@@ -77,14 +110,14 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
             try:
                 self._mapped.send(message)  # a few dozen bytes on a socket the relay never leaves full
             except OSError as exc:
-                raise self._lost(exc) from exc
+                await self._recover(self._lost(exc))  # the new connection starts with the subscription asked for
             return
         assert self._writer is not None
         self._writer.write(message)
         try:
             await self._writer.drain()
         except ConnectionError as exc:
-            raise self._lost(exc) from exc
+            await self._recover(self._lost(exc))
 
     async def recv_batch(self, timeout: float | None = None) -> np.ndarray | None:
         """The next batch of whole messages, or None if none completed within ``timeout`` seconds.
@@ -117,18 +150,21 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
             remaining = IDLE_CHECK_SECONDS if deadline is None else deadline - loop.time()
             if remaining <= 0:
                 return None
-            await loop.run_in_executor(None, self._mapped.wait, remaining)
+            try:
+                await loop.run_in_executor(None, self._mapped.wait, remaining)
+            except EOFError as ended:
+                await self._recover(ended)
 
     async def _next_raw(self, timeout: float | None) -> np.ndarray | None:
         """The next batch as the relay sent it, notices included."""
         await self.connect()
-        assert self._reader is not None
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             batch = self._framer.maybe_extract_batch()
             if batch is not None:
                 return batch
+            assert self._reader is not None
             read = self._reader.read(len(self._framer.space()))
             try:
                 if deadline is None:
@@ -138,9 +174,11 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
             except asyncio.TimeoutError:
                 return None
             except ConnectionError as exc:
-                raise self._lost(exc) from exc
+                await self._recover(self._lost(exc))
+                continue
             if not data:
-                raise self._ended()
+                await self._recover(self._ended())
+                continue
             self._framer.feed(data)
 
     async def batches(self) -> AsyncIterator[np.ndarray]:
@@ -170,8 +208,8 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
                 for view in self._views(raw):
                     yield view
         await self.connect()
-        framer = self._framer
         while True:
+            framer = self._framer  # a new one after a reconnection
             data = framer.take()
             if data is not None:
                 for view in iter_views(data):
@@ -181,12 +219,14 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
             try:
                 chunk = await self._reader.read(len(framer.space()))
             except ConnectionError as exc:
-                raise self._lost(exc) from exc
+                await self._recover(self._lost(exc))
+                continue
             if not chunk:
                 ended = self._ended()
-                if isinstance(ended, EOFError):
+                if isinstance(ended, EOFError) and self.reconnect is None:
                     return
-                raise ended
+                await self._recover(ended)
+                continue
             framer.feed(chunk)
 
     def __aiter__(self) -> AsyncIterator[MessageView]:
@@ -201,6 +241,10 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
 
     async def close(self) -> None:
         """Close the connection (and drop the mapping). Never raises."""
+        self._closed_by_caller = True
+        await self._drop()
+
+    async def _drop(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None

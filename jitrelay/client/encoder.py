@@ -132,17 +132,21 @@ class Encoder(Endpoint):
         flags: int = 0,
         sequence: int | None = None,
         timestamp_ns: int | None = None,
+        timeout: float | None = None,
     ) -> int:
         """Build one message of ``(type, value)`` records into the buffer; return its sequence number.
 
         Once ``buffered`` reaches what the publisher's policy says (see the
-        publisher's class docstring), the buffer is handed on. Raises
-        ``RelayConnectionError`` when the connection is closed or lost (and
-        the asyncio publisher's ``RuntimeError`` before it is connected),
-        ``ValueError`` for a record value too long for the wire.
+        publisher's class docstring), the buffer is handed on. With
+        ``timeout`` (seconds, 0 for "never wait") it is written out at once,
+        and ``PublishTimeout`` raised, the message not published, when the
+        relay takes none of it in time. Raises ``RelayConnectionError`` when
+        the connection is closed or lost for good (and the asyncio
+        publisher's ``RuntimeError`` before it is connected), ``ValueError``
+        for a record value too long for the wire.
         """
-        if self._link is not _OPEN:
-            return self._publish_guarded(records, flags, sequence, timestamp_ns)
+        if self._link is not _OPEN or timeout is not None:
+            return self._publish_guarded(records, flags, sequence, timestamp_ns, timeout)
         # The fast path (a call costs as much as the rest): one standard record of the length last published,
         # room in the buffer, no checksum (``_one`` is never set then). Anything else: ``_encode``.
         n, total, pack_into = self._one
@@ -173,9 +177,14 @@ class Encoder(Endpoint):
         return sequence
 
     def _publish_guarded(
-        self, records: Iterable[tuple[int, bytes]], flags: int, sequence: int | None, timestamp_ns: int | None
+        self,
+        records: Iterable[tuple[int, bytes]],
+        flags: int,
+        sequence: int | None,
+        timestamp_ns: int | None,
+        timeout: float | None,
     ) -> int:
-        """``_append`` when the link is not ``OPEN``: the publisher's own way (a lock, or an error)."""
+        """``_append`` when the link is not ``OPEN`` or a timeout is given: the publisher's own way."""
         raise NotImplementedError
 
     def _filled(self) -> None:

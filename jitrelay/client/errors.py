@@ -25,6 +25,14 @@ class RelayConnectionError(ConnectionError):
     """The relay is not there, or went away."""
 
 
+class PublishTimeout(TimeoutError):
+    """The relay took none of a message within the publish's ``timeout``: it holds the publisher (back-pressure).
+
+    The message is not published and its sequence number is not used; what
+    was published before it stays buffered, in order, and goes out first.
+    """
+
+
 class AsyncConnection:
     """What the asyncio clients share: ``async with client:`` connects on entry and closes on exit."""
 

@@ -17,6 +17,11 @@ Closing with unread input would reset the connection, and the relay could lose
 the publisher's last messages; so a publisher closes gracefully: it writes out
 its buffer, shuts down its sending side, reads until the relay, having read
 everything, closes its side, then closes.
+
+A relay lost while writing is reconnected to (``client.reconnect``): the
+publisher declares itself publish-only again and writes the messages the old
+connection had not taken whole, first. What the old connection had taken but
+the relay had not read yet died with it, and cannot be known here.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from jitrelay.client.encoder import DEFAULT_FLUSH_SIZE, Encoder, Link
-from jitrelay.client.errors import CLOSE_TIMEOUT, DISCARD_CHUNK, RelayConnectionError, connect
+from jitrelay.client.errors import CLOSE_TIMEOUT, DISCARD_CHUNK, PublishTimeout, RelayConnectionError, connect
+from jitrelay.client.reconnect import Reconnect, ReconnectFailed, announce_lost, log, policy_for, retry, whole_from
 from jitrelay.core import protocol
 from jitrelay.kernels.framer import Buffer
 
@@ -67,6 +73,20 @@ class Publisher(Encoder):
     control message, see docs/protocol.md), so the relay sends it nothing and
     it never reads. With ``publish_only=False`` it stays an ordinary
     connection and reads away what the relay forwards to it before each write.
+
+    Back-pressure: a relay that holds the publisher (``block``) makes a write
+    wait. ``publish(..., timeout=T)`` writes out at once and waits at most
+    ``T`` seconds (0: not at all): ``PublishTimeout`` then says the relay took
+    none of the message, which is not published; what was published before
+    stays buffered and goes out first. Without a timeout it waits as long as
+    the relay holds it.
+
+    A relay lost while writing is reconnected to as ``reconnect`` says (a
+    ``Reconnect``; True, the default, its defaults; False: raise
+    ``RelayConnectionError`` at once, as before): the write waits meanwhile,
+    then the messages not yet written go out on the new connection, whole.
+    ``ReconnectFailed`` when it gives up. The first connection is not retried:
+    a relay that is not running when the publisher is made raises at once.
     """
 
     def __init__(
@@ -80,25 +100,25 @@ class Publisher(Encoder):
         flush_size: int = DEFAULT_FLUSH_SIZE,
         publish_only: bool = True,
         version: int = protocol.VERSION,
+        reconnect: bool | Reconnect = True,
     ) -> None:
         if linger < 0:
             raise ValueError("linger must be at least 0")
         super().__init__(domain, socket_path, source, checksum, publish_only, flush_size, version)
         self.linger = linger
-        self._sock: socket.socket | None = connect(domain, self.socket_path)
-        self._sock.setblocking(False)
+        self.reconnect = policy_for(reconnect)
+        self.reconnects = 0  # how many times a lost relay was reconnected to
+        self._fill = 0  # the encoder's publish-only declaration: _open sends it on every connection
+        self._written = 0  # bytes at the buffer's start already written (a timed publish leaves some)
+        self._closing = False
+        self._gave_up: ReconnectFailed | None = None
         self._poll = select.poll()
-        self._poll.register(self._sock, select.POLLIN | select.POLLOUT)
+        self._sock: socket.socket | None = self._open()
         self._scratch = bytearray(DISCARD_CHUNK)
         self._batching = 0
         self._flush_at = flush_size if linger else 1  # buffered bytes that make publish write out
         self._lock: _thread.LockType | None = None
         self._lingering: threading.Event | None = None
-        try:
-            self._write_out()  # the publish-only declaration
-        except BaseException:
-            self._sock.close()
-            raise
         if linger:
             self._lock = threading.Lock()
             self._link = Link.LOCKED
@@ -107,15 +127,53 @@ class Publisher(Encoder):
 
     publish = Encoder._append  # the one fast path: see encoder.py
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of whole messages published but not yet written to the socket."""
+        return self._fill - self._written
+
     def _publish_guarded(
-        self, records: Iterable[tuple[int, bytes]], flags: int, sequence: int | None, timestamp_ns: int | None
+        self,
+        records: Iterable[tuple[int, bytes]],
+        flags: int,
+        sequence: int | None,
+        timestamp_ns: int | None,
+        timeout: float | None,
     ) -> int:
-        """``publish`` beside the linger thread (under its lock), or once closed (where writing out raises)."""
+        """``publish`` beside the linger thread (under its lock), with a timeout, or once closed (then it raises)."""
         with self._lock if self._lock is not None else contextlib.nullcontext():
+            if timeout is not None:
+                return self._publish_within(records, flags, sequence, timestamp_ns, timeout)
             number = self._encode(records, flags, sequence, timestamp_ns)
             if self._fill >= self._flush_at:
                 self._write_out()
             return number
+
+    def _publish_within(
+        self,
+        records: Iterable[tuple[int, bytes]],
+        flags: int,
+        sequence: int | None,
+        timestamp_ns: int | None,
+        timeout: float,
+    ) -> int:
+        """Write out what is buffered, then the message, within ``timeout``; ``PublishTimeout`` if none of it went."""
+        deadline = time.monotonic() + timeout
+        self._socket()
+        if not self._write_out(deadline):
+            raise PublishTimeout(
+                f"the {self.domain} relay at {self.socket_path} held the publisher for {timeout} s: the message "
+                f"is not published ({self.buffered} bytes published before it are still buffered)"
+            )
+        following = self.next_sequence
+        number = self._encode(records, flags, sequence, timestamp_ns)
+        if self._write_out(deadline) or self._written:
+            return number  # written, or part of it taken: it goes out whole with the next write
+        self._fill, self.next_sequence = 0, following
+        raise PublishTimeout(
+            f"the {self.domain} relay at {self.socket_path} held the publisher for {timeout} s: the message "
+            "is not published"
+        )
 
     def publish_raw(self, message: Buffer) -> None:
         """Send bytes exactly as given, valid or not, after everything buffered."""
@@ -143,7 +201,10 @@ class Publisher(Encoder):
         """Write out everything buffered; when it returns, the kernel holds every message published."""
         self._locked(self._write_out)
         if not self.publish_only:
-            self._discard()
+            try:
+                self._discard()
+            except RelayConnectionError as exc:
+                self._locked(self._recover, memoryview(b""), 0, exc)
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Write out what is buffered, then close once the relay has read everything, waiting at most ``timeout`` s."""
@@ -152,8 +213,11 @@ class Publisher(Encoder):
         sock = self._sock
         if sock is None:
             return
+        self._closing = True  # a relay lost now is not reconnected to: closing waits for nobody
         with contextlib.suppress(RelayConnectionError):
             self._locked(self._write_out)
+        if self.buffered:
+            log.warning("publisher to the %s relay closed with %d bytes unwritten", self.domain, self.buffered)
         self._sock = None
         self._link = Link.CLOSED
         self._flush_at = 0  # any later publish reaches _write_out, which raises
@@ -176,7 +240,7 @@ class Publisher(Encoder):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _locked(self, action: Callable[..., None], *args: Any) -> None:
+    def _locked(self, action: Callable[..., object], *args: Any) -> None:
         if self._lock is None:
             action(*args)
         else:
@@ -198,48 +262,106 @@ class Publisher(Encoder):
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
-            raise self._closed()
+            raise self._gave_up or self._closed()
         return self._sock
 
     def _send_after(self, data: Buffer) -> None:
         self._write_out()
         self._send(data)
 
-    def _write_out(self) -> None:
+    def _write_out(self, deadline: float | None = None) -> bool:
+        """Write the buffer out (by ``deadline``, if given); False when the relay held part of it back until then."""
         fill = self._fill
         if not fill:
-            return
+            return True
         sock = self._sock
-        if sock is not None and self.publish_only:  # the usual case: one send takes it all
+        at = self._written
+        if sock is not None and self.publish_only and not at:  # the usual case: one send takes it all
             try:
-                sent = sock.send(self._view[:fill])
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise self._lost(exc) from exc
-            if sent < fill:
-                self._send(self._view[sent:fill])
-        else:
-            self._send(self._view[:fill])
-        self._fill = 0
+                at = sock.send(self._view[:fill])
+            except OSError:
+                at = 0  # blocked, or lost: _send waits, or reconnects
+            if at == fill:
+                self._fill = 0
+                return True
+        at = self._send(self._view[:fill], deadline, at)
+        if at < fill:
+            self._written = at
+            return False
+        self._fill = self._written = 0
+        return True
 
-    _filled = _write_out  # publish writes out once _flush_at bytes are buffered
+    def _filled(self) -> None:
+        """Publish writes out once ``_flush_at`` bytes are buffered."""
+        self._write_out()
 
-    def _send(self, data: Buffer) -> None:
-        sock = self._socket()
-        if not self.publish_only:
-            self._discard()
+    def _send(self, data: Buffer, deadline: float | None = None, at: int = 0) -> int:
+        """Write ``data`` from byte ``at`` on; return how far it got (all of it, unless ``deadline`` passed first).
+
+        A lost relay is reconnected to (``_recover``) and the data written
+        again from the first message the old connection did not take whole.
+        """
         view = memoryview(data).cast("B")  # type: ignore[arg-type]  # numpy's stubs do not type an array as a buffer
-        while view:
+        while at < len(view):
+            sock = self._socket()
             try:
-                view = view[sock.send(view) :]
+                if not self.publish_only:
+                    self._discard()
+                at += sock.send(view[at:])
             except BlockingIOError:
-                # Wait until the relay takes more, reading what it sends us meanwhile.
-                for _, events in self._poll.poll():
-                    if events & select.POLLIN:
-                        self._discard()
+                if not self._wait_writable(deadline):
+                    return at
             except OSError as exc:
-                raise self._lost(exc) from exc
+                at = self._recover(view, at, exc)
+        return at
+
+    def _wait_writable(self, deadline: float | None) -> bool:
+        """Wait until the relay takes more, reading what it sends us meanwhile; False once ``deadline`` has passed."""
+        if deadline is None:
+            events = self._poll.poll()
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            events = self._poll.poll(remaining * 1000)
+        for _, event in events:
+            if event & select.POLLIN and not self.publish_only:
+                self._discard()
+        return True
+
+    def _open(self) -> socket.socket:
+        """A new connection to the relay, declared publish-only (if so), non-blocking, watched by ``_poll``."""
+        sock = connect(self.domain, self.socket_path)
+        try:
+            if self.publish_only:
+                sock.sendall(protocol.publish_only_message(source=self.source))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN | select.POLLOUT)
+        return sock
+
+    def _recover(self, data: memoryview, at: int, exc: OSError) -> int:
+        """Reconnect after losing the relay at byte ``at`` of ``data``; where to write ``data`` again from.
+
+        Raises the loss when reconnecting is off or the publisher is closing, ``ReconnectFailed`` on giving up.
+        """
+        lost = exc if isinstance(exc, RelayConnectionError) else self._lost(exc)
+        if self.reconnect is None or self._closing or self._sock is None:
+            raise lost from exc
+        what = f"publisher to the {self.domain} relay at {self.socket_path}"
+        announce_lost(self.reconnect, what, lost)
+        self._sock.close()
+        self._sock = None
+        try:
+            self._sock = retry(self.reconnect, what, self._open)
+        except ReconnectFailed as failed:
+            self._gave_up = failed
+            raise
+        self.reconnects += 1
+        return whole_from(data, at)
 
     def _discard(self) -> None:
         sock = self._socket()

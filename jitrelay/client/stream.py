@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from jitrelay.client.errors import Endpoint, RelayConnectionError
+from jitrelay.client.reconnect import ReconnectFailed
 from jitrelay.client.shared_log import MappedStream
 from jitrelay.core import protocol
 from jitrelay.core.views import MessageView, batch_headers, iter_views, message_offsets
@@ -94,6 +95,36 @@ class SubscriberStream(Endpoint):
         self._position: protocol.Position | None = None
         self.gaps: list[protocol.Gap] = []
         self._mapped: MappedStream | None = None
+        self._gave_up: ReconnectFailed | None = None  # why a subscriber stopped reconnecting
+
+    def _resume_message(self) -> bytes | None:
+        """What a new connection after a lost one starts with: the subscription in force, positions, shared memory.
+
+        With positions, the stream resumes right after the last message handed
+        out: the relay says what that position's loss means (``GAP`` for an
+        epoch it does not know, its journal's replay on execution).
+        """
+        message = b""
+        if self._selection != protocol.EVERYTHING:
+            message += protocol.subscribe_message(*self._selection)
+        if self.positioned:
+            message += protocol.positions_message(self.position)
+        if self._mode is SubscriberMode.MAPPED:
+            message += protocol.shared_memory_message()
+        return message or None
+
+    def _forget_connection(self) -> int:
+        """Drop what belonged to a lost connection (the mapping, an unfinished message); return that message's bytes.
+
+        The next connection starts with ``_resume_message``.
+        """
+        position = self.position
+        partial = self._framer.buffered
+        self._framer = MessageFramer(self._framer.capacity)
+        self._mapped = None
+        self._position = position
+        self._initial = self._resume_message()
+        return partial
 
     headers = staticmethod(batch_headers)  # every header of a batch as one structured array, in one call
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from jitrelay.client.errors import RelayConnectionError
 from jitrelay.client.errors import connect as _connect  # a module global, so that a test can stand in for it
-from jitrelay.client.shared_log import IDLE_CHECK_SECONDS, MappedStream
+from jitrelay.client.reconnect import Reconnect, ReconnectFailed, announce_lost, log, policy_for, retry
+from jitrelay.client.shared_log import IDLE_CHECK_SECONDS, CutOff, MappedStream
 from jitrelay.client.stream import SubscriberMode, SubscriberStream
 from jitrelay.core import protocol
 from jitrelay.core.views import COLUMNS_FROM, MessageView, iter_views
@@ -77,10 +78,21 @@ class Subscriber(SubscriberStream):
     ``view.timestamp_ns``, ...); ``messages()`` yields decoded
     ``protocol.Message`` objects instead. ``batches()`` yields uint8 arrays
     of whole messages, and ``Subscriber.headers(batch)`` every header of one
-    as a structured array of ``protocol.HEADER_DTYPE``, in one call. When the relay closes the connection
-    between messages, iteration simply ends; when it closes it in the middle
-    of a message, ``RelayConnectionError`` is raised. A stream that stops
-    making sense (bad magic) raises ``protocol.ProtocolError``.
+    as a structured array of ``protocol.HEADER_DTYPE``, in one call. A
+    stream that stops making sense (bad magic) raises ``protocol.ProtocolError``.
+
+    A lost relay (a restart, a deploy) is reconnected to as ``reconnect``
+    says (``client.reconnect``; on by default): the subscriber connects
+    again with its subscription and shared-memory request, and with
+    positions resumes right after the last message it handed out, the
+    relay's ``gaps`` notice saying what that cannot give back (an exact
+    count, or "not known" when the relay restarted; nothing on execution,
+    whose journal replays it). Without positions what was published while it
+    was away is not known. ``ReconnectFailed`` is raised when it gives up:
+    iteration never simply ends on a lost relay. With ``reconnect=False``,
+    when the relay closes the connection between messages iteration ends;
+    when it closes it in the middle of a message, ``RelayConnectionError``
+    is raised.
     """
 
     def __init__(
@@ -94,19 +106,46 @@ class Subscriber(SubscriberStream):
         positions: bool = False,
         resume_from: protocol.Position | str | None = None,
         shared_memory: bool = False,
+        reconnect: bool | Reconnect = True,
     ) -> None:
         super().__init__(domain, socket_path, buffer_size, tlv_types, sources, positions, resume_from, shared_memory)
-        self._sock: socket.socket | None = _connect(domain, self.socket_path)
+        self.reconnect = policy_for(reconnect)
+        self.reconnects = 0  # how many times a lost relay was reconnected to
         self._timeout: float | None = None
-        if self._initial is not None:
-            try:
-                if shared_memory:
-                    open_mapped(self, self._sock)
+        self._sock: socket.socket | None = self._open()
+
+    def _open(self) -> socket.socket:
+        """A connection to the relay that has been sent the initial control message (or granted the mapped log)."""
+        sock = _connect(self.domain, self.socket_path)
+        try:
+            if self._initial is not None:
+                if self._mode is SubscriberMode.MAPPED:
+                    open_mapped(self, sock)
                 else:
-                    self._control(self._initial)
-            except BaseException:
-                self.close()  # the caller never gets the object, so nobody else would close the socket
-                raise
+                    sock.sendall(self._initial)
+        except BaseException:
+            sock.close()  # the caller never gets it, so nobody else would close it
+            raise
+        return sock
+
+    def _recover(self, lost: BaseException) -> None:
+        """Reconnect after losing the relay (``_resume_message`` says how), or raise ``lost`` if not to."""
+        if self.reconnect is None or self._sock is None or isinstance(lost, CutOff):
+            raise lost
+        what = f"subscriber to the {self.domain} relay at {self.socket_path}"
+        announce_lost(self.reconnect, what, lost if isinstance(lost, RelayConnectionError) else self._lost())
+        self._sock.close()
+        self._sock = None
+        partial = self._forget_connection()
+        if partial and not self.positioned:
+            log.warning("%s lost the %d bytes it had of an unfinished message", what, partial)
+        try:
+            self._sock = retry(self.reconnect, what, self._open)
+        except ReconnectFailed as failed:
+            self._gave_up = failed
+            raise
+        self._timeout = None
+        self.reconnects += 1
 
     def subscribe(self, tlv_types: Iterable[int] | None = None, sources: Iterable[int] | None = None) -> None:
         """Receive only messages from ``sources`` carrying a record of ``tlv_types``; None leaves that set as it is."""
@@ -122,7 +161,7 @@ class Subscriber(SubscriberStream):
         try:
             sock.sendall(message)
         except OSError as exc:
-            raise self._lost(exc) from exc
+            self._recover(self._lost(exc))  # the new connection starts with the subscription asked for
 
     def recv_batch(self, timeout: float | None = None) -> np.ndarray | None:
         """The next batch of whole messages, or None if none completed within ``timeout`` seconds.
@@ -143,16 +182,19 @@ class Subscriber(SubscriberStream):
 
     def _recv_mapped(self, deadline: float | None) -> np.ndarray | None:
         self._socket()
-        mapped = self._mapped
-        assert mapped is not None
         while True:
+            mapped = self._mapped
+            assert mapped is not None
             batch = next_mapped(self)
             if batch is not None:
                 return batch
             remaining = IDLE_CHECK_SECONDS if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            mapped.wait(remaining)
+            try:
+                mapped.wait(remaining)
+            except EOFError as ended:
+                self._recover(ended)
 
     def _next_raw(self, timeout: float | None) -> np.ndarray | None:
         """The next batch as the relay sent it, notices included."""
@@ -168,9 +210,13 @@ class Subscriber(SubscriberStream):
             except (TimeoutError, BlockingIOError):
                 return None
             except OSError as exc:
-                raise self._lost(exc) from exc
+                self._recover(self._lost(exc))
+                sock = self._socket()
+                continue
             if received == 0:
-                raise self._ended()
+                self._recover(self._ended())
+                sock = self._socket()
+                continue
             self._framer.commit(received)
 
     def batches(self) -> Iterator[np.ndarray]:
@@ -206,6 +252,9 @@ class Subscriber(SubscriberStream):
         framer = self._framer
         take, read_from = framer.take, framer.read_from
         while True:
+            if framer is not self._framer:  # a new one, after a reconnection
+                framer = self._framer
+                take, read_from = framer.take, framer.read_from
             data = take()
             if data is not None:
                 if len(data) >= _COLUMNS_BYTES:
@@ -225,12 +274,13 @@ class Subscriber(SubscriberStream):
             try:
                 received = read_from(sock.recv_into)
             except OSError as exc:
-                raise self._lost(exc) from exc
+                self._recover(self._lost(exc))
+                continue
             if received == 0:
                 ended = self._ended()
-                if isinstance(ended, EOFError):
+                if isinstance(ended, EOFError) and self.reconnect is None:
                     return
-                raise ended
+                self._recover(ended)
 
     def messages(self) -> Iterator[protocol.Message]:
         """Each message decoded into a ``protocol.Message``, for code that wants objects rather than views."""
@@ -252,7 +302,7 @@ class Subscriber(SubscriberStream):
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
-            raise self._closed()
+            raise self._gave_up or self._closed()
         return self._sock
 
     def _set_timeout(self, timeout: float | None) -> None:

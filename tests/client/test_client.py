@@ -186,21 +186,21 @@ def fake_relay(chunks: list[bytes], pause: float = 0.0) -> Iterator[Path]:
 def test_subscriber_grows_its_buffer_over_a_socket() -> None:
     stream, messages = sample_stream()
     chunks = [stream[i : i + 100] for i in range(0, len(stream), 100)]
-    with fake_relay(chunks, pause=0.001) as path, Subscriber("market_data", path, buffer_size=16) as sub:
+    with fake_relay(chunks, pause=0.001) as path, Subscriber("market_data", path, buffer_size=16, reconnect=False) as sub:
         assert [m.raw for m in sub] == messages
 
 
-def test_subscriber_eof_between_messages_ends_iteration_and_recv_batch_raises_eof() -> None:
+def test_without_reconnecting_eof_between_messages_ends_iteration_and_recv_batch_raises_eof() -> None:
     stream, messages = sample_stream()
-    with fake_relay([stream]) as path, Subscriber("market_data", path) as sub:
+    with fake_relay([stream]) as path, Subscriber("market_data", path, reconnect=False) as sub:
         assert [m.raw for m in sub] == messages
         with pytest.raises(EOFError):
             sub.recv_batch()
 
 
-def test_subscriber_eof_mid_message_raises() -> None:
+def test_without_reconnecting_eof_mid_message_raises() -> None:
     stream, messages = sample_stream()
-    with fake_relay([stream[:-5]]) as path, Subscriber("market_data", path) as sub:
+    with fake_relay([stream[:-5]]) as path, Subscriber("market_data", path, reconnect=False) as sub:
         got = []
         with pytest.raises(RelayConnectionError, match="in the middle of a message"):
             got.extend(m.raw for m in sub)
@@ -209,18 +209,18 @@ def test_subscriber_eof_mid_message_raises() -> None:
 
 def test_subscriber_bad_magic_raises_protocol_error() -> None:
     good = message(MARKET_DATA, standard_record(1, b"ok"))
-    with fake_relay([good, b"GET / HTTP/1.1\r\n"]) as path, Subscriber("market_data", path) as sub:
+    with fake_relay([good, b"GET / HTTP/1.1\r\n"]) as path, Subscriber("market_data", path, reconnect=False) as sub:
         assert next(iter(sub)).raw == good
         with pytest.raises(protocol.ProtocolError):
             sub.recv_batch()
 
 
-def test_async_subscriber_eof_mid_message_raises() -> None:
+def test_without_reconnecting_async_eof_mid_message_raises() -> None:
     stream, messages = sample_stream()
 
     async def run(path: Path) -> list[bytes]:
         got = []
-        async with AsyncSubscriber("market_data", path, buffer_size=16) as sub:
+        async with AsyncSubscriber("market_data", path, buffer_size=16, reconnect=False) as sub:
             with pytest.raises(RelayConnectionError, match="in the middle of a message"):
                 async for m in sub:
                     got.append(m.raw)
@@ -416,10 +416,10 @@ def test_closed_clients_refuse_to_work(market_relay: RelayProcess) -> None:
     sub.close()
 
 
-def test_relay_shutdown_ends_subscription_and_fails_publishing(start_relay: StartRelay) -> None:
+def test_without_reconnecting_relay_shutdown_ends_subscription_and_fails_publishing(start_relay: StartRelay) -> None:
     relay = start_relay("execution")
-    sub = Subscriber("execution", relay.socket_path)
-    pub = Publisher("execution", relay.socket_path)
+    sub = Subscriber("execution", relay.socket_path, reconnect=False)
+    pub = Publisher("execution", relay.socket_path, reconnect=False)
     pub.publish([(40, b"order")])
     first = sub.recv_batch(timeout=10)  # the relay has forwarded it before it is told to stop
     assert stop(relay) == 0
@@ -512,10 +512,10 @@ def test_async_round_trip(market_relay: RelayProcess, loop_kind: str) -> None:
     assert got[-1].records == ((1, b"end"),)
 
 
-def test_async_shutdown_ends_subscription_and_fails_publishing(start_relay: StartRelay) -> None:
+def test_without_reconnecting_async_shutdown_ends_subscription_and_fails_publishing(start_relay: StartRelay) -> None:
     async def scenario(relay: RelayProcess) -> None:
         path = relay.socket_path
-        async with AsyncSubscriber("signal", path) as sub, AsyncPublisher("signal", path) as pub:
+        async with AsyncSubscriber("signal", path, reconnect=False) as sub, AsyncPublisher("signal", path, reconnect=False) as pub:
             await pub.publish([(20, b"x")])
             first = await sub.recv_batch(timeout=10)
             assert first is not None

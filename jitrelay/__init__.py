@@ -9,7 +9,16 @@ decoder, and the domains. The relay itself (``jitrelay.server``), the kernels
 
 __version__ = "0.1.0"
 
-from jitrelay.client import AsyncPublisher, AsyncSubscriber, Publisher, RelayConnectionError, Subscriber
+from jitrelay.client import (
+    AsyncPublisher,
+    AsyncSubscriber,
+    Publisher,
+    PublishTimeout,
+    Reconnect,
+    ReconnectFailed,
+    RelayConnectionError,
+    Subscriber,
+)
 from jitrelay.core.domains import LOGICS, RelayLogic, logic_for
 from jitrelay.core.protocol import Message, ProtocolError, build_message, decode_messages
 
@@ -19,7 +28,10 @@ __all__ = [
     "AsyncSubscriber",
     "Message",
     "ProtocolError",
+    "PublishTimeout",
     "Publisher",
+    "Reconnect",
+    "ReconnectFailed",
     "RelayConnectionError",
     "RelayLogic",
     "Subscriber",

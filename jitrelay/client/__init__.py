@@ -2,7 +2,8 @@
 
 One job per module:
 
-- ``errors``: how a client reaches its relay, and ``RelayConnectionError``;
+- ``errors``: how a client reaches its relay, ``RelayConnectionError`` and ``PublishTimeout``;
+- ``reconnect``: when a client tries a lost relay again (``Reconnect``, ``ReconnectFailed``);
 - ``encoder``: the wire encoder every publisher builds messages with (its one fast path);
 - ``publisher``, ``async_publisher``: writing the encoder's buffer out, blocking and asyncio;
 - ``stream``: a subscriber's stream state (framer, subscription, positions, notices, gaps), no I/O;
@@ -15,8 +16,9 @@ from __future__ import annotations
 from jitrelay.client.async_publisher import AsyncPublisher
 from jitrelay.client.async_subscriber import AsyncSubscriber
 from jitrelay.client.encoder import DEFAULT_FLUSH_SIZE
-from jitrelay.client.errors import CLOSE_TIMEOUT, RelayConnectionError
+from jitrelay.client.errors import CLOSE_TIMEOUT, PublishTimeout, RelayConnectionError
 from jitrelay.client.publisher import Publisher
+from jitrelay.client.reconnect import Reconnect, ReconnectFailed
 from jitrelay.client.shared_log import CutOff
 from jitrelay.client.stream import SubscriberMode
 from jitrelay.client.subscriber import Subscriber
@@ -31,7 +33,10 @@ __all__ = [
     "CutOff",
     "MessageFramer",
     "MessageView",
+    "PublishTimeout",
     "Publisher",
+    "Reconnect",
+    "ReconnectFailed",
     "RelayConnectionError",
     "Subscriber",
     "SubscriberMode",

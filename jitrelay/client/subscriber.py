@@ -122,7 +122,10 @@ class Subscriber(SubscriberStream):
                 if self._mode is SubscriberMode.MAPPED:
                     open_mapped(self, sock)
                 else:
-                    sock.sendall(self._initial)
+                    try:
+                        sock.sendall(self._initial)
+                    except OSError as exc:
+                        raise self._lost(exc) from exc
         except BaseException:
             sock.close()  # the caller never gets it, so nobody else would close it
             raise

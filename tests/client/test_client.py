@@ -186,7 +186,10 @@ def fake_relay(chunks: list[bytes], pause: float = 0.0) -> Iterator[Path]:
 def test_subscriber_grows_its_buffer_over_a_socket() -> None:
     stream, messages = sample_stream()
     chunks = [stream[i : i + 100] for i in range(0, len(stream), 100)]
-    with fake_relay(chunks, pause=0.001) as path, Subscriber("market_data", path, buffer_size=16, reconnect=False) as sub:
+    with (
+        fake_relay(chunks, pause=0.001) as path,
+        Subscriber("market_data", path, buffer_size=16, reconnect=False) as sub,
+    ):
         assert [m.raw for m in sub] == messages
 
 
@@ -515,7 +518,10 @@ def test_async_round_trip(market_relay: RelayProcess, loop_kind: str) -> None:
 def test_without_reconnecting_async_shutdown_ends_subscription_and_fails_publishing(start_relay: StartRelay) -> None:
     async def scenario(relay: RelayProcess) -> None:
         path = relay.socket_path
-        async with AsyncSubscriber("signal", path, reconnect=False) as sub, AsyncPublisher("signal", path, reconnect=False) as pub:
+        async with (
+            AsyncSubscriber("signal", path, reconnect=False) as sub,
+            AsyncPublisher("signal", path, reconnect=False) as pub,
+        ):
             await pub.publish([(20, b"x")])
             first = await sub.recv_batch(timeout=10)
             assert first is not None

@@ -173,13 +173,18 @@ class AsyncPublisher(Encoder, AsyncConnection):
             else:
                 await self._back()
         if timeout is not None:
+            deadline = asyncio.get_running_loop().time() + timeout
             await self._room(timeout)
         # publish_nowait's fast path, which hands a full buffer to the transport at once (leaving it
         # empty) or, when the transport is closing, keeps it: then wait until the kernel has taken it,
         # or raise.
         sequence = self.publish_nowait(records, flags=flags, sequence=sequence, timestamp_ns=timestamp_ns)
         if not self._fill or self._fill >= self.flush_size:
-            await self._send(b"")
+            if timeout is None:
+                await self._send(b"")
+            else:  # the message is the transport's now, so published: what is left of the timeout bounds the wait
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._send(b""), max(0.0, deadline - asyncio.get_running_loop().time()))
         return sequence
 
     async def _room(self, timeout: float) -> None:

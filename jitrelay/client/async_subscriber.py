@@ -85,8 +85,8 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
             raise lost
         what = f"subscriber to the {self.domain} relay at {self.socket_path}"
         announce_lost(self.reconnect, what, lost if isinstance(lost, RelayConnectionError) else self._lost())
+        partial = self._forget_connection()  # first: a mapped stream's position is the mapping's
         await self._drop()
-        partial = self._forget_connection()
         if partial and not self.positioned:
             log.warning("%s lost the %d bytes it had of an unfinished message", what, partial)
         try:

@@ -15,6 +15,7 @@ published, and without a timeout still waits.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import subprocess
@@ -27,7 +28,7 @@ import pytest
 from support.clients import Clients
 from support.relays import RelayProcess, StartRelay
 
-from jitrelay import Publisher, Subscriber
+from jitrelay import AsyncPublisher, AsyncSubscriber, Publisher, Subscriber
 from jitrelay.client import PublishTimeout, Reconnect, ReconnectFailed
 from jitrelay.client.reconnect import whole_from
 from jitrelay.core import protocol
@@ -214,3 +215,84 @@ def test_a_publisher_writes_again_from_the_first_message_not_taken_whole() -> No
         starts[3],
     ]
     assert whole_from(memoryview(b"not a message at all, raw bytes"), 9) == 9
+
+
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["socket", "shared-memory"])
+def test_asyncio_clients_survive_a_relay_killed_and_restarted(
+    start_relay: StartRelay, short_dir: Path, shared_memory: bool
+) -> None:
+    domain, before, total = "market_data", 300, 900
+    socket_path = short_dir / f"{domain}.sock"
+    relay = start_relay(domain, socket_path=socket_path)
+
+    async def scenario() -> tuple[bytes, list[protocol.Gap], int, int]:
+        loop = asyncio.get_running_loop()
+        received = bytearray()
+        async with (
+            AsyncSubscriber(domain, socket_path, positions=True, shared_memory=shared_memory) as sub,
+            AsyncPublisher(domain, socket_path, source=SOURCE) as pub,
+        ):
+            await sub.recv_batch(timeout=0.5)  # the relay's first notice: from here on, everything is ours
+
+            async def consume() -> None:
+                async for message in sub:
+                    received.extend(message.raw)
+                    if message.sequence == total - 1:
+                        return
+
+            consuming = loop.create_task(consume())
+            for n in range(before):
+                await pub.publish([(TYPES[domain], b"%08d" % n * 4)], timestamp_ns=STAMP + n)
+            await pub.flush()
+            while len(received) < len(expected(domain, 0, before)):
+                await asyncio.sleep(0.01)
+            relay.proc.kill()
+            await loop.run_in_executor(None, relay.proc.wait, 10)
+            await asyncio.sleep(0.1)  # the publisher hears of it (its connection's end) before it writes again
+            restarting = loop.run_in_executor(None, lambda: start_relay(domain, socket_path=socket_path))
+            for n in range(before, total):
+                await pub.publish([(TYPES[domain], b"%08d" % n * 4)], timestamp_ns=STAMP + n)
+            await restarting
+            await pub.flush()
+            await asyncio.wait_for(consuming, 60)
+            return bytes(received), list(sub.gaps), sub.reconnects, pub.reconnects
+
+    got, gaps, sub_reconnects, pub_reconnects = asyncio.run(scenario())
+    assert got == expected(domain, 0, total), "lost, doubled or changed messages"
+    assert gaps == [(protocol.GAP_UNKNOWN_EPOCH, protocol.UNKNOWN, protocol.UNKNOWN)]
+    assert sub_reconnects >= 1 and pub_reconnects >= 1
+
+
+def test_an_asyncio_publisher_held_by_a_stopped_subscriber_times_out(start_relay: StartRelay, clients: Clients) -> None:
+    relay = start_relay("execution", "--log-size", str(2 * MiB))
+    stopped = clients.reader(relay)
+    stopped.pause()
+    time.sleep(0.1)
+
+    async def scenario() -> tuple[int, float]:
+        async with AsyncPublisher("execution", relay.socket_path, source=SOURCE) as pub:
+            for n in range(10**6):
+                before = time.monotonic()
+                try:
+                    await pub.publish([(40, bytes(200))], timestamp_ns=STAMP + n, timeout=0.25)
+                except PublishTimeout:
+                    waited = time.monotonic() - before
+                    with pytest.raises(TimeoutError):  # the same bound with asyncio's own timeout
+                        async with asyncio.timeout(0.25):
+                            await pub.flush()
+                    stopped.resume()
+                    await pub.flush()
+                    return n, waited
+        raise AssertionError("the relay never held the publisher")
+
+    published, waited = asyncio.run(scenario())
+    assert 0.2 <= waited < 10, f"the timed-out publish took {waited:.3f} s"
+    messages = b"".join(
+        protocol.build_message(
+            protocol.EXECUTION, [(40, bytes(200))], source=SOURCE, sequence=n, timestamp_ns=STAMP + n
+        )
+        for n in range(published)
+    )
+    assert stopped.wait_received(len(messages), 60)
+    time.sleep(0.2)
+    assert bytes(stopped.data) == messages  # the timed-out message was never published

@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help=f"messages per write (default: 1 when paced, else as many as fit in {PUB_BATCH_BYTES // MiB} MiB)",
     )
+    parser.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="reconnect to a relay that goes away and go on, with the client's default backoff (without it, the "
+        "end of the relay ends the command with an error)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     batch = protocol.build_batch(domain_id, batch_len, [record], source=args.source)
     kernels.stamp_batch(batch[:size], size, 0, 0)  # compile (or load) the kernel before the clock starts
     sent = 0
-    with Publisher(args.domain, args.socket, source=args.source) as publisher:
+    with Publisher(args.domain, args.socket, source=args.source, reconnect=args.reconnect) as publisher:
         started = time.monotonic()
         try:
             while not args.count or sent < args.count:

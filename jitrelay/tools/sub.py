@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="read the relay's log from shared memory (a local subscriber: no send per message by the relay)",
     )
+    parser.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="reconnect to a relay that goes away, with the client's default backoff (without it, the end of the "
+        "relay ends the command); with --positions, resume where it stood",
+    )
 
 
 def position_arg(text: str) -> protocol.Position:
@@ -91,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
                 positions=positioned,
                 resume_from=args.resume_from,
                 shared_memory=args.shm,
+                reconnect=args.reconnect,
             )
             with subscriber:
                 how = ", reading its log from shared memory" if args.shm else ""

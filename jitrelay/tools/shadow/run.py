@@ -237,10 +237,10 @@ def run_shadow(args: argparse.Namespace) -> int:
         signum: signal.signal(signum, lambda *_: shadow.stop_signal.set()) for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        with Subscriber(args.domain, shadow.local_path) as subscriber:
+        with Subscriber(args.domain, shadow.local_path, reconnect=False) as subscriber:  # its own relay: a loss ends it
             local = LocalReader(subscriber, shadow.comparison, shadow.lock)
             try:
-                with Publisher(args.domain, shadow.local_path) as publisher:
+                with Publisher(args.domain, shadow.local_path, reconnect=False) as publisher:
                     try:
                         source = connect_source(shadow.source_path)
                     except OSError as exc:

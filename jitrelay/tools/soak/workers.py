@@ -127,7 +127,7 @@ def run_publisher(config: ClientConfig, stats: Stats, ctrl: Any, rng: random.Ran
     made = 0  # messages built; the stream so far is sequences 0..made-1
     pending = b""
     try:
-        publisher = Publisher(config.domain, config.socket_path, source=source)
+        publisher = Publisher(config.domain, config.socket_path, source=source, reconnect=False)  # a loss ends it
     except RelayConnectionError:
         counters.state = CLOSED_BY_RELAY
         return

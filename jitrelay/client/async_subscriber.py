@@ -12,7 +12,7 @@ import numpy as np
 
 from jitrelay.client.errors import AsyncConnection, RelayConnectionError, connect, open_connection
 from jitrelay.client.reconnect import Reconnect, ReconnectFailed, announce_lost, log, policy_for, retry_async
-from jitrelay.client.shared_log import IDLE_CHECK_SECONDS, CutOff
+from jitrelay.client.shared_log import IDLE_CHECK_SECONDS
 from jitrelay.client.stream import SubscriberMode, SubscriberStream
 from jitrelay.client.subscriber import next_mapped, open_mapped
 from jitrelay.core import protocol
@@ -79,10 +79,13 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
                 raise
         self._reader, self._writer = reader, writer
 
+    def _may_reconnect(self) -> bool:
+        """Whether a lost relay is to be reconnected to; if not, the caller raises the loss (as ``Subscriber``)."""
+        return self.reconnect is not None and not self._closed_by_caller
+
     async def _recover(self, lost: BaseException) -> None:
-        """Reconnect after losing the relay, as ``Subscriber`` does, or raise ``lost`` if not to."""
-        if self.reconnect is None or self._closed_by_caller or isinstance(lost, CutOff):
-            raise lost
+        """Reconnect after losing the relay, as ``Subscriber`` does; ``ReconnectFailed`` on giving up."""
+        assert self.reconnect is not None
         what = f"subscriber to the {self.domain} relay at {self.socket_path}"
         announce_lost(self.reconnect, what, lost if isinstance(lost, RelayConnectionError) else self._lost())
         partial = self._forget_connection()  # first: a mapped stream's position is the mapping's
@@ -110,6 +113,8 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
             try:
                 self._mapped.send(message)  # a few dozen bytes on a socket the relay never leaves full
             except OSError as exc:
+                if not self._may_reconnect():
+                    raise self._lost(exc) from exc
                 await self._recover(self._lost(exc))  # the new connection starts with the subscription asked for
             return
         assert self._writer is not None
@@ -117,6 +122,8 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
         try:
             await self._writer.drain()
         except ConnectionError as exc:
+            if not self._may_reconnect():
+                raise self._lost(exc) from exc
             await self._recover(self._lost(exc))
 
     async def recv_batch(self, timeout: float | None = None) -> np.ndarray | None:
@@ -153,6 +160,8 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
             try:
                 await loop.run_in_executor(None, self._mapped.wait, remaining)
             except EOFError as ended:
+                if not self._may_reconnect():
+                    raise
                 await self._recover(ended)
 
     async def _next_raw(self, timeout: float | None) -> np.ndarray | None:
@@ -174,9 +183,13 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
             except asyncio.TimeoutError:
                 return None
             except ConnectionError as exc:
+                if not self._may_reconnect():
+                    raise self._lost(exc) from exc
                 await self._recover(self._lost(exc))
                 continue
             if not data:
+                if not self._may_reconnect():
+                    raise self._ended()
                 await self._recover(self._ended())
                 continue
             self._framer.feed(data)
@@ -219,13 +232,16 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
             try:
                 chunk = await self._reader.read(len(framer.space()))
             except ConnectionError as exc:
+                if not self._may_reconnect():
+                    raise self._lost(exc) from exc
                 await self._recover(self._lost(exc))
                 continue
             if not chunk:
-                ended = self._ended()
-                if isinstance(ended, EOFError) and self.reconnect is None:
+                if not self._may_reconnect():
+                    if self._framer.buffered:
+                        raise self._ended()
                     return
-                await self._recover(ended)
+                await self._recover(self._ended())
                 continue
             framer.feed(chunk)
 

@@ -203,8 +203,10 @@ class Publisher(Encoder):
         if not self.publish_only:
             try:
                 self._discard()
-            except RelayConnectionError as exc:
-                self._locked(self._recover, memoryview(b""), 0, exc)
+            except RelayConnectionError:
+                if self.reconnect is None or self._closing:
+                    raise
+                self._locked(self._recover, memoryview(b""), 0, self._lost())
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Write out what is buffered, then close once the relay has read everything, waiting at most ``timeout`` s."""
@@ -312,6 +314,8 @@ class Publisher(Encoder):
                 if not self._wait_writable(deadline):
                     return at
             except OSError as exc:
+                if self.reconnect is None or self._closing:
+                    raise (exc if isinstance(exc, RelayConnectionError) else self._lost(exc)) from exc
                 at = self._recover(view, at, exc)
         return at
 
@@ -346,11 +350,10 @@ class Publisher(Encoder):
     def _recover(self, data: memoryview, at: int, exc: OSError) -> int:
         """Reconnect after losing the relay at byte ``at`` of ``data``; where to write ``data`` again from.
 
-        Raises the loss when reconnecting is off or the publisher is closing, ``ReconnectFailed`` on giving up.
+        ``ReconnectFailed`` on giving up; the caller raises the loss itself when reconnecting is off or closing.
         """
         lost = exc if isinstance(exc, RelayConnectionError) else self._lost(exc)
-        if self.reconnect is None or self._closing or self._sock is None:
-            raise lost from exc
+        assert self.reconnect is not None and self._sock is not None  # the caller raised the loss otherwise
         what = f"publisher to the {self.domain} relay at {self.socket_path}"
         announce_lost(self.reconnect, what, lost)
         self._sock.close()

@@ -19,7 +19,7 @@ import numpy as np
 from jitrelay.client.errors import RelayConnectionError
 from jitrelay.client.errors import connect as _connect  # a module global, so that a test can stand in for it
 from jitrelay.client.reconnect import Reconnect, ReconnectFailed, announce_lost, log, policy_for, retry
-from jitrelay.client.shared_log import IDLE_CHECK_SECONDS, CutOff, MappedStream
+from jitrelay.client.shared_log import IDLE_CHECK_SECONDS, MappedStream
 from jitrelay.client.stream import SubscriberMode, SubscriberStream
 from jitrelay.core import protocol
 from jitrelay.core.views import COLUMNS_FROM, MessageView, iter_views
@@ -131,10 +131,17 @@ class Subscriber(SubscriberStream):
             raise
         return sock
 
+    def _may_reconnect(self) -> bool:
+        """Whether a lost relay is to be reconnected to; if not, the caller raises the loss itself.
+
+        (Raising it here would tie the exception to this frame in a cycle, which keeps a mapping alive until the
+        garbage collector runs.)
+        """
+        return self.reconnect is not None and self._sock is not None
+
     def _recover(self, lost: BaseException) -> None:
-        """Reconnect after losing the relay (``_resume_message`` says how), or raise ``lost`` if not to."""
-        if self.reconnect is None or self._sock is None or isinstance(lost, CutOff):
-            raise lost
+        """Reconnect after losing the relay (``_resume_message`` says how); ``ReconnectFailed`` on giving up."""
+        assert self.reconnect is not None and self._sock is not None
         what = f"subscriber to the {self.domain} relay at {self.socket_path}"
         announce_lost(self.reconnect, what, lost if isinstance(lost, RelayConnectionError) else self._lost())
         self._sock.close()
@@ -164,6 +171,8 @@ class Subscriber(SubscriberStream):
         try:
             sock.sendall(message)
         except OSError as exc:
+            if not self._may_reconnect():
+                raise self._lost(exc) from exc
             self._recover(self._lost(exc))  # the new connection starts with the subscription asked for
 
     def recv_batch(self, timeout: float | None = None) -> np.ndarray | None:
@@ -197,6 +206,8 @@ class Subscriber(SubscriberStream):
             try:
                 mapped.wait(remaining)
             except EOFError as ended:
+                if not self._may_reconnect():
+                    raise
                 self._recover(ended)
 
     def _next_raw(self, timeout: float | None) -> np.ndarray | None:
@@ -213,10 +224,14 @@ class Subscriber(SubscriberStream):
             except (TimeoutError, BlockingIOError):
                 return None
             except OSError as exc:
+                if not self._may_reconnect():
+                    raise self._lost(exc) from exc
                 self._recover(self._lost(exc))
                 sock = self._socket()
                 continue
             if received == 0:
+                if not self._may_reconnect():
+                    raise self._ended()
                 self._recover(self._ended())
                 sock = self._socket()
                 continue
@@ -277,13 +292,16 @@ class Subscriber(SubscriberStream):
             try:
                 received = read_from(sock.recv_into)
             except OSError as exc:
+                if not self._may_reconnect():
+                    raise self._lost(exc) from exc
                 self._recover(self._lost(exc))
                 continue
             if received == 0:
-                ended = self._ended()
-                if isinstance(ended, EOFError) and self.reconnect is None:
+                if not self._may_reconnect():
+                    if self._framer.buffered:
+                        raise self._ended()
                     return
-                self._recover(ended)
+                self._recover(self._ended())
 
     def messages(self) -> Iterator[protocol.Message]:
         """Each message decoded into a ``protocol.Message``, for code that wants objects rather than views."""

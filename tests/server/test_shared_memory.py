@@ -315,14 +315,14 @@ def test_a_killed_mapped_subscriber_leaves_nothing_behind_and_the_others_go_on(
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
-def test_a_mapped_subscriber_drains_the_log_then_ends_when_the_relay_goes(
+def test_without_reconnecting_a_mapped_subscriber_drains_the_log_then_ends_when_the_relay_goes(
     start_relay: StartRelay, how: signal.Signals
 ) -> None:
     shm_before = shm_entries()
     relay = start_relay("market_data")
     stream = numbered(p.MARKET_DATA, 20)
     mapped = memfd_mappings()
-    with Subscriber("market_data", relay.socket_path, shared_memory=True) as sub:
+    with Subscriber("market_data", relay.socket_path, shared_memory=True, reconnect=False) as sub:
         assert len(memfd_mappings()) == len(mapped) + 2  # the log and the reader slots
         publish_all(relay, stream.prefix(stream.total), random.Random(5))
         relay.proc.send_signal(how)

@@ -296,3 +296,47 @@ def test_an_asyncio_publisher_held_by_a_stopped_subscriber_times_out(start_relay
     assert stopped.wait_received(len(messages), 60)
     time.sleep(0.2)
     assert bytes(stopped.data) == messages  # the timed-out message was never published
+
+
+def test_a_subscriber_comes_back_with_the_subscription_it_had_changed_to(start_relay: StartRelay) -> None:
+    relay = start_relay("market_data")
+    path = relay.socket_path
+    with Subscriber("market_data", path, tlv_types=[1], positions=True) as sub:
+        sub.subscribe(tlv_types=[2], sources=[SOURCE])
+        sub.recv_batch(timeout=0.5)
+        relay.proc.kill()
+        relay.proc.wait(10)
+        start_relay("market_data")  # a new epoch: the subscriber resumes to a gap, then the new relay's whole log
+        sent = [
+            protocol.build_message(protocol.MARKET_DATA, [(tlv, b"%d" % n)], source=source, sequence=n)
+            for n, (tlv, source) in enumerate([(1, SOURCE), (2, SOURCE), (2, 3), (2, SOURCE), (1, 3)] * 20)
+        ]
+        with Publisher("market_data", path, source=SOURCE) as pub:
+            pub.publish_batch(b"".join(sent))
+        wanted = [m for m in sent if m[protocol.HEADER_SIZE] == 2 and m[protocol.OFF_SOURCE] == SOURCE]
+        got = [message.raw for _, message in zip(range(len(wanted)), sub, strict=False)]
+        assert got == wanted
+        assert sub.reconnects >= 1
+        assert sub.gaps == [(protocol.GAP_UNKNOWN_EPOCH, protocol.UNKNOWN, protocol.UNKNOWN)]
+
+
+def test_asyncio_clients_that_cannot_get_their_relay_back_give_up_with_an_error(start_relay: StartRelay) -> None:
+    relay = start_relay("signal")
+    policy = Reconnect(attempts=3, first_delay=0.01, max_delay=0.02)
+
+    async def scenario() -> None:
+        async with (
+            AsyncSubscriber("signal", relay.socket_path, reconnect=policy) as sub,
+            AsyncPublisher("signal", relay.socket_path, reconnect=policy) as pub,
+        ):
+            relay.proc.kill()
+            await asyncio.get_running_loop().run_in_executor(None, relay.proc.wait, 10)
+            with pytest.raises(ReconnectFailed, match="subscriber to the signal relay .* gave up .* after 3 tries"):
+                async for _ in sub:
+                    pass
+            with pytest.raises(ReconnectFailed, match="publisher to the signal relay .* gave up"):
+                for _ in range(100):  # the first publishes may land in the buffer while it tries
+                    await pub.publish([(20, b"x")])
+                    await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())

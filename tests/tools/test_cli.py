@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import zlib
 from pathlib import Path
@@ -215,3 +216,18 @@ def test_sub_from_a_position_prints_what_follows_it_and_where_it_stopped(market_
 def test_sub_rejects_a_position_that_is_not_one(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sub", "market_data", "--from", "not-a-position"]) == 2
     assert "not a position" in capsys.readouterr().err
+
+
+def test_sub_with_reconnect_goes_on_across_a_relay_restart_and_says_what_it_means(start_relay: StartRelay) -> None:
+    relay = start_relay("market_data")
+    sub = SubProcess(relay, "--reconnect", "--positions", "--count", "2", "--json")
+    with Publisher("market_data", relay.socket_path, source=3) as pub:
+        pub.publish([(1, b"before")], sequence=1)
+        assert json.loads(sub.lines(1)[0])["sequence"] == 1
+        relay.proc.kill()
+        relay.proc.wait(10)
+        start_relay("market_data")
+        pub.publish([(1, b"after")], sequence=2)  # waits for the new relay, then goes out
+    assert sub.wait() == 0
+    assert [json.loads(line)["sequence"] for line in sub.rest()] == [2]
+    assert any("the relay has restarted since that position" in line for line in sub.stderr), "".join(sub.stderr)

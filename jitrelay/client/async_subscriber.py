@@ -66,6 +66,7 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
                 await asyncio.get_running_loop().run_in_executor(None, open_mapped, self, sock)
             except BaseException:
                 sock.close()
+                self._fresh_framer()
                 raise
             self._sock = sock
             return

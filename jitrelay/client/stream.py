@@ -85,6 +85,7 @@ class SubscriberStream(Endpoint):
         if isinstance(resume_from, str):
             resume_from = protocol.Position.parse(resume_from)
         self.positioned = positions or resume_from is not None
+        self._resume_from = resume_from  # where a reconnection resumes until the relay has said where it stands
         if self.positioned:
             initial = (initial or b"") + protocol.positions_message(resume_from)
         self._mode = SubscriberMode.POSITIONED if self.positioned else SubscriberMode.SOCKET
@@ -108,10 +109,14 @@ class SubscriberStream(Endpoint):
         if self._selection != protocol.EVERYTHING:
             message += protocol.subscribe_message(*self._selection)
         if self.positioned:
-            message += protocol.positions_message(self.position)
+            message += protocol.positions_message(self.position or self._resume_from)
         if self._mode is SubscriberMode.MAPPED:
             message += protocol.shared_memory_message()
         return message or None
+
+    def _fresh_framer(self) -> None:
+        """Forget what a connection that failed before the grant had read: the next one reads it again."""
+        self._framer = MessageFramer(self._framer.capacity)
 
     def _forget_connection(self) -> int:
         """Drop what belonged to a lost connection (the mapping, an unfinished message); return that message's bytes.
@@ -120,7 +125,7 @@ class SubscriberStream(Endpoint):
         """
         position = self.position
         partial = self._framer.buffered
-        self._framer = MessageFramer(self._framer.capacity)
+        self._fresh_framer()
         self._mapped = None
         self._position = position
         self._initial = self._resume_message()

@@ -128,6 +128,7 @@ class Subscriber(SubscriberStream):
                         raise self._lost(exc) from exc
         except BaseException:
             sock.close()  # the caller never gets it, so nobody else would close it
+            self._fresh_framer()
             raise
         return sock
 

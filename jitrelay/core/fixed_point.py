@@ -47,4 +47,4 @@ def to_float(values: np.ndarray) -> np.ndarray:
 
 def format_fixed(value: int) -> str:
     """A fixed-point integer written with all 8 decimals: ``12345678`` -> ``'0.12345678'``."""
-    return str(to_decimal(value))
+    return f"{to_decimal(value):f}"  # never exponent notation: -1 is "-0.00000001", not "-1E-8"

@@ -72,7 +72,7 @@ def decode(batch: np.ndarray, record: int | str | RecordLayout, *, copy: bool = 
 def _in_place(buf: np.ndarray, kind: RecordLayout, stride: int) -> Columns:
     """A uniform batch's records and header fields as strided views of its memory."""
     n = len(buf) // stride
-    value = protocol.HEADER_SIZE + (5 if kind.extended else 2)
+    value = stride - kind.size  # past the header and the record's head, in whichever form the batch uses
 
     def column(dtype: object, offset: int) -> np.ndarray:
         return np.ndarray((n,), dtype=dtype, buffer=buf, offset=offset, strides=(stride,))  # type: ignore[arg-type]

@@ -117,24 +117,21 @@ _LAYOUTS = [
         "order_book",
         "OrderBookTLV",
         # #[repr(C)]: the FixedVecs are 8-aligned, so 4 bytes of implicit padding sit between ``reserved`` (35)
-        # and ``bids`` (40). Torq's own offset table says 36 and 2,452 bytes, which repr(C) does not give.
-        np.dtype(
-            {
-                "names": [
-                    "snapshot_timestamp_ns",
-                    "sequence",
-                    "precision_factor",
-                    "asset_id",
-                    "venue_id",
-                    "asset_type",
-                    "reserved",
-                    "bids",
-                    "asks",
-                ],
-                "formats": ["<u8", "<u8", "<i8", "<u8", "<u2", "u1", "u1", ORDER_LEVELS, ORDER_LEVELS],
-                "offsets": [0, 8, 16, 24, 32, 34, 35, 40, 40 + ORDER_LEVELS.itemsize],
-                "itemsize": 40 + 2 * ORDER_LEVELS.itemsize,
-            }
+        # and ``bids`` (40); named ``_padding`` here so that a copy keeps every byte. Torq's own offset table
+        # says 36 and 2,452 bytes, which repr(C) does not give.
+        _packed(
+            [
+                ("snapshot_timestamp_ns", "<u8"),
+                ("sequence", "<u8"),
+                ("precision_factor", "<i8"),
+                ("asset_id", "<u8"),
+                ("venue_id", "<u2"),
+                ("asset_type", "u1"),
+                ("reserved", "u1"),
+                ("_padding", "u1", (4,)),
+                ("bids", ORDER_LEVELS),
+                ("asks", ORDER_LEVELS),
+            ]
         ),
         _MARKET_DATA,
     ),

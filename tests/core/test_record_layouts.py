@@ -67,6 +67,7 @@ TORQ: dict[int, tuple[int, list[tuple[str, int, object]]]] = {
             ("venue_id", 32, "<u2"),
             ("asset_type", 34, "u1"),
             ("reserved", 35, "u1"),
+            ("_padding", 36, ("u1", (4,))),  # implicit in Torq's struct: repr(C) aligns the FixedVec to 8
             ("bids", 40, None),
             ("asks", 1248, None),
         ],

@@ -491,7 +491,7 @@ def read_segment(path: Path) -> Iterator[protocol.Message]:
             count, consumed, fault = kernels.frame(np.frombuffer(pending, dtype=np.uint8))
             pos = 0
             for _ in range(count):
-                message, pos = _decode(pending, pos, path, base)
+                message, pos = decode_at(pending, pos, path, base)
                 yield message
             if fault != protocol.NO_FAULT:
                 magic = pending[consumed : consumed + 4].hex()
@@ -513,7 +513,8 @@ def read_segment(path: Path) -> Iterator[protocol.Message]:
             )
 
 
-def _decode(data: bytes, pos: int, path: Path, base: int) -> tuple[protocol.Message, int]:
+def decode_at(data: bytes, pos: int, path: Path, base: int) -> tuple[protocol.Message, int]:
+    """The message at ``pos`` of ``data`` (``path`` from offset ``base``), checked; ProtocolError if not."""
     try:
         message, end = protocol.decode_message(data, pos)
     except protocol.ProtocolError as exc:

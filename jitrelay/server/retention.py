@@ -35,17 +35,18 @@ def expired(
 ) -> list[tuple[SegmentFile, str]]:
     """The segments to delete, oldest first, each with why; ``segments`` in writing order, ``current`` never.
 
-    A segment goes when the journal without it still holds more than
-    ``keep_bytes`` counting the segment being written, or when it was last
-    written more than ``keep_seconds`` ago.
+    A segment goes while the closed segments (all but the one being written)
+    hold more than ``keep_bytes``, or when it was last written more than
+    ``keep_seconds`` ago. Applied at each rotation, this keeps the journal
+    within ``keep_bytes`` plus the segment being written.
     """
-    total = sum(segment.size for segment in segments)
+    total = sum(segment.size for segment in segments if segment.path != current)
     chosen = []
     for segment in segments:
         if segment.path == current:
             break
         if keep_bytes is not None and total > keep_bytes:
-            why = f"the journal holds {total} bytes, more than the {keep_bytes} it keeps"
+            why = f"the closed segments hold {total} bytes, more than the {keep_bytes} it keeps"
         elif keep_seconds is not None and now - segment.mtime > keep_seconds:
             why = f"last written {now - segment.mtime:.0f} s ago, longer than the {keep_seconds:g} s it keeps"
         else:

@@ -155,11 +155,9 @@ class PipedRelay:
         if fill:  # the relay's first log line will block
             os.write(write_end, b"#" * 4096)
         args = [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", str(socket_path)]
+        env = relay_environ({"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "1000000"} if notify else None)
         self.proc = subprocess.Popen(
-            [*args, "--log-level", "INFO", *options],
-            stderr=write_end,
-            stdout=subprocess.DEVNULL,
-            env=relay_environ({"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "1000000"} if notify else None),
+            [*args, "--log-level", "INFO", *options], stderr=write_end, stdout=subprocess.DEVNULL, env=env
         )
         os.close(write_end)
         self.read_end = read_end

@@ -335,7 +335,12 @@ class Replay:
         self.message += kernels.frame(np.frombuffer(data, dtype=np.uint8))[0]
 
     def _next_segment(self) -> bool:
-        """Open the next segment; one retention deleted meanwhile is skipped, and the history lost is a gap."""
+        """Open the next segment; segments retention deleted are skipped, and the history lost is a gap.
+
+        Within an epoch a segment starts where the one before ended, so a
+        jump in offsets is exactly what was deleted; deleted segments between
+        epochs leave the count unknown.
+        """
         self._file.close()
         skipped = False
         while True:
@@ -348,7 +353,7 @@ class Replay:
                 break
             except FileNotFoundError:
                 skipped = True
-        if skipped:
+        if (skipped and epoch != self.epoch) or (epoch == self.epoch and offset != self.offset):
             self._gap = missing_history(self.epoch, self.offset, self.message, epoch, offset, message)
         self.epoch, self.offset, self.message = epoch, offset, message
         return True

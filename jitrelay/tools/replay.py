@@ -104,10 +104,13 @@ def run(args: argparse.Namespace) -> int:
         pacer = Pacer(args.speed)
         for segment in segments:
             _check(segment, args)
-            for chunk in _chunks(segment, args, pacer):
+            batches = _selected(segment, args)
+            whole = len(batches) == len(segment.ends)  # then the count is the segment's, known without a walk
+            for chunk in _chunks(segment, batches, args.speed, pacer):
                 publisher.publish_batch(chunk)
-                sent.messages += kernels.frame(chunk)[0]
+                sent.messages += 0 if whole else kernels.frame(chunk)[0]
                 sent.bytes += len(chunk)
+            sent.messages += segment.messages if whole else 0
             sent.segments += 1
     took = time.monotonic() - begun
     log.info(
@@ -147,18 +150,22 @@ class Pacer:
         return self._started + (times - self._first_ns) / (self.speed * 1e9)
 
 
-def _chunks(segment: Segment, args: argparse.Namespace, pacer: Pacer) -> Iterator[np.ndarray]:
-    """The slices of the segment to send, in order, each when it is due."""
+def _selected(segment: Segment, args: argparse.Namespace) -> np.ndarray:
+    """The numbers of the segment's batches received in ``[--from, --until)``."""
     selected = np.ones(len(segment.ends), dtype=bool)
     if args.since is not None:
         selected &= segment.times >= args.since
     if args.until is not None:
         selected &= segment.times < args.until
-    batches = np.flatnonzero(selected)
+    return np.flatnonzero(selected)
+
+
+def _chunks(segment: Segment, batches: np.ndarray, speed: float, pacer: Pacer) -> Iterator[np.ndarray]:
+    """The slices of the segment that hold ``batches``, in order, each when it is due."""
     if not len(batches):
         return
     starts, ends = segment.starts, segment.ends
-    if args.speed == MAX:
+    if speed == MAX:
         for first, last in _runs(batches, starts, ends, 0, len(batches)):
             yield segment.data[starts[first] : ends[last]]
         return

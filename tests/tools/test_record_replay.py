@@ -217,3 +217,21 @@ def test_a_journal_without_times_replays_only_at_max(start_relay: StartRelay, sh
     missing = jitrelay("replay", str(short_dir / "nothing"), "--to", "market_data", "--socket", str(relay.socket_path))
     assert missing.returncode == 1
     assert "no journal file, directory or segments named" in missing.stderr
+
+
+def test_record_stops_after_count_and_gives_up_on_a_relay_that_stays_away(
+    start_relay: StartRelay, short_dir: Path
+) -> None:
+    relay = start_relay("market_data")
+    counted = start_recorder(relay.socket_path, short_dir / "counted", "--count", "5000")
+    waiting = start_recorder(relay.socket_path, short_dir / "waiting", "--give-up", "0.5")
+    bursts = w1_bursts(0)[:2]
+    publish_paced(relay.socket_path, bursts)
+    assert counted.wait_exit(30) == 0
+    assert captured(short_dir / "counted") == b"".join(b.tobytes() for b in bursts)[: 5000 * W1_SIZE]
+    wait_for_bytes(short_dir / "waiting", 2 * BURST * W1_SIZE, waiting)
+    assert relay.stop() == 0
+    assert waiting.wait_exit(30) == 1
+    assert waiting.find_line("the relay stayed unreachable for 0.5 s: giving up")
+    assert waiting.find_line(f"recorded {2 * BURST} messages")
+    assert captured(short_dir / "waiting") == b"".join(b.tobytes() for b in bursts)

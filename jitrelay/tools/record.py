@@ -71,12 +71,59 @@ class Stop(Exception):
     """SIGTERM (or SIGINT) asked the recorder to stop: it closes the capture and reports."""
 
 
+GAP_LOG_INTERVAL = 1.0  # seconds: gaps closer together than this are logged as one line
+
+
 @dataclass
 class Tally:
-    """What a recording did, for its last line."""
+    """What a recording did, for its last line; gaps are logged as they come, at most one line a second.
+
+    A recorder that cannot keep up with its relay is told of a gap each time
+    it falls out of the relay's log, which at full rate can be many times a
+    second: the first gap after a quiet second is logged at once, the ones
+    that follow within the second are summed into one line.
+    """
 
     reconnects: int = 0
-    gaps: list[protocol.Gap] = field(default_factory=list)
+    gaps: int = 0
+    missed: int = 0  # messages the relay said this capture misses
+    missed_bytes: int = 0
+    restarts: int = 0  # gaps of a restarted relay: what it never sent is not known
+    _pending: list[protocol.Gap] = field(default_factory=list)
+    _logged_at: float = float("-inf")
+
+    def gap(self, gap: protocol.Gap) -> None:
+        """Count one gap the relay announced, and log it (or it with others, once a second has passed)."""
+        self.gaps += 1
+        if gap.reason == protocol.GAP_UNKNOWN_EPOCH:
+            self.restarts += 1
+        else:
+            self.missed += gap.messages
+            self.missed_bytes += gap.bytes
+        self._pending.append(gap)
+        if time.monotonic() - self._logged_at >= GAP_LOG_INTERVAL:
+            self.flush()
+
+    def flush(self) -> None:
+        """Log the gaps not logged yet."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        self._logged_at = time.monotonic()
+        known = [g for g in pending if g.reason != protocol.GAP_UNKNOWN_EPOCH]
+        if len(known) < len(pending):
+            log.warning("gap: the relay restarted; what it took before restarting and never sent is not known")
+        if known:
+            messages, size = sum(g.messages for g in known), sum(g.bytes for g in known)
+            several = f" in {len(known)} gaps" if len(known) > 1 else ""
+            log.warning("gap: %d messages (%d bytes) of the relay's stream missed%s", messages, size, several)
+
+    def summary(self) -> str:
+        """The counts for the recorder's last line."""
+        return (
+            f"{self.reconnects} reconnects, {self.gaps} gaps ({self.missed} messages, {self.missed_bytes} bytes "
+            f"missed; {self.restarts} across restarts, not known)"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,15 +155,15 @@ def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             writer.sync()
         writer.close()
+    tally.flush()
     log.info(
-        "recorded %d messages (%d bytes) in %d batches into %d segments ending %s; %d reconnects, %d gaps",
+        "recorded %d messages (%d bytes) in %d batches into %d segments ending %s; %s",
         writer.messages,
         writer.bytes_written,
         writer.batches,
         writer.segments,
         writer.path,
-        tally.reconnects,
-        len(tally.gaps),
+        tally.summary(),
     )
     return code
 
@@ -155,9 +202,9 @@ def _drain(subscriber: Subscriber, writer: CaptureWriter, tally: Tally, limits: 
             log.warning("lost the relay: %s", exc)
             return False
         received_ns = time.time_ns()
-        if len(subscriber.gaps) > seen:
-            _report_gaps(subscriber.gaps[seen:], tally)
-            seen = len(subscriber.gaps)
+        for gap in subscriber.gaps[seen:]:
+            tally.gap(gap)
+        seen = len(subscriber.gaps)
         if batch is None:
             continue
         count = kernels.frame(batch)[0]
@@ -205,16 +252,6 @@ def _subscriber(args: argparse.Namespace, position: protocol.Position | None) ->
         positions=True,
         resume_from=position,
     )
-
-
-def _report_gaps(gaps: list[protocol.Gap], tally: Tally) -> None:
-    """Log and count gaps the relay announced: what the capture misses."""
-    for gap in gaps:
-        tally.gaps.append(gap)
-        if gap.reason == protocol.GAP_UNKNOWN_EPOCH:
-            log.warning("gap: the relay restarted; what it took before restarting and never sent is not known")
-        else:
-            log.warning("gap: %d messages (%d bytes) of the relay's stream missed", gap.messages, gap.bytes)
 
 
 def _end_of(batch: np.ndarray, messages: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import sys
 import threading
 import time
@@ -121,7 +123,10 @@ def test_a_w1_recording_survives_a_restart_and_replays_byte_for_byte_at_max_and_
     recorder.wait_line("gap: the relay restarted")  # logged with the first batch after it
     assert recorder.stop() == 0
     messages = 2 * BURSTS * BURST
-    assert recorder.find_line(f"recorded {messages} messages ({len(expected)} bytes)", "1 reconnects, 1 gaps")
+    assert recorder.find_line(
+        f"recorded {messages} messages ({len(expected)} bytes)",
+        "1 reconnects, 1 gaps (0 messages, 0 bytes missed; 1 across restarts",
+    )
     assert captured(file) == expected
     assert len(list(file.parent.glob("w1-*.journal"))) >= 5  # 3.4 MB rotated at 512 KiB, a new segment at the restart
     audit = jitrelay("audit", str(file))
@@ -235,3 +240,38 @@ def test_record_stops_after_count_and_gives_up_on_a_relay_that_stays_away(
     assert waiting.find_line("the relay stayed unreachable for 0.5 s: giving up")
     assert waiting.find_line(f"recorded {2 * BURST} messages")
     assert captured(short_dir / "waiting") == b"".join(b.tobytes() for b in bursts)
+
+
+def test_a_recorder_that_falls_behind_logs_and_counts_what_it_missed(start_relay: StartRelay, short_dir: Path) -> None:
+    relay = start_relay("market_data", "--log-size", "8MiB")
+    file = short_dir / "behind"
+    recorder = start_recorder(relay.socket_path, file)
+    per_batch = (1 << 20) // W1_SIZE  # W1's 1 MiB batches, 40 MiB in all: far more than the log and sockets hold
+    batches = [
+        protocol.build_batch(protocol.MARKET_DATA, per_batch, W1_RECORDS, first_sequence=i * per_batch, checksums=False)
+        for i in range(41)
+    ]
+    recorder.send_signal(signal.SIGSTOP)
+    try:
+        with Publisher("market_data", relay.socket_path) as pub:
+            for b in batches[:-1]:
+                pub.publish_batch(b)
+    finally:
+        recorder.send_signal(signal.SIGCONT)
+    publish_paced(relay.socket_path, batches[-1:])  # a last batch, to know when all has come in
+    last = batches[-1].tobytes()
+    deadline = time.monotonic() + 30
+    while not captured(file).endswith(last):
+        assert time.monotonic() < deadline, recorder.stderr
+        time.sleep(0.05)
+    assert recorder.stop() == 0
+    assert recorder.find_line("gap: ", "messages", "of the relay's stream missed"), recorder.stderr
+    line = recorder.wait_line("recorded ")
+    counts = re.findall(r"recorded (\d+) messages.*\((\d+) messages, \d+ bytes missed", line)
+    recorded, missed = (int(n) for n in counts[0])
+    assert recorded + missed == len(batches) * per_batch and missed > 0
+    got = np.frombuffer(captured(file), dtype=np.uint8).reshape(-1, W1_SIZE)
+    sent = np.frombuffer(b"".join(b.tobytes() for b in batches), dtype=np.uint8).reshape(-1, W1_SIZE)
+    sequences = got[:, 8:16].copy().view("<u8").ravel().astype(np.int64)
+    assert len(sequences) == recorded and np.all(np.diff(sequences) > 0)  # in order, none twice
+    assert np.array_equal(got, sent[sequences])  # each message kept is byte for byte the one published

@@ -143,7 +143,12 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, stop)
     tally = Tally()
     subscriber = _subscriber(args, None)  # a relay that is not there at the start is an error, not a wait
-    writer = CaptureWriter(args.file, rotate_bytes=args.rotate, fsync=args.fsync)
+    try:
+        writer = CaptureWriter(args.file, rotate_bytes=args.rotate, fsync=args.fsync)
+    except OSError as exc:
+        subscriber.close()
+        print(f"jitrelay record: cannot write a capture at {args.file}: {exc}", file=sys.stderr)
+        return 1
     code = 0
     try:
         log.info("recording the %s relay at %s into %s", args.domain, subscriber.socket_path, writer.path)
@@ -220,6 +225,9 @@ def _drain(subscriber: Subscriber, writer: CaptureWriter, tally: Tally, limits: 
 
 def _reconnecting(args: argparse.Namespace, first: Subscriber, tally: Tally) -> Iterator[Subscriber]:
     """``first``, then a new subscriber each time the last one's connection ended, resuming where it stood.
+
+    The client's ``Subscriber`` does not reconnect by itself yet; once it
+    does, this loop goes and its options (``--give-up``) go to the client.
 
     Ends (gives up) once the relay has been unreachable for ``--give-up``
     seconds, if given.

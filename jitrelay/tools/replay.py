@@ -169,7 +169,7 @@ def _chunks(segment: Segment, batches: np.ndarray, speed: float, pacer: Pacer) -
         for first, last in _runs(batches, starts, ends, 0, len(batches)):
             yield segment.data[starts[first] : ends[last]]
         return
-    due = pacer.due(segment.times[batches])
+    due = np.maximum.accumulate(pacer.due(segment.times[batches]))  # a clock stepped back: never out of order
     i = 0
     while i < len(batches):
         wait = due[i] - time.monotonic()

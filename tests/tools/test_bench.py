@@ -32,9 +32,12 @@ from jitrelay.tools.bench.figures import relay_forwarding
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def bench(options: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """``jitrelay bench --no-progress`` with ``options``, written as on a command line (space-separated)."""
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}  # relays run compiled
+def bench(options: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``jitrelay bench --no-progress`` with ``options``, written as on a command line (space-separated).
+
+    ``env`` adds to (or overrides) this process's environment.
+    """
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "NUMBA_DISABLE_JIT"}  # relays run compiled
     return subprocess.run(
         [sys.executable, "-m", "jitrelay", "bench", "--no-progress", *options.split()],
         capture_output=True,
@@ -274,6 +277,7 @@ def test_bench_runs_from_an_installed_wheel_with_its_baselines(tmp_path: Path) -
     assert installed.returncode == 0, installed.stderr
     assert (site / "jitrelay" / "tools" / "bench" / "raw_forwarder.py").is_file()
     assert (site / "jitrelay" / "tools" / "bench" / "zmq_proxy.py").is_file()
+    assert (site / "jitrelay" / "tools" / "bench" / "c_forwarder.c").is_file()  # the limit relay's source
 
     python = str(venv / "bin" / "python")
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_DISABLE_JIT", "PYTHONPATH")}

@@ -3,11 +3,12 @@
 Every byte a connection sends is written to every other connection, with no
 framing and no validation. Each connection reads into a large buffer of its
 own (``asyncio.BufferedProtocol``) and hands uvloop a view of what it read.
-uvloop keeps that view when it cannot write it all at once, so a region with
-a write pending is never read into again: the next read goes past it, and
-once the buffer is full a fresh one replaces it (the old one lives as long as
-a transport holds a view of it). When no connection has anything pending,
-the buffer is reused from its start. ``--per-read-bytes`` forwards the
+uvloop keeps that view when it cannot write it all at once, so a region is
+never read into again until every peer's socket has taken it (each peer
+counts the bytes written to it; those not yet taken are its transport's
+``get_write_buffer_size()``, the last ones written): the next read goes past
+it, a full buffer is set aside, and a set-aside one is reused (else a new one
+made) once all of it has gone out. ``--per-read-bytes`` forwards the
 ``bytes`` object uvloop hands to ``data_received`` instead (a new one per
 read): the forwarder as it was, kept to measure the difference. The relay
 does strictly more work than this per byte; how close it comes to this
@@ -94,6 +95,7 @@ class Peer:
     def __init__(self, hub: Hub):
         self.hub = hub
         self.transport: asyncio.Transport
+        self.queued = 0  # bytes ever written to this connection's transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Join the hub, pausing writes past the hub's high mark."""
@@ -102,14 +104,22 @@ class Peer:
         self.transport.set_write_buffer_limits(high=self.hub.high, low=self.hub.low)
         self.hub.add(self)
 
-    def send_on(self, data: bytes | memoryview) -> bool:
-        """Write ``data`` to every other connection; True when any of them keeps some of it pending."""
-        pending = False
+    def sent_past(self, mark: int) -> bool:
+        """Whether the socket has taken every byte written to it up to ``mark`` (or it is closing: it takes no more).
+
+        Transports write in order, so the bytes not yet taken are the last
+        ``get_write_buffer_size()`` written: uvloop's own queue and libuv's.
+        """
+        return self.transport.is_closing() or self.queued - self.transport.get_write_buffer_size() >= mark
+
+    def send_on(self, data: bytes | memoryview, marks: dict[Peer, int] | None = None) -> None:
+        """Write ``data`` to every other connection, noting in ``marks`` where it ends in each one's stream."""
         for peer in self.hub.peers:
             if peer is not self:
                 peer.transport.write(data)
-                pending = pending or peer.transport.get_write_buffer_size() > 0
-        return pending
+                peer.queued += len(data)
+                if marks is not None:
+                    marks[peer] = peer.queued
 
     def eof_received(self) -> bool:
         """Close on EOF."""
@@ -135,21 +145,31 @@ class Forwarder(Peer, asyncio.BufferedProtocol):
         super().__init__(hub)
         self.buffer_bytes = buffer_bytes
         self.view = memoryview(b"")
-        self.start = 0  # where the next read lands: everything before it may still be pending somewhere
+        self.start = 0  # where the next read lands: the bytes before it may still be pending somewhere
+        self.marks: dict[Peer, int] = {}  # where the current buffer's bytes end in each peer's stream
+        self.spares: list[tuple[memoryview, dict[Peer, int]]] = []  # full buffers, reused once every peer took them
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        """Room past every region a transport may still hold; the start again once nothing is pending anywhere."""
-        if self.start and not any(peer.transport.get_write_buffer_size() for peer in self.hub.peers):
-            self.start = 0
+        """Room past every region a transport may still hold: the start again once every peer took all of it."""
+        if self.start and all(peer.sent_past(mark) for peer, mark in self.marks.items()):
+            self.start, self.marks = 0, {}
         if len(self.view) - self.start < MIN_ROOM:
-            self.view = memoryview(bytearray(self.buffer_bytes))  # the old one stays alive while a view is held
-            self.start = 0
+            self.spares.append((self.view, self.marks))
+            self.view, self.marks, self.start = self._free_buffer(), {}, 0
         return self.view[self.start :]
 
+    def _free_buffer(self) -> memoryview:
+        """A spare buffer no transport holds any more, else a new one."""
+        for k, (view, marks) in enumerate(self.spares):
+            if len(view) and all(peer.sent_past(mark) for peer, mark in marks.items()):
+                del self.spares[k]
+                return view
+        return memoryview(bytearray(self.buffer_bytes))
+
     def buffer_updated(self, nbytes: int) -> None:
-        """Forward what was read; keep the region untouched while any transport still holds a view of it."""
-        if self.send_on(self.view[self.start : self.start + nbytes]):
-            self.start += nbytes
+        """Forward what was read, as a view: its region stays untouched until every peer's socket has taken it."""
+        self.send_on(self.view[self.start : self.start + nbytes], self.marks)
+        self.start += nbytes
 
 
 class BytesForwarder(Peer, asyncio.Protocol):

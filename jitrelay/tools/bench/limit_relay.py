@@ -20,12 +20,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jitrelay.kernels.build import cache_dir
-
 SOURCE = Path(__file__).with_name("c_forwarder.c")
 FLAGS = ("-O2", "-std=gnu11", "-Wall")
 READY_MARKER = "limit forwarder listening on"
 BUILD_SECONDS = 120.0
+
+
+def cache_folder() -> Path:
+    """Where the built forwarder goes: ``bench`` in the kernels' cache folder (``kernels.build.cache_dir``).
+
+    Worked out here rather than imported: importing ``jitrelay.kernels`` loads
+    the kernels, which the bench's own process must not do before its relays
+    have built them.
+    """
+    if os.environ.get("JITRELAY_CACHE_DIR"):
+        return Path(os.environ["JITRELAY_CACHE_DIR"]) / "bench"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jitrelay" / "bench"
 
 
 class NoCompiler(RuntimeError):
@@ -59,7 +70,7 @@ def build(folder: Path | None = None) -> Path:
         raise NoCompiler(_no_compiler())
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + "\0".join([*cc, *FLAGS]).encode()).hexdigest()[:16]
-    folder = folder or cache_dir() / "bench"
+    folder = folder or cache_folder()
     binary = folder / f"c_forwarder-{key}"
     if binary.is_file():
         return binary

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from jitrelay.core import protocol
+from jitrelay.core import protocol, records
 from jitrelay.core.units import KiB, MiB
 
 # Checksum policies (PROTOCOL.md's domain table): not verified, verified when non-zero (zero means "not
@@ -180,6 +180,11 @@ class RelayLogic:
         for lo, hi in self.tlv_ranges + ((protocol.VENDOR_TLV_RANGE,) if self.vendor_types else ()):
             allowed[lo : hi + 1] = 1
         return allowed
+
+    def record_types(self) -> tuple[int, ...]:
+        """The TLV types this domain carries that have a record layout (``core.records``): what it can decode."""
+        allowed = self.type_allowed()
+        return tuple(t for t in records.LAYOUTS if allowed[t])
 
     def version_allowed(self) -> np.ndarray:
         """One byte per header version, 1 where this relay accepts it: the scan's table."""

@@ -317,10 +317,12 @@ def format_records(figures: dict) -> str:
             f"  encode  records.encode {m(rates['kernel'])} ({r(figures['encode_x_struct'])} x)  "
             f"struct.pack_into {m(rates['struct'])}"
         )
-    e2e = figures["end_to_end_msg_per_s"]
+    e2e, each = figures["end_to_end_msg_per_s"], figures["end_to_end_runs_msg_per_s"]
     out.append(
-        f'  end to end, msg/s: record_batches("trade") {m(e2e["records"])}, batches() {m(e2e["bytes"])}: '
-        f"{r(figures['end_to_end_records_x_bytes'])} x"
+        f"  end to end, msg/s, the best of {len(each['bytes'])} runs each: "
+        f'record_batches("trade") {m(e2e["records"])}, batches() {m(e2e["bytes"])}: '
+        f"{r(figures['end_to_end_records_x_bytes'])} x "
+        f"(runs: {', '.join(m(x) for x in each['records'])}; {', '.join(m(x) for x in each['bytes'])})"
     )
     for key, error in figures["errors"].items():
         out.append(f"  {key} failed: {error.splitlines()[0][:100]}")

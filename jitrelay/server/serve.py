@@ -14,11 +14,12 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import RelayLogic, parse_listen
+from jitrelay.core.domains import TLS, RelayLogic, parse_listener
 from jitrelay.server.engine import SHUTDOWN_FLUSH_SECONDS, Relay
 from jitrelay.server.journal import Journal
 from jitrelay.server.metrics import RelayMetrics
 from jitrelay.server.sockets import claim_socket
+from jitrelay.server.tls import TlsFront
 
 log = logging.getLogger("jitrelay.relay")
 
@@ -55,6 +56,8 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
     journal: Journal | None = None
     relay: Relay | None = None
     servers: list[asyncio.AbstractServer] = []
+    schemes: list[str] = []  # each TCP listener's: tcp or tls
+    front: TlsFront | None = None  # the TLS listeners' handshakes and pumps, when there are any
     figures = None
     try:
         seconds = warm_up(logic)
@@ -69,21 +72,26 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
         relay = Relay(logic, journal, kernel_load_seconds=seconds)
         loop.add_signal_handler(signal.SIGUSR1, relay.log_figures, "running")
         for address in logic.listen:  # bound now, listening below
-            host, port = parse_listen(address)
-            servers.append(
-                await loop.create_server(relay.new_connection, host, port, backlog=1024, start_serving=False)
-            )
+            scheme, host, port = parse_listener(address)
+            if scheme == TLS:
+                front = front or TlsFront(logic, relay.refused, relay.new_connection)
+                servers.append(front.listener(host, port))
+            else:
+                servers.append(
+                    await loop.create_server(relay.new_connection, host, port, backlog=1024, start_serving=False)
+                )
+            schemes.append(scheme)
         servers.append(
             await loop.create_unix_server(relay.new_connection, sock=claim.sock, backlog=1024, start_serving=False)
         )
         figures = await RelayMetrics.start(logic, relay.figures)  # the stats socket, and the HTTP endpoint if asked for
         for server in servers:  # TCP first, the Unix socket last
             await server.start_serving()
-        for server in servers[:-1]:
+        for server, scheme in zip(servers[:-1], schemes, strict=True):
             for bound in server.sockets:  # type: ignore[attr-defined]  # an asyncio.Server's, not in AbstractServer
                 where = bound.getsockname()
                 shown = f"[{where[0]}]" if bound.family == socket.AF_INET6 else where[0]
-                log.info("jitrelay %s relay listening on tcp://%s:%d", logic.name, shown, where[1])
+                log.info("jitrelay %s relay listening on %s://%s:%d", logic.name, scheme, shown, where[1])
         log.info("jitrelay %s relay listening on %s", logic.name, path)
         await stop.wait()
     finally:
@@ -91,6 +99,8 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
             server.close()
         if relay is not None:
             await relay.drain_and_close(SHUTDOWN_FLUSH_SECONDS)
+        if front is not None:
+            front.close()  # handshakes under way; the pumps close as the engine closes their connections
         if figures is not None:
             await figures.close()
         claim.release()

@@ -199,6 +199,12 @@ class TlsListener(asyncio.AbstractServer):
     async def wait_closed(self) -> None:
         """Closing is immediate."""
 
+    async def serve_forever(self) -> None:
+        """Accept until closed (the relay does not call it: it waits for its stop event instead)."""
+        await self.start_serving()
+        while self._serving:
+            await asyncio.sleep(1.0)
+
 
 class _Gate(asyncio.Protocol):
     """One handshaken TLS connection: its certificate's names checked, then pumped to and from the engine."""
@@ -240,7 +246,7 @@ class _Gate(asyncio.Protocol):
             self.tls.abort()
             self.front.gates.discard(self)
             return
-        self.link = cast(asyncio.Transport, link)
+        self.link = link
         self.link.set_write_buffer_limits(high=PUMP_HIGH_WATER)
         for data in self.early:
             self.link.write(data)

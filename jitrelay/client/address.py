@@ -68,14 +68,14 @@ def client_context(
 
 def relay_address(
     where: str | Path | RelayAddress | None,
-    default: Path,
+    default: Path | None = None,
     *,
     ssl_context: ssl.SSLContext | None = None,
     ca: str | Path | None = None,
     cert: str | Path | None = None,
     key: str | Path | None = None,
 ) -> RelayAddress:
-    """``where`` as a ``RelayAddress``: None is ``default`` (the domain's socket), a plain path a Unix socket.
+    """``where`` as a ``RelayAddress``: None is ``default`` (a client's: its domain's socket), a path a Unix socket.
 
     Raises ``ValueError`` for an address that is not one, or TLS options on an address that is not ``tls://``.
     """
@@ -83,8 +83,10 @@ def relay_address(
     query: dict[str, str] = {}
     if isinstance(where, RelayAddress):
         address = where
+    elif where is None and default is None:
+        raise ValueError("no relay address given")
     elif where is None or isinstance(where, Path) or "://" not in where:
-        address = RelayAddress(UNIX, Path(where) if where is not None else Path(default))
+        address = RelayAddress(UNIX, Path(where if where is not None else default))  # type: ignore[arg-type]
     else:
         address, query = _parse_url(where)
     if address.scheme != TLS:

@@ -56,7 +56,6 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
     journal: Journal | None = None
     relay: Relay | None = None
     servers: list[asyncio.AbstractServer] = []
-    schemes: list[str] = []  # each TCP listener's: tcp or tls
     front: TlsFront | None = None  # the TLS listeners' handshakes and pumps, when there are any
     figures = None
     try:
@@ -71,27 +70,14 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
             log.info("journaling forwarded messages to %s (fsync %s)", journal.path, logic.journal_fsync)
         relay = Relay(logic, journal, kernel_load_seconds=seconds)
         loop.add_signal_handler(signal.SIGUSR1, relay.log_figures, "running")
-        for address in logic.listen:  # bound now, listening below
-            scheme, host, port = parse_listener(address)
-            if scheme == TLS:
-                front = front or TlsFront(logic, relay.refused, relay.new_connection)
-                servers.append(front.listener(host, port))
-            else:
-                servers.append(
-                    await loop.create_server(relay.new_connection, host, port, backlog=1024, start_serving=False)
-                )
-            schemes.append(scheme)
+        servers, schemes, front = await network_listeners(logic, relay)  # bound now, listening below
         servers.append(
             await loop.create_unix_server(relay.new_connection, sock=claim.sock, backlog=1024, start_serving=False)
         )
         figures = await RelayMetrics.start(logic, relay.figures)  # the stats socket, and the HTTP endpoint if asked for
         for server in servers:  # TCP first, the Unix socket last
             await server.start_serving()
-        for server, scheme in zip(servers[:-1], schemes, strict=True):
-            for bound in server.sockets:  # type: ignore[attr-defined]  # an asyncio.Server's, not in AbstractServer
-                where = bound.getsockname()
-                shown = f"[{where[0]}]" if bound.family == socket.AF_INET6 else where[0]
-                log.info("jitrelay %s relay listening on %s://%s:%d", logic.name, scheme, shown, where[1])
+        log_listening(logic, servers[:-1], schemes)
         log.info("jitrelay %s relay listening on %s", logic.name, path)
         await stop.wait()
     finally:
@@ -112,6 +98,36 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
                 write_summary(relay, Path(logic.summary_file))
     assert relay is not None
     return relay
+
+
+async def network_listeners(
+    logic: RelayLogic, relay: Relay
+) -> tuple[list[asyncio.AbstractServer], list[str], TlsFront | None]:
+    """Every ``tcp://`` and ``tls://`` listener bound, not listening yet; each one's scheme; the TLS front if any."""
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.AbstractServer] = []
+    schemes: list[str] = []
+    front: TlsFront | None = None
+    for address in logic.listen:
+        scheme, host, port = parse_listener(address)
+        if scheme == TLS:
+            front = front or TlsFront(logic, relay.refused, relay.new_connection)
+            servers.append(front.listener(host, port))
+        else:
+            servers.append(
+                await loop.create_server(relay.new_connection, host, port, backlog=1024, start_serving=False)
+            )
+        schemes.append(scheme)
+    return servers, schemes, front
+
+
+def log_listening(logic: RelayLogic, servers: list[asyncio.AbstractServer], schemes: list[str]) -> None:
+    """One line per bound address of each network listener, the port picked included."""
+    for server, scheme in zip(servers, schemes, strict=True):
+        for bound in server.sockets:  # type: ignore[attr-defined]  # an asyncio.Server's, not in AbstractServer
+            where = bound.getsockname()
+            shown = f"[{where[0]}]" if bound.family == socket.AF_INET6 else where[0]
+            log.info("jitrelay %s relay listening on %s://%s:%d", logic.name, scheme, shown, where[1])
 
 
 def write_summary(relay: Relay, path: Path) -> None:

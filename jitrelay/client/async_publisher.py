@@ -17,6 +17,7 @@ from typing import Any
 from jitrelay.client.address import RelayAddress
 from jitrelay.client.encoder import DEFAULT_FLUSH_SIZE, Encoder, Link
 from jitrelay.client.errors import CLOSE_TIMEOUT, DISCARD_CHUNK, AsyncConnection, RelayConnectionError, open_connection
+from jitrelay.client.records import AsyncRecordWriter
 from jitrelay.core import protocol
 from jitrelay.kernels.framer import Buffer
 
@@ -25,7 +26,7 @@ def _not_connected(*args: Any) -> None:
     raise RuntimeError("the publisher is not connected")  # never called: publish_nowait checks first
 
 
-class AsyncPublisher(Encoder, AsyncConnection):
+class AsyncPublisher(Encoder, AsyncConnection, AsyncRecordWriter):
     """``Publisher`` for asyncio: ``async with AsyncPublisher(domain) as pub: await pub.publish(...)``.
 
     ``publish`` builds the message into the buffer and returns without

@@ -12,6 +12,7 @@ import numpy as np
 
 from jitrelay.client.address import RelayAddress
 from jitrelay.client.errors import AsyncConnection, connect, open_connection
+from jitrelay.client.records import AsyncRecordReader
 from jitrelay.client.shared_log import IDLE_CHECK_SECONDS
 from jitrelay.client.stream import SubscriberMode, SubscriberStream
 from jitrelay.client.subscriber import next_mapped, open_mapped
@@ -20,7 +21,7 @@ from jitrelay.core.views import MessageView, iter_views
 from jitrelay.kernels.framer import DEFAULT_BUFFER_SIZE
 
 
-class AsyncSubscriber(SubscriberStream, AsyncConnection):
+class AsyncSubscriber(SubscriberStream, AsyncConnection, AsyncRecordReader):
     """``Subscriber`` for asyncio: ``async for message in sub``, ``async for batch in sub.batches()``.
 
     Subscribes, ends and raises exactly as ``Subscriber`` does.

@@ -34,11 +34,12 @@ from typing import Any
 from jitrelay.client.address import RelayAddress
 from jitrelay.client.encoder import DEFAULT_FLUSH_SIZE, Encoder, Link
 from jitrelay.client.errors import CLOSE_TIMEOUT, DISCARD_CHUNK, RelayConnectionError, connect
+from jitrelay.client.records import RecordWriter
 from jitrelay.core import protocol
 from jitrelay.kernels.framer import Buffer
 
 
-class Publisher(Encoder):
+class Publisher(Encoder, RecordWriter):
     """Publish messages into a relay over its Unix socket.
 
     ``publish`` numbers messages from 0 unless given a ``sequence``, after

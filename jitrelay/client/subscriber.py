@@ -19,6 +19,7 @@ import numpy as np
 from jitrelay.client.address import RelayAddress
 from jitrelay.client.errors import RelayConnectionError
 from jitrelay.client.errors import connect as _connect  # a module global, so that a test can stand in for it
+from jitrelay.client.records import RecordReader
 from jitrelay.client.shared_log import IDLE_CHECK_SECONDS, MappedStream
 from jitrelay.client.stream import SubscriberMode, SubscriberStream
 from jitrelay.core import protocol
@@ -64,7 +65,7 @@ def next_mapped(stream: SubscriberStream) -> np.ndarray | None:
     return stream._reading_mapping().poll()
 
 
-class Subscriber(SubscriberStream):
+class Subscriber(SubscriberStream, RecordReader):
     """Receive the messages the relay forwards, blocking: all of them, or those a subscription selects.
 
     With ``tlv_types`` and/or ``sources`` the relay sends only messages from

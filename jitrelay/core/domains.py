@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from jitrelay.core import protocol
+from jitrelay.core import protocol, records
 from jitrelay.core.units import KiB, MiB
 
 # Checksum policies (PROTOCOL.md's domain table): not verified, verified when non-zero (zero means "not
@@ -102,6 +102,10 @@ class RelayLogic:
     journal_fsync: str = FSYNC_BATCH
     journal_rotate_bytes: int = 256 * MiB
     journal_on_error: str = JOURNAL_FORWARD
+    # Journal retention: delete the oldest whole segments while the journal holds more than this many bytes,
+    # or once last written more than this many seconds ago (never the segment being written). None: keep all.
+    journal_keep_bytes: int | None = None
+    journal_keep_seconds: float | None = None
     # Serve Prometheus metrics over HTTP on 127.0.0.1 at this port; None serves none.
     metrics_port: int | None = None
     # TCP listeners beside the Unix socket, as ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (port 0 picks a
@@ -147,6 +151,10 @@ class RelayLogic:
             raise ValueError(f"journal_fsync must be one of {JOURNAL_FSYNC}, not {self.journal_fsync!r}")
         if self.journal_on_error not in JOURNAL_ON_ERROR:
             raise ValueError(f"journal_on_error must be one of {JOURNAL_ON_ERROR}, not {self.journal_on_error!r}")
+        if self.journal_keep_bytes is not None and self.journal_keep_bytes <= 0:
+            raise ValueError(f"journal_keep_bytes must be positive, not {self.journal_keep_bytes}")
+        if self.journal_keep_seconds is not None and not self.journal_keep_seconds > 0:
+            raise ValueError(f"journal_keep_seconds must be positive, not {self.journal_keep_seconds}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be a TCP port (0..65535), not {self.metrics_port}")
         if self.max_connections < 1:
@@ -199,6 +207,11 @@ class RelayLogic:
         for lo, hi in self.tlv_ranges + ((protocol.VENDOR_TLV_RANGE,) if self.vendor_types else ()):
             allowed[lo : hi + 1] = 1
         return allowed
+
+    def record_types(self) -> tuple[int, ...]:
+        """The TLV types this domain carries that have a record layout (``core.records``): what it can decode."""
+        allowed = self.type_allowed()
+        return tuple(t for t in records.LAYOUTS if allowed[t])
 
     def version_allowed(self) -> np.ndarray:
         """One byte per header version, 1 where this relay accepts it: the scan's table."""

@@ -728,6 +728,12 @@ class Relay:
         replay, log_ = conn.replay, self.log
         assert replay is not None
         chunk = replay.next_chunk(log_.epoch, log_.tail)
+        gap = replay.take_gap()
+        if gap is not None:  # journal retention deleted part of what it resumes from: told exactly, as the log does
+            conn.prefix += protocol.gap_notice(gap)
+            conn.replay_epoch = 0  # a position notice says where the journal picks up
+            self.gap_notices += 1
+            log.warning("%s: the journal no longer holds what it resumes from: told of %s", conn.peer, gap)
         if chunk is None:
             at = replay.offset if replay.epoch == log_.epoch else log_.tail
             replay.close()

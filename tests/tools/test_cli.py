@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import zlib
 from pathlib import Path
 
 import pytest
+from support import torq
 from support.commands import SubProcess, jitrelay, receive, stop
 from support.reference import extended_record, message, standard_record
 from support.relays import RelayProcess, StartRelay
@@ -215,3 +217,40 @@ def test_sub_from_a_position_prints_what_follows_it_and_where_it_stopped(market_
 def test_sub_rejects_a_position_that_is_not_one(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sub", "market_data", "--from", "not-a-position"]) == 2
     assert "not a position" in capsys.readouterr().err
+
+
+def test_sub_json_prints_a_torq_trade_field_by_field(market_relay: RelayProcess) -> None:
+    """A trade as Torq's kraken adapter builds it (support.torq): every field by Torq's name, exact integers."""
+    sub = SubProcess(market_relay, "--json", "--count", "1")
+    with Publisher("market_data", market_relay.socket_path) as pub:
+        pub.publish_raw(torq.trade_direct())
+    assert sub.wait() == 0
+    (line,) = sub.rest()
+    (record,) = json.loads(line)["records"]
+    assert record == {
+        "type": 1,
+        "name": "trade",
+        "fields": {
+            "asset_id": torq.BTC,
+            "price": 5_734_210_000_000,
+            "volume": 2_500_000,
+            "execution_timestamp_ns": torq.T0 - 350_000,
+            "venue_id": torq.VENUE_KRAKEN,
+            "asset_type": torq.ASSET_COIN,
+            "reserved": 0,
+            "side": 1,
+            "_padding": "0x000000",
+        },
+        "value_hex": torq.trade_value().hex(),
+    }
+
+
+def test_sub_prints_a_torq_trade_by_field(market_relay: RelayProcess) -> None:
+    sub = SubProcess(market_relay, "--count", "1")
+    with Publisher("market_data", market_relay.socket_path) as pub:
+        pub.publish_raw(torq.trade_direct())
+    assert sub.wait() == 0
+    assert sub.rest() == [
+        "2024-09-10T09:20:00.123456789Z market_data source=2 seq=1042 size=74 trade asset=BTC price=57342.10000000 "
+        f"volume=0.02500000 execution_timestamp_ns={torq.T0 - 350_000} venue=Kraken asset_type=Coin side=sell"
+    ]

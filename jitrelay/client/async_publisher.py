@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from jitrelay.client.address import RelayAddress
 from jitrelay.client.encoder import DEFAULT_FLUSH_SIZE, Encoder, Link
 from jitrelay.client.errors import CLOSE_TIMEOUT, DISCARD_CHUNK, AsyncConnection, RelayConnectionError, open_connection
 from jitrelay.client.records import AsyncRecordWriter
@@ -47,7 +48,7 @@ class AsyncPublisher(Encoder, AsyncConnection, AsyncRecordWriter):
     def __init__(
         self,
         domain: str,
-        socket_path: str | Path | None = None,
+        socket_path: str | Path | RelayAddress | None = None,
         *,
         source: int = 0,
         checksum: bool | None = None,
@@ -149,9 +150,10 @@ class AsyncPublisher(Encoder, AsyncConnection, AsyncRecordWriter):
         if writer is None or discarding is None:
             return
         try:
-            if not writer.transport.is_closing():
-                writer.write_eof()
-            await asyncio.wait_for(discarding, timeout)  # the relay closes its side once it has read our EOF
+            if writer.can_write_eof():  # TLS cannot half-close: there, closing sends what is buffered first
+                if not writer.transport.is_closing():
+                    writer.write_eof()
+                await asyncio.wait_for(discarding, timeout)  # the relay closes its side once it has read our EOF
         except (asyncio.TimeoutError, OSError):
             pass
         finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jitrelay.client.address import RelayAddress
 from jitrelay.client.errors import AsyncConnection, connect, open_connection
 from jitrelay.client.records import AsyncRecordReader
 from jitrelay.client.shared_log import IDLE_CHECK_SECONDS
@@ -29,7 +30,7 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection, AsyncRecordReader):
     def __init__(
         self,
         domain: str,
-        socket_path: str | Path | None = None,
+        socket_path: str | Path | RelayAddress | None = None,
         *,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         tlv_types: Iterable[int] | None = None,

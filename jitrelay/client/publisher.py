@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from jitrelay.client.address import RelayAddress
 from jitrelay.client.encoder import DEFAULT_FLUSH_SIZE, Encoder, Link
 from jitrelay.client.errors import CLOSE_TIMEOUT, DISCARD_CHUNK, RelayConnectionError, connect
 from jitrelay.client.records import RecordWriter
@@ -73,7 +74,7 @@ class Publisher(Encoder, RecordWriter):
     def __init__(
         self,
         domain: str,
-        socket_path: str | Path | None = None,
+        socket_path: str | Path | RelayAddress | None = None,
         *,
         source: int = 0,
         checksum: bool | None = None,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jitrelay.client.address import RelayAddress
 from jitrelay.client.errors import RelayConnectionError
 from jitrelay.client.errors import connect as _connect  # a module global, so that a test can stand in for it
 from jitrelay.client.records import RecordReader
@@ -87,7 +88,7 @@ class Subscriber(SubscriberStream, RecordReader):
     def __init__(
         self,
         domain: str,
-        socket_path: str | Path | None = None,
+        socket_path: str | Path | RelayAddress | None = None,
         *,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         tlv_types: Iterable[int] | None = None,

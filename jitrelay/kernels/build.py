@@ -89,7 +89,7 @@ RECORD_SIGNATURES: dict[str, tuple[str, str]] = {
     "record_uniform": ("uniform", f"int64({_BYTES}, int64, int64, int64)"),
     "record_scatter": (
         "scatter",
-        f"int64({_BYTES}, int64, int64, {_BYTES}, {_BYTES}, int64, {_INTS}, int64, boolean, {_CRC_TABLES})",
+        f"int64({_BYTES}, int64, int64, {_BYTES}, {_BYTES}, int64, {_INTS}, boolean, {_CRC_TABLES})",
     ),
 }
 

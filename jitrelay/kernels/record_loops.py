@@ -113,45 +113,34 @@ def uniform(buf, end, tlv_type, size):
 
 
 @kernel
-def scatter(records, count, size, out, head, first_sequence, timestamps, timestamp_ns, checksums, crc_tables):
+def scatter(records, count, size, out, template, first_sequence, timestamps, checksums, crc_tables):
     """Write ``count`` records of ``size`` bytes from ``records`` as that many messages, back to back in ``out``.
 
-    Each message is the 8 bytes of ``head`` (magic to flags), its sequence
-    (``first_sequence`` + i), its timestamp (``timestamps[i]``, or
-    ``timestamp_ns`` when ``timestamps`` is empty), its payload size, its
-    checksum (computed with ``checksums``, else 0) and one record: standard
-    up to 255 bytes, extended above. Returns the bytes written.
+    Each message starts as a copy of ``template`` (its header and the
+    record's head, built once by the caller: magic to flags, timestamp,
+    payload size, checksum 0, then ``type, len`` or ``255, 0, type, len16``);
+    then its sequence (``first_sequence`` + i) is written, its timestamp
+    from ``timestamps[i]`` unless that is empty, its value, and with
+    ``checksums`` its CRC. Returns the bytes written.
     """
-    extended = size > p.MAX_STANDARD_VALUE
-    record_head = 5 if extended else 2
-    length = p.HEADER_SIZE + record_head + size
+    head = len(template)
+    length = head + size
     source = np.uint64(records.ctypes.data)
     target = np.uint64(out.ctypes.data)
+    start = np.uint64(template.ctypes.data)
     stamped = len(timestamps) > 0
-    payload = record_head + size
     for i in range(count):
         pos = i * length
-        for k in range(8):
-            out[pos + k] = head[k]
+        at = target + np.uint64(pos)
+        _MEMCPY(at, start, np.uint64(head))
+        _MEMCPY(at + np.uint64(head), source + np.uint64(i * size), np.uint64(size))
         sequence = first_sequence + i
-        stamp = timestamps[i] if stamped else timestamp_ns
         for k in range(8):
             out[pos + p.OFF_SEQUENCE + k] = (sequence >> (8 * k)) & 0xFF
-            out[pos + p.OFF_TIMESTAMP + k] = (stamp >> (8 * k)) & 0xFF
-        for k in range(4):
-            out[pos + p.OFF_PAYLOAD_SIZE + k] = (payload >> (8 * k)) & 0xFF
-            out[pos + p.OFF_CHECKSUM + k] = 0
-        r = pos + p.HEADER_SIZE
-        if extended:
-            out[r] = p.EXTENDED_TLV
-            out[r + 1] = 0
-            out[r + 2] = head[8]
-            out[r + 3] = size & 0xFF
-            out[r + 4] = size >> 8
-        else:
-            out[r] = head[8]
-            out[r + 1] = size
-        _MEMCPY(target + np.uint64(r + record_head), source + np.uint64(i * size), np.uint64(size))
+        if stamped:
+            stamp = timestamps[i]
+            for k in range(8):
+                out[pos + p.OFF_TIMESTAMP + k] = (stamp >> (8 * k)) & 0xFF
         if checksums:
             checksum = message_crc(out, pos, length, crc_tables)
             for k in range(4):

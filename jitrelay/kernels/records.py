@@ -20,8 +20,6 @@ from jitrelay.core import protocol
 from jitrelay.core.records import LAYOUTS, RecordLayout, layout
 from jitrelay.kernels import record_loops
 
-_HEAD = struct.Struct("<IBBBBB")  # magic, domain, version, source, flags, then the record's type
-
 
 class Columns(NamedTuple):
     """Every record of one type in a batch, in order, with the header fields of the message each came in."""
@@ -122,8 +120,8 @@ def encode(
         out = np.empty(length, dtype=np.uint8)
     elif len(kernels._bytes(out, "out", writable=True)) < length:
         raise ValueError(f"out holds {len(out)} bytes; {count} records need {length}")
-    head = np.frombuffer(_HEAD.pack(protocol.MAGIC, domain, version, source, flags, kind.tlv_type), dtype=np.uint8)
     stamps, now = _stamps(timestamp_ns, count)
+    head = _template(kind, domain, version, source, flags, now)
     written = _loops().record_scatter(
         values,
         count,
@@ -132,13 +130,28 @@ def encode(
         head,
         kernels._as_int64(first_sequence),
         stamps,
-        now,
         checksums,
         kernels.CRC_TABLES,
     )
     return out[:written]
 
 
+def _template(kind: RecordLayout, domain: int, version: int, source: int, flags: int, stamp: int) -> np.ndarray:
+    """What every message of these records starts with: its header (sequence 0, checksum 0) and record head."""
+    value = kind.size
+    payload = value + (5 if kind.extended else 2)
+    record_head = (
+        _EXTENDED_HEAD.pack(protocol.EXTENDED_TLV, 0, kind.tlv_type, value)
+        if kind.extended
+        else bytes((kind.tlv_type, value))
+    )
+    header = _HEADER.pack(protocol.MAGIC, domain, version, source, flags, 0, stamp & _U64, payload, 0)
+    return np.frombuffer(header + record_head, dtype=np.uint8)
+
+
+_HEADER = struct.Struct("<IBBBBQQII")
+_EXTENDED_HEAD = struct.Struct("<BBBH")
+_U64 = (1 << 64) - 1
 _NO_STAMPS = np.empty(0, dtype=np.int64)
 
 

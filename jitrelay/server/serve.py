@@ -14,7 +14,7 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import RelayLogic, parse_listen
+from jitrelay.core.domains import TLS, RelayLogic, parse_listener
 from jitrelay.server.engine import SHUTDOWN_FLUSH_SECONDS, Relay
 from jitrelay.server.health import Health, Heartbeat
 from jitrelay.server.journal import Journal
@@ -22,6 +22,7 @@ from jitrelay.server.metrics import RelayMetrics
 from jitrelay.server.notify import Notifier
 from jitrelay.server.retention import PruneTimer, prune_interval
 from jitrelay.server.sockets import claim_socket
+from jitrelay.server.tls import TlsFront
 
 log = logging.getLogger("jitrelay.relay")
 
@@ -58,6 +59,7 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
     journal: Journal | None = None
     relay: Relay | None = None
     servers: list[asyncio.AbstractServer] = []
+    front: TlsFront | None = None  # the TLS listeners' handshakes and pumps, when there are any
     figures = None
     notifier, health = Notifier.from_environ(), Health()
     heartbeat, pruning = Heartbeat(health, notifier, loop), None
@@ -76,21 +78,13 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
                 pruning = PruneTimer(journal.prune, prune_interval(journal.keep_seconds), loop)
         relay = Relay(logic, journal, kernel_load_seconds=seconds)
         loop.add_signal_handler(signal.SIGUSR1, relay.log_figures, "running")
-        for address in logic.listen:  # bound now, listening below
-            host, port = parse_listen(address)
-            servers.append(
-                await loop.create_server(relay.new_connection, host, port, backlog=1024, start_serving=False)
-            )
+        servers, schemes, front = await network_listeners(logic, relay)  # bound now, listening below
         servers.append(
             await loop.create_unix_server(relay.new_connection, sock=claim.sock, backlog=1024, start_serving=False)
         )
         for server in servers:  # TCP first, the Unix socket last
             await server.start_serving()
-        for server in servers[:-1]:
-            for bound in server.sockets:  # type: ignore[attr-defined]  # an asyncio.Server's, not in AbstractServer
-                where = bound.getsockname()
-                shown = f"[{where[0]}]" if bound.family == socket.AF_INET6 else where[0]
-                log.info("jitrelay %s relay listening on tcp://%s:%d", logic.name, shown, where[1])
+        log_listening(logic, servers[:-1], schemes)
         log.info("jitrelay %s relay listening on %s", logic.name, path)
         health.ready = True
         notifier.ready(f"listening on {path}")
@@ -105,6 +99,8 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
             server.close()
         if relay is not None:
             await relay.drain_and_close(SHUTDOWN_FLUSH_SECONDS)
+        if front is not None:
+            front.close()  # handshakes under way; the pumps close as the engine closes their connections
         if figures is not None:
             await figures.close()
         claim.release()
@@ -117,6 +113,36 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
         notifier.close()
     assert relay is not None
     return relay
+
+
+async def network_listeners(
+    logic: RelayLogic, relay: Relay
+) -> tuple[list[asyncio.AbstractServer], list[str], TlsFront | None]:
+    """Every ``tcp://`` and ``tls://`` listener bound, not listening yet; each one's scheme; the TLS front if any."""
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.AbstractServer] = []
+    schemes: list[str] = []
+    front: TlsFront | None = None
+    for address in logic.listen:
+        scheme, host, port = parse_listener(address)
+        if scheme == TLS:
+            front = front or TlsFront(logic, relay.refused, relay.new_connection)
+            servers.append(front.listener(host, port))
+        else:
+            servers.append(
+                await loop.create_server(relay.new_connection, host, port, backlog=1024, start_serving=False)
+            )
+        schemes.append(scheme)
+    return servers, schemes, front
+
+
+def log_listening(logic: RelayLogic, servers: list[asyncio.AbstractServer], schemes: list[str]) -> None:
+    """One line per bound address of each network listener, the port picked included."""
+    for server, scheme in zip(servers, schemes, strict=True):
+        for bound in server.sockets:  # type: ignore[attr-defined]  # an asyncio.Server's, not in AbstractServer
+            where = bound.getsockname()
+            shown = f"[{where[0]}]" if bound.family == socket.AF_INET6 else where[0]
+            log.info("jitrelay %s relay listening on %s://%s:%d", logic.name, scheme, shown, where[1])
 
 
 def open_journal(logic: RelayLogic) -> Journal:

@@ -85,7 +85,18 @@ _OUTWARD_OPTIONS: dict[str, dict[str, Any]] = {
     "--listen": dict(
         action="append",
         metavar="tcp://HOST:PORT",
-        help="also accept TCP clients here (repeatable; port 0 picks a free port)",
+        help="also accept TCP clients here, or TLS clients with tls://HOST:PORT (repeatable; port 0 picks a free port)",
+    ),
+    "--tls-cert": dict(type=Path, metavar="PEM", help="the TLS listeners' certificate chain"),
+    "--tls-key": dict(type=Path, metavar="PEM", help="the TLS listeners' private key"),
+    "--tls-client-ca": dict(
+        type=Path, metavar="PEM", help="TLS clients must present a certificate this CA signed (mutual TLS)"
+    ),
+    "--allow-name": dict(
+        action="append",
+        metavar="NAME",
+        help="admit TLS clients whose certificate names NAME as subject CN or DNS/URI SAN (repeatable; "
+        "needs --tls-client-ca)",
     ),
     "--summary-file": dict(
         type=Path,
@@ -145,6 +156,9 @@ _FIELD_OPTIONS = {
     "versions": "versions",
     "checksum": "checksum",
     "domain_id": "domain_id",
+    "tls_cert": "tls_cert",
+    "tls_key": "tls_key",
+    "tls_client_ca": "tls_client_ca",
 }
 
 
@@ -174,6 +188,8 @@ def relay_overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["journal"] = False
     if args.listen is not None:
         overrides["listen"] = tuple(args.listen)
+    if args.allow_name is not None:
+        overrides["allowed_names"] = tuple(args.allow_name)
     if args.allow_network is not None:
         overrides["allowed_networks"] = tuple(args.allow_network)
     if args.no_vendor_types:

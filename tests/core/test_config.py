@@ -265,8 +265,9 @@ def changed(domain: str) -> RelayLogic:
         "journal_rotate_bytes": 1536,
         "journal_on_error": "forward" if default.journal_on_error == "pause" else "pause",
         "metrics_port": 9187,
-        "listen": ("tcp://127.0.0.1:7001", "tcp://[::1]:7002"),
+        "listen": ("tcp://127.0.0.1:7001", "tcp://[::1]:7002", "tls://0.0.0.0:7443"),
         "allowed_networks": ("10.0.0.0/8",),
+        "allowed_names": ("oms.prod", "spiffe://prod/bridge"),
     }
     knobs = {f.name for f in dataclasses.fields(default)}
     values = {name: value for name, value in values.items() if name in knobs}

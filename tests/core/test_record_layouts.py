@@ -18,6 +18,7 @@ from support import torq
 from jitrelay import records
 from jitrelay.client.records import build_record
 from jitrelay.core import record_text
+from jitrelay.core.domains import logic_for
 
 U128 = ("<u8", (2,))
 ADDR = ("u1", (20,))
@@ -452,3 +453,11 @@ def test_records_as_text_and_json() -> None:
     assert swapped is not None and swapped["amount_in"] == (1 << 64) + 5
     assert record_text.describe_record(1, torq.trade_value()[:39]) is None  # not its layout's length
     assert record_text.record_fields(40, torq.order_request_value()) is None  # no layout
+
+
+def test_each_domain_knows_which_of_its_types_it_can_decode() -> None:
+    assert logic_for("market_data").record_types() == (1, 2, 3, 11, 12, 13, 14, 15, 16, 18, 200)
+    assert logic_for("signal").record_types() == (32, 200)
+    assert logic_for("execution").record_types() == (200,)
+    assert logic_for("system").record_types() == (106, 107, 108, 110, 200)
+    assert logic_for("market_data", vendor_types=False).record_types() == (1, 2, 3, 11, 12, 13, 14, 15, 16, 18)

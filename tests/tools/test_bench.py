@@ -388,3 +388,31 @@ def test_fanout_times_each_message_until_every_subscriber_has_it(tmp_path: Path)
     )
     assert "time until the LAST subscriber had it" in printed
     assert "jitrelay-shm forwarding time per batch, fanout 1 -> 5 subscribers" in printed
+
+
+def test_records_workload_sets_the_kernels_against_struct_and_loses_nothing(tmp_path: Path) -> None:
+    options = "--relays=jitrelay --workloads=records --duration=0.3 --startup-runs=0"
+    report, printed = bench_report(tmp_path / "records.json", options)
+    figures = report["records"]
+    assert figures["errors"] == {}
+    assert (figures["message_size"], figures["batch_records"]) == (74, (1 << 20) // 74)
+    for rates, baseline in (
+        (figures["decode_records_per_s"], {"view", "copy", "struct"}),
+        (figures["encode_records_per_s"], {"kernel", "struct"}),
+        (figures["end_to_end_msg_per_s"], {"bytes", "records"}),
+    ):
+        assert set(rates) == baseline and all(rate > 0 for rate in rates.values()), rates
+    decode = figures["decode_records_per_s"]
+    for path in ("view", "copy"):
+        assert figures["decode_x_struct"][path] == pytest.approx(decode[path] / decode["struct"])
+    encode = figures["encode_records_per_s"]
+    assert figures["encode_x_struct"] == pytest.approx(encode["kernel"] / encode["struct"])
+    e2e = figures["end_to_end_msg_per_s"]
+    assert figures["end_to_end_records_x_bytes"] == pytest.approx(e2e["records"] / e2e["bytes"])
+    assert figures["lost"] == {"bytes": 0, "records": 0}
+    for key, runs in figures["runs"].items():
+        assert len(runs) == 2 and max(figures["end_to_end_runs_msg_per_s"][key]) == e2e[key]
+        for run in runs:
+            assert run["subscribers"][0]["received"] == run["publisher"]["sent"] > 0
+    assert "records: trades, 74-byte messages" in printed
+    assert 'record_batches("trade")' in printed

@@ -27,7 +27,7 @@ class Options:
     """
 
     relays: tuple[str, ...] = tuple(name for name in RELAYS if name not in ("jitrelay-shm", "raw-bytes"))  # when asked
-    workloads: tuple[str, ...] = ("w1", "w2", "w1f", "w3")  # ``fanout`` and ``client`` when asked for
+    workloads: tuple[str, ...] = ("w1", "w2", "w1f", "w3")  # ``fanout``, ``client`` and ``records`` when asked for
     subscribers: tuple[int, ...] = (1, 4)  # W1 subscriber counts
     latency_subscribers: int | None = None  # W2 subscriber count; None: the largest W1 count
     size: int = MESSAGE_SIZE

@@ -292,3 +292,41 @@ def format_client(figures: dict) -> str:
     for key, error in figures["errors"].items():
         out.append(f"  {key} failed: {error.splitlines()[0][:100]}")
     return "\n".join(out)
+
+
+def format_records(figures: dict) -> str:
+    """The records workload's lines of the report."""
+
+    def m(x: float | None) -> str:
+        return "-" if x is None else f"{x / 1e6:.2f} M"
+
+    def r(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    out = [
+        f"records: trades, {figures['message_size']}-byte messages, {figures['batch_records']:,} per 1 MiB batch; "
+        "records/s and x the struct loop of the same run"
+    ]
+    if "decode_records_per_s" in figures:
+        rates, x, cost = figures["decode_records_per_s"], figures["decode_x_struct"], figures["decode_us_per_batch"]
+        out.append(
+            f"  decode  records.decode view {m(rates['view'])} ({r(x['view'])} x, {cost['view']:,.0f} us a batch)  "
+            f"copy=True {m(rates['copy'])} ({r(x['copy'])} x, {cost['copy']:,.0f} us)  "
+            f"struct.unpack_from {m(rates['struct'])} ({cost['struct']:,.0f} us)"
+        )
+    if "encode_records_per_s" in figures:
+        rates = figures["encode_records_per_s"]
+        out.append(
+            f"  encode  records.encode {m(rates['kernel'])} ({r(figures['encode_x_struct'])} x)  "
+            f"struct.pack_into {m(rates['struct'])}"
+        )
+    e2e, each = figures["end_to_end_msg_per_s"], figures["end_to_end_runs_msg_per_s"]
+    out.append(
+        f"  end to end, msg/s, the best of {len(each['bytes'])} runs each: "
+        f'record_batches("trade") {m(e2e["records"])}, batches() {m(e2e["bytes"])}: '
+        f"{r(figures['end_to_end_records_x_bytes'])} x "
+        f"(runs: {', '.join(m(x) for x in each['records'])}; {', '.join(m(x) for x in each['bytes'])})"
+    )
+    for key, error in figures["errors"].items():
+        out.append(f"  {key} failed: {error.splitlines()[0][:100]}")
+    return "\n".join(out)

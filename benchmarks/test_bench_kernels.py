@@ -9,7 +9,9 @@ a summary of those figures. Baselines:
 - scan: ``kernels.frame`` over the same buffer, the bare header walk a scan
   cannot beat;
 - scan with checksums and ``kernels.crc32``: one ``zlib.crc32`` over the same bytes;
-- compact and frame: one numpy copy of the same bytes, a yardstick for the machine.
+- compact and frame: one numpy copy of the same bytes, a yardstick for the machine;
+- decoding and encoding trades: the Python loop of ``struct.unpack_from``
+  (``struct.pack_into``) per message over the same trades, the bench's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import zlib
 import numpy as np
 from asv_bench import common
 
-from jitrelay import kernels
+from jitrelay import kernels, records
 
 SIZE = 71  # W1's message: one type-1 record with a 37-byte value
 
@@ -89,4 +91,36 @@ def test_frame(benchmark, figures):
     copy = np.empty_like(buf)
     figures.record(
         benchmark, messages=count, nbytes=len(buf), baseline="numpy copy", baseline_call=lambda: np.copyto(copy, buf)
+    )
+
+
+def test_decode_trades(benchmark, figures):
+    f = common.trade_fixture()
+    columns = benchmark(records.decode, f.batch, "trade")
+    assert len(columns.records) == len(f.trades) and columns.truncated == 0
+    figures.record(
+        benchmark,
+        messages=len(f.trades),
+        nbytes=len(f.batch),
+        baseline="struct.unpack_from",
+        baseline_call=lambda: common.struct_decode_trades(f),
+    )
+
+
+def test_decode_trades_copy(benchmark, figures):
+    f = common.trade_fixture()
+    columns = benchmark(records.decode, f.batch, "trade", copy=True)
+    assert len(columns.records) == len(f.trades) and columns.records.flags.c_contiguous
+    figures.record(benchmark, messages=len(f.trades), nbytes=len(f.batch))
+
+
+def test_encode_trades(benchmark, figures):
+    f = common.trade_fixture()
+    assert len(benchmark(common.encode_trades, f)) == len(f.batch)
+    figures.record(
+        benchmark,
+        messages=len(f.trades),
+        nbytes=len(f.batch),
+        baseline="struct.pack_into",
+        baseline_call=lambda: common.struct_encode_trades(f),
     )

@@ -69,7 +69,17 @@ COMMANDS = (
         "build the compiled kernels if needed, and say which build runs (exit 1 on a fallback)",
         "jitrelay.tools.kernels_command",
     ),
-    Command("audit", "print the messages an execution journal holds", "jitrelay.tools.audit"),
+    Command("audit", "print the messages an execution journal (or a capture) holds", "jitrelay.tools.audit"),
+    Command(
+        "record",
+        "capture a relay's stream to disk, each batch with its receive time, across relay restarts",
+        "jitrelay.tools.record",
+    ),
+    Command(
+        "replay",
+        "publish a capture into a relay, paced by its receive times or as fast as possible",
+        "jitrelay.tools.replay",
+    ),
     Command(
         "soak",
         "run a relay under load, churn, stalls and SIGKILLs, and verify every message delivered",

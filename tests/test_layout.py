@@ -31,15 +31,18 @@ ALLOWED: dict[str, set[str]] = {
     "tools": {"face", "core", "kernels", "server", "client", "bridge", "tools", "testing"},
     "testing": {"core", "kernels", "server", "client", "bridge", "testing"},
     "cli": {"face", "core", "kernels", "server", "client", "bridge", "tools", "cli"},
-    "face": {"core", "client"},
+    "face": {"core", "kernels", "client"},
 }
+
+# The package's face beyond ``jitrelay/__init__.py``: modules users import by name (``from jitrelay import records``).
+FACE_MODULES = {"jitrelay.records"}
 
 # Third-party packages each room may load; the standard library is always allowed.
 THIRD_PARTY: dict[str, set[str]] = {
     "core": {"numpy", "tomli", "tomli_w"},
     "kernels": {"numpy", "numba", "llvmlite"},
     "server": {"numpy", "prometheus_client", "uvloop"},
-    "client": {"numpy"},
+    "client": {"numpy", "pandas"},  # pandas only inside RecordBatch.to_pandas, an optional extra
     "bridge": {"numpy", "nats", "prometheus_client", "uvloop"},
 }
 
@@ -55,7 +58,7 @@ MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 def room(module: str) -> str:
     """The room a module lives in: ``jitrelay.server.engine`` -> ``server``."""
     parts = module.split(".")
-    if len(parts) == 1:
+    if len(parts) == 1 or module in FACE_MODULES:
         return "face"
     if parts[1] in ("cli", "__main__"):
         return "cli"

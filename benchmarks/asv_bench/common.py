@@ -224,3 +224,66 @@ def speed_ratio(
         best_base = min(best_base, best_time(baseline, 1, number, 0.0))
         done += 1
     return best_base / best_fn
+
+
+class TradeFixture(NamedTuple):
+    """A 1 MiB batch of Torq trade messages, its bytes, and the same trades as an array and as tuples."""
+
+    batch: np.ndarray
+    data: bytes  # the batch as bytes, the struct baseline's input
+    trades: np.ndarray  # the batch's records, in the trade layout's dtype
+    rows: list[tuple]  # the same as tuples of their fields, the struct baseline's input
+    out: np.ndarray  # room for encoding them
+    packed: bytearray  # room for the struct baseline's encoding
+
+
+@functools.lru_cache(maxsize=1)
+def trade_fixture() -> TradeFixture:
+    """The records bench workload's batch (``jitrelay bench --workloads records``): the same bytes in every suite.
+
+    Decodes and encodes it once each, checked against the struct loops, so the
+    record kernels are loaded here. The record modules are imported here, not
+    at the top: the other benchmarks still run on commits that predate them.
+    """
+    from jitrelay import records
+    from jitrelay.tools.bench import records as workload
+
+    batch = workload.trade_batch()
+    trades = records.decode(batch, "trade", copy=True).records
+    rows = trades[[name for name in trades.dtype.names if not name.startswith("_")]].tolist()
+    out = np.empty(len(batch), dtype=np.uint8)
+    packed = bytearray(len(batch))
+    fixture = TradeFixture(batch, batch.tobytes(), trades, rows, out, packed)
+    if len(struct_decode_trades(fixture)) != len(trades):
+        raise RuntimeError("records.decode and the struct loop found different trades")
+    if encode_trades(fixture).tobytes() != bytes(packed[: struct_encode_trades(fixture)]):
+        raise RuntimeError("records.encode and the struct loop wrote different bytes")
+    return fixture
+
+
+def decode_trades(f: TradeFixture, copy: bool = False) -> object:
+    """``records.decode`` of the fixture's batch: the strided view, or with ``copy`` a contiguous copy."""
+    from jitrelay import records
+
+    return records.decode(f.batch, "trade", copy=copy)
+
+
+def struct_decode_trades(f: TradeFixture) -> list[tuple]:
+    """The decode baseline on the fixture: ``struct.unpack_from`` per message in Python, the tuples collected."""
+    from jitrelay.tools.bench import records as workload
+
+    return workload.struct_decode(f.data)
+
+
+def encode_trades(f: TradeFixture) -> np.ndarray:
+    """``records.encode`` of the fixture's trades into its buffer, as ``Publisher.publish_records`` does."""
+    from jitrelay import records
+
+    return records.encode(f.trades, domain=protocol.MARKET_DATA, timestamp_ns=1, out=f.out)
+
+
+def struct_encode_trades(f: TradeFixture) -> int:
+    """The encode baseline on the fixture: one ``struct.pack_into`` per message; the bytes written."""
+    from jitrelay.tools.bench import records as workload
+
+    return workload.struct_encode(f.rows, f.packed, 0, 1)

@@ -46,6 +46,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -329,6 +330,8 @@ class Bridge:
 
         return await nats.connect(
             list(self.options.servers),
+            tls=nats_tls(self.options),
+            user_credentials=str(self.options.nats_creds) if self.options.nats_creds is not None else None,
             name=f"jitrelay-bridge {self.domain} {socket.gethostname()} {os.getpid()}",
             no_echo=True,
             allow_reconnect=True,
@@ -374,6 +377,17 @@ async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
         task.cancel()
         return None
     return task.result()
+
+
+def nats_tls(options: BridgeOptions) -> ssl.SSLContext | None:
+    """The TLS context for NATS: the servers checked against ``tls_ca`` (or the system's), ours if given; else None."""
+    if not options.uses_tls:
+        return None
+    context = ssl.create_default_context(cafile=str(options.tls_ca) if options.tls_ca is not None else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if options.tls_cert is not None:
+        context.load_cert_chain(str(options.tls_cert), str(options.tls_key) if options.tls_key is not None else None)
+    return context
 
 
 def _widen_nats_reads() -> None:

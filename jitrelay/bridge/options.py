@@ -88,6 +88,12 @@ class BridgeOptions:
     use_journal: bool | None = None  # read what to send from the journal; default: when the domain journals
     state_dir: Path | None = None  # where the JetStream bridge keeps its state file; default: the socket's folder
     hold_when_full: bool | None = None  # a full stream holds the relay back (else: a gap); default: under block
+    # How the bridge proves itself to NATS and checks NATS: a credentials file (JWT and NKey seed, as ``nsc``
+    # writes them) and TLS (the servers' CA; a client certificate and key where the servers verify clients).
+    nats_creds: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     carrier: CarrierKind = field(init=False, default=CarrierKind.CORE)  # settled from ``jetstream``
 
     @classmethod
@@ -129,3 +135,20 @@ class BridgeOptions:
             raise ValueError("reconnect wait must not be negative")
         if self.nats_pending_limit < 1:
             raise ValueError("the NATS pending limit must be at least one byte")
+        self._check_credentials()
+
+    def _check_credentials(self) -> None:
+        """Refuse credential and TLS files that are missing or given without their pair; ValueError."""
+        given = {"--nats-creds": self.nats_creds, "--tls-ca": self.tls_ca, "--tls-cert": self.tls_cert}
+        given["--tls-key"] = self.tls_key
+        for flag, path in given.items():
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the bridge talks TLS to NATS (``tls://`` servers, or any TLS option given)."""
+        given = (self.tls_ca, self.tls_cert)
+        return any(option is not None for option in given) or any(url.startswith("tls://") for url in self.servers)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from jitrelay.client.address import RelayAddress
 from jitrelay.client.encoder import DEFAULT_FLUSH_SIZE, Encoder, Link
 from jitrelay.client.errors import (
     CLOSE_TIMEOUT,
@@ -29,6 +30,7 @@ from jitrelay.client.errors import (
     open_connection,
 )
 from jitrelay.client.reconnect import Reconnect, ReconnectFailed, announce_lost, log, policy_for, retry_async
+from jitrelay.client.records import AsyncRecordWriter
 from jitrelay.core import protocol
 from jitrelay.kernels.framer import Buffer
 
@@ -37,7 +39,7 @@ def _not_connected(*args: Any) -> None:
     raise RuntimeError("the publisher is not connected")  # never called: publish_nowait checks first
 
 
-class AsyncPublisher(Encoder, AsyncConnection):
+class AsyncPublisher(Encoder, AsyncConnection, AsyncRecordWriter):
     """``Publisher`` for asyncio: ``async with AsyncPublisher(domain) as pub: await pub.publish(...)``.
 
     ``publish`` builds the message into the buffer and returns without
@@ -71,7 +73,7 @@ class AsyncPublisher(Encoder, AsyncConnection):
     def __init__(
         self,
         domain: str,
-        socket_path: str | Path | None = None,
+        socket_path: str | Path | RelayAddress | None = None,
         *,
         source: int = 0,
         checksum: bool | None = None,
@@ -269,9 +271,10 @@ class AsyncPublisher(Encoder, AsyncConnection):
         if writer is None or discarding is None:
             return
         try:
-            if not writer.transport.is_closing():
-                writer.write_eof()
-            await asyncio.wait_for(discarding, timeout)  # the relay closes its side once it has read our EOF
+            if writer.can_write_eof():  # TLS cannot half-close: there, closing sends what is buffered first
+                if not writer.transport.is_closing():
+                    writer.write_eof()
+                await asyncio.wait_for(discarding, timeout)  # the relay closes its side once it has read our EOF
         except (asyncio.TimeoutError, OSError):
             pass
         finally:

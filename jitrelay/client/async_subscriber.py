@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jitrelay.client.address import RelayAddress
 from jitrelay.client.errors import AsyncConnection, RelayConnectionError, connect, open_connection
 from jitrelay.client.reconnect import Reconnect, ReconnectFailed, announce_lost, log, policy_for, retry_async
+from jitrelay.client.records import AsyncRecordReader
 from jitrelay.client.shared_log import IDLE_CHECK_SECONDS
 from jitrelay.client.stream import SubscriberMode, SubscriberStream
 from jitrelay.client.subscriber import next_mapped, open_mapped
@@ -20,7 +22,7 @@ from jitrelay.core.views import MessageView, iter_views
 from jitrelay.kernels.framer import DEFAULT_BUFFER_SIZE
 
 
-class AsyncSubscriber(SubscriberStream, AsyncConnection):
+class AsyncSubscriber(SubscriberStream, AsyncConnection, AsyncRecordReader):
     """``Subscriber`` for asyncio: ``async for message in sub``, ``async for batch in sub.batches()``.
 
     Subscribes, reconnects, ends and raises exactly as ``Subscriber`` does.
@@ -29,7 +31,7 @@ class AsyncSubscriber(SubscriberStream, AsyncConnection):
     def __init__(
         self,
         domain: str,
-        socket_path: str | Path | None = None,
+        socket_path: str | Path | RelayAddress | None = None,
         *,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         tlv_types: Iterable[int] | None = None,

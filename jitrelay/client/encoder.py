@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from jitrelay.client.address import RelayAddress
 from jitrelay.client.errors import Endpoint
 from jitrelay.core import protocol
 
@@ -74,7 +75,7 @@ class Encoder(Endpoint):
     def __init__(
         self,
         domain: str,
-        socket_path: str | Path | None,
+        socket_path: str | Path | RelayAddress | None,
         source: int,
         checksum: bool | None,
         publish_only: bool,

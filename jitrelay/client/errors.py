@@ -1,17 +1,20 @@
 """How a client reaches its relay, and the errors that say it could not or lost it.
 
 Every client names the relay it talks to in its errors (domain and socket
-path), so that a service's log says which relay to start or look at.
+path or address), so that a service's log says which relay to start or look
+at. What an address is, and how each kind is opened, is ``client.address``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from jitrelay.client.address import UNIX, RelayAddress, open_socket, open_streams, relay_address
 from jitrelay.core.domains import RelayLogic, logic_for
 
 CLOSE_TIMEOUT = 5.0  # how long a publisher's close waits for the relay to have read everything
@@ -53,37 +56,45 @@ class AsyncConnection:
         await self.close()
 
 
-def missing(domain: str, path: Path, exc: OSError) -> RelayConnectionError:
+def missing(domain: str, path: Path | RelayAddress, exc: OSError) -> RelayConnectionError:
     """The error for a relay that is not running at ``path``, saying how to start one."""
     return RelayConnectionError(
         f"no {domain} relay at {path} ({exc.strerror or exc}); start one with `jitrelay run {domain}`"
     )
 
 
-def connect(domain: str, path: Path) -> socket.socket:
-    """A blocking Unix socket connected to the relay at ``path``.
+def _refused(domain: str, address: RelayAddress, exc: ssl.SSLError) -> RelayConnectionError:
+    """The error for a TLS handshake that failed: the relay's certificate, or ours, was not accepted."""
+    return RelayConnectionError(f"the {domain} relay at {address} did not complete the TLS handshake ({exc})")
 
-    Raises ``RelayConnectionError`` when no relay listens there, and whatever
-    else ``connect`` raises; the socket is closed then.
+
+def connect(domain: str, path: Path | RelayAddress) -> socket.socket:
+    """A blocking socket connected to the relay at ``path`` (``client.address``: Unix, TCP or TLS).
+
+    Raises ``RelayConnectionError`` when no relay listens there or the TLS
+    handshake fails, and whatever else ``connect`` raises; the socket is
+    closed then.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    address = path if isinstance(path, RelayAddress) else RelayAddress(UNIX, path)
     try:
-        sock.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        sock.close()
-        raise missing(domain, path, exc) from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def open_connection(domain: str, path: Path, limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """asyncio streams to the relay at ``path``; raises ``RelayConnectionError`` when no relay listens there."""
-    try:
-        return await asyncio.open_unix_connection(str(path), limit=limit)
+        return open_socket(address)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise missing(domain, path, exc) from exc
+    except ssl.SSLError as exc:
+        raise _refused(domain, address, exc) from exc
+
+
+async def open_connection(
+    domain: str, path: Path | RelayAddress, limit: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """asyncio streams to the relay at ``path``; raises ``RelayConnectionError`` as ``connect`` does."""
+    address = path if isinstance(path, RelayAddress) else RelayAddress(UNIX, path)
+    try:
+        return await open_streams(address, limit)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise missing(domain, path, exc) from exc
+    except ssl.SSLError as exc:
+        raise _refused(domain, address, exc) from exc
 
 
 class Endpoint:
@@ -94,9 +105,11 @@ class Endpoint:
 
     kind = "client"
 
-    def __init__(self, domain: str, socket_path: str | Path | None) -> None:
+    def __init__(self, domain: str, socket_path: str | Path | RelayAddress | None) -> None:
         self.logic: RelayLogic = logic_for(domain)
-        self.socket_path = Path(socket_path) if socket_path is not None else self.logic.socket_path
+        self.address = relay_address(socket_path, self.logic.socket_path)  # ValueError for one that is not
+        # What ``connect`` takes and errors name: the path of a Unix socket, else the address itself.
+        self.socket_path: Path | RelayAddress = self.address.path if self.address.path is not None else self.address
         self.domain = domain
 
     def _closed(self) -> RelayConnectionError:

@@ -36,14 +36,16 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from jitrelay.client.address import RelayAddress
 from jitrelay.client.encoder import DEFAULT_FLUSH_SIZE, Encoder, Link
 from jitrelay.client.errors import CLOSE_TIMEOUT, DISCARD_CHUNK, PublishTimeout, RelayConnectionError, connect
 from jitrelay.client.reconnect import Reconnect, ReconnectFailed, announce_lost, log, policy_for, retry, whole_from
+from jitrelay.client.records import RecordWriter
 from jitrelay.core import protocol
 from jitrelay.kernels.framer import Buffer
 
 
-class Publisher(Encoder):
+class Publisher(Encoder, RecordWriter):
     """Publish messages into a relay over its Unix socket.
 
     ``publish`` numbers messages from 0 unless given a ``sequence``, after
@@ -92,7 +94,7 @@ class Publisher(Encoder):
     def __init__(
         self,
         domain: str,
-        socket_path: str | Path | None = None,
+        socket_path: str | Path | RelayAddress | None = None,
         *,
         source: int = 0,
         checksum: bool | None = None,

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jitrelay.client.address import RelayAddress
 from jitrelay.client.errors import Endpoint, RelayConnectionError
 from jitrelay.client.reconnect import ReconnectFailed
 from jitrelay.client.shared_log import MappedStream
@@ -70,7 +71,7 @@ class SubscriberStream(Endpoint):
     def __init__(
         self,
         domain: str,
-        socket_path: str | Path | None,
+        socket_path: str | Path | RelayAddress | None,
         buffer_size: int,
         tlv_types: Iterable[int] | None,
         sources: Iterable[int] | None,
@@ -79,6 +80,10 @@ class SubscriberStream(Endpoint):
         shared_memory: bool = False,
     ) -> None:
         super().__init__(domain, socket_path)
+        if shared_memory and not self.address.is_unix:
+            raise ValueError(
+                f"shared memory needs the relay's Unix socket on this host; {self.address} is a network address"
+            )
         self._framer = MessageFramer(buffer_size)
         initial = _subscription(tlv_types, sources)  # before connecting: a bad value raises with nothing open
         self._selection = protocol.apply_control(protocol.EVERYTHING, initial) if initial else protocol.EVERYTHING

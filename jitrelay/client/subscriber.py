@@ -16,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from jitrelay.client.address import RelayAddress
 from jitrelay.client.errors import RelayConnectionError
 from jitrelay.client.errors import connect as _connect  # a module global, so that a test can stand in for it
 from jitrelay.client.reconnect import Reconnect, ReconnectFailed, announce_lost, log, policy_for, retry
+from jitrelay.client.records import RecordReader
 from jitrelay.client.shared_log import IDLE_CHECK_SECONDS, MappedStream
 from jitrelay.client.stream import SubscriberMode, SubscriberStream
 from jitrelay.core import protocol
@@ -64,7 +66,7 @@ def next_mapped(stream: SubscriberStream) -> np.ndarray | None:
     return stream._reading_mapping().poll()
 
 
-class Subscriber(SubscriberStream):
+class Subscriber(SubscriberStream, RecordReader):
     """Receive the messages the relay forwards, blocking: all of them, or those a subscription selects.
 
     With ``tlv_types`` and/or ``sources`` the relay sends only messages from
@@ -98,7 +100,7 @@ class Subscriber(SubscriberStream):
     def __init__(
         self,
         domain: str,
-        socket_path: str | Path | None = None,
+        socket_path: str | Path | RelayAddress | None = None,
         *,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         tlv_types: Iterable[int] | None = None,

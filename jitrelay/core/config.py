@@ -51,6 +51,38 @@ def parse_byte_count(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|min|h|d|w)\s*")
+_SECONDS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30min``, ``12h``, ``7d``, ``2w``: a positive number of seconds; ValueError for anything else."""
+    match = _DURATION.fullmatch(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"not a duration: {text!r} (examples: 90s, 30min, 12h, 7d, 2w)")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def parse_keep(text: str) -> tuple[int | None, float | None]:
+    """``7d``, ``20GiB`` or ``7d,20GiB``: how much journal to keep, as (bytes, seconds); ValueError if neither.
+
+    A duration ends in ``s``, ``min``, ``h``, ``d`` or ``w``; anything else must
+    be a byte count (``parse_byte_count``: ``m`` there means MiB).
+    """
+    keep_bytes, keep_seconds = None, None
+    for part in text.split(","):
+        if _DURATION.fullmatch(part):
+            keep_seconds = parse_duration(part)
+            continue
+        try:
+            keep_bytes = parse_byte_count(part)
+        except ValueError:
+            raise ValueError(f"not a journal limit: {part!r} (an age such as 7d, a size such as 20GiB)") from None
+        if keep_bytes == 0:
+            raise ValueError("the journal cannot keep 0 bytes")
+    return keep_bytes, keep_seconds
+
+
 def read_config(path: Path, domain: str) -> dict[str, Any]:
     """The overrides the TOML file at ``path`` makes for ``domain``; the whole file is checked, every table."""
     try:
@@ -202,7 +234,12 @@ def _converted(value: Any, hint: Any, key: str, byte_size: bool) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise _wrong_type(key, "a number", value)
+        if key.endswith("_seconds") and isinstance(value, str):
+            try:
+                return parse_duration(value)
+            except ValueError as exc:
+                raise ConfigError(f"{key!r}: {exc}") from None
+        raise _wrong_type(key, 'a number or a duration such as "7d"' if key.endswith("_seconds") else "a number", value)
     if hint is str:
         if isinstance(value, str):
             return value

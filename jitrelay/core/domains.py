@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from jitrelay.core import protocol
+from jitrelay.core import protocol, records
 from jitrelay.core.units import KiB, MiB
 
 # Checksum policies (PROTOCOL.md's domain table): not verified, verified when non-zero (zero means "not
@@ -102,13 +102,24 @@ class RelayLogic:
     journal_fsync: str = FSYNC_BATCH
     journal_rotate_bytes: int = 256 * MiB
     journal_on_error: str = JOURNAL_FORWARD
+    # Journal retention: delete the oldest whole segments while the journal holds more than this many bytes,
+    # or once last written more than this many seconds ago (never the segment being written). None: keep all.
+    journal_keep_bytes: int | None = None
+    journal_keep_seconds: float | None = None
     # Serve Prometheus metrics over HTTP on 127.0.0.1 at this port; None serves none.
     metrics_port: int | None = None
-    # TCP listeners beside the Unix socket, as ``tcp://HOST:PORT`` (port 0 picks a free one). TCP peers
-    # have no credentials, so instead of the uid/gid allow-list their address must be in one of
-    # ``allowed_networks``.
+    # TCP listeners beside the Unix socket, as ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (port 0 picks a
+    # free one). Network peers have no credentials, so instead of the uid/gid allow-list their address must
+    # be in one of ``allowed_networks``, and a TLS peer's certificate must name one of ``allowed_names``.
     listen: tuple[str, ...] = ()
     allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # The TLS listeners' certificate chain and key (PEM). With ``tls_client_ca`` a client must present a
+    # certificate that CA signed (mutual TLS); with ``allowed_names`` too, one whose subject CN or a DNS or
+    # URI subject alternative name is listed. None admits any client the CA signed.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    allowed_names: tuple[str, ...] | None = None
     # When the relay stops it writes its final figures here as one JSON object (``Figures``); None writes none.
     summary_file: Path | None = None
 
@@ -140,18 +151,42 @@ class RelayLogic:
             raise ValueError(f"journal_fsync must be one of {JOURNAL_FSYNC}, not {self.journal_fsync!r}")
         if self.journal_on_error not in JOURNAL_ON_ERROR:
             raise ValueError(f"journal_on_error must be one of {JOURNAL_ON_ERROR}, not {self.journal_on_error!r}")
+        if self.journal_keep_bytes is not None and self.journal_keep_bytes <= 0:
+            raise ValueError(f"journal_keep_bytes must be positive, not {self.journal_keep_bytes}")
+        if self.journal_keep_seconds is not None and not self.journal_keep_seconds > 0:
+            raise ValueError(f"journal_keep_seconds must be positive, not {self.journal_keep_seconds}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be a TCP port (0..65535), not {self.metrics_port}")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
-        for address in self.listen:
-            parse_listen(address)
+        self._check_tls()
         try:
             self._networks = tuple(ipaddress.ip_network(net, strict=False) for net in self.allowed_networks)
         except ValueError as exc:
             raise ValueError(f"allowed_networks: {exc}") from None
         self.buffer_size = max(self.buffer_size, 2 * (protocol.HEADER_SIZE + self.max_payload))
         self.log_size = max(self.log_size, 2 * self.buffer_size)
+
+    def _check_tls(self) -> None:
+        """Refuse TLS settings that cannot work together; ValueError."""
+        schemes = {parse_listener(address)[0] for address in self.listen}
+        if TLS in schemes and (self.tls_cert is None or self.tls_key is None):
+            raise ValueError("a tls:// listener needs tls_cert and tls_key (--tls-cert, --tls-key)")
+        if self.allowed_names is not None and self.tls_client_ca is None:
+            raise ValueError("allowed_names needs tls_client_ca (--tls-client-ca): without it no name is verified")
+        if (self.tls_client_ca is not None or self.allowed_names is not None) and TLS not in schemes:
+            raise ValueError("tls_client_ca and allowed_names apply to tls:// listeners, and none is given")
+
+    @property
+    def verifies_clients(self) -> bool:
+        """Whether TLS clients must present a certificate the client CA signed (mutual TLS)."""
+        return self.tls_client_ca is not None
+
+    def admits_names(self, names: tuple[str, ...]) -> bool:
+        """Whether a TLS peer whose verified certificate carries ``names`` (CN, DNS and URI SANs) may connect."""
+        if self.allowed_names is None:
+            return True
+        return any(name in self.allowed_names for name in names)
 
     def admits(self, uid: int, gid: int) -> bool:
         """Whether a peer with these credentials may connect."""
@@ -172,6 +207,11 @@ class RelayLogic:
         for lo, hi in self.tlv_ranges + ((protocol.VENDOR_TLV_RANGE,) if self.vendor_types else ()):
             allowed[lo : hi + 1] = 1
         return allowed
+
+    def record_types(self) -> tuple[int, ...]:
+        """The TLV types this domain carries that have a record layout (``core.records``): what it can decode."""
+        allowed = self.type_allowed()
+        return tuple(t for t in records.LAYOUTS if allowed[t])
 
     def version_allowed(self) -> np.ndarray:
         """One byte per header version, 1 where this relay accepts it: the scan's table."""
@@ -242,16 +282,29 @@ class SystemLogic(RelayLogic):
     max_connections: int = 1000
 
 
-def parse_listen(address: str) -> tuple[str, int]:
-    """``tcp://HOST:PORT`` (``tcp://[::1]:PORT`` for IPv6) as ``(host, port)``; ValueError for anything else."""
+TCP = "tcp"
+TLS = "tls"
+LISTEN_SCHEMES = (TCP, TLS)
+
+
+def parse_listener(address: str) -> tuple[str, str, int]:
+    """``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (``[::1]`` for IPv6) as ``(scheme, host, port)``; else ValueError."""
     url = urllib.parse.urlsplit(address)
     try:
         port = url.port
     except ValueError:
         port = None
-    if url.scheme != "tcp" or not url.hostname or port is None or url.path or url.query or url.fragment:
-        raise ValueError(f"not a TCP listen address: {address!r} (examples: tcp://127.0.0.1:7001, tcp://[::1]:7001)")
-    return url.hostname, port
+    if url.scheme not in LISTEN_SCHEMES or not url.hostname or port is None or url.path or url.query or url.fragment:
+        raise ValueError(
+            f"not a TCP listen address: {address!r} (examples: tcp://127.0.0.1:7001, tcp://[::1]:7001, "
+            "tls://0.0.0.0:7443)"
+        )
+    return url.scheme, url.hostname, port
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """``parse_listener``'s ``(host, port)``, whichever the scheme."""
+    return parse_listener(address)[1:]
 
 
 LOGICS: dict[str, type[RelayLogic]] = {

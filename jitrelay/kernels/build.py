@@ -80,10 +80,29 @@ SEND_SIGNATURES: dict[str, str] = {
     "send_all": f"int64({_INTS}, int64, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS})",
 }
 
+# The typed-record loops (``record_loops.py``), exported under these names.
+RECORD_SIGNATURES: dict[str, tuple[str, str]] = {
+    "record_gather": (
+        "gather",
+        f"int64({_BYTES}, int64, int64, int64, {_BYTES}, uint64[::1], uint64[::1], {_BYTES}, {_INTS})",
+    ),
+    "record_uniform": ("uniform", f"int64({_BYTES}, int64, int64, int64)"),
+    "record_scatter": (
+        "scatter",
+        f"int64({_BYTES}, int64, int64, {_BYTES}, {_BYTES}, int64, {_INTS}, boolean, {_CRC_TABLES})",
+    ),
+}
+
 BUILD_TIMEOUT = 600.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # numba colours its errors
 _PACKAGE = Path(__file__).resolve().parents[1]
-_SOURCES = ("kernels/loops.py", "kernels/send_loop.py", "core/protocol.py", "kernels/build.py")
+_SOURCES = (
+    "kernels/loops.py",
+    "kernels/send_loop.py",
+    "kernels/record_loops.py",
+    "core/protocol.py",
+    "kernels/build.py",
+)
 PACKAGED_NAME = "_compiled"  # jitrelay/kernels/_compiled<EXT_SUFFIX>, built with the package
 _SCRATCH = ".build-"  # <module name>.build-XXXX: a build in progress, or the leftover of an interrupted one
 
@@ -321,7 +340,7 @@ def build_into(folder: str, name: str, *, portable: bool = False) -> None:
     warnings.simplefilter("ignore", NumbaPendingDeprecationWarning)  # pycc's notice; it is still maintained
     from numba.pycc import CC
 
-    from jitrelay.kernels import loops, send_loop
+    from jitrelay.kernels import loops, record_loops, send_loop
 
     class LinkedCC(CC):
         """pycc, linking zlib too: the loops call its ``crc32``."""
@@ -337,6 +356,8 @@ def build_into(folder: str, name: str, *, portable: bool = False) -> None:
         cc.export(export, signature)(getattr(loops, export).py_func)
     for export, signature in SEND_SIGNATURES.items():
         cc.export(export, signature)(getattr(send_loop, export).py_func)
+    for export, (function, signature) in RECORD_SIGNATURES.items():
+        cc.export(export, signature)(getattr(record_loops, function).py_func)
     if portable:
         cc.export("build_digest", "int64()")(_digest_function(packaged_digest()))
     cc.compile()

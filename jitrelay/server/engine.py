@@ -47,6 +47,7 @@ from jitrelay.server.figures import Figures
 from jitrelay.server.journal import Journal, Replay, find_replay
 from jitrelay.server.log import RelayLog
 from jitrelay.server.shared_memory import SharedLogMemory
+from jitrelay.server.tls import TlsPeer
 from jitrelay.server.unread import Unjudgeable, peer_unread_bytes
 
 log = logging.getLogger("jitrelay.relay")
@@ -66,9 +67,10 @@ _PEERCRED = struct.Struct("3i")
 class Connection(asyncio.BufferedProtocol):
     """One client connection: a publisher, a subscriber, or both; as a subscriber, a cursor into the log."""
 
-    def __init__(self, relay: Relay, conn_id: int):
+    def __init__(self, relay: Relay, conn_id: int, tls_peer: TlsPeer | None = None):
         self.relay = relay
         self.conn_id = conn_id
+        self.tls_peer = tls_peer  # a peer the TLS front admitted: it reaches the engine over a socketpair
         # Set by ``connection_made``, before the event loop calls anything else of the protocol's.
         self.transport: asyncio.Transport
         self.peer = f"conn={conn_id}"
@@ -123,7 +125,11 @@ class Connection(asyncio.BufferedProtocol):
         # TCP peers have no credentials: their address, checked against the allowed networks, stands in for them.
         self.address: str | None = None
         refusal = None
-        if tcp:
+        if self.tls_peer is not None:  # checked by the TLS front (``server.tls``): address, then certificate names
+            self.address = self.tls_peer.host
+            self.peer = f"conn={self.conn_id} tls {self.tls_peer.label}"
+            tcp = True  # a network peer from here on, except that its socket is the socketpair's
+        elif tcp:
             host, port = transport.get_extra_info("peername")[:2]
             self.address = host
             self.peer = f"conn={self.conn_id} addr={f'[{host}]' if ':' in host else host}:{port}"
@@ -151,7 +157,7 @@ class Connection(asyncio.BufferedProtocol):
         with contextlib.suppress(OSError):
             self.spare.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             self.spare.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-            if tcp:
+            if sock.family != socket.AF_UNIX:
                 self.spare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.relay.add(self)
 
@@ -300,9 +306,9 @@ class Relay:
             return f"connection limit {self.logic.max_connections} reached"
         return None
 
-    def new_connection(self) -> Connection:
+    def new_connection(self, tls_peer: TlsPeer | None = None) -> Connection:
         self._next_id += 1
-        return Connection(self, self._next_id)
+        return Connection(self, self._next_id, tls_peer)
 
     # membership
 
@@ -722,6 +728,12 @@ class Relay:
         replay, log_ = conn.replay, self.log
         assert replay is not None
         chunk = replay.next_chunk(log_.epoch, log_.tail)
+        gap = replay.take_gap()
+        if gap is not None:  # journal retention deleted part of what it resumes from: told exactly, as the log does
+            conn.prefix += protocol.gap_notice(gap)
+            conn.replay_epoch = 0  # a position notice says where the journal picks up
+            self.gap_notices += 1
+            log.warning("%s: the journal no longer holds what it resumes from: told of %s", conn.peer, gap)
         if chunk is None:
             at = replay.offset if replay.epoch == log_.epoch else log_.tail
             replay.close()

@@ -7,11 +7,12 @@ import concurrent.futures
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from typing import TypeVar
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from jitrelay.core.histogram import bucket_floor
@@ -78,11 +79,49 @@ def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> T:
         raise
 
 
-def serve_http(registry: CollectorRegistry, port: int) -> tuple[WSGIServer, threading.Thread]:
-    """Serve ``registry`` on http://127.0.0.1:PORT/metrics (0 picks a port); an OSError that names the address."""
+# A check served beside /metrics (``/healthz``, ``/readyz``): whether all is well, and a line saying why.
+Check = Callable[[], tuple[bool, str]]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No line per request on stderr: probes come every few seconds."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class names it so
+        pass
+
+
+def _app(registry: CollectorRegistry, checks: Mapping[str, Check]) -> Callable[..., Iterable[bytes]]:
+    """Prometheus's WSGI app, with each check answering 200 or 503 and its line of text at its own path."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        check = checks.get(environ.get("PATH_INFO", ""))
+        if check is None:
+            return metrics(environ, start_response)
+        ok, text = check()
+        body = (text + "\n").encode()
+        status = "200 OK" if ok else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def serve_http(
+    registry: CollectorRegistry, port: int, checks: Mapping[str, Check] | None = None
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve ``registry`` on http://127.0.0.1:PORT/metrics (0 picks a port), and ``checks`` at their paths.
+
+    The server answers on its own threads, whatever the event loop does; an
+    OSError names the address.
+    """
     try:
-        server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+        server = make_server(
+            "127.0.0.1", port, _app(registry, checks or {}), ThreadingWSGIServer, handler_class=_QuietHandler
+        )
     except OSError as exc:
         raise OSError(exc.errno, f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}") from exc
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
     log.info("metrics on http://127.0.0.1:%d/metrics", server.server_port)
     return server, thread

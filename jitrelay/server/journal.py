@@ -45,6 +45,7 @@ from jitrelay.core import protocol
 from jitrelay.core.domains import FSYNC_BATCH, FSYNC_EVERY, FSYNC_NONE, RelayLogic, checksum_expected
 from jitrelay.core.domains import JOURNAL_FSYNC as FSYNC_POLICIES
 from jitrelay.core.units import MiB
+from jitrelay.server import retention
 
 log = logging.getLogger("jitrelay.journal")
 
@@ -75,6 +76,8 @@ class Journal:
         fsync: str = RelayLogic.journal_fsync,
         rotate_bytes: int = RelayLogic.journal_rotate_bytes,
         sync_interval: float = 0.05,
+        keep_bytes: int | None = None,
+        keep_seconds: float | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
@@ -82,6 +85,8 @@ class Journal:
             raise ValueError("rotate_bytes must be positive")
         if sync_interval < 0:
             raise ValueError("sync_interval must not be negative")
+        if (keep_bytes is not None and keep_bytes <= 0) or (keep_seconds is not None and keep_seconds <= 0):
+            raise ValueError("keep_bytes and keep_seconds must be positive")
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"not a journal name: {name!r}")
         self.directory = Path(directory)
@@ -89,6 +94,10 @@ class Journal:
         self.fsync = fsync
         self.rotate_bytes = rotate_bytes
         self.sync_interval = sync_interval
+        self.keep_bytes = keep_bytes
+        self.keep_seconds = keep_seconds
+        self.failure: str | None = None  # why the last append or fsync failed; None once one succeeds again
+        self.segments_deleted = 0
         self.bytes_written = 0
         self.messages = 0  # counted from ``append(..., count=n)``; 0 if callers do not pass counts
         self._fd = -1
@@ -135,9 +144,11 @@ class Journal:
             self._positioned = True
         try:
             _write_all(self._fd, views)
-        except BaseException:
+        except BaseException as exc:
+            self.failure = f"append to {self._path} failed: {exc}"
             self._undo_partial_write()
             raise
+        self.failure = None
         self._size += total
         self.bytes_written += total
         if count is not None:
@@ -183,8 +194,31 @@ class Journal:
     def __repr__(self) -> str:
         return f"<Journal {self._path} fsync={self.fsync} {self.bytes_written} bytes written>"
 
+    @property
+    def keeps_all(self) -> bool:
+        """Whether no retention limit is set: the journal never deletes a segment."""
+        return self.keep_bytes is None and self.keep_seconds is None
+
+    def prune(self, now: float | None = None) -> list[Path]:
+        """Delete whole old segments over ``keep_bytes`` or ``keep_seconds``, never the one being written.
+
+        Called after each rotation and, for the age limit, every so often by
+        the relay; each deletion is logged (``retention.prune``).
+        """
+        if self.keeps_all or self._fd < 0:
+            return []
+        paths = [path for path, _ in _segments_named(self.directory, self.name)]
+        when = time.time() if now is None else now
+        deleted = retention.prune(paths, self._path, self.keep_bytes, self.keep_seconds, when)
+        self.segments_deleted += len(deleted)
+        return deleted
+
     def _sync(self) -> None:
-        os.fsync(self._fd)
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.failure = f"fsync of {self._path} failed: {exc}"
+            raise
         self._unsynced = False
         self._last_sync = time.monotonic()
 
@@ -211,6 +245,10 @@ class Journal:
         finally:  # even when the old segment's fsync failed, later appends get a segment of their own
             self._unsynced = False
             self._open_next()
+        try:
+            self.prune()
+        except OSError as exc:  # retention must never refuse an append
+            log.error("journal retention: cannot list %s: %s", self.directory, exc)
 
     def _undo_partial_write(self) -> None:
         """Cut the segment back to its last whole append, so that no torn message precedes later ones."""
@@ -220,7 +258,7 @@ class Journal:
             self._broken = True
 
 
-POSITION_SUFFIX = ".position"
+POSITION_SUFFIX = retention.POSITION_SUFFIX
 CHUNK_BYTES = 1 * MiB  # what a replay reads from a segment at once
 
 
@@ -253,12 +291,25 @@ class Replay:
     the journal's end); positions move on across restarts (epochs).
     """
 
-    def __init__(self, segments: list[tuple[Path, int, int, int]], start: int, offset: int, message: int) -> None:
+    def __init__(
+        self,
+        segments: list[tuple[Path, int, int, int]],
+        start: int,
+        offset: int,
+        message: int,
+        gap: protocol.Gap | None = None,
+    ) -> None:
         self._segments = segments[start:]
         path, epoch, first, _ = self._segments[0]
         self._file = open(path, "rb")  # noqa: SIM115 - read across many calls, closed by close()
         self._file.seek(offset - first)
         self.epoch, self.offset, self.message = epoch, offset, message
+        self._gap = gap  # history retention deleted before the replay reached it, to be told before the rest
+
+    def take_gap(self) -> protocol.Gap | None:
+        """The gap to tell the subscriber of before the next chunk (segments deleted by retention), once."""
+        gap, self._gap = self._gap, None
+        return gap
 
     def next_chunk(self, current: int, until: int, limit: int = CHUNK_BYTES) -> bytes | None:
         """Whole messages from the position reached, at most ``limit`` bytes, not past ``until`` of ``current``."""
@@ -284,12 +335,26 @@ class Replay:
         self.message += kernels.frame(np.frombuffer(data, dtype=np.uint8))[0]
 
     def _next_segment(self) -> bool:
+        """Open the next segment; segments retention deleted are skipped, and the history lost is a gap.
+
+        Within an epoch a segment starts where the one before ended, so a
+        jump in offsets is exactly what was deleted; deleted segments between
+        epochs leave the count unknown.
+        """
         self._file.close()
-        self._segments = self._segments[1:]
-        if not self._segments:
-            return False
-        path, epoch, offset, message = self._segments[0]
-        self._file = open(path, "rb")  # noqa: SIM115
+        skipped = False
+        while True:
+            self._segments = self._segments[1:]
+            if not self._segments:
+                return False
+            path, epoch, offset, message = self._segments[0]
+            try:
+                self._file = open(path, "rb")  # noqa: SIM115
+                break
+            except FileNotFoundError:
+                skipped = True
+        if (skipped and epoch != self.epoch) or (epoch == self.epoch and offset != self.offset):
+            self._gap = missing_history(self.epoch, self.offset, self.message, epoch, offset, message)
         self.epoch, self.offset, self.message = epoch, offset, message
         return True
 
@@ -303,7 +368,11 @@ def _whole_prefix(data: bytes) -> int:
 
 
 def find_replay(directory: Path, name: str, epoch: int, offset: int, message: int) -> Replay | None:
-    """A replay of journal ``name`` from ``(epoch, offset)`` if the journal holds that position, else None."""
+    """A replay of journal ``name`` from ``(epoch, offset)`` if the journal holds that position, else None.
+
+    A position in a segment retention has deleted replays from the oldest
+    segment kept of its epoch, with the exact gap (``Replay.take_gap``).
+    """
     segments = segment_positions(directory, name)
     best = None
     for i, (path, segment_epoch, first, _) in enumerate(segments):
@@ -312,9 +381,23 @@ def find_replay(directory: Path, name: str, epoch: int, offset: int, message: in
             last_of_epoch = following is None or following[1] != epoch or offset <= following[2]
             if last_of_epoch and offset - first <= path.stat().st_size:
                 best = i
-    if best is None:
+    if best is not None:
+        return Replay(segments, best, offset, message)
+    kept = next((i for i, segment in enumerate(segments) if segment[1] == epoch and segment[2] > offset), None)
+    if kept is None:
         return None
-    return Replay(segments, best, offset, message)
+    # Retention deleted the segment that held the position: the rest of the epoch from the oldest kept one.
+    _, _, first, number = segments[kept]
+    return Replay(segments, kept, first, number, missing_history(epoch, offset, message, epoch, first, number))
+
+
+def missing_history(
+    epoch: int, offset: int, message: int, to_epoch: int, to_offset: int, to_message: int
+) -> protocol.Gap:
+    """The gap between a position and the next one the journal holds: exact within an epoch, unknown across."""
+    if epoch != to_epoch:
+        return protocol.Gap(protocol.GAP_UNKNOWN_EPOCH, protocol.UNKNOWN, protocol.UNKNOWN)
+    return protocol.Gap(protocol.GAP_LEFT_LOG, to_message - message, to_offset - offset)
 
 
 def _write_all(fd: int, views: list[memoryview]) -> None:
@@ -413,7 +496,7 @@ def read_segment(path: Path) -> Iterator[protocol.Message]:
             count, consumed, fault = kernels.frame(np.frombuffer(pending, dtype=np.uint8))
             pos = 0
             for _ in range(count):
-                message, pos = _decode(pending, pos, path, base)
+                message, pos = decode_at(pending, pos, path, base)
                 yield message
             if fault != protocol.NO_FAULT:
                 magic = pending[consumed : consumed + 4].hex()
@@ -435,7 +518,8 @@ def read_segment(path: Path) -> Iterator[protocol.Message]:
             )
 
 
-def _decode(data: bytes, pos: int, path: Path, base: int) -> tuple[protocol.Message, int]:
+def decode_at(data: bytes, pos: int, path: Path, base: int) -> tuple[protocol.Message, int]:
+    """The message at ``pos`` of ``data`` (``path`` from offset ``base``), checked; ProtocolError if not."""
     try:
         message, end = protocol.decode_message(data, pos)
     except protocol.ProtocolError as exc:

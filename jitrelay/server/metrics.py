@@ -44,6 +44,7 @@ from jitrelay.server.exposition import (
     serve_http,
 )
 from jitrelay.server.figures import Figures
+from jitrelay.server.health import Health
 from jitrelay.server.sockets import RelayAlreadyRunning, bind_socket
 
 log = logging.getLogger("jitrelay.metrics")
@@ -241,18 +242,20 @@ def _timing_families(figures: Figures) -> Iterator[Metric]:
 class RelayCollector(Collector):
     """Builds the relay's metric families at scrape time from a snapshot taken on the event loop."""
 
-    def __init__(self, read: Callable[[], Figures], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, read: Callable[[], Figures | None], loop: asyncio.AbstractEventLoop) -> None:
         self.read = read
         self.loop = loop
         self._loop_thread = threading.get_ident()  # made on the loop's thread
 
-    def snapshot(self) -> Figures:
+    def snapshot(self) -> Figures | None:
+        """The relay's figures, or None while it is still starting (before it has any)."""
         if threading.get_ident() == self._loop_thread:
             return self.read()
         return call_on_loop(self.loop, self.read)
 
     def collect(self) -> Iterator[Metric]:
-        return metric_families(self.snapshot())
+        figures = self.snapshot()
+        return iter(()) if figures is None else metric_families(figures)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # registering must not take a snapshot
@@ -310,7 +313,7 @@ class RelayMetrics:
     the event-loop thread, and through the relay's configuration.
     """
 
-    def __init__(self, logic: RelayLogic, read: Callable[[], Figures], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, logic: RelayLogic, read: Callable[[], Figures | None], loop: asyncio.AbstractEventLoop) -> None:
         self.logic = logic
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(RelayCollector(read, loop))
@@ -322,19 +325,23 @@ class RelayMetrics:
         self.http_port: int | None = None
 
     @classmethod
-    async def start(cls, logic: RelayLogic, read: Callable[[], Figures]) -> RelayMetrics:
-        """Serve the control socket (a warning if it cannot be made) and the HTTP endpoint (an OSError if not)."""
+    async def start(
+        cls, logic: RelayLogic, read: Callable[[], Figures | None], health: Health | None = None
+    ) -> RelayMetrics:
+        """Serve the HTTP endpoint (an OSError if it cannot) and the control socket (a warning if it cannot).
+
+        The HTTP endpoint comes first, and with ``health`` it answers
+        ``/healthz`` and ``/readyz`` too: started before the relay loads its
+        kernels, it says "not ready" until every listener accepts.
+        """
         loop = asyncio.get_running_loop()
         metrics = cls(logic, read, loop)
-        await metrics._serve_stats(loop)
         port = logic.metrics_port
         if port is not None:
-            try:
-                metrics._http = serve_http(metrics.registry, port)
-            except OSError:
-                await metrics.close()
-                raise
+            checks = {} if health is None else {"/healthz": health.liveness, "/readyz": health.readiness}
+            metrics._http = serve_http(metrics.registry, port, checks)
             metrics.http_port = metrics._http[0].server_port
+        await metrics._serve_stats(loop)
         return metrics
 
     async def _serve_stats(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -100,6 +100,26 @@ def _meta_leader(node: NatsNode) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class NatsTls:
+    """TLS for a cluster's clients: the servers' certificate and key, and the CA whose client certificates they take.
+
+    With ``verify`` a client must present a certificate that CA signed (mutual TLS).
+    """
+
+    cert: Path
+    key: Path
+    ca: Path
+    verify: bool = True
+
+    def config(self) -> str:
+        """The ``tls`` block of a nats-server configuration file."""
+        return (
+            f'tls {{\n  cert_file: "{self.cert}"\n  key_file: "{self.key}"\n  ca_file: "{self.ca}"\n'
+            f"  verify: {str(self.verify).lower()}\n  timeout: 5\n}}\n"
+        )
+
+
 class NatsCluster:
     """``size`` nats-server processes on 127.0.0.1, each with routes to all the others.
 
@@ -115,6 +135,7 @@ class NatsCluster:
         max_payload: int | None = None,
         max_pending: int | None = None,
         jetstream: bool = False,
+        tls: NatsTls | None = None,
     ):
         if size < 1:
             raise ValueError("a cluster needs at least one node")
@@ -124,6 +145,7 @@ class NatsCluster:
         # Bytes a server queues for one client before it drops it as a slow consumer; None keeps theirs (64 MiB).
         self.max_pending = max_pending
         self.jetstream = jetstream  # wait for a JetStream meta leader at start and restart
+        self.tls = tls  # clients must speak TLS (routes between the nodes stay plain, on loopback)
         self.executable = executable or nats_server_path()
         self.folder: Path | None = None
         self.nodes: list[NatsNode] = []
@@ -192,6 +214,8 @@ class NatsCluster:
             command += ["--routes", routes]
         settings = {"max_payload": self.max_payload, "max_pending": self.max_pending}
         lines = [f"{key}: {value}\n" for key, value in settings.items() if value is not None]
+        if self.tls is not None:
+            lines.append(self.tls.config())
         if lines:
             config = node.log_path.with_suffix(".conf")
             config.write_text("".join(lines))

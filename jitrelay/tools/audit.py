@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from jitrelay.core import protocol
@@ -21,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--since", type=time_ns_arg, metavar="T", help="messages stamped at or after T (ns or ISO-8601)"
     )
     parser.add_argument("--until", type=time_ns_arg, metavar="T", help="messages stamped before T")
+    parser.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep printing the messages appended to a journal being written, until SIGINT or SIGTERM",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,11 +37,12 @@ def run(args: argparse.Namespace) -> int:
     A corrupt or unreadable journal is reported on stderr, not raised; a
     reader that closes stdout early ends the command quietly.
     """
-    from jitrelay.server.journal import read_journal  # the journal reader loads only for this command
-
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="jitrelay audit: %(message)s")
     try:
-        messages = read_journal(args.path, since_ns=args.since, until_ns=args.until)
+        messages = _messages(args)
+    except ValueError as exc:
+        print(f"jitrelay audit: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
         print(f"jitrelay audit: {reason}", file=sys.stderr)
@@ -52,3 +61,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"jitrelay audit: cannot read {args.path}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _messages(args: argparse.Namespace) -> Iterator[protocol.Message]:
+    """The journal's messages; with ``--follow``, then those appended later, until SIGINT or SIGTERM."""
+    from jitrelay.server.journal import read_journal  # the journal reader loads only for this command
+
+    if not args.follow:
+        return read_journal(args.path, since_ns=args.since, until_ns=args.until)
+    from jitrelay.server.journal_follow import follow_journal
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return follow_journal(args.path, stop.is_set, args.since, args.until, idle=sys.stdout.flush)

@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--core", dest="jetstream", action="store_const", const=False, help="core NATS, at most once (the default else)"
     )
     parser.add_argument("--host", help="this host's name in the stream and its durable consumer's (the host name)")
+    parser.add_argument(
+        "--nats-creds", type=Path, metavar="FILE", help="NATS credentials file (user JWT and NKey seed, as nsc writes)"
+    )
+    parser.add_argument("--tls-ca", type=Path, metavar="PEM", help="use TLS to NATS; the servers' CA")
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="TLS client certificate for servers that verify")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the TLS client certificate's key")
     _jetstream_arguments(parser)
     add_metrics_port(parser)
     add_log_options(parser)
@@ -116,6 +122,10 @@ _BRIDGE_OPTIONS = (
     "reconnect_buffer",
     "nats_pending_limit",
     "max_payload",
+    "nats_creds",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
 )
 _STREAM_OPTIONS = ("replicas", "max_age", "max_bytes", "duplicate_window", "max_in_flight")
 

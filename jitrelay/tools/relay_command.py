@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jitrelay.core.config import ConfigError, build_logic, format_byte_count, read_config
+from jitrelay.core.config import ConfigError, build_logic, format_byte_count, parse_keep, read_config
 from jitrelay.core.domains import CHECKSUM_POLICIES, JOURNAL_FSYNC, JOURNAL_ON_ERROR, SLOW_POLICIES, RelayLogic
 from jitrelay.tools.options import (
     add_metrics_port,
@@ -26,6 +26,15 @@ from jitrelay.tools.options import (
 )
 from jitrelay.tools.output import add_log_options, configure_logging
 from jitrelay.tools.usage import UsageError
+
+
+def journal_keep(text: str) -> tuple[int | None, float | None]:
+    """``--journal-keep``'s value: (bytes, seconds) to keep, either None."""
+    try:
+        return parse_keep(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 
 _BYTES: dict[str, Any] = {"type": byte_count, "metavar": "BYTES"}  # an option taking a byte count, such as 64KiB
 
@@ -64,6 +73,11 @@ _JOURNAL_OPTIONS: dict[str, dict[str, Any]] = {
         help="when an append fails: hold publishers and retry, forwarding nothing unjournaled (pause; the "
         "execution relay's default), or forward anyway and count it (forward)",
     ),
+    "--journal-keep": dict(
+        type=journal_keep,
+        metavar="LIMIT",
+        help="delete the oldest whole segments beyond an age (7d, 12h), a size (20GiB) or both (7d,20GiB)",
+    ),
     "--no-journal": dict(action="store_true", help="do not journal forwarded messages"),
 }
 # After ``--metrics-port``: TCP clients, and the figures written on stopping.
@@ -71,7 +85,18 @@ _OUTWARD_OPTIONS: dict[str, dict[str, Any]] = {
     "--listen": dict(
         action="append",
         metavar="tcp://HOST:PORT",
-        help="also accept TCP clients here (repeatable; port 0 picks a free port)",
+        help="also accept TCP clients here, or TLS clients with tls://HOST:PORT (repeatable; port 0 picks a free port)",
+    ),
+    "--tls-cert": dict(type=Path, metavar="PEM", help="the TLS listeners' certificate chain"),
+    "--tls-key": dict(type=Path, metavar="PEM", help="the TLS listeners' private key"),
+    "--tls-client-ca": dict(
+        type=Path, metavar="PEM", help="TLS clients must present a certificate this CA signed (mutual TLS)"
+    ),
+    "--allow-name": dict(
+        action="append",
+        metavar="NAME",
+        help="admit TLS clients whose certificate names NAME as subject CN or DNS/URI SAN (repeatable; "
+        "needs --tls-client-ca)",
     ),
     "--summary-file": dict(
         type=Path,
@@ -131,6 +156,9 @@ _FIELD_OPTIONS = {
     "versions": "versions",
     "checksum": "checksum",
     "domain_id": "domain_id",
+    "tls_cert": "tls_cert",
+    "tls_key": "tls_key",
+    "tls_client_ca": "tls_client_ca",
 }
 
 
@@ -150,10 +178,18 @@ def relay_overrides(args: argparse.Namespace) -> dict[str, object]:
     if args.journal_dir is not None:
         overrides["journal"] = True
         overrides["journal_dir"] = args.journal_dir
+    if args.journal_keep is not None:
+        keep_bytes, keep_seconds = args.journal_keep
+        if keep_bytes is not None:
+            overrides["journal_keep_bytes"] = keep_bytes
+        if keep_seconds is not None:
+            overrides["journal_keep_seconds"] = keep_seconds
     if args.no_journal:
         overrides["journal"] = False
     if args.listen is not None:
         overrides["listen"] = tuple(args.listen)
+    if args.allow_name is not None:
+        overrides["allowed_names"] = tuple(args.allow_name)
     if args.allow_network is not None:
         overrides["allowed_networks"] = tuple(args.allow_network)
     if args.no_vendor_types:

@@ -12,6 +12,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from jitrelay.core import protocol
+from jitrelay.core.record_text import describe_record, record_fields
 
 
 def type_name(tlv_type: int) -> str:
@@ -26,32 +27,48 @@ def header_time(timestamp_ns: int) -> str:
 
 
 def format_message(message: protocol.Message, names: bool = False) -> str:
-    """One line: header time (UTC), domain, source, sequence, size, then each record as type:hexvalue.
+    """One line: header time (UTC), domain, source, sequence, size, then each record.
 
-    With ``names`` a record's type is shown by name (``trade:01ab``), so a
-    person reading a tap need not know the numbers.
+    A record Torq gives a layout (of its length) is shown by field
+    (``trade asset=BTC price=57342.10000000 ...``, see ``core.record_text``);
+    any other as type:hexvalue, its type by name with ``names``
+    (``type17:01ab``), so a person reading a tap need not know the numbers.
     """
     head = message.header
     domain = protocol.DOMAIN_NAMES.get(head.relay_domain, str(head.relay_domain))
     records = " ".join(
-        f"{type_name(tlv_type) if names else tlv_type}:{value.hex()}" for tlv_type, value in message.records
+        describe_record(tlv_type, value) or f"{type_name(tlv_type) if names else tlv_type}:{value.hex()}"
+        for tlv_type, value in message.records
     )
     stamp = header_time(head.timestamp_ns)
     return f"{stamp} {domain} source={head.source} seq={head.sequence} size={len(message.raw)} {records}".rstrip()
 
 
 def message_fields(message: protocol.Message, names: bool = False) -> dict[str, object]:
-    """Every header field, the header time as text, the records in hex, and whether the checksum holds."""
+    """Every header field, the header time as text, the records, and whether the checksum holds.
+
+    Each record has its type, its value in hex and, when Torq gives its type
+    a layout of its length, its name and ``fields``: every field by Torq's
+    name with the integer exactly as on the wire (``core.record_text``).
+    """
     head = message.header
     fields: dict[str, object] = {name: getattr(head, name) for name in protocol.HEADER_FIELDS}
     fields["time"] = header_time(head.timestamp_ns)
     fields["domain"] = protocol.DOMAIN_NAMES.get(head.relay_domain, str(head.relay_domain))
-    if names:
-        fields["records"] = [{"type": t, "name": type_name(t), "value_hex": v.hex()} for t, v in message.records]
-    else:
-        fields["records"] = [{"type": t, "value_hex": v.hex()} for t, v in message.records]
+    fields["records"] = [_record_json(t, v, names) for t, v in message.records]
     fields["checksum_ok"] = message.checksum_ok
     return fields
+
+
+def _record_json(tlv_type: int, value: bytes, names: bool) -> dict[str, object]:
+    decoded = record_fields(tlv_type, value)
+    shown: dict[str, object] = {"type": tlv_type}
+    if names or decoded is not None:
+        shown["name"] = type_name(tlv_type)
+    if decoded is not None:
+        shown["fields"] = decoded
+    shown["value_hex"] = value.hex()
+    return shown
 
 
 def message_json(message: protocol.Message, names: bool = False) -> str:

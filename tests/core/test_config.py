@@ -150,6 +150,16 @@ BAD_FILES = [
     ("[market_data]\nmax_connections = 0", "max_connections must be at least 1"),
     ("slow_timeout = 0", "slow_timeout must be positive"),
     ('max_payload = "4GiB"', "max_payload must fit in 32 bits"),
+    (
+        'journal_keep_seconds = "7 days"',
+        "'journal_keep_seconds': not a duration: '7 days' (examples: 90s, 30min, 12h, 7d, 2w)",
+    ),
+    (
+        "journal_keep_seconds = true",
+        "'journal_keep_seconds' must be a number or a duration such as \"7d\", not a boolean",
+    ),
+    ("journal_keep_seconds = 0", "journal_keep_seconds must be positive, not 0.0"),
+    ("journal_keep_bytes = 0", "journal_keep_bytes must be positive, not 0"),
 ]
 
 
@@ -255,8 +265,9 @@ def changed(domain: str) -> RelayLogic:
         "journal_rotate_bytes": 1536,
         "journal_on_error": "forward" if default.journal_on_error == "pause" else "pause",
         "metrics_port": 9187,
-        "listen": ("tcp://127.0.0.1:7001", "tcp://[::1]:7002"),
+        "listen": ("tcp://127.0.0.1:7001", "tcp://[::1]:7002", "tls://0.0.0.0:7443"),
         "allowed_networks": ("10.0.0.0/8",),
+        "allowed_names": ("oms.prod", "spiffe://prod/bridge"),
     }
     knobs = {f.name for f in dataclasses.fields(default)}
     values = {name: value for name, value in values.items() if name in knobs}
@@ -372,3 +383,44 @@ def test_the_documented_example_file_is_valid(tmp_path: Path) -> None:
     assert execution.socket_path == Path("/run/trading/execution.sock")
     assert (execution.pending_high, execution.pending_low, execution.allowed_uids) == (16 * MiB, 4 * MiB, (1001, 1002))
     assert logic_from("market_data", "--config", str(relay_toml)).max_payload == 256 * KiB
+
+
+# --- journal retention ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "keep_bytes", "keep_seconds"),
+    [
+        ("7d", None, 7 * 86400.0),
+        ("20GiB", 20 * 1024**3, None),
+        ("12h,512MiB", 512 * MiB, 12 * 3600.0),
+        ("4m,90s", 4 * MiB, 90.0),  # "m" is a byte unit, as everywhere; minutes are "min"
+        ("1.5min", None, 90.0),
+        ("2w", None, 14 * 86400.0),
+    ],
+)
+def test_journal_keep_takes_an_age_a_size_or_both(
+    value: str, keep_bytes: int | None, keep_seconds: float | None
+) -> None:
+    logic = logic_from("execution", "--journal-keep", value)
+    assert (logic.journal_keep_bytes, logic.journal_keep_seconds) == (keep_bytes, keep_seconds)
+
+
+@pytest.mark.parametrize("value", ["", "7days", "0", "0s", "-1d", "7d,", "1.5GiB"])
+def test_journal_keep_refuses_what_is_neither(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        logic_from("execution", "--journal-keep", value)
+    assert exit_info.value.code == 2
+    assert "--journal-keep" in capsys.readouterr().err
+
+
+def test_journal_keep_in_a_file_takes_a_duration_text_and_prints_back_as_seconds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    relay_toml = write(tmp_path / "relay.toml", 'journal_keep_seconds = "7d"\njournal_keep_bytes = "20GiB"\n')
+    logic = logic_from("execution", "--config", str(relay_toml))
+    assert (logic.journal_keep_bytes, logic.journal_keep_seconds) == (20 * 1024**3, 7 * 86400.0)
+    printed = tomllib.loads(config_output(capsys, "execution", "--config", str(relay_toml)))["execution"]
+    assert (printed["journal_keep_bytes"], printed["journal_keep_seconds"]) == ("20GiB", 604800.0)
+    flags = logic_from("execution", "--config", str(relay_toml), "--journal-keep", "1d")
+    assert (flags.journal_keep_bytes, flags.journal_keep_seconds) == (20 * 1024**3, 86400.0)  # the flag sets only age

@@ -32,9 +32,12 @@ from jitrelay.tools.bench.figures import relay_forwarding
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def bench(options: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """``jitrelay bench --no-progress`` with ``options``, written as on a command line (space-separated)."""
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}  # relays run compiled
+def bench(options: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``jitrelay bench --no-progress`` with ``options``, written as on a command line (space-separated).
+
+    ``env`` adds to (or overrides) this process's environment.
+    """
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "NUMBA_DISABLE_JIT"}  # relays run compiled
     return subprocess.run(
         [sys.executable, "-m", "jitrelay", "bench", "--no-progress", *options.split()],
         capture_output=True,
@@ -274,6 +277,7 @@ def test_bench_runs_from_an_installed_wheel_with_its_baselines(tmp_path: Path) -
     assert installed.returncode == 0, installed.stderr
     assert (site / "jitrelay" / "tools" / "bench" / "raw_forwarder.py").is_file()
     assert (site / "jitrelay" / "tools" / "bench" / "zmq_proxy.py").is_file()
+    assert (site / "jitrelay" / "tools" / "bench" / "c_forwarder.c").is_file()  # the limit relay's source
 
     python = str(venv / "bin" / "python")
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_DISABLE_JIT", "PYTHONPATH")}
@@ -384,3 +388,31 @@ def test_fanout_times_each_message_until_every_subscriber_has_it(tmp_path: Path)
     )
     assert "time until the LAST subscriber had it" in printed
     assert "jitrelay-shm forwarding time per batch, fanout 1 -> 5 subscribers" in printed
+
+
+def test_records_workload_sets_the_kernels_against_struct_and_loses_nothing(tmp_path: Path) -> None:
+    options = "--relays=jitrelay --workloads=records --duration=0.3 --startup-runs=0"
+    report, printed = bench_report(tmp_path / "records.json", options)
+    figures = report["records"]
+    assert figures["errors"] == {}
+    assert (figures["message_size"], figures["batch_records"]) == (74, (1 << 20) // 74)
+    for rates, baseline in (
+        (figures["decode_records_per_s"], {"view", "copy", "struct"}),
+        (figures["encode_records_per_s"], {"kernel", "struct"}),
+        (figures["end_to_end_msg_per_s"], {"bytes", "records"}),
+    ):
+        assert set(rates) == baseline and all(rate > 0 for rate in rates.values()), rates
+    decode = figures["decode_records_per_s"]
+    for path in ("view", "copy"):
+        assert figures["decode_x_struct"][path] == pytest.approx(decode[path] / decode["struct"])
+    encode = figures["encode_records_per_s"]
+    assert figures["encode_x_struct"] == pytest.approx(encode["kernel"] / encode["struct"])
+    e2e = figures["end_to_end_msg_per_s"]
+    assert figures["end_to_end_records_x_bytes"] == pytest.approx(e2e["records"] / e2e["bytes"])
+    assert figures["lost"] == {"bytes": 0, "records": 0}
+    for key, runs in figures["runs"].items():
+        assert len(runs) == 2 and max(figures["end_to_end_runs_msg_per_s"][key]) == e2e[key]
+        for run in runs:
+            assert run["subscribers"][0]["received"] == run["publisher"]["sent"] > 0
+    assert "records: trades, 74-byte messages" in printed
+    assert 'record_batches("trade")' in printed

@@ -8,6 +8,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from support import torq
 from support.commands import SubProcess, jitrelay, receive, stop
 from support.reference import extended_record, message, standard_record
 from support.relays import RelayProcess, StartRelay
@@ -231,3 +232,40 @@ def test_sub_with_reconnect_goes_on_across_a_relay_restart_and_says_what_it_mean
     assert sub.wait() == 0
     assert [json.loads(line)["sequence"] for line in sub.rest()] == [2]
     assert any("the relay has restarted since that position" in line for line in sub.stderr), "".join(sub.stderr)
+
+
+def test_sub_json_prints_a_torq_trade_field_by_field(market_relay: RelayProcess) -> None:
+    """A trade as Torq's kraken adapter builds it (support.torq): every field by Torq's name, exact integers."""
+    sub = SubProcess(market_relay, "--json", "--count", "1")
+    with Publisher("market_data", market_relay.socket_path) as pub:
+        pub.publish_raw(torq.trade_direct())
+    assert sub.wait() == 0
+    (line,) = sub.rest()
+    (record,) = json.loads(line)["records"]
+    assert record == {
+        "type": 1,
+        "name": "trade",
+        "fields": {
+            "asset_id": torq.BTC,
+            "price": 5_734_210_000_000,
+            "volume": 2_500_000,
+            "execution_timestamp_ns": torq.T0 - 350_000,
+            "venue_id": torq.VENUE_KRAKEN,
+            "asset_type": torq.ASSET_COIN,
+            "reserved": 0,
+            "side": 1,
+            "_padding": "0x000000",
+        },
+        "value_hex": torq.trade_value().hex(),
+    }
+
+
+def test_sub_prints_a_torq_trade_by_field(market_relay: RelayProcess) -> None:
+    sub = SubProcess(market_relay, "--count", "1")
+    with Publisher("market_data", market_relay.socket_path) as pub:
+        pub.publish_raw(torq.trade_direct())
+    assert sub.wait() == 0
+    assert sub.rest() == [
+        "2024-09-10T09:20:00.123456789Z market_data source=2 seq=1042 size=74 trade asset=BTC price=57342.10000000 "
+        f"volume=0.02500000 execution_timestamp_ns={torq.T0 - 350_000} venue=Kraken asset_type=Coin side=sell"
+    ]

@@ -1,10 +1,11 @@
-"""The kernel profiling notebook runs top to bottom, and is committed without outputs.
+"""The notebooks run top to bottom, and are committed without outputs.
 
-The notebook runs in a real Jupyter kernel (nbclient) on this interpreter, with
-``JITRELAY_NOTEBOOK_SMALL=1`` so that it builds 256 KiB streams and times each
-kernel a few times, and with ``JITRELAY_NOTEBOOK_SAVE`` pointing at a temporary
-folder. It must show every figure, save each as a PNG, and fill its tables with
-the exact message counts of its streams and positive rates.
+Each notebook runs in a real Jupyter kernel (nbclient) on this interpreter, with
+``JITRELAY_NOTEBOOK_SMALL=1`` and with ``JITRELAY_NOTEBOOK_SAVE`` pointing at a
+temporary folder. It must show every figure, save each as a PNG, and fill its
+tables with exact counts and positive rates. The kernel profiling notebook
+builds 256 KiB streams and times each kernel a few times; the records notebook
+starts a relay, sends 20,000 trades through it and decodes them.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import pytest
 from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
 
-NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "profile_kernels.ipynb"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+NOTEBOOK = NOTEBOOKS / "profile_kernels.ipynb"
+RECORDS_NOTEBOOK = NOTEBOOKS / "records.ipynb"
 KERNEL = "jitrelay-notebook-test"  # a kernel spec on this interpreter, whatever `python` means on PATH
 SMALL_STREAM = 256 * 1024  # STREAM_BYTES of the notebook's small setting
 FIGURES = {"kernels_by_size", "kernels_by_rejects", "kernels_by_records", "kernels_by_buffer", "kernel_stages"}
+RECORDS_FIGURES = {"records_price", "records_decode"}
+SMALL_TRADES = 20_000  # TRADES of the records notebook's small setting
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = pytest.mark.timeout(900)  # kernel start and first compile on a loaded machine; not a speed limit
@@ -52,12 +57,11 @@ class Executed:
         return self.tables[title]
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory: pytest.TempPathFactory) -> Executed:
-    home = tmp_path_factory.mktemp("jupyter")
+def execute(path: Path, home: Path) -> Executed:
+    """Run the notebook at ``path`` in a kernel on this interpreter, small, its figures saved under ``home``."""
     write_kernel_spec(home / "kernels" / KERNEL)
     saved = home / "img"
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    notebook = nbformat.read(path, as_version=4)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("JUPYTER_PATH", str(home))
         env.setenv("JITRELAY_NOTEBOOK_SMALL", "1")
@@ -68,14 +72,25 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> Executed:
             kernel_name=KERNEL,
             timeout=600,
             startup_timeout=120,
-            resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+            resources={"metadata": {"path": str(path.parent)}},
         )
         client.execute()  # raises CellExecutionError if any cell fails
     return Executed(notebook, saved)
 
 
-def test_committed_notebook_is_clean():
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory: pytest.TempPathFactory) -> Executed:
+    return execute(NOTEBOOK, tmp_path_factory.mktemp("jupyter"))
+
+
+@pytest.fixture(scope="module")
+def records_executed(tmp_path_factory: pytest.TempPathFactory) -> Executed:
+    return execute(RECORDS_NOTEBOOK, tmp_path_factory.mktemp("jupyter"))
+
+
+@pytest.mark.parametrize("path", [NOTEBOOK, RECORDS_NOTEBOOK], ids=lambda path: path.stem)
+def test_committed_notebook_is_clean(path: Path):
+    notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert len(code) >= 8
@@ -148,3 +163,30 @@ def test_time_per_stage(executed: Executed):
     headline = executed.table("Headline")
     assert [row["kernel"] for row in headline.rows] == ["scan, CRC off", "scan, CRC on", "compact, 25% rejected"]
     assert all(value > 0 for value in headline.numbers("M msg/s") + headline.numbers("GB/s"))
+
+
+def test_records_notebook_shows_and_saves_its_figures(records_executed: Executed):
+    assert len(records_executed.images) == len(RECORDS_FIGURES)
+    assert {path.stem for path in records_executed.saved.iterdir()} == RECORDS_FIGURES
+    for name in RECORDS_FIGURES:
+        assert (records_executed.saved / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_records_notebook_receives_every_trade_and_decodes_each_batch(records_executed: Executed):
+    assert set(records_executed.tables) == {"Received", "The hour", "Decode per received batch"}
+    received = records_executed.table("Received").rows[0]
+    assert (received["trades"], received["wrong size"], received["the one more"]) == ("20,000", "0", "1")
+    assert received["its price"] == "57342.10000000"  # publish_record's "57342.1", exactly
+    hour = records_executed.table("The hour")
+    assert hour.numbers("trades") == [SMALL_TRADES]
+    assert 0 < hour.numbers("low")[0] <= hour.numbers("VWAP")[0] <= hour.numbers("high")[0]
+    assert hour.numbers("stamp after trade, µs") == [40.0]  # the header stamps publish_records was given
+    decode = records_executed.table("Decode per received batch")
+    assert [row["decode"] for row in decode.rows] == [
+        "records.decode (view)",
+        "records.decode(copy=True)",
+        "struct.unpack_from loop",
+    ]
+    assert decode.numbers("trades") == [SMALL_TRADES] * 3
+    assert all(value > 0 for value in decode.numbers("M trades/s") + decode.numbers("median µs a batch"))
+    assert decode.rows[2]["× struct"] == "1.00"

@@ -4,7 +4,7 @@ The package, one job a module:
 
 - ``command``: the command line (``add_arguments``) and the run of it (``run``);
 - ``options``: what to run, and the only home of the defaults;
-- ``workloads``: the table of workloads (W1, W2, W1f, W3, fanout, client):
+- ``workloads``: the table of workloads (W1, W2, W1f, W3, fanout, client, records):
   what each runs and how it is reported;
 - ``runs``: one run of one relay workload against one relay kind, and the
   startup timing;
@@ -14,6 +14,7 @@ The package, one job a module:
 - ``figures``: the measured values, and their ratios;
 - ``report``: the printed report, pure functions of the figures;
 - ``clients``: the ``client`` workload;
+- ``records``: the ``records`` workload;
 - ``raw_forwarder``, ``zmq_proxy``: the baselines, run as their own processes.
 
 ``add_arguments`` and ``run`` import the rest only when called, so that the

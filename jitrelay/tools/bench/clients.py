@@ -252,7 +252,7 @@ def sub_raw(who: str, reports: Any, path: str, size: int) -> dict:
     return {"received": total // size - 1}
 
 
-def _first_is_probe(batch: Any, size: int) -> None:
+def first_is_probe(batch: Any, size: int) -> None:
     """Raises ``BenchError`` unless a client subscriber's first batch is the probe, alone."""
     if batch is None or batch.tobytes() != probe_message(size):
         raise BenchError("the first bytes received were not the probe message")
@@ -267,7 +267,7 @@ def sub_jitrelay(who: str, reports: Any, path: str, size: int) -> dict:
 
     with Subscriber("market_data", path) as sub:
         reports.put(("connected", who, None))
-        _first_is_probe(sub.recv_batch(STARTUP_SECONDS), size)
+        first_is_probe(sub.recv_batch(STARTUP_SECONDS), size)
         reports.put(("ready", who, None))
         received = 0
         first = 0.0
@@ -287,7 +287,7 @@ def sub_jitrelay_async(who: str, reports: Any, path: str, size: int) -> dict:
     async def main() -> dict:
         async with AsyncSubscriber("market_data", path) as sub:
             reports.put(("connected", who, None))
-            _first_is_probe(await sub.recv_batch(STARTUP_SECONDS), size)
+            first_is_probe(await sub.recv_batch(STARTUP_SECONDS), size)
             reports.put(("ready", who, None))
             received = 0
             first = 0.0
@@ -382,7 +382,7 @@ def sub_latency(who: str, reports: Any, path: str, size: int) -> dict:
     latencies: list[int] = []
     with Subscriber("market_data", path) as sub:
         reports.put(("connected", who, None))
-        _first_is_probe(sub.recv_batch(STARTUP_SECONDS), size)
+        first_is_probe(sub.recv_batch(STARTUP_SECONDS), size)
         reports.put(("ready", who, None))
         for view in sub:
             now = time.time_ns()
@@ -449,7 +449,7 @@ def _run_loop(coro: Any) -> Any:
 # Orchestration
 
 
-def _one(name: str, pub: tuple, subs: list[tuple], relay_command: list[str] | None, folder: str) -> dict:
+def client_run(name: str, pub: tuple, subs: list[tuple], relay_command: list[str] | None, folder: str) -> dict:
     """Start the relay (if any), the subscribers, then the publisher; wait for all; return their reports."""
     ctx = mp.get_context("spawn")
     run = Run(ctx)
@@ -492,7 +492,7 @@ def client_workload(opts: Options) -> dict:
 
     def attempt(key: str, *args: Any) -> None:
         try:
-            runs[key] = _one(key, *args)
+            runs[key] = client_run(key, *args)
         except BenchError as exc:
             errors[key] = str(exc)
 

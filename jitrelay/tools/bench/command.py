@@ -34,7 +34,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from jitrelay.tools.bench import hdr
 from jitrelay.tools.bench.figures import add_ratios, git_commit, jitrelay_summary, machine
+from jitrelay.tools.bench.limit_relay import limit_built
 from jitrelay.tools.bench.messages import records_for
 from jitrelay.tools.bench.options import BRIDGED, DEFAULTS, JITRELAYS, POLICIES, RELAYS, RESULTS_DIR, Options, listed
 from jitrelay.tools.bench.relays import BenchError
@@ -51,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--relays",
         default=listed(DEFAULTS.relays),
         help="comma-separated: jitrelay (or jitrelay:block, jitrelay:disconnect), jitrelay-shm (subscribers read the "
-        "log from shared memory; also :block, :disconnect), raw, zmq, zmq-default, bridge, bridge-js",
+        "log from shared memory; also :block, :disconnect), raw, raw-bytes (raw with a new bytes object per read), "
+        "zmq, zmq-default, limit (a compiled raw-bytes forwarder, built with the system C compiler), bridge, bridge-js",
     )
     parser.add_argument(
         "--workloads",
@@ -120,7 +123,7 @@ def _counts(text: str, option: str) -> tuple[int, ...]:
 
 
 def _relays(text: str) -> tuple[str, ...]:
-    """The relays asked for; the bridged ones dropped from the default list without nats-server.
+    """The relays asked for; the bridged ones dropped from the default list without nats-server, limit without cc.
 
     Raises ``UsageError`` for an unknown relay, a bridge asked for without
     nats-server, or none left to run.
@@ -138,6 +141,8 @@ def _relays(text: str) -> tuple[str, ...]:
                 raise UsageError("the bridge runs need nats-server (Debian: apt-get install nats-server)")
             relays = [name for name in relays if name not in BRIDGED]
             print("jitrelay bench: no nats-server, so no bridge runs (apt-get install nats-server)", file=sys.stderr)
+    if "limit" in relays and not limit_built():
+        relays = [name for name in relays if name != "limit"]
     if not relays:
         raise UsageError("no relay to run")
     return tuple(relays)
@@ -165,6 +170,8 @@ def parse(args: argparse.Namespace, argv: list[str] | None = None) -> Options:
             "--fanout-interval a positive number of milliseconds"
         )
     records_for(args.size)  # a size one record cannot make raises UsageError
+    if any(w in ("w2", "w3") for w in workloads) and not hdr.available():
+        raise UsageError("W2's latency histogram needs hdrhistogram: pip install 'jitrelay[bench]'")
     if any(r.startswith("zmq") for r in relays):
         try:
             import zmq  # noqa: F401
@@ -313,6 +320,9 @@ def run(args: argparse.Namespace) -> int:
         print("\n" + workload.alone_report(report[workload.name]))
     assert opts.json_path is not None
     opts.json_path.parent.mkdir(parents=True, exist_ok=True)
+    logs = hdr.write_logs(opts.json_path, report["runs"])
     opts.json_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nevery figure: {opts.json_path}")
+    if logs:
+        print(f"latency histograms (HdrHistogram logs): {', '.join(str(path) for path in logs)}")
     return 1 if session.failed else 0

@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from jitrelay.tools.bench.hdr import encode_latencies
 from jitrelay.tools.bench.messages import FILTERED_SUBSCRIBERS, STUCK_RATE, share, stride_of
 from jitrelay.tools.bench.options import BRIDGED, JITRELAYS, Options
 
@@ -99,11 +100,12 @@ def summarize(relay: str, workload: str, opts: Options, pub: dict, subs: list[di
         figures["rate"] = opts.rate if workload == "w2" else STUCK_RATE
         samples = np.concatenate([np.frombuffer(s.pop("latency_ns"), dtype=np.int64) for s in subs])
         figures["latency_us"] = percentiles(samples / 1e3)
+        figures["latency_hdr"] = encode_latencies(samples)  # against the intended send times, in ns
     return figures
 
 
 def add_ratios(runs: list[dict]) -> None:
-    """Each run's figures over the raw forwarder's and over the lossless zmq proxy's on the same workload.
+    """Each run's figures over the raw forwarder's, the lossless zmq proxy's and the C limit's on the same workload.
 
     A bridged run is also set against the local relay's: its W1 rate over the
     local one (``ratio_to_local``), and on W2 the latency the bridges add
@@ -123,7 +125,7 @@ def add_ratios(runs: list[dict]) -> None:
             r["ratio_to_unfiltered"] = per_sub
             # Each filtered subscriber gets a quarter of the stream: the stream rate is four times its rate.
             r["stream_ratio_to_unfiltered"] = per_sub * FILTERED_SUBSCRIBERS
-    for base_name, key in (("raw", "ratio_to_raw"), ("zmq", "ratio_to_zmq")):
+    for base_name, key in (("raw", "ratio_to_raw"), ("zmq", "ratio_to_zmq"), ("limit", "ratio_to_limit")):
         bases = by_workload(base_name)
         for r in done:
             r[key] = _ratio(r, bases.get((r["workload"], r["subscribers"])))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from jitrelay.tools.options import MESSAGE_SIZE
 
-RELAYS = ("jitrelay", "jitrelay-shm", "raw", "zmq", "zmq-default", "bridge", "bridge-js")
+RELAYS = ("jitrelay", "jitrelay-shm", "raw", "raw-bytes", "zmq", "zmq-default", "limit", "bridge", "bridge-js")
 JITRELAYS = ("jitrelay", "jitrelay-shm")  # a jitrelay relay: its subscribers on sockets, or on its log in shared memory
 BRIDGED = ("bridge", "bridge-js")
 POLICIES = ("block", "disconnect")
@@ -26,8 +26,8 @@ class Options:
     ``UsageError`` for what cannot run.
     """
 
-    relays: tuple[str, ...] = tuple(name for name in RELAYS if name != "jitrelay-shm")  # shared memory when asked
-    workloads: tuple[str, ...] = ("w1", "w2", "w1f", "w3")  # ``fanout`` and ``client`` when asked for
+    relays: tuple[str, ...] = tuple(name for name in RELAYS if name not in ("jitrelay-shm", "raw-bytes"))  # when asked
+    workloads: tuple[str, ...] = ("w1", "w2", "w1f", "w3")  # ``fanout``, ``client`` and ``records`` when asked for
     subscribers: tuple[int, ...] = (1, 4)  # W1 subscriber counts
     latency_subscribers: int | None = None  # W2 subscriber count; None: the largest W1 count
     size: int = MESSAGE_SIZE

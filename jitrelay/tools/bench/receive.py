@@ -224,7 +224,7 @@ def count_messages(
 
 
 def time_messages(reader: type[Reads], sock: Any, size: int, expected: Any, limit_s: float) -> dict:
-    """Time every message: receive time minus the send time it carries."""
+    """Time every message: receive time minus the send time it carries (its slot on the publisher's schedule)."""
     import numpy as np
 
     latencies: list[int] = []

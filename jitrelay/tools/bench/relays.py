@@ -3,7 +3,10 @@
 - ``jitrelay``: ``python -m jitrelay run market_data`` (``jitrelay:block`` and
   ``jitrelay:disconnect`` pass ``--slow-policy``); ``jitrelay-shm`` the same
   relay, its subscribers reading its log from shared memory;
-- ``raw``: ``raw_forwarder.py`` (beside this module), the raw-bytes ceiling;
+- ``raw``: ``raw_forwarder.py`` (beside this module), the raw-bytes ceiling
+  for Python; ``raw-bytes`` the same with a new ``bytes`` per read (the
+  forwarder before it read into a buffer of its own);
+- ``limit``: ``c_forwarder.c`` built by ``limit_relay``, the compiled limit;
 - ``zmq`` and ``zmq-default``: ``zmq_proxy.py`` (beside this module), a pyzmq
   XSUB/XPUB proxy, with unlimited or libzmq's default high-water marks;
 - ``bridge`` and ``bridge-js``: two "hosts" on this machine joined by
@@ -27,6 +30,7 @@ from jitrelay.core.units import MiB
 from jitrelay.server.figures import read_figures
 from jitrelay.testing.procfs import MemorySampler, cpu_seconds, proc_status
 from jitrelay.testing.relay import ChildProcess, ProcessFailed
+from jitrelay.tools.bench.limit_relay import READY_MARKER, NoCompiler, limit_command
 from jitrelay.tools.bench.options import BRIDGED, JITRELAYS
 
 STARTUP_SECONDS = 60.0  # relay ready, processes spawned and connected (a first run may compile kernels)
@@ -78,7 +82,14 @@ def relay_spec(name: str, folder: str) -> RelaySpec:
         return RelaySpec(
             name, command, "relay listening on", Endpoint("unix", path_a), Endpoint("unix", path_b), summary
         )
-    if base in (*JITRELAYS, "raw"):
+    if base == "limit":
+        path = os.path.join(folder, "relay.sock")
+        try:
+            command = limit_command(path)
+        except NoCompiler as exc:
+            raise BenchError(str(exc)) from exc
+        return RelaySpec(name, command, READY_MARKER, Endpoint("unix", path), Endpoint("unix", path))
+    if base in (*JITRELAYS, "raw", "raw-bytes"):
         path = os.path.join(folder, "relay.sock")
         end = Endpoint("unix", path)
         if base in JITRELAYS:
@@ -86,6 +97,7 @@ def relay_spec(name: str, folder: str) -> RelaySpec:
             readers = Endpoint("shm", path) if base == "jitrelay-shm" else end
             return RelaySpec(name, command, "relay listening on", end, readers, summary)
         command = [sys.executable, "-m", "jitrelay.tools.bench.raw_forwarder", "--socket", path]
+        command += ["--per-read-bytes"] if base == "raw-bytes" else []
         return RelaySpec(name, command, "raw forwarder listening on", end, end)
     hwm = 0 if name == "zmq" else None
     xsub, xpub = f"ipc://{folder}/xsub", f"ipc://{folder}/xpub"

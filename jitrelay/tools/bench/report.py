@@ -61,7 +61,7 @@ def _table(report: dict) -> list[str]:
         f"W2 at {opts['rate']:g} msg/s; latency one-way in microseconds",
         "",
         f"{'relay':<20} {'load':<4} {'subs':>4} {'delivered/s per sub':>19} {'lost':>16} "
-        f"{'p50':>8} {'p99':>8} {'p99.9':>8} {'x raw':>11} {'x zmq':>11}",
+        f"{'p50':>8} {'p99':>8} {'p99.9':>8} {'x raw':>11} {'x zmq':>11} {'x limit':>11}",
     ]
     for r in report["runs"]:
         head = f"{r['relay']:<20} {r['workload']:<4} {r['subscribers']:>4}"
@@ -73,9 +73,12 @@ def _table(report: dict) -> list[str]:
         out.append(
             f"{head} {_m(r['delivered_msg_per_s_mean']):>19} {lost:>16} {_us(lat.get('p50')):>8} "
             f"{_us(lat.get('p99')):>8} {_us(lat.get('p99_9')):>8} {_x(r.get('ratio_to_raw'), r['workload']):>11} "
-            f"{_x(r.get('ratio_to_zmq'), r['workload']):>11}"
+            f"{_x(r.get('ratio_to_zmq'), r['workload']):>11} {_x(r.get('ratio_to_limit'), r['workload']):>11}"
         )
-    out.append("x raw, x zmq: W1 delivered msg/s over the baseline's; W2 p50/p99 latency over the baseline's")
+    out.append(
+        "x raw, x zmq, x limit: W1 delivered msg/s over the baseline's; W2 p50/p99 latency over the baseline's "
+        "(limit: the compiled raw-bytes forwarder)"
+    )
     return out
 
 
@@ -286,6 +289,44 @@ def format_client(figures: dict) -> str:
             f"  receive ceiling (views of a batch in memory, no socket): {m(figures['receive_ceiling_msg_per_s'])} "
             f"= {r(figures['receive_ceiling_x_pyzmq_drain'])} x pyzmq-drain"
         )
+    for key, error in figures["errors"].items():
+        out.append(f"  {key} failed: {error.splitlines()[0][:100]}")
+    return "\n".join(out)
+
+
+def format_records(figures: dict) -> str:
+    """The records workload's lines of the report."""
+
+    def m(x: float | None) -> str:
+        return "-" if x is None else f"{x / 1e6:.2f} M"
+
+    def r(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    out = [
+        f"records: trades, {figures['message_size']}-byte messages, {figures['batch_records']:,} per 1 MiB batch; "
+        "records/s and x the struct loop of the same run"
+    ]
+    if "decode_records_per_s" in figures:
+        rates, x, cost = figures["decode_records_per_s"], figures["decode_x_struct"], figures["decode_us_per_batch"]
+        out.append(
+            f"  decode  records.decode view {m(rates['view'])} ({r(x['view'])} x, {cost['view']:,.0f} us a batch)  "
+            f"copy=True {m(rates['copy'])} ({r(x['copy'])} x, {cost['copy']:,.0f} us)  "
+            f"struct.unpack_from {m(rates['struct'])} ({cost['struct']:,.0f} us)"
+        )
+    if "encode_records_per_s" in figures:
+        rates = figures["encode_records_per_s"]
+        out.append(
+            f"  encode  records.encode {m(rates['kernel'])} ({r(figures['encode_x_struct'])} x)  "
+            f"struct.pack_into {m(rates['struct'])}"
+        )
+    e2e, each = figures["end_to_end_msg_per_s"], figures["end_to_end_runs_msg_per_s"]
+    out.append(
+        f"  end to end, msg/s, the best of {len(each['bytes'])} runs each: "
+        f'record_batches("trade") {m(e2e["records"])}, batches() {m(e2e["bytes"])}: '
+        f"{r(figures['end_to_end_records_x_bytes'])} x "
+        f"(runs: {', '.join(m(x) for x in each['records'])}; {', '.join(m(x) for x in each['bytes'])})"
+    )
     for key, error in figures["errors"].items():
         out.append(f"  {key} failed: {error.splitlines()[0][:100]}")
     return "\n".join(out)

@@ -188,8 +188,14 @@ def publish_paced(
 ) -> dict:
     """W2 (one message per send) and W3 (``batch`` per send) publisher: ``rate`` messages per second, stamped.
 
-    Stamped with ``time.time_ns()``, or with ``monotonic`` (fanout) ``time.monotonic_ns()``: CLOCK_MONOTONIC,
-    the clock every process on the machine shares.
+    Each send has its slot on a fixed schedule, and its messages carry the
+    slot's time, not the time they went out: a publisher held up (by a relay
+    that stopped reading it, or by the scheduler) still counts the delay in
+    every message it sends late, so the latencies have no coordinated
+    omission. The stamps are on ``time.time_ns()``'s clock, or with
+    ``monotonic`` (fanout) ``time.monotonic_ns()``'s: CLOCK_MONOTONIC, the
+    clock every process on the machine shares. How late each send went out
+    after its slot is in the result (``late_us``): the publisher's own share.
     """
     stamp = time.monotonic_ns if monotonic else time.time_ns
     message = bytearray(protocol.build_message(MARKET_DATA, records_for(size), timestamp_ns=0) * batch)
@@ -211,7 +217,8 @@ def publish_paced(
         view = np.frombuffer(message, dtype=np.uint8)
     interval = batch / rate
     sends = int(duration * rate / batch)
-    began = time.perf_counter()
+    lateness = [0.0] * sends
+    began, began_ns = time.perf_counter(), stamp()  # the schedule's start on both clocks
     late = 0
     cpu = time.process_time()
     for k in range(sends):
@@ -220,15 +227,27 @@ def publish_paced(
             time.sleep(wait)
         elif wait < -interval:
             late += 1
+        slot_ns = began_ns + round(k * interval * 1e9)
         if batch == 1:
-            SEQUENCE_TIMESTAMP_FIELDS.pack_into(message, OFF_SEQUENCE, k, stamp())
+            SEQUENCE_TIMESTAMP_FIELDS.pack_into(message, OFF_SEQUENCE, k, slot_ns)
         else:
-            kernels.stamp_batch(view, size, k * batch, stamp())
+            kernels.stamp_batch(view, size, k * batch, slot_ns)
+        lateness[k] = time.perf_counter() - began - k * interval
         send(message)
     elapsed = time.perf_counter() - began
     cpu = time.process_time() - cpu
     close_publisher(zmq_sock, sock)
-    return {"sent": sends * batch, "elapsed_s": elapsed, "cpu_s": cpu, "sent_late": late}
+    return {"sent": sends * batch, "elapsed_s": elapsed, "cpu_s": cpu, "sent_late": late, "late_us": _late(lateness)}
+
+
+def _late(lateness: list[float]) -> dict:
+    """How long after their slots the sends went out (seconds in), in microseconds: p50, p99, max."""
+    import numpy as np
+
+    if not lateness:
+        return {"p50": None, "p99": None, "max": None}
+    p50, p99 = np.percentile(lateness, [50, 99]) * 1e6
+    return {"p50": float(p50), "p99": float(p99), "max": float(max(lateness)) * 1e6}
 
 
 def stuck_subscriber(who: str, reports: Any, end: Endpoint, hold_s: float) -> dict:

@@ -7,7 +7,8 @@ spawned (docs/benchmarks.md describes them and how to read their figures):
   record), renumbered before each 1 MiB batch, published as fast as the
   relay takes them for ``--duration`` seconds, to each of ``--subscribers``;
 - ``w2``, latency: ``--rate`` messages per second, one per send, each
-  stamped with ``time.time_ns()``; every subscriber records receive time
+  stamped with its intended send time (its slot on the schedule, on
+  ``time.time_ns()``'s clock); every subscriber records receive time
   minus that stamp for every message;
 - ``w1f``, W1 filtered (jitrelay relays only): four subscribers, each
   subscribed at the relay to one of four TLV types, set against the
@@ -18,7 +19,10 @@ spawned (docs/benchmarks.md describes them and how to read their figures):
   ``--fanout-interval`` ms, timed until the last of ``--fanout-subscribers``
   subscribers has it;
 - ``client``, not one run per relay: publish and receive through the
-  clients, one call per message, against pyzmq and nats-py (``clients``).
+  clients, one call per message, against pyzmq and nats-py (``clients``);
+- ``records``, not one run per relay either: Torq trades decoded and
+  encoded by the compiled record kernels against ``struct``, and a
+  subscriber of typed trade arrays against one of bytes (``records``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,15 @@ from dataclasses import dataclass
 from jitrelay.tools.bench.clients import client_workload
 from jitrelay.tools.bench.messages import FILTERED_SUBSCRIBERS, STUCK_HEALTHY
 from jitrelay.tools.bench.options import JITRELAYS, Options
-from jitrelay.tools.bench.report import Notes, fanout_lines, filtered_lines, format_client, stuck_lines
+from jitrelay.tools.bench.records import records_workload
+from jitrelay.tools.bench.report import (
+    Notes,
+    fanout_lines,
+    filtered_lines,
+    format_client,
+    format_records,
+    stuck_lines,
+)
 from jitrelay.tools.bench.runs import run_fanout, run_one
 
 OneRun = Callable[[str, int, Options], dict]  # relay, subscriber count, options -> the run's figures
@@ -46,7 +58,7 @@ class Workload:
     A relay workload makes one ``run`` per subscriber count (``counts``) and
     relay (those in ``relays``, without policy; None for every relay asked
     for), relays side by side. A workload that is not run per relay
-    (``client``) is ``alone``: run once, its figures (with an ``errors``
+    (``client``, ``records``) is ``alone``: run once, its figures (with an ``errors``
     dict) under its name in the JSON, ``alone_report`` printed after the
     table.
     """
@@ -112,7 +124,15 @@ CLIENT = Workload(
     alone_report=format_client,
 )
 
-WORKLOADS = (W1, W2, W1F, W3, FANOUT, CLIENT)
+RECORDS = Workload(
+    "records",
+    "records (Torq trades decoded and encoded by the record kernels against struct, and received as typed arrays "
+    "against bytes)",
+    alone=records_workload,
+    alone_report=format_records,
+)
+
+WORKLOADS = (W1, W2, W1F, W3, FANOUT, CLIENT, RECORDS)
 NAMES = tuple(w.name for w in WORKLOADS)
 REPORTED = (W3, W1F, FANOUT)  # the order of the workloads' own lines under the table
 

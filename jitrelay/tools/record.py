@@ -226,8 +226,9 @@ def _drain(subscriber: Subscriber, writer: CaptureWriter, tally: Tally, limits: 
 def _reconnecting(args: argparse.Namespace, first: Subscriber, tally: Tally) -> Iterator[Subscriber]:
     """``first``, then a new subscriber each time the last one's connection ended, resuming where it stood.
 
-    The client's ``Subscriber`` does not reconnect by itself yet; once it
-    does, this loop goes and its options (``--give-up``) go to the client.
+    The client's ``Subscriber`` can reconnect by itself (``client.reconnect``);
+    this command opens its subscribers with ``reconnect=False`` and keeps this
+    loop, for its log lines, its tally of reconnects and ``--give-up``.
 
     Ends (gives up) once the relay has been unreachable for ``--give-up``
     seconds, if given.

@@ -100,6 +100,7 @@ _SOURCES = (
     "kernels/loops.py",
     "kernels/send_loop.py",
     "kernels/record_loops.py",
+    "kernels/constants.py",
     "core/protocol.py",
     "kernels/build.py",
 )

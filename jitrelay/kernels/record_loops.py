@@ -20,13 +20,10 @@ from __future__ import annotations
 import numpy as np
 
 from jitrelay.core import protocol as p
+from jitrelay.kernels.constants import RECORD_MESSAGES as MESSAGES
+from jitrelay.kernels.constants import RECORD_TRUNCATED as TRUNCATED
+from jitrelay.kernels.constants import RECORD_WRONG_SIZE as WRONG_SIZE
 from jitrelay.kernels.loops import _MEMCPY, _u32, kernel, message_crc
-
-# counts[] slots gather fills in
-MESSAGES = 0  # whole messages walked
-WRONG_SIZE = 1  # records of the type whose length is not the layout's: left out, counted
-TRUNCATED = 2  # messages whose records run past their payload (or a batch ending mid-message): left out
-
 
 _EIGHT = np.uint64(8)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import time
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.records import LAYOUTS, RecordLayout, layout
-from jitrelay.kernels import record_loops
+from jitrelay.kernels.constants import RECORD_TRUNCATED, RECORD_WRONG_SIZE
 
 
 class Columns(NamedTuple):
@@ -62,8 +63,8 @@ def decode(batch: np.ndarray, record: int | str | RecordLayout, *, copy: bool = 
         sequence[:found],
         stamps[:found],
         source[:found],
-        int(counts[record_loops.WRONG_SIZE]),
-        int(counts[record_loops.TRUNCATED]),
+        int(counts[RECORD_WRONG_SIZE]),
+        int(counts[RECORD_TRUNCATED]),
     )
 
 
@@ -184,15 +185,17 @@ def layout_of(records: np.ndarray, record: int | str | RecordLayout | None = Non
     )
 
 
-class _JitLoops:
-    """The record loops under the names the ahead-of-time module exports them by, for the other builds."""
-
-    record_gather = staticmethod(record_loops.gather)
-    record_uniform = staticmethod(record_loops.uniform)
-    record_scatter = staticmethod(record_loops.scatter)
-
-
 def _loops() -> Any:
-    """The loaded build's record loops: the compiled module's own, else numba's or plain Python's."""
+    """The loaded build's record loops: the compiled module's own, else numba's or plain Python's.
+
+    ``record_loops`` (and with it numba) is imported only for those builds: a process running the
+    ahead-of-time module never imports numba.
+    """
     loaded = kernels._loaded()
-    return loaded if hasattr(loaded, "record_gather") else _JitLoops
+    if hasattr(loaded, "record_gather"):
+        return loaded
+    from jitrelay.kernels import record_loops
+
+    return SimpleNamespace(
+        record_gather=record_loops.gather, record_uniform=record_loops.uniform, record_scatter=record_loops.scatter
+    )

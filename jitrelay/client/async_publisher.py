@@ -160,6 +160,7 @@ class AsyncPublisher(Encoder, AsyncConnection, AsyncRecordWriter):
         sequence: int | None = None,
         timestamp_ns: int | None = None,
         timeout: float | None = None,
+        block: bool = True,
     ) -> int:
         """Build one message of ``(type, value)`` records into the buffer; return its sequence number.
 
@@ -167,8 +168,11 @@ class AsyncPublisher(Encoder, AsyncConnection, AsyncRecordWriter):
         reconnection under way), and when ``flush_size`` bytes are buffered
         writes them out and waits until the kernel has taken them (the
         publisher's back-pressure). With ``timeout``, ``PublishTimeout`` when
-        the relay has not taken what was written before within it.
+        the relay has not taken what was written before within it;
+        ``block=False`` is ``timeout=0``.
         """
+        if not block:
+            timeout = 0.0
         if self._link is not Link.OPEN:
             if self._link is Link.NEW:
                 await self.connect()

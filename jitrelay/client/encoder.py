@@ -134,20 +134,22 @@ class Encoder(Endpoint):
         sequence: int | None = None,
         timestamp_ns: int | None = None,
         timeout: float | None = None,
+        block: bool = True,
     ) -> int:
         """Build one message of ``(type, value)`` records into the buffer; return its sequence number.
 
         Once ``buffered`` reaches what the publisher's policy says (see the
         publisher's class docstring), the buffer is handed on. With
-        ``timeout`` (seconds, 0 for "never wait") it is written out at once,
-        and ``PublishTimeout`` raised, the message not published, when the
-        relay takes none of it in time. Raises ``RelayConnectionError`` when
+        ``timeout`` (seconds) it is written out at once, and ``PublishTimeout``
+        raised, the message not published, when the relay takes none of it in
+        time; ``block=False`` is ``timeout=0``: never wait (Aeron's
+        ``BACK_PRESSURED``, pyzmq's ``NOBLOCK``). Raises ``RelayConnectionError`` when
         the connection is closed or lost for good (and the asyncio
         publisher's ``RuntimeError`` before it is connected), ``ValueError``
         for a record value too long for the wire.
         """
-        if self._link is not _OPEN or timeout is not None:
-            return self._publish_guarded(records, flags, sequence, timestamp_ns, timeout)
+        if self._link is not _OPEN or timeout is not None or block is not True:
+            return self._publish_guarded(records, flags, sequence, timestamp_ns, timeout if block else 0.0)
         # The fast path (a call costs as much as the rest): one standard record of the length last published,
         # room in the buffer, no checksum (``_one`` is never set then). Anything else: ``_encode``.
         n, total, pack_into = self._one

@@ -171,7 +171,9 @@ def test_a_held_publisher_times_out_and_without_a_timeout_still_waits(
         assert time.monotonic() - started < 120 and len(published) > 2 * MiB // 240
         assert pub.next_sequence == len(published)  # the timed-out message took no sequence number
         with pytest.raises(PublishTimeout):
-            pub.publish([(40, value)], timeout=0)  # the non-blocking form: would block
+            pub.publish([(40, value)], timeout=0)  # never wait: would block
+        with pytest.raises(PublishTimeout):
+            pub.publish([(40, value)], block=False)  # the same, said the other way
         done = threading.Event()
         waiting = threading.Thread(
             target=lambda: (pub.publish([(40, value)], timestamp_ns=STAMP + len(published)), done.set())
@@ -280,6 +282,8 @@ def test_an_asyncio_publisher_held_by_a_stopped_subscriber_times_out(start_relay
                     with pytest.raises(TimeoutError):  # the same bound with asyncio's own timeout
                         async with asyncio.timeout(0.25):
                             await pub.flush()
+                    with pytest.raises(PublishTimeout):  # would block
+                        await pub.publish([(40, bytes(200))], timestamp_ns=STAMP + n, block=False)
                     stopped.resume()
                     await pub.flush()
                     return n, waited

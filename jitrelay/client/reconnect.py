@@ -47,7 +47,8 @@ class Reconnect:
     one relay do not come back in step. The defaults try at once, then after
     10, 20, 40, 80, 160 ms and every 200 ms after that: a relay back up is
     heard from within about 0.2 s; 600 tries are about two minutes. ``attempts=None``
-    tries forever.
+    tries forever; ``give_up_after`` (seconds) bounds the time instead of, or as
+    well as, the tries.
 
     ``on_disconnected(error)`` is called once when the connection is lost,
     ``on_reconnected(attempts)`` once it is back (with the tries it took), on
@@ -57,6 +58,7 @@ class Reconnect:
     """
 
     attempts: int | None = 600
+    give_up_after: float | None = None  # seconds: no try starts once the relay has been gone this long
     first_delay: float = 0.01
     max_delay: float = 0.2
     multiplier: float = 2.0
@@ -67,6 +69,8 @@ class Reconnect:
     def __post_init__(self) -> None:
         if self.attempts is not None and self.attempts < 1:
             raise ValueError("attempts must be at least 1, or None to try forever")
+        if self.give_up_after is not None and self.give_up_after <= 0:
+            raise ValueError("give_up_after must be positive, or None for no time limit")
         if not 0 <= self.first_delay <= self.max_delay:
             raise ValueError("delays must satisfy 0 <= first_delay <= max_delay")
         if self.multiplier < 1:
@@ -118,6 +122,12 @@ def _gave_up(what: str, tries: int, since: float, last: BaseException | None) ->
     return ReconnectFailed(message)
 
 
+def _out_of_time(policy: Reconnect, since: float, delay: float) -> bool:
+    """Whether the next try would start after ``give_up_after`` (never before the first)."""
+    limit = policy.give_up_after
+    return limit is not None and delay > 0 and time.monotonic() + delay - since > limit
+
+
 def retry(policy: Reconnect, what: str, attempt: Callable[[], _T]) -> _T:
     """``attempt()`` until it returns, sleeping ``policy.delays()`` between tries; ``ReconnectFailed`` at the end.
 
@@ -126,6 +136,8 @@ def retry(policy: Reconnect, what: str, attempt: Callable[[], _T]) -> _T:
     """
     since, tries, last = time.monotonic(), 0, None
     for delay in policy.delays():
+        if _out_of_time(policy, since, delay):
+            break
         time.sleep(delay)
         tries += 1
         try:
@@ -142,6 +154,8 @@ async def retry_async(policy: Reconnect, what: str, attempt: Callable[[], Awaita
     """``retry`` for asyncio: ``await attempt()`` until it returns, ``asyncio.sleep`` between tries."""
     since, tries, last = time.monotonic(), 0, None
     for delay in policy.delays():
+        if _out_of_time(policy, since, delay):
+            break
         await asyncio.sleep(delay)
         tries += 1
         try:

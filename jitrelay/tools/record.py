@@ -8,10 +8,10 @@ positions, so what it misses is known: a gap the relay announces is logged
 and counted, and after a lost connection it resumes right after the last
 message it wrote.
 
-Relay restarts: when the connection ends, ``record`` opens a new subscriber
-(``_reconnecting``), resuming from its position; a restarted relay says it
-cannot tell what was missed and sends what its log holds. That loop is the
-only place that knows about reconnecting.
+Relay restarts: the client's subscriber reconnects by itself
+(``client.reconnect``) and resumes from its position; a restarted relay says
+it cannot tell what was missed and sends what its log holds. This command
+only counts the reconnects, logs them and bounds them with ``--give-up``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -30,7 +29,7 @@ from types import FrameType
 import numpy as np
 
 from jitrelay import kernels
-from jitrelay.client import RelayConnectionError, Subscriber
+from jitrelay.client import Reconnect, RelayConnectionError, Subscriber
 from jitrelay.core import protocol
 from jitrelay.core.domains import JOURNAL_FSYNC
 from jitrelay.core.units import MiB
@@ -40,7 +39,6 @@ from jitrelay.tools.options import add_byte_option, add_target, byte_list, non_n
 
 log = logging.getLogger("jitrelay.record")
 
-RECONNECT_INTERVAL = 0.1  # seconds between attempts to reach a relay that has gone away
 DEFAULT_ROTATE_BYTES = 256 * MiB
 
 
@@ -142,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, stop)
     tally = Tally()
-    subscriber = _subscriber(args, None)  # a relay that is not there at the start is an error, not a wait
+    subscriber = _subscriber(args, tally)  # a relay that is not there at the start is an error, not a wait
     try:
         writer = CaptureWriter(args.file, rotate_bytes=args.rotate, fsync=args.fsync)
     except OSError as exc:
@@ -152,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     try:
         log.info("recording the %s relay at %s into %s", args.domain, subscriber.socket_path, writer.path)
-        code = _record(args, subscriber, writer, tally)
+        code = _record(subscriber, args, writer, tally)
     except (Stop, KeyboardInterrupt):
         pass
     finally:
@@ -173,14 +171,11 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _record(args: argparse.Namespace, first: Subscriber, writer: CaptureWriter, tally: Tally) -> int:
-    """Drain one subscriber after another into the capture, until a limit is reached or the relay is gone for good."""
+def _record(subscriber: Subscriber, args: argparse.Namespace, writer: CaptureWriter, tally: Tally) -> int:
+    """Drain the subscriber into the capture until a limit is reached (0) or the relay is gone for good (1)."""
     limits = Limits(time.monotonic() + args.duration if args.duration else None, args.count or None)
-    for subscriber in _reconnecting(args, first, tally):
-        with subscriber:
-            if _drain(subscriber, writer, tally, limits):
-                return 0
-    return 1  # _reconnecting gave up
+    with subscriber:
+        return 0 if _drain(subscriber, writer, tally, limits) else 1
 
 
 @dataclass
@@ -202,9 +197,9 @@ def _drain(subscriber: Subscriber, writer: CaptureWriter, tally: Tally, limits: 
     seen = 0  # of this subscriber's gaps
     while not limits.expired():
         try:
-            batch = subscriber.recv_batch(limits.timeout())
+            batch = subscriber.recv_batch(limits.timeout())  # reconnects by itself, resuming where it stood
         except (EOFError, RelayConnectionError) as exc:
-            log.warning("lost the relay: %s", exc)
+            log.error("giving up: %s", exc)
             return False
         received_ns = time.time_ns()
         for gap in subscriber.gaps[seen:]:
@@ -223,44 +218,28 @@ def _drain(subscriber: Subscriber, writer: CaptureWriter, tally: Tally, limits: 
     return True
 
 
-def _reconnecting(args: argparse.Namespace, first: Subscriber, tally: Tally) -> Iterator[Subscriber]:
-    """``first``, then a new subscriber each time the last one's connection ended, resuming where it stood.
+def _reconnect(args: argparse.Namespace, tally: Tally) -> Reconnect:
+    """The client's reconnect policy, with this command's log lines, tally and ``--give-up``."""
 
-    The client's ``Subscriber`` can reconnect by itself (``client.reconnect``);
-    this command opens its subscribers with ``reconnect=False`` and keeps this
-    loop, for its log lines, its tally of reconnects and ``--give-up``.
+    def lost(error: RelayConnectionError) -> None:
+        log.info("reconnecting to the %s relay (%s)", args.domain, error)
 
-    Ends (gives up) once the relay has been unreachable for ``--give-up``
-    seconds, if given.
-    """
-    subscriber = first
-    while True:
-        yield subscriber
-        position = subscriber.position
-        log.info("reconnecting to the %s relay at %s (resuming after %s)", args.domain, first.socket_path, position)
-        since = time.monotonic()
-        while True:
-            try:
-                subscriber = _subscriber(args, position)
-                break
-            except RelayConnectionError:
-                if args.give_up and time.monotonic() - since >= args.give_up:
-                    log.error("the relay stayed unreachable for %.1f s: giving up", args.give_up)
-                    return
-                time.sleep(RECONNECT_INTERVAL)
+    def back(tries: int) -> None:
         tally.reconnects += 1
-        log.info("reconnected to the %s relay after %.3f s", args.domain, time.monotonic() - since)
+        log.info("reconnected to the %s relay after %d tries", args.domain, tries)
+
+    return Reconnect(attempts=None, give_up_after=args.give_up or None, on_disconnected=lost, on_reconnected=back)
 
 
-def _subscriber(args: argparse.Namespace, position: protocol.Position | None) -> Subscriber:
+def _subscriber(args: argparse.Namespace, tally: Tally) -> Subscriber:
+    """A subscriber with positions: after a relay restart it resumes where it stood, or is told it cannot."""
     return Subscriber(
         args.domain,
         args.socket,
         tlv_types=args.types,
         sources=args.sources,
         positions=True,
-        resume_from=position,
-        reconnect=False,  # _reconnecting is this command's loop, with its own log lines, tally and --give-up
+        reconnect=_reconnect(args, tally),
     )
 
 

@@ -237,7 +237,7 @@ def test_record_stops_after_count_and_gives_up_on_a_relay_that_stays_away(
     wait_for_bytes(short_dir / "waiting", 2 * BURST * W1_SIZE, waiting)
     assert relay.stop() == 0
     assert waiting.wait_exit(30) == 1
-    assert waiting.find_line("the relay stayed unreachable for 0.5 s: giving up")
+    assert waiting.find_line("giving up: ") and waiting.find_line("gave up reconnecting after")
     assert waiting.find_line(f"recorded {2 * BURST} messages")
     assert captured(short_dir / "waiting") == b"".join(b.tobytes() for b in bursts)
 

@@ -18,7 +18,7 @@ from jitrelay.client.async_subscriber import AsyncSubscriber
 from jitrelay.client.encoder import DEFAULT_FLUSH_SIZE
 from jitrelay.client.errors import CLOSE_TIMEOUT, PublishTimeout, RelayConnectionError
 from jitrelay.client.publisher import Publisher
-from jitrelay.client.reconnect import Reconnect, ReconnectFailed
+from jitrelay.client.reconnect import Reconnect, ReconnectBufferFull, ReconnectFailed
 from jitrelay.client.shared_log import CutOff
 from jitrelay.client.stream import SubscriberMode
 from jitrelay.client.subscriber import Subscriber
@@ -36,6 +36,7 @@ __all__ = [
     "PublishTimeout",
     "Publisher",
     "Reconnect",
+    "ReconnectBufferFull",
     "ReconnectFailed",
     "RelayConnectionError",
     "Subscriber",

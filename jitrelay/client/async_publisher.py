@@ -29,7 +29,15 @@ from jitrelay.client.errors import (
     RelayConnectionError,
     open_connection,
 )
-from jitrelay.client.reconnect import Reconnect, ReconnectFailed, announce_lost, log, policy_for, retry_async
+from jitrelay.client.reconnect import (
+    Reconnect,
+    ReconnectBufferFull,
+    ReconnectFailed,
+    announce_lost,
+    log,
+    policy_for,
+    retry_async,
+)
 from jitrelay.client.records import AsyncRecordWriter
 from jitrelay.core import protocol
 from jitrelay.kernels.framer import Buffer
@@ -219,9 +227,15 @@ class AsyncPublisher(Encoder, AsyncConnection, AsyncRecordWriter):
         timeout: float | None,
     ) -> int:
         """``publish_nowait`` while reconnecting (kept in the buffer), or not connected (raises, see ``_not_live``)."""
-        if timeout is not None:
+        if timeout:  # 0 (block=False) is what publish_nowait does anyway
             raise TypeError("publish_nowait never waits: give the timeout to `await publish(...)`")
         if self._link is Link.LOST and self._reconnecting is not None and self._gave_up is None:
+            assert self.reconnect is not None
+            if self._fill >= self.reconnect.buffer_limit:
+                raise ReconnectBufferFull(
+                    f"{self._what()} is reconnecting and keeps {self._fill} bytes already (buffer_limit): "
+                    "the message is not published"
+                )
             return self._encode(records, flags, sequence, timestamp_ns)
         if self._link is Link.OPEN:  # with a timeout given as None explicitly
             return Encoder._append(self, records, flags=flags, sequence=sequence, timestamp_ns=timestamp_ns)

@@ -37,6 +37,11 @@ class ReconnectFailed(RelayConnectionError):
     """A client lost its relay and gave up trying it again: its ``attempts`` were used up (or reconnecting is off)."""
 
 
+class ReconnectBufferFull(RelayConnectionError):
+    """An asyncio publisher reconnecting to its relay already keeps ``buffer_limit`` bytes: this message is not
+    published (its sequence number is not used). Memory stays bounded however long the relay is away."""
+
+
 @dataclass(frozen=True)
 class Reconnect:
     """How a client reconnects to a relay it lost. ``Reconnect()`` is the default every client uses.
@@ -48,7 +53,9 @@ class Reconnect:
     10, 20, 40, 80, 160 ms and every 200 ms after that: a relay back up is
     heard from within about 0.2 s; 600 tries are about two minutes. ``attempts=None``
     tries forever; ``give_up_after`` (seconds) bounds the time instead of, or as
-    well as, the tries.
+    well as, the tries. An asyncio publisher keeps what ``publish_nowait`` is
+    given meanwhile up to ``buffer_limit`` bytes, then raises
+    ``ReconnectBufferFull`` (a blocking publisher's ``publish`` waits instead).
 
     ``on_disconnected(error)`` is called once when the connection is lost,
     ``on_reconnected(attempts)`` once it is back (with the tries it took), on
@@ -59,6 +66,7 @@ class Reconnect:
 
     attempts: int | None = 600
     give_up_after: float | None = None  # seconds: no try starts once the relay has been gone this long
+    buffer_limit: int = 8 * 1024 * 1024  # bytes an asyncio publisher keeps while reconnecting (as NATS's)
     first_delay: float = 0.01
     max_delay: float = 0.2
     multiplier: float = 2.0
@@ -69,6 +77,8 @@ class Reconnect:
     def __post_init__(self) -> None:
         if self.attempts is not None and self.attempts < 1:
             raise ValueError("attempts must be at least 1, or None to try forever")
+        if self.buffer_limit < 0:
+            raise ValueError("buffer_limit must be at least 0")
         if self.give_up_after is not None and self.give_up_after <= 0:
             raise ValueError("give_up_after must be positive, or None for no time limit")
         if not 0 <= self.first_delay <= self.max_delay:

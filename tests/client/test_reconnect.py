@@ -29,7 +29,7 @@ from support.clients import Clients
 from support.relays import RelayProcess, StartRelay
 
 from jitrelay import AsyncPublisher, AsyncSubscriber, Publisher, Subscriber
-from jitrelay.client import PublishTimeout, Reconnect, ReconnectFailed
+from jitrelay.client import PublishTimeout, Reconnect, ReconnectBufferFull, ReconnectFailed
 from jitrelay.client.reconnect import whole_from
 from jitrelay.core import protocol
 from jitrelay.core.units import MiB
@@ -344,3 +344,33 @@ def test_asyncio_clients_that_cannot_get_their_relay_back_give_up_with_an_error(
                     await asyncio.sleep(0.01)
 
     asyncio.run(scenario())
+
+
+def test_an_asyncio_publisher_keeps_at_most_its_buffer_limit_while_reconnecting(start_relay: StartRelay) -> None:
+    relay = start_relay("signal")
+    lost = threading.Event()
+    policy = Reconnect(
+        attempts=None, first_delay=0.05, max_delay=0.05, buffer_limit=1000, on_disconnected=lambda _: lost.set()
+    )
+    value = bytes(66)  # 100-byte messages
+
+    async def scenario() -> tuple[int, int, int, float]:
+        pub = await AsyncPublisher("signal", relay.socket_path, reconnect=policy).connect()
+        relay.proc.kill()
+        await asyncio.get_running_loop().run_in_executor(None, relay.proc.wait, 10)
+        await asyncio.get_running_loop().run_in_executor(None, lost.wait, 10)
+        kept = 0
+        with pytest.raises(ReconnectBufferFull, match="keeps 1000 bytes already .* not published"):
+            while True:
+                pub.publish_nowait([(20, value)])
+                kept += 1
+        with pytest.raises(ReconnectBufferFull):  # and again, while the relay stays away
+            pub.publish_nowait([(20, value)])
+        buffered, number = pub.buffered, pub.next_sequence
+        started = time.monotonic()
+        await pub.close(timeout=0.2)  # no relay to flush into: close gives up after its timeout
+        return kept, buffered, number, time.monotonic() - started
+
+    kept, buffered, number, closing = asyncio.run(scenario())
+    assert kept == 10 and buffered == 1000 and number == 10  # the refused messages took no sequence number
+    assert closing < 10

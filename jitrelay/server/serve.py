@@ -68,6 +68,7 @@ async def serve(logic: RelayLogic, stop: asyncio.Event | None = None) -> Relay:
         # The stats socket and the HTTP endpoint first: /readyz says "not ready" while the kernels load.
         figures = await RelayMetrics.start(logic, lambda: None if relay is None else relay.figures(), health)
         seconds = warm_up(logic)
+        health.beat()  # the loop turns again: a build of the kernels may have held it for seconds
         loaded = kernels.backend()
         log.info("kernels ready in %.3f s (%s: %s)", seconds, loaded["name"], loaded["path"])
         if logic.journal:

@@ -26,9 +26,11 @@ BURST = 4000  # messages per write: a W1 stream in bursts, so that its timing ha
 BURSTS = 6  # per phase
 PAUSE = 0.03  # seconds between bursts
 # The bench's noise: W2's one-way latency through the relay spreads over about a millisecond (p99.9,
-# docs/benchmarks.md); scheduling on a shared 2-core machine adds more now and then.
-NOISE_MEDIAN = 0.001
-NOISE_P90 = 0.004
+# docs/benchmarks.md; p99 near 2 ms on a loaded run); scheduling on a shared 2-core machine running the whole
+# suite adds a few more now and then (4.1 ms seen at the 90th percentile). Still far below the 30 ms pauses
+# a replay that ignored the recorded times would lose.
+NOISE_MEDIAN = 0.002
+NOISE_P90 = 0.010
 
 
 def w1_bursts(first_sequence: int, source: int = 0) -> list[np.ndarray]:

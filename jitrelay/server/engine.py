@@ -23,12 +23,13 @@ publisher that has never read a byte of what it was sent (``_never_read``) is
 neither: it is detached from the log, and what it is not sent is counted.
 
 This module is the Relay's core: its state, membership, and the path of a
-read (scan, append, fan-out) and of a cursor behind (catch-up). Its other jobs
-are classes of their own that the Relay inherits, their state the Relay's:
-the slow-reader policies (``slow_readers``), positions and resuming
-(``resume``), readers of the mapped log (``shared_readers``), the journal
-(``journaling``) and the figures (``relay_figures``); a peer's protocol is
-``connection``. Whatever runs for every batch stays here.
+read (scan, journal append, log append, fan-out) and of a cursor behind
+(catch-up). Its other jobs are classes of their own that the Relay inherits,
+their state the Relay's: the slow-reader policies (``slow_readers``),
+positions and resuming (``resume``), readers of the mapped log
+(``shared_readers``), the journal off the data path (``journaling``) and the
+figures (``relay_figures``); a peer's protocol is ``connection``. Whatever
+runs for every batch stays here.
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import BLOCK, RelayLogic
+from jitrelay.core.domains import BLOCK, FSYNC_BATCH, JOURNAL_PAUSE, RelayLogic
 from jitrelay.core.histogram import Histogram
 from jitrelay.core.units import MiB
 from jitrelay.server.connection import Connection as Connection  # re-exported: the engine's connections
 from jitrelay.server.journal import Journal
-from jitrelay.server.journaling import Journaling
+from jitrelay.server.journaling import JOURNAL_RETRY_SECONDS, Journaling
 from jitrelay.server.log import RelayLog
 from jitrelay.server.relay_figures import RelayFigures
 from jitrelay.server.resume import Resume
@@ -333,6 +334,31 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
             )
             return result
         return kernels.scan_into(buf, start, end, self.tables, self.scan_out, conn.counts)
+
+    def _journal(self, pieces: list, at: tuple[int, int, int]) -> bool:
+        """Append a batch to the journal before anyone sees it (under ``batch``, fsync soon after); False: hold it."""
+        assert self.journal is not None
+        try:
+            self.journal.append(pieces, at=at)
+        except OSError as exc:
+            self.journal_errors += 1
+            if self.logic.journal_on_error == JOURNAL_PAUSE:
+                if self._journal_retry is None:
+                    log.error(
+                        "journal %s: append failed (%s); holding publishers, nothing unjournaled is forwarded",
+                        self.journal.path,
+                        exc,
+                    )
+                    self._set_reading(False)
+                    self._journal_retry = asyncio.get_running_loop().call_later(
+                        JOURNAL_RETRY_SECONDS, self._retry_journal
+                    )
+                return False
+            log.error("journal %s: append failed, batch forwarded unjournaled: %s", self.journal.path, exc)
+            return True
+        if self._journal_timer is None and self.logic.journal_fsync == FSYNC_BATCH:
+            self._journal_timer = asyncio.get_running_loop().call_later(self.journal.sync_interval, self._sync_journal)
+        return True
 
     def _forward(
         self, sender: Connection, result: kernels.ScanResult, messages: int, arrived: int, direct: int = -1

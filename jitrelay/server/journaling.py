@@ -1,8 +1,9 @@
-"""The relay's journal: each batch appended before anyone sees it, fsync under ``batch``, holding on failure.
+"""The relay's journal when it does not write: publishers held, the append tried again, and the timed fsync.
 
-Under ``journal_on_error = pause`` a failed append holds every publisher and
-is tried again until the journal writes; the data path only asks whether a
-batch was journaled.
+The append itself runs for every batch, so it stays on the engine's data path
+(``Relay._journal``); what happens around it, off that path, is here: under
+``journal_on_error = pause`` a failed append holds every publisher until the
+journal writes again, and under ``journal_fsync = batch`` an fsync follows soon after.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from jitrelay.core.domains import FSYNC_BATCH, JOURNAL_PAUSE, RelayLogic
 from jitrelay.server.connection import Connection
 from jitrelay.server.journal import Journal
 
@@ -22,12 +22,11 @@ JOURNAL_RETRY_SECONDS = 0.2  # how often a relay holding its publishers tries a 
 
 
 class Journaling:
-    """The Relay's journal appends, retries and syncs.
+    """The Relay's journal retries and syncs.
 
     State lives on the Relay (``server/engine.py``); the names below are declared for the type checker only.
     """
 
-    logic: RelayLogic
     journal: Journal | None
     journal_errors: int
     _journal_timer: asyncio.TimerHandle | None
@@ -35,31 +34,6 @@ class Journaling:
     _journal_held: list[Connection]
     on_data: Callable[[Connection, int], None]
     _set_reading: Callable[[bool], None]
-
-    def _journal(self, pieces: list, at: tuple[int, int, int]) -> bool:
-        """Append a batch to the journal before anyone sees it (under ``batch``, fsync soon after); False: hold it."""
-        assert self.journal is not None
-        try:
-            self.journal.append(pieces, at=at)
-        except OSError as exc:
-            self.journal_errors += 1
-            if self.logic.journal_on_error == JOURNAL_PAUSE:
-                if self._journal_retry is None:
-                    log.error(
-                        "journal %s: append failed (%s); holding publishers, nothing unjournaled is forwarded",
-                        self.journal.path,
-                        exc,
-                    )
-                    self._set_reading(False)
-                    self._journal_retry = asyncio.get_running_loop().call_later(
-                        JOURNAL_RETRY_SECONDS, self._retry_journal
-                    )
-                return False
-            log.error("journal %s: append failed, batch forwarded unjournaled: %s", self.journal.path, exc)
-            return True
-        if self._journal_timer is None and self.logic.journal_fsync == FSYNC_BATCH:
-            self._journal_timer = asyncio.get_running_loop().call_later(self.journal.sync_interval, self._sync_journal)
-        return True
 
     def _hold_for_journal(self, conn: Connection) -> None:
         if conn not in self._journal_held:

@@ -64,6 +64,11 @@ class RecordLayout:
         return self.size > MAX_STANDARD_VALUE
 
 
+def _padded_address(name: str, padding: str) -> tuple[tuple, tuple]:
+    """An Ethereum address field and the 12 bytes Torq pads it with to 32 (``EthAddress``, ``AddressPadding``)."""
+    return (name, *_ADDRESS), (padding, *_ADDRESS_PADDING)
+
+
 def _packed(fields: list) -> np.dtype:
     """A dtype with no gaps: each field right after the one before, as Torq's explicit padding makes them."""
     return np.dtype(fields)
@@ -151,12 +156,9 @@ _LAYOUTS = [
                 ("amount_in_decimals", "u1"),
                 ("amount_out_decimals", "u1"),
                 ("_padding", "u1", (8,)),
-                ("pool_address", *_ADDRESS),
-                ("pool_address_padding", *_ADDRESS_PADDING),
-                ("token_in_addr", *_ADDRESS),
-                ("token_in_padding", *_ADDRESS_PADDING),
-                ("token_out_addr", *_ADDRESS),
-                ("token_out_padding", *_ADDRESS_PADDING),
+                *_padded_address("pool_address", "pool_address_padding"),
+                *_padded_address("token_in_addr", "token_in_padding"),
+                *_padded_address("token_out_addr", "token_out_padding"),
                 ("sqrt_price_x96_after", "u1", (32,)),
             ]
         ),
@@ -178,14 +180,10 @@ _LAYOUTS = [
                 ("token0_decimals", "u1"),
                 ("token1_decimals", "u1"),
                 ("_padding", "u1", (12,)),
-                ("pool_address", *_ADDRESS),
-                ("pool_address_padding", *_ADDRESS_PADDING),
-                ("provider_addr", *_ADDRESS),
-                ("provider_padding", *_ADDRESS_PADDING),
-                ("token0_addr", *_ADDRESS),
-                ("token0_padding", *_ADDRESS_PADDING),
-                ("token1_addr", *_ADDRESS),
-                ("token1_padding", *_ADDRESS_PADDING),
+                *_padded_address("pool_address", "pool_address_padding"),
+                *_padded_address("provider_addr", "provider_padding"),
+                *_padded_address("token0_addr", "token0_padding"),
+                *_padded_address("token1_addr", "token1_padding"),
             ]
         ),
         _MARKET_DATA,
@@ -202,8 +200,7 @@ _LAYOUTS = [
                 ("tick", "<i4"),
                 ("venue", "<u2"),
                 ("_padding", "u1", (2,)),
-                ("pool_address", *_ADDRESS),
-                ("pool_address_padding", *_ADDRESS_PADDING),
+                *_padded_address("pool_address", "pool_address_padding"),
             ]
         ),
         _MARKET_DATA,
@@ -227,12 +224,9 @@ _LAYOUTS = [
                 ("token0_decimals", "u1"),
                 ("token1_decimals", "u1"),
                 ("_padding", "u1", (3,)),
-                ("pool_address", *_ADDRESS),
-                ("pool_address_padding", *_ADDRESS_PADDING),
-                ("token0_addr", *_ADDRESS),
-                ("token0_padding", *_ADDRESS_PADDING),
-                ("token1_addr", *_ADDRESS),
-                ("token1_padding", *_ADDRESS_PADDING),
+                *_padded_address("pool_address", "pool_address_padding"),
+                *_padded_address("token0_addr", "token0_padding"),
+                *_padded_address("token1_addr", "token1_padding"),
             ]
         ),
         "libs/types/src/protocol/tlv/pool_state.rs",
@@ -251,12 +245,9 @@ _LAYOUTS = [
                 ("token0_decimals", "u1"),
                 ("token1_decimals", "u1"),
                 ("_padding", "u1", (12,)),
-                ("pool_address", *_ADDRESS),
-                ("pool_address_padding", *_ADDRESS_PADDING),
-                ("token0_addr", *_ADDRESS),
-                ("token0_padding", *_ADDRESS_PADDING),
-                ("token1_addr", *_ADDRESS),
-                ("token1_padding", *_ADDRESS_PADDING),
+                *_padded_address("pool_address", "pool_address_padding"),
+                *_padded_address("token0_addr", "token0_padding"),
+                *_padded_address("token1_addr", "token1_padding"),
             ]
         ),
         _MARKET_DATA,

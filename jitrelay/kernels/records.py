@@ -9,7 +9,6 @@ to back in a contiguous uint8 array.
 
 from __future__ import annotations
 
-import struct
 import time
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -139,19 +138,13 @@ def encode(
 
 def _template(kind: RecordLayout, domain: int, version: int, source: int, flags: int, stamp: int) -> np.ndarray:
     """What every message of these records starts with: its header (sequence 0, checksum 0) and record head."""
-    value = kind.size
-    payload = value + (5 if kind.extended else 2)
-    record_head = (
-        _EXTENDED_HEAD.pack(protocol.EXTENDED_TLV, 0, kind.tlv_type, value)
-        if kind.extended
-        else bytes((kind.tlv_type, value))
+    record = protocol.encode_record(kind.tlv_type, bytes(kind.size), extended=kind.extended)
+    header = protocol.HEADER_STRUCT.pack(
+        protocol.MAGIC, domain, version, source, flags, 0, stamp & _U64, len(record), 0
     )
-    header = _HEADER.pack(protocol.MAGIC, domain, version, source, flags, 0, stamp & _U64, payload, 0)
-    return np.frombuffer(header + record_head, dtype=np.uint8)
+    return np.frombuffer(header + record[: len(record) - kind.size], dtype=np.uint8)
 
 
-_HEADER = struct.Struct("<IBBBBQQII")
-_EXTENDED_HEAD = struct.Struct("<BBBH")
 _U64 = (1 << 64) - 1
 _NO_STAMPS = np.empty(0, dtype=np.int64)
 

@@ -146,11 +146,20 @@ def pub_jitrelay_async(who: str, reports: Any, path: str, size: int, duration: f
 
 def pub_raw_batches(who: str, reports: Any, path: str, size: int, duration: float, start: Any) -> dict:
     """The receive runs' feeder: W1's 1 MiB batches as fast as the relay takes them, then the sentinel."""
-    from jitrelay import kernels
-
     count = BATCH_BYTES // size
     batch: Any = protocol.build_batch(MARKET_DATA, count, [(1, _value(size))], checksums=False)  # an array: a buffer
-    kernels.stamp_batch(batch, size, 0, 0, checksums=False)
+    sentinel = protocol.build_message(MARKET_DATA, [(1, _value(size))], sequence=SENTINEL)
+    return send_batches(who, reports, path, batch, size, duration, start, sentinel)
+
+
+def send_batches(
+    who: str, reports: Any, path: str, batch: Any, size: int, duration: float, start: Any, sentinel: bytes
+) -> dict:
+    """Send ``batch`` (messages of ``size`` bytes), renumbered before each send, for ``duration``; then ``sentinel``."""
+    from jitrelay import kernels
+
+    count = len(batch) // size
+    kernels.stamp_batch(batch, size, 0, 0, checksums=False)  # compile (or load) the kernel before the clock starts
     sock = connect(path)
     sock.sendall(protocol.publish_only_message())
     reports.put(("warm", who, None))
@@ -162,7 +171,7 @@ def pub_raw_batches(who: str, reports: Any, path: str, size: int, duration: floa
         sock.sendall(batch)
         seq += count
     elapsed = time.perf_counter() - began
-    sock.sendall(protocol.build_message(MARKET_DATA, [(1, _value(size))], sequence=SENTINEL))
+    sock.sendall(sentinel)
     sock.close()
     return {"sent": seq, "elapsed_s": elapsed}
 

@@ -39,14 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from jitrelay import kernels, records
+from jitrelay import records
 from jitrelay.core import protocol
 from jitrelay.core.protocol import MARKET_DATA, SEQUENCE_FIELD
-from jitrelay.tools.bench.clients import SENTINEL, client_run, first_is_probe
+from jitrelay.tools.bench.clients import SENTINEL, client_run, first_is_probe, send_batches
 from jitrelay.tools.bench.messages import BATCH_BYTES
 from jitrelay.tools.bench.options import Options
-from jitrelay.tools.bench.relays import STARTUP_SECONDS, BenchError, connect, jitrelay_run
-from jitrelay.tools.bench.workers import await_start
+from jitrelay.tools.bench.relays import STARTUP_SECONDS, BenchError, jitrelay_run
 
 TRADE = records.layout("trade")
 SIZE = records.message_size(TRADE)  # 74
@@ -185,22 +184,8 @@ def encode_figures(seconds: float) -> dict:
 def pub_trades(who: str, reports: Any, path: str, size: int, duration: float, start: Any) -> dict:
     """1 MiB batches of trades, renumbered before each send, as fast as the relay takes them; then the sentinel."""
     assert size == SIZE
-    batch: Any = trade_batch()  # an array: a buffer
     sentinel = protocol.build_message(MARKET_DATA, [(TRADE.tlv_type, trades(1).tobytes())], sequence=SENTINEL)
-    sock = connect(path)
-    sock.sendall(protocol.publish_only_message())
-    reports.put(("warm", who, None))
-    await_start(start, None, None)
-    seq = 0
-    began = time.perf_counter()
-    while time.perf_counter() < began + duration:
-        kernels.stamp_batch(batch, SIZE, seq, time.time_ns(), checksums=False)
-        sock.sendall(batch)
-        seq += BATCH_RECORDS
-    elapsed = time.perf_counter() - began
-    sock.sendall(sentinel)
-    sock.close()
-    return {"sent": seq, "elapsed_s": elapsed}
+    return send_batches(who, reports, path, trade_batch(), SIZE, duration, start, sentinel)
 
 
 def sub_records(who: str, reports: Any, path: str, size: int) -> dict:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,26 @@ def expected(domain: str, first: int, stop: int) -> bytes:
     return out
 
 
+def differences(received: bytes, total: int) -> str:
+    """What a received stream lacks or has twice, by sequence number: what a failure must say to be read."""
+    sequences = [message.header.sequence for message in protocol.decode_messages(received)]
+    counted = Counter(sequences)
+    missing = sorted(set(range(total)) - set(counted))
+    doubled = sorted(n for n, k in counted.items() if k > 1)
+    return f"{len(sequences)} messages, missing {ranges_of(missing)}, doubled {ranges_of(doubled)}"
+
+
+def ranges_of(numbers: list[int]) -> str:
+    """``[3, 4, 5, 9]`` as ``3-5, 9``."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and spans[-1][1] == n - 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans) or "none"
+
+
 def publish(pub: Publisher, domain: str, first: int, stop: int) -> None:
     for n in range(first, stop):
         pub.publish([(TYPES[domain], b"%08d" % n * 4)], timestamp_ns=STAMP + n)
@@ -122,7 +143,12 @@ def test_a_relay_killed_and_restarted_under_its_clients_loses_nothing_unannounce
         subscriber.kill()
         subscriber.wait(10)
     result = json.loads(Path(f"{out}.json").read_text())
-    assert out.read_bytes() == expected(domain, 0, total), "lost, doubled or changed messages"
+    received = out.read_bytes()
+    if received != expected(domain, 0, total):
+        pytest.fail(
+            f"lost, doubled or changed messages: {differences(received, total)}; subscriber {result}\n"
+            f"first relay:\n{relay.stderr}\nrestarted relay:\n{restarted[0].stderr}"
+        )
     # A dying relay's listening socket may still take a connection for a moment: then lost and back once more.
     assert result["events"] == ["lost", "back"] * result["reconnects"] and result["reconnects"] >= 1
     if domain == "execution":

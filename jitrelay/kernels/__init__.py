@@ -409,6 +409,32 @@ class FanOut:
             self._uniform = (targets, iovecs)
         return self._call(targets, skip)
 
+    def place_groups(
+        self, scan_runs: np.ndarray, n_scan: int, stream_start: int, routed: RouteBuffers, groups: int,
+        address: int, size: int, at: int,
+    ) -> np.ndarray:  # fmt: skip
+        """Write each group's runs of a batch as iovecs into the log's ring from iovec ``at`` (``group_iovecs``).
+
+        The batch's forwarded runs ``scan_runs[:2 * n_scan]`` were appended to
+        the log from stream offset ``stream_start``; the ring has ``size``
+        bytes at ``address``. Returns ``(3, groups)``: each group's first
+        iovec, iovec count and bytes.
+        """
+        if not (0 < groups <= len(routed.first) and 0 <= n_scan <= len(_array(scan_runs, _I64, 1, "scan_runs")) // 2):
+            raise ValueError(f"{groups} groups and {n_scan} runs do not fit the arrays given")
+        runs = int(routed.counts[:groups].sum())
+        if int((routed.first[:groups] + routed.counts[:groups]).max()) * 2 > len(routed.runs) or (runs and not n_scan):
+            raise ValueError("the groups' runs reach outside their array, or there are runs but no batch")
+        # A group's runs are cut in two at most once: where the ring wraps.
+        self.reserve(len(self.fds), at + runs + groups)
+        out = np.empty(3 * groups, dtype=np.int64)
+        _loops.group_iovecs(
+            scan_runs, n_scan, stream_start, routed.first, routed.counts, routed.runs, groups, address, size,
+            self.iovecs, at, out,
+        )  # fmt: skip
+        self._uniform = None
+        return out.reshape(3, groups)
+
     def _call(self, targets: int, skip: int) -> int:
         args = self._args
         if args is None or args[0] is not self.fds or args[1] != targets or args[2] is not self.iovecs:

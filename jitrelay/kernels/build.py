@@ -70,6 +70,9 @@ SIGNATURES: dict[str, str] = {
     "compact": f"int64({_BYTES}, {_INTS}, int64, {_BYTES})",
     "group_masks": f"void({_BYTES}, {_INTS}, {_BYTES}, int64, {_MASKS}, {_MASKS}, uint64[::1], {_MASKS})",
     "group_runs": f"int64({_INTS}, {_MASKS}, int64, int64, {_INTS}, {_INTS}, {_INTS}, {_INTS})",
+    "group_iovecs": (
+        f"int64({_INTS}, int64, int64, {_INTS}, {_INTS}, {_INTS}, int64, int64, int64, uint64[::1], int64, {_INTS})"
+    ),
     "crc32": f"int64({_BYTES}, int64, int64, int64, {_CRC_TABLES})",
     "message_crc": f"int64({_BYTES}, int64, int64, {_CRC_TABLES})",
     "stamp_batch": f"void({_BYTES}, int64, int64, int64, int64, boolean, {_CRC_TABLES})",

@@ -556,6 +556,45 @@ def group_runs(offsets, masks, n, groups, first, counts, sizes, runs):
 
 
 @kernel
+def group_iovecs(scan_runs, n_scan, stream_start, first, counts, runs, groups, address, size, iovecs, at, out):
+    """Each group's runs as iovecs into the log's ring, from ``iovecs[2 * at]`` on; returns the iovec after the last.
+
+    ``scan_runs`` are the batch's forwarded runs in the buffer it was scanned
+    in, appended back to back to the log from stream offset ``stream_start``;
+    ``runs`` are the groups' runs in the same buffer (``route``). A run is
+    placed where its bytes landed in the ring of ``size`` bytes at
+    ``address``, cut in two where the ring wraps. ``out[g]`` gets group
+    ``g``'s first iovec, ``out[groups + g]`` its iovec count and
+    ``out[2 * groups + g]`` its bytes.
+    """
+    k = at
+    for g in range(groups):
+        out[g] = k
+        nbytes = 0
+        r = 0
+        landed = stream_start  # where scan run ``r`` begins in the stream
+        for j in range(first[g], first[g] + counts[g]):
+            a = runs[2 * j]
+            b = runs[2 * j + 1]
+            nbytes += b - a
+            while a < b:
+                while r < n_scan - 1 and a >= scan_runs[2 * r + 1]:
+                    landed += scan_runs[2 * r + 1] - scan_runs[2 * r]
+                    r += 1
+                piece = min(b, scan_runs[2 * r + 1]) - a
+                phys = (landed + a - scan_runs[2 * r]) % size
+                if phys + piece > size:
+                    piece = size - phys
+                iovecs[2 * k] = address + phys
+                iovecs[2 * k + 1] = piece
+                k += 1
+                a += piece
+        out[groups + g] = k - out[g]
+        out[2 * groups + g] = nbytes
+    return k
+
+
+@kernel
 def scan_route(
     buf,
     start,

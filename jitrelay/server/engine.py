@@ -392,7 +392,8 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         self.batches += 1
         if self._targets_dirty:
             self._rebuild_targets()
-        group_ranges = self._group_ranges(start, first_message, result) if self._groups else None
+        # Each group's share as stream ranges, for cursors that owe it: only while someone is behind.
+        group_ranges = self._group_ranges(start, first_message, result) if self._groups and self._behind else None
         if self._behind:
             self._owe(sender, group_ranges)
         for conn in self._positioned:
@@ -401,7 +402,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         if self._shared:
             self.memory.wake()  # every sleeping reader of the mapped log, in one call
         if self._targets:
-            self._send_batch(sender, start, size, group_ranges, arrived)
+            self._send_batch(sender, start, size, arrived, result, first_message, group_ranges)
         done = time.perf_counter_ns()
         self.forward_time.record(done - arrived)
         self.messages_timed += result.count
@@ -427,37 +428,37 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         return ranges
 
     def _send_batch(
-        self, sender: Connection, start: int, size: int, group_ranges: list[np.ndarray] | None, arrived: int
+        self,
+        sender: Connection,
+        start: int,
+        size: int,
+        arrived: int,
+        result: kernels.ScanResult,
+        first_message: int,
+        group_ranges: list[np.ndarray] | None,
     ) -> None:
         """One call into the send loop for every subscriber that keeps up; the ones left short fall behind."""
         fan = self._fan
         n = len(self._targets)
-        if not group_ranges:  # everyone gets the whole batch: its one or two pieces of the ring
-            address = self.log.address
-            pieces = self.log.pieces(start, start + size)
-            fan.reserve(n, 2)
-            for k, (at, length) in enumerate(pieces):
-                fan.iovecs[2 * k] = address + at
-                fan.iovecs[2 * k + 1] = length
+        address = self.log.address
+        pieces = self.log.pieces(start, start + size)  # the whole batch: its one or two pieces of the ring
+        fan.reserve(n, len(pieces))
+        for k, (at, length) in enumerate(pieces):
+            fan.iovecs[2 * k] = address + at
+            fan.iovecs[2 * k + 1] = length
+        if not self._groups:  # everyone gets the whole batch
             sending = time.perf_counter_ns()
             short = fan.send_uniform(n, len(pieces), sender.fd)
             due = None
-        else:
-            slices = [np.array([[start, start + size, 0]], dtype=np.int64), *group_ranges]
-            fan.reserve(n, sum(2 * len(s) for s in slices))
-            firsts = np.zeros(len(slices), dtype=np.int64)
-            counts = np.zeros(len(slices), dtype=np.int64)
-            wanted = np.zeros(len(slices), dtype=np.int64)
-            k = 0
-            for i, ranges in enumerate(slices):
-                firsts[i] = k
-                counts[i] = taken = self._write_iovecs(ranges, k)
-                wanted[i] = size if i == 0 else int((ranges[:, 1] - ranges[:, 0]).sum())
-                k += taken
+        else:  # each group its runs, placed in the ring in one compiled call; the unfiltered the whole batch
+            placed = fan.place_groups(
+                self.scan_out.runs, result.runs, start, self._routed, len(self._groups), address, self.log.size,
+                len(pieces),
+            )  # fmt: skip
             slot = self._target_group + 1
-            fan.iov_first[:n] = firsts[slot]
-            fan.iov_count[:n] = counts[slot]
-            due = wanted[slot]
+            fan.iov_first[:n] = np.concatenate(([0], placed[0]))[slot]
+            fan.iov_count[:n] = np.concatenate(([len(pieces)], placed[1]))[slot]
+            due = np.concatenate(([size], placed[2]))[slot]
             sending = time.perf_counter_ns()
             short = fan.send(n, sender.fd)
         sent_at = time.perf_counter_ns()
@@ -474,27 +475,9 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
             if g < 0:
                 self._fall_behind(conn, position=start + taken)
             else:
-                assert group_ranges is not None  # a target in a group was sent its group's ranges
+                if group_ranges is None:
+                    group_ranges = self._group_ranges(start, first_message, result)
                 self._fall_behind(conn, owed=_after(group_ranges[g], taken))
-
-    def _write_iovecs(self, ranges: np.ndarray, at: int) -> int:
-        """Write the ring pieces of ``(k, 2)`` stream ranges into the send loop's iovecs from ``at``; how many."""
-        fan = self._fan
-        size = self.log.size
-        phys = ranges[:, 0] % size
-        lengths = ranges[:, 1] - ranges[:, 0]
-        if not len(ranges) or int((phys + lengths).max()) <= size:  # nothing wraps: one piece per range
-            end = at + len(ranges)
-            fan.iovecs[2 * at : 2 * end : 2] = self.log.address + phys
-            fan.iovecs[2 * at + 1 : 2 * end : 2] = lengths
-            return len(ranges)
-        k = at
-        for a, b, *_ in ranges.tolist():
-            for offset, length in self.log.pieces(a, b):
-                fan.iovecs[2 * k] = self.log.address + offset
-                fan.iovecs[2 * k + 1] = length
-                k += 1
-        return k - at
 
     def _owe(self, sender: Connection, group_ranges: list[np.ndarray] | None) -> None:
         """Filtered subscribers that are behind owe their group's share of this batch (never their own batch)."""

@@ -152,3 +152,57 @@ def test_scan_and_route_is_a_scan_then_a_route_in_one_call(name: str, data: st.D
     for g in range(len(filters)):
         assert fused.group_runs(g).tolist() == routed.group_runs(g).tolist()
         assert fused.sizes[g] == routed.sizes[g]
+
+
+def reference_iovecs(
+    scan_runs: list[tuple[int, int]], runs: list[tuple[int, int]], stream_start: int, size: int
+) -> list[tuple[int, int]]:
+    """Where a group's runs lie in a ring of ``size`` bytes, the batch's runs appended there from ``stream_start``."""
+    vecs = []
+    for a, b in runs:
+        while a < b:
+            landed = stream_start
+            for s, e in scan_runs:
+                if s <= a < e:
+                    break
+                landed += e - s
+            phys = (landed + a - s) % size
+            piece = min(min(b, e) - a, size - phys)
+            vecs.append((phys, piece))
+            a += piece
+    return vecs
+
+
+@pytest.mark.parametrize("name", NAMES)
+@FEW
+@given(data=st.data())
+def test_group_iovecs_point_at_each_groups_bytes_where_the_log_put_them(name: str, data: st.DataObject) -> None:
+    stream, filters = data.draw(stream_and_filters(name, 6))
+    tables = kernels.tables_for(logic_for(name))
+    groups = kernels.group_tables(filters)
+    out = kernels.ScanBuffers(len(stream))
+    result, routed = kernels.scan_and_route(
+        arr(stream), 0, len(stream), tables, out, groups, kernels.RouteBuffers(len(stream), 1)
+    )
+    scan_runs = [(int(a), int(b)) for a, b in out.runs[: 2 * result.runs].reshape(-1, 2)]
+    total = sum(b - a for a, b in scan_runs)
+    size = data.draw(st.integers(max(1, total), total + 80))  # a batch never outgrows the ring
+    stream_start = data.draw(st.integers(0, 10 * size))
+    ring = np.zeros(size, dtype=np.uint8)  # the log: the batch appended at stream_start, wrapping
+    at = stream_start
+    for a, b in scan_runs:
+        for i in range(a, b):
+            ring[at % size] = stream[i]
+            at += 1
+    fan = kernels.FanOut(iovecs=1)
+    lead = data.draw(st.integers(0, 3))  # iovecs before the groups' (the whole batch's pieces, in the relay)
+    placed = fan.place_groups(out.runs, result.runs, stream_start, routed, len(filters), 0, size, lead)
+    k = lead
+    for g in range(len(filters)):
+        runs = [(int(a), int(b)) for a, b in routed.group_runs(g).reshape(-1, 2)]
+        first, count, nbytes = placed[:, g].tolist()
+        vecs = [(int(fan.iovecs[2 * j]), int(fan.iovecs[2 * j + 1])) for j in range(first, first + count)]
+        assert first == k and vecs == reference_iovecs(scan_runs, runs, stream_start, size)
+        assert nbytes == sum(b - a for a, b in runs) == sum(n for _, n in vecs)
+        assert b"".join(ring[o : o + n].tobytes() for o, n in vecs) == b"".join(stream[a:b] for a, b in runs)
+        k += count

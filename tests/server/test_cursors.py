@@ -19,6 +19,7 @@ from support.clients import Clients, NumberedStream, StreamCheck, publish_while_
 from support.processes import ReaderProcess
 from support.relays import StartRelay
 
+from jitrelay.core import protocol
 from jitrelay.core.units import MiB
 
 
@@ -76,3 +77,30 @@ def test_under_block_a_stopped_subscriber_holds_the_publisher_and_nobody_loses_a
     relay.kill()  # the stopped one has caught up: it has everything when the relay closes it
     assert stopped.wait_exit() == 0
     assert stopped.stream() == stream.prefix(stream.total)
+
+
+def test_a_filtered_subscriber_that_stops_mid_batch_catches_up_with_exactly_its_selection(
+    start_relay: StartRelay, clients: Clients
+) -> None:
+    relay = start_relay("market_data", "--log-size", str(128 * MiB))
+    count = 48 * MiB // 71  # a stream cycling through types 1..4: its quarter is more than the socket holds
+    batch = protocol.build_cycled_batch(protocol.MARKET_DATA, count, [[(t, b"q" * 37)] for t in (1, 2, 3, 4)])
+    messages = batch.reshape(count, 71)
+    sock = clients.connect(relay)
+    sock.sendall(protocol.subscribe_message([2]))
+    relay.wait_line("subscribes to")
+    filtered = clients.reader(relay, sock)
+    everything = clients.reader(relay)
+    publisher = clients.connect(relay)
+    sync(publisher, [everything], protocol.MARKET_DATA)
+    filtered.pause()  # its socket fills in the middle of a batch: it owes its group's ranges from there
+    publisher.settimeout(60)
+    for at in range(0, len(batch), MiB):
+        publisher.sendall(batch[at : at + MiB])
+    assert everything.wait_received(len(batch), 60)
+    assert bytes(everything.data) == batch.tobytes()
+    filtered.resume()
+    want = messages[1::4].tobytes()
+    assert filtered.wait_received(len(want), 60)
+    assert bytes(filtered.data) == want
+    assert relay.find_line("disconnecting") is None

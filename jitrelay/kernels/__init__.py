@@ -34,6 +34,9 @@ import numpy as np
 from jitrelay.core import protocol as p
 from jitrelay.core.domains import RelayLogic
 from jitrelay.kernels import build
+from jitrelay.kernels.constants import LOG_MIRROR, LOG_SIZE, LOG_STATE_SLOTS
+from jitrelay.kernels.constants import READ_FORWARDED as READ_FORWARDED
+from jitrelay.kernels.constants import READ_NOT_TAKEN as READ_NOT_TAKEN
 from jitrelay.kernels.constants import SEND_FAILED as SEND_FAILED  # re-exported: the engine reads them here
 from jitrelay.kernels.constants import SEND_SKIPPED as SEND_SKIPPED
 
@@ -436,12 +439,84 @@ class FanOut:
         return out.reshape(3, groups)
 
     def _call(self, targets: int, skip: int) -> int:
+        fds, first, count, sent, totals = self.target_views(targets)
+        return int(_send_all()(fds, skip, first, count, self.iovecs, self.msghdr, sent, totals))
+
+    def target_views(self, targets: int) -> tuple[np.ndarray, ...]:
+        """``fds``, ``iov_first``, ``iov_count``, ``sent`` and ``totals`` of the first ``targets``, sliced once."""
         args = self._args
-        if args is None or args[0] is not self.fds or args[1] != targets or args[2] is not self.iovecs:
-            views = (self.fds[:targets], self.iov_first[:targets], self.iov_count[:targets])
-            args = self._args = (self.fds, targets, self.iovecs, views, self.sent[:targets], self.totals[:targets])
-        fds, first, count = args[3]
-        return int(_send_all()(fds, skip, first, count, self.iovecs, self.msghdr, args[4], args[5]))
+        if args is None or args[0] is not self.fds or args[1] != targets:
+            views = tuple(a[:targets] for a in (self.fds, self.iov_first, self.iov_count, self.sent, self.totals))
+            args = self._args = (self.fds, targets, views)
+        return args[2]
+
+
+class ReadPath:
+    """The compiled read path (``read_loop.forward_read``) with what stays the same from read to read bound once.
+
+    The relay makes one, over its log's ring, state and batch index and its
+    scan buffers; each read then passes where it landed, the sender's tallies
+    and the send loop's targets.
+    """
+
+    def __init__(
+        self, ring: np.ndarray, tables: KernelTables, out: ScanBuffers, state: np.ndarray, index: tuple[np.ndarray, ...]
+    ) -> None:
+        _bytes(ring, "ring", writable=True)
+        _check_tables(tables)
+        if len(_array(state, _I64, 1, "state")) < LOG_STATE_SLOTS:
+            raise ValueError(f"the log's state needs {LOG_STATE_SLOTS} slots")
+        starts, origins, first_message = (_array(a, _I64, 1, "the batch index") for a in index)
+        if not len(starts) == len(origins) == len(first_message):
+            raise ValueError("the batch index's columns differ in length")
+        if int(state[LOG_SIZE]) + int(state[LOG_MIRROR]) != len(ring):
+            raise ValueError("the ring is not the log's size and mirror")
+        self.ring = ring
+        self.capacity = out.capacity
+        self._scan = (
+            tables.domain, tables.max_payload, tables.checksum_policy, tables.type_allowed, tables.version_allowed,
+            out.offsets, out.verdicts, out.runs, np.zeros(len(p.VERDICT_NAMES), dtype=np.int64), CRC_TABLES,
+        )  # fmt: skip
+        self._log = (state, starts, origins, first_message)
+        self._address = ring.ctypes.data
+        self._timespec = np.zeros(2, dtype=np.int64)
+
+    def forward(
+        self, at: int, end: int, counts: np.ndarray, origin: int, fan: FanOut, targets: int, skip: int
+    ) -> tuple[int, int, int, int, int, int, int]:
+        """Judge ``ring[at:end]`` and, if it is all whole forwarded messages, commit it and send it to the targets.
+
+        Returns ``(status, messages, forwarded bytes, stream start, targets
+        left short, send began, send ended)`` (``read_loop.forward_read``);
+        ``READ_NOT_TAKEN`` changed nothing but the scan buffers.
+        """
+        if not (0 <= at <= end <= len(self.ring) and end - at <= self.capacity):
+            raise ValueError(f"[{at}, {end}) is not a range of the ring the scan buffers can take")
+        if len(counts) < len(p.VERDICT_NAMES) or counts.dtype is not _I64:
+            raise TypeError(f"counts must be int64 with {len(p.VERDICT_NAMES)} slots")
+        if not 0 <= targets <= len(fan.fds) or len(fan.iovecs) < 4:
+            raise ValueError(f"{targets} targets, room for {len(fan.fds)}, or fewer than two iovecs")
+        fds, first, count, sent, totals = fan.target_views(targets)
+        fan._uniform = None  # every target's slice is the loop's from here
+        return _forward_read()(
+            self.ring, at, end, *self._scan, counts, *self._log, origin, fds, skip, first, count, fan.iovecs,
+            fan.msghdr, sent, totals, self._address, self._timespec,
+        )  # fmt: skip
+
+
+def _forward_read() -> Any:
+    """The compiled read path: in the ahead-of-time module, else the JIT's (or Python's) own."""
+    global _forward_read_loop
+    if _forward_read_loop is None:
+        _forward_read_loop = getattr(_loaded(), "forward_read", None)
+        if _forward_read_loop is None:
+            from jitrelay.kernels import read_loop  # the JIT and Python builds only: it imports numba
+
+            _forward_read_loop = read_loop.forward_read
+    return _forward_read_loop
+
+
+_forward_read_loop: Any = None
 
 
 def _send_all() -> Any:

@@ -83,6 +83,14 @@ SEND_SIGNATURES: dict[str, str] = {
     "send_all": f"int64({_INTS}, int64, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS})",
 }
 
+# The read loop (``read_loop.py``): the read path from scan to fan-out in one call; it calls the send loop.
+READ_SIGNATURES: dict[str, str] = {
+    "forward_read": (
+        f"UniTuple(int64, 7)({_SCAN_ARGS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, int64, "
+        f"{_INTS}, int64, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS}, int64, {_INTS})"
+    ),
+}
+
 # The typed-record loops (``record_loops.py``), exported under these names.
 RECORD_SIGNATURES: dict[str, tuple[str, str]] = {
     "record_gather": (
@@ -102,6 +110,7 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 _SOURCES = (
     "kernels/loops.py",
     "kernels/send_loop.py",
+    "kernels/read_loop.py",
     "kernels/record_loops.py",
     "kernels/constants.py",
     "core/protocol.py",
@@ -344,7 +353,7 @@ def build_into(folder: str, name: str, *, portable: bool = False) -> None:
     warnings.simplefilter("ignore", NumbaPendingDeprecationWarning)  # pycc's notice; it is still maintained
     from numba.pycc import CC
 
-    from jitrelay.kernels import loops, record_loops, send_loop
+    from jitrelay.kernels import loops, read_loop, record_loops, send_loop
 
     class LinkedCC(CC):
         """pycc, linking zlib too: the loops call its ``crc32``."""
@@ -360,6 +369,8 @@ def build_into(folder: str, name: str, *, portable: bool = False) -> None:
         cc.export(export, signature)(getattr(loops, export).py_func)
     for export, signature in SEND_SIGNATURES.items():
         cc.export(export, signature)(getattr(send_loop, export).py_func)
+    for export, signature in READ_SIGNATURES.items():
+        cc.export(export, signature)(getattr(read_loop, export).py_func)
     for export, (function, signature) in RECORD_SIGNATURES.items():
         cc.export(export, signature)(getattr(record_loops, function).py_func)
     if portable:

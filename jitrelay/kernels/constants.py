@@ -9,3 +9,13 @@ SEND_SKIPPED = -2  # the target the loop was told to skip: the batch's own publi
 RECORD_MESSAGES = 0  # whole messages walked
 RECORD_WRONG_SIZE = 1  # records of the type whose length is not the layout's: left out, counted
 RECORD_TRUNCATED = 2  # records running past their payload, or a batch ending mid-message: left out, counted
+
+# What the read loop (``read_loop.forward_read``) reports.
+
+READ_NOT_TAKEN = 0  # not a run of whole forwarded messages: nothing changed, the caller takes the usual way
+READ_FORWARDED = 1  # committed to the log and sent to every target
+
+# The relay log's scalars in one int64 array (``server.log.RelayLog.state``), which the read loop moves.
+
+LOG_SIZE, LOG_MIRROR, LOG_RESERVE, LOG_BATCH_CAPACITY, LOG_HEAD, LOG_TAIL, LOG_MESSAGES, LOG_LO, LOG_HI = range(9)
+LOG_STATE_SLOTS = 9

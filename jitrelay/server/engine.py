@@ -39,6 +39,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -96,6 +97,9 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         self._routed = kernels.RouteBuffers(logic.buffer_size, 1)
         # The send loop's targets: every subscriber keeping up, in ``_targets`` order; rebuilt when that changes.
         self._fan = kernels.FanOut()
+        self._read_path = kernels.ReadPath(
+            self.log.ring, self.tables, self.scan_out, self.log.state, self.log.index
+        )  # the ordinary read's whole path, compiled: ``_forward_compiled``
         self._targets: list[Connection] = []
         self._target_group = np.zeros(0, dtype=np.int64)  # -1 for the unfiltered, else the group index
         self._targets_dirty = True
@@ -303,7 +307,10 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         """
         n = conn.filled
         ring = self.log.ring
-        if not self._must_hold(n, conn):
+        if not (self._behind or self._groups or self._shared or self.journal is not None or self.log.publisher):
+            if self._forward_compiled(conn, at, n, arrived):
+                return
+        elif not self._must_hold(n, conn):
             counted = conn.counts.copy()
             before = int(counted[protocol.FORWARD])
             result = self._scan(conn, ring, at, at + n)
@@ -316,6 +323,38 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
             conn.counts[:] = counted  # judged again there
         conn.buf[:n] = ring[at : at + n]
         self.on_data(conn, arrived)
+
+    def _forward_compiled(self, sender: Connection, at: int, n: int, arrived: int) -> bool:
+        """The ordinary read in one compiled call (``kernels.ReadPath``): scan, commit, fan out; False if not taken.
+
+        Only while nothing but the send loop's targets wants the batch: nobody behind or positioned, no
+        filter, no journal, no reader of the mapped log. Else, or for anything but whole forwarded
+        messages, the usual way takes the read, judging it again.
+        """
+        if self._targets_dirty:
+            self._rebuild_targets()
+        status, messages, size, start, short, sending, sent_at = self._read_path.forward(
+            at, at + n, sender.counts, sender.conn_id, self._fan, len(self._targets), sender.fd
+        )
+        if status != kernels.READ_FORWARDED:
+            return False
+        sender.filled = n - size
+        if sender.filled:
+            sender.buf[: sender.filled] = self.log.ring[at + size : at + n]
+        sender.published = True
+        sender.messages_published += messages
+        sender.bytes_published += size
+        self.bytes_forwarded += size
+        self.batches += 1
+        self.send_time.record(sent_at - sending)
+        self.own_time.record(sending - arrived)
+        if short:
+            self._left_short(start, size, None, lambda: [])
+        self.forward_time.record(time.perf_counter_ns() - arrived)
+        self.messages_timed += messages
+        if self._behind:
+            self._check_lag()
+        return True
 
     def _must_hold(self, nbytes: int, sender: Connection) -> bool:
         """Under ``block``: whether ``nbytes`` more from ``sender`` would pass the slowest cursor, so it waits."""
@@ -464,20 +503,27 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         sent_at = time.perf_counter_ns()
         self.send_time.record(sent_at - sending)
         self.own_time.record(sending - arrived)
-        if not short:
-            return
-        sent = fan.sent[:n]
-        wanted_each = size if due is None else due
-        for t in np.flatnonzero((sent != kernels.SEND_SKIPPED) & (sent < wanted_each)):
+        if short:
+            self._left_short(start, size, due, lambda: group_ranges or self._group_ranges(start, first_message, result))
+
+    def _left_short(
+        self, start: int, size: int, due: np.ndarray | None, group_ranges: Callable[[], list[np.ndarray]]
+    ) -> None:
+        """Targets whose socket took less than the batch (``due`` each, else all of it) fall behind from there.
+
+        A filtered one owes the rest of its group's ranges (``group_ranges()``, made only if one is short).
+        """
+        sent = self._fan.sent[: len(self._targets)]
+        ranges = None
+        for t in np.flatnonzero((sent != kernels.SEND_SKIPPED) & (sent < (size if due is None else due))):
             conn = self._targets[t]
             taken = max(0, int(sent[t]))
             g = int(self._target_group[t])
             if g < 0:
                 self._fall_behind(conn, position=start + taken)
             else:
-                if group_ranges is None:
-                    group_ranges = self._group_ranges(start, first_message, result)
-                self._fall_behind(conn, owed=_after(group_ranges[g], taken))
+                ranges = ranges or group_ranges()
+                self._fall_behind(conn, owed=_after(ranges[g], taken))
 
     def _owe(self, sender: Connection, group_ranges: list[np.ndarray] | None) -> None:
         """Filtered subscribers that are behind owe their group's share of this batch (never their own batch)."""

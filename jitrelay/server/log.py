@@ -27,14 +27,41 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core.shared_log import Snapshot
+from jitrelay.kernels.constants import (
+    LOG_BATCH_CAPACITY,
+    LOG_HEAD,
+    LOG_HI,
+    LOG_LO,
+    LOG_MESSAGES,
+    LOG_MIRROR,
+    LOG_RESERVE,
+    LOG_SIZE,
+    LOG_STATE_SLOTS,
+    LOG_TAIL,
+)
 
 MIN_BATCHES = 4096
 BYTES_PER_BATCH = 256  # index entries per ring byte: a full ring of batches this small is the limit
+
+
+class _StateSlot:
+    """One of the log's scalars, kept in ``RelayLog.state`` and read and written as a Python int."""
+
+    def __init__(self, slot: int, doc: str) -> None:
+        self.slot = slot
+        self.__doc__ = doc
+
+    def __get__(self, log: RelayLog | None, owner: object = None) -> Any:
+        return self if log is None else int(log.state[self.slot])
+
+    def __set__(self, log: RelayLog, value: int) -> None:
+        log.state[self.slot] = value
 
 
 class RelayLog:
@@ -63,15 +90,21 @@ class RelayLog:
         self.publisher: Callable[[Snapshot], None] | None = None
         self.address = self.ring.ctypes.data
         self.epoch = int.from_bytes(os.urandom(8), "little") >> 1 or 1  # never 0: 0 means "no position yet"
-        self.head = 0  # stream offset after the last byte appended
-        self.tail = 0  # oldest stream offset still in the ring; a batch start
-        self.messages = 0  # messages appended since the start
         self.batch_capacity = batch_capacity or max(MIN_BATCHES, size // BYTES_PER_BATCH)
+        # The scalars below live in one array that the compiled read path (``kernels.read_loop``) moves too.
+        self.state = np.zeros(LOG_STATE_SLOTS, dtype=np.int64)
+        self.state[[LOG_SIZE, LOG_MIRROR, LOG_RESERVE, LOG_BATCH_CAPACITY]] = size, mirror, reserve, self.batch_capacity
         room = 2 * self.batch_capacity  # the live window slides along and is moved back when it reaches the end
         self._starts = np.zeros(room, dtype=np.int64)
         self._origins = np.zeros(room, dtype=np.int64)
         self._first_message = np.zeros(room, dtype=np.int64)
-        self._lo = self._hi = 0
+        self.index = (self._starts, self._origins, self._first_message)  # for the compiled read path, which appends
+
+    head = _StateSlot(LOG_HEAD, "stream offset after the last byte appended")
+    tail = _StateSlot(LOG_TAIL, "oldest stream offset still in the ring; a batch start")
+    messages = _StateSlot(LOG_MESSAGES, "messages appended since the start")
+    _lo = _StateSlot(LOG_LO, "the oldest live entry of the batch index")
+    _hi = _StateSlot(LOG_HI, "one past the newest entry of the batch index")
 
     @property
     def batches(self) -> int:

@@ -1,0 +1,171 @@
+"""The relay's read path in one compiled call: judge a read where it landed in the log, commit it, fan it out.
+
+A read that a publisher's socket put straight into the log's ring (at the
+head) is, in the ordinary case, a run of whole messages that are all
+forwarded. For that case the whole path runs here without returning to
+Python: the scan (``loops.scan``), the log's bookkeeping (what an append
+evicts, the batch index, the ring's mirror), the iovecs of the batch's one or
+two pieces of the ring, and the send loop (``send_loop.send_all``) to every
+subscriber keeping up. Anything else (a rejected message, a control, a fault,
+nothing whole yet) is left exactly as it was, the verdicts tallied only into
+scratch counts, and the caller takes the usual way.
+
+It does I/O (``sendmsg`` through the send loop, ``clock_gettime`` for the
+relay's own figures), so it lives beside the send loop, out of the pure
+``loops``; its tests run it on socket pairs in every build.
+
+The log's scalars travel in ``state`` (``LOG_*`` slots), read and written
+back here, so that the call passes arrays and a few integers only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from jitrelay.core import protocol as p
+from jitrelay.kernels.constants import (
+    LOG_BATCH_CAPACITY,
+    LOG_HEAD,
+    LOG_HI,
+    LOG_LO,
+    LOG_MESSAGES,
+    LOG_MIRROR,
+    LOG_RESERVE,
+    LOG_SIZE,
+    LOG_TAIL,
+    READ_FORWARDED,
+    READ_NOT_TAKEN,
+)
+from jitrelay.kernels.loops import _MEMCPY, _c_function, kernel, scan
+from jitrelay.kernels.send_loop import send_all
+
+CLOCK_MONOTONIC = 1
+
+_CLOCK_GETTIME = _c_function(None, "clock_gettime", [ctypes.c_int, ctypes.c_size_t], ctypes.c_int)
+
+
+@kernel
+def _now(timespec):
+    """CLOCK_MONOTONIC in nanoseconds: ``time.perf_counter_ns``'s clock on Linux."""
+    _CLOCK_GETTIME(np.int32(CLOCK_MONOTONIC), np.uint64(timespec.ctypes.data))
+    return timespec[0] * 1_000_000_000 + timespec[1]
+
+
+@kernel
+def _first_at_or_after(starts, lo, hi, value):
+    """``lo + searchsorted(starts[lo:hi], value, "left")``: the first batch starting at or after ``value``."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if starts[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@kernel
+def forward_read(
+    ring,
+    at,
+    end,
+    domain,
+    max_payload,
+    checksum_policy,
+    type_allowed,
+    version_allowed,
+    offsets,
+    verdicts,
+    runs,
+    scratch,
+    crc_tables,
+    counts,
+    state,
+    starts,
+    origins,
+    first_message,
+    origin,
+    fds,
+    skip,
+    iov_first,
+    iov_count,
+    iovecs,
+    msghdr,
+    sent,
+    totals,
+    address,
+    timespec,
+):
+    """Scan ``ring[at:end]``; if it starts with whole forwarded messages only, commit and send them.
+
+    Returns ``(status, messages, forwarded bytes, stream start, targets left
+    short, send began, send ended)``: ``READ_FORWARDED`` when the batch went
+    to the log and out (``counts`` tallied, ``state`` and the batch index
+    moved, ``sent``/``totals`` as the send loop leaves them; a partial
+    message after it stays where it is), else ``READ_NOT_TAKEN`` with
+    nothing changed but ``scratch`` and the scan buffers.
+    """
+    for v in range(len(scratch)):
+        scratch[v] = 0
+    n, consumed, fault, n_runs, forwarded, controls = scan(
+        ring, at, end, domain, max_payload, checksum_policy, type_allowed, version_allowed,
+        offsets, verdicts, runs, scratch, crc_tables,
+    )  # fmt: skip
+    size = state[LOG_SIZE]
+    mirror = state[LOG_MIRROR]
+    head = state[LOG_HEAD]
+    tail = state[LOG_TAIL]
+    lo = state[LOG_LO]
+    hi = state[LOG_HI]
+    clean = forwarded > 0 and forwarded == consumed - at and controls == 0 and fault == p.NO_FAULT
+    if (
+        not clean
+        or at != head % size
+        or forwarded > size - state[LOG_RESERVE]
+        or at + forwarded > size + mirror
+        or hi >= len(starts)
+    ):
+        return READ_NOT_TAKEN, n, forwarded, head, 0, 0, 0
+    # What the append evicts: whole batches, until the bytes and the index fit (``RelayLog.tail_after``).
+    needed = head + forwarded + state[LOG_RESERVE] - size
+    keep = lo
+    if needed > tail:
+        keep = _first_at_or_after(starts, lo, hi, needed)
+    keep = max(keep, hi - state[LOG_BATCH_CAPACITY] + 1)
+    new_tail = starts[keep] if keep < hi else head
+    if new_tail != tail:
+        lo = _first_at_or_after(starts, lo, hi, new_tail)
+        tail = new_tail
+    # The bytes are in: a read that ran into the mirror belongs at the ring's start, and the start's mirror repeats it.
+    stop = at + forwarded
+    base = np.uint64(ring.ctypes.data)
+    if stop > size:
+        _MEMCPY(base, base + np.uint64(size), np.uint64(stop - size))
+    if at < mirror:
+        _MEMCPY(base + np.uint64(size + at), base + np.uint64(at), np.uint64(min(mirror, stop) - at))
+    starts[hi] = head
+    origins[hi] = origin
+    first_message[hi] = state[LOG_MESSAGES]
+    state[LOG_HI] = hi + 1
+    state[LOG_LO] = lo
+    state[LOG_TAIL] = tail
+    state[LOG_HEAD] = head + forwarded
+    state[LOG_MESSAGES] += n
+    for v in range(len(scratch)):
+        counts[v] += scratch[v]
+    # The batch's one or two pieces of the ring, the same for every target.
+    first = min(forwarded, size - at)
+    iovecs[0] = address + at
+    iovecs[1] = first
+    pieces = 1
+    if first < forwarded:
+        iovecs[2] = address
+        iovecs[3] = forwarded - first
+        pieces = 2
+    for t in range(len(fds)):
+        iov_first[t] = 0
+        iov_count[t] = pieces
+    began = _now(timespec)
+    short = send_all(fds, skip, iov_first, iov_count, iovecs, msghdr, sent, totals)
+    return READ_FORWARDED, n, forwarded, head, short, began, _now(timespec)

@@ -1,0 +1,240 @@
+"""The compiled read path (``kernels.ReadPath``): scan, commit to the log and fan out in one call, on socket pairs.
+
+Runs for every build of the loops (ahead of time, JIT, Python) with the other
+kernel tests. The model is the Python log (``RelayLog.commit``) and the send
+loop: for any sequence of reads, the compiled path leaves the log's state,
+batch index and ring exactly as the Python log does, and every target's peer
+receives exactly the batch's bytes. A read that is not all whole forwarded
+messages changes nothing.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jitrelay import kernels
+from jitrelay.core import protocol
+from jitrelay.core.domains import logic_for
+from jitrelay.server.log import RelayLog
+
+pytestmark = pytest.mark.kernels
+
+TABLES = kernels.tables_for(logic_for("market_data"))
+MIRROR = 256
+NOTHING_SENT = -1  # no targets: a skipped descriptor the loop never meets
+
+
+def message(n: int, size: int) -> bytes:
+    return protocol.build_message(protocol.MARKET_DATA, [(1 + n % 4, bytes([n % 251]) * size)], sequence=n, timestamp_ns=n)
+
+
+def new_log(size: int, reserve: int, batch_capacity: int | None = None) -> RelayLog:
+    ring = np.zeros(size + MIRROR, dtype=np.uint8)  # two logs given the same reads hold the same bytes
+    return RelayLog(size, MIRROR, batch_capacity=batch_capacity, ring=ring, reserve=reserve)
+
+
+def path_for(log: RelayLog) -> kernels.ReadPath:
+    return kernels.ReadPath(log.ring, TABLES, kernels.ScanBuffers(log.reserve), log.state, log.index)
+
+
+def land(log: RelayLog, data: bytes) -> int:
+    """Put a read where the relay's reads land: the free space at the head."""
+    at, room = log.space()
+    assert len(data) <= room
+    log.ring[at : at + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return at
+
+
+def log_facts(log: RelayLog) -> tuple:
+    live = slice(log._lo, log._hi)
+    return (
+        log.head, log.tail, log.messages, log.batches,
+        log._starts[live].tolist(), log._origins[live].tolist(), log._first_message[live].tolist(),
+        log.ring.tobytes(),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    made: list[tuple[socket.socket, socket.socket]] = []
+    yield made
+    for a, b in made:
+        a.close()
+        b.close()
+
+
+def targets(fan: kernels.FanOut, made: list, n: int) -> list[socket.socket]:
+    """``n`` socket pairs as the send loop's targets; their peers, to read what arrived."""
+    fan.reserve(n, 2)
+    peers = []
+    for t in range(n):
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        made.append((ours, theirs))
+        fan.fds[t] = ours.fileno()
+        theirs.setblocking(False)
+        peers.append(theirs)
+    return peers
+
+
+def drain(sock: socket.socket) -> bytes:
+    got = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return bytes(got)
+        got += chunk
+
+
+batches = st.lists(
+    st.tuples(st.lists(st.integers(0, 90), min_size=1, max_size=6), st.integers(0, 40), st.integers(1, 9)),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reads=batches, size=st.integers(1400, 3000), capacity=st.sampled_from([None, 3, 8]))
+def test_the_compiled_path_commits_exactly_as_the_python_log(
+    reads: list[tuple[list[int], int, int]], size: int, capacity: int | None
+) -> None:
+    """Reads of whole messages (and part of one after them), wrapping and evicting: the two logs stay equal."""
+    reserve = 700  # the relay's receive buffer: a read is never more, and the log holds at least two
+    model, compiled = new_log(size, reserve, capacity), new_log(size, reserve, capacity)
+    path = path_for(compiled)
+    fan = kernels.FanOut()
+    counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+    n = 0
+    for sizes, partial, origin in reads:
+        read = b"".join(message(n + k, s) for k, s in enumerate(sizes)) + message(n + len(sizes), 30)[:partial]
+        read = read[:reserve]
+        count, end, _ = kernels.frame(np.frombuffer(read, dtype=np.uint8))
+        n += len(sizes) + 1
+        if model.space()[1] < reserve:  # near the ring's end the relay reads into its own buffer: both logs append
+            if count:
+                runs = np.array([0, end], dtype=np.int64)
+                for log in (model, compiled):
+                    log.append(np.frombuffer(read, dtype=np.uint8), runs, 1, end, count, origin)
+            assert log_facts(compiled) == log_facts(model)
+            continue
+        at_model, at = land(model, read), land(compiled, read)
+        assert at_model == at
+        status, messages, forwarded, start, short, _, _ = path.forward(
+            at, at + len(read), counts, origin, fan, 0, NOTHING_SENT
+        )
+        if count == 0:
+            assert status == kernels.READ_NOT_TAKEN
+        else:
+            if status != kernels.READ_FORWARDED:  # only a full batch index sends the relay the usual way
+                assert compiled._hi == len(compiled._starts)
+                start = compiled.commit(end, count, origin)
+            else:
+                assert (messages, forwarded, short) == (count, end, 0)
+            assert model.commit(end, count, origin) == start
+        assert log_facts(compiled) == log_facts(model)
+
+
+def test_a_read_goes_out_to_every_target_but_its_sender_exactly(pairs: list) -> None:
+    log = new_log(1 << 16, 1 << 12)
+    path = path_for(log)
+    fan = kernels.FanOut()
+    peers = targets(fan, pairs, 4)
+    counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+    whole = b"".join(message(k, 10 * k) for k in range(12))
+    read = whole + message(12, 50)[:20]
+    at = land(log, read)
+    sender = int(fan.fds[2])
+    status, messages, forwarded, start, short, began, ended = path.forward(
+        at, at + len(read), counts, 7, fan, 4, sender
+    )
+    assert (status, messages, forwarded, start, short) == (kernels.READ_FORWARDED, 12, len(whole), 0, 0)
+    assert 0 < began <= ended
+    assert [drain(peer) for peer in peers] == [whole, whole, b"", whole]
+    assert fan.sent[:4].tolist() == [len(whole), len(whole), kernels.SEND_SKIPPED, len(whole)]
+    assert counts[protocol.FORWARD] == 12 and counts.sum() == 12
+    assert (log.head, log.messages, log.batches, int(log._origins[0])) == (len(whole), 12, 1, 7)
+    assert log.ring[at + len(whole) : at + len(read)].tobytes() == message(12, 50)[:20]  # left for the next read
+
+
+def test_a_batch_across_the_wrap_goes_out_whole_and_lands_at_the_rings_start(pairs: list) -> None:
+    size, reserve = 4096, 200
+    log, model = new_log(size, reserve), new_log(size, reserve)
+    path = path_for(log)
+    fan = kernels.FanOut()
+    peers = targets(fan, pairs, 2)
+    counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+    for each in (log, model):  # two batches put the head 100 bytes before the ring's end
+        for length in (2000, size - 100 - 2000):
+            filler = np.frombuffer(message(0, length - protocol.HEADER_SIZE - 2), dtype=np.uint8)
+            each.append(filler, np.array([0, length], dtype=np.int64), 1, length, 1, 1)
+    read = b"".join(message(k, 28) for k in range(1, 4))  # 186 bytes: 86 of them run on into the mirror
+    at = land(log, read)
+    assert land(model, read) == at and at + len(read) > size
+    status, _, forwarded, start, short, _, _ = path.forward(at, at + len(read), counts, 2, fan, 2, -1)
+    assert (status, forwarded, short) == (kernels.READ_FORWARDED, len(read), 0)
+    assert fan.iov_count[:2].tolist() == [2, 2]  # the end of the ring, then its start
+    model.commit(len(read), 3, 2)
+    assert log_facts(log) == log_facts(model)
+    assert [drain(peer) for peer in peers] == [read, read]
+    assert b"".join(v.tobytes() for v in log.views(start, start + len(read))) == read
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        pytest.param(message(0, 10)[:20], id="only-part-of-a-message"),
+        pytest.param(message(0, 10) + protocol.subscribe_message([1]), id="a-control-after-data"),
+        pytest.param(message(0, 10) + b"\x00" * 40, id="a-fault-after-data"),
+        pytest.param(protocol.build_message(protocol.SIGNAL, [(20, b"x")]), id="a-message-of-another-domain"),
+    ],
+)
+def test_anything_but_whole_forwarded_messages_changes_nothing(read: bytes, pairs: list) -> None:
+    log = new_log(1 << 16, 1 << 12)
+    path = path_for(log)
+    fan = kernels.FanOut()
+    peers = targets(fan, pairs, 2)
+    counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+    at = land(log, read)
+    before = log_facts(log)
+    status, *_ = path.forward(at, at + len(read), counts, 1, fan, 2, -1)
+    assert status == kernels.READ_NOT_TAKEN
+    assert log_facts(log) == before and not counts.any()
+    assert [drain(peer) for peer in peers] == [b"", b""]
+
+
+def test_a_target_that_takes_less_is_reported_short_and_the_others_get_everything(pairs: list) -> None:
+    log = new_log(1 << 22, 1 << 20)
+    path = path_for(log)
+    fan = kernels.FanOut()
+    peers = targets(fan, pairs, 2)
+    pairs[0][0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)  # the first takes the whole batch
+    pairs[1][0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the second a little only
+    counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+    read = b"".join(message(k, 1000) for k in range(300))
+    at = land(log, read)
+    status, _, forwarded, _, short, _, _ = path.forward(at, at + len(read), counts, 1, fan, 2, -1)
+    assert (status, forwarded, short) == (kernels.READ_FORWARDED, len(read), 1)
+    got = drain(peers[1])
+    assert int(fan.sent[1]) == len(got) < len(read) and got == read[: len(got)]
+    assert int(fan.sent[0]) == len(read) and drain(peers[0]) == read
+
+
+def test_the_read_path_refuses_arguments_that_would_reach_outside_its_arrays() -> None:
+    log = new_log(1 << 16, 1 << 12)
+    path = path_for(log)
+    counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+    with pytest.raises(ValueError, match="not a range"):
+        path.forward(0, len(log.ring) + 1, counts, 1, kernels.FanOut(), 0, -1)
+    with pytest.raises(TypeError, match="counts"):
+        path.forward(0, 10, counts.astype(np.int32), 1, kernels.FanOut(), 0, -1)
+    with pytest.raises(ValueError, match="targets"):
+        path.forward(0, 10, counts, 1, kernels.FanOut(targets=1), 5, -1)
+    with pytest.raises(ValueError, match="ring"):
+        kernels.ReadPath(np.zeros(10, dtype=np.uint8), TABLES, kernels.ScanBuffers(100), log.state, log.index)

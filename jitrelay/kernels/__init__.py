@@ -36,9 +36,13 @@ from jitrelay.core.domains import RelayLogic
 from jitrelay.kernels import build
 from jitrelay.kernels.constants import LOG_MIRROR, LOG_SIZE, LOG_STATE_SLOTS
 from jitrelay.kernels.constants import READ_FORWARDED as READ_FORWARDED
+from jitrelay.kernels.constants import READ_JUDGED as READ_JUDGED
 from jitrelay.kernels.constants import READ_NOT_TAKEN as READ_NOT_TAKEN
 from jitrelay.kernels.constants import SEND_FAILED as SEND_FAILED  # re-exported: the engine reads them here
 from jitrelay.kernels.constants import SEND_SKIPPED as SEND_SKIPPED
+from jitrelay.kernels.constants import STAGE_ALL as STAGE_ALL
+from jitrelay.kernels.constants import STAGE_JUDGE as STAGE_JUDGE
+from jitrelay.kernels.constants import STAGE_SEND as STAGE_SEND
 
 log = logging.getLogger("jitrelay.kernels")
 
@@ -482,13 +486,26 @@ class ReadPath:
         self._timespec = np.zeros(2, dtype=np.int64)
 
     def forward(
-        self, at: int, end: int, counts: np.ndarray, origin: int, fan: FanOut, targets: int, skip: int
+        self,
+        at: int,
+        end: int,
+        counts: np.ndarray,
+        origin: int,
+        fan: FanOut,
+        targets: int,
+        skip: int,
+        stage: int = STAGE_ALL,
+        judged: tuple[int, int] = (0, 0),
     ) -> tuple[int, int, int, int, int, int, int]:
         """Judge ``ring[at:end]`` and, if it is all whole forwarded messages, commit it and send it to the targets.
 
         Returns ``(status, messages, forwarded bytes, stream start, targets
         left short, send began, send ended)`` (``read_loop.forward_read``);
-        ``READ_NOT_TAKEN`` changed nothing but the scan buffers.
+        ``READ_NOT_TAKEN`` changed nothing but the scan buffers. With
+        ``stage=STAGE_JUDGE`` it stops after judging (``READ_JUDGED``); then
+        ``stage=STAGE_SEND`` with that result's ``(messages, bytes)`` as
+        ``judged`` commits and sends the same read, nothing in between having
+        touched the log.
         """
         if not (0 <= at <= end <= len(self.ring) and end - at <= self.capacity):
             raise ValueError(f"[{at}, {end}) is not a range of the ring the scan buffers can take")
@@ -500,7 +517,7 @@ class ReadPath:
         fan._uniform = None  # every target's slice is the loop's from here
         return _forward_read()(
             self.ring, at, end, *self._scan, counts, *self._log, origin, fds, skip, first, count, fan.iovecs,
-            fan.msghdr, sent, totals, self._address, self._timespec,
+            fan.msghdr, sent, totals, self._address, self._timespec, stage, *judged,
         )  # fmt: skip
 
 

@@ -87,7 +87,8 @@ SEND_SIGNATURES: dict[str, str] = {
 READ_SIGNATURES: dict[str, str] = {
     "forward_read": (
         f"UniTuple(int64, 7)({_SCAN_ARGS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, int64, "
-        f"{_INTS}, int64, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS}, int64, {_INTS})"
+        f"{_INTS}, int64, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS}, int64, {_INTS}, "
+        "int64, int64, int64)"
     ),
 }
 

@@ -14,6 +14,11 @@ RECORD_TRUNCATED = 2  # records running past their payload, or a batch ending mi
 
 READ_NOT_TAKEN = 0  # not a run of whole forwarded messages: nothing changed, the caller takes the usual way
 READ_FORWARDED = 1  # committed to the log and sent to every target
+READ_JUDGED = 2  # whole forwarded messages, judged only (``STAGE_JUDGE``): the caller journals them, then sends
+
+# How much of the read path one call runs: all of it, or in two calls around the journal's append.
+
+STAGE_ALL, STAGE_JUDGE, STAGE_SEND = 0, 1, 2
 
 # The relay log's scalars in one int64 array (``server.log.RelayLog.state``), which the read loop moves.
 

@@ -36,7 +36,10 @@ from jitrelay.kernels.constants import (
     LOG_SIZE,
     LOG_TAIL,
     READ_FORWARDED,
+    READ_JUDGED,
     READ_NOT_TAKEN,
+    STAGE_JUDGE,
+    STAGE_SEND,
 )
 from jitrelay.kernels.loops import _MEMCPY, _c_function, kernel, scan
 from jitrelay.kernels.send_loop import send_all
@@ -96,6 +99,9 @@ def forward_read(
     totals,
     address,
     timespec,
+    stage,
+    judged_messages,
+    judged_bytes,
 ):
     """Scan ``ring[at:end]``; if it starts with whole forwarded messages only, commit and send them.
 
@@ -105,20 +111,28 @@ def forward_read(
     moved, ``sent``/``totals`` as the send loop leaves them; a partial
     message after it stays where it is), else ``READ_NOT_TAKEN`` with
     nothing changed but ``scratch`` and the scan buffers.
+
+    ``stage`` splits the call for a relay that journals before forwarding:
+    ``STAGE_JUDGE`` stops after the scan (``READ_JUDGED`` when it would have
+    gone on), and ``STAGE_SEND`` goes on from there for the same read, the
+    scan's figures given back as ``judged_messages`` and ``judged_bytes``.
     """
-    for v in range(len(scratch)):
-        scratch[v] = 0
-    n, consumed, fault, n_runs, forwarded, controls = scan(
-        ring, at, end, domain, max_payload, checksum_policy, type_allowed, version_allowed,
-        offsets, verdicts, runs, scratch, crc_tables,
-    )  # fmt: skip
+    if stage == STAGE_SEND:
+        n, forwarded, clean = judged_messages, judged_bytes, True
+    else:
+        for v in range(len(scratch)):
+            scratch[v] = 0
+        n, consumed, fault, n_runs, forwarded, controls = scan(
+            ring, at, end, domain, max_payload, checksum_policy, type_allowed, version_allowed,
+            offsets, verdicts, runs, scratch, crc_tables,
+        )  # fmt: skip
+        clean = forwarded > 0 and forwarded == consumed - at and controls == 0 and fault == p.NO_FAULT
     size = state[LOG_SIZE]
     mirror = state[LOG_MIRROR]
     head = state[LOG_HEAD]
     tail = state[LOG_TAIL]
     lo = state[LOG_LO]
     hi = state[LOG_HI]
-    clean = forwarded > 0 and forwarded == consumed - at and controls == 0 and fault == p.NO_FAULT
     if (
         not clean
         or at != head % size
@@ -127,6 +141,8 @@ def forward_read(
         or hi >= len(starts)
     ):
         return READ_NOT_TAKEN, n, forwarded, head, 0, 0, 0
+    if stage == STAGE_JUDGE:
+        return READ_JUDGED, n, forwarded, head, 0, 0, 0
     # What the append evicts: whole batches, until the bytes and the index fit (``RelayLog.tail_after``).
     needed = head + forwarded + state[LOG_RESERVE] - size
     keep = lo

@@ -307,7 +307,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         """
         n = conn.filled
         ring = self.log.ring
-        if not (self._behind or self._groups or self._shared or self.journal is not None or self.log.publisher):
+        if not (self._behind or self._groups or self._shared or self.log.publisher):
             if self._forward_compiled(conn, at, n, arrived):
                 return
         elif not self._must_hold(n, conn):
@@ -328,14 +328,30 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         """The ordinary read in one compiled call (``kernels.ReadPath``): scan, commit, fan out; False if not taken.
 
         Only while nothing but the send loop's targets wants the batch: nobody behind or positioned, no
-        filter, no journal, no reader of the mapped log. Else, or for anything but whole forwarded
-        messages, the usual way takes the read, judging it again.
+        filter, no reader of the mapped log. With a journal the call is cut in two around its append: judged,
+        journaled, then committed and sent. Else, or for anything but whole forwarded messages, the usual way
+        takes the read, judging it again (and holding it, if the journal refused it).
         """
         if self._targets_dirty:
             self._rebuild_targets()
-        status, messages, size, start, short, sending, sent_at = self._read_path.forward(
-            at, at + n, sender.counts, sender.conn_id, self._fan, len(self._targets), sender.fd
-        )
+        path, fan, targets = self._read_path, self._fan, len(self._targets)
+        if self.journal is None:
+            status, messages, size, start, short, sending, sent_at = path.forward(
+                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd
+            )
+        else:
+            status, messages, size, *_ = path.forward(
+                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd, kernels.STAGE_JUDGE
+            )
+            log_ = self.log
+            if status != kernels.READ_JUDGED or not self._journal(
+                [self.ring_bytes[at : at + size]], (log_.epoch, log_.head, log_.messages)
+            ):
+                return False
+            status, messages, size, start, short, sending, sent_at = path.forward(
+                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd, kernels.STAGE_SEND, (messages, size)
+            )
+            assert status == kernels.READ_FORWARDED  # judged so a moment ago, on the same log: journaled once
         if status != kernels.READ_FORWARDED:
             return False
         sender.filled = n - size

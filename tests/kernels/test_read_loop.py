@@ -31,7 +31,9 @@ NOTHING_SENT = -1  # no targets: a skipped descriptor the loop never meets
 
 
 def message(n: int, size: int) -> bytes:
-    return protocol.build_message(protocol.MARKET_DATA, [(1 + n % 4, bytes([n % 251]) * size)], sequence=n, timestamp_ns=n)
+    return protocol.build_message(
+        protocol.MARKET_DATA, [(1 + n % 4, bytes([n % 251]) * size)], sequence=n, timestamp_ns=n
+    )
 
 
 def new_log(size: int, reserve: int, batch_capacity: int | None = None) -> RelayLog:
@@ -238,3 +240,24 @@ def test_the_read_path_refuses_arguments_that_would_reach_outside_its_arrays() -
         path.forward(0, 10, counts, 1, kernels.FanOut(targets=1), 5, -1)
     with pytest.raises(ValueError, match="ring"):
         kernels.ReadPath(np.zeros(10, dtype=np.uint8), TABLES, kernels.ScanBuffers(100), log.state, log.index)
+
+
+def test_judged_then_sent_is_the_one_call_cut_in_two(pairs: list) -> None:
+    """What a journaling relay does: judge, write the journal (here: nothing), then commit and send."""
+    one, two = new_log(1 << 16, 1 << 12), new_log(1 << 16, 1 << 12)
+    fan_one, fan_two = kernels.FanOut(), kernels.FanOut()
+    peers_one, peers_two = targets(fan_one, pairs, 2), targets(fan_two, pairs, 2)
+    counts_one, counts_two = (np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64) for _ in range(2))
+    read = b"".join(message(k, 3 * k) for k in range(9)) + message(9, 5)[:7]
+    at = land(one, read)
+    assert land(two, read) == at
+    whole = path_for(one).forward(at, at + len(read), counts_one, 4, fan_one, 2, -1)
+    path = path_for(two)
+    before = log_facts(two)
+    judged = path.forward(at, at + len(read), counts_two, 4, fan_two, 2, -1, kernels.STAGE_JUDGE)
+    assert judged[:3] == (kernels.READ_JUDGED, 9, len(read) - 7)
+    assert log_facts(two) == before and not counts_two.any() and [drain(p) for p in peers_two] == [b"", b""]
+    sent = path.forward(at, at + len(read), counts_two, 4, fan_two, 2, -1, kernels.STAGE_SEND, judged[1:3])
+    assert sent[:5] == whole[:5] and sent[0] == kernels.READ_FORWARDED
+    assert log_facts(two) == log_facts(one) and counts_two.tolist() == counts_one.tolist()
+    assert [drain(p) for p in peers_two] == [drain(p) for p in peers_one] == [read[:-7]] * 2

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import queue
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -28,6 +31,9 @@ from jitrelay.core import protocol
 from jitrelay.core.histogram import Histogram
 from jitrelay.server.figures import read_figures
 from jitrelay.tools.bench.figures import relay_forwarding
+from jitrelay.tools.bench.messages import probe_message
+from jitrelay.tools.bench.relays import Endpoint
+from jitrelay.tools.bench.workers import publish_batches, publish_paced
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -358,6 +364,63 @@ def test_shared_memory_subscribers_on_w1_and_w2_lose_nothing(tmp_path: Path) -> 
     assert "ratio_to_socket" not in sockets
     assert shm["relay_forwarding"]["p50_us"] > 0  # the relay is jitrelay's: its summary file is read
     assert "jitrelay-shm w1 2 sub: msg/s per sub" in printed
+
+
+def test_execution_relay_journals_w2_and_is_set_against_market_data(tmp_path: Path) -> None:
+    options = "--workloads=w2 --subscribers=2 --duration=0.5 --rate=500 --startup-runs=0"
+    report, printed = bench_report(tmp_path / "exec.json", f"--relays=jitrelay,jitrelay-exec {options}")
+    runs = by_run(report)
+    assert sorted(runs) == [("jitrelay", "w2"), ("jitrelay-exec", "w2")]
+    for run in runs.values():
+        check_delivered_all(run)  # the execution relay let every message through: each checksum was right
+        check_latency(run, 2 * 250)
+    execution, market_data = runs["jitrelay-exec", "w2"], runs["jitrelay", "w2"]
+    command = execution["relay_command"]
+    assert command[3:5] == ["run", "execution"] and "--journal-dir" in command
+    assert execution["journal_bytes"] >= execution["sent"] * 71  # every message journaled
+    ratio = execution["ratio_to_market_data"]
+    assert ratio["p50"] == pytest.approx(execution["latency_us"]["p50"] / market_data["latency_us"]["p50"])
+    assert ratio["p99"] == pytest.approx(execution["latency_us"]["p99"] / market_data["latency_us"]["p99"])
+    assert "ratio_to_market_data" not in market_data and "journal_bytes" not in market_data
+    assert execution["relay_forwarding"]["p50_us"] > 0  # a jitrelay relay: its summary file is read
+    assert f"jitrelay-exec w2 2 sub: p50 {execution['latency_us']['p50']:.1f} us" in printed
+    assert f"= {ratio['p50']:.2f} / {ratio['p99']:.2f} x market_data's (journal on)" in printed
+
+
+@pytest.mark.parametrize("workload", ["w1", "w2"])
+def test_publishers_fill_in_the_checksums_of_execution_messages(workload: str, short_dir: Path) -> None:
+    """What the publishers send the execution relay carries execution records and, after each stamp, a right CRC."""
+    path = str(short_dir / "relay.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    end, start = Endpoint("unix", path, domain=protocol.EXECUTION), threading.Event()
+    start.set()
+    got = bytearray()
+
+    def read() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while data := conn.recv(1 << 20):
+                got.extend(data)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    if workload == "w1":
+        sent = publish_batches("pub", queue.Queue(), end, 71, 0.01, start)["sent"]
+    else:
+        sent = publish_paced("pub", queue.Queue(), end, 71, 0.1, start, 500.0)["sent"]
+    reader.join(30)
+    listener.close()
+    messages = list(protocol.decode_messages(bytes(got)))
+    assert len(messages) == sent > 0
+    for k, message in enumerate(messages):
+        assert (message.header.relay_domain, message.header.sequence) == (protocol.EXECUTION, k)
+        assert message.header.timestamp_ns > 0 and message.header.checksum != 0
+        assert protocol.message_checksum(message.raw) == message.header.checksum
+        assert [t for t, _ in message.records] == [40]
+    probe = protocol.decode_message(probe_message(71, domain=protocol.EXECUTION))[0]
+    assert probe.header.relay_domain == protocol.EXECUTION and probe.checksum_ok
 
 
 def test_fanout_times_each_message_until_every_subscriber_has_it(tmp_path: Path) -> None:

@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--relays",
         default=listed(DEFAULTS.relays),
         help="comma-separated: jitrelay (or jitrelay:block, jitrelay:disconnect), jitrelay-shm (subscribers read the "
-        "log from shared memory; also :block, :disconnect), raw, raw-bytes (raw with a new bytes object per read), "
-        "zmq, zmq-default, limit (a compiled raw-bytes forwarder, built with the system C compiler), bridge, bridge-js",
+        "log from shared memory; also :block, :disconnect), jitrelay-exec (the execution relay, checksums required and "
+        "journal on, set against jitrelay), raw, raw-bytes (raw with a new bytes object per read), zmq, zmq-default, "
+        "limit (a compiled raw-bytes forwarder, built with the system C compiler), bridge, bridge-js",
     )
     parser.add_argument(
         "--workloads",

@@ -109,7 +109,10 @@ def add_ratios(runs: list[dict]) -> None:
 
     A bridged run is also set against the local relay's: its W1 rate over the
     local one (``ratio_to_local``), and on W2 the latency the bridges add
-    (``latency_added_us``: bridged percentile minus local percentile).
+    (``latency_added_us``: bridged percentile minus local percentile). An
+    execution relay's run (``jitrelay-exec``, journal on) is set against the
+    market_data relay of the same policy (``ratio_to_market_data``): what the
+    checksums and the journal cost.
     """
     done = [r for r in runs if "error" not in r]
 
@@ -134,6 +137,9 @@ def add_ratios(runs: list[dict]) -> None:
         if base == "jitrelay-shm":
             sockets = by_workload("jitrelay" + (f":{policy}" if policy else ""))
             r["ratio_to_socket"] = _ratio(r, sockets.get((r["workload"], r["subscribers"])))
+        elif base == "jitrelay-exec":
+            market_data = by_workload("jitrelay" + (f":{policy}" if policy else ""))
+            r["ratio_to_market_data"] = _ratio(r, market_data.get((r["workload"], r["subscribers"])))
     local = by_workload("jitrelay")
     for r in done:
         if r["relay"] in BRIDGED:

@@ -7,8 +7,11 @@ subscriber should have had).
 
 from __future__ import annotations
 
+import struct
+
 from jitrelay.core import protocol
-from jitrelay.core.protocol import MARKET_DATA
+from jitrelay.core.domains import CHECKSUM_OFF, CHECKSUM_POLICY_BY_DOMAIN
+from jitrelay.core.protocol import MARKET_DATA, OFF_CHECKSUM
 from jitrelay.core.units import MiB
 from jitrelay.tools.usage import UsageError
 
@@ -18,28 +21,47 @@ FILTERED_SUBSCRIBERS = 4  # W1f: one subscriber per TLV type 1..4
 STUCK_RATE = 200_000  # W3: messages per second, in sends of STUCK_BATCH, to STUCK_HEALTHY subscribers and a stuck one
 STUCK_BATCH = 100
 STUCK_HEALTHY = 3
+CHECKSUM_FIELD = struct.Struct("<I")  # at OFF_CHECKSUM
 
 
-def records_for(size: int) -> list[tuple[int, bytes]]:
-    """The one type-1 record that makes a market_data message exactly ``size`` bytes long.
+def first_type(domain: int) -> int:
+    """The domain's first TLV type: what its messages carry (market_data 1, execution 40)."""
+    return protocol.DOMAIN_TLV_RANGES[domain][0][0]
+
+
+def checksummed(domain: int) -> bool:
+    """Whether the relay of ``domain`` verifies checksums by default, so its publishers must fill them in."""
+    return CHECKSUM_POLICY_BY_DOMAIN[domain] != CHECKSUM_OFF
+
+
+def stamp_checksum(message: bytearray) -> None:
+    """Refill one message's CRC-32 after its header changed: a relay that verifies it rejects a stale one."""
+    CHECKSUM_FIELD.pack_into(message, OFF_CHECKSUM, protocol.message_checksum(memoryview(message)))
+
+
+def records_for(size: int, domain: int = MARKET_DATA) -> list[tuple[int, bytes]]:
+    """The one record of the domain's first type that makes its message exactly ``size`` bytes long.
 
     Raises ``UsageError`` for a size no such message has.
     """
     try:
-        return [protocol.synthetic_record(MARKET_DATA, size)]
+        return [protocol.synthetic_record(domain, size)]
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
 
-def probe_message(size: int, types: int = 1) -> bytes:
+def probe_message(size: int, types: int = 1, domain: int = MARKET_DATA) -> bytes:
     """The attach probe: sequence 2**64-1, and never ``size`` bytes long, so a zmq subscriber tells it by length.
 
-    With ``types`` > 1 it carries a record of each type 1..``types``, so every W1f filter selects it.
+    It is a message of ``domain``, checksum filled in, so that relay forwards
+    it. With ``types`` > 1 it carries a record of each of the domain's first
+    ``types`` types, so every W1f filter selects it.
     """
-    records = [(t, b"probe" if size != 39 else b"probe!") for t in range(1, types + 1)]
-    probe = protocol.build_message(MARKET_DATA, records, sequence=PROBE_SEQUENCE, timestamp_ns=0)
+    first = first_type(domain)
+    records = [(t, b"probe" if size != 39 else b"probe!") for t in range(first, first + types)]
+    probe = protocol.build_message(domain, records, sequence=PROBE_SEQUENCE, timestamp_ns=0)
     if len(probe) == size:
-        probe = protocol.build_message(MARKET_DATA, records + [(1, b"")], sequence=PROBE_SEQUENCE, timestamp_ns=0)
+        probe = protocol.build_message(domain, records + [(first, b"")], sequence=PROBE_SEQUENCE, timestamp_ns=0)
     return probe
 
 

@@ -11,8 +11,22 @@ from pathlib import Path
 
 from jitrelay.tools.options import MESSAGE_SIZE
 
-RELAYS = ("jitrelay", "jitrelay-shm", "raw", "raw-bytes", "zmq", "zmq-default", "limit", "bridge", "bridge-js")
-JITRELAYS = ("jitrelay", "jitrelay-shm")  # a jitrelay relay: its subscribers on sockets, or on its log in shared memory
+RELAYS = (
+    "jitrelay",
+    "jitrelay-shm",
+    "jitrelay-exec",
+    "raw",
+    "raw-bytes",
+    "zmq",
+    "zmq-default",
+    "limit",
+    "bridge",
+    "bridge-js",
+)
+# A jitrelay relay: market_data with its subscribers on sockets or on its log in shared memory, or execution
+# (checksums required, every message journaled) on sockets.
+JITRELAYS = ("jitrelay", "jitrelay-shm", "jitrelay-exec")
+FILTERING = ("jitrelay", "jitrelay-shm")  # W1f's relays: its subscribers filter on market_data's types 1..4
 BRIDGED = ("bridge", "bridge-js")
 POLICIES = ("block", "disconnect")
 RESULTS_DIR = Path("bench-results")  # where the JSON report goes unless --json says
@@ -26,7 +40,9 @@ class Options:
     ``UsageError`` for what cannot run.
     """
 
-    relays: tuple[str, ...] = tuple(name for name in RELAYS if name not in ("jitrelay-shm", "raw-bytes"))  # when asked
+    relays: tuple[str, ...] = tuple(
+        name for name in RELAYS if name not in ("jitrelay-shm", "jitrelay-exec", "raw-bytes")
+    )  # the rest when asked
     workloads: tuple[str, ...] = ("w1", "w2", "w1f", "w3")  # ``fanout``, ``client`` and ``records`` when asked for
     subscribers: tuple[int, ...] = (1, 4)  # W1 subscriber counts
     latency_subscribers: int | None = None  # W2 subscriber count; None: the largest W1 count

@@ -2,7 +2,9 @@
 
 - ``jitrelay``: ``python -m jitrelay run market_data`` (``jitrelay:block`` and
   ``jitrelay:disconnect`` pass ``--slow-policy``); ``jitrelay-shm`` the same
-  relay, its subscribers reading its log from shared memory;
+  relay, its subscribers reading its log from shared memory; ``jitrelay-exec``
+  is ``python -m jitrelay run execution`` journaling into the run's folder,
+  its publishers sending execution messages with their checksums;
 - ``raw``: ``raw_forwarder.py`` (beside this module), the raw-bytes ceiling
   for Python; ``raw-bytes`` the same with a new ``bytes`` per read (the
   forwarder before it read into a buffer of its own);
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jitrelay.core import protocol
-from jitrelay.core.protocol import MARKET_DATA
+from jitrelay.core.protocol import DOMAIN_NAMES, EXECUTION, MARKET_DATA
 from jitrelay.core.units import MiB
 from jitrelay.server.figures import read_figures
 from jitrelay.testing.procfs import MemorySampler, cpu_seconds, proc_status
@@ -50,6 +52,7 @@ class Endpoint:
     transport: str  # "unix", "shm" (a Unix socket whose subscribers read the relay's log in shared memory) or "zmq"
     address: str
     hwm: int | None = None  # zmq only: None keeps libzmq's default, 0 is unlimited
+    domain: int = MARKET_DATA  # the header domain the relay there takes: what its publishers build
 
 
 @dataclass
@@ -62,11 +65,12 @@ class RelaySpec:
     publish: Endpoint
     subscribe: Endpoint
     summary: str | None = None  # a jitrelay relay's summary file: its final figures, once it has stopped
+    journal: str | None = None  # the folder a journaling relay writes its journal to
 
 
-def jitrelay_run(path: str, summary: str | None = None) -> list[str]:
-    """The command line of a market_data relay on ``path``, writing its final figures to ``summary`` if given."""
-    command = [sys.executable, "-m", "jitrelay", "run", "market_data", "--socket", path]
+def jitrelay_run(path: str, summary: str | None = None, domain: int = MARKET_DATA) -> list[str]:
+    """The command line of a ``domain`` relay on ``path``, writing its final figures to ``summary`` if given."""
+    command = [sys.executable, "-m", "jitrelay", "run", DOMAIN_NAMES[domain], "--socket", path]
     return command + (["--summary-file", summary] if summary else [])
 
 
@@ -92,6 +96,12 @@ def relay_spec(name: str, folder: str) -> RelaySpec:
     if base in (*JITRELAYS, "raw", "raw-bytes"):
         path = os.path.join(folder, "relay.sock")
         end = Endpoint("unix", path)
+        if base == "jitrelay-exec":  # the execution relay's defaults (checksums required, block), journal on
+            journal = os.path.join(folder, "journal")
+            command = jitrelay_run(path, summary, EXECUTION) + ["--journal-dir", journal]
+            command += ["--slow-policy", policy] if policy else []
+            end = Endpoint("unix", path, domain=EXECUTION)
+            return RelaySpec(name, command, "relay listening on", end, end, summary, journal)
         if base in JITRELAYS:
             command = jitrelay_run(path, summary) + (["--slow-policy", policy] if policy else [])
             readers = Endpoint("shm", path) if base == "jitrelay-shm" else end

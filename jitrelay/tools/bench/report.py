@@ -44,6 +44,7 @@ def format_report(report: dict, notes: Sequence[Notes] = ()) -> str:
     for lines in notes:
         out += lines(report)
     out += _shared_memory_lines(report)
+    out += _execution_lines(report)
     out += _bridge_lines(report)
     out += _own_lines(report["jitrelay"])
     out += _startup_lines(report["startup"])
@@ -113,6 +114,29 @@ def _filtered_line(run: dict) -> str:
         f"{_m(run['delivered_msg_per_s_mean'])} msg/s per subscriber"
         + ("" if per_sub is None else f" = {per_sub:.2f} x unfiltered W1 with 4, stream rate {stream:.2f} x")
     )
+
+
+def _execution_lines(report: dict) -> list[str]:
+    """The execution relay's W1 and W2 over market_data's of the same run: what its checksums and journal cost."""
+    runs = [r for r in report["runs"] if r["relay"].partition(":")[0] == "jitrelay-exec" and "error" not in r]
+    out = []
+    for r in runs:
+        ratio = r.get("ratio_to_market_data")
+        if not ratio or r["workload"] not in ("w1", "w2"):
+            continue
+        if r["workload"] == "w2":
+            lat = r["latency_us"]
+            shown = (
+                f"p50 {_us(lat['p50'])} us, p99 {_us(lat['p99'])} us = "
+                f"{_over(ratio, 'p50')} / {_over(ratio, 'p99')} x market_data's"
+            )
+        else:
+            shown = (
+                f"{_m(r['delivered_msg_per_s_mean'])} msg/s per sub = "
+                f"{_over(ratio, 'delivered_msg_per_s')} x market_data's"
+            )
+        out.append(f"{r['relay']} {r['workload']} {r['subscribers']} sub: {shown} (journal on)")
+    return [""] + out if out else []
 
 
 def _bridge_lines(report: dict) -> list[str]:

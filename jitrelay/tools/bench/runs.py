@@ -129,14 +129,26 @@ def _timed(
 
 
 def _about_relay(spec: RelaySpec, relay: BenchedProcess, **more: Any) -> dict:
-    """What a run reports of its relay once it has stopped: command, memory, forwarding time, last log lines."""
+    """What a run reports of its relay once it has stopped: command, memory, forwarding time, last log lines.
+
+    A journaling relay's run also says how many bytes its journal holds: that the journal was on.
+    """
+    journal = {} if spec.journal is None else {"journal_bytes": _folder_bytes(spec.journal)}
     return {
         "relay_command": spec.command,
         "relay_memory": relay.memory(),
         "relay_forwarding": relay_forwarding(relay.figures),
+        **journal,
         **more,
         "relay_log_tail": list(relay.lines)[-5:],
     }
+
+
+def _folder_bytes(folder: str) -> int:
+    """The bytes of the files in ``folder`` (0 when there is none)."""
+    with contextlib.suppress(FileNotFoundError):
+        return sum(entry.stat().st_size for entry in os.scandir(folder) if entry.is_file())
+    return 0
 
 
 def _spawn_publisher(run: Run, workload: str, spec: RelaySpec, opts: Options, start: Any) -> None:
@@ -177,7 +189,7 @@ def run_one(relay_name: str, workload: str, subscribers: int, opts: Options) -> 
             subscribers = FILTERED_SUBSCRIBERS
         expected = [run.ctx.RawValue("q", -1) for _ in range(subscribers)]
         start = run.ctx.Event()
-        probe = probe_message(opts.size, every)
+        probe = probe_message(opts.size, every, spec.publish.domain)
         mode = "time" if workload in ("w2", "w3") else "count"
         subs = [f"sub{i}" for i in range(subscribers)]
         if workload == "w3" and relay_name == "raw":  # the ceiling has no slow policy: it never pauses in a run
@@ -222,7 +234,7 @@ def run_fanout(relay_name: str, subscribers: int, opts: Options) -> dict:
         names = [f"host{h}" for h in range(len(counts))]
         expected = run.ctx.RawValue("q", -1)
         start = run.ctx.Event()
-        probe = probe_message(opts.size)
+        probe = probe_message(opts.size, domain=spec.publish.domain)
         rate = 1000.0 / opts.fanout_interval_ms
 
         def sent(count: int) -> None:

@@ -15,9 +15,17 @@ import traceback
 from typing import Any
 
 from jitrelay.core import protocol
-from jitrelay.core.protocol import MARKET_DATA, OFF_SEQUENCE, SEQUENCE_TIMESTAMP_FIELDS
+from jitrelay.core.protocol import OFF_SEQUENCE, SEQUENCE_TIMESTAMP_FIELDS
 from jitrelay.testing.processes import die_with_parent
-from jitrelay.tools.bench.messages import BATCH_BYTES, FILTERED_SUBSCRIBERS, probe_message, records_for
+from jitrelay.tools.bench.messages import (
+    BATCH_BYTES,
+    FILTERED_SUBSCRIBERS,
+    checksummed,
+    first_type,
+    probe_message,
+    records_for,
+    stamp_checksum,
+)
 from jitrelay.tools.bench.receive import (
     MappedReads,
     Reads,
@@ -137,21 +145,25 @@ def publish_batches(
 ) -> dict:
     """W1 publisher: 1 MiB batches, renumbered before each send, as fast as the relay takes them.
 
-    With ``types`` > 1 (W1f) message ``k`` carries TLV type ``1 + k % types``.
+    Its messages are of the endpoint's domain and carry the domain's first
+    TLV type; with ``types`` > 1 (W1f) message ``k`` carries the type ``k % types``
+    after it. Where the relay verifies checksums, each send's restamp refills them.
     A zmq publisher sends the same batch one message per frame.
     """
     from jitrelay import kernels
 
     count = BATCH_BYTES // size // types * types  # whole cycles, so the types follow the sequence numbers
-    value = records_for(size)[0][1]
-    cycle = [[(tlv_type, value)] for tlv_type in range(1, types + 1)]
-    batch: Any = protocol.build_cycled_batch(MARKET_DATA, count, cycle, checksums=False)  # an array: a buffer
-    kernels.stamp_batch(batch, size, 0, 0, checksums=False)  # compile or load before the clock starts
+    domain, first = end.domain, first_type(end.domain)
+    checksums = checksummed(domain)
+    value = records_for(size, domain)[0][1]
+    cycle = [[(tlv_type, value)] for tlv_type in range(first, first + types)]
+    batch: Any = protocol.build_cycled_batch(domain, count, cycle, checksums=False)  # an array: a buffer
+    kernels.stamp_batch(batch, size, 0, 0, checksums=checksums)  # compile or load before the clock starts
     zmq_sock = zmq_socket("pub", end) if end.transport == "zmq" else None
     sock: Any = None
     reports.put(("warm", who, None))
     if zmq_sock is not None:
-        await_start(start, zmq_sock, probe_message(size))
+        await_start(start, zmq_sock, probe_message(size, domain=domain))
         frames = [memoryview(batch)[i * size : (i + 1) * size] for i in range(count)]
         send = zmq_sock.send
     else:
@@ -162,7 +174,7 @@ def publish_batches(
     began = time.monotonic()
     stop_at = began + duration
     while time.monotonic() < stop_at:
-        kernels.stamp_batch(batch, size, seq, time.time_ns(), checksums=False)
+        kernels.stamp_batch(batch, size, seq, time.time_ns(), checksums=checksums)
         if zmq_sock is not None:
             for frame in frames:
                 send(frame)  # copied into a zmq message at once, so restamping the batch is safe
@@ -196,14 +208,18 @@ def publish_paced(
     ``monotonic`` (fanout) ``time.monotonic_ns()``'s: CLOCK_MONOTONIC, the
     clock every process on the machine shares. How late each send went out
     after its slot is in the result (``late_us``): the publisher's own share.
+    The messages are of the endpoint's domain; where its relay verifies
+    checksums, each is refilled once the stamp is in.
     """
     stamp = time.monotonic_ns if monotonic else time.time_ns
-    message = bytearray(protocol.build_message(MARKET_DATA, records_for(size), timestamp_ns=0) * batch)
+    domain = end.domain
+    checksums = checksummed(domain)
+    message = bytearray(protocol.build_message(domain, records_for(size, domain), timestamp_ns=0) * batch)
     zmq_sock = zmq_socket("pub", end) if end.transport == "zmq" else None
     sock = None
     reports.put(("warm", who, None))
     if zmq_sock is not None:
-        await_start(start, zmq_sock, probe_message(size))
+        await_start(start, zmq_sock, probe_message(size, domain=domain))
         send = zmq_sock.send
     else:
         await_start(start, None, None)
@@ -230,8 +246,10 @@ def publish_paced(
         slot_ns = began_ns + round(k * interval * 1e9)
         if batch == 1:
             SEQUENCE_TIMESTAMP_FIELDS.pack_into(message, OFF_SEQUENCE, k, slot_ns)
+            if checksums:
+                stamp_checksum(message)
         else:
-            kernels.stamp_batch(view, size, k * batch, slot_ns)
+            kernels.stamp_batch(view, size, k * batch, slot_ns)  # checksums refilled too, for every domain
         lateness[k] = time.perf_counter() - began - k * interval
         send(message)
     elapsed = time.perf_counter() - began

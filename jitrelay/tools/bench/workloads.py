@@ -4,13 +4,14 @@ Each relay workload has one publisher process and N subscriber processes,
 spawned (docs/benchmarks.md describes them and how to read their figures):
 
 - ``w1``, throughput: market_data messages of ``--size`` bytes (one type-1
-  record), renumbered before each 1 MiB batch, published as fast as the
-  relay takes them for ``--duration`` seconds, to each of ``--subscribers``;
+  record; to ``jitrelay-exec`` execution messages, one type-40 record and
+  their checksums), renumbered before each 1 MiB batch, published as fast as
+  the relay takes them for ``--duration`` seconds, to each of ``--subscribers``;
 - ``w2``, latency: ``--rate`` messages per second, one per send, each
   stamped with its intended send time (its slot on the schedule, on
   ``time.time_ns()``'s clock); every subscriber records receive time
   minus that stamp for every message;
-- ``w1f``, W1 filtered (jitrelay relays only): four subscribers, each
+- ``w1f``, W1 filtered (the market_data jitrelay relays): four subscribers, each
   subscribed at the relay to one of four TLV types, set against the
   unfiltered W1 with four subscribers of the same run;
 - ``w3``, a subscriber that never reads (jitrelay and raw): W2's latency for
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 from jitrelay.tools.bench.clients import client_workload
 from jitrelay.tools.bench.messages import FILTERED_SUBSCRIBERS, STUCK_HEALTHY
-from jitrelay.tools.bench.options import JITRELAYS, Options
+from jitrelay.tools.bench.options import FILTERING, Options
 from jitrelay.tools.bench.records import records_workload
 from jitrelay.tools.bench.report import (
     Notes,
@@ -97,7 +98,7 @@ W1F = Workload(
     "w1f",
     "w1f (w1 with 4 filtered subscribers)",
     lambda opts: [FILTERED_SUBSCRIBERS],
-    relays=JITRELAYS,  # jitrelay filters (shared memory: in the reader)
+    relays=FILTERING,  # jitrelay filters (shared memory: in the reader)
     run=_stream("w1f"),
     notes=filtered_lines,
 )

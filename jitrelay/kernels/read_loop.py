@@ -69,6 +69,58 @@ def _first_at_or_after(starts, lo, hi, value):
 
 
 @kernel
+def _commit(ring, at, forwarded, n, origin, state, starts, origins, first_message):
+    """``RelayLog.commit`` of ``forwarded`` bytes read in at ``at`` (``n`` messages), checked by the caller."""
+    size = state[LOG_SIZE]
+    mirror = state[LOG_MIRROR]
+    head = state[LOG_HEAD]
+    tail = state[LOG_TAIL]
+    lo = state[LOG_LO]
+    hi = state[LOG_HI]
+    # What the append evicts: whole batches, until the bytes and the index fit (``RelayLog.tail_after``).
+    needed = head + forwarded + state[LOG_RESERVE] - size
+    keep = lo
+    if needed > tail:
+        keep = _first_at_or_after(starts, lo, hi, needed)
+    keep = max(keep, hi - state[LOG_BATCH_CAPACITY] + 1)
+    new_tail = starts[keep] if keep < hi else head
+    if new_tail != tail:
+        lo = _first_at_or_after(starts, lo, hi, new_tail)
+        tail = new_tail
+    # The bytes are in: a read that ran into the mirror belongs at the ring's start, and the start's mirror repeats it.
+    stop = at + forwarded
+    base = np.uint64(ring.ctypes.data)
+    if stop > size:
+        _MEMCPY(base, base + np.uint64(size), np.uint64(stop - size))
+    if at < mirror:
+        _MEMCPY(base + np.uint64(size + at), base + np.uint64(at), np.uint64(min(mirror, stop) - at))
+    starts[hi] = head
+    origins[hi] = origin
+    first_message[hi] = state[LOG_MESSAGES]
+    state[LOG_HI] = hi + 1
+    state[LOG_LO] = lo
+    state[LOG_TAIL] = tail
+    state[LOG_HEAD] = head + forwarded
+    state[LOG_MESSAGES] += n
+
+
+@kernel
+def _aim_everyone(at, forwarded, size, address, targets, iov_first, iov_count, iovecs):
+    """Every target's iovecs: the batch's one or two pieces of the ring."""
+    first = min(forwarded, size - at)
+    iovecs[0] = address + at
+    iovecs[1] = first
+    pieces = 1
+    if first < forwarded:
+        iovecs[2] = address
+        iovecs[3] = forwarded - first
+        pieces = 2
+    for t in range(targets):
+        iov_first[t] = 0
+        iov_count[t] = pieces
+
+
+@kernel
 def forward_read(
     ring,
     at,
@@ -128,60 +180,21 @@ def forward_read(
         )  # fmt: skip
         clean = forwarded > 0 and forwarded == consumed - at and controls == 0 and fault == p.NO_FAULT
     size = state[LOG_SIZE]
-    mirror = state[LOG_MIRROR]
     head = state[LOG_HEAD]
-    tail = state[LOG_TAIL]
-    lo = state[LOG_LO]
-    hi = state[LOG_HI]
     if (
         not clean
         or at != head % size
         or forwarded > size - state[LOG_RESERVE]
-        or at + forwarded > size + mirror
-        or hi >= len(starts)
+        or at + forwarded > size + state[LOG_MIRROR]
+        or state[LOG_HI] >= len(starts)
     ):
         return READ_NOT_TAKEN, n, forwarded, head, 0, 0, 0
     if stage == STAGE_JUDGE:
         return READ_JUDGED, n, forwarded, head, 0, 0, 0
-    # What the append evicts: whole batches, until the bytes and the index fit (``RelayLog.tail_after``).
-    needed = head + forwarded + state[LOG_RESERVE] - size
-    keep = lo
-    if needed > tail:
-        keep = _first_at_or_after(starts, lo, hi, needed)
-    keep = max(keep, hi - state[LOG_BATCH_CAPACITY] + 1)
-    new_tail = starts[keep] if keep < hi else head
-    if new_tail != tail:
-        lo = _first_at_or_after(starts, lo, hi, new_tail)
-        tail = new_tail
-    # The bytes are in: a read that ran into the mirror belongs at the ring's start, and the start's mirror repeats it.
-    stop = at + forwarded
-    base = np.uint64(ring.ctypes.data)
-    if stop > size:
-        _MEMCPY(base, base + np.uint64(size), np.uint64(stop - size))
-    if at < mirror:
-        _MEMCPY(base + np.uint64(size + at), base + np.uint64(at), np.uint64(min(mirror, stop) - at))
-    starts[hi] = head
-    origins[hi] = origin
-    first_message[hi] = state[LOG_MESSAGES]
-    state[LOG_HI] = hi + 1
-    state[LOG_LO] = lo
-    state[LOG_TAIL] = tail
-    state[LOG_HEAD] = head + forwarded
-    state[LOG_MESSAGES] += n
+    _commit(ring, at, forwarded, n, origin, state, starts, origins, first_message)
     for v in range(len(scratch)):
         counts[v] += scratch[v]
-    # The batch's one or two pieces of the ring, the same for every target.
-    first = min(forwarded, size - at)
-    iovecs[0] = address + at
-    iovecs[1] = first
-    pieces = 1
-    if first < forwarded:
-        iovecs[2] = address
-        iovecs[3] = forwarded - first
-        pieces = 2
-    for t in range(len(fds)):
-        iov_first[t] = 0
-        iov_count[t] = pieces
+    _aim_everyone(at, forwarded, size, address, len(fds), iov_first, iov_count, iovecs)
     began = _now(timespec)
     short = send_all(fds, skip, iov_first, iov_count, iovecs, msghdr, sent, totals)
     return READ_FORWARDED, n, forwarded, head, short, began, _now(timespec)

@@ -31,6 +31,11 @@ CHECKSUM_POLICIES = tuple(protocol.CHECKSUM_POLICIES)
 DISCONNECT = "disconnect"
 BLOCK = "block"
 SLOW_POLICIES = (DISCONNECT, BLOCK)
+# How an ordinary read is forwarded: by one compiled call (``kernels.ReadPath``), or by the engine's Python
+# steps around smaller compiled calls, which judge, log and send the same bytes (to compare and profile them).
+READ_COMPILED = "compiled"
+READ_PYTHON = "python"
+READ_PATHS = (READ_COMPILED, READ_PYTHON)
 # When the journal is flushed to disk: after every write, every so often (``journal.py``), or never by the relay.
 FSYNC_EVERY = "every"
 FSYNC_BATCH = "batch"
@@ -84,6 +89,7 @@ class RelayLogic:
     pending_high: int = 8 * MiB
     pending_low: int = 2 * MiB
     slow_timeout: float = 1.0
+    read_path: str = READ_COMPILED
     # Receive buffer per connection; raised to hold at least two max-size messages.
     buffer_size: int = 4 * MiB
     # The relay's log: one ring of every forwarded byte, from which each subscriber is sent its share and
@@ -126,6 +132,8 @@ class RelayLogic:
     def __post_init__(self) -> None:
         if self.slow_policy not in SLOW_POLICIES:
             raise ValueError(f"slow_policy must be one of {SLOW_POLICIES}, not {self.slow_policy!r}")
+        if self.read_path not in READ_PATHS:
+            raise ValueError(f"read_path must be one of {READ_PATHS}, not {self.read_path!r}")
         if not 0 <= self.max_payload < (1 << 32):
             raise ValueError("max_payload must fit in 32 bits")
         if not 0 < self.pending_low <= self.pending_high:

@@ -45,7 +45,7 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import BLOCK, FSYNC_BATCH, JOURNAL_PAUSE, RelayLogic
+from jitrelay.core.domains import BLOCK, FSYNC_BATCH, JOURNAL_PAUSE, READ_COMPILED, RelayLogic
 from jitrelay.core.histogram import Histogram
 from jitrelay.core.units import MiB
 from jitrelay.server.connection import Connection as Connection  # re-exported: the engine's connections
@@ -97,6 +97,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         self._routed = kernels.RouteBuffers(logic.buffer_size, 1)
         # The send loop's targets: every subscriber keeping up, in ``_targets`` order; rebuilt when that changes.
         self._fan = kernels.FanOut()
+        self._compiled_reads = logic.read_path == READ_COMPILED
         self._read_path = kernels.ReadPath(
             self.log.ring, self.tables, self.scan_out, self.log.state, self.log.index
         )  # the ordinary read's whole path, compiled: ``_forward_compiled``
@@ -307,7 +308,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         """
         n = conn.filled
         ring = self.log.ring
-        if not (self._behind or self._groups or self._shared or self.log.publisher):
+        if self._compiled_reads and not (self._behind or self._groups or self._shared or self.log.publisher):
             if self._forward_compiled(conn, at, n, arrived):
                 return
         elif not self._must_hold(n, conn):

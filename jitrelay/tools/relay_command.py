@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from jitrelay.core.config import ConfigError, build_logic, format_byte_count, parse_keep, read_config
-from jitrelay.core.domains import CHECKSUM_POLICIES, JOURNAL_FSYNC, JOURNAL_ON_ERROR, SLOW_POLICIES, RelayLogic
+from jitrelay.core.domains import (
+    CHECKSUM_POLICIES,
+    JOURNAL_FSYNC,
+    JOURNAL_ON_ERROR,
+    READ_PATHS,
+    SLOW_POLICIES,
+    RelayLogic,
+)
 from jitrelay.tools.options import (
     add_metrics_port,
     add_target,
@@ -42,6 +49,9 @@ _BYTES: dict[str, Any] = {"type": byte_count, "metavar": "BYTES"}  # an option t
 _LIMIT_OPTIONS: dict[str, dict[str, Any]] = {
     "--config": dict(type=Path, metavar="FILE", help="TOML file of relay settings; options given here override it"),
     "--slow-policy": dict(choices=SLOW_POLICIES, help="what to do with a subscriber that falls behind"),
+    "--read-path": dict(
+        choices=READ_PATHS, help="forward ordinary reads by one compiled call (compiled), or step by step (python)"
+    ),
     "--log-size": dict(_BYTES, help="the relay's log: every forwarded byte, which subscribers are sent from (64MiB)"),
     "--pending-limit": dict(_BYTES, help="how far a subscriber may fall behind the head before the policy acts"),
     "--slow-timeout": dict(
@@ -145,6 +155,7 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
 _FIELD_OPTIONS = {
     "slow_policy": "slow_policy",
     "slow_timeout": "slow_timeout",
+    "read_path": "read_path",
     "max_payload": "max_payload",
     "max_connections": "max_connections",
     "journal_fsync": "journal_fsync",

@@ -387,6 +387,24 @@ def test_execution_relay_journals_w2_and_is_set_against_market_data(tmp_path: Pa
     assert f"= {ratio['p50']:.2f} / {ratio['p99']:.2f} x market_data's (journal on)" in printed
 
 
+def test_the_compiled_read_path_is_set_against_the_python_steps(tmp_path: Path) -> None:
+    options = "--workloads=w2 --subscribers=2 --duration=0.5 --rate=500 --startup-runs=0"
+    report, printed = bench_report(tmp_path / "paths.json", f"--relays=jitrelay,jitrelay-py {options}")
+    runs = by_run(report)
+    assert sorted(runs) == [("jitrelay", "w2"), ("jitrelay-py", "w2")]
+    for run in runs.values():
+        check_delivered_all(run)
+        check_latency(run, 2 * 250)
+    compiled, steps = runs["jitrelay", "w2"], runs["jitrelay-py", "w2"]
+    assert steps["relay_command"][-2:] == ["--read-path", "python"] and "--read-path" not in compiled["relay_command"]
+    ratio = compiled["ratio_to_python_read_path"]
+    assert ratio["p50"] == pytest.approx(compiled["latency_us"]["p50"] / steps["latency_us"]["p50"])
+    assert "ratio_to_python_read_path" not in steps
+    assert (
+        f"jitrelay w2 2 sub, compiled read path: p50 / p99 latency {ratio['p50']:.2f} / {ratio['p99']:.2f} x" in printed
+    )
+
+
 @pytest.mark.parametrize("workload", ["w1", "w2"])
 def test_publishers_fill_in_the_checksums_of_execution_messages(workload: str, short_dir: Path) -> None:
     """What the publishers send the execution relay carries execution records and, after each stamp, a right CRC."""

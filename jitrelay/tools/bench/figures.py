@@ -112,7 +112,9 @@ def add_ratios(runs: list[dict]) -> None:
     (``latency_added_us``: bridged percentile minus local percentile). An
     execution relay's run (``jitrelay-exec``, journal on) is set against the
     market_data relay of the same policy (``ratio_to_market_data``): what the
-    checksums and the journal cost.
+    checksums and the journal cost. The ``jitrelay`` run is set against
+    ``jitrelay-py`` (``ratio_to_python_read_path``): what the compiled read
+    path gains over the engine's Python steps.
     """
     done = [r for r in runs if "error" not in r]
 
@@ -140,6 +142,9 @@ def add_ratios(runs: list[dict]) -> None:
         elif base == "jitrelay-exec":
             market_data = by_workload("jitrelay" + (f":{policy}" if policy else ""))
             r["ratio_to_market_data"] = _ratio(r, market_data.get((r["workload"], r["subscribers"])))
+        elif base == "jitrelay":  # the compiled read path against the Python steps of the same relay
+            steps = by_workload("jitrelay-py" + (f":{policy}" if policy else ""))
+            r["ratio_to_python_read_path"] = _ratio(r, steps.get((r["workload"], r["subscribers"])))
     local = by_workload("jitrelay")
     for r in done:
         if r["relay"] in BRIDGED:

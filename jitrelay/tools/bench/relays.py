@@ -2,7 +2,9 @@
 
 - ``jitrelay``: ``python -m jitrelay run market_data`` (``jitrelay:block`` and
   ``jitrelay:disconnect`` pass ``--slow-policy``); ``jitrelay-shm`` the same
-  relay, its subscribers reading its log from shared memory; ``jitrelay-exec``
+  relay, its subscribers reading its log from shared memory; ``jitrelay-py``
+  the same relay forwarding each read by the engine's Python steps
+  (``--read-path python``); ``jitrelay-exec``
   is ``python -m jitrelay run execution`` journaling into the run's folder,
   its publishers sending execution messages with their checksums;
 - ``raw``: ``raw_forwarder.py`` (beside this module), the raw-bytes ceiling
@@ -104,6 +106,7 @@ def relay_spec(name: str, folder: str) -> RelaySpec:
             return RelaySpec(name, command, "relay listening on", end, end, summary, journal)
         if base in JITRELAYS:
             command = jitrelay_run(path, summary) + (["--slow-policy", policy] if policy else [])
+            command += ["--read-path", "python"] if base == "jitrelay-py" else []
             readers = Endpoint("shm", path) if base == "jitrelay-shm" else end
             return RelaySpec(name, command, "relay listening on", end, readers, summary)
         command = [sys.executable, "-m", "jitrelay.tools.bench.raw_forwarder", "--socket", path]

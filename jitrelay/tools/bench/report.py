@@ -45,6 +45,7 @@ def format_report(report: dict, notes: Sequence[Notes] = ()) -> str:
         out += lines(report)
     out += _shared_memory_lines(report)
     out += _execution_lines(report)
+    out += _read_path_lines(report)
     out += _bridge_lines(report)
     out += _own_lines(report["jitrelay"])
     out += _startup_lines(report["startup"])
@@ -114,6 +115,24 @@ def _filtered_line(run: dict) -> str:
         f"{_m(run['delivered_msg_per_s_mean'])} msg/s per subscriber"
         + ("" if per_sub is None else f" = {per_sub:.2f} x unfiltered W1 with 4, stream rate {stream:.2f} x")
     )
+
+
+def _read_path_lines(report: dict) -> list[str]:
+    """The compiled read path over the Python steps (``jitrelay`` over ``jitrelay-py``) in the same run."""
+    out = []
+    for r in report["runs"]:
+        ratio = r.get("ratio_to_python_read_path")
+        if "error" in r or not ratio or r["workload"] not in ("w1", "w2"):
+            continue
+        shown = (
+            f"p50 / p99 latency {_over(ratio, 'p50')} / {_over(ratio, 'p99')} x"
+            if r["workload"] == "w2"
+            else f"{_over(ratio, 'delivered_msg_per_s')} x the msg/s"
+        )
+        out.append(
+            f"{r['relay']} {r['workload']} {r['subscribers']} sub, compiled read path: {shown} the Python steps'"
+        )
+    return [""] + out if out else []
 
 
 def _execution_lines(report: dict) -> list[str]:

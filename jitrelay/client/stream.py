@@ -99,6 +99,9 @@ class SubscriberStream(Endpoint):
             initial = (initial or b"") + protocol.shared_memory_message()
         self._initial = initial
         self._position: protocol.Position | None = None
+        # A connection's data before its first notice is not the positioned stream: the relay forwarded it
+        # before it read the request for positions. True from a reconnection until that notice.
+        self._awaiting_notice = False
         self.gaps: list[protocol.Gap] = []
         self._mapped: MappedStream | None = None
         self._gave_up: ReconnectFailed | None = None  # why a subscriber stopped reconnecting
@@ -133,6 +136,7 @@ class SubscriberStream(Endpoint):
         self._fresh_framer()
         self._mapped = None
         self._position = position
+        self._awaiting_notice = self.positioned
         self._initial = self._resume_message()
         return partial
 
@@ -169,11 +173,13 @@ class SubscriberStream(Endpoint):
         at = 0
         for k in [*notices.tolist(), len(starts)]:
             first = starts[k] if k < len(starts) else len(batch)
-            if first > at and self._position is not None:  # before the first notice: not this stream's yet
+            # Before a connection's first notice: not this stream's (forwarded before the relay read the request).
+            if first > at and self._position is not None and not self._awaiting_notice:
                 found.append((batch[at:first], self._position))
                 self._advance(batch[at:first], int(np.searchsorted(starts, first) - np.searchsorted(starts, at)))
             if k < len(starts):
                 notice = protocol.read_notice(batch[first : ends[k]].data)  # the same bytes, as a memoryview
+                self._awaiting_notice = False
                 if isinstance(notice, protocol.Position):
                     self._position = notice
                 else:

@@ -444,7 +444,7 @@ class FanOut:
 
     def _call(self, targets: int, skip: int) -> int:
         fds, first, count, sent, totals = self.target_views(targets)
-        return int(_send_all()(fds, skip, first, count, self.iovecs, self.msghdr, sent, totals))
+        return int(_io_loop("send_all")(fds, skip, first, count, self.iovecs, self.msghdr, sent, totals))
 
     def target_views(self, targets: int) -> tuple[np.ndarray, ...]:
         """``fds``, ``iov_first``, ``iov_count``, ``sent`` and ``totals`` of the first ``targets``, sliced once."""
@@ -515,40 +515,26 @@ class ReadPath:
             raise ValueError(f"{targets} targets, room for {len(fan.fds)}, or fewer than two iovecs")
         fds, first, count, sent, totals = fan.target_views(targets)
         fan._uniform = None  # every target's slice is the loop's from here
-        return _forward_read()(
+        return _io_loop("forward_read")(
             self.ring, at, end, *self._scan, counts, *self._log, origin, fds, skip, first, count, fan.iovecs,
             fan.msghdr, sent, totals, self._address, self._timespec, stage, *judged,
         )  # fmt: skip
 
 
-def _forward_read() -> Any:
-    """The compiled read path: in the ahead-of-time module, else the JIT's (or Python's) own."""
-    global _forward_read_loop
-    if _forward_read_loop is None:
-        _forward_read_loop = getattr(_loaded(), "forward_read", None)
-        if _forward_read_loop is None:
-            from jitrelay.kernels import read_loop  # the JIT and Python builds only: it imports numba
+def _io_loop(name: str) -> Any:
+    """A compiled loop that does I/O (``send_all``, ``forward_read``): the ahead-of-time module's, else numba's."""
+    loop = _IO_LOOPS.get(name)
+    if loop is None:
+        loop = getattr(_loaded(), name, None)
+        if loop is None:  # the JIT and Python builds only: these modules import numba
+            from jitrelay.kernels import read_loop, send_loop
 
-            _forward_read_loop = read_loop.forward_read
-    return _forward_read_loop
-
-
-_forward_read_loop: Any = None
+            loop = getattr(read_loop if name == "forward_read" else send_loop, name)
+        _IO_LOOPS[name] = loop
+    return loop
 
 
-def _send_all() -> Any:
-    """The compiled send loop: in the ahead-of-time module, else the JIT's (or Python's) own."""
-    global _send_all_loop
-    if _send_all_loop is None:
-        _send_all_loop = getattr(_loaded(), "send_all", None)
-        if _send_all_loop is None:
-            from jitrelay.kernels import send_loop  # the JIT and Python builds only: it imports numba
-
-            _send_all_loop = send_loop.send_all
-    return _send_all_loop
-
-
-_send_all_loop: Any = None
+_IO_LOOPS: dict[str, Any] = {}
 
 
 class GroupTables(NamedTuple):

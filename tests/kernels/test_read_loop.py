@@ -11,7 +11,6 @@ messages changes nothing.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -60,15 +59,6 @@ def log_facts(log: RelayLog) -> tuple:
         log._starts[live].tolist(), log._origins[live].tolist(), log._first_message[live].tolist(),
         log.ring.tobytes(),
     )  # fmt: skip
-
-
-@pytest.fixture
-def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
-    made: list[tuple[socket.socket, socket.socket]] = []
-    yield made
-    for a, b in made:
-        a.close()
-        b.close()
 
 
 def targets(fan: kernels.FanOut, made: list, n: int) -> list[socket.socket]:

@@ -8,7 +8,6 @@ the bytes of the iovecs in order, as far as the send loop says it sent.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -18,15 +17,6 @@ from hypothesis import strategies as st
 from jitrelay import kernels
 
 pytestmark = pytest.mark.kernels
-
-
-@pytest.fixture
-def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
-    made: list[tuple[socket.socket, socket.socket]] = []
-    yield made
-    for a, b in made:
-        a.close()
-        b.close()
 
 
 def pair(made: list, sndbuf: int | None = None) -> tuple[socket.socket, socket.socket]:

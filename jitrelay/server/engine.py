@@ -256,6 +256,8 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
     # the data path
 
     def on_data(self, conn: Connection, arrived: int) -> None:
+        if conn.positioned and not (conn.behind or conn.granted):
+            self._publishing(conn)
         if self._journal_retry is not None:  # the journal does not write: nothing more is read until it does
             self._hold_for_journal(conn)
             return
@@ -308,6 +310,8 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         """
         n = conn.filled
         ring = self.log.ring
+        if conn.positioned and not (conn.behind or conn.granted):
+            self._publishing(conn)
         if self._compiled_reads and not (self._behind or self._groups or self._shared or self.log.publisher):
             if self._forward_compiled(conn, at, n, arrived):
                 return
@@ -372,6 +376,12 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         if self._behind:
             self._check_lag()
         return True
+
+    def _publishing(self, conn: Connection) -> None:
+        """A positioned subscriber the send loop serves sends something: its own batches will be missing from its
+        stream, so its cursor serves it from here on (from the next batch of another), with a notice wherever its
+        stream skips one."""
+        self._to_cursor(conn, self.log.head)
 
     def _must_hold(self, nbytes: int, sender: Connection) -> bool:
         """Under ``block``: whether ``nbytes`` more from ``sender`` would pass the slowest cursor, so it waits."""
@@ -452,8 +462,12 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         group_ranges = self._group_ranges(start, first_message, result) if self._groups and self._behind else None
         if self._behind:
             self._owe(sender, group_ranges)
-        for conn in self._positioned:
-            if not conn.writing and (conn.owed if conn.filter != protocol.EVERYTHING else conn is not sender):
+        for conn in self._positioned:  # those the send loop does not serve
+            if (
+                conn.behind
+                and not conn.writing
+                and (conn.owed if conn.filter != protocol.EVERYTHING else conn is not sender)
+            ):
                 self._write_when_ready(conn)
         if self._shared:
             self.memory.wake()  # every sleeping reader of the mapped log, in one call
@@ -554,14 +568,20 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
 
     def _fall_behind(self, conn: Connection, position: int = 0, owed: np.ndarray | None = None) -> None:
         """A subscriber's socket took less than its share: from now on it catches up on its own, when writable."""
+        self._to_cursor(conn, position, owed)
+        self.fell_behind += 1
+        self._write_when_ready(conn)
+
+    def _to_cursor(self, conn: Connection, position: int, owed: np.ndarray | None = None) -> None:
+        """Take ``conn`` out of the send loop's targets: from ``position`` on, its cursor serves it."""
         conn.behind = True
         conn.position = position
+        if conn.positioned:
+            conn.stream_at = position  # its stream has gone on without a break up to here, notice or not
         if owed is not None and len(owed):
             conn.owed.append(owed)
         self._behind.add(conn)
-        self.fell_behind += 1
         self._targets_dirty = True
-        self._write_when_ready(conn)
 
     def _write_when_ready(self, conn: Connection) -> None:
         conn.writing = True
@@ -681,10 +701,14 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         if conn.slow_timer is not None:
             conn.slow_timer.cancel()
             conn.slow_timer = None
-        if conn.positioned:  # it stays with the cursors: every batch reaches it from the log, with notices
+        if conn.positioned:
             conn.owed.clear()
             conn.position = self.log.head
-            return
+            announced = conn.stream_at == conn.position  # it has been told where its stream stands
+            if conn.filter != protocol.EVERYTHING or conn.published or conn.replay is not None or not announced:
+                return  # it stays with the cursors: its stream needs notices between batches, or one first
+            # Unfiltered, never publishing and told where it stands, its stream goes on batch after batch without
+            # a notice until it falls behind: the send loop serves it like any other subscriber that keeps up.
         conn.behind = False
         conn.owed.clear()
         self._behind.discard(conn)

@@ -255,6 +255,7 @@ def changed(domain: str) -> RelayLogic:
         "pending_high": 3 * MiB,
         "pending_low": 3 * KiB,
         "slow_timeout": 0.25,
+        "read_path": "python",
         "buffer_size": 3 * MiB + 5,
         "socket_path": Path("/tmp/jr-config/relay.sock"),
         "allowed_uids": (0, 4242),

@@ -27,9 +27,9 @@ read (scan, journal append, log append, fan-out) and of a cursor behind
 (catch-up). Its other jobs are classes of their own that the Relay inherits,
 their state the Relay's: the slow-reader policies (``slow_readers``),
 positions and resuming (``resume``), readers of the mapped log
-(``shared_readers``), the journal off the data path (``journaling``) and the
-figures (``relay_figures``); a peer's protocol is ``connection``. Whatever
-runs for every batch stays here.
+(``shared_readers``), the journal off the data path (``journaling``),
+control messages (``controls``) and the figures (``relay_figures``); a
+peer's protocol is ``connection``. Whatever runs for every batch stays here.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from jitrelay.core.domains import BLOCK, FSYNC_BATCH, JOURNAL_PAUSE, READ_COMPIL
 from jitrelay.core.histogram import Histogram
 from jitrelay.core.units import MiB
 from jitrelay.server.connection import Connection as Connection  # re-exported: the engine's connections
+from jitrelay.server.controls import Controls
 from jitrelay.server.journal import Journal
 from jitrelay.server.journaling import JOURNAL_RETRY_SECONDS, Journaling
 from jitrelay.server.log import RelayLog
@@ -68,7 +69,7 @@ SLOW_PIDS_KEPT = 1000  # pids of the latest subscribers dropped as slow, for the
 DIRECT_CARRY_LIMIT = 64 * 1024  # the most of an unfinished message copied into the ring to read the rest there
 
 
-class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
+class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, RelayFigures):
     """Appends every valid message a connection sends to its log, and sends each subscriber its share from there."""
 
     def __init__(self, logic: RelayLogic, journal: Journal | None = None, kernel_load_seconds: float = 0.0):
@@ -714,44 +715,6 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, RelayFigures):
         self._behind.discard(conn)
         self._targets_dirty = True
         self._release_held()
-
-    def _apply_controls(self, conn: Connection, count: int) -> None:
-        """Apply the connection's control messages, in order, to what it receives from now on."""
-        offsets = self.scan_out.offsets
-        before = conn.filter
-        asked: protocol.Position | bool | None = False
-        share = False
-        for k in np.flatnonzero(self.scan_out.verdicts[:count] == protocol.CONTROL):
-            message = conn.view[offsets[k] : offsets[k + 1]]
-            conn.filter = protocol.apply_control(conn.filter, message)
-            conn.publish_only = conn.publish_only or protocol.declares_publish_only(message)
-            wanted = protocol.requested_position(message)
-            asked = asked if wanted is False else wanted
-            share = share or protocol.requests_shared_memory(message)
-            report = protocol.lapped_report(message)
-            if report is not None:
-                self._lapped(conn, report)
-        if conn.granted:  # it reads the mapped log and filters it itself: the socket carries nothing more
-            return
-        if conn.never_reads:
-            if conn.filter != before or asked is not False or share:
-                log.warning(
-                    "%s asks to receive, but it never read what it was sent: ignored (it must reconnect)", conn.peer
-                )
-            return
-        if conn.publish_only:
-            log.info("%s publishes only; it receives nothing", conn.peer)
-        elif conn.filter != before or asked is False:
-            log.info("%s subscribes to %s", conn.peer, protocol.describe_filter(conn.filter))
-        if conn.filter != before and (conn.behind or conn.positioned):
-            # What it owed under the old filter is not what it asks for now: it starts again at the head.
-            asked = asked if asked is not False or not conn.positioned else True
-            self.stop_sending(conn)
-        if asked is not False and not conn.publish_only:
-            self._position(conn, asked)
-        if share and not conn.publish_only:
-            self._share(conn)
-        self._retarget()
 
     def _close_faulty(self, conn: Connection, fault: int, offset: int) -> None:
         reason = protocol.FAULT_NAMES[fault]

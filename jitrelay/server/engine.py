@@ -333,10 +333,11 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, RelayFigur
     def _forward_compiled(self, sender: Connection, at: int, n: int, arrived: int) -> bool:
         """The ordinary read in one compiled call (``kernels.ReadPath``): scan, commit, fan out; False if not taken.
 
-        Only while nothing but the send loop's targets wants the batch: nobody behind or positioned, no
-        filter, no reader of the mapped log. With a journal the call is cut in two around its append: judged,
-        journaled, then committed and sent. Else, or for anything but whole forwarded messages, the usual way
-        takes the read, judging it again (and holding it, if the journal refused it).
+        Only while nothing but the send loop's targets wants the batch: no cursor behind (a positioned
+        subscriber that keeps up is a target like any other), no filter, no reader of the mapped log. With a
+        journal the call is cut in two around its append: judged, journaled, then committed and sent. Else, or
+        for anything but whole forwarded messages, the usual way takes the read, judging it again (and holding
+        it, if the journal refused it).
         """
         if self._targets_dirty:
             self._rebuild_targets()

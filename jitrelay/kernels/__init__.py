@@ -530,11 +530,22 @@ def _io_loop(name: str) -> Any:
             from jitrelay.kernels import read_loop, send_loop
 
             loop = getattr(read_loop if name == "forward_read" else send_loop, name)
+            if name == "forward_read" and requested_backend() == "python":
+                loop = _as_ints(loop)
         _IO_LOOPS[name] = loop
     return loop
 
 
 _IO_LOOPS: dict[str, Any] = {}
+
+
+def _as_ints(loop: Any) -> Any:
+    """``loop`` returning a tuple of Python ints: as plain Python its integers are numpy's, as compiled they are not."""
+
+    def call(*args: Any) -> tuple[int, ...]:
+        return tuple(int(value) for value in loop(*args))
+
+    return call
 
 
 class GroupTables(NamedTuple):

@@ -1,0 +1,109 @@
+"""The compiled read path against the engine's Python steps: the same input, the same bytes to every subscriber.
+
+A model-based property, run in every build of the loops with the other
+kernel tests. Two relays (``read_path`` compiled, and python: the model) run
+in this process on one event loop, each fed the same stream over a socket
+pair: valid and invalid messages of every kind, cut at arbitrary read
+boundaries, perhaps a control message in the middle of a read, perhaps a
+close in the middle of a message. Their logs are small, so the ring wraps,
+and their subscribers' sockets are small, so they fall behind mid-batch and
+catch up from their cursors (under ``block``, so nobody is cut off). Each
+subscriber of each relay must receive exactly the messages the protocol
+forwards, and so exactly what the other relay's does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+
+import pytest
+import uvloop
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.clients import mixed_messages
+
+from jitrelay.core import protocol
+from jitrelay.core.domains import logic_for
+from jitrelay.server import connection
+from jitrelay.server.engine import Relay
+
+pytestmark = pytest.mark.kernels
+
+SUBSCRIBERS = 2
+SMALL_SOCKET = 4096  # the relay's send buffers for its subscribers: they fall behind within a batch
+
+
+async def received(read_path: str, domain: str, pieces: list[bytes], want: int) -> list[bytes]:
+    """What each subscriber of a relay on ``read_path`` receives of ``pieces``, sent in order, then a close."""
+    logic = logic_for(domain, read_path=read_path, slow_policy="block", buffer_size=1 << 16, log_size=1 << 17)
+    relay = Relay(logic)
+    loop = asyncio.get_running_loop()
+    ours: list[socket.socket] = []
+    try:
+        for _ in range(SUBSCRIBERS + 1):
+            mine, theirs = socket.socketpair()
+            mine.setblocking(False)
+            ours.append(mine)
+            await loop.connect_accepted_socket(relay.new_connection, theirs)
+        *subscribers, publisher = ours
+        await asyncio.sleep(0)  # every connection is the relay's before anything is published
+
+        async def read(sock: socket.socket) -> bytes:
+            got = bytearray()
+            while len(got) < want:
+                got += await loop.sock_recv(sock, 1 << 16)
+            return bytes(got)
+
+        readers = [asyncio.ensure_future(read(sub)) for sub in subscribers]
+        for piece in pieces:
+            await loop.sock_sendall(publisher, piece)
+            for _ in range(4):  # the relay reads it, and the subscribers may catch up before the next
+                await asyncio.sleep(0)
+        publisher.close()
+        return list(await asyncio.wait_for(asyncio.gather(*readers), 30))
+    finally:
+        for sock in ours:
+            sock.close()
+        await relay.drain_and_close(0.1)
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[str, list[bytes], bytes]:
+    """A domain, its stream cut into sends, and the bytes a subscriber must get."""
+    domain = draw(st.sampled_from(["market_data", "execution"]))
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    mixed = mixed_messages(rng, domain, draw(st.integers(1, 600)))
+    if draw(st.booleans()):  # mostly stretches of valid messages: the reads the compiled path takes
+        mixed = [(m, ok) for m, ok in mixed if ok] or mixed
+    stream = b"".join(m for m, _ in mixed)
+    want = b"".join(m for m, ok in mixed if ok)
+    if draw(st.booleans()):  # a control message between two messages, often in the middle of a read
+        k = draw(st.integers(0, len(mixed)))
+        at = sum(len(m) for m, _ in mixed[:k])
+        stream = stream[:at] + protocol.publish_only_message() + stream[at:]
+    if draw(st.booleans()) and mixed:  # closed in the middle of one more message: it is dropped
+        extra = mixed[0][0]
+        stream += extra[: draw(st.integers(1, len(extra) - 1))]
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(stream) - 1)), max_size=12))))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True) if b > a]
+    return domain, pieces, want
+
+
+@pytest.fixture(autouse=True)
+def small_send_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay's send buffers per connection, made small so that its subscribers fall behind mid-batch."""
+    monkeypatch.setattr(connection, "SOCKET_BUFFER", SMALL_SOCKET)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=streams())
+def test_both_read_paths_give_every_subscriber_exactly_the_forwarded_bytes(
+    case: tuple[str, list[bytes], bytes],
+) -> None:
+    domain, pieces, want = case
+    model = uvloop.run(received("python", domain, pieces, len(want)))
+    compiled = uvloop.run(received("compiled", domain, pieces, len(want)))
+    assert model == [want] * SUBSCRIBERS
+    assert compiled == model

@@ -35,9 +35,15 @@ SUBSCRIBERS = 2
 SMALL_SOCKET = 4096  # the relay's send buffers for its subscribers: they fall behind within a batch
 
 
+WRAPS: list[bool] = []  # for each relay run: whether its log wrapped
+
+
 async def received(read_path: str, domain: str, pieces: list[bytes], want: int) -> list[bytes]:
     """What each subscriber of a relay on ``read_path`` receives of ``pieces``, sent in order, then a close."""
-    logic = logic_for(domain, read_path=read_path, slow_policy="block", buffer_size=1 << 16, log_size=1 << 17)
+    # A small log (about 96 KiB): the largest payload the stream holds is under 16 KiB.
+    logic = logic_for(
+        domain, read_path=read_path, slow_policy="block", max_payload=1 << 14, buffer_size=1 << 15, log_size=1 << 16
+    )
     relay = Relay(logic)
     loop = asyncio.get_running_loop()
     ours: list[socket.socket] = []
@@ -62,7 +68,9 @@ async def received(read_path: str, domain: str, pieces: list[bytes], want: int) 
             for _ in range(4):  # the relay reads it, and the subscribers may catch up before the next
                 await asyncio.sleep(0)
         publisher.close()
-        return list(await asyncio.wait_for(asyncio.gather(*readers), 30))
+        got = list(await asyncio.wait_for(asyncio.gather(*readers), 30))
+        WRAPS.append(relay.log.head > relay.log.size)
+        return got
     finally:
         for sock in ours:
             sock.close()
@@ -74,7 +82,7 @@ def streams(draw: st.DrawFn) -> tuple[str, list[bytes], bytes]:
     """A domain, its stream cut into sends, and the bytes a subscriber must get."""
     domain = draw(st.sampled_from(["market_data", "execution"]))
     rng = random.Random(draw(st.integers(0, 2**32)))
-    mixed = mixed_messages(rng, domain, draw(st.integers(1, 600)))
+    mixed = mixed_messages(rng, domain, draw(st.integers(1, 600) | st.just(600)))
     if draw(st.booleans()):  # mostly stretches of valid messages: the reads the compiled path takes
         mixed = [(m, ok) for m, ok in mixed if ok] or mixed
     stream = b"".join(m for m, _ in mixed)
@@ -107,3 +115,16 @@ def test_both_read_paths_give_every_subscriber_exactly_the_forwarded_bytes(
     compiled = uvloop.run(received("compiled", domain, pieces, len(want)))
     assert model == [want] * SUBSCRIBERS
     assert compiled == model
+
+
+def test_a_stream_that_wraps_the_small_log_reaches_both_relays_subscribers_whole() -> None:
+    """The property's larger cases, made sure of: the log wraps more than once on both read paths."""
+    rng = random.Random(5)
+    mixed = [(m, ok) for m, ok in mixed_messages(rng, "market_data", 1500) if ok]
+    stream = b"".join(m for m, _ in mixed)
+    pieces = [stream[a : a + n] for a, n in zip(range(0, len(stream), 9000), [9000] * len(stream), strict=False)]
+    WRAPS.clear()
+    model = uvloop.run(received("python", "market_data", pieces, len(stream)))
+    compiled = uvloop.run(received("compiled", "market_data", pieces, len(stream)))
+    assert model == compiled == [stream] * SUBSCRIBERS
+    assert WRAPS == [True, True] and len(stream) > 2 * (1 << 16)

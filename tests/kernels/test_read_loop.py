@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.streams import drain
 
 from jitrelay import kernels
 from jitrelay.core import protocol
@@ -73,16 +74,6 @@ def targets(fan: kernels.FanOut, made: list, n: int) -> list[socket.socket]:
         theirs.setblocking(False)
         peers.append(theirs)
     return peers
-
-
-def drain(sock: socket.socket) -> bytes:
-    got = bytearray()
-    while True:
-        try:
-            chunk = sock.recv(1 << 20)
-        except BlockingIOError:
-            return bytes(got)
-        got += chunk
 
 
 batches = st.lists(

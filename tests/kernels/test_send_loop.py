@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.streams import drain
 
 from jitrelay import kernels
 
@@ -26,19 +27,6 @@ def pair(made: list, sndbuf: int | None = None) -> tuple[socket.socket, socket.s
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     made.append((ours, theirs))
     return ours, theirs
-
-
-def drain(sock: socket.socket) -> bytes:
-    sock.setblocking(False)
-    got = bytearray()
-    while True:
-        try:
-            chunk = sock.recv(1 << 20)
-        except BlockingIOError:
-            return bytes(got)
-        if not chunk:
-            return bytes(got)
-        got += chunk
 
 
 def aim(fan: kernels.FanOut, data: np.ndarray, pieces: list[tuple[int, int]], slot: int = 0) -> int:

@@ -96,3 +96,17 @@ def send_chunked(
         pos += n
         if rng.random() < pause_chance:
             time.sleep(0.0002)
+
+
+def drain(sock: socket.socket) -> bytes:
+    """Everything ``sock`` holds now, without waiting: what a send put there, up to EOF if it came."""
+    sock.setblocking(False)
+    got = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return bytes(got)
+        if not chunk:
+            return bytes(got)
+        got += chunk

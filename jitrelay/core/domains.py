@@ -31,11 +31,14 @@ CHECKSUM_POLICIES = tuple(protocol.CHECKSUM_POLICIES)
 DISCONNECT = "disconnect"
 BLOCK = "block"
 SLOW_POLICIES = (DISCONNECT, BLOCK)
-# How an ordinary read is forwarded: by one compiled call (``kernels.ReadPath``), or by the engine's Python
-# steps around smaller compiled calls, which judge, log and send the same bytes (to compare and profile them).
+# How an ordinary read is made and forwarded: by the relay's own epoll set and one compiled call per wake-up
+# (``kernels.polling``); by the event loop's read callbacks and one compiled call per read (``kernels.ReadPath``);
+# or by the engine's Python steps around smaller compiled calls. The same bytes every way: the last two are
+# there to compare and profile.
 READ_COMPILED = "compiled"
+READ_UVLOOP = "uvloop"
 READ_PYTHON = "python"
-READ_PATHS = (READ_COMPILED, READ_PYTHON)
+READ_PATHS = (READ_COMPILED, READ_UVLOOP, READ_PYTHON)
 # When the journal is flushed to disk: after every write, every so often (``journal.py``), or never by the relay.
 FSYNC_EVERY = "every"
 FSYNC_BATCH = "batch"

@@ -522,14 +522,15 @@ class ReadPath:
 
 
 def _io_loop(name: str) -> Any:
-    """A compiled loop that does I/O (``send_all``, ``forward_read``): the ahead-of-time module's, else numba's."""
+    """A compiled loop that does I/O (``send_all``, ``forward_read``, ``read_ready``): AOT if built, else numba."""
     loop = _IO_LOOPS.get(name)
     if loop is None:
         loop = getattr(_loaded(), name, None)
         if loop is None:  # the JIT and Python builds only: these modules import numba
-            from jitrelay.kernels import read_loop, send_loop
+            from jitrelay.kernels import poll_loop, read_loop, send_loop
 
-            loop = getattr(read_loop if name == "forward_read" else send_loop, name)
+            module = {"forward_read": read_loop, "read_ready": poll_loop}.get(name, send_loop)
+            loop = getattr(module, name)
             if name == "forward_read" and requested_backend() == "python":
                 loop = _as_ints(loop)
         _IO_LOOPS[name] = loop

@@ -92,6 +92,16 @@ READ_SIGNATURES: dict[str, str] = {
     ),
 }
 
+# The poll loop (``poll_loop.py``): epoll_wait and recv into the log, then the read loop, per wake-up.
+POLL_SIGNATURES: dict[str, str] = {
+    "read_ready": (
+        f"int64(int64, {_BYTES}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, int64[:, ::1], int64, int64[:, ::1], "
+        f"{_BYTES}, int64, int64, int64, {_BYTES}, {_BYTES}, {_INTS}, {_BYTES}, {_INTS}, {_INTS}, {_CRC_TABLES}, "
+        f"{_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS}, "
+        f"{_INTS}, {_INTS})"
+    ),
+}
+
 # The typed-record loops (``record_loops.py``), exported under these names.
 RECORD_SIGNATURES: dict[str, tuple[str, str]] = {
     "record_gather": (
@@ -112,6 +122,7 @@ _SOURCES = (
     "kernels/loops.py",
     "kernels/send_loop.py",
     "kernels/read_loop.py",
+    "kernels/poll_loop.py",
     "kernels/record_loops.py",
     "kernels/constants.py",
     "core/protocol.py",
@@ -354,7 +365,7 @@ def build_into(folder: str, name: str, *, portable: bool = False) -> None:
     warnings.simplefilter("ignore", NumbaPendingDeprecationWarning)  # pycc's notice; it is still maintained
     from numba.pycc import CC
 
-    from jitrelay.kernels import loops, read_loop, record_loops, send_loop
+    from jitrelay.kernels import loops, poll_loop, read_loop, record_loops, send_loop
 
     class LinkedCC(CC):
         """pycc, linking zlib too: the loops call its ``crc32``."""
@@ -372,6 +383,8 @@ def build_into(folder: str, name: str, *, portable: bool = False) -> None:
         cc.export(export, signature)(getattr(send_loop, export).py_func)
     for export, signature in READ_SIGNATURES.items():
         cc.export(export, signature)(getattr(read_loop, export).py_func)
+    for export, signature in POLL_SIGNATURES.items():
+        cc.export(export, signature)(getattr(poll_loop, export).py_func)
     for export, (function, signature) in RECORD_SIGNATURES.items():
         cc.export(export, signature)(getattr(record_loops, function).py_func)
     if portable:

@@ -24,3 +24,16 @@ STAGE_ALL, STAGE_JUDGE, STAGE_SEND = 0, 1, 2
 
 LOG_SIZE, LOG_MIRROR, LOG_RESERVE, LOG_BATCH_CAPACITY, LOG_HEAD, LOG_TAIL, LOG_MESSAGES, LOG_LO, LOG_HI = range(9)
 LOG_STATE_SLOTS = 9
+
+# What the poll loop (``poll_loop.read_ready``) reports for each read it made: one row of ``POLL_WORDS`` per read.
+
+POLL_KIND, POLL_SLOT, POLL_AT, POLL_BYTES, POLL_GOT, POLL_MESSAGES, POLL_FORWARDED = range(7)
+POLL_START, POLL_SHORT, POLL_ARRIVED, POLL_BEGAN, POLL_ENDED = range(7, 12)
+POLL_WORDS = 12
+POLLED_FORWARDED = 0  # committed and sent; what followed the last whole message is the slot's carry now
+POLLED_NOT_TAKEN = 1  # ``ring[at:at + bytes]`` (carry and read) is not all whole forwarded messages: Python's
+POLLED_CLOSED = 2  # the peer closed: ``recv`` read nothing
+POLLED_FAILED = 3  # ``recv`` failed (or found nothing after all): the event loop's transport finds out which
+POLLED_NO_ROOM = 4  # the head is too near the ring's end for a whole read: nothing read
+POLLED_CARRY = 5  # forwarded (perhaps nothing), but the unfinished message after it is longer than the carry limit
+POLLED_UNFINISHED = 6  # nothing whole yet: the read (and the carry before it) is the slot's carry now

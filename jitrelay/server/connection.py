@@ -56,6 +56,7 @@ class ConnectionOwner(Protocol):
     def read_space(self, conn: Connection) -> int: ...
     def on_data(self, conn: Connection, arrived: int) -> None: ...
     def on_direct_data(self, conn: Connection, at: int, arrived: int) -> None: ...
+    def after_read(self, conn: Connection) -> None: ...
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -80,6 +81,7 @@ class Connection(asyncio.BufferedProtocol):
         self.slow_timer: asyncio.TimerHandle | None = None
         self.spare: socket.socket | None = None  # a second descriptor: sends from the log, and salvage
         self.fd = -1
+        self.polled = -1  # its slot in the relay's epoll set while the relay reads it itself (``polled_reads``)
         self.filter: protocol.Filter = protocol.EVERYTHING  # what it asked to receive (control messages)
         self.published = False  # has appended a batch to the log: its cursor skips its own batches
         # The cursor. Keeping up (``behind`` False): it is at the head and gets each batch from the send loop.
@@ -172,6 +174,7 @@ class Connection(asyncio.BufferedProtocol):
             self.relay.on_direct_data(self, at, arrived)
         else:
             self.relay.on_data(self, arrived)
+        self.relay.after_read(self)
 
     def eof_received(self) -> bool:
         return False

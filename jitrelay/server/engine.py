@@ -45,7 +45,7 @@ import numpy as np
 
 from jitrelay import kernels
 from jitrelay.core import protocol
-from jitrelay.core.domains import BLOCK, FSYNC_BATCH, JOURNAL_PAUSE, READ_COMPILED, RelayLogic
+from jitrelay.core.domains import BLOCK, FSYNC_BATCH, JOURNAL_PAUSE, READ_PYTHON, RelayLogic
 from jitrelay.core.histogram import Histogram
 from jitrelay.core.units import MiB
 from jitrelay.server.connection import Connection as Connection  # re-exported: the engine's connections
@@ -53,6 +53,7 @@ from jitrelay.server.controls import Controls
 from jitrelay.server.journal import Journal
 from jitrelay.server.journaling import JOURNAL_RETRY_SECONDS, Journaling
 from jitrelay.server.log import RelayLog
+from jitrelay.server.polled_reads import DIRECT_CARRY_LIMIT, PolledReads
 from jitrelay.server.relay_figures import RelayFigures
 from jitrelay.server.resume import Resume
 from jitrelay.server.shared_memory import SharedLogMemory
@@ -66,10 +67,9 @@ SHUTDOWN_FLUSH_SECONDS = 1.0
 CATCH_UP_BYTES = 8 * MiB  # the most one writability callback hands a subscriber that is behind
 CATCH_UP_PIECES = 1024  # and in at most this many pieces (one sendmsg)
 SLOW_PIDS_KEPT = 1000  # pids of the latest subscribers dropped as slow, for the figures
-DIRECT_CARRY_LIMIT = 64 * 1024  # the most of an unfinished message copied into the ring to read the rest there
 
 
-class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, RelayFigures):
+class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledReads, RelayFigures):
     """Appends every valid message a connection sends to its log, and sends each subscriber its share from there."""
 
     def __init__(self, logic: RelayLogic, journal: Journal | None = None, kernel_load_seconds: float = 0.0):
@@ -98,10 +98,11 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, RelayFigur
         self._routed = kernels.RouteBuffers(logic.buffer_size, 1)
         # The send loop's targets: every subscriber keeping up, in ``_targets`` order; rebuilt when that changes.
         self._fan = kernels.FanOut()
-        self._compiled_reads = logic.read_path == READ_COMPILED
+        self._compiled_reads = logic.read_path != READ_PYTHON
         self._read_path = kernels.ReadPath(
             self.log.ring, self.tables, self.scan_out, self.log.state, self.log.index
         )  # the ordinary read's whole path, compiled: ``_forward_compiled``
+        self._start_polling()  # the relay's own epoll set: ``polled_reads``
         self._targets: list[Connection] = []
         self._target_group = np.zeros(0, dtype=np.int64)  # -1 for the unfiltered, else the group index
         self._targets_dirty = True
@@ -196,6 +197,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, RelayFigur
 
     def stop_sending(self, conn: Connection) -> None:
         """Forget ``conn``'s cursor before its descriptors close: no writability wait, no place among the targets."""
+        self._unpoll(conn, resume=False)  # nor in the relay's epoll set
         self._drop_cursor(conn)
         self._release_held()
 
@@ -364,6 +366,16 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, RelayFigur
         sender.filled = n - size
         if sender.filled:
             sender.buf[: sender.filled] = self.log.ring[at + size : at + n]
+        self._forwarded(sender, messages, size, start, short, (arrived, sending, sent_at, 0))
+        return True
+
+    def _forwarded(self, sender: Connection, messages: int, size: int, start: int, short: int, times: tuple) -> None:
+        """The figures and bookkeeping of a batch the read loop forwarded.
+
+        ``times``: the read arrived, the send loop began, it ended, and when the relay was done with the batch (0:
+        now, after this bookkeeping; the poll loop reports its send loop's end, before its next read).
+        """
+        arrived, sending, sent_at, done = times
         sender.published = True
         sender.messages_published += messages
         sender.bytes_published += size
@@ -373,11 +385,10 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, RelayFigur
         self.own_time.record(sending - arrived)
         if short:
             self._left_short(start, size, None, lambda: [])
-        self.forward_time.record(time.perf_counter_ns() - arrived)
+        self.forward_time.record((done or time.perf_counter_ns()) - arrived)
         self.messages_timed += messages
         if self._behind:
             self._check_lag()
-        return True
 
     def _publishing(self, conn: Connection) -> None:
         """A positioned subscriber the send loop serves sends something: its own batches will be missing from its
@@ -736,6 +747,8 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, RelayFigur
         if reading == self._reading:
             return
         self._reading = reading
+        if not reading:
+            self._unpoll_all(resume=False)
         for conn in self.connections.values():
             if conn.transport.is_closing() or conn.held:
                 continue
@@ -755,6 +768,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, RelayFigur
             behind = conn.behind
             self.stop_sending(conn)
             conn.transport.abort() if behind else conn.transport.close()
+        self._stop_polling()
         self.memory.close()  # readers of the mapped log read on to the head, then end
         await asyncio.sleep(0)
 

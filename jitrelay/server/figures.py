@@ -55,6 +55,7 @@ class Figures:
     log_head: int = 0  # stream offset of the next byte appended
     subscribers_behind: int = 0  # cursors not at the head now
     fell_behind: int = 0  # times a subscriber's socket took less than a batch (it then caught up on its own)
+    reads_polled: int = 0  # reads the relay made from its own epoll set, in compiled code (``--read-path compiled``)
     # (peer, bytes, messages) behind the head, for each subscriber that is behind now or reads shared memory
     lags: tuple[tuple[str, int, int], ...] = ()
     shared_readers: int = 0  # subscribers reading the log from shared memory

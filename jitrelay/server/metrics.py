@@ -162,6 +162,11 @@ def _log_families(figures: Figures) -> Iterator[Metric]:
         "Times a subscriber's socket took less than a batch, so that it caught up on its own.",
         figures.fell_behind,
     )
+    yield counter(
+        "jitrelay_reads_polled_total",
+        "Reads the relay made from its own epoll set and forwarded in one compiled call.",
+        figures.reads_polled,
+    )
     for name, index, doc in (
         ("jitrelay_subscriber_lag_bytes", 1, "Bytes a subscriber that is behind has yet to catch up, by peer."),
         ("jitrelay_subscriber_lag_messages", 2, "Messages a subscriber that is behind has yet to catch up, by peer."),

@@ -45,6 +45,7 @@ class RelayFigures:
     slow_pauses: int
     gap_notices: int
     fell_behind: int
+    reads_polled: int
     torn_messages: int
     never_reading: int
     journal_errors: int
@@ -111,6 +112,7 @@ class RelayFigures:
             log_head=head,
             subscribers_behind=len(self._behind),
             fell_behind=self.fell_behind,
+            reads_polled=self.reads_polled,
             lags=tuple(
                 (conn.peer, head - conn.needed(), self.log.messages_from(conn.needed())) for conn in self._cursors()
             ),

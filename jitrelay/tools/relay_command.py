@@ -50,7 +50,9 @@ _LIMIT_OPTIONS: dict[str, dict[str, Any]] = {
     "--config": dict(type=Path, metavar="FILE", help="TOML file of relay settings; options given here override it"),
     "--slow-policy": dict(choices=SLOW_POLICIES, help="what to do with a subscriber that falls behind"),
     "--read-path": dict(
-        choices=READ_PATHS, help="forward ordinary reads by one compiled call (compiled), or step by step (python)"
+        choices=READ_PATHS,
+        help="read and forward in one compiled call per wake-up (compiled), one per read of the event loop "
+        "(uvloop), or step by step (python)",
     ),
     "--log-size": dict(_BYTES, help="the relay's log: every forwarded byte, which subscribers are sent from (64MiB)"),
     "--pending-limit": dict(_BYTES, help="how far a subscriber may fall behind the head before the policy acts"),

@@ -1,6 +1,8 @@
-"""The relay's two read paths forward the same bytes: one compiled call per read, or the engine's Python steps.
+"""The relay's read paths forward the same bytes: its own epoll set, the event loop's reads, the Python steps.
 
-Real relays on real sockets, one per path (``--read-path``), given the same
+Real relays on real sockets, one per path (``--read-path``: one compiled call
+per wake-up that reads and forwards, one compiled call per read the event loop
+makes, or the engine's Python steps around smaller calls), given the same
 stream: stretches of valid messages and stretches of every kind of message, cut into reads at random
 boundaries (messages split across reads), a control message in the middle of a
 read, a ring that wraps more than once, a subscriber that stops reading in the
@@ -37,7 +39,7 @@ def reads(rng: random.Random, stream: bytes, control_at: int) -> list[bytes]:
 
 
 @pytest.mark.parametrize("domain", ["market_data", "execution"])
-def test_both_read_paths_forward_exactly_what_the_protocol_says(
+def test_every_read_path_forwards_exactly_what_the_protocol_says(
     start_relay: StartRelay, clients: Clients, short_dir: Path, domain: str
 ) -> None:
     rng = random.Random(11)
@@ -54,7 +56,7 @@ def test_both_read_paths_forward_exactly_what_the_protocol_says(
     # 8 MiB), less than the log and the pending limit (12 MiB) past that.
     stop = len(pieces) // 4
     go = stop + int(len(pieces) * 16 * MiB / len(want))
-    for path in ("compiled", "python"):
+    for path in ("compiled", "uvloop", "python"):
         options = ["--read-path", path, "--log-size", str(16 * MiB), "--pending-limit", str(12 * MiB)]
         options += ["--summary-file", str(short_dir / f"{path}.json")]
         if domain == "execution":
@@ -79,3 +81,6 @@ def test_both_read_paths_forward_exactly_what_the_protocol_says(
         relay.stop()
         figures = json.loads((short_dir / f"{path}.json").read_text())
         assert figures["fell_behind"] >= 1, f"{path}: the stopped subscriber never fell behind"
+        # The relay reads for itself only on the compiled path, and never with a journal to append to first.
+        polled = figures["reads_polled"]
+        assert polled > 0 if path == "compiled" and domain == "market_data" else polled == 0, f"{path}: {polled}"

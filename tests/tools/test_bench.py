@@ -387,22 +387,24 @@ def test_execution_relay_journals_w2_and_is_set_against_market_data(tmp_path: Pa
     assert f"= {ratio['p50']:.2f} / {ratio['p99']:.2f} x market_data's (journal on)" in printed
 
 
-def test_the_compiled_read_path_is_set_against_the_python_steps(tmp_path: Path) -> None:
+def test_the_compiled_read_path_is_set_against_the_other_read_paths(tmp_path: Path) -> None:
     options = "--workloads=w2 --subscribers=2 --duration=0.5 --rate=500 --startup-runs=0"
-    report, printed = bench_report(tmp_path / "paths.json", f"--relays=jitrelay,jitrelay-py {options}")
+    report, printed = bench_report(tmp_path / "paths.json", f"--relays=jitrelay,jitrelay-py,jitrelay-uv {options}")
     runs = by_run(report)
-    assert sorted(runs) == [("jitrelay", "w2"), ("jitrelay-py", "w2")]
+    assert sorted(runs) == [("jitrelay", "w2"), ("jitrelay-py", "w2"), ("jitrelay-uv", "w2")]
     for run in runs.values():
         check_delivered_all(run)
         check_latency(run, 2 * 250)
-    compiled, steps = runs["jitrelay", "w2"], runs["jitrelay-py", "w2"]
-    assert steps["relay_command"][-2:] == ["--read-path", "python"] and "--read-path" not in compiled["relay_command"]
-    ratio = compiled["ratio_to_python_read_path"]
-    assert ratio["p50"] == pytest.approx(compiled["latency_us"]["p50"] / steps["latency_us"]["p50"])
-    assert "ratio_to_python_read_path" not in steps
-    assert (
-        f"jitrelay w2 2 sub, compiled read path: p50 / p99 latency {ratio['p50']:.2f} / {ratio['p99']:.2f} x" in printed
-    )
+    compiled = runs["jitrelay", "w2"]
+    assert "--read-path" not in compiled["relay_command"]
+    for name, path, theirs in (("jitrelay-py", "python", "the Python steps'"), ("jitrelay-uv", "uvloop", "reads'")):
+        other = runs[name, "w2"]
+        assert other["relay_command"][-2:] == ["--read-path", path]
+        ratio = compiled[f"ratio_to_{path}_read_path"]
+        assert ratio["p50"] == pytest.approx(compiled["latency_us"]["p50"] / other["latency_us"]["p50"])
+        assert f"ratio_to_{path}_read_path" not in other
+        line = f"jitrelay w2 2 sub, compiled read path: p50 / p99 latency {ratio['p50']:.2f} / {ratio['p99']:.2f} x"
+        assert any(text.startswith(line) and text.endswith(theirs) for text in printed.splitlines()), line
 
 
 @pytest.mark.parametrize("workload", ["w1", "w2"])

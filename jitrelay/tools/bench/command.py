@@ -54,8 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=listed(DEFAULTS.relays),
         help="comma-separated: jitrelay (or jitrelay:block, jitrelay:disconnect), jitrelay-shm (subscribers read the "
         "log from shared memory; also :block, :disconnect), jitrelay-exec (the execution relay, checksums required and "
-        "journal on, set against jitrelay), jitrelay-py (jitrelay forwarding each read by the engine's Python steps, "
-        "the baseline of its compiled read path), raw, raw-bytes (raw with a new bytes object per read), zmq, "
+        "journal on, set against jitrelay), jitrelay-py (jitrelay forwarding each read by the engine's Python steps), "
+        "jitrelay-uv (jitrelay with the event loop's reads, one compiled call each): the baselines of its compiled "
+        "read path; raw, raw-bytes (raw with a new bytes object per read), zmq, "
         "zmq-default, limit (a compiled raw-bytes forwarder, built with the system C compiler), bridge, bridge-js",
     )
     parser.add_argument(

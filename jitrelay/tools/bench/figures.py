@@ -18,7 +18,7 @@ from typing import Any
 
 from jitrelay.tools.bench.hdr import encode_latencies
 from jitrelay.tools.bench.messages import FILTERED_SUBSCRIBERS, STUCK_RATE, share, stride_of
-from jitrelay.tools.bench.options import BRIDGED, JITRELAYS, Options
+from jitrelay.tools.bench.options import BRIDGED, JITRELAYS, READ_PATH_BASELINES, Options
 
 LATENCY_WORKLOADS = ("w2", "w3", "fanout")  # their figures are latency percentiles, not a rate
 
@@ -113,8 +113,9 @@ def add_ratios(runs: list[dict]) -> None:
     execution relay's run (``jitrelay-exec``, journal on) is set against the
     market_data relay of the same policy (``ratio_to_market_data``): what the
     checksums and the journal cost. The ``jitrelay`` run is set against
-    ``jitrelay-py`` (``ratio_to_python_read_path``): what the compiled read
-    path gains over the engine's Python steps.
+    ``jitrelay-py`` (``ratio_to_python_read_path``) and ``jitrelay-uv``
+    (``ratio_to_uvloop_read_path``): what the relay's own compiled reads gain
+    over the engine's Python steps, and over the event loop's reads.
     """
     done = [r for r in runs if "error" not in r]
 
@@ -142,9 +143,10 @@ def add_ratios(runs: list[dict]) -> None:
         elif base == "jitrelay-exec":
             market_data = by_workload("jitrelay" + (f":{policy}" if policy else ""))
             r["ratio_to_market_data"] = _ratio(r, market_data.get((r["workload"], r["subscribers"])))
-        elif base == "jitrelay":  # the compiled read path against the Python steps of the same relay
-            steps = by_workload("jitrelay-py" + (f":{policy}" if policy else ""))
-            r["ratio_to_python_read_path"] = _ratio(r, steps.get((r["workload"], r["subscribers"])))
+        elif base == "jitrelay":  # the compiled read path against the other read paths of the same relay
+            for baseline, path in READ_PATH_BASELINES.items():
+                steps = by_workload(baseline + (f":{policy}" if policy else ""))
+                r[f"ratio_to_{path}_read_path"] = _ratio(r, steps.get((r["workload"], r["subscribers"])))
     local = by_workload("jitrelay")
     for r in done:
         if r["relay"] in BRIDGED:

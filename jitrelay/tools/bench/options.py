@@ -16,6 +16,7 @@ RELAYS = (
     "jitrelay-shm",
     "jitrelay-exec",
     "jitrelay-py",
+    "jitrelay-uv",
     "raw",
     "raw-bytes",
     "zmq",
@@ -26,8 +27,10 @@ RELAYS = (
 )
 # A jitrelay relay: market_data with its subscribers on sockets or on its log in shared memory, or execution
 # (checksums required, every message journaled) on sockets; or market_data forwarding each read by the
-# engine's Python steps (``--read-path python``), the baseline of its compiled read path.
-JITRELAYS = ("jitrelay", "jitrelay-shm", "jitrelay-exec", "jitrelay-py")
+# engine's Python steps (``--read-path python``) or by one compiled call per read the event loop makes
+# (``--read-path uvloop``): the baselines of its compiled read path.
+JITRELAYS = ("jitrelay", "jitrelay-shm", "jitrelay-exec", "jitrelay-py", "jitrelay-uv")
+READ_PATH_BASELINES = {"jitrelay-py": "python", "jitrelay-uv": "uvloop"}
 FILTERING = ("jitrelay", "jitrelay-shm")  # W1f's relays: its subscribers filter on market_data's types 1..4
 BRIDGED = ("bridge", "bridge-js")
 POLICIES = ("block", "disconnect")
@@ -43,7 +46,7 @@ class Options:
     """
 
     relays: tuple[str, ...] = tuple(
-        name for name in RELAYS if name not in ("jitrelay-shm", "jitrelay-exec", "jitrelay-py", "raw-bytes")
+        name for name in RELAYS if name not in ("jitrelay-shm", "jitrelay-exec", *READ_PATH_BASELINES, "raw-bytes")
     )  # the rest when asked
     workloads: tuple[str, ...] = ("w1", "w2", "w1f", "w3")  # ``fanout``, ``client`` and ``records`` when asked for
     subscribers: tuple[int, ...] = (1, 4)  # W1 subscriber counts

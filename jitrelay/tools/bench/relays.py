@@ -4,7 +4,8 @@
   ``jitrelay:disconnect`` pass ``--slow-policy``); ``jitrelay-shm`` the same
   relay, its subscribers reading its log from shared memory; ``jitrelay-py``
   the same relay forwarding each read by the engine's Python steps
-  (``--read-path python``); ``jitrelay-exec``
+  (``--read-path python``); ``jitrelay-uv`` the same relay with the event
+  loop's reads, one compiled call each (``--read-path uvloop``); ``jitrelay-exec``
   is ``python -m jitrelay run execution`` journaling into the run's folder,
   its publishers sending execution messages with their checksums;
 - ``raw``: ``raw_forwarder.py`` (beside this module), the raw-bytes ceiling
@@ -35,7 +36,7 @@ from jitrelay.server.figures import read_figures
 from jitrelay.testing.procfs import MemorySampler, cpu_seconds, proc_status
 from jitrelay.testing.relay import ChildProcess, ProcessFailed
 from jitrelay.tools.bench.limit_relay import READY_MARKER, NoCompiler, limit_command
-from jitrelay.tools.bench.options import BRIDGED, JITRELAYS
+from jitrelay.tools.bench.options import BRIDGED, JITRELAYS, READ_PATH_BASELINES
 
 STARTUP_SECONDS = 60.0  # relay ready, processes spawned and connected (a first run may compile kernels)
 RSS_INTERVAL = 0.05
@@ -106,7 +107,7 @@ def relay_spec(name: str, folder: str) -> RelaySpec:
             return RelaySpec(name, command, "relay listening on", end, end, summary, journal)
         if base in JITRELAYS:
             command = jitrelay_run(path, summary) + (["--slow-policy", policy] if policy else [])
-            command += ["--read-path", "python"] if base == "jitrelay-py" else []
+            command += ["--read-path", READ_PATH_BASELINES[base]] if base in READ_PATH_BASELINES else []
             readers = Endpoint("shm", path) if base == "jitrelay-shm" else end
             return RelaySpec(name, command, "relay listening on", end, readers, summary)
         command = [sys.executable, "-m", "jitrelay.tools.bench.raw_forwarder", "--socket", path]

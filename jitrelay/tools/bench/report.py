@@ -118,20 +118,19 @@ def _filtered_line(run: dict) -> str:
 
 
 def _read_path_lines(report: dict) -> list[str]:
-    """The compiled read path over the Python steps (``jitrelay`` over ``jitrelay-py``) in the same run."""
+    """The compiled read path over the other read paths (``jitrelay-py``, ``jitrelay-uv``) in the same run."""
     out = []
     for r in report["runs"]:
-        ratio = r.get("ratio_to_python_read_path")
-        if "error" in r or not ratio or r["workload"] not in ("w1", "w2"):
-            continue
-        shown = (
-            f"p50 / p99 latency {_over(ratio, 'p50')} / {_over(ratio, 'p99')} x"
-            if r["workload"] == "w2"
-            else f"{_over(ratio, 'delivered_msg_per_s')} x the msg/s"
-        )
-        out.append(
-            f"{r['relay']} {r['workload']} {r['subscribers']} sub, compiled read path: {shown} the Python steps'"
-        )
+        for path, theirs in (("python", "the Python steps'"), ("uvloop", "the event loop's reads'")):
+            ratio = r.get(f"ratio_to_{path}_read_path")
+            if "error" in r or not ratio or r["workload"] not in ("w1", "w2"):
+                continue
+            shown = (
+                f"p50 / p99 latency {_over(ratio, 'p50')} / {_over(ratio, 'p99')} x"
+                if r["workload"] == "w2"
+                else f"{_over(ratio, 'delivered_msg_per_s')} x the msg/s"
+            )
+            out.append(f"{r['relay']} {r['workload']} {r['subscribers']} sub, compiled read path: {shown} {theirs}")
     return [""] + out if out else []
 
 

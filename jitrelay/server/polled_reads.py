@@ -1,0 +1,173 @@
+"""Reads the relay makes itself: publishers in an epoll set of its own, read and forwarded in compiled code.
+
+A publisher that sends ordinary data moves from the event loop's read
+callbacks to the relay's epoll set (``kernels.polling.PollLoop``) after a
+read of its that the event loop made: its transport stops reading, and the
+event loop watches the one epoll descriptor instead. When that is ready, one
+compiled call reads every ready publisher into the log, judges, commits and
+sends each read, and goes on until nothing is ready; Python only reads its
+report rows for the figures. A read that needs more than that (a control, a
+rejected message, a close, a target left short, an unfinished message too
+long to carry, no room at the head) stops the call: its publisher goes back
+to the event loop's callbacks, and its bytes take the usual way, exactly as
+if the event loop had read them.
+
+The compiled read loop takes a read only while everything else allows it
+(``_polling_allowed``): no cursor behind, no filter, no reader of the mapped
+log, no journal, nobody held, the relay reading. When that stops being so,
+the next wake-up hands every publisher back to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from jitrelay import kernels
+from jitrelay.core import protocol
+from jitrelay.core.domains import READ_COMPILED, RelayLogic
+from jitrelay.kernels import constants as c
+from jitrelay.kernels.polling import PollLoop
+from jitrelay.server.connection import Connection
+from jitrelay.server.journal import Journal
+from jitrelay.server.log import RelayLog
+
+log = logging.getLogger("jitrelay.relay")
+
+POLLED_READS_PER_CALL = 16  # at most this many reads per wake-up, so that timers and other callbacks get their turn
+DIRECT_CARRY_LIMIT = 64 * 1024  # the most of an unfinished message copied into the ring to read the rest there
+
+
+class PolledReads:
+    """The Relay's own epoll set and the compiled reads from it.
+
+    State lives on the Relay (``server/engine.py``); the names below are declared for the type checker only.
+    """
+
+    logic: RelayLogic
+    log: RelayLog
+    connections: dict[int, Connection]
+    journal: Journal | None
+    tables: kernels.KernelTables
+    scan_out: kernels.ScanBuffers
+    _fan: kernels.FanOut
+    _targets: list[Connection]
+    _targets_dirty: bool
+    _behind: set[Connection]
+    _groups: tuple
+    _shared: set[Connection]
+    _held: set[Connection]
+    _journal_retry: object
+    _reading: bool
+    _rebuild_targets: Callable[[], None]
+    _forwarded: Callable[[Connection, int, int, int, int, tuple], None]
+    on_data: Callable[[Connection, int], None]
+
+    def _start_polling(self) -> None:
+        self.reads_polled = 0
+        self._poll_loop: PollLoop | None = None
+        self._polled: list[Connection | None] = []
+        self._free_slots: list[int] = []
+
+    def _polling_allowed(self) -> bool:
+        """Whether a read may be forwarded by the compiled loop alone: nothing but the send loop's targets wants it."""
+        return (
+            self.logic.read_path == READ_COMPILED
+            and self.journal is None
+            and self._journal_retry is None
+            and self._reading
+            and not (self._behind or self._groups or self._shared or self._held or self.log.publisher)
+        )
+
+    def after_read(self, conn: Connection) -> None:
+        """The event loop read for ``conn``: from now on the relay's epoll set reads it, if it may."""
+        if (
+            conn.polled < 0
+            and conn.fd >= 0
+            and conn.filled <= DIRECT_CARRY_LIMIT
+            and conn.fault == protocol.NO_FAULT
+            and not (conn.held or conn.positioned or conn.transport.is_closing())
+            and conn.conn_id in self.connections
+            and self._polling_allowed()
+        ):
+            self._poll(conn)
+
+    def _poll(self, conn: Connection) -> None:
+        loop = self._poll_loop
+        if loop is None:
+            loop = self._poll_loop = PollLoop(
+                self.logic.max_connections, self.log.ring, self.tables, self.scan_out, self.log.state, self.log.index,
+                POLLED_READS_PER_CALL,
+            )  # fmt: skip
+            self._polled = [None] * self.logic.max_connections
+            self._free_slots = list(range(self.logic.max_connections - 1, -1, -1))
+            asyncio.get_running_loop().add_reader(loop.fileno(), self._on_polled)
+        if not self._free_slots:
+            return
+        slot = self._free_slots.pop()
+        conn.transport.pause_reading()
+        loop.add(slot, conn.fd, conn.conn_id, conn.buf, conn.filled, conn.counts)
+        conn.counts = loop.counts[slot]  # the loop tallies its verdicts in place
+        conn.polled = slot
+        self._polled[slot] = conn
+
+    def _unpoll(self, conn: Connection, resume: bool = True) -> None:
+        """Hand ``conn`` back to the event loop's callbacks (reading again when ``resume``)."""
+        slot = conn.polled
+        if slot < 0:
+            return
+        assert self._poll_loop is not None  # a slot is taken only from the loop
+        conn.counts = conn.counts.copy()
+        conn.filled = self._poll_loop.remove(slot)
+        conn.polled = -1
+        self._polled[slot] = None
+        self._free_slots.append(slot)
+        if resume and self._reading and not (conn.held or conn.transport.is_closing()):
+            conn.transport.resume_reading()
+
+    def _unpoll_all(self, resume: bool = True) -> None:
+        for conn in self._polled:
+            if conn is not None:
+                self._unpoll(conn, resume)
+
+    def _stop_polling(self) -> None:
+        self._unpoll_all(resume=False)
+        if self._poll_loop is not None:
+            asyncio.get_running_loop().remove_reader(self._poll_loop.fileno())
+            self._poll_loop.close()
+            self._poll_loop = None
+
+    def _on_polled(self) -> None:
+        """The relay's epoll set is ready: read and forward in one compiled call, then what it reports."""
+        loop = self._poll_loop
+        assert loop is not None  # the reader is removed with the loop
+        if not self._polling_allowed():
+            self._unpoll_all()
+            return
+        if self._targets_dirty:
+            self._rebuild_targets()
+        made = loop.read_ready(self._fan, len(self._targets), DIRECT_CARRY_LIMIT)
+        self.reads_polled += made
+        for row in loop.reports[:made].tolist():
+            conn = self._polled[row[c.POLL_SLOT]]
+            assert conn is not None  # a slot's socket leaves the epoll set with its connection
+            kind = row[c.POLL_KIND]
+            if row[c.POLL_GOT] > 0:
+                conn.bytes_in += row[c.POLL_GOT]
+            if kind == c.POLLED_UNFINISHED:
+                continue
+            if kind in (c.POLLED_FORWARDED, c.POLLED_CARRY):
+                if row[c.POLL_FORWARDED]:
+                    times = (row[c.POLL_ARRIVED], row[c.POLL_BEGAN], row[c.POLL_ENDED], row[c.POLL_ENDED])
+                    self._forwarded(
+                        conn, row[c.POLL_MESSAGES], row[c.POLL_FORWARDED], row[c.POLL_START], row[c.POLL_SHORT], times
+                    )
+                if kind == c.POLLED_CARRY:
+                    self._unpoll(conn)
+                continue
+            self._unpoll(conn)  # everything else is the event loop's: a close or a failure it finds itself
+            if kind == c.POLLED_NOT_TAKEN:
+                at, n = row[c.POLL_AT], row[c.POLL_BYTES]
+                conn.buf[:n] = self.log.ring[at : at + n]
+                self.on_data(conn, row[c.POLL_ARRIVED])

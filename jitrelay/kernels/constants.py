@@ -37,3 +37,4 @@ POLLED_FAILED = 3  # ``recv`` failed (or found nothing after all): the event loo
 POLLED_NO_ROOM = 4  # the head is too near the ring's end for a whole read: nothing read
 POLLED_CARRY = 5  # forwarded (perhaps nothing), but the unfinished message after it is longer than the carry limit
 POLLED_UNFINISHED = 6  # nothing whole yet: the read (and the carry before it) is the slot's carry now
+POLLED_JUDGED = 7  # whole forwarded messages, judged only (a journal takes them first): ``ring[at:at + bytes]``

@@ -54,11 +54,14 @@ from jitrelay.kernels.constants import (
     POLLED_CLOSED,
     POLLED_FAILED,
     POLLED_FORWARDED,
+    POLLED_JUDGED,
     POLLED_NO_ROOM,
     POLLED_NOT_TAKEN,
     POLLED_UNFINISHED,
     READ_FORWARDED,
+    READ_JUDGED,
     STAGE_ALL,
+    STAGE_JUDGE,
 )
 from jitrelay.kernels.loops import _MEMCPY, _c_function, _u32, kernel
 from jitrelay.kernels.read_loop import _now, forward_read
@@ -92,6 +95,7 @@ def _read_slot(
     slot, reports, r, slot_fd, slot_origin, slot_filled, slot_carry, slot_counts, carry_limit, ring, domain,
     max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts, runs, scratch, crc_tables, state,
     starts, origins, first_message, fds, iov_first, iov_count, iovecs, msghdr, sent, totals, timespec, tally,
+    judge_only,
 ):
     """One read of ``slot`` into the log at the head, forwarded if it may be; its report in ``reports[r]``.
 
@@ -122,8 +126,15 @@ def _read_slot(
     status, messages, forwarded, start, short, began, ended = forward_read(
         ring, at, at + n, domain, max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts,
         runs, scratch, crc_tables, tally, state, starts, origins, first_message, slot_origin[slot], fds, fd,
-        iov_first, iov_count, iovecs, msghdr, sent, totals, np.int64(address), timespec, STAGE_ALL, 0, 0,
+        iov_first, iov_count, iovecs, msghdr, sent, totals, np.int64(address), timespec,
+        STAGE_JUDGE if judge_only else STAGE_ALL, 0, 0,
     )
+    if status == READ_JUDGED:  # for the journal first: Python sends it on (``PollLoop.send_judged``)
+        reports[r, POLL_MESSAGES] = messages
+        reports[r, POLL_FORWARDED] = forwarded
+        slot_filled[slot] = n
+        reports[r, POLL_KIND] = POLLED_JUDGED
+        return True
     if status == READ_FORWARDED:
         for v in range(len(tally)):
             slot_counts[slot, v] += tally[v]
@@ -154,6 +165,7 @@ def read_ready(
     epfd, ready, slot_fd, slot_origin, slot_filled, slot_carry, slot_counts, carry_limit, reports, ring, domain,
     max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts, runs, scratch, crc_tables, state,
     starts, origins, first_message, fds, iov_first, iov_count, iovecs, msghdr, sent, totals, timespec, tally,
+    judge_only,
 ):
     """Read every ready slot of ``epfd`` into the log and forward it, until nothing is ready or Python is needed.
 
@@ -161,7 +173,9 @@ def read_ready(
     event). Returns how many rows of ``reports`` (``POLL_WORDS`` int64 each,
     ``POLL_*`` columns) it wrote; only the last can be other than
     ``POLLED_FORWARDED`` or ``POLLED_UNFINISHED``, or have targets left short.
-    ``tally`` is zeroed scratch for one read's verdicts, left zeroed.
+    ``tally`` is zeroed scratch for one read's verdicts, left zeroed. With
+    ``judge_only`` (a relay that journals before it forwards) a read of whole
+    forwarded messages is judged only and stops the call (``POLLED_JUDGED``).
     """
     most = len(ready) // EPOLL_EVENT_BYTES
     made = 0
@@ -179,7 +193,7 @@ def read_ready(
                 slot, reports, made - 1, slot_fd, slot_origin, slot_filled, slot_carry, slot_counts, carry_limit, ring,
                 domain, max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts, runs, scratch,
                 crc_tables, state, starts, origins, first_message, fds, iov_first, iov_count, iovecs, msghdr, sent,
-                totals, timespec, tally,
+                totals, timespec, tally, judge_only,
             ) or made == len(reports):
                 return made
     return made

@@ -21,7 +21,7 @@ import numpy as np
 
 from jitrelay.core import protocol as p
 from jitrelay.kernels import CRC_TABLES, FanOut, KernelTables, ScanBuffers, _array, _bytes, _check_tables, _io_loop
-from jitrelay.kernels.constants import LOG_MIRROR, LOG_SIZE, LOG_STATE_SLOTS, POLL_WORDS
+from jitrelay.kernels.constants import LOG_MIRROR, LOG_SIZE, LOG_STATE_SLOTS, POLL_WORDS, STAGE_SEND
 
 EPOLL_EVENT_BYTES = 12  # struct epoll_event on x86-64: packed, uint32 events then uint64 data
 _EPOLL_EVENT = struct.Struct("=IQ")
@@ -67,11 +67,12 @@ class PollLoop:
         self.reports = np.zeros((reads_per_call, POLL_WORDS), dtype=np.int64)
         self._ready = np.zeros(EPOLL_EVENT_BYTES * max(slots, 1), dtype=np.uint8)
         self._carriers: list[Any] = [None] * slots  # keeps each slot's carry buffer alive while it is registered
-        self._args = (
-            ring, tables.domain, tables.max_payload, tables.checksum_policy, tables.type_allowed,
-            tables.version_allowed, out.offsets, out.verdicts, out.runs,
-            np.zeros(len(p.VERDICT_NAMES), dtype=np.int64), CRC_TABLES, state, *index,
+        self._scan = (
+            tables.domain, tables.max_payload, tables.checksum_policy, tables.type_allowed, tables.version_allowed,
+            out.offsets, out.verdicts, out.runs, np.zeros(len(p.VERDICT_NAMES), dtype=np.int64), CRC_TABLES,
         )  # fmt: skip
+        self._log = (state, *index)
+        self.ring = ring
         self._timespec = np.zeros(2, dtype=np.int64)
         self._tally = np.zeros(len(p.VERDICT_NAMES), dtype=np.int64)  # one read's verdicts, before the slot's row
         self._reserve = int(state[2])
@@ -110,19 +111,43 @@ class PollLoop:
         self.filled[slot] = 0
         return filled
 
-    def read_ready(self, fan: FanOut, targets: int, carry_limit: int) -> int:
-        """Read and forward what is ready (``poll_loop.read_ready``); how many rows of ``reports`` it wrote."""
-        if not 0 <= targets <= len(fan.fds) or len(fan.iovecs) < 4:
-            raise ValueError(f"{targets} targets, room for {len(fan.fds)}, or fewer than two iovecs")
-        fds, first, count, sent, totals = fan.target_views(targets)
-        fan._uniform = None  # every target's slice is the loop's from here
+    def read_ready(self, fan: FanOut, targets: int, carry_limit: int, judge_only: bool = False) -> int:
+        """Read and forward what is ready (``poll_loop.read_ready``); how many rows of ``reports`` it wrote.
+
+        ``judge_only``: a read of whole forwarded messages is judged, not sent, and ends the call; the caller
+        journals it and hands it to ``send_judged``.
+        """
+        fds, first, count, sent, totals = self._targets(fan, targets)
         return int(
             _io_loop("read_ready")(
                 self.fileno(), self._ready, self.fd, self.origin, self.filled, self.carry, self.counts, carry_limit,
-                self.reports, *self._args, fds, first, count, fan.iovecs, fan.msghdr, sent, totals, self._timespec,
-                self._tally,
+                self.reports, self.ring, *self._scan, *self._log, fds, first, count, fan.iovecs, fan.msghdr, sent,
+                totals, self._timespec, self._tally, int(judge_only),
             )
         )  # fmt: skip
+
+    def send_judged(self, fan: FanOut, targets: int, slot: int, at: int, end: int, judged: tuple[int, int]) -> tuple:
+        """Commit and send the read ``read_ready`` judged last (``ring[at:end]``, of ``slot``): the read loop's
+        ``STAGE_SEND``, the verdicts its judging left in the scratch tallied into the slot's row.
+
+        Returns the read loop's ``(status, messages, bytes, stream start, left short, send began, send ended)``.
+        """
+        fds, first, count, sent, totals = self._targets(fan, targets)
+        address = self.ring.ctypes.data
+        fd = int(self.fd[slot])
+        return tuple(
+            int(v)
+            for v in _io_loop("forward_read")(
+                self.ring, at, end, *self._scan, self.counts[slot], *self._log, int(self.origin[slot]), fds, fd,
+                first, count, fan.iovecs, fan.msghdr, sent, totals, address, self._timespec, STAGE_SEND, *judged,
+            )
+        )  # fmt: skip
+
+    def _targets(self, fan: FanOut, targets: int) -> tuple[np.ndarray, ...]:
+        if not 0 <= targets <= len(fan.fds) or len(fan.iovecs) < 4:
+            raise ValueError(f"{targets} targets, room for {len(fan.fds)}, or fewer than two iovecs")
+        fan._uniform = None  # every target's slice is the loop's from here
+        return fan.target_views(targets)
 
     def close(self) -> None:
         self.epoll.close()

@@ -14,7 +14,10 @@ if the event loop had read them.
 
 The compiled read loop takes a read only while everything else allows it
 (``_polling_allowed``): no cursor behind, no filter, no reader of the mapped
-log, no journal, nobody held, the relay reading. When that stops being so,
+log, nobody held, the relay reading, the journal writing. A relay with a
+journal gets each read back from the loop judged only: Python appends it to
+the journal where it lies in the ring, then one more compiled call commits
+and sends it, and the loop reads on. When that stops being so,
 the next wake-up hands every publisher back to the event loop.
 """
 
@@ -62,6 +65,8 @@ class PolledReads:
     _reading: bool
     _rebuild_targets: Callable[[], None]
     _forwarded: Callable[[Connection, int, int, int, int, tuple], None]
+    _journal: Callable[[list, tuple[int, int, int]], bool]
+    ring_bytes: memoryview
     on_data: Callable[[Connection, int], None]
 
     def _start_polling(self) -> None:
@@ -74,7 +79,6 @@ class PolledReads:
         """Whether a read may be forwarded by the compiled loop alone: nothing but the send loop's targets wants it."""
         return (
             self.logic.read_path == READ_COMPILED
-            and self.journal is None
             and self._journal_retry is None
             and self._reading
             and not (self._behind or self._groups or self._shared or self._held or self.log.publisher)
@@ -139,35 +143,64 @@ class PolledReads:
             self._poll_loop = None
 
     def _on_polled(self) -> None:
-        """The relay's epoll set is ready: read and forward in one compiled call, then what it reports."""
+        """The relay's epoll set is ready: read and forward in one compiled call, then what it reports.
+
+        A relay with a journal gets each read back judged only: journaled, it is sent, and the loop goes on.
+        """
         loop = self._poll_loop
         assert loop is not None  # the reader is removed with the loop
-        if not self._polling_allowed():
-            self._unpoll_all()
+        judge_only = self.journal is not None
+        for _ in range(POLLED_READS_PER_CALL):  # with a journal, one read per call: as many calls, then others' turn
+            if not self._polling_allowed():
+                self._unpoll_all()
+                return
+            if self._targets_dirty:
+                self._rebuild_targets()
+            made = loop.read_ready(self._fan, len(self._targets), DIRECT_CARRY_LIMIT, judge_only)
+            self.reads_polled += made
+            rows = loop.reports[:made].tolist()
+            for row in rows:
+                self._polled_read(loop, row)
+            if not (rows and rows[-1][c.POLL_KIND] == c.POLLED_JUDGED):
+                return
+
+    def _polled_read(self, loop: PollLoop, row: list[int]) -> None:
+        """What one read of the poll loop asks of Python: its figures, or its bytes to take the usual way."""
+        conn = self._polled[row[c.POLL_SLOT]]
+        assert conn is not None  # a slot's socket leaves the epoll set with its connection
+        kind = row[c.POLL_KIND]
+        if row[c.POLL_GOT] > 0:
+            conn.bytes_in += row[c.POLL_GOT]
+        if kind == c.POLLED_JUDGED and not self._send_journaled(loop, conn, row):
+            kind = c.POLLED_NOT_TAKEN  # the journal refused it: held, judged again when it writes
+        elif kind in (c.POLLED_FORWARDED, c.POLLED_CARRY) and row[c.POLL_FORWARDED]:
+            times = (row[c.POLL_ARRIVED], row[c.POLL_BEGAN], row[c.POLL_ENDED], row[c.POLL_ENDED])
+            self._forwarded(
+                conn, row[c.POLL_MESSAGES], row[c.POLL_FORWARDED], row[c.POLL_START], row[c.POLL_SHORT], times
+            )
+        if kind in (c.POLLED_FORWARDED, c.POLLED_UNFINISHED, c.POLLED_JUDGED):
             return
-        if self._targets_dirty:
-            self._rebuild_targets()
-        made = loop.read_ready(self._fan, len(self._targets), DIRECT_CARRY_LIMIT)
-        self.reads_polled += made
-        for row in loop.reports[:made].tolist():
-            conn = self._polled[row[c.POLL_SLOT]]
-            assert conn is not None  # a slot's socket leaves the epoll set with its connection
-            kind = row[c.POLL_KIND]
-            if row[c.POLL_GOT] > 0:
-                conn.bytes_in += row[c.POLL_GOT]
-            if kind == c.POLLED_UNFINISHED:
-                continue
-            if kind in (c.POLLED_FORWARDED, c.POLLED_CARRY):
-                if row[c.POLL_FORWARDED]:
-                    times = (row[c.POLL_ARRIVED], row[c.POLL_BEGAN], row[c.POLL_ENDED], row[c.POLL_ENDED])
-                    self._forwarded(
-                        conn, row[c.POLL_MESSAGES], row[c.POLL_FORWARDED], row[c.POLL_START], row[c.POLL_SHORT], times
-                    )
-                if kind == c.POLLED_CARRY:
-                    self._unpoll(conn)
-                continue
-            self._unpoll(conn)  # everything else is the event loop's: a close or a failure it finds itself
-            if kind == c.POLLED_NOT_TAKEN:
-                at, n = row[c.POLL_AT], row[c.POLL_BYTES]
-                conn.buf[:n] = self.log.ring[at : at + n]
-                self.on_data(conn, row[c.POLL_ARRIVED])
+        self._unpoll(conn)  # everything else is the event loop's: a close or a failure it finds itself
+        if kind == c.POLLED_NOT_TAKEN:
+            at, n = row[c.POLL_AT], row[c.POLL_BYTES]
+            conn.buf[:n] = self.log.ring[at : at + n]
+            self.on_data(conn, row[c.POLL_ARRIVED])
+
+    def _send_journaled(self, loop: PollLoop, conn: Connection, row: list[int]) -> bool:
+        """Journal a judged read where it lies in the ring, then commit and send it; False if the journal refused."""
+        at, n, size = row[c.POLL_AT], row[c.POLL_BYTES], row[c.POLL_FORWARDED]
+        log_ = self.log
+        if not self._journal([self.ring_bytes[at : at + size]], (log_.epoch, log_.head, log_.messages)):
+            return False
+        slot = conn.polled
+        judged = (row[c.POLL_MESSAGES], size)
+        _, messages, size, start, short, began, ended = loop.send_judged(
+            self._fan, len(self._targets), slot, at, at + n, judged
+        )
+        rest = n - size
+        conn.buf[:rest] = log_.ring[at + size : at + n]
+        loop.filled[slot] = rest
+        self._forwarded(conn, messages, size, start, short, (row[c.POLL_ARRIVED], began, ended, ended))
+        if rest > DIRECT_CARRY_LIMIT:
+            self._unpoll(conn)
+        return True

@@ -13,8 +13,11 @@ The scan is three tight loops rather than one: framing and the TLV walk;
 CRC-32 over the messages still accepted, only for domains that verify; then
 runs and tallies from the verdicts. Keeping the CRC out of the framing loop
 more than doubles its speed (the compiler keeps the walk's state in
-registers). CRC-32 is a slicing-by-8 loop for short ranges and zlib's own
-``crc32``, called as C, for long ones.
+registers). The loops index the buffer by unsigned integers
+(``buf[np.uint64(i)]``): numba wraps a negative signed index with a compare
+and a select on every access, which also keeps LLVM from merging a header
+field's byte loads into one load. CRC-32 is a slicing-by-8 loop for short
+ranges and zlib's own ``crc32``, called as C, for long ones.
 """
 
 from __future__ import annotations
@@ -75,11 +78,17 @@ CRC_ZLIB_MIN = 256
 
 @kernel
 def _u32(buf, pos):
+    """The little-endian uint32 at ``buf[pos:pos + 4]``, as an int64.
+
+    Indexed by unsigned integers: numba wraps a negative signed index (a
+    compare and a select per byte), which keeps LLVM from merging the four
+    byte loads; with unsigned indices they compile to one 32-bit load.
+    """
     return (
-        np.int64(buf[pos])
-        | (np.int64(buf[pos + 1]) << 8)
-        | (np.int64(buf[pos + 2]) << 16)
-        | (np.int64(buf[pos + 3]) << 24)
+        np.int64(buf[np.uint64(pos)])
+        | (np.int64(buf[np.uint64(pos + 1)]) << 8)
+        | (np.int64(buf[np.uint64(pos + 2)]) << 16)
+        | (np.int64(buf[np.uint64(pos + 3)]) << 24)
     )
 
 
@@ -135,13 +144,17 @@ def message_crc(buf, pos, length, crc_tables):
 @kernel
 def _record_at(buf, i, end):
     """The record at ``i``: ``(type, value length, offset of the value)``, or type -1 if its header is cut or bad."""
-    if buf[i] == p.EXTENDED_TLV:
-        if i + 5 > end or buf[i + 1] != 0:
+    if buf[np.uint64(i)] == p.EXTENDED_TLV:
+        if i + 5 > end or buf[np.uint64(i + 1)] != 0:
             return -1, 0, i
-        return np.int64(buf[i + 2]), np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8), i + 5
+        return (
+            np.int64(buf[np.uint64(i + 2)]),
+            np.int64(buf[np.uint64(i + 3)]) | (np.int64(buf[np.uint64(i + 4)]) << 8),
+            i + 5,
+        )
     if i + 2 > end:
         return -1, 0, i
-    return np.int64(buf[i]), np.int64(buf[i + 1]), i + 2
+    return np.int64(buf[np.uint64(i)]), np.int64(buf[np.uint64(i + 1)]), i + 2
 
 
 @kernel
@@ -175,9 +188,9 @@ def _control_verdict(buf, pos, length):
 @kernel
 def _verdict(buf, pos, length, domain, type_allowed, version_allowed):
     """The verdict of a complete message, short of its checksum."""
-    if version_allowed[buf[pos + p.OFF_VERSION]] == 0:
+    if version_allowed[buf[np.uint64(pos + p.OFF_VERSION)]] == 0:
         return p.BAD_VERSION  # control-domain messages are looked at again by ``_controls``
-    if buf[pos + p.OFF_DOMAIN] != domain:
+    if buf[np.uint64(pos + p.OFF_DOMAIN)] != domain:
         return p.WRONG_DOMAIN  # and so are these
     i = pos + p.HEADER_SIZE
     end = pos + length
@@ -215,11 +228,11 @@ def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, version
         length = p.HEADER_SIZE + payload
         if avail < length:
             break
-        offsets[n] = pos
-        verdicts[n] = _verdict(buf, pos, length, domain, type_allowed, version_allowed)
+        offsets[np.uint64(n)] = pos
+        verdicts[np.uint64(n)] = _verdict(buf, pos, length, domain, type_allowed, version_allowed)
         n += 1
         pos += length
-    offsets[n] = pos
+    offsets[np.uint64(n)] = pos
     return n, pos, fault
 
 

@@ -9,15 +9,16 @@ compiled just in time by numba (``JITRELAY_KERNELS=jit``, or when no C
 compiler is at hand), and as plain Python under ``NUMBA_DISABLE_JIT=1``,
 which is how the tests measure their coverage.
 
-The scan is three tight loops rather than one: framing and the TLV walk;
-CRC-32 over the messages still accepted, only for domains that verify; then
-runs and tallies from the verdicts. Keeping the CRC out of the framing loop
-more than doubles its speed (the compiler keeps the walk's state in
-registers). The loops index the buffer by unsigned integers
-(``buf[np.uint64(i)]``): numba wraps a negative signed index with a compare
-and a select on every access, which also keeps LLVM from merging a header
-field's byte loads into one load. CRC-32 is a slicing-by-8 loop for short
-ranges and zlib's own ``crc32``, called as C, for long ones.
+The scan is one tight loop and, for domains that verify, a second: framing,
+the TLV walk, runs and tallies in one pass; then CRC-32 over the messages
+still accepted, after which the runs are made again from the verdicts only if
+a checksum failed. Keeping the CRC out of the framing loop more than doubles
+its speed (the compiler keeps the walk's state in registers). The loops index
+the buffer by unsigned integers (``buf[np.uint64(i)]``): numba wraps a
+negative signed index with a compare and a select on every access, which also
+keeps LLVM from merging a header field's byte loads into one load. CRC-32 is a
+slicing-by-8 loop for short ranges and zlib's own ``crc32``, called as C, for
+long ones.
 """
 
 from __future__ import annotations
@@ -208,10 +209,23 @@ def _verdict(buf, pos, length, domain, type_allowed, version_allowed):
 
 
 @kernel
-def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, version_allowed, offsets, verdicts):
+def _frame_and_judge(
+    buf, start, end, domain, max_payload, type_allowed, version_allowed, offsets, verdicts, runs, counts
+):
+    """Frame every complete message, judge it short of its checksum, and merge the forwarded ones into runs.
+
+    One pass: writes ``offsets`` and ``verdicts``, the runs of adjacent
+    forwarded messages into ``runs``, and tallies each verdict into
+    ``counts``. Returns ``(messages, consumed up to, fault, runs, forwarded bytes)``.
+    """
     n = 0
     pos = start
     fault = p.NO_FAULT
+    n_runs = 0
+    n_forward = 0
+    forwarded = 0
+    run_start = -1
+    run_end = -1  # the end of the last forwarded message: the next one continues its run when it starts there
     while True:
         avail = end - pos
         if avail < 4:
@@ -228,21 +242,43 @@ def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, version
         length = p.HEADER_SIZE + payload
         if avail < length:
             break
+        verdict = _verdict(buf, pos, length, domain, type_allowed, version_allowed)
         offsets[np.uint64(n)] = pos
-        verdicts[np.uint64(n)] = _verdict(buf, pos, length, domain, type_allowed, version_allowed)
+        verdicts[np.uint64(n)] = verdict
         n += 1
+        if verdict == p.FORWARD:
+            if pos != run_end:
+                if run_start >= 0:
+                    runs[np.uint64(2 * n_runs)] = run_start
+                    runs[np.uint64(2 * n_runs + 1)] = run_end
+                    n_runs += 1
+                    forwarded += run_end - run_start
+                run_start = pos
+            run_end = pos + length
+            n_forward += 1
+        else:
+            counts[verdict] += 1
         pos += length
     offsets[np.uint64(n)] = pos
-    return n, pos, fault
+    if run_start >= 0:
+        runs[np.uint64(2 * n_runs)] = run_start
+        runs[np.uint64(2 * n_runs + 1)] = run_end
+        n_runs += 1
+        forwarded += run_end - run_start
+    counts[p.FORWARD] += n_forward
+    return n, pos, fault, n_runs, forwarded
 
 
 @kernel
-def _verify_checksums(buf, offsets, verdicts, n, policy, crc_tables):
+def _verify_checksums(buf, offsets, verdicts, n, policy, crc_tables, counts):
     """Judge the checksums of the forwarded messages under ``policy`` (never ``CHECKSUM_OFF``: not called then).
 
     Under ``CHECKSUM_IF_SET`` a zero checksum means "not computed" and passes.
+    A failure moves its message's tally from ``FORWARD`` to ``BAD_CHECKSUM``;
+    returns how many failed.
     """
     skip_zero = policy == p.CHECKSUM_IF_SET
+    failed = 0
     for k in range(n):
         if verdicts[k] == p.FORWARD:
             pos = offsets[k]
@@ -251,35 +287,39 @@ def _verify_checksums(buf, offsets, verdicts, n, policy, crc_tables):
                 continue
             if message_crc(buf, pos, offsets[k + 1] - pos, crc_tables) != stored:
                 verdicts[k] = p.BAD_CHECKSUM
+                failed += 1
+    if failed:
+        counts[p.FORWARD] -= failed
+        counts[p.BAD_CHECKSUM] += failed
+    return failed
 
 
 @kernel
-def _runs_and_counts(offsets, verdicts, n, runs, counts):
+def _runs(offsets, verdicts, n, runs):
+    """The runs of adjacent forwarded messages again, from the verdicts: ``(runs, forwarded bytes)``.
+
+    For a batch in which checksums rejected messages the framing loop had forwarded.
+    """
     n_runs = 0
     forwarded = 0
     run_start = -1
     run_end = -1
-    n_forward = 0
     for k in range(n):
-        verdict = verdicts[k]
-        if verdict == p.FORWARD:
+        if verdicts[k] == p.FORWARD:
             pos = offsets[k]
             if pos != run_end:
                 if run_start >= 0:
                     runs[2 * n_runs] = run_start
                     runs[2 * n_runs + 1] = run_end
                     n_runs += 1
+                    forwarded += run_end - run_start
                 run_start = pos
             run_end = offsets[k + 1]
-            forwarded += run_end - pos
-            n_forward += 1
-        else:
-            counts[verdict] += 1
     if run_start >= 0:
         runs[2 * n_runs] = run_start
         runs[2 * n_runs + 1] = run_end
         n_runs += 1
-    counts[p.FORWARD] += n_forward
+        forwarded += run_end - run_start
     return n_runs, forwarded
 
 
@@ -348,13 +388,14 @@ def scan(
     Returns ``(messages, consumed up to, fault code, runs, forwarded bytes,
     control messages)``; framing stops at the first stream fault.
     """
-    n, pos, fault = _frame_and_judge(
-        buf, start, end, domain, max_payload, type_allowed, version_allowed, offsets, verdicts
-    )
-    if checksum_policy != p.CHECKSUM_OFF:
-        _verify_checksums(buf, offsets, verdicts, n, checksum_policy, crc_tables)
     rejected_early = counts[p.WRONG_DOMAIN] + counts[p.BAD_VERSION]
-    n_runs, forwarded = _runs_and_counts(offsets, verdicts, n, runs, counts)
+    n, pos, fault, n_runs, forwarded = _frame_and_judge(
+        buf, start, end, domain, max_payload, type_allowed, version_allowed, offsets, verdicts, runs, counts
+    )
+    if checksum_policy != p.CHECKSUM_OFF and _verify_checksums(
+        buf, offsets, verdicts, n, checksum_policy, crc_tables, counts
+    ):
+        n_runs, forwarded = _runs(offsets, verdicts, n, runs)
     n_controls = 0
     if counts[p.WRONG_DOMAIN] + counts[p.BAD_VERSION] != rejected_early:
         n_controls = _controls(buf, offsets, verdicts, n, checksum_policy, crc_tables, counts)

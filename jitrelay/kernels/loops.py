@@ -188,13 +188,23 @@ def _control_verdict(buf, pos, length):
 
 @kernel
 def _verdict(buf, pos, length, domain, type_allowed, version_allowed):
-    """The verdict of a complete message, short of its checksum."""
+    """The verdict of a complete message, short of its checksum.
+
+    A payload that is exactly one standard record filling it (the common
+    market-data message) is judged without the TLV walk, to the walk's
+    verdict; a first byte of 0 or ``EXTENDED_TLV``, or a record length that
+    does not fill the payload, takes the walk.
+    """
     if version_allowed[buf[np.uint64(pos + p.OFF_VERSION)]] == 0:
         return p.BAD_VERSION  # control-domain messages are looked at again by ``_controls``
     if buf[np.uint64(pos + p.OFF_DOMAIN)] != domain:
         return p.WRONG_DOMAIN  # and so are these
     i = pos + p.HEADER_SIZE
     end = pos + length
+    if length >= p.HEADER_SIZE + 2:
+        first = buf[np.uint64(i)]
+        if first != 0 and first != p.EXTENDED_TLV and np.int64(buf[np.uint64(i + 1)]) == length - (p.HEADER_SIZE + 2):
+            return p.FORWARD if type_allowed[first] != 0 else p.TLV_OUT_OF_RANGE
     out_of_range = False
     while i < end:
         tlv_type, value_len, i = _record_at(buf, i, end)

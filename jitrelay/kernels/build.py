@@ -310,12 +310,19 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _build(path: Path) -> None:
-    """Build the module into ``path`` in a child process."""
+    """Build the module into ``path`` in a child process.
+
+    The child compiles with a numba cache of its own, in the scratch folder:
+    loops the JIT cached on disk were compiled with numba's reference counting,
+    and pycc would link them as they are (the module would then not load for
+    want of ``NRT_MemInfo_call_dtor``).
+    """
     name = path.name.split(".", 1)[0]
     with tempfile.TemporaryDirectory(prefix=name + _SCRATCH, dir=path.parent) as scratch:
         command = [sys.executable, "-m", "jitrelay.kernels.build", scratch, name]
+        env = {**os.environ, "NUMBA_CACHE_DIR": os.path.join(scratch, "numba-cache")}
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT, env=env)
         except subprocess.TimeoutExpired as error:
             raise Unavailable(f"building {path.name} took more than {BUILD_TIMEOUT:.0f} s") from error
         built = Path(scratch) / path.name

@@ -9,12 +9,16 @@ compiled just in time by numba (``JITRELAY_KERNELS=jit``, or when no C
 compiler is at hand), and as plain Python under ``NUMBA_DISABLE_JIT=1``,
 which is how the tests measure their coverage.
 
-The scan is three tight loops rather than one: framing and the TLV walk;
-CRC-32 over the messages still accepted, only for domains that verify; then
-runs and tallies from the verdicts. Keeping the CRC out of the framing loop
-more than doubles its speed (the compiler keeps the walk's state in
-registers). CRC-32 is a slicing-by-8 loop for short ranges and zlib's own
-``crc32``, called as C, for long ones.
+The scan is one tight loop and, for domains that verify, a second: framing,
+the TLV walk, runs and tallies in one pass; then CRC-32 over the messages
+still accepted, after which the runs are made again from the verdicts only if
+a checksum failed. Keeping the CRC out of the framing loop more than doubles
+its speed (the compiler keeps the walk's state in registers). The loops index
+the buffer by unsigned integers (``buf[np.uint64(i)]``): numba wraps a
+negative signed index with a compare and a select on every access, which also
+keeps LLVM from merging a header field's byte loads into one load. CRC-32 is a
+slicing-by-8 loop for short ranges and zlib's own ``crc32``, called as C, for
+long ones.
 """
 
 from __future__ import annotations
@@ -75,11 +79,17 @@ CRC_ZLIB_MIN = 256
 
 @kernel
 def _u32(buf, pos):
+    """The little-endian uint32 at ``buf[pos:pos + 4]``, as an int64.
+
+    Indexed by unsigned integers: numba wraps a negative signed index (a
+    compare and a select per byte), which keeps LLVM from merging the four
+    byte loads; with unsigned indices they compile to one 32-bit load.
+    """
     return (
-        np.int64(buf[pos])
-        | (np.int64(buf[pos + 1]) << 8)
-        | (np.int64(buf[pos + 2]) << 16)
-        | (np.int64(buf[pos + 3]) << 24)
+        np.int64(buf[np.uint64(pos)])
+        | (np.int64(buf[np.uint64(pos + 1)]) << 8)
+        | (np.int64(buf[np.uint64(pos + 2)]) << 16)
+        | (np.int64(buf[np.uint64(pos + 3)]) << 24)
     )
 
 
@@ -135,13 +145,17 @@ def message_crc(buf, pos, length, crc_tables):
 @kernel
 def _record_at(buf, i, end):
     """The record at ``i``: ``(type, value length, offset of the value)``, or type -1 if its header is cut or bad."""
-    if buf[i] == p.EXTENDED_TLV:
-        if i + 5 > end or buf[i + 1] != 0:
+    if buf[np.uint64(i)] == p.EXTENDED_TLV:
+        if i + 5 > end or buf[np.uint64(i + 1)] != 0:
             return -1, 0, i
-        return np.int64(buf[i + 2]), np.int64(buf[i + 3]) | (np.int64(buf[i + 4]) << 8), i + 5
+        return (
+            np.int64(buf[np.uint64(i + 2)]),
+            np.int64(buf[np.uint64(i + 3)]) | (np.int64(buf[np.uint64(i + 4)]) << 8),
+            i + 5,
+        )
     if i + 2 > end:
         return -1, 0, i
-    return np.int64(buf[i]), np.int64(buf[i + 1]), i + 2
+    return np.int64(buf[np.uint64(i)]), np.int64(buf[np.uint64(i + 1)]), i + 2
 
 
 @kernel
@@ -174,13 +188,23 @@ def _control_verdict(buf, pos, length):
 
 @kernel
 def _verdict(buf, pos, length, domain, type_allowed, version_allowed):
-    """The verdict of a complete message, short of its checksum."""
-    if version_allowed[buf[pos + p.OFF_VERSION]] == 0:
+    """The verdict of a complete message, short of its checksum.
+
+    A payload that is exactly one standard record filling it (the common
+    market-data message) is judged without the TLV walk, to the walk's
+    verdict; a first byte of 0 or ``EXTENDED_TLV``, or a record length that
+    does not fill the payload, takes the walk.
+    """
+    if version_allowed[buf[np.uint64(pos + p.OFF_VERSION)]] == 0:
         return p.BAD_VERSION  # control-domain messages are looked at again by ``_controls``
-    if buf[pos + p.OFF_DOMAIN] != domain:
+    if buf[np.uint64(pos + p.OFF_DOMAIN)] != domain:
         return p.WRONG_DOMAIN  # and so are these
     i = pos + p.HEADER_SIZE
     end = pos + length
+    if length >= p.HEADER_SIZE + 2:
+        first = buf[np.uint64(i)]
+        if first != 0 and first != p.EXTENDED_TLV and np.int64(buf[np.uint64(i + 1)]) == length - (p.HEADER_SIZE + 2):
+            return p.FORWARD if type_allowed[first] != 0 else p.TLV_OUT_OF_RANGE
     out_of_range = False
     while i < end:
         tlv_type, value_len, i = _record_at(buf, i, end)
@@ -195,10 +219,23 @@ def _verdict(buf, pos, length, domain, type_allowed, version_allowed):
 
 
 @kernel
-def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, version_allowed, offsets, verdicts):
+def _frame_and_judge(
+    buf, start, end, domain, max_payload, type_allowed, version_allowed, offsets, verdicts, runs, counts
+):
+    """Frame every complete message, judge it short of its checksum, and merge the forwarded ones into runs.
+
+    One pass: writes ``offsets`` and ``verdicts``, the runs of adjacent
+    forwarded messages into ``runs``, and tallies each verdict into
+    ``counts``. Returns ``(messages, consumed up to, fault, runs, forwarded bytes)``.
+    """
     n = 0
     pos = start
     fault = p.NO_FAULT
+    n_runs = 0
+    n_forward = 0
+    forwarded = 0
+    run_start = -1
+    run_end = -1  # the end of the last forwarded message: the next one continues its run when it starts there
     while True:
         avail = end - pos
         if avail < 4:
@@ -215,21 +252,43 @@ def _frame_and_judge(buf, start, end, domain, max_payload, type_allowed, version
         length = p.HEADER_SIZE + payload
         if avail < length:
             break
-        offsets[n] = pos
-        verdicts[n] = _verdict(buf, pos, length, domain, type_allowed, version_allowed)
+        verdict = _verdict(buf, pos, length, domain, type_allowed, version_allowed)
+        offsets[np.uint64(n)] = pos
+        verdicts[np.uint64(n)] = verdict
         n += 1
+        if verdict == p.FORWARD:
+            if pos != run_end:
+                if run_start >= 0:
+                    runs[np.uint64(2 * n_runs)] = run_start
+                    runs[np.uint64(2 * n_runs + 1)] = run_end
+                    n_runs += 1
+                    forwarded += run_end - run_start
+                run_start = pos
+            run_end = pos + length
+            n_forward += 1
+        else:
+            counts[verdict] += 1
         pos += length
-    offsets[n] = pos
-    return n, pos, fault
+    offsets[np.uint64(n)] = pos
+    if run_start >= 0:
+        runs[np.uint64(2 * n_runs)] = run_start
+        runs[np.uint64(2 * n_runs + 1)] = run_end
+        n_runs += 1
+        forwarded += run_end - run_start
+    counts[p.FORWARD] += n_forward
+    return n, pos, fault, n_runs, forwarded
 
 
 @kernel
-def _verify_checksums(buf, offsets, verdicts, n, policy, crc_tables):
+def _verify_checksums(buf, offsets, verdicts, n, policy, crc_tables, counts):
     """Judge the checksums of the forwarded messages under ``policy`` (never ``CHECKSUM_OFF``: not called then).
 
     Under ``CHECKSUM_IF_SET`` a zero checksum means "not computed" and passes.
+    A failure moves its message's tally from ``FORWARD`` to ``BAD_CHECKSUM``;
+    returns how many failed.
     """
     skip_zero = policy == p.CHECKSUM_IF_SET
+    failed = 0
     for k in range(n):
         if verdicts[k] == p.FORWARD:
             pos = offsets[k]
@@ -238,35 +297,39 @@ def _verify_checksums(buf, offsets, verdicts, n, policy, crc_tables):
                 continue
             if message_crc(buf, pos, offsets[k + 1] - pos, crc_tables) != stored:
                 verdicts[k] = p.BAD_CHECKSUM
+                failed += 1
+    if failed:
+        counts[p.FORWARD] -= failed
+        counts[p.BAD_CHECKSUM] += failed
+    return failed
 
 
 @kernel
-def _runs_and_counts(offsets, verdicts, n, runs, counts):
+def _runs(offsets, verdicts, n, runs):
+    """The runs of adjacent forwarded messages again, from the verdicts: ``(runs, forwarded bytes)``.
+
+    For a batch in which checksums rejected messages the framing loop had forwarded.
+    """
     n_runs = 0
     forwarded = 0
     run_start = -1
     run_end = -1
-    n_forward = 0
     for k in range(n):
-        verdict = verdicts[k]
-        if verdict == p.FORWARD:
+        if verdicts[k] == p.FORWARD:
             pos = offsets[k]
             if pos != run_end:
                 if run_start >= 0:
                     runs[2 * n_runs] = run_start
                     runs[2 * n_runs + 1] = run_end
                     n_runs += 1
+                    forwarded += run_end - run_start
                 run_start = pos
             run_end = offsets[k + 1]
-            forwarded += run_end - pos
-            n_forward += 1
-        else:
-            counts[verdict] += 1
     if run_start >= 0:
         runs[2 * n_runs] = run_start
         runs[2 * n_runs + 1] = run_end
         n_runs += 1
-    counts[p.FORWARD] += n_forward
+        forwarded += run_end - run_start
     return n_runs, forwarded
 
 
@@ -335,13 +398,14 @@ def scan(
     Returns ``(messages, consumed up to, fault code, runs, forwarded bytes,
     control messages)``; framing stops at the first stream fault.
     """
-    n, pos, fault = _frame_and_judge(
-        buf, start, end, domain, max_payload, type_allowed, version_allowed, offsets, verdicts
-    )
-    if checksum_policy != p.CHECKSUM_OFF:
-        _verify_checksums(buf, offsets, verdicts, n, checksum_policy, crc_tables)
     rejected_early = counts[p.WRONG_DOMAIN] + counts[p.BAD_VERSION]
-    n_runs, forwarded = _runs_and_counts(offsets, verdicts, n, runs, counts)
+    n, pos, fault, n_runs, forwarded = _frame_and_judge(
+        buf, start, end, domain, max_payload, type_allowed, version_allowed, offsets, verdicts, runs, counts
+    )
+    if checksum_policy != p.CHECKSUM_OFF and _verify_checksums(
+        buf, offsets, verdicts, n, checksum_policy, crc_tables, counts
+    ):
+        n_runs, forwarded = _runs(offsets, verdicts, n, runs)
     n_controls = 0
     if counts[p.WRONG_DOMAIN] + counts[p.BAD_VERSION] != rejected_early:
         n_controls = _controls(buf, offsets, verdicts, n, checksum_policy, crc_tables, counts)

@@ -143,6 +143,61 @@ def test_signal_verdicts_by_hand(payload: bytes, want: int) -> None:
     assert out.verdicts[0] == (p.BAD_CHECKSUM if want == p.FORWARD else want)
 
 
+# A payload of exactly one standard record that fills it is judged without the TLV walk; these sit on
+# both sides of that condition (type 0, the extended marker, a length one off either way, no room for a header).
+ONE_RECORD_PAYLOADS = [
+    pytest.param(b"\x01\x03abc", p.FORWARD, id="fills-it"),
+    pytest.param(b"\x28\x03abc", p.TLV_OUT_OF_RANGE, id="fills-it-out-of-range"),
+    pytest.param(b"\x01\x00", p.FORWARD, id="empty-value-fills-it"),
+    pytest.param(b"\x13\xff" + bytes(255), p.FORWARD, id="longest-standard-value"),
+    pytest.param(b"\x01\x04abc", p.MALFORMED_TLV, id="length-one-too-many"),
+    pytest.param(b"\x01\x02abc", p.MALFORMED_TLV, id="length-one-too-few"),
+    pytest.param(b"\x01\x01a\x02\x00", p.FORWARD, id="length-short-by-a-second-record"),
+    pytest.param(b"\x01\x01a\x28\x00", p.TLV_OUT_OF_RANGE, id="second-record-out-of-range"),
+    pytest.param(b"\x00\x03abc", p.MALFORMED_TLV, id="type-0-fills-it"),
+    pytest.param(b"\xff\x03\x01\x00\x00", p.MALFORMED_TLV, id="extended-marker-whose-length-byte-fits"),
+    pytest.param(b"\xff\x00", p.MALFORMED_TLV, id="extended-marker-cut-short"),
+    pytest.param(b"\xff\x00\x01\x01\x00a", p.FORWARD, id="extended-record-fills-it"),
+    pytest.param(b"\xff\x00\x28\x01\x00a", p.TLV_OUT_OF_RANGE, id="extended-record-out-of-range"),
+    pytest.param(b"", p.FORWARD, id="no-payload"),
+    pytest.param(b"\x01", p.MALFORMED_TLV, id="one-byte"),
+]
+
+
+@pytest.mark.parametrize(("payload", "want"), ONE_RECORD_PAYLOADS)
+def test_one_record_payloads_by_hand(payload: bytes, want: int) -> None:
+    msg = ref.message(p.MARKET_DATA, payload)
+    spec = ref.DOMAINS["market_data"]
+    assert ref.verdict(msg, spec.ident, spec.checksum, spec.ranges) == want
+    result, out = kernels.scan(arr(msg * 3), tables_for("market_data"))
+    assert (result.count, result.consumed, out.verdicts[:3].tolist()) == (3, 3 * len(msg), [want] * 3)
+    assert_scan_matches("market_data", msg * 3)
+
+
+@FAST
+@given(
+    name=names,
+    messages=st.lists(
+        st.tuples(
+            st.sampled_from((0, 1, 19, 20, 40, 60, 200, 254, 255)) | st.integers(0, 255),
+            st.integers(0, 255),
+            st.integers(-3, 3),
+            st.binary(max_size=6),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_one_record_payloads_match_the_reference(name: str, messages: list[tuple[int, int, int, bytes]]) -> None:
+    """One record header declaring ``length`` bytes with ``length + off`` bytes after it (or ``tail`` when short)."""
+    stream = b""
+    for tlv_type, length, off, tail in messages:
+        value = (tail * (length + off + 1))[: length + off] if length + off >= 0 else b""
+        payload = bytes((tlv_type, length)) + value if length + off >= -2 else tail[:1]
+        stream += ref.message(ref.DOMAINS[name].ident, payload)
+    assert_scan_matches(name, stream)
+
+
 @pytest.mark.parametrize("checksum", ("off", "if_set", "required"))
 @pytest.mark.parametrize("name", NAMES)
 @FAST

@@ -123,11 +123,11 @@ def _read_slot(
         return True
     n = filled + got
     reports[r, POLL_BYTES] = n
+    stage = STAGE_JUDGE if judge_only else STAGE_ALL
     status, messages, forwarded, start, short, began, ended = forward_read(
         ring, at, at + n, domain, max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts,
         runs, scratch, crc_tables, tally, state, starts, origins, first_message, slot_origin[slot], fds, fd,
-        iov_first, iov_count, iovecs, msghdr, sent, totals, np.int64(address), timespec,
-        STAGE_JUDGE if judge_only else STAGE_ALL, 0, 0,
+        iov_first, iov_count, iovecs, msghdr, sent, totals, np.int64(address), timespec, stage, 0, 0,
     )
     if status == READ_JUDGED:  # for the journal first: Python sends it on (``PollLoop.send_judged``)
         reports[r, POLL_MESSAGES] = messages

@@ -71,6 +71,7 @@ class PolledReads:
 
     def _start_polling(self) -> None:
         self.reads_polled = 0
+        self._polling_failed = False
         self._poll_loop: PollLoop | None = None
         self._polled: list[Connection | None] = []
         self._free_slots: list[int] = []
@@ -79,6 +80,7 @@ class PolledReads:
         """Whether a read may be forwarded by the compiled loop alone: nothing but the send loop's targets wants it."""
         return (
             self.logic.read_path == READ_COMPILED
+            and not self._polling_failed
             and self._journal_retry is None
             and self._reading
             and not (self._behind or self._groups or self._shared or self._held or self.log.publisher)
@@ -150,19 +152,24 @@ class PolledReads:
         loop = self._poll_loop
         assert loop is not None  # the reader is removed with the loop
         judge_only = self.journal is not None
-        for _ in range(POLLED_READS_PER_CALL):  # with a journal, one read per call: as many calls, then others' turn
-            if not self._polling_allowed():
-                self._unpoll_all()
-                return
-            if self._targets_dirty:
-                self._rebuild_targets()
-            made = loop.read_ready(self._fan, len(self._targets), DIRECT_CARRY_LIMIT, judge_only)
-            self.reads_polled += made
-            rows = loop.reports[:made].tolist()
-            for row in rows:
-                self._polled_read(loop, row)
-            if not (rows and rows[-1][c.POLL_KIND] == c.POLLED_JUDGED):
-                return
+        try:
+            for _ in range(POLLED_READS_PER_CALL):  # with a journal, one read per call: as many calls, then others'
+                if not self._polling_allowed():
+                    self._unpoll_all()
+                    return
+                if self._targets_dirty:
+                    self._rebuild_targets()
+                made = loop.read_ready(self._fan, len(self._targets), DIRECT_CARRY_LIMIT, judge_only)
+                self.reads_polled += made
+                rows = loop.reports[:made].tolist()
+                for row in rows:
+                    self._polled_read(loop, row)
+                if not (rows and rows[-1][c.POLL_KIND] == c.POLLED_JUDGED):
+                    return
+        except Exception:  # a bug, not a peer's doing: the event loop reads from here on, and says why
+            log.exception("the relay's own reads failed; the event loop reads every connection from now on")
+            self._polling_failed = True
+            self._unpoll_all()
 
     def _polled_read(self, loop: PollLoop, row: list[int]) -> None:
         """What one read of the poll loop asks of Python: its figures, or its bytes to take the usual way."""

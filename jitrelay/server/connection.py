@@ -215,12 +215,15 @@ class Connection(asyncio.BufferedProtocol):
 
     # the cursor
 
-    def needed(self) -> int:
-        """The oldest stream offset this subscriber still has to receive (the head when it keeps up)."""
+    def needed(self, selection: protocol.Filter | None = None) -> int:
+        """The oldest stream offset this subscriber still has to receive (the head when it keeps up).
+
+        ``selection``: the filter its cursor was made for, when that is not its filter any more.
+        """
         if self.shared_slot >= 0:  # a reader of the mapped log says itself how far it has read
             return int(self.relay.memory.slots[self.shared_slot, S_POSITION])
         if not self.behind or self.replay is not None:  # a replay reads the journal: it holds nothing in the log
             return self.relay.log.head
-        if self.filter == protocol.EVERYTHING:
+        if (self.filter if selection is None else selection) == protocol.EVERYTHING:
             return self.position
         return int(self.owed[0][0, 0]) if self.owed else self.relay.log.head

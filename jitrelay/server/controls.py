@@ -15,6 +15,7 @@ import numpy as np
 from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.server.connection import Connection
+from jitrelay.server.log import RelayLog
 
 log = logging.getLogger("jitrelay.relay")
 
@@ -31,6 +32,10 @@ class Controls:
     _position: Callable[[Connection, protocol.Position | bool | None], None]
     _share: Callable[[Connection], None]
     _retarget: Callable[[], None]
+    _unfinished_share: Callable[[Connection, protocol.Filter], bytes]
+    _to_cursor: Callable[..., None]
+    _write_when_ready: Callable[[Connection], None]
+    log: RelayLog
 
     def _apply_controls(self, conn: Connection, count: int) -> None:
         """Apply the connection's control messages, in order, to what it receives from now on."""
@@ -61,9 +66,15 @@ class Controls:
         elif conn.filter != before or asked is False:
             log.info("%s subscribes to %s", conn.peer, protocol.describe_filter(conn.filter))
         if conn.filter != before and (conn.behind or conn.positioned):
-            # What it owed under the old filter is not what it asks for now: it starts again at the head.
+            # What it owed under the old filter is not what it asks for now: it starts again at the head, once
+            # the message (or notice) its socket took part of is finished.
             asked = asked if asked is not False or not conn.positioned else True
+            unfinished = self._unfinished_share(conn, before)
             self.stop_sending(conn)
+            if unfinished:
+                conn.prefix += unfinished
+                self._to_cursor(conn, self.log.head)
+                self._write_when_ready(conn)
         if asked is not False and not conn.publish_only:
             self._position(conn, asked)
         if share and not conn.publish_only:

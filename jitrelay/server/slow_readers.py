@@ -215,7 +215,7 @@ class SlowReaders:
         log_ = self.log
         needed = conn.needed()
         boundary = log_.boundary(needed)
-        rest = b"".join(bytes(v) for v in log_.views(needed, boundary)) if boundary > needed else b""
+        prefix = self._unfinished_share(conn)
         ranges: list[tuple[int, int]]
         if conn.filter == protocol.EVERYTHING:
             ranges, at = [], boundary
@@ -229,7 +229,6 @@ class SlowReaders:
             ranges = [(max(a, boundary), b) for block in conn.owed for a, b, *_ in block.tolist() if b > boundary]
         owed_messages = sum(log_.message_number(b) - log_.message_number(a) for a, b in ranges)
         owed_bytes = sum(b - a for a, b in ranges)
-        prefix = bytes(conn.prefix) + rest
         self._drop_cursor(conn)
         conn.never_reads = True
         conn.unread_from = (
@@ -256,6 +255,15 @@ class SlowReaders:
             loop.add_writer(conn.fd, self._finish_message, conn)
         if self._held:  # publishers it held may have room now; judged again outside whatever judges room now
             loop.call_soon(self._release_held)
+
+    def _unfinished_share(self, conn: Connection, selection: protocol.Filter | None = None) -> bytes:
+        """What ``conn`` must be sent before its stream can start anew: its prefix (a notice or message its socket
+        took part of, or notices due) and the rest of the log message its cursor stands in, copied before the ring
+        reuses it. ``selection``: the filter its cursor was made for, if it has just asked for another."""
+        needed = conn.needed(selection)
+        boundary = self.log.boundary(needed)
+        rest = b"".join(bytes(v) for v in self.log.views(needed, boundary)) if boundary > needed else b""
+        return bytes(conn.prefix) + rest
 
     def _finish_message(self, conn: Connection) -> None:
         """Writability on a detached publisher: the rest of the message its socket took part of, then nothing."""

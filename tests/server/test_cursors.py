@@ -15,6 +15,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from support.clients import Clients, NumberedStream, StreamCheck, publish_while_stopped, sync
 from support.processes import ReaderProcess
 from support.relays import StartRelay
@@ -104,3 +105,40 @@ def test_a_filtered_subscriber_that_stops_mid_batch_catches_up_with_exactly_its_
     assert filtered.wait_received(len(want), 60)
     assert bytes(filtered.data) == want
     assert relay.find_line("disconnecting") is None
+
+
+@pytest.mark.parametrize("first", [[2], None], ids=["filtered", "unfiltered"])
+def test_a_subscriber_behind_mid_message_that_changes_its_subscription_gets_that_message_whole_first(
+    start_relay: StartRelay, clients: Clients, first: list[int] | None
+) -> None:
+    """Its new selection starts at the head; the message its socket took part of under the old one is finished."""
+    relay = start_relay("market_data", "--log-size", str(128 * MiB))
+    count = 48 * MiB // 71
+    batch = protocol.build_cycled_batch(protocol.MARKET_DATA, count, [[(t, b"q" * 37)] for t in (1, 2, 3, 4)])
+    messages = batch.reshape(count, 71)
+    sock = clients.connect(relay)
+    if first is not None:
+        sock.sendall(protocol.subscribe_message(first))
+        relay.wait_line("subscribes to", "types 2")
+    filtered = clients.reader(relay, sock)
+    everything = clients.reader(relay)
+    publisher = clients.connect(relay)
+    sync(publisher, [everything, filtered] if first is None else [everything], protocol.MARKET_DATA)
+    filtered.pause()  # its socket fills, almost surely in the middle of a message
+    publisher.settimeout(60)
+    for at in range(0, len(batch), MiB):
+        publisher.sendall(batch[at : at + MiB])
+    assert everything.wait_received(len(batch), 60)
+    sock.sendall(protocol.subscribe_message([3]))  # while it is behind: from now on, the head and type 3
+    relay.wait_line("subscribes to", "types 3")
+    later = protocol.build_cycled_batch(protocol.MARKET_DATA, 4000, [[(t, b"r" * 37)] for t in (1, 2, 3, 4)])
+    publisher.sendall(later)
+    assert everything.wait_received(len(batch) + len(later), 60)
+    filtered.resume()
+    then = later.reshape(4000, 71)[2::4].tobytes()
+    old = messages[1::4].tobytes() if first is not None else batch.tobytes()
+    assert filtered.wait_for(lambda: bytes(filtered.data).endswith(then), 60)
+    got = bytes(filtered.data)
+    before = got[: len(got) - len(then)]
+    assert len(before) % 71 == 0 and before == old[: len(before)], "the old selection's last message was cut"
+    assert 0 < len(before) < len(old)  # it stopped part way through what it owed

@@ -1,5 +1,7 @@
 """Codes the loops report and their faces read: kept here so that a face can name them without importing numba."""
 
+import platform
+
 # What the send loop reports for a target besides the bytes its socket took.
 
 SEND_FAILED = -1  # the socket took nothing: it is full, or an error the engine finds on its next send
@@ -30,6 +32,9 @@ LOG_STATE_SLOTS = 9
 POLL_KIND, POLL_SLOT, POLL_AT, POLL_BYTES, POLL_GOT, POLL_MESSAGES, POLL_FORWARDED = range(7)
 POLL_START, POLL_SHORT, POLL_ARRIVED, POLL_BEGAN, POLL_ENDED = range(7, 12)
 POLL_WORDS = 12
+# struct epoll_event: uint32 events, then the uint64 data, packed on x86-64 only (the kernel's ABI).
+EPOLL_DATA_AT = 4 if platform.machine() in ("x86_64", "AMD64") else 8
+EPOLL_EVENT_BYTES = EPOLL_DATA_AT + 8
 POLLED_FORWARDED = 0  # committed and sent; what followed the last whole message is the slot's carry now
 POLLED_NOT_TAKEN = 1  # ``ring[at:at + bytes]`` (carry and read) is not all whole forwarded messages: Python's
 POLLED_CLOSED = 2  # the peer closed: ``recv`` read nothing

@@ -33,6 +33,8 @@ import numpy as np
 
 from jitrelay.core import protocol as p
 from jitrelay.kernels.constants import (
+    EPOLL_DATA_AT,
+    EPOLL_EVENT_BYTES,
     LOG_HEAD,
     LOG_MIRROR,
     LOG_RESERVE,
@@ -66,7 +68,6 @@ from jitrelay.kernels.constants import (
 from jitrelay.kernels.loops import _MEMCPY, _c_function, _u32, kernel
 from jitrelay.kernels.read_loop import _now, forward_read
 
-EPOLL_EVENT_BYTES = 12  # struct epoll_event on x86-64 is packed: uint32 events, then the uint64 data
 MSG_DONTWAIT = 0x40
 
 _EPOLL_WAIT = _c_function(None, "epoll_wait", [ctypes.c_int, ctypes.c_size_t, ctypes.c_int, ctypes.c_int], ctypes.c_int)
@@ -184,7 +185,7 @@ def read_ready(
         if n_ready <= 0:
             return made
         for e in range(n_ready):
-            slot = _u32(ready, EPOLL_EVENT_BYTES * e + 4)
+            slot = _u32(ready, EPOLL_EVENT_BYTES * e + EPOLL_DATA_AT)
             for k in range(POLL_WORDS):
                 reports[made, k] = 0
             reports[made, POLL_SLOT] = slot

@@ -21,10 +21,18 @@ import numpy as np
 
 from jitrelay.core import protocol as p
 from jitrelay.kernels import CRC_TABLES, FanOut, KernelTables, ScanBuffers, _array, _bytes, _check_tables, _io_loop
-from jitrelay.kernels.constants import LOG_MIRROR, LOG_SIZE, LOG_STATE_SLOTS, POLL_WORDS, STAGE_SEND
+from jitrelay.kernels.constants import (
+    EPOLL_DATA_AT,
+    EPOLL_EVENT_BYTES,
+    LOG_MIRROR,
+    LOG_RESERVE,
+    LOG_SIZE,
+    LOG_STATE_SLOTS,
+    POLL_WORDS,
+    STAGE_SEND,
+)
 
-EPOLL_EVENT_BYTES = 12  # struct epoll_event on x86-64: packed, uint32 events then uint64 data
-_EPOLL_EVENT = struct.Struct("=IQ")
+_EPOLL_EVENT = struct.Struct(f"=I{EPOLL_DATA_AT - 4}xQ")  # events, padding where the ABI has it, data
 _EPOLL_CTL_ADD, _EPOLL_CTL_DEL = 1, 2
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.epoll_ctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p]
@@ -52,11 +60,11 @@ class PollLoop:
     ) -> None:
         _bytes(ring, "ring", writable=True)
         _check_tables(tables)
-        if len(_array(state, _I64, 1, "state")) < LOG_STATE_SLOTS or int(state[LOG_SIZE]) + int(
-            state[LOG_MIRROR]
-        ) != len(ring):
+        state = _array(state, _I64, 1, "state")
+        if len(state) < LOG_STATE_SLOTS or int(state[LOG_SIZE]) + int(state[LOG_MIRROR]) != len(ring):
             raise ValueError("the log's state does not describe this ring")
-        if out.capacity < int(state[2]):  # LOG_RESERVE: a read is at most that long
+        self._reserve = int(state[LOG_RESERVE])  # a read is at most that long
+        if out.capacity < self._reserve:
             raise ValueError("the scan buffers are shorter than a read")
         self.epoll = select.epoll()
         self.fd = np.full(slots, -1, dtype=np.int64)
@@ -75,7 +83,6 @@ class PollLoop:
         self.ring = ring
         self._timespec = np.zeros(2, dtype=np.int64)
         self._tally = np.zeros(len(p.VERDICT_NAMES), dtype=np.int64)  # one read's verdicts, before the slot's row
-        self._reserve = int(state[2])
 
     def fileno(self) -> int:
         return self.epoll.fileno()

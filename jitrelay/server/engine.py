@@ -1,12 +1,16 @@
 """The relay's I/O shell: sockets, receive buffers, the log, cursors, back-pressure, shutdown.
 
-Data path, per read: uvloop reads straight into the connection's numpy
-buffer (``BufferedProtocol``); one ``kernels.scan_into`` call frames and
-judges every complete message in it; the accepted runs are appended once to
-the relay's log (``log.RelayLog``); one compiled call (``kernels.FanOut``)
-hands the new bytes, straight from the log, to every subscriber that is
-keeping up; the partial message at the end, if any, moves to the front of the
-receive buffer for the next read.
+Data path, per read: in the ordinary case the relay reads a publisher
+itself, from its own epoll set, and one compiled call per wake-up reads,
+judges, logs and sends (``polled_reads``; ``_forward_compiled`` is the same
+path for a read the event loop made). Otherwise, step by step: uvloop reads
+straight into the log's ring or the connection's numpy buffer
+(``BufferedProtocol``); one ``kernels.scan_into`` call frames and judges every
+complete message in it; the accepted runs are appended once to the relay's
+log (``log.RelayLog``); one compiled call (``kernels.FanOut``) hands the new
+bytes, straight from the log, to every subscriber that is keeping up; the
+partial message at the end, if any, moves to the front of the receive buffer
+for the next read.
 
 Every subscriber is a cursor into the log. One whose socket took less than
 the batch falls behind alone: it waits for writability on its own socket and

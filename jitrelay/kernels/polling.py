@@ -20,14 +20,11 @@ from typing import Any
 import numpy as np
 
 from jitrelay.core import protocol as p
-from jitrelay.kernels import CRC_TABLES, FanOut, KernelTables, ScanBuffers, _array, _bytes, _check_tables, _io_loop
+from jitrelay.kernels import FanOut, ReadPath, _bytes, _io_loop
 from jitrelay.kernels.constants import (
     EPOLL_DATA_AT,
     EPOLL_EVENT_BYTES,
-    LOG_MIRROR,
     LOG_RESERVE,
-    LOG_SIZE,
-    LOG_STATE_SLOTS,
     POLL_WORDS,
     STAGE_SEND,
 )
@@ -37,7 +34,6 @@ _EPOLL_CTL_ADD, _EPOLL_CTL_DEL = 1, 2
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.epoll_ctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p]
 _LIBC.epoll_ctl.restype = ctypes.c_int
-_I64 = np.dtype(np.int64)
 
 
 class PollLoop:
@@ -48,23 +44,11 @@ class PollLoop:
     bytes of it; ``counts`` is its row of verdict tallies.
     """
 
-    def __init__(
-        self,
-        slots: int,
-        ring: np.ndarray,
-        tables: KernelTables,
-        out: ScanBuffers,
-        state: np.ndarray,
-        index: tuple[np.ndarray, ...],
-        reads_per_call: int = 16,
-    ) -> None:
-        _bytes(ring, "ring", writable=True)
-        _check_tables(tables)
-        state = _array(state, _I64, 1, "state")
-        if len(state) < LOG_STATE_SLOTS or int(state[LOG_SIZE]) + int(state[LOG_MIRROR]) != len(ring):
-            raise ValueError("the log's state does not describe this ring")
-        self._reserve = int(state[LOG_RESERVE])  # a read is at most that long
-        if out.capacity < self._reserve:
+    def __init__(self, slots: int, path: ReadPath, reads_per_call: int = 16) -> None:
+        """Over the log, tables and scan buffers ``path`` (the relay's read loop) was made for, which it shares."""
+        self.path = path
+        self._reserve = int(path._log[0][LOG_RESERVE])  # a read is at most that long
+        if path.capacity < self._reserve:
             raise ValueError("the scan buffers are shorter than a read")
         self.epoll = select.epoll()
         self.fd = np.full(slots, -1, dtype=np.int64)
@@ -75,13 +59,6 @@ class PollLoop:
         self.reports = np.zeros((reads_per_call, POLL_WORDS), dtype=np.int64)
         self._ready = np.zeros(EPOLL_EVENT_BYTES * max(slots, 1), dtype=np.uint8)
         self._carriers: list[Any] = [None] * slots  # keeps each slot's carry buffer alive while it is registered
-        self._scan = (
-            tables.domain, tables.max_payload, tables.checksum_policy, tables.type_allowed, tables.version_allowed,
-            out.offsets, out.verdicts, out.runs, np.zeros(len(p.VERDICT_NAMES), dtype=np.int64), CRC_TABLES,
-        )  # fmt: skip
-        self._log = (state, *index)
-        self.ring = ring
-        self._timespec = np.zeros(2, dtype=np.int64)
         self._tally = np.zeros(len(p.VERDICT_NAMES), dtype=np.int64)  # one read's verdicts, before the slot's row
 
     def fileno(self) -> int:
@@ -124,37 +101,25 @@ class PollLoop:
         ``judge_only``: a read of whole forwarded messages is judged, not sent, and ends the call; the caller
         journals it and hands it to ``send_judged``.
         """
-        fds, first, count, sent, totals = self._targets(fan, targets)
+        if not 0 <= targets <= len(fan.fds) or len(fan.iovecs) < 4:
+            raise ValueError(f"{targets} targets, room for {len(fan.fds)}, or fewer than two iovecs")
+        fds, first, count, sent, totals = fan.target_views(targets)
+        fan._uniform = None  # every target's slice is the loop's from here
+        path = self.path
         return int(
             _io_loop("read_ready")(
                 self.fileno(), self._ready, self.fd, self.origin, self.filled, self.carry, self.counts, carry_limit,
-                self.reports, self.ring, *self._scan, *self._log, fds, first, count, fan.iovecs, fan.msghdr, sent,
-                totals, self._timespec, self._tally, int(judge_only),
+                self.reports, path.ring, *path._scan, *path._log, fds, first, count, fan.iovecs, fan.msghdr, sent,
+                totals, path._timespec, self._tally, int(judge_only),
             )
         )  # fmt: skip
 
     def send_judged(self, fan: FanOut, targets: int, slot: int, at: int, end: int, judged: tuple[int, int]) -> tuple:
-        """Commit and send the read ``read_ready`` judged last (``ring[at:end]``, of ``slot``): the read loop's
-        ``STAGE_SEND``, the verdicts its judging left in the scratch tallied into the slot's row.
-
-        Returns the read loop's ``(status, messages, bytes, stream start, left short, send began, send ended)``.
-        """
-        fds, first, count, sent, totals = self._targets(fan, targets)
-        address = self.ring.ctypes.data
-        fd = int(self.fd[slot])
-        return tuple(
-            int(v)
-            for v in _io_loop("forward_read")(
-                self.ring, at, end, *self._scan, self.counts[slot], *self._log, int(self.origin[slot]), fds, fd,
-                first, count, fan.iovecs, fan.msghdr, sent, totals, address, self._timespec, STAGE_SEND, *judged,
-            )
-        )  # fmt: skip
-
-    def _targets(self, fan: FanOut, targets: int) -> tuple[np.ndarray, ...]:
-        if not 0 <= targets <= len(fan.fds) or len(fan.iovecs) < 4:
-            raise ValueError(f"{targets} targets, room for {len(fan.fds)}, or fewer than two iovecs")
-        fan._uniform = None  # every target's slice is the loop's from here
-        return fan.target_views(targets)
+        """Commit and send the read ``read_ready`` judged last (``ring[at:end]``, of ``slot``): ``ReadPath.forward``'s
+        ``STAGE_SEND``, the verdicts its judging left in the shared scratch tallied into the slot's row."""
+        return self.path.forward(
+            at, end, self.counts[slot], int(self.origin[slot]), fan, targets, int(self.fd[slot]), STAGE_SEND, judged
+        )
 
     def close(self) -> None:
         self.epoll.close()

@@ -52,8 +52,7 @@ class PolledReads:
     log: RelayLog
     connections: dict[int, Connection]
     journal: Journal | None
-    tables: kernels.KernelTables
-    scan_out: kernels.ScanBuffers
+    _read_path: kernels.ReadPath
     _fan: kernels.FanOut
     _targets: list[Connection]
     _targets_dirty: bool
@@ -102,10 +101,7 @@ class PolledReads:
     def _poll(self, conn: Connection) -> None:
         loop = self._poll_loop
         if loop is None:
-            loop = self._poll_loop = PollLoop(
-                self.logic.max_connections, self.log.ring, self.tables, self.scan_out, self.log.state, self.log.index,
-                POLLED_READS_PER_CALL,
-            )  # fmt: skip
+            loop = self._poll_loop = PollLoop(self.logic.max_connections, self._read_path, POLLED_READS_PER_CALL)
             self._polled = [None] * self.logic.max_connections
             self._free_slots = list(range(self.logic.max_connections - 1, -1, -1))
             asyncio.get_running_loop().add_reader(loop.fileno(), self._on_polled)

@@ -50,7 +50,8 @@ class Setup:
     def __init__(self, pairs: list, log: RelayLog, publishers: int, subscribers: int, reads: int = 16) -> None:
         """``pairs`` gets every socket pair made, for the caller to close."""
         self.log = log
-        self.loop = PollLoop(8, log.ring, TABLES, kernels.ScanBuffers(RESERVE), log.state, log.index, reads)
+        path = kernels.ReadPath(log.ring, TABLES, kernels.ScanBuffers(RESERVE), log.state, log.index)
+        self.loop = PollLoop(8, path, reads)
         self.fan = kernels.FanOut()
         self.fan.reserve(subscribers + publishers, 2)
         self.senders, self.peers, self.carries = [], [], []

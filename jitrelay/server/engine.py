@@ -109,6 +109,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self._start_polling()  # the relay's own epoll set: ``polled_reads``
         self._targets: list[Connection] = []
         self._target_group = np.zeros(0, dtype=np.int64)  # -1 for the unfiltered, else the group index
+        self._route: kernels.GroupRoute | None = None  # the groups and targets as the read loop takes them
         self._targets_dirty = True
         self._behind: set[Connection] = set()
         self._positioned: set[Connection] = set()  # they are always sent to from their cursors, with notices
@@ -258,7 +259,20 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self._targets = targets
         self._target_group = np.array([group_of.get(c, -1) for c in targets], dtype=np.int64)
         self._fan.totals[: len(targets)] = 0
+        self._route = None
         self._targets_dirty = False
+
+    def _read_route(self) -> kernels.GroupRoute | None:
+        """The filtered groups and the targets' groups for the read loop (None without a filter), kept while current."""
+        if not self._groups:
+            return None
+        route = self._route
+        if route is None or not route.current(self._routed):
+            route = self._route = kernels.GroupRoute(
+                self._group_tables, self._routed, self.scan_out, self._target_group
+            )
+            self._routed = route.routed
+        return route
 
     # the data path
 
@@ -319,7 +333,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         ring = self.log.ring
         if conn.positioned and not (conn.behind or conn.granted):
             self._publishing(conn)
-        if self._compiled_reads and not (self._behind or self._groups or self._shared or self.log.publisher):
+        if self._compiled_reads and not (self._behind or self._shared or self.log.publisher):
             if self._forward_compiled(conn, at, n, arrived):
                 return
         elif not self._must_hold(n, conn):
@@ -340,21 +354,22 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         """The ordinary read in one compiled call (``kernels.ReadPath``): scan, commit, fan out; False if not taken.
 
         Only while nothing but the send loop's targets wants the batch: no cursor behind (a positioned
-        subscriber that keeps up is a target like any other), no filter, no reader of the mapped log. With a
+        subscriber that keeps up is a target like any other), no reader of the mapped log; a filtered target
+        gets its group's runs (``_read_route``). With a
         journal the call is cut in two around its append: judged, journaled, then committed and sent. Else, or
         for anything but whole forwarded messages, the usual way takes the read, judging it again (and holding
         it, if the journal refused it).
         """
         if self._targets_dirty:
             self._rebuild_targets()
-        path, fan, targets = self._read_path, self._fan, len(self._targets)
+        path, fan, targets, route = self._read_path, self._fan, len(self._targets), self._read_route()
         if self.journal is None:
             status, messages, size, start, short, sending, sent_at = path.forward(
-                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd
+                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd, route=route
             )
         else:
             status, messages, size, *_ = path.forward(
-                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd, kernels.STAGE_JUDGE
+                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd, kernels.STAGE_JUDGE, route=route
             )
             log_ = self.log
             if status != kernels.READ_JUDGED or not self._journal(
@@ -362,8 +377,9 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             ):
                 return False
             status, messages, size, start, short, sending, sent_at = path.forward(
-                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd, kernels.STAGE_SEND, (messages, size)
-            )
+                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd, kernels.STAGE_SEND,
+                (messages, size), route,
+            )  # fmt: skip
             assert status == kernels.READ_FORWARDED  # judged so a moment ago, on the same log: journaled once
         if status != kernels.READ_FORWARDED:
             return False
@@ -387,8 +403,10 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self.batches += 1
         self.send_time.record(sent_at - sending)
         self.own_time.record(sending - arrived)
-        if short:
-            self._left_short(start, size, None, lambda: [])
+        if short:  # the read loop's batch is one run of ``messages`` messages, from the log's last batch on
+            first, route = self.log.messages - messages, self._route
+            due = None if route is None else route.due(len(self._targets), size)
+            self._left_short(start, size, due, lambda: self._group_ranges(start, first, 1, messages))
         self.forward_time.record((done or time.perf_counter_ns()) - arrived)
         self.messages_timed += messages
         if self._behind:
@@ -476,7 +494,9 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         if self._targets_dirty:
             self._rebuild_targets()
         # Each group's share as stream ranges, for cursors that owe it: only while someone is behind.
-        group_ranges = self._group_ranges(start, first_message, result) if self._groups and self._behind else None
+        group_ranges = None
+        if self._groups and self._behind:
+            group_ranges = self._group_ranges(start, first_message, result.runs, result.count)
         if self._behind:
             self._owe(sender, group_ranges)
         for conn in self._positioned:  # those the send loop does not serve
@@ -497,12 +517,13 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             self._check_lag()
         return True
 
-    def _group_ranges(self, start: int, first_message: int, result: kernels.ScanResult) -> list[np.ndarray]:
-        """Each group's runs of this batch as ``(k, 3)`` rows: stream start, end, and the first message's number."""
-        runs = self.scan_out.runs[: 2 * result.runs]
+    def _group_ranges(self, start: int, first_message: int, n_runs: int, count: int) -> list[np.ndarray]:
+        """Each group's runs of the last scanned batch (``n_runs`` runs of ``count`` messages) as ``(k, 3)`` rows:
+        stream start, end, and the first message's number."""
+        runs = self.scan_out.runs[: 2 * n_runs]
         starts, ends = runs[0::2], runs[1::2]
         at = start + np.concatenate(([0], np.cumsum(ends - starts)[:-1]))  # where each forwarded run landed
-        forwarded = self.scan_out.offsets[: result.count][self.scan_out.verdicts[: result.count] == protocol.FORWARD]
+        forwarded = self.scan_out.offsets[:count][self.scan_out.verdicts[:count] == protocol.FORWARD]
         ranges = []
         routed = self._routed
         for g in range(len(self._groups)):
@@ -552,7 +573,10 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self.send_time.record(sent_at - sending)
         self.own_time.record(sending - arrived)
         if short:
-            self._left_short(start, size, due, lambda: group_ranges or self._group_ranges(start, first_message, result))
+            runs, count = result.runs, result.count
+            self._left_short(
+                start, size, due, lambda: group_ranges or self._group_ranges(start, first_message, runs, count)
+            )
 
     def _left_short(
         self, start: int, size: int, due: np.ndarray | None, group_ranges: Callable[[], list[np.ndarray]]

@@ -13,8 +13,10 @@ to the event loop's callbacks, and its bytes take the usual way, exactly as
 if the event loop had read them.
 
 The compiled read loop takes a read only while everything else allows it
-(``_polling_allowed``): no cursor behind, no filter, no reader of the mapped
-log, nobody held, the relay reading, the journal writing. A relay with a
+(``_polling_allowed``): no cursor behind, no reader of the mapped log, nobody
+held, the relay reading, the journal writing. Filtered subscribers keeping up
+are targets like the others: the loop routes each read and sends each its
+group's runs. A relay with a
 journal gets each read back from the loop judged only: Python appends it to
 the journal where it lies in the ring, then one more compiled call commits
 and sends it, and the loop reads on. When that stops being so,
@@ -57,7 +59,8 @@ class PolledReads:
     _targets: list[Connection]
     _targets_dirty: bool
     _behind: set[Connection]
-    _groups: tuple
+    _route: kernels.GroupRoute | None
+    _read_route: Callable[[], kernels.GroupRoute | None]
     _shared: set[Connection]
     _held: set[Connection]
     _journal_retry: object
@@ -82,7 +85,7 @@ class PolledReads:
             and not self._polling_failed
             and self._journal_retry is None
             and self._reading
-            and not (self._behind or self._groups or self._shared or self._held or self.log.publisher)
+            and not (self._behind or self._shared or self._held or self.log.publisher)
         )
 
     def after_read(self, conn: Connection) -> None:
@@ -155,7 +158,8 @@ class PolledReads:
                     return
                 if self._targets_dirty:
                     self._rebuild_targets()
-                made = loop.read_ready(self._fan, len(self._targets), DIRECT_CARRY_LIMIT, judge_only)
+                route = self._read_route()
+                made = loop.read_ready(self._fan, len(self._targets), DIRECT_CARRY_LIMIT, judge_only, route)
                 self.reads_polled += made
                 rows = loop.reports[:made].tolist()
                 for row in rows:
@@ -198,7 +202,7 @@ class PolledReads:
         slot = conn.polled
         judged = (row[c.POLL_MESSAGES], size)
         _, messages, size, start, short, began, ended = loop.send_judged(
-            self._fan, len(self._targets), slot, at, at + n, judged
+            self._fan, len(self._targets), slot, (at, at + n), judged, self._route
         )
         rest = n - size
         conn.buf[:rest] = log_.ring[at + size : at + n]

@@ -29,6 +29,7 @@ from jitrelay.kernels.constants import (
     LOG_BATCH_CAPACITY,
     LOG_HEAD,
     LOG_HI,
+    LOG_KEEP,
     LOG_LO,
     LOG_MESSAGES,
     LOG_MIRROR,
@@ -69,6 +70,20 @@ def _first_at_or_after(starts, lo, hi, value):
 
 
 @kernel
+def _tail_after(forwarded, state, starts):
+    """``RelayLog.tail_after``: the tail an append of ``forwarded`` bytes leaves; whole batches go until it fits."""
+    head = state[LOG_HEAD]
+    lo = state[LOG_LO]
+    hi = state[LOG_HI]
+    needed = head + forwarded + state[LOG_RESERVE] - state[LOG_SIZE]
+    keep = lo
+    if needed > state[LOG_TAIL]:
+        keep = _first_at_or_after(starts, lo, hi, needed)
+    keep = max(keep, hi - state[LOG_BATCH_CAPACITY] + 1)
+    return starts[keep] if keep < hi else head
+
+
+@kernel
 def _commit(ring, at, forwarded, n, origin, state, starts, origins, first_message):
     """``RelayLog.commit`` of ``forwarded`` bytes read in at ``at`` (``n`` messages), checked by the caller."""
     size = state[LOG_SIZE]
@@ -77,13 +92,7 @@ def _commit(ring, at, forwarded, n, origin, state, starts, origins, first_messag
     tail = state[LOG_TAIL]
     lo = state[LOG_LO]
     hi = state[LOG_HI]
-    # What the append evicts: whole batches, until the bytes and the index fit (``RelayLog.tail_after``).
-    needed = head + forwarded + state[LOG_RESERVE] - size
-    keep = lo
-    if needed > tail:
-        keep = _first_at_or_after(starts, lo, hi, needed)
-    keep = max(keep, hi - state[LOG_BATCH_CAPACITY] + 1)
-    new_tail = starts[keep] if keep < hi else head
+    new_tail = _tail_after(forwarded, state, starts)
     if new_tail != tail:
         lo = _first_at_or_after(starts, lo, hi, new_tail)
         tail = new_tail
@@ -198,7 +207,9 @@ def forward_read(
     to the log and out (``counts`` tallied, ``state`` and the batch index
     moved, ``sent``/``totals`` as the send loop leaves them; a partial
     message after it stays where it is), else ``READ_NOT_TAKEN`` with
-    nothing changed but ``scratch`` and the scan buffers.
+    nothing changed but ``scratch`` and the scan buffers. A read whose
+    commit would evict the log past ``state[LOG_KEEP]`` (what a cursor behind
+    still needs) is not taken either: the caller's slow-reader policy decides.
 
     ``stage`` splits the call for a relay that journals before forwarding:
     ``STAGE_JUDGE`` stops after the scan (``READ_JUDGED`` when it would have
@@ -230,6 +241,7 @@ def forward_read(
         or forwarded > size - state[LOG_RESERVE]
         or at + forwarded > size + state[LOG_MIRROR]
         or state[LOG_HI] >= len(starts)
+        or _tail_after(forwarded, state, starts) > state[LOG_KEEP]
     ):
         return READ_NOT_TAKEN, n, forwarded, head, 0, 0, 0
     if (

@@ -22,6 +22,7 @@ from support.streams import drain
 from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.domains import logic_for
+from jitrelay.kernels.constants import LOG_KEEP
 from jitrelay.server.log import RelayLog
 
 pytestmark = pytest.mark.kernels
@@ -362,3 +363,26 @@ def test_a_route_is_checked_against_its_groups_and_targets() -> None:
     route = route_for([(frozenset({1}), None)], [0], 1 << 12)
     with pytest.raises(ValueError, match="fewer than 2 targets"):
         path_for(log).forward(0, 10, counts, 1, kernels.FanOut(), 2, -1, route=route)
+
+
+def test_a_read_that_would_evict_what_a_cursor_still_needs_is_not_taken(pairs: list) -> None:
+    """``LOG_KEEP``: the oldest offset a cursor behind needs. A commit that would evict it is left to the relay."""
+    size, reserve = 4096, 1024
+    log = new_log(size, reserve)
+    for length in (1500, 1500):  # two batches: the next read of 1,000 bytes evicts the first
+        filler = np.frombuffer(message(0, length - protocol.HEADER_SIZE - 2), dtype=np.uint8)
+        log.append(filler, np.array([0, length], dtype=np.int64), 1, length, 1, 1)
+    fan = kernels.FanOut()
+    peers = targets(fan, pairs, 1)
+    counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+    read = b"".join(message(k, 66) for k in range(10))
+    at = land(log, read)
+    assert log.tail_after(len(read)) == 1500
+    log.state[LOG_KEEP] = 1499  # a cursor still needs the last byte of the first batch
+    before = log_facts(log)
+    status, *_ = path_for(log).forward(at, at + len(read), counts, 1, fan, 1, -1)
+    assert status == kernels.READ_NOT_TAKEN and log_facts(log) == before and not counts.any()
+    assert drain(peers[0]) == b""
+    log.state[LOG_KEEP] = 1500  # it has read the first batch
+    status, *_ = path_for(log).forward(at, at + len(read), counts, 1, fan, 1, -1)
+    assert status == kernels.READ_FORWARDED and log.tail == 1500 and drain(peers[0]) == read

@@ -159,7 +159,7 @@ def test_a_stream_that_wraps_the_small_log_reaches_both_relays_subscribers_whole
     messages = [m for m, ok in mixed_messages(rng, "market_data", 1500) if ok]
     stream = b"".join(messages)
     wants = [selected(messages, selection) for selection in chosen]
-    assert 0 < len(wants[-1]) and (len(wants[-1]) < len(stream) or chosen[-1] == protocol.EVERYTHING)
+    assert len(wants[-1]) > 0 and (len(wants[-1]) < len(stream) or chosen[-1] == protocol.EVERYTHING)
     pieces = [stream[a : a + n] for a, n in zip(range(0, len(stream), 9000), [9000] * len(stream), strict=False)]
     WRAPS.clear()
     POLLED.clear()

@@ -52,6 +52,7 @@ from jitrelay.core import protocol
 from jitrelay.core.domains import BLOCK, FSYNC_BATCH, JOURNAL_PAUSE, READ_PYTHON, RelayLogic
 from jitrelay.core.histogram import Histogram
 from jitrelay.core.units import MiB
+from jitrelay.kernels.constants import KEEP_EVERYTHING_EVICTABLE
 from jitrelay.server.connection import Connection as Connection  # re-exported: the engine's connections
 from jitrelay.server.controls import Controls
 from jitrelay.server.journal import Journal
@@ -202,7 +203,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
 
     def stop_sending(self, conn: Connection) -> None:
         """Forget ``conn``'s cursor before its descriptors close: no writability wait, no place among the targets."""
-        self._unpoll(conn, resume=False)  # nor in the relay's epoll set
+        self._unpoll(conn)  # nor in the relay's epoll set: its transport reads again, unless it is closing
         self._drop_cursor(conn)
         self._release_held()
 
@@ -333,7 +334,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         ring = self.log.ring
         if conn.positioned and not (conn.behind or conn.granted):
             self._publishing(conn)
-        if self._compiled_reads and not (self._behind or self._shared or self.log.publisher):
+        if self._compiled_reads and self._send_loop_suffices():
             if self._forward_compiled(conn, at, n, arrived):
                 return
         elif not self._must_hold(n, conn):
@@ -350,18 +351,34 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         conn.buf[:n] = ring[at : at + n]
         self.on_data(conn, arrived)
 
+    def _send_loop_suffices(self) -> bool:
+        """Whether a forwarded batch needs nothing but the send loop and the figures, so compiled code may take it.
+
+        No reader of the mapped log (each batch wakes them) and every cursor behind unfiltered: its position
+        is all it needs, and ``_keep_for_cursors`` stops the read loop from evicting what it has not read. A
+        filtered cursor behind is owed its group's ranges of every batch, which Python makes.
+        """
+        return not (self._shared or self.log.publisher) and all(
+            conn.filter == protocol.EVERYTHING for conn in self._behind
+        )
+
+    def _keep_for_cursors(self) -> None:
+        """Tell the read loop the oldest stream offset a cursor behind still needs (``LOG_KEEP``)."""
+        self.log.keep = min((conn.needed() for conn in self._behind), default=KEEP_EVERYTHING_EVICTABLE)
+
     def _forward_compiled(self, sender: Connection, at: int, n: int, arrived: int) -> bool:
         """The ordinary read in one compiled call (``kernels.ReadPath``): scan, commit, fan out; False if not taken.
 
-        Only while nothing but the send loop's targets wants the batch: no cursor behind (a positioned
-        subscriber that keeps up is a target like any other), no reader of the mapped log; a filtered target
-        gets its group's runs (``_read_route``). With a
+        Only while nothing but the send loop's targets and unfiltered cursors behind want the batch
+        (``_send_loop_suffices``); a filtered target gets its group's runs (``_read_route``), and a read that
+        would evict what a cursor behind still needs is not taken. With a
         journal the call is cut in two around its append: judged, journaled, then committed and sent. Else, or
         for anything but whole forwarded messages, the usual way takes the read, judging it again (and holding
         it, if the journal refused it).
         """
         if self._targets_dirty:
             self._rebuild_targets()
+        self._keep_for_cursors()
         path, fan, targets, route = self._read_path, self._fan, len(self._targets), self._read_route()
         if self.journal is None:
             status, messages, size, start, short, sending, sent_at = path.forward(
@@ -407,6 +424,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             first, route = self.log.messages - messages, self._route
             due = None if route is None else route.due(len(self._targets), size)
             self._left_short(start, size, due, lambda: self._group_ranges(start, first, 1, messages))
+        self._wake_positioned(sender)
         self.forward_time.record((done or time.perf_counter_ns()) - arrived)
         self.messages_timed += messages
         if self._behind:
@@ -499,13 +517,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             group_ranges = self._group_ranges(start, first_message, result.runs, result.count)
         if self._behind:
             self._owe(sender, group_ranges)
-        for conn in self._positioned:  # those the send loop does not serve
-            if (
-                conn.behind
-                and not conn.writing
-                and (conn.owed if conn.filter != protocol.EVERYTHING else conn is not sender)
-            ):
-                self._write_when_ready(conn)
+        self._wake_positioned(sender)
         if self._shared:
             self.memory.wake()  # every sleeping reader of the mapped log, in one call
         if self._targets:
@@ -516,6 +528,16 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         if self._behind:
             self._check_lag()
         return True
+
+    def _wake_positioned(self, sender: Connection) -> None:
+        """Positioned cursors the send loop does not serve, idle at the head: a new batch of another's is theirs."""
+        for conn in self._positioned:
+            if (
+                conn.behind
+                and not conn.writing
+                and (conn.owed if conn.filter != protocol.EVERYTHING else conn is not sender)
+            ):
+                self._write_when_ready(conn)
 
     def _group_ranges(self, start: int, first_message: int, n_runs: int, count: int) -> list[np.ndarray]:
         """Each group's runs of the last scanned batch (``n_runs`` runs of ``count`` messages) as ``(k, 3)`` rows:

@@ -108,6 +108,7 @@ class RelayLog:
     messages = _StateSlot(LOG_MESSAGES, "messages appended since the start")
     _lo = _StateSlot(LOG_LO, "the oldest live entry of the batch index")
     _hi = _StateSlot(LOG_HI, "one past the newest entry of the batch index")
+    keep = _StateSlot(LOG_KEEP, "the oldest stream offset a cursor behind needs: the read loop evicts up to it only")
 
     @property
     def batches(self) -> int:

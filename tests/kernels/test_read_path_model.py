@@ -41,20 +41,36 @@ SMALL_SOCKET = 4096  # the relay's send buffers for its subscribers: they fall b
 
 WRAPS: list[bool] = []  # for each relay run: whether its log wrapped
 POLLED: list[int] = []  # and how many reads it made from its own epoll set
+POLLED_BEHIND: list[int] = []  # and how many of those while a subscriber was behind
 
 
 async def received(
-    read_path: str, domain: str, pieces: list[bytes], wants: list[int], filters: list[protocol.Filter]
+    read_path: str,
+    domain: str,
+    pieces: list[bytes],
+    wants: list[int],
+    filters: list[protocol.Filter],
+    late: int = 0,
 ) -> list[bytes]:
     """What each subscriber of a relay on ``read_path`` receives of ``pieces``, sent in order, then a close.
 
-    Subscriber ``i`` subscribes to ``filters[i]`` first (unless it is everything) and reads ``wants[i]`` bytes.
+    Subscriber ``i`` subscribes to ``filters[i]`` first (unless it is everything) and reads ``wants[i]`` bytes;
+    the first starts reading only once ``late`` pieces are sent, so that it is behind while they are forwarded.
     """
     # A small log (about 96 KiB): the largest payload the stream holds is under 16 KiB.
     logic = logic_for(
         domain, read_path=read_path, slow_policy="block", max_payload=1 << 14, buffer_size=1 << 15, log_size=1 << 16
     )
     relay = Relay(logic)
+    polled_behind = 0
+    polled_read = relay._polled_read
+
+    def count_behind(*args: object) -> None:  # a row is the poll loop's read, made before this runs
+        nonlocal polled_behind
+        polled_behind += any(conn.behind for conn in relay.connections.values())
+        polled_read(*args)  # type: ignore[arg-type]
+
+    relay._polled_read = count_behind  # type: ignore[method-assign]
     loop = asyncio.get_running_loop()
     ours: list[socket.socket] = []
     try:
@@ -70,21 +86,29 @@ async def received(
         for _ in range(4):  # every connection is the relay's, and every filter set, before anything is published
             await asyncio.sleep(0)
 
+        started = asyncio.Event()
+
         async def read(sock: socket.socket, want: int) -> bytes:
+            if sock is subscribers[0]:
+                await started.wait()
             got = bytearray()
             while len(got) < want:
                 got += await loop.sock_recv(sock, 1 << 16)
             return bytes(got)
 
         readers = [asyncio.ensure_future(read(sub, want)) for sub, want in zip(subscribers, wants, strict=True)]
-        for piece in pieces:
+        for k, piece in enumerate(pieces):
+            if k == late:
+                started.set()
             await loop.sock_sendall(publisher, piece)
             for _ in range(4):  # the relay reads it, and the subscribers may catch up before the next
                 await asyncio.sleep(0)
+        started.set()
         publisher.close()
         got = list(await asyncio.wait_for(asyncio.gather(*readers), 30))
         WRAPS.append(relay.log.head > relay.log.size)
         POLLED.append(relay.reads_polled)
+        POLLED_BEHIND.append(polled_behind)
         return got
     finally:
         for sock in ours:
@@ -154,7 +178,8 @@ def test_every_read_path_gives_every_subscriber_exactly_the_forwarded_bytes(
 )
 def test_a_stream_that_wraps_the_small_log_reaches_both_relays_subscribers_whole(chosen: list[protocol.Filter]) -> None:
     """The property's larger cases, made sure of: the log wraps more than once on every read path, and the
-    compiled path's own reads take part, filtered subscriber or not."""
+    compiled path's own reads take part, filtered subscriber or not, and go on while one subscriber that
+    starts late catches up from its cursor."""
     rng = random.Random(5)
     messages = [m for m, ok in mixed_messages(rng, "market_data", 1500) if ok]
     stream = b"".join(messages)
@@ -163,10 +188,13 @@ def test_a_stream_that_wraps_the_small_log_reaches_both_relays_subscribers_whole
     pieces = [stream[a : a + n] for a, n in zip(range(0, len(stream), 9000), [9000] * len(stream), strict=False)]
     WRAPS.clear()
     POLLED.clear()
+    POLLED_BEHIND.clear()
     sizes = [len(want) for want in wants]
     got = [
-        uvloop.run(received(path, "market_data", pieces, sizes, chosen)) for path in ("python", "uvloop", "compiled")
+        uvloop.run(received(path, "market_data", pieces, sizes, chosen, late=3))
+        for path in ("python", "uvloop", "compiled")
     ]
     assert got == [wants] * 3
     assert WRAPS == [True, True, True] and len(stream) > 2 * (1 << 16)
     assert POLLED[:2] == [0, 0] and POLLED[2] > 0, POLLED  # the relay's own reads took part on the compiled path
+    assert POLLED_BEHIND[2] > 0, POLLED_BEHIND  # and went on while a subscriber caught up from its cursor

@@ -154,51 +154,13 @@ def _aim_groups(runs, head, pieces, size, address, groups, first, counts, bounds
             iov_count[t] = placed[groups + g]
 
 
+# fmt: off
 @kernel
 def forward_read(
-    ring,
-    at,
-    end,
-    domain,
-    max_payload,
-    checksum_policy,
-    type_allowed,
-    version_allowed,
-    offsets,
-    verdicts,
-    runs,
-    scratch,
-    crc_tables,
-    counts,
-    state,
-    starts,
-    origins,
-    first_message,
-    origin,
-    fds,
-    skip,
-    iov_first,
-    iov_count,
-    iovecs,
-    msghdr,
-    sent,
-    totals,
-    address,
-    timespec,
-    stage,
-    judged_messages,
-    judged_bytes,
-    groups,
-    type_groups,
-    source_groups,
-    untyped,
-    masks,
-    group_first,
-    group_counts,
-    group_sizes,
-    group_bounds,
-    target_group,
-    placed,
+    ring, at, end, domain, max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts, runs,
+    scratch, crc_tables, counts, state, starts, origins, first_message, origin, fds, skip, iov_first, iov_count,
+    iovecs, msghdr, sent, totals, address, timespec, stage, judged_messages, judged_bytes, groups, type_groups,
+    source_groups, untyped, masks, group_first, group_counts, group_sizes, group_bounds, target_group, placed,
 ):
     """Scan ``ring[at:end]``; if it starts with whole forwarded messages only, commit and send them.
 
@@ -267,3 +229,4 @@ def forward_read(
     began = _now(timespec)
     short = send_all(fds, skip, iov_first, iov_count, iovecs, msghdr, sent, totals)
     return READ_FORWARDED, n, forwarded, head, short, began, _now(timespec)
+# fmt: on

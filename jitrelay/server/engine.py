@@ -54,6 +54,7 @@ from jitrelay.core.histogram import Histogram
 from jitrelay.core.units import MiB
 from jitrelay.server.connection import Connection as Connection  # re-exported: the engine's connections
 from jitrelay.server.controls import Controls
+from jitrelay.server.cursors import CATCHING_UP, NOT_SENT_TO, CursorFlag, CursorMode, CursorTable
 from jitrelay.server.journal import Journal
 from jitrelay.server.journaling import JOURNAL_RETRY_SECONDS, Journaling
 from jitrelay.server.log import RelayLog
@@ -91,9 +92,10 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self.log = RelayLog(ring_size, mirror, ring=self.memory.ring, reserve=logic.buffer_size)
         self.ring_bytes = self.log.ring.data
         self.memory.start(self.log.epoch)
-        self._shared: set[Connection] = set()  # readers of the mapped log (each knows its slot)
         self._shared_timer: asyncio.TimerHandle | None = None
         self.connections: dict[int, Connection] = {}
+        # Every connection's cursor: who keeps up, who is behind, held, positioned, reads the mapped log.
+        self.cursors: CursorTable[Connection] = CursorTable(logic.max_connections)
         # Who receives what: connections without a filter get every forwarded
         # byte; each distinct filter is a group whose runs ``kernels.scan_and_route`` cuts.
         self._groups: tuple[tuple[Connection, ...], ...] = ()
@@ -110,9 +112,6 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self._targets: list[Connection] = []
         self._target_group = np.zeros(0, dtype=np.int64)  # -1 for the unfiltered, else the group index
         self._targets_dirty = True
-        self._behind: set[Connection] = set()
-        self._positioned: set[Connection] = set()  # they are always sent to from their cursors, with notices
-        self._held: set[Connection] = set()
         self._journal_held: list[Connection] = []  # publishers whose batch waits for the journal to write again
         self._journal_retry: asyncio.TimerHandle | None = None
         self._next_id = 0
@@ -150,7 +149,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         if conn.address is None and not self.logic.admits(conn.uid, conn.gid):  # TCP peers: see connection_made
             self.refused["not_allowed"] += 1
             return f"uid {conn.uid} / gid {conn.gid} not allowed"
-        if len(self.connections) >= self.logic.max_connections:
+        if len(self.connections) >= self.logic.max_connections or self.cursors.full:
             self.refused["connection_limit"] += 1
             return f"connection limit {self.logic.max_connections} reached"
         return None
@@ -163,6 +162,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
 
     def add(self, conn: Connection) -> None:
         self.connections[conn.conn_id] = conn
+        self.cursors.add(conn)
         self.accepted += 1
         self._retarget()
         if not self._reading:
@@ -174,15 +174,16 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             return
         self.retired_counts += conn.counts
         self.retired_bytes_in += conn.bytes_in
+        never_reads = conn.never_reads
+        self._retire(conn)  # before any held publisher is judged again: a closed reader holds no one
         if conn.shared_slot >= 0:
-            self._shared.discard(conn)
             self.memory.release(conn.shared_slot)
             conn.shared_slot = -1
             if not self.memory.claimed:
                 self.log.publisher = None  # no reader maps the log: appends stop publishing its extent
             self._release_held()
         self._retarget()
-        if conn.never_reads:
+        if never_reads:
             messages, nbytes = self._not_taken(conn)
             self.retired_unread_messages += messages
             self.retired_unread_bytes += nbytes
@@ -199,6 +200,15 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             return
         log.info("%s disconnected (received %d bytes, sent %d bytes)", conn.peer, conn.bytes_in, conn.bytes_out)
 
+    def _retire(self, conn: Connection) -> None:
+        """Free a gone connection's cursor slot, or close it while a batch of its waits (held, or for the journal)."""
+        if conn.cursor_slot < 0 or conn.conn_id in self.connections:
+            return
+        if conn.held or conn in self._journal_held:
+            self.cursors.set_mode(conn, CursorMode.CLOSED)
+        else:
+            self.cursors.remove(conn)
+
     def stop_sending(self, conn: Connection) -> None:
         """Forget ``conn``'s cursor before its descriptors close: no writability wait, no place among the targets."""
         self._unpoll(conn, resume=False)  # nor in the relay's epoll set
@@ -208,9 +218,9 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
     def _drop_cursor(self, conn: Connection) -> None:
         """``stop_sending`` without letting held publishers go: for callers in the middle of judging room."""
         if conn.behind:
-            conn.behind = False
-            self._behind.discard(conn)
-        self._positioned.discard(conn)
+            self.cursors.settle(conn)
+        if conn.cursor_slot >= 0:
+            self.cursors.clear_flag(conn, CursorFlag.POSITION_NOTICES)
         conn.prefix.clear()
         if conn.replay is not None:
             conn.replay.close()
@@ -226,11 +236,8 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self._targets_dirty = True
 
     def _retarget(self) -> None:
-        live = [
-            c
-            for c in self.connections.values()
-            if not (c.publish_only or c.never_reads or c.granted or c.transport.is_closing())
-        ]
+        sent_nothing = ((self.cursors.flags & NOT_SENT_TO) != 0).tolist()  # by slot: one look-up per connection
+        live = [c for c in self.connections.values() if not (sent_nothing[c.cursor_slot] or c.transport.is_closing())]
         groups: dict[protocol.Filter, list[Connection]] = {}
         for conn in live:
             if conn.filter != protocol.EVERYTHING:
@@ -240,23 +247,27 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             self._group_filters = filters
             self._group_tables = kernels.group_tables(filters) if filters else None
         self._groups = tuple(tuple(members) for members in groups.values())
+        self.cursors.group[:] = -1
+        for g, members in enumerate(self._groups):
+            for conn in members:
+                self.cursors.group[conn.cursor_slot] = g
         self._targets_dirty = True
 
     def _rebuild_targets(self) -> None:
         """The send loop's target arrays: every live subscriber that keeps up, with its group's iovec slice."""
         for i, conn in enumerate(self._targets):  # what the loop sent them since the last rebuild
             conn.bytes_out += int(self._fan.totals[i])
-        group_of = {conn: g for g, members in enumerate(self._groups) for conn in members}
+        keeping_up = (self.cursors.mode == CursorMode.KEEPING_UP).tolist()  # by slot: one look-up per connection
         targets = [
             c
             for c in self.connections.values()
-            if not (c.behind or c.publish_only or c.never_reads or c.granted or c.transport.is_closing()) and c.fd >= 0
+            if keeping_up[c.cursor_slot] and not c.transport.is_closing() and c.fd >= 0
         ]
         self._fan.reserve(len(targets), 0)
         for i, conn in enumerate(targets):
             self._fan.fds[i] = conn.fd
         self._targets = targets
-        self._target_group = np.array([group_of.get(c, -1) for c in targets], dtype=np.int64)
+        self._target_group = self.cursors.group[[c.cursor_slot for c in targets]]
         self._fan.totals[: len(targets)] = 0
         self._targets_dirty = False
 
@@ -319,7 +330,9 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         ring = self.log.ring
         if conn.positioned and not (conn.behind or conn.granted):
             self._publishing(conn)
-        if self._compiled_reads and not (self._behind or self._groups or self._shared or self.log.publisher):
+        if self._compiled_reads and not (
+            self.cursors.count(*CATCHING_UP, CursorMode.MAPPED) or self._groups or self.log.publisher
+        ):
             if self._forward_compiled(conn, at, n, arrived):
                 return
         elif not self._must_hold(n, conn):
@@ -391,7 +404,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             self._left_short(start, size, None, lambda: [])
         self.forward_time.record((done or time.perf_counter_ns()) - arrived)
         self.messages_timed += messages
-        if self._behind:
+        if self.cursors.count(*CATCHING_UP):
             self._check_lag()
 
     def _publishing(self, conn: Connection) -> None:
@@ -404,7 +417,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         """Under ``block``: whether ``nbytes`` more from ``sender`` would pass the slowest cursor, so it waits."""
         return (
             self.logic.slow_policy == BLOCK
-            and bool(self._behind or self._shared)
+            and bool(self.cursors.count(*CATCHING_UP, CursorMode.MAPPED))
             and not self._has_room(nbytes, sender)
         )
 
@@ -461,7 +474,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             (log_.epoch, log_.head, log_.messages),
         ):
             return False
-        if self._behind:
+        if self.cursors.count(*CATCHING_UP):
             self._leave_behind(log_.tail_after(size), sender)
         first_message = log_.messages
         if direct >= 0:
@@ -476,24 +489,25 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         if self._targets_dirty:
             self._rebuild_targets()
         # Each group's share as stream ranges, for cursors that owe it: only while someone is behind.
-        group_ranges = self._group_ranges(start, first_message, result) if self._groups and self._behind else None
-        if self._behind:
+        behind = self.cursors.count(*CATCHING_UP)
+        group_ranges = self._group_ranges(start, first_message, result) if self._groups and behind else None
+        if behind:
             self._owe(sender, group_ranges)
-        for conn in self._positioned:  # those the send loop does not serve
+        for conn in self.cursors.flagged(CursorFlag.POSITION_NOTICES):  # those the send loop does not serve
             if (
                 conn.behind
                 and not conn.writing
                 and (conn.owed if conn.filter != protocol.EVERYTHING else conn is not sender)
             ):
                 self._write_when_ready(conn)
-        if self._shared:
+        if self.cursors.count(CursorMode.MAPPED):
             self.memory.wake()  # every sleeping reader of the mapped log, in one call
         if self._targets:
             self._send_batch(sender, start, size, arrived, result, first_message, group_ranges)
         done = time.perf_counter_ns()
         self.forward_time.record(done - arrived)
         self.messages_timed += result.count
-        if self._behind:
+        if self.cursors.count(*CATCHING_UP):
             self._check_lag()
         return True
 
@@ -591,13 +605,12 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
 
     def _to_cursor(self, conn: Connection, position: int, owed: np.ndarray | None = None) -> None:
         """Take ``conn`` out of the send loop's targets: from ``position`` on, its cursor serves it."""
-        conn.behind = True
-        conn.position = position
+        self.cursors.set_mode(conn, CursorMode.BEHIND)
+        self.cursors.set_position(conn, position)
         if conn.positioned:
             conn.stream_at = position  # its stream has gone on without a break up to here, notice or not
         if owed is not None and len(owed):
             conn.owed.append(owed)
-        self._behind.add(conn)
         self._targets_dirty = True
 
     def _write_when_ready(self, conn: Connection) -> None:
@@ -651,7 +664,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             rows = []  # the journal first (the log takes over when it ends); after a grant, the mapping
         elif conn.filter == protocol.EVERYTHING:
             start, end = log_.next_range(conn.position, conn.conn_id if conn.published else -1)
-            conn.position = start
+            self.cursors.set_position(conn, start)
             rows = [(start, end, -1)] if end > start else []
         else:
             rows = [row for ranges in conn.owed for row in ranges.tolist()]
@@ -698,7 +711,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
     def _consume(self, conn: Connection, start: int, n: int) -> None:
         """``n`` log bytes from stream offset ``start`` were sent to ``conn``."""
         if conn.filter == protocol.EVERYTHING:
-            conn.position = start + n
+            self.cursors.set_position(conn, start + n)
             return
         while n and conn.owed:
             ranges = conn.owed[0]
@@ -720,15 +733,14 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             conn.slow_timer = None
         if conn.positioned:
             conn.owed.clear()
-            conn.position = self.log.head
+            self.cursors.set_position(conn, self.log.head)
             announced = conn.stream_at == conn.position  # it has been told where its stream stands
             if conn.filter != protocol.EVERYTHING or conn.published or conn.replay is not None or not announced:
                 return  # it stays with the cursors: its stream needs notices between batches, or one first
             # Unfiltered, never publishing and told where it stands, its stream goes on batch after batch without
             # a notice until it falls behind: the send loop serves it like any other subscriber that keeps up.
-        conn.behind = False
+        self.cursors.settle(conn)
         conn.owed.clear()
-        self._behind.discard(conn)
         self._targets_dirty = True
         self._release_held()
 
@@ -766,7 +778,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self.stopping = True
         self._set_reading(False)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self._behind:
+        while time.monotonic() < deadline and self.cursors.count(*CATCHING_UP):
             await asyncio.sleep(0.01)
         for conn in list(self.connections.values()):
             behind = conn.behind

@@ -33,6 +33,7 @@ from jitrelay.core.domains import READ_COMPILED, RelayLogic
 from jitrelay.kernels import constants as c
 from jitrelay.kernels.polling import PollLoop
 from jitrelay.server.connection import Connection
+from jitrelay.server.cursors import CATCHING_UP, CursorFlag, CursorMode, CursorTable
 from jitrelay.server.journal import Journal
 from jitrelay.server.log import RelayLog
 
@@ -56,10 +57,8 @@ class PolledReads:
     _fan: kernels.FanOut
     _targets: list[Connection]
     _targets_dirty: bool
-    _behind: set[Connection]
+    cursors: CursorTable[Connection]
     _groups: tuple
-    _shared: set[Connection]
-    _held: set[Connection]
     _journal_retry: object
     _reading: bool
     _rebuild_targets: Callable[[], None]
@@ -77,12 +76,19 @@ class PolledReads:
 
     def _polling_allowed(self) -> bool:
         """Whether a read may be forwarded by the compiled loop alone: nothing but the send loop's targets wants it."""
+        cursors = self.cursors
         return (
             self.logic.read_path == READ_COMPILED
             and not self._polling_failed
             and self._journal_retry is None
             and self._reading
-            and not (self._behind or self._groups or self._shared or self._held or self.log.publisher)
+            and not (
+                cursors.count(*CATCHING_UP)
+                or self._groups
+                or cursors.count(CursorMode.MAPPED)
+                or cursors.count_flagged(CursorFlag.HELD)
+                or self.log.publisher
+            )
         )
 
     def after_read(self, conn: Connection) -> None:

@@ -27,19 +27,20 @@ publisher that has never read a byte of what it was sent (``_never_read``) is
 neither: it is detached from the log, and what it is not sent is counted.
 
 This module is the Relay's core: its state, membership, and the path of a
-read (scan, journal append, log append, fan-out) and of a cursor behind
-(catch-up). Its other jobs are classes of their own that the Relay inherits,
-their state the Relay's: the slow-reader policies (``slow_readers``),
-positions and resuming (``resume``), readers of the mapped log
-(``shared_readers``), the journal off the data path (``journaling``),
-control messages (``controls``) and the figures (``relay_figures``); a
-peer's protocol is ``connection``. Whatever runs for every batch stays here.
+read (scan, journal append, log append, fan-out). Its other jobs are classes
+of their own that the Relay inherits, their state the Relay's: cursors that
+are behind catching up (``catch_up``), the slow-reader policies
+(``slow_readers``), positions and resuming (``resume``), readers of the
+mapped log (``shared_readers``), the journal off the data path
+(``journaling``), control messages (``controls``) and the figures
+(``relay_figures``). Every cursor's mode and flags are one table
+(``cursors``); a peer's protocol is ``connection``. Whatever runs for every
+batch stays here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter, deque
@@ -51,7 +52,7 @@ from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.domains import BLOCK, FSYNC_BATCH, JOURNAL_PAUSE, READ_PYTHON, RelayLogic
 from jitrelay.core.histogram import Histogram
-from jitrelay.core.units import MiB
+from jitrelay.server.catch_up import CatchUp, ranges_after
 from jitrelay.server.connection import Connection as Connection  # re-exported: the engine's connections
 from jitrelay.server.controls import Controls
 from jitrelay.server.cursors import CATCHING_UP, NOT_SENT_TO, CursorFlag, CursorMode, CursorTable
@@ -69,12 +70,10 @@ from jitrelay.server.tls import TlsPeer
 log = logging.getLogger("jitrelay.relay")
 
 SHUTDOWN_FLUSH_SECONDS = 1.0
-CATCH_UP_BYTES = 8 * MiB  # the most one writability callback hands a subscriber that is behind
-CATCH_UP_PIECES = 1024  # and in at most this many pieces (one sendmsg)
 SLOW_PIDS_KEPT = 1000  # pids of the latest subscribers dropped as slow, for the figures
 
 
-class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledReads, RelayFigures):
+class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledReads, RelayFigures):
     """Appends every valid message a connection sends to its log, and sends each subscriber its share from there."""
 
     def __init__(self, logic: RelayLogic, journal: Journal | None = None, kernel_load_seconds: float = 0.0):
@@ -214,26 +213,6 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self._unpoll(conn, resume=False)  # nor in the relay's epoll set
         self._drop_cursor(conn)
         self._release_held()
-
-    def _drop_cursor(self, conn: Connection) -> None:
-        """``stop_sending`` without letting held publishers go: for callers in the middle of judging room."""
-        if conn.behind:
-            self.cursors.settle(conn)
-        if conn.cursor_slot >= 0:
-            self.cursors.clear_flag(conn, CursorFlag.POSITION_NOTICES)
-        conn.prefix.clear()
-        if conn.replay is not None:
-            conn.replay.close()
-            conn.replay = None
-        if conn.writing:
-            conn.writing = False
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_writer(conn.fd)
-        if conn.slow_timer is not None:
-            conn.slow_timer.cancel()
-            conn.slow_timer = None
-        conn.owed.clear()
-        self._targets_dirty = True
 
     def _retarget(self) -> None:
         sent_nothing = ((self.cursors.flags & NOT_SENT_TO) != 0).tolist()  # by slot: one look-up per connection
@@ -585,7 +564,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
                 self._fall_behind(conn, position=start + taken)
             else:
                 ranges = ranges or group_ranges()
-                self._fall_behind(conn, owed=_after(ranges[g], taken))
+                self._fall_behind(conn, owed=ranges_after(ranges[g], taken))
 
     def _owe(self, sender: Connection, group_ranges: list[np.ndarray] | None) -> None:
         """Filtered subscribers that are behind owe their group's share of this batch (never their own batch)."""
@@ -596,153 +575,6 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
                 for conn in members:
                     if conn.behind and conn is not sender:
                         conn.owed.append(group_ranges[g])
-
-    def _fall_behind(self, conn: Connection, position: int = 0, owed: np.ndarray | None = None) -> None:
-        """A subscriber's socket took less than its share: from now on it catches up on its own, when writable."""
-        self._to_cursor(conn, position, owed)
-        self.fell_behind += 1
-        self._write_when_ready(conn)
-
-    def _to_cursor(self, conn: Connection, position: int, owed: np.ndarray | None = None) -> None:
-        """Take ``conn`` out of the send loop's targets: from ``position`` on, its cursor serves it."""
-        self.cursors.set_mode(conn, CursorMode.BEHIND)
-        self.cursors.set_position(conn, position)
-        if conn.positioned:
-            conn.stream_at = position  # its stream has gone on without a break up to here, notice or not
-        if owed is not None and len(owed):
-            conn.owed.append(owed)
-        self._targets_dirty = True
-
-    def _write_when_ready(self, conn: Connection) -> None:
-        conn.writing = True
-        asyncio.get_running_loop().add_writer(conn.fd, self._catch_up, conn)
-
-    def _catch_up(self, conn: Connection) -> None:
-        """Writability on a subscriber that is behind: send what it owes from its cursor, until full or caught up."""
-        if conn.conn_id not in self.connections or conn.transport.is_closing():
-            self.stop_sending(conn)
-            return
-        budget = CATCH_UP_BYTES
-        while budget > 0:
-            views, segments = self._owed(conn, budget)
-            if not views:
-                self._caught_up(conn)
-                return
-            wanted = sum(len(v) for v in views)
-            assert conn.spare is not None  # a cursor exists only on an accepted connection
-            try:
-                taken = conn.spare.sendmsg(views)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.info("%s: send failed (%s); closing", conn.peer, exc)
-                self.stop_sending(conn)
-                conn.transport.abort()
-                return
-            self._advance(conn, taken, segments)
-            conn.bytes_out += taken
-            budget -= taken
-            self._release_held()
-            if taken < wanted:
-                return
-
-    def _owed(self, conn: Connection, budget: int) -> tuple[list, list]:
-        """What ``conn`` is to be sent next, at most ``budget`` log bytes in one sendmsg: views and what each is.
-
-        Segments are ``("prefix", n)``, ``("notice", bytes, start)`` (a position notice for the run at
-        ``start``) and ``("data", start, end)`` stream ranges.
-        """
-        log_ = self.log
-        views: list = []
-        segments: list[tuple] = []
-        if conn.replay is not None and not conn.prefix:
-            self._replay_more(conn)
-        if conn.prefix:
-            views.append(bytes(conn.prefix))  # a copy: the prefix shrinks as it goes out
-            segments.append(("prefix", len(conn.prefix)))
-        if conn.replay is not None or conn.shared_slot >= 0:
-            rows = []  # the journal first (the log takes over when it ends); after a grant, the mapping
-        elif conn.filter == protocol.EVERYTHING:
-            start, end = log_.next_range(conn.position, conn.conn_id if conn.published else -1)
-            self.cursors.set_position(conn, start)
-            rows = [(start, end, -1)] if end > start else []
-        else:
-            rows = [row for ranges in conn.owed for row in ranges.tolist()]
-        for a, b, message in rows:
-            if conn.positioned and a != conn.stream_at:
-                number = message if message >= 0 else log_.message_number(a)
-                notice = protocol.position_notice(protocol.Position(log_.epoch, a, number))
-                views.append(notice)
-                segments.append(("notice", notice, a))
-            b = min(b, a + budget)
-            views.extend(log_.views(a, b))
-            segments.append(("data", a, b))
-            budget -= b - a
-            if budget <= 0 or len(views) >= CATCH_UP_PIECES:
-                break
-        return (views if len(segments) else []), segments
-
-    def _advance(self, conn: Connection, taken: int, segments: list[tuple]) -> None:
-        """Move ``conn``'s cursor past the ``taken`` bytes of ``segments`` sent (shared owed ranges never change)."""
-        for segment in segments:
-            kind = segment[0]
-            if kind == "prefix":
-                n = min(taken, segment[1])
-                del conn.prefix[:n]
-                taken -= n
-                if conn.prefix:
-                    return
-            elif kind == "notice":
-                notice = segment[1]
-                conn.stream_at = segment[2]  # from now on the notice is the stream's: its rest goes first
-                if taken < len(notice):
-                    conn.prefix[:0] = notice[taken:]
-                    return
-                taken -= len(notice)
-            else:
-                a, b = segment[1], segment[2]
-                n = min(taken, b - a)
-                self._consume(conn, a, n)
-                conn.stream_at = a + n
-                taken -= n
-                if n < b - a:
-                    return
-
-    def _consume(self, conn: Connection, start: int, n: int) -> None:
-        """``n`` log bytes from stream offset ``start`` were sent to ``conn``."""
-        if conn.filter == protocol.EVERYTHING:
-            self.cursors.set_position(conn, start + n)
-            return
-        while n and conn.owed:
-            ranges = conn.owed[0]
-            rest = _after(ranges, n)
-            n -= int((ranges[:, 1] - ranges[:, 0]).sum()) - int((rest[:, 1] - rest[:, 0]).sum())
-            if len(rest):
-                conn.owed[0] = rest
-                return
-            conn.owed.popleft()
-
-    def _caught_up(self, conn: Connection) -> None:
-        if conn.sharing:
-            self._grant(conn)
-            return
-        asyncio.get_running_loop().remove_writer(conn.fd)
-        conn.writing = False
-        if conn.slow_timer is not None:
-            conn.slow_timer.cancel()
-            conn.slow_timer = None
-        if conn.positioned:
-            conn.owed.clear()
-            self.cursors.set_position(conn, self.log.head)
-            announced = conn.stream_at == conn.position  # it has been told where its stream stands
-            if conn.filter != protocol.EVERYTHING or conn.published or conn.replay is not None or not announced:
-                return  # it stays with the cursors: its stream needs notices between batches, or one first
-            # Unfiltered, never publishing and told where it stands, its stream goes on batch after batch without
-            # a notice until it falls behind: the send loop serves it like any other subscriber that keeps up.
-        self.cursors.settle(conn)
-        conn.owed.clear()
-        self._targets_dirty = True
-        self._release_held()
 
     def _close_faulty(self, conn: Connection, fault: int, offset: int) -> None:
         reason = protocol.FAULT_NAMES[fault]
@@ -787,14 +619,3 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self._stop_polling()
         self.memory.close()  # readers of the mapped log read on to the head, then end
         await asyncio.sleep(0)
-
-
-def _after(ranges: np.ndarray, taken: int) -> np.ndarray:
-    """What is left of ``(k, 2)`` stream ranges once ``taken`` bytes of them were sent."""
-    lengths = ranges[:, 1] - ranges[:, 0]
-    done = np.cumsum(lengths)
-    first = int(np.searchsorted(done, taken, side="right"))
-    rest = ranges[first:].copy()
-    if len(rest):
-        rest[0, 0] += taken - (int(done[first - 1]) if first else 0)
-    return rest

@@ -455,6 +455,47 @@ class FanOut:
         return args[2]
 
 
+class GroupRoute:
+    """What the read loop needs to give each filtered group its own runs of a batch, bound once per set of targets.
+
+    ``tables`` are the groups' filters (``group_tables``; None: no filter),
+    ``routed`` the route buffers (grown here to fit the tables and the scan
+    buffers: take ``routed`` back), ``target_group`` each send-loop target's
+    group (-1: unfiltered, it gets the whole batch). After a forwarded read,
+    ``placed`` holds each group's first iovec, iovec count and bytes.
+    """
+
+    def __init__(
+        self, tables: GroupTables | None, routed: RouteBuffers, scanned: ScanBuffers, target_group: np.ndarray
+    ) -> None:
+        groups = 0 if tables is None else tables.groups
+        if tables is not None:
+            _check_groups(tables)
+            routed = _fitted(routed, tables, scanned)
+        else:
+            tables = _NO_GROUP_TABLES
+        self.target_group = _array(target_group, _I64, 1, "target_group")
+        if len(target_group) and not (int(target_group.min()) >= -1 and int(target_group.max()) < groups):
+            raise ValueError(f"target groups outside -1..{groups - 1}")
+        self.routed = routed
+        self.groups = groups
+        self.placed = np.zeros(3 * max(1, groups), dtype=np.int64)
+        self.args = (
+            groups, tables.type_groups, tables.source_groups, tables.untyped, routed.masks, routed.first,
+            routed.counts, routed.sizes, routed.runs, self.target_group, self.placed,
+        )  # fmt: skip
+
+    def current(self, routed: RouteBuffers) -> bool:
+        """Whether this binding still holds ``routed``'s arrays (a scan elsewhere may have grown them)."""
+        return routed is self.routed and routed.runs is self.args[8] and routed.masks is self.args[4]
+
+    def due(self, targets: int, size: int) -> np.ndarray:
+        """What each of the first ``targets`` targets was to be sent of the last forwarded batch of ``size`` bytes."""
+        if not self.groups:
+            return np.full(targets, size, dtype=np.int64)
+        return np.concatenate(([size], self.placed[2 * self.groups : 3 * self.groups]))[self.target_group[:targets] + 1]
+
+
 class ReadPath:
     """The compiled read path (``read_loop.forward_read``) with what stays the same from read to read bound once.
 
@@ -496,6 +537,7 @@ class ReadPath:
         skip: int,
         stage: int = STAGE_ALL,
         judged: tuple[int, int] = (0, 0),
+        route: GroupRoute | None = None,
     ) -> tuple[int, int, int, int, int, int, int]:
         """Judge ``ring[at:end]`` and, if it is all whole forwarded messages, commit it and send it to the targets.
 
@@ -505,7 +547,9 @@ class ReadPath:
         ``stage=STAGE_JUDGE`` it stops after judging (``READ_JUDGED``); then
         ``stage=STAGE_SEND`` with that result's ``(messages, bytes)`` as
         ``judged`` commits and sends the same read, nothing in between having
-        touched the log.
+        touched the log. With ``route``, the targets in a filtered group get
+        their group's runs of the batch (the read is not taken when they do not
+        fit the arrays); the send stage needs the route the judge stage had.
         """
         if not (0 <= at <= end <= len(self.ring) and end - at <= self.capacity):
             raise ValueError(f"[{at}, {end}) is not a range of the ring the scan buffers can take")
@@ -517,8 +561,16 @@ class ReadPath:
         fan._uniform = None  # every target's slice is the loop's from here
         return _io_loop("forward_read")(
             self.ring, at, end, *self._scan, counts, *self._log, origin, fds, skip, first, count, fan.iovecs,
-            fan.msghdr, sent, totals, self._address, self._timespec, stage, *judged,
+            fan.msghdr, sent, totals, self._address, self._timespec, stage, *judged, *self.route_args(route, targets),
         )  # fmt: skip
+
+    def route_args(self, route: GroupRoute | None, targets: int) -> tuple:
+        """``route``'s arguments for the loops, checked against the scan buffers and the targets."""
+        if route is None:
+            return _NO_ROUTE.args
+        if len(route.target_group) < targets or route.routed.capacity < self.capacity:
+            raise ValueError(f"the route is for fewer than {targets} targets, or for smaller scans")
+        return route.args
 
 
 def _io_loop(name: str) -> Any:
@@ -585,6 +637,11 @@ def group_tables(filters: list[p.Filter]) -> GroupTables:
     return GroupTables(type_groups, source_groups, untyped, len(filters))
 
 
+_NO_GROUP_TABLES = GroupTables(
+    np.zeros((256, 1), dtype=np.uint64), np.zeros((256, 1), dtype=np.uint64), np.zeros(1, dtype=np.uint64), 0
+)
+
+
 class RouteBuffers:
     """Outputs of ``route``, reused across calls and grown when a batch needs more.
 
@@ -634,6 +691,9 @@ def route(buf: np.ndarray, scanned: ScanBuffers, count: int, tables: GroupTables
         scanned.offsets, out.masks, count, tables.groups, out.first, out.counts, out.sizes, out.runs
     )
     return _runs_fitted(out, tables, scanned, count, needed)
+
+
+_NO_ROUTE = GroupRoute(None, RouteBuffers(0, 0), ScanBuffers(0), np.zeros(0, dtype=np.int64))
 
 
 def _check_groups(tables: GroupTables) -> None:

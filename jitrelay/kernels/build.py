@@ -60,6 +60,8 @@ _SCAN_ARGS = (
     f"{_CRC_TABLES}"
 )
 _ROUTE_ARGS = f"{_MASKS}, {_MASKS}, uint64[::1], int64, {_MASKS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}"
+# What the read and poll loops take to give filtered groups their runs: the group count, the route, the targets' groups.
+_GROUP_ARGS = f"int64, {_MASKS}, {_MASKS}, uint64[::1], {_MASKS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}"
 
 # Every entry point of ``loops`` that ``kernels`` calls, with its one signature.
 SIGNATURES: dict[str, str] = {
@@ -88,7 +90,7 @@ READ_SIGNATURES: dict[str, str] = {
     "forward_read": (
         f"UniTuple(int64, 7)({_SCAN_ARGS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, int64, "
         f"{_INTS}, int64, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS}, int64, {_INTS}, "
-        "int64, int64, int64)"
+        f"int64, int64, int64, {_GROUP_ARGS})"
     ),
 }
 
@@ -98,7 +100,7 @@ POLL_SIGNATURES: dict[str, str] = {
         f"int64(int64, {_BYTES}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, int64[:, ::1], int64, int64[:, ::1], "
         f"{_BYTES}, int64, int64, int64, {_BYTES}, {_BYTES}, {_INTS}, {_BYTES}, {_INTS}, {_INTS}, {_CRC_TABLES}, "
         f"{_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS}, "
-        f"{_INTS}, {_INTS}, int64)"
+        f"{_INTS}, {_INTS}, int64, {_GROUP_ARGS})"
     ),
 }
 

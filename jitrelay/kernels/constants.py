@@ -25,7 +25,10 @@ STAGE_ALL, STAGE_JUDGE, STAGE_SEND = 0, 1, 2
 # The relay log's scalars in one int64 array (``server.log.RelayLog.state``), which the read loop moves.
 
 LOG_SIZE, LOG_MIRROR, LOG_RESERVE, LOG_BATCH_CAPACITY, LOG_HEAD, LOG_TAIL, LOG_MESSAGES, LOG_LO, LOG_HI = range(9)
-LOG_STATE_SLOTS = 9
+# The oldest stream offset a cursor behind still needs: the read loop takes no read whose commit would evict it.
+LOG_KEEP = 9
+LOG_STATE_SLOTS = 10
+KEEP_EVERYTHING_EVICTABLE = 1 << 62  # ``LOG_KEEP`` when no cursor is behind: any commit may evict
 
 # What the poll loop (``poll_loop.read_ready``) reports for each read it made: one row of ``POLL_WORDS`` per read.
 

@@ -96,7 +96,8 @@ def _read_slot(
     slot, reports, r, slot_fd, slot_origin, slot_filled, slot_carry, slot_counts, carry_limit, ring, domain,
     max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts, runs, scratch, crc_tables, state,
     starts, origins, first_message, fds, iov_first, iov_count, iovecs, msghdr, sent, totals, timespec, tally,
-    judge_only,
+    judge_only, groups, type_groups, source_groups, untyped, masks, group_first, group_counts, group_sizes,
+    group_bounds, target_group, placed,
 ):
     """One read of ``slot`` into the log at the head, forwarded if it may be; its report in ``reports[r]``.
 
@@ -128,7 +129,9 @@ def _read_slot(
     status, messages, forwarded, start, short, began, ended = forward_read(
         ring, at, at + n, domain, max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts,
         runs, scratch, crc_tables, tally, state, starts, origins, first_message, slot_origin[slot], fds, fd,
-        iov_first, iov_count, iovecs, msghdr, sent, totals, np.int64(address), timespec, stage, 0, 0,
+        iov_first, iov_count, iovecs, msghdr, sent, totals, np.int64(address), timespec, stage, 0, 0, groups,
+        type_groups, source_groups, untyped, masks, group_first, group_counts, group_sizes, group_bounds, target_group,
+        placed,
     )
     if status == READ_JUDGED:  # for the journal first: Python sends it on (``PollLoop.send_judged``)
         reports[r, POLL_MESSAGES] = messages
@@ -166,7 +169,8 @@ def read_ready(
     epfd, ready, slot_fd, slot_origin, slot_filled, slot_carry, slot_counts, carry_limit, reports, ring, domain,
     max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts, runs, scratch, crc_tables, state,
     starts, origins, first_message, fds, iov_first, iov_count, iovecs, msghdr, sent, totals, timespec, tally,
-    judge_only,
+    judge_only, groups, type_groups, source_groups, untyped, masks, group_first, group_counts, group_sizes,
+    group_bounds, target_group, placed,
 ):
     """Read every ready slot of ``epfd`` into the log and forward it, until nothing is ready or Python is needed.
 
@@ -177,6 +181,7 @@ def read_ready(
     ``tally`` is zeroed scratch for one read's verdicts, left zeroed. With
     ``judge_only`` (a relay that journals before it forwards) a read of whole
     forwarded messages is judged only and stops the call (``POLLED_JUDGED``).
+    The group arguments are ``read_loop.forward_read``'s: what filtered targets get.
     """
     most = len(ready) // EPOLL_EVENT_BYTES
     made = 0
@@ -194,7 +199,8 @@ def read_ready(
                 slot, reports, made - 1, slot_fd, slot_origin, slot_filled, slot_carry, slot_counts, carry_limit, ring,
                 domain, max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts, runs, scratch,
                 crc_tables, state, starts, origins, first_message, fds, iov_first, iov_count, iovecs, msghdr, sent,
-                totals, timespec, tally, judge_only,
+                totals, timespec, tally, judge_only, groups, type_groups, source_groups, untyped, masks, group_first,
+                group_counts, group_sizes, group_bounds, target_group, placed,
             ) or made == len(reports):
                 return made
     return made

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from jitrelay.core import protocol as p
-from jitrelay.kernels import FanOut, ReadPath, _bytes, _io_loop
+from jitrelay.kernels import FanOut, GroupRoute, ReadPath, _bytes, _io_loop
 from jitrelay.kernels.constants import (
     EPOLL_DATA_AT,
     EPOLL_EVENT_BYTES,
@@ -95,11 +95,13 @@ class PollLoop:
         self.filled[slot] = 0
         return filled
 
-    def read_ready(self, fan: FanOut, targets: int, carry_limit: int, judge_only: bool = False) -> int:
+    def read_ready(
+        self, fan: FanOut, targets: int, carry_limit: int, judge_only: bool = False, route: GroupRoute | None = None
+    ) -> int:
         """Read and forward what is ready (``poll_loop.read_ready``); how many rows of ``reports`` it wrote.
 
         ``judge_only``: a read of whole forwarded messages is judged, not sent, and ends the call; the caller
-        journals it and hands it to ``send_judged``.
+        journals it and hands it to ``send_judged``. ``route``: what filtered targets get (``ReadPath.forward``).
         """
         if not 0 <= targets <= len(fan.fds) or len(fan.iovecs) < 4:
             raise ValueError(f"{targets} targets, room for {len(fan.fds)}, or fewer than two iovecs")
@@ -110,16 +112,27 @@ class PollLoop:
             _io_loop("read_ready")(
                 self.fileno(), self._ready, self.fd, self.origin, self.filled, self.carry, self.counts, carry_limit,
                 self.reports, path.ring, *path._scan, *path._log, fds, first, count, fan.iovecs, fan.msghdr, sent,
-                totals, path._timespec, self._tally, int(judge_only),
+                totals, path._timespec, self._tally, int(judge_only), *path.route_args(route, targets),
             )
         )  # fmt: skip
 
-    def send_judged(self, fan: FanOut, targets: int, slot: int, at: int, end: int, judged: tuple[int, int]) -> tuple:
-        """Commit and send the read ``read_ready`` judged last (``ring[at:end]``, of ``slot``): ``ReadPath.forward``'s
-        ``STAGE_SEND``, the verdicts its judging left in the shared scratch tallied into the slot's row."""
+    def send_judged(
+        self,
+        fan: FanOut,
+        targets: int,
+        slot: int,
+        read: tuple[int, int],
+        judged: tuple[int, int],
+        route: GroupRoute | None = None,
+    ) -> tuple:
+        """Commit and send the read ``read_ready`` judged last (``ring[at:end]`` for ``read``, of ``slot``):
+        ``ReadPath.forward``'s ``STAGE_SEND``, the verdicts its judging left in the shared scratch tallied into the
+        slot's row."""
+        at, end = read
         return self.path.forward(
-            at, end, self.counts[slot], int(self.origin[slot]), fan, targets, int(self.fd[slot]), STAGE_SEND, judged
-        )
+            at, end, self.counts[slot], int(self.origin[slot]), fan, targets, int(self.fd[slot]), STAGE_SEND, judged,
+            route,
+        )  # fmt: skip
 
     def close(self) -> None:
         self.epoll.close()

@@ -29,6 +29,7 @@ from jitrelay.kernels.constants import (
     LOG_BATCH_CAPACITY,
     LOG_HEAD,
     LOG_HI,
+    LOG_KEEP,
     LOG_LO,
     LOG_MESSAGES,
     LOG_MIRROR,
@@ -41,7 +42,7 @@ from jitrelay.kernels.constants import (
     STAGE_JUDGE,
     STAGE_SEND,
 )
-from jitrelay.kernels.loops import _MEMCPY, _c_function, kernel, scan
+from jitrelay.kernels.loops import _MEMCPY, _c_function, group_iovecs, group_masks, group_runs, kernel, scan
 from jitrelay.kernels.send_loop import send_all
 
 CLOCK_MONOTONIC = 1
@@ -69,6 +70,20 @@ def _first_at_or_after(starts, lo, hi, value):
 
 
 @kernel
+def _tail_after(forwarded, state, starts):
+    """``RelayLog.tail_after``: the tail an append of ``forwarded`` bytes leaves; whole batches go until it fits."""
+    head = state[LOG_HEAD]
+    lo = state[LOG_LO]
+    hi = state[LOG_HI]
+    needed = head + forwarded + state[LOG_RESERVE] - state[LOG_SIZE]
+    keep = lo
+    if needed > state[LOG_TAIL]:
+        keep = _first_at_or_after(starts, lo, hi, needed)
+    keep = max(keep, hi - state[LOG_BATCH_CAPACITY] + 1)
+    return starts[keep] if keep < hi else head
+
+
+@kernel
 def _commit(ring, at, forwarded, n, origin, state, starts, origins, first_message):
     """``RelayLog.commit`` of ``forwarded`` bytes read in at ``at`` (``n`` messages), checked by the caller."""
     size = state[LOG_SIZE]
@@ -77,13 +92,7 @@ def _commit(ring, at, forwarded, n, origin, state, starts, origins, first_messag
     tail = state[LOG_TAIL]
     lo = state[LOG_LO]
     hi = state[LOG_HI]
-    # What the append evicts: whole batches, until the bytes and the index fit (``RelayLog.tail_after``).
-    needed = head + forwarded + state[LOG_RESERVE] - size
-    keep = lo
-    if needed > tail:
-        keep = _first_at_or_after(starts, lo, hi, needed)
-    keep = max(keep, hi - state[LOG_BATCH_CAPACITY] + 1)
-    new_tail = starts[keep] if keep < hi else head
+    new_tail = _tail_after(forwarded, state, starts)
     if new_tail != tail:
         lo = _first_at_or_after(starts, lo, hi, new_tail)
         tail = new_tail
@@ -118,6 +127,31 @@ def _aim_everyone(at, forwarded, size, address, targets, iov_first, iov_count, i
     for t in range(targets):
         iov_first[t] = 0
         iov_count[t] = pieces
+    return pieces
+
+
+@kernel
+def _route(ring, offsets, verdicts, n, groups, type_groups, source_groups, untyped, masks, first, counts, sizes, bounds,
+           iovecs):  # fmt: skip
+    """Each filtered group's runs of a read of ``n`` forwarded messages; False when they would not fit the arrays."""
+    if n + 1 > masks.shape[0]:
+        return False
+    group_masks(ring, offsets, verdicts, n, type_groups, source_groups, untyped, masks)
+    needed = group_runs(offsets, masks, n, groups, first, counts, sizes, bounds)
+    # Every group's runs, each cut at most once more where the ring wraps, after the batch's own two pieces.
+    return 2 * needed <= len(bounds) and 2 * (2 + needed + groups) <= len(iovecs)
+
+
+@kernel
+def _aim_groups(runs, head, pieces, size, address, groups, first, counts, bounds, iovecs, target_group, iov_first,
+                iov_count, placed):  # fmt: skip
+    """Filtered targets' iovecs: their group's runs where the batch landed in the ring, after the batch's pieces."""
+    group_iovecs(runs, 1, head, first, counts, bounds, groups, address, size, iovecs, pieces, placed)
+    for t in range(len(iov_first)):
+        g = target_group[t]
+        if g >= 0:
+            iov_first[t] = placed[g]
+            iov_count[t] = placed[groups + g]
 
 
 @kernel
@@ -154,6 +188,17 @@ def forward_read(
     stage,
     judged_messages,
     judged_bytes,
+    groups,
+    type_groups,
+    source_groups,
+    untyped,
+    masks,
+    group_first,
+    group_counts,
+    group_sizes,
+    group_bounds,
+    target_group,
+    placed,
 ):
     """Scan ``ring[at:end]``; if it starts with whole forwarded messages only, commit and send them.
 
@@ -162,12 +207,21 @@ def forward_read(
     to the log and out (``counts`` tallied, ``state`` and the batch index
     moved, ``sent``/``totals`` as the send loop leaves them; a partial
     message after it stays where it is), else ``READ_NOT_TAKEN`` with
-    nothing changed but ``scratch`` and the scan buffers.
+    nothing changed but ``scratch`` and the scan buffers. A read whose
+    commit would evict the log past ``state[LOG_KEEP]`` (what a cursor behind
+    still needs) is not taken either: the caller's slow-reader policy decides.
 
     ``stage`` splits the call for a relay that journals before forwarding:
     ``STAGE_JUDGE`` stops after the scan (``READ_JUDGED`` when it would have
     gone on), and ``STAGE_SEND`` goes on from there for the same read, the
     scan's figures given back as ``judged_messages`` and ``judged_bytes``.
+
+    With ``groups`` filtered groups (``group_masks``' tables, then
+    ``group_runs``' and ``group_iovecs``' outputs), each target whose
+    ``target_group`` is one gets that group's runs of the batch, the others
+    all of it: ``placed`` holds each group's first iovec, iovec count and
+    bytes afterwards. A read whose groups' runs do not fit the arrays is not
+    taken. The judge stage routes; the send stage uses what it left.
     """
     if stage == STAGE_SEND:
         n, forwarded, clean = judged_messages, judged_bytes, True
@@ -187,14 +241,29 @@ def forward_read(
         or forwarded > size - state[LOG_RESERVE]
         or at + forwarded > size + state[LOG_MIRROR]
         or state[LOG_HI] >= len(starts)
+        or _tail_after(forwarded, state, starts) > state[LOG_KEEP]
     ):
+        return READ_NOT_TAKEN, n, forwarded, head, 0, 0, 0
+    if (
+        groups > 0
+        and stage != STAGE_SEND
+        and not _route(
+            ring, offsets, verdicts, n, groups, type_groups, source_groups, untyped, masks, group_first, group_counts,
+            group_sizes, group_bounds, iovecs,
+        )
+    ):  # fmt: skip
         return READ_NOT_TAKEN, n, forwarded, head, 0, 0, 0
     if stage == STAGE_JUDGE:
         return READ_JUDGED, n, forwarded, head, 0, 0, 0
     _commit(ring, at, forwarded, n, origin, state, starts, origins, first_message)
     for v in range(len(scratch)):
         counts[v] += scratch[v]
-    _aim_everyone(at, forwarded, size, address, len(fds), iov_first, iov_count, iovecs)
+    pieces = _aim_everyone(at, forwarded, size, address, len(fds), iov_first, iov_count, iovecs)
+    if groups > 0:
+        _aim_groups(
+            runs, head, pieces, size, address, groups, group_first, group_counts, group_bounds, iovecs, target_group,
+            iov_first, iov_count, placed,
+        )  # fmt: skip
     began = _now(timespec)
     short = send_all(fds, skip, iov_first, iov_count, iovecs, msghdr, sent, totals)
     return READ_FORWARDED, n, forwarded, head, short, began, _now(timespec)

@@ -52,6 +52,7 @@ from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.domains import BLOCK, FSYNC_BATCH, JOURNAL_PAUSE, READ_PYTHON, RelayLogic
 from jitrelay.core.histogram import Histogram
+from jitrelay.kernels.constants import KEEP_EVERYTHING_EVICTABLE
 from jitrelay.server.catch_up import CatchUp, ranges_after
 from jitrelay.server.connection import Connection as Connection  # re-exported: the engine's connections
 from jitrelay.server.controls import Controls
@@ -110,6 +111,7 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         self._start_polling()  # the relay's own epoll set: ``polled_reads``
         self._targets: list[Connection] = []
         self._target_group = np.zeros(0, dtype=np.int64)  # -1 for the unfiltered, else the group index
+        self._route: kernels.GroupRoute | None = None  # the groups and targets as the read loop takes them
         self._targets_dirty = True
         self._journal_held: list[Connection] = []  # publishers whose batch waits for the journal to write again
         self._journal_retry: asyncio.TimerHandle | None = None
@@ -210,7 +212,7 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
 
     def stop_sending(self, conn: Connection) -> None:
         """Forget ``conn``'s cursor before its descriptors close: no writability wait, no place among the targets."""
-        self._unpoll(conn, resume=False)  # nor in the relay's epoll set
+        self._unpoll(conn)  # nor in the relay's epoll set: its transport reads again, unless it is closing
         self._drop_cursor(conn)
         self._release_held()
 
@@ -248,7 +250,20 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         self._targets = targets
         self._target_group = self.cursors.group[[c.cursor_slot for c in targets]]
         self._fan.totals[: len(targets)] = 0
+        self._route = None
         self._targets_dirty = False
+
+    def _read_route(self) -> kernels.GroupRoute | None:
+        """The filtered groups and the targets' groups for the read loop (None without a filter), kept while current."""
+        if not self._groups:
+            return None
+        route = self._route
+        if route is None or not route.current(self._routed):
+            route = self._route = kernels.GroupRoute(
+                self._group_tables, self._routed, self.scan_out, self._target_group
+            )
+            self._routed = route.routed
+        return route
 
     # the data path
 
@@ -309,9 +324,7 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         ring = self.log.ring
         if conn.positioned and not (conn.behind or conn.granted):
             self._publishing(conn)
-        if self._compiled_reads and not (
-            self.cursors.count(*CATCHING_UP, CursorMode.MAPPED) or self._groups or self.log.publisher
-        ):
+        if self._compiled_reads and self._send_loop_suffices():
             if self._forward_compiled(conn, at, n, arrived):
                 return
         elif not self._must_hold(n, conn):
@@ -328,25 +341,44 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         conn.buf[:n] = ring[at : at + n]
         self.on_data(conn, arrived)
 
+    def _send_loop_suffices(self) -> bool:
+        """Whether a forwarded batch needs nothing but the send loop and the figures, so compiled code may take it.
+
+        No reader of the mapped log (each batch wakes them) and every cursor behind unfiltered: its position
+        is all it needs, and ``_keep_for_cursors`` stops the read loop from evicting what it has not read. A
+        filtered cursor behind is owed its group's ranges of every batch, which Python makes.
+        """
+        return not (self.cursors.count(CursorMode.MAPPED) or self.log.publisher) and all(
+            conn.filter == protocol.EVERYTHING for conn in self.cursors.members(*CATCHING_UP)
+        )
+
+    def _keep_for_cursors(self) -> None:
+        """Tell the read loop the oldest stream offset a cursor behind still needs (``LOG_KEEP``)."""
+        self.log.keep = min(
+            (conn.needed() for conn in self.cursors.members(*CATCHING_UP)), default=KEEP_EVERYTHING_EVICTABLE
+        )
+
     def _forward_compiled(self, sender: Connection, at: int, n: int, arrived: int) -> bool:
         """The ordinary read in one compiled call (``kernels.ReadPath``): scan, commit, fan out; False if not taken.
 
-        Only while nothing but the send loop's targets wants the batch: no cursor behind (a positioned
-        subscriber that keeps up is a target like any other), no filter, no reader of the mapped log. With a
+        Only while nothing but the send loop's targets and unfiltered cursors behind want the batch
+        (``_send_loop_suffices``); a filtered target gets its group's runs (``_read_route``), and a read that
+        would evict what a cursor behind still needs is not taken. With a
         journal the call is cut in two around its append: judged, journaled, then committed and sent. Else, or
         for anything but whole forwarded messages, the usual way takes the read, judging it again (and holding
         it, if the journal refused it).
         """
         if self._targets_dirty:
             self._rebuild_targets()
-        path, fan, targets = self._read_path, self._fan, len(self._targets)
+        self._keep_for_cursors()
+        path, fan, targets, route = self._read_path, self._fan, len(self._targets), self._read_route()
         if self.journal is None:
             status, messages, size, start, short, sending, sent_at = path.forward(
-                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd
+                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd, route=route
             )
         else:
             status, messages, size, *_ = path.forward(
-                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd, kernels.STAGE_JUDGE
+                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd, kernels.STAGE_JUDGE, route=route
             )
             log_ = self.log
             if status != kernels.READ_JUDGED or not self._journal(
@@ -354,8 +386,9 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
             ):
                 return False
             status, messages, size, start, short, sending, sent_at = path.forward(
-                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd, kernels.STAGE_SEND, (messages, size)
-            )
+                at, at + n, sender.counts, sender.conn_id, fan, targets, sender.fd, kernels.STAGE_SEND,
+                (messages, size), route,
+            )  # fmt: skip
             assert status == kernels.READ_FORWARDED  # judged so a moment ago, on the same log: journaled once
         if status != kernels.READ_FORWARDED:
             return False
@@ -379,8 +412,11 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         self.batches += 1
         self.send_time.record(sent_at - sending)
         self.own_time.record(sending - arrived)
-        if short:
-            self._left_short(start, size, None, lambda: [])
+        if short:  # the read loop's batch is one run of ``messages`` messages, from the log's last batch on
+            first, route = self.log.messages - messages, self._route
+            due = None if route is None else route.due(len(self._targets), size)
+            self._left_short(start, size, due, lambda: self._group_ranges(start, first, 1, messages))
+        self._wake_positioned(sender)
         self.forward_time.record((done or time.perf_counter_ns()) - arrived)
         self.messages_timed += messages
         if self.cursors.count(*CATCHING_UP):
@@ -468,17 +504,12 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         if self._targets_dirty:
             self._rebuild_targets()
         # Each group's share as stream ranges, for cursors that owe it: only while someone is behind.
-        behind = self.cursors.count(*CATCHING_UP)
-        group_ranges = self._group_ranges(start, first_message, result) if self._groups and behind else None
-        if behind:
+        group_ranges = None
+        if self._groups and self.cursors.count(*CATCHING_UP):
+            group_ranges = self._group_ranges(start, first_message, result.runs, result.count)
+        if self.cursors.count(*CATCHING_UP):
             self._owe(sender, group_ranges)
-        for conn in self.cursors.flagged(CursorFlag.POSITION_NOTICES):  # those the send loop does not serve
-            if (
-                conn.behind
-                and not conn.writing
-                and (conn.owed if conn.filter != protocol.EVERYTHING else conn is not sender)
-            ):
-                self._write_when_ready(conn)
+        self._wake_positioned(sender)
         if self.cursors.count(CursorMode.MAPPED):
             self.memory.wake()  # every sleeping reader of the mapped log, in one call
         if self._targets:
@@ -490,12 +521,23 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
             self._check_lag()
         return True
 
-    def _group_ranges(self, start: int, first_message: int, result: kernels.ScanResult) -> list[np.ndarray]:
-        """Each group's runs of this batch as ``(k, 3)`` rows: stream start, end, and the first message's number."""
-        runs = self.scan_out.runs[: 2 * result.runs]
+    def _wake_positioned(self, sender: Connection) -> None:
+        """Positioned cursors the send loop does not serve, idle at the head: a new batch of another's is theirs."""
+        for conn in self.cursors.flagged(CursorFlag.POSITION_NOTICES):
+            if (
+                conn.behind
+                and not conn.writing
+                and (conn.owed if conn.filter != protocol.EVERYTHING else conn is not sender)
+            ):
+                self._write_when_ready(conn)
+
+    def _group_ranges(self, start: int, first_message: int, n_runs: int, count: int) -> list[np.ndarray]:
+        """Each group's runs of the last scanned batch (``n_runs`` runs of ``count`` messages) as ``(k, 3)`` rows:
+        stream start, end, and the first message's number."""
+        runs = self.scan_out.runs[: 2 * n_runs]
         starts, ends = runs[0::2], runs[1::2]
         at = start + np.concatenate(([0], np.cumsum(ends - starts)[:-1]))  # where each forwarded run landed
-        forwarded = self.scan_out.offsets[: result.count][self.scan_out.verdicts[: result.count] == protocol.FORWARD]
+        forwarded = self.scan_out.offsets[:count][self.scan_out.verdicts[:count] == protocol.FORWARD]
         ranges = []
         routed = self._routed
         for g in range(len(self._groups)):
@@ -545,7 +587,10 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         self.send_time.record(sent_at - sending)
         self.own_time.record(sending - arrived)
         if short:
-            self._left_short(start, size, due, lambda: group_ranges or self._group_ranges(start, first_message, result))
+            runs, count = result.runs, result.count
+            self._left_short(
+                start, size, due, lambda: group_ranges or self._group_ranges(start, first_message, runs, count)
+            )
 
     def _left_short(
         self, start: int, size: int, due: np.ndarray | None, group_ranges: Callable[[], list[np.ndarray]]

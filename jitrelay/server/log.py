@@ -34,9 +34,11 @@ import numpy as np
 from jitrelay import kernels
 from jitrelay.core.shared_log import Snapshot
 from jitrelay.kernels.constants import (
+    KEEP_EVERYTHING_EVICTABLE,
     LOG_BATCH_CAPACITY,
     LOG_HEAD,
     LOG_HI,
+    LOG_KEEP,
     LOG_LO,
     LOG_MESSAGES,
     LOG_MIRROR,
@@ -94,6 +96,7 @@ class RelayLog:
         # The scalars below live in one array that the compiled read path (``kernels.read_loop``) moves too.
         self.state = np.zeros(LOG_STATE_SLOTS, dtype=np.int64)
         self.state[[LOG_SIZE, LOG_MIRROR, LOG_RESERVE, LOG_BATCH_CAPACITY]] = size, mirror, reserve, self.batch_capacity
+        self.state[LOG_KEEP] = KEEP_EVERYTHING_EVICTABLE  # the relay lowers it while a cursor is behind
         room = 2 * self.batch_capacity  # the live window slides along and is moved back when it reaches the end
         self._starts = np.zeros(room, dtype=np.int64)
         self._origins = np.zeros(room, dtype=np.int64)
@@ -105,6 +108,7 @@ class RelayLog:
     messages = _StateSlot(LOG_MESSAGES, "messages appended since the start")
     _lo = _StateSlot(LOG_LO, "the oldest live entry of the batch index")
     _hi = _StateSlot(LOG_HI, "one past the newest entry of the batch index")
+    keep = _StateSlot(LOG_KEEP, "the oldest stream offset a cursor behind needs: the read loop evicts up to it only")
 
     @property
     def batches(self) -> int:

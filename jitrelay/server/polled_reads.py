@@ -13,8 +13,11 @@ to the event loop's callbacks, and its bytes take the usual way, exactly as
 if the event loop had read them.
 
 The compiled read loop takes a read only while everything else allows it
-(``_polling_allowed``): no cursor behind, no filter, no reader of the mapped
-log, nobody held, the relay reading, the journal writing. A relay with a
+(``_polling_allowed``): no cursor behind but unfiltered ones (the loop leaves
+in the log what they have not read), no reader of the mapped log, nobody
+held, the relay reading, the journal writing. Filtered subscribers keeping up
+are targets like the others: the loop routes each read and sends each its
+group's runs. A relay with a
 journal gets each read back from the loop judged only: Python appends it to
 the journal where it lies in the ring, then one more compiled call commits
 and sends it, and the loop reads on. When that stops being so,
@@ -33,7 +36,7 @@ from jitrelay.core.domains import READ_COMPILED, RelayLogic
 from jitrelay.kernels import constants as c
 from jitrelay.kernels.polling import PollLoop
 from jitrelay.server.connection import Connection
-from jitrelay.server.cursors import CATCHING_UP, CursorFlag, CursorMode, CursorTable
+from jitrelay.server.cursors import CursorFlag, CursorTable
 from jitrelay.server.journal import Journal
 from jitrelay.server.log import RelayLog
 
@@ -58,37 +61,39 @@ class PolledReads:
     _targets: list[Connection]
     _targets_dirty: bool
     cursors: CursorTable[Connection]
-    _groups: tuple
+    _route: kernels.GroupRoute | None
+    _read_route: Callable[[], kernels.GroupRoute | None]
     _journal_retry: object
     _reading: bool
     _rebuild_targets: Callable[[], None]
+    _send_loop_suffices: Callable[[], bool]
+    _keep_for_cursors: Callable[[], None]
     _forwarded: Callable[[Connection, int, int, int, int, tuple], None]
     _journal: Callable[[list, tuple[int, int, int]], bool]
     ring_bytes: memoryview
     on_data: Callable[[Connection, int], None]
 
     def _start_polling(self) -> None:
+        """The epoll set from the start, so that the relay's descriptors do not change with its first publisher."""
         self.reads_polled = 0
         self._polling_failed = False
+        slots = self.logic.max_connections
         self._poll_loop: PollLoop | None = None
-        self._polled: list[Connection | None] = []
-        self._free_slots: list[int] = []
+        if self.logic.read_path == READ_COMPILED:
+            self._poll_loop = PollLoop(slots, self._read_path, POLLED_READS_PER_CALL)
+        self._poll_watched = False  # the event loop watches the epoll descriptor from the first connection polled
+        self._polled: list[Connection | None] = [None] * slots
+        self._free_slots = list(range(slots - 1, -1, -1))
 
     def _polling_allowed(self) -> bool:
         """Whether a read may be forwarded by the compiled loop alone: nothing but the send loop's targets wants it."""
-        cursors = self.cursors
         return (
             self.logic.read_path == READ_COMPILED
             and not self._polling_failed
             and self._journal_retry is None
             and self._reading
-            and not (
-                cursors.count(*CATCHING_UP)
-                or self._groups
-                or cursors.count(CursorMode.MAPPED)
-                or cursors.count_flagged(CursorFlag.HELD)
-                or self.log.publisher
-            )
+            and not self.cursors.count_flagged(CursorFlag.HELD)
+            and self._send_loop_suffices()
         )
 
     def after_read(self, conn: Connection) -> None:
@@ -106,13 +111,11 @@ class PolledReads:
 
     def _poll(self, conn: Connection) -> None:
         loop = self._poll_loop
-        if loop is None:
-            loop = self._poll_loop = PollLoop(self.logic.max_connections, self._read_path, POLLED_READS_PER_CALL)
-            self._polled = [None] * self.logic.max_connections
-            self._free_slots = list(range(self.logic.max_connections - 1, -1, -1))
-            asyncio.get_running_loop().add_reader(loop.fileno(), self._on_polled)
-        if not self._free_slots:
+        if loop is None or not self._free_slots:
             return
+        if not self._poll_watched:
+            asyncio.get_running_loop().add_reader(loop.fileno(), self._on_polled)
+            self._poll_watched = True
         slot = self._free_slots.pop()
         conn.transport.pause_reading()
         loop.add(slot, conn.fd, conn.conn_id, conn.buf, conn.filled, conn.counts)
@@ -142,7 +145,9 @@ class PolledReads:
     def _stop_polling(self) -> None:
         self._unpoll_all(resume=False)
         if self._poll_loop is not None:
-            asyncio.get_running_loop().remove_reader(self._poll_loop.fileno())
+            if self._poll_watched:
+                asyncio.get_running_loop().remove_reader(self._poll_loop.fileno())
+                self._poll_watched = False
             self._poll_loop.close()
             self._poll_loop = None
 
@@ -161,7 +166,9 @@ class PolledReads:
                     return
                 if self._targets_dirty:
                     self._rebuild_targets()
-                made = loop.read_ready(self._fan, len(self._targets), DIRECT_CARRY_LIMIT, judge_only)
+                self._keep_for_cursors()
+                route = self._read_route()
+                made = loop.read_ready(self._fan, len(self._targets), DIRECT_CARRY_LIMIT, judge_only, route)
                 self.reads_polled += made
                 rows = loop.reports[:made].tolist()
                 for row in rows:
@@ -204,7 +211,7 @@ class PolledReads:
         slot = conn.polled
         judged = (row[c.POLL_MESSAGES], size)
         _, messages, size, start, short, began, ended = loop.send_judged(
-            self._fan, len(self._targets), slot, at, at + n, judged
+            self._fan, len(self._targets), slot, (at, at + n), judged, self._route
         )
         rest = n - size
         conn.buf[:rest] = log_.ring[at + size : at + n]

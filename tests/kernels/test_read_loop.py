@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.reference import selects
 from support.streams import drain
 
 from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.domains import logic_for
+from jitrelay.kernels.constants import LOG_KEEP
 from jitrelay.server.log import RelayLog
 
 pytestmark = pytest.mark.kernels
@@ -242,3 +244,145 @@ def test_judged_then_sent_is_the_one_call_cut_in_two(pairs: list) -> None:
     assert sent[:5] == whole[:5] and sent[0] == kernels.READ_FORWARDED
     assert log_facts(two) == log_facts(one) and counts_two.tolist() == counts_one.tolist()
     assert [drain(p) for p in peers_two] == [drain(p) for p in peers_one] == [read[:-7]] * 2
+
+
+def routed_message(n: int, types: list[int], source: int) -> bytes:
+    return protocol.build_message(
+        protocol.MARKET_DATA, [(t, bytes([n % 251]) * (3 + n % 17)) for t in types], source=source, sequence=n
+    )
+
+
+def route_for(
+    filters: list[protocol.Filter], target_group: list[int], capacity: int, routed: kernels.RouteBuffers | None = None
+) -> kernels.GroupRoute:
+    tables = kernels.group_tables(filters) if filters else None
+    routed = routed or kernels.RouteBuffers(capacity, 1)
+    return kernels.GroupRoute(tables, routed, kernels.ScanBuffers(capacity), np.array(target_group, dtype=np.int64))
+
+
+a_filter = st.tuples(
+    st.none() | st.frozensets(st.integers(1, 8), min_size=1, max_size=4),
+    st.none() | st.frozensets(st.integers(0, 5), min_size=1, max_size=4),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=st.lists(st.tuples(st.lists(st.integers(1, 8), min_size=1, max_size=3), st.integers(0, 5)), max_size=40),
+    filters=st.lists(a_filter, min_size=1, max_size=3),
+    groups_of=st.lists(st.integers(-1, 2), min_size=1, max_size=4),
+    before=st.integers(0, 6000),
+    judged_first=st.booleans(),
+)
+def test_each_filtered_target_gets_exactly_its_groups_messages(
+    shapes: list, filters: list[protocol.Filter], groups_of: list[int], before: int, judged_first: bool
+) -> None:
+    """Any messages, any filters, the batch anywhere in the ring (across its end too): each target's peer receives
+    the messages its group selects, in order, whole; an unfiltered target all of them; the log as the Python log's."""
+    target_group = [min(g, len(filters) - 1) for g in groups_of]
+    size, reserve = 4096, 1024
+    log, model = new_log(size, reserve), new_log(size, reserve)
+    for each in (log, model):  # the head anywhere in the ring: up to two batches before the read
+        for length in (min(before, size - reserve), before - min(before, size - reserve)):
+            if length >= protocol.HEADER_SIZE + 2:
+                filler = np.frombuffer(message(0, length - protocol.HEADER_SIZE - 2), dtype=np.uint8)
+                each.append(filler, np.array([0, length], dtype=np.int64), 1, length, 1, 1)
+    messages = [routed_message(n, types, source) for n, (types, source) in enumerate(shapes)]
+    read = b"".join(messages)[: log.space()[1]]
+    whole, used = [], 0
+    for m in messages:
+        if used + len(m) > len(read):
+            break
+        whole.append(m)
+        used += len(m)
+    made: list = []
+    try:
+        fan = kernels.FanOut()
+        peers = targets(fan, made, len(target_group))
+        route = route_for(filters, target_group, reserve)
+        counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+        at = land(log, read)
+        assert land(model, read) == at
+        path = path_for(log)
+        call = (at, at + len(read), counts, 3, fan, len(target_group), -1)
+        if judged_first:
+            status, messages_, forwarded, start, short, _, _ = path.forward(*call, kernels.STAGE_JUDGE, route=route)
+            if status == kernels.READ_JUDGED:  # the send stage goes on from a read judged whole, as the relay does
+                judged = (messages_, forwarded)
+                status, messages_, forwarded, start, short, _, _ = path.forward(
+                    *call, kernels.STAGE_SEND, judged, route
+                )
+        else:
+            status, messages_, forwarded, start, short, _, _ = path.forward(*call, route=route)
+        if not whole:
+            assert status == kernels.READ_NOT_TAKEN and [drain(p) for p in peers] == [b""] * len(peers)
+            return
+        assert (status, messages_, forwarded, short) == (kernels.READ_FORWARDED, len(whole), used, 0)
+        model.commit(used, len(whole), 3)
+        assert log_facts(log) == log_facts(model)
+        wanted = [b"".join(m for m in whole if g < 0 or selects(filters[g], m)) for g in target_group]
+        assert [drain(p) for p in peers] == wanted
+        assert route.due(len(target_group), used).tolist() == [len(w) for w in wanted]
+    finally:
+        for pair in made:
+            for sock in pair:
+                sock.close()
+
+
+def test_a_read_whose_groups_runs_do_not_fit_is_not_taken_until_they_do(pairs: list) -> None:
+    """Every other message to the one group: more runs than a small route holds. Nothing changes; grown, it goes."""
+    log = new_log(1 << 16, 1 << 12)
+    fan = kernels.FanOut()
+    peers = targets(fan, pairs, 2)
+    counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+    messages = [routed_message(n, [1 + n % 2], 0) for n in range(40)]
+    read = b"".join(messages)
+    at = land(log, read)
+    small = kernels.RouteBuffers(1 << 12, 1)
+    small.runs = np.zeros(8, dtype=np.int64)  # four runs; the group has twenty
+    route = route_for([(frozenset({1}), None)], [0, -1], 1 << 12, small)
+    before = log_facts(log)
+    status, *_ = path_for(log).forward(at, at + len(read), counts, 1, fan, 2, -1, route=route)
+    assert status == kernels.READ_NOT_TAKEN and log_facts(log) == before and not counts.any()
+    assert [drain(p) for p in peers] == [b"", b""]
+    route = route_for([(frozenset({1}), None)], [0, -1], 1 << 12)
+    status, messages_, *_ = path_for(log).forward(at, at + len(read), counts, 1, fan, 2, -1, route=route)
+    assert (status, messages_) == (kernels.READ_FORWARDED, 40)
+    odd = b"".join(messages[0::2])
+    assert [drain(p) for p in peers] == [odd, read]
+    assert route.due(2, len(read)).tolist() == [len(odd), len(read)]
+
+
+def test_a_route_is_checked_against_its_groups_and_targets() -> None:
+    with pytest.raises(ValueError, match="target groups"):
+        route_for([(frozenset({1}), None)], [0, 1], 1 << 12)
+    with pytest.raises(ValueError, match="target groups"):
+        route_for([], [0], 1 << 12)
+    log = new_log(1 << 16, 1 << 12)
+    counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+    route = route_for([(frozenset({1}), None)], [0], 1 << 12)
+    with pytest.raises(ValueError, match="fewer than 2 targets"):
+        path_for(log).forward(0, 10, counts, 1, kernels.FanOut(), 2, -1, route=route)
+
+
+def test_a_read_that_would_evict_what_a_cursor_still_needs_is_not_taken(pairs: list) -> None:
+    """``LOG_KEEP``: the oldest offset a cursor behind needs. A commit that would evict it is left to the relay."""
+    size, reserve = 4096, 1024
+    log = new_log(size, reserve)
+    for length in (1500, 1500):  # two batches: the next read of 1,000 bytes evicts the first
+        filler = np.frombuffer(message(0, length - protocol.HEADER_SIZE - 2), dtype=np.uint8)
+        log.append(filler, np.array([0, length], dtype=np.int64), 1, length, 1, 1)
+    fan = kernels.FanOut()
+    peers = targets(fan, pairs, 1)
+    counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+    read = b"".join(message(k, 66) for k in range(10))
+    at = land(log, read)
+    assert log.tail_after(len(read)) == 1500
+    log.state[LOG_KEEP] = 1499  # a cursor still needs the last byte of the first batch
+    before = log_facts(log)
+    status, *_ = path_for(log).forward(at, at + len(read), counts, 1, fan, 1, -1)
+    assert status == kernels.READ_NOT_TAKEN and log_facts(log) == before and not counts.any()
+    assert drain(peers[0]) == b""
+    log.state[LOG_KEEP] = 1500  # it has read the first batch
+    status, *_ = path_for(log).forward(at, at + len(read), counts, 1, fan, 1, -1)
+    assert status == kernels.READ_FORWARDED and log.tail == 1500 and drain(peers[0]) == read

@@ -7,8 +7,10 @@ stream: stretches of valid messages and stretches of every kind of message, cut 
 boundaries (messages split across reads), a control message in the middle of a
 read, a ring that wraps more than once, a subscriber that stops reading in the
 middle (it falls behind mid-batch, catches up from its cursor while the
-other keeps up) and a fault at the end. Both subscribers of both relays must
-receive exactly the messages PROTOCOL.md says are forwarded, byte for byte.
+other keeps up) and a fault at the end. A third subscriber filters by source,
+so that each read is routed to its group too. Every subscriber of every relay
+must receive exactly the messages PROTOCOL.md says are forwarded (of its
+sources, for the filtered one), byte for byte.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import random
 from pathlib import Path
 
 import pytest
-from support.clients import Clients, mixed_messages, sync
+from support.clients import PROBE_MARK, Clients, mixed_messages, sync
 from support.relays import StartRelay
 
 from jitrelay.core import protocol
 from jitrelay.core.units import MiB
 
 DOMAIN_IDS = {"market_data": protocol.MARKET_DATA, "execution": protocol.EXECUTION}
+SOURCES = frozenset({PROBE_MARK, *range(0, 201, 3)})  # the filtered subscriber's: a third of the stream, and the probes
 
 
 def reads(rng: random.Random, stream: bytes, control_at: int) -> list[bytes]:
@@ -50,6 +53,7 @@ def test_every_read_path_forwards_exactly_what_the_protocol_says(
         mixed += some if rng.random() < 0.2 else [(m, ok) for m, ok in some if ok]
     stream = b"".join(m for m, _ in mixed)
     want = b"".join(m for m, forwarded in mixed if forwarded)
+    want_filtered = b"".join(m for m, forwarded in mixed if forwarded and m[6] in SOURCES)
     control_at = sum(len(m) for m, _ in mixed[: len(mixed) // 2])
     pieces = reads(rng, stream, control_at)
     # One subscriber stops for about 16 MiB of what is forwarded: more than its socket's buffers hold (about
@@ -63,8 +67,11 @@ def test_every_read_path_forwards_exactly_what_the_protocol_says(
             options += ["--journal-dir", str(short_dir / path / "audit")]
         relay = start_relay(domain, *options, socket_path=short_dir / f"{path}.sock")
         steady, stopping = clients.reader(relay), clients.reader(relay)
+        filtering = clients.connect(relay)
+        filtering.sendall(protocol.subscribe_message(sources=SOURCES))
+        filtered = clients.reader(relay, filtering)
         publisher = clients.connect(relay)
-        sync(publisher, [steady, stopping], DOMAIN_IDS[domain])
+        sync(publisher, [steady, stopping, filtered], DOMAIN_IDS[domain])
         publisher.settimeout(60)
         for k, piece in enumerate(pieces):
             if k == stop:
@@ -76,6 +83,8 @@ def test_every_read_path_forwards_exactly_what_the_protocol_says(
         for reader in (steady, stopping):
             assert reader.wait_received(len(want), 60), f"{path}: {reader.received} of {len(want)} bytes"
             assert bytes(reader.data) == want, f"{path}: the stream differs from what the protocol forwards"
+        assert filtered.wait_received(len(want_filtered), 60), f"{path}: {filtered.received} of {len(want_filtered)}"
+        assert bytes(filtered.data) == want_filtered, f"{path}: the filtered stream differs"
         relay.wait_line("closing connection", "bad_magic")
         assert relay.find_line("disconnecting") is None, f"{path}: a subscriber was cut off"
         relay.stop()

@@ -26,6 +26,7 @@ from jitrelay.core import protocol
 from jitrelay.core.domains import RelayLogic
 from jitrelay.core.shared_log import S_POSITION
 from jitrelay.core.units import MiB
+from jitrelay.server.cursors import CursorFlag, CursorMode, CursorTable
 from jitrelay.server.journal import Replay
 from jitrelay.server.log import RelayLog
 from jitrelay.server.shared_memory import SharedLogMemory
@@ -36,6 +37,15 @@ log = logging.getLogger("jitrelay.relay")
 SOCKET_BUFFER = 4 * MiB  # kernel buffers per connection: fewer, larger reads and sends
 SALVAGE_LIMIT = 4  # receive buffers' worth read from a connection that closed under the relay
 _PEERCRED = struct.Struct("3i")
+# The table's codes as plain ints: a connection's properties read them for every batch.
+_BEHIND, _REPLAYING = int(CursorMode.BEHIND), int(CursorMode.REPLAYING)
+_HELD, _POSITIONED, _SHARING, _GRANTED = (
+    int(CursorFlag.HELD),
+    int(CursorFlag.POSITIONED),
+    int(CursorFlag.SHARING),
+    int(CursorFlag.GRANTED),
+)
+_PUBLISH_ONLY, _NEVER_READS = int(CursorFlag.PUBLISH_ONLY), int(CursorFlag.NEVER_READS)
 
 
 class ConnectionOwner(Protocol):
@@ -44,6 +54,7 @@ class ConnectionOwner(Protocol):
     logic: RelayLogic
     log: RelayLog
     memory: SharedLogMemory
+    cursors: CursorTable[Connection]
     ring_bytes: memoryview
     refused: Counter[str]
     stopping: bool
@@ -84,32 +95,27 @@ class Connection(asyncio.BufferedProtocol):
         self.polled = -1  # its slot in the relay's epoll set while the relay reads it itself (``polled_reads``)
         self.filter: protocol.Filter = protocol.EVERYTHING  # what it asked to receive (control messages)
         self.published = False  # has appended a batch to the log: its cursor skips its own batches
-        # The cursor. Keeping up (``behind`` False): it is at the head and gets each batch from the send loop.
-        # Behind: an unfiltered one resumes at ``position``; a filtered one owes the stream ranges in ``owed``.
-        self.behind = False
-        self.position = 0
+        # The cursor: its mode, flags and position are its slot in the relay's table (``server/cursors.py``), from
+        # ``Relay.add`` until the relay is done with it. Keeping up: it is at the head and gets each batch from the
+        # send loop. Behind: an unfiltered one resumes at ``position``; a filtered one owes the stream ranges in
+        # ``owed``.
+        self.cursor_slot = -1
         self.owed: deque[np.ndarray] = deque()  # (k, 2) arrays of [start, end) stream offsets, oldest first
-        self.held = False  # a publisher paused under ``block`` until the log has room for its bytes
         # Positions (opt in, docs/protocol.md): notices in its stream say where each run of messages starts.
-        self.positioned = False
         self.stream_at: int | None = None  # stream offset after the last log byte sent; None: a notice is due
         self.prefix = bytearray()  # bytes due before any more from the log: notices, the rest of a cut message
         self.writing = False  # a writability callback is registered
         self.replay: Replay | None = None  # resuming from the journal, before the log takes over
         self.replay_epoch = 0  # the epoch the last position notice of the replay named
-        self.publish_only = False  # it declared it never reads: no target list holds it, so it is never slow
         # A publisher found never to read its socket (``Relay._never_read``): from then on treated as publish-only,
         # and what it is not sent is counted from ``unread_from``: (messages, bytes) its cursor still owed, then
         # the log's message count and head, and its own published messages and bytes, all at the moment.
-        self.never_reads = False
         self.unread_from: tuple[int, int, int, int, int, int] | None = None
         self.has_read = False  # the kernel said it read some of what it was sent: it is never judged again
         self.messages_published = 0  # messages (and bytes) of its own the log took
         self.bytes_published = 0
         # Shared memory (opt in): asked, then caught up over the socket, then granted a slot in the mapped log.
-        self.sharing = False  # asked; the socket still carries its stream until the grant
         self.shared_slot = -1  # its reader slot, from the moment the grant is sent
-        self.granted = False  # the grant is out: it reads the log from shared memory, the socket carries nothing
 
     # asyncio protocol callbacks
 
@@ -213,7 +219,55 @@ class Connection(asyncio.BufferedProtocol):
             budget -= nbytes
             self.buffer_updated(nbytes)
 
-    # the cursor
+    # the cursor, read from the relay's table (a connection without a slot has none: it keeps up, flagless)
+
+    @property
+    def behind(self) -> bool:
+        """Its own writer serves it, from its position in the log (or the journal first)."""
+        slot = self.cursor_slot
+        return slot >= 0 and _BEHIND <= self.relay.cursors.mode[slot] <= _REPLAYING
+
+    @property
+    def position(self) -> int:
+        """Where an unfiltered cursor that is behind resumes in the log's stream."""
+        slot = self.cursor_slot
+        return int(self.relay.cursors.position[slot]) if slot >= 0 else 0
+
+    @property
+    def held(self) -> bool:
+        """A publisher paused under ``block`` until the log has room for its bytes."""
+        slot = self.cursor_slot
+        return slot >= 0 and bool(self.relay.cursors.flags[slot] & _HELD)
+
+    @property
+    def positioned(self) -> bool:
+        """It asked for position notices."""
+        slot = self.cursor_slot
+        return slot >= 0 and bool(self.relay.cursors.flags[slot] & _POSITIONED)
+
+    @property
+    def publish_only(self) -> bool:
+        """It declared it never reads: no target list holds it, so it is never slow."""
+        slot = self.cursor_slot
+        return slot >= 0 and bool(self.relay.cursors.flags[slot] & _PUBLISH_ONLY)
+
+    @property
+    def never_reads(self) -> bool:
+        """A publisher found never to read its socket: treated as publish-only from then on."""
+        slot = self.cursor_slot
+        return slot >= 0 and bool(self.relay.cursors.flags[slot] & _NEVER_READS)
+
+    @property
+    def sharing(self) -> bool:
+        """It asked for shared memory; the socket still carries its stream until the grant."""
+        slot = self.cursor_slot
+        return slot >= 0 and bool(self.relay.cursors.flags[slot] & _SHARING)
+
+    @property
+    def granted(self) -> bool:
+        """The grant is out: it reads the log from shared memory, the socket carries nothing."""
+        slot = self.cursor_slot
+        return slot >= 0 and bool(self.relay.cursors.flags[slot] & _GRANTED)
 
     def needed(self, selection: protocol.Filter | None = None) -> int:
         """The oldest stream offset this subscriber still has to receive (the head when it keeps up).

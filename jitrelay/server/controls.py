@@ -15,6 +15,7 @@ import numpy as np
 from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.server.connection import Connection
+from jitrelay.server.cursors import CursorFlag, CursorTable
 from jitrelay.server.log import RelayLog
 
 log = logging.getLogger("jitrelay.relay")
@@ -27,6 +28,7 @@ class Controls:
     """
 
     scan_out: kernels.ScanBuffers
+    cursors: CursorTable[Connection]
     stop_sending: Callable[[Connection], None]
     _lapped: Callable[[Connection, protocol.Lapped], None]
     _position: Callable[[Connection, protocol.Position | bool | None], None]
@@ -46,7 +48,8 @@ class Controls:
         for k in np.flatnonzero(self.scan_out.verdicts[:count] == protocol.CONTROL):
             message = conn.view[offsets[k] : offsets[k + 1]]
             conn.filter = protocol.apply_control(conn.filter, message)
-            conn.publish_only = conn.publish_only or protocol.declares_publish_only(message)
+            if protocol.declares_publish_only(message):
+                self.cursors.set_flag(conn, CursorFlag.PUBLISH_ONLY)
             wanted = protocol.requested_position(message)
             asked = asked if wanted is False else wanted
             share = share or protocol.requests_shared_memory(message)

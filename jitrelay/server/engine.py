@@ -27,19 +27,20 @@ publisher that has never read a byte of what it was sent (``_never_read``) is
 neither: it is detached from the log, and what it is not sent is counted.
 
 This module is the Relay's core: its state, membership, and the path of a
-read (scan, journal append, log append, fan-out) and of a cursor behind
-(catch-up). Its other jobs are classes of their own that the Relay inherits,
-their state the Relay's: the slow-reader policies (``slow_readers``),
-positions and resuming (``resume``), readers of the mapped log
-(``shared_readers``), the journal off the data path (``journaling``),
-control messages (``controls``) and the figures (``relay_figures``); a
-peer's protocol is ``connection``. Whatever runs for every batch stays here.
+read (scan, journal append, log append, fan-out). Its other jobs are classes
+of their own that the Relay inherits, their state the Relay's: cursors that
+are behind catching up (``catch_up``), the slow-reader policies
+(``slow_readers``), positions and resuming (``resume``), readers of the
+mapped log (``shared_readers``), the journal off the data path
+(``journaling``), control messages (``controls``) and the figures
+(``relay_figures``). Every cursor's mode and flags are one table
+(``cursors``); a peer's protocol is ``connection``. Whatever runs for every
+batch stays here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter, deque
@@ -51,10 +52,11 @@ from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.domains import BLOCK, FSYNC_BATCH, JOURNAL_PAUSE, READ_PYTHON, RelayLogic
 from jitrelay.core.histogram import Histogram
-from jitrelay.core.units import MiB
 from jitrelay.kernels.constants import KEEP_EVERYTHING_EVICTABLE
+from jitrelay.server.catch_up import CatchUp, ranges_after
 from jitrelay.server.connection import Connection as Connection  # re-exported: the engine's connections
 from jitrelay.server.controls import Controls
+from jitrelay.server.cursors import CATCHING_UP, NOT_SENT_TO, CursorFlag, CursorMode, CursorTable
 from jitrelay.server.journal import Journal
 from jitrelay.server.journaling import JOURNAL_RETRY_SECONDS, Journaling
 from jitrelay.server.log import RelayLog
@@ -69,12 +71,10 @@ from jitrelay.server.tls import TlsPeer
 log = logging.getLogger("jitrelay.relay")
 
 SHUTDOWN_FLUSH_SECONDS = 1.0
-CATCH_UP_BYTES = 8 * MiB  # the most one writability callback hands a subscriber that is behind
-CATCH_UP_PIECES = 1024  # and in at most this many pieces (one sendmsg)
 SLOW_PIDS_KEPT = 1000  # pids of the latest subscribers dropped as slow, for the figures
 
 
-class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledReads, RelayFigures):
+class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledReads, RelayFigures):
     """Appends every valid message a connection sends to its log, and sends each subscriber its share from there."""
 
     def __init__(self, logic: RelayLogic, journal: Journal | None = None, kernel_load_seconds: float = 0.0):
@@ -92,9 +92,10 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self.log = RelayLog(ring_size, mirror, ring=self.memory.ring, reserve=logic.buffer_size)
         self.ring_bytes = self.log.ring.data
         self.memory.start(self.log.epoch)
-        self._shared: set[Connection] = set()  # readers of the mapped log (each knows its slot)
         self._shared_timer: asyncio.TimerHandle | None = None
         self.connections: dict[int, Connection] = {}
+        # Every connection's cursor: who keeps up, who is behind, held, positioned, reads the mapped log.
+        self.cursors: CursorTable[Connection] = CursorTable(logic.max_connections)
         # Who receives what: connections without a filter get every forwarded
         # byte; each distinct filter is a group whose runs ``kernels.scan_and_route`` cuts.
         self._groups: tuple[tuple[Connection, ...], ...] = ()
@@ -112,9 +113,6 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self._target_group = np.zeros(0, dtype=np.int64)  # -1 for the unfiltered, else the group index
         self._route: kernels.GroupRoute | None = None  # the groups and targets as the read loop takes them
         self._targets_dirty = True
-        self._behind: set[Connection] = set()
-        self._positioned: set[Connection] = set()  # they are always sent to from their cursors, with notices
-        self._held: set[Connection] = set()
         self._journal_held: list[Connection] = []  # publishers whose batch waits for the journal to write again
         self._journal_retry: asyncio.TimerHandle | None = None
         self._next_id = 0
@@ -152,7 +150,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         if conn.address is None and not self.logic.admits(conn.uid, conn.gid):  # TCP peers: see connection_made
             self.refused["not_allowed"] += 1
             return f"uid {conn.uid} / gid {conn.gid} not allowed"
-        if len(self.connections) >= self.logic.max_connections:
+        if len(self.connections) >= self.logic.max_connections or self.cursors.full:
             self.refused["connection_limit"] += 1
             return f"connection limit {self.logic.max_connections} reached"
         return None
@@ -165,6 +163,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
 
     def add(self, conn: Connection) -> None:
         self.connections[conn.conn_id] = conn
+        self.cursors.add(conn)
         self.accepted += 1
         self._retarget()
         if not self._reading:
@@ -176,15 +175,16 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             return
         self.retired_counts += conn.counts
         self.retired_bytes_in += conn.bytes_in
+        never_reads = conn.never_reads
+        self._retire(conn)  # before any held publisher is judged again: a closed reader holds no one
         if conn.shared_slot >= 0:
-            self._shared.discard(conn)
             self.memory.release(conn.shared_slot)
             conn.shared_slot = -1
             if not self.memory.claimed:
                 self.log.publisher = None  # no reader maps the log: appends stop publishing its extent
             self._release_held()
         self._retarget()
-        if conn.never_reads:
+        if never_reads:
             messages, nbytes = self._not_taken(conn)
             self.retired_unread_messages += messages
             self.retired_unread_bytes += nbytes
@@ -201,38 +201,24 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             return
         log.info("%s disconnected (received %d bytes, sent %d bytes)", conn.peer, conn.bytes_in, conn.bytes_out)
 
+    def _retire(self, conn: Connection) -> None:
+        """Free a gone connection's cursor slot, or close it while a batch of its waits (held, or for the journal)."""
+        if conn.cursor_slot < 0 or conn.conn_id in self.connections:
+            return
+        if conn.held or conn in self._journal_held:
+            self.cursors.set_mode(conn, CursorMode.CLOSED)
+        else:
+            self.cursors.remove(conn)
+
     def stop_sending(self, conn: Connection) -> None:
         """Forget ``conn``'s cursor before its descriptors close: no writability wait, no place among the targets."""
         self._unpoll(conn)  # nor in the relay's epoll set: its transport reads again, unless it is closing
         self._drop_cursor(conn)
         self._release_held()
 
-    def _drop_cursor(self, conn: Connection) -> None:
-        """``stop_sending`` without letting held publishers go: for callers in the middle of judging room."""
-        if conn.behind:
-            conn.behind = False
-            self._behind.discard(conn)
-        self._positioned.discard(conn)
-        conn.prefix.clear()
-        if conn.replay is not None:
-            conn.replay.close()
-            conn.replay = None
-        if conn.writing:
-            conn.writing = False
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_writer(conn.fd)
-        if conn.slow_timer is not None:
-            conn.slow_timer.cancel()
-            conn.slow_timer = None
-        conn.owed.clear()
-        self._targets_dirty = True
-
     def _retarget(self) -> None:
-        live = [
-            c
-            for c in self.connections.values()
-            if not (c.publish_only or c.never_reads or c.granted or c.transport.is_closing())
-        ]
+        sent_nothing = ((self.cursors.flags & NOT_SENT_TO) != 0).tolist()  # by slot: one look-up per connection
+        live = [c for c in self.connections.values() if not (sent_nothing[c.cursor_slot] or c.transport.is_closing())]
         groups: dict[protocol.Filter, list[Connection]] = {}
         for conn in live:
             if conn.filter != protocol.EVERYTHING:
@@ -242,23 +228,27 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             self._group_filters = filters
             self._group_tables = kernels.group_tables(filters) if filters else None
         self._groups = tuple(tuple(members) for members in groups.values())
+        self.cursors.group[:] = -1
+        for g, members in enumerate(self._groups):
+            for conn in members:
+                self.cursors.group[conn.cursor_slot] = g
         self._targets_dirty = True
 
     def _rebuild_targets(self) -> None:
         """The send loop's target arrays: every live subscriber that keeps up, with its group's iovec slice."""
         for i, conn in enumerate(self._targets):  # what the loop sent them since the last rebuild
             conn.bytes_out += int(self._fan.totals[i])
-        group_of = {conn: g for g, members in enumerate(self._groups) for conn in members}
+        keeping_up = (self.cursors.mode == CursorMode.KEEPING_UP).tolist()  # by slot: one look-up per connection
         targets = [
             c
             for c in self.connections.values()
-            if not (c.behind or c.publish_only or c.never_reads or c.granted or c.transport.is_closing()) and c.fd >= 0
+            if keeping_up[c.cursor_slot] and not c.transport.is_closing() and c.fd >= 0
         ]
         self._fan.reserve(len(targets), 0)
         for i, conn in enumerate(targets):
             self._fan.fds[i] = conn.fd
         self._targets = targets
-        self._target_group = np.array([group_of.get(c, -1) for c in targets], dtype=np.int64)
+        self._target_group = self.cursors.group[[c.cursor_slot for c in targets]]
         self._fan.totals[: len(targets)] = 0
         self._route = None
         self._targets_dirty = False
@@ -358,13 +348,15 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         is all it needs, and ``_keep_for_cursors`` stops the read loop from evicting what it has not read. A
         filtered cursor behind is owed its group's ranges of every batch, which Python makes.
         """
-        return not (self._shared or self.log.publisher) and all(
-            conn.filter == protocol.EVERYTHING for conn in self._behind
+        return not (self.cursors.count(CursorMode.MAPPED) or self.log.publisher) and all(
+            conn.filter == protocol.EVERYTHING for conn in self.cursors.members(*CATCHING_UP)
         )
 
     def _keep_for_cursors(self) -> None:
         """Tell the read loop the oldest stream offset a cursor behind still needs (``LOG_KEEP``)."""
-        self.log.keep = min((conn.needed() for conn in self._behind), default=KEEP_EVERYTHING_EVICTABLE)
+        self.log.keep = min(
+            (conn.needed() for conn in self.cursors.members(*CATCHING_UP)), default=KEEP_EVERYTHING_EVICTABLE
+        )
 
     def _forward_compiled(self, sender: Connection, at: int, n: int, arrived: int) -> bool:
         """The ordinary read in one compiled call (``kernels.ReadPath``): scan, commit, fan out; False if not taken.
@@ -427,7 +419,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self._wake_positioned(sender)
         self.forward_time.record((done or time.perf_counter_ns()) - arrived)
         self.messages_timed += messages
-        if self._behind:
+        if self.cursors.count(*CATCHING_UP):
             self._check_lag()
 
     def _publishing(self, conn: Connection) -> None:
@@ -440,7 +432,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         """Under ``block``: whether ``nbytes`` more from ``sender`` would pass the slowest cursor, so it waits."""
         return (
             self.logic.slow_policy == BLOCK
-            and bool(self._behind or self._shared)
+            and bool(self.cursors.count(*CATCHING_UP, CursorMode.MAPPED))
             and not self._has_room(nbytes, sender)
         )
 
@@ -497,7 +489,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             (log_.epoch, log_.head, log_.messages),
         ):
             return False
-        if self._behind:
+        if self.cursors.count(*CATCHING_UP):
             self._leave_behind(log_.tail_after(size), sender)
         first_message = log_.messages
         if direct >= 0:
@@ -513,25 +505,25 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
             self._rebuild_targets()
         # Each group's share as stream ranges, for cursors that owe it: only while someone is behind.
         group_ranges = None
-        if self._groups and self._behind:
+        if self._groups and self.cursors.count(*CATCHING_UP):
             group_ranges = self._group_ranges(start, first_message, result.runs, result.count)
-        if self._behind:
+        if self.cursors.count(*CATCHING_UP):
             self._owe(sender, group_ranges)
         self._wake_positioned(sender)
-        if self._shared:
+        if self.cursors.count(CursorMode.MAPPED):
             self.memory.wake()  # every sleeping reader of the mapped log, in one call
         if self._targets:
             self._send_batch(sender, start, size, arrived, result, first_message, group_ranges)
         done = time.perf_counter_ns()
         self.forward_time.record(done - arrived)
         self.messages_timed += result.count
-        if self._behind:
+        if self.cursors.count(*CATCHING_UP):
             self._check_lag()
         return True
 
     def _wake_positioned(self, sender: Connection) -> None:
         """Positioned cursors the send loop does not serve, idle at the head: a new batch of another's is theirs."""
-        for conn in self._positioned:
+        for conn in self.cursors.flagged(CursorFlag.POSITION_NOTICES):
             if (
                 conn.behind
                 and not conn.writing
@@ -617,7 +609,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
                 self._fall_behind(conn, position=start + taken)
             else:
                 ranges = ranges or group_ranges()
-                self._fall_behind(conn, owed=_after(ranges[g], taken))
+                self._fall_behind(conn, owed=ranges_after(ranges[g], taken))
 
     def _owe(self, sender: Connection, group_ranges: list[np.ndarray] | None) -> None:
         """Filtered subscribers that are behind owe their group's share of this batch (never their own batch)."""
@@ -628,155 +620,6 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
                 for conn in members:
                     if conn.behind and conn is not sender:
                         conn.owed.append(group_ranges[g])
-
-    def _fall_behind(self, conn: Connection, position: int = 0, owed: np.ndarray | None = None) -> None:
-        """A subscriber's socket took less than its share: from now on it catches up on its own, when writable."""
-        self._to_cursor(conn, position, owed)
-        self.fell_behind += 1
-        self._write_when_ready(conn)
-
-    def _to_cursor(self, conn: Connection, position: int, owed: np.ndarray | None = None) -> None:
-        """Take ``conn`` out of the send loop's targets: from ``position`` on, its cursor serves it."""
-        conn.behind = True
-        conn.position = position
-        if conn.positioned:
-            conn.stream_at = position  # its stream has gone on without a break up to here, notice or not
-        if owed is not None and len(owed):
-            conn.owed.append(owed)
-        self._behind.add(conn)
-        self._targets_dirty = True
-
-    def _write_when_ready(self, conn: Connection) -> None:
-        conn.writing = True
-        asyncio.get_running_loop().add_writer(conn.fd, self._catch_up, conn)
-
-    def _catch_up(self, conn: Connection) -> None:
-        """Writability on a subscriber that is behind: send what it owes from its cursor, until full or caught up."""
-        if conn.conn_id not in self.connections or conn.transport.is_closing():
-            self.stop_sending(conn)
-            return
-        budget = CATCH_UP_BYTES
-        while budget > 0:
-            views, segments = self._owed(conn, budget)
-            if not views:
-                self._caught_up(conn)
-                return
-            wanted = sum(len(v) for v in views)
-            assert conn.spare is not None  # a cursor exists only on an accepted connection
-            try:
-                taken = conn.spare.sendmsg(views)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.info("%s: send failed (%s); closing", conn.peer, exc)
-                self.stop_sending(conn)
-                conn.transport.abort()
-                return
-            self._advance(conn, taken, segments)
-            conn.bytes_out += taken
-            budget -= taken
-            self._release_held()
-            if taken < wanted:
-                return
-
-    def _owed(self, conn: Connection, budget: int) -> tuple[list, list]:
-        """What ``conn`` is to be sent next, at most ``budget`` log bytes in one sendmsg: views and what each is.
-
-        Segments are ``("prefix", n)``, ``("notice", bytes, start)`` (a position notice for the run at
-        ``start``) and ``("data", start, end)`` stream ranges.
-        """
-        log_ = self.log
-        views: list = []
-        segments: list[tuple] = []
-        if conn.replay is not None and not conn.prefix:
-            self._replay_more(conn)
-        if conn.prefix:
-            views.append(bytes(conn.prefix))  # a copy: the prefix shrinks as it goes out
-            segments.append(("prefix", len(conn.prefix)))
-        if conn.replay is not None or conn.shared_slot >= 0:
-            rows = []  # the journal first (the log takes over when it ends); after a grant, the mapping
-        elif conn.filter == protocol.EVERYTHING:
-            start, end = log_.next_range(conn.position, conn.conn_id if conn.published else -1)
-            conn.position = start
-            rows = [(start, end, -1)] if end > start else []
-        else:
-            rows = [row for ranges in conn.owed for row in ranges.tolist()]
-        for a, b, message in rows:
-            if conn.positioned and a != conn.stream_at:
-                number = message if message >= 0 else log_.message_number(a)
-                notice = protocol.position_notice(protocol.Position(log_.epoch, a, number))
-                views.append(notice)
-                segments.append(("notice", notice, a))
-            b = min(b, a + budget)
-            views.extend(log_.views(a, b))
-            segments.append(("data", a, b))
-            budget -= b - a
-            if budget <= 0 or len(views) >= CATCH_UP_PIECES:
-                break
-        return (views if len(segments) else []), segments
-
-    def _advance(self, conn: Connection, taken: int, segments: list[tuple]) -> None:
-        """Move ``conn``'s cursor past the ``taken`` bytes of ``segments`` sent (shared owed ranges never change)."""
-        for segment in segments:
-            kind = segment[0]
-            if kind == "prefix":
-                n = min(taken, segment[1])
-                del conn.prefix[:n]
-                taken -= n
-                if conn.prefix:
-                    return
-            elif kind == "notice":
-                notice = segment[1]
-                conn.stream_at = segment[2]  # from now on the notice is the stream's: its rest goes first
-                if taken < len(notice):
-                    conn.prefix[:0] = notice[taken:]
-                    return
-                taken -= len(notice)
-            else:
-                a, b = segment[1], segment[2]
-                n = min(taken, b - a)
-                self._consume(conn, a, n)
-                conn.stream_at = a + n
-                taken -= n
-                if n < b - a:
-                    return
-
-    def _consume(self, conn: Connection, start: int, n: int) -> None:
-        """``n`` log bytes from stream offset ``start`` were sent to ``conn``."""
-        if conn.filter == protocol.EVERYTHING:
-            conn.position = start + n
-            return
-        while n and conn.owed:
-            ranges = conn.owed[0]
-            rest = _after(ranges, n)
-            n -= int((ranges[:, 1] - ranges[:, 0]).sum()) - int((rest[:, 1] - rest[:, 0]).sum())
-            if len(rest):
-                conn.owed[0] = rest
-                return
-            conn.owed.popleft()
-
-    def _caught_up(self, conn: Connection) -> None:
-        if conn.sharing:
-            self._grant(conn)
-            return
-        asyncio.get_running_loop().remove_writer(conn.fd)
-        conn.writing = False
-        if conn.slow_timer is not None:
-            conn.slow_timer.cancel()
-            conn.slow_timer = None
-        if conn.positioned:
-            conn.owed.clear()
-            conn.position = self.log.head
-            announced = conn.stream_at == conn.position  # it has been told where its stream stands
-            if conn.filter != protocol.EVERYTHING or conn.published or conn.replay is not None or not announced:
-                return  # it stays with the cursors: its stream needs notices between batches, or one first
-            # Unfiltered, never publishing and told where it stands, its stream goes on batch after batch without
-            # a notice until it falls behind: the send loop serves it like any other subscriber that keeps up.
-        conn.behind = False
-        conn.owed.clear()
-        self._behind.discard(conn)
-        self._targets_dirty = True
-        self._release_held()
 
     def _close_faulty(self, conn: Connection, fault: int, offset: int) -> None:
         reason = protocol.FAULT_NAMES[fault]
@@ -812,7 +655,7 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self.stopping = True
         self._set_reading(False)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self._behind:
+        while time.monotonic() < deadline and self.cursors.count(*CATCHING_UP):
             await asyncio.sleep(0.01)
         for conn in list(self.connections.values()):
             behind = conn.behind
@@ -821,14 +664,3 @@ class Relay(SlowReaders, Resume, SharedReaders, Journaling, Controls, PolledRead
         self._stop_polling()
         self.memory.close()  # readers of the mapped log read on to the head, then end
         await asyncio.sleep(0)
-
-
-def _after(ranges: np.ndarray, taken: int) -> np.ndarray:
-    """What is left of ``(k, 2)`` stream ranges once ``taken`` bytes of them were sent."""
-    lengths = ranges[:, 1] - ranges[:, 0]
-    done = np.cumsum(lengths)
-    first = int(np.searchsorted(done, taken, side="right"))
-    rest = ranges[first:].copy()
-    if len(rest):
-        rest[0, 0] += taken - (int(done[first - 1]) if first else 0)
-    return rest

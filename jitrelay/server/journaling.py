@@ -34,6 +34,7 @@ class Journaling:
     _journal_held: list[Connection]
     on_data: Callable[[Connection, int], None]
     _set_reading: Callable[[bool], None]
+    _retire: Callable[[Connection], None]
 
     def _hold_for_journal(self, conn: Connection) -> None:
         if conn not in self._journal_held:
@@ -46,6 +47,8 @@ class Journaling:
         waiting, self._journal_held = self._journal_held, []
         for i, conn in enumerate(waiting):
             self.on_data(conn, time.perf_counter_ns())
+            if conn not in self._journal_held:
+                self._retire(conn)  # one that closed meanwhile is done with, once its batch is taken
             if self._journal_retry is not None:  # refused again: the rest keep waiting, in order
                 self._journal_held = [
                     *self._journal_held,

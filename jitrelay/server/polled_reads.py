@@ -36,6 +36,7 @@ from jitrelay.core.domains import READ_COMPILED, RelayLogic
 from jitrelay.kernels import constants as c
 from jitrelay.kernels.polling import PollLoop
 from jitrelay.server.connection import Connection
+from jitrelay.server.cursors import CursorFlag, CursorTable
 from jitrelay.server.journal import Journal
 from jitrelay.server.log import RelayLog
 
@@ -59,9 +60,9 @@ class PolledReads:
     _fan: kernels.FanOut
     _targets: list[Connection]
     _targets_dirty: bool
+    cursors: CursorTable[Connection]
     _route: kernels.GroupRoute | None
     _read_route: Callable[[], kernels.GroupRoute | None]
-    _held: set[Connection]
     _journal_retry: object
     _reading: bool
     _rebuild_targets: Callable[[], None]
@@ -91,7 +92,7 @@ class PolledReads:
             and not self._polling_failed
             and self._journal_retry is None
             and self._reading
-            and not self._held
+            and not self.cursors.count_flagged(CursorFlag.HELD)
             and self._send_loop_suffices()
         )
 

@@ -17,6 +17,7 @@ from jitrelay.core import protocol
 from jitrelay.core.domains import RelayLogic
 from jitrelay.core.histogram import Histogram
 from jitrelay.server.connection import Connection
+from jitrelay.server.cursors import CATCHING_UP, CursorMode, CursorTable
 from jitrelay.server.figures import Figures
 from jitrelay.server.log import RelayLog
 
@@ -53,8 +54,7 @@ class RelayFigures:
     forward_time: Histogram
     send_time: Histogram
     own_time: Histogram
-    _behind: set[Connection]
-    _shared: set[Connection]
+    cursors: CursorTable[Connection]
     _unread: set[Connection]
     _groups: tuple[tuple[Connection, ...], ...]
     _unread_totals: Callable[[], tuple[int, int]]
@@ -110,13 +110,13 @@ class RelayFigures:
             log_used=self.log.used,
             log_epoch=self.log.epoch,
             log_head=head,
-            subscribers_behind=len(self._behind),
+            subscribers_behind=self.cursors.count(*CATCHING_UP),
             fell_behind=self.fell_behind,
             reads_polled=self.reads_polled,
             lags=tuple(
                 (conn.peer, head - conn.needed(), self.log.messages_from(conn.needed())) for conn in self._cursors()
             ),
-            shared_readers=len(self._shared),
+            shared_readers=self.cursors.count(CursorMode.MAPPED),
             own_buckets=tuple(self.own_time.counts),
             own_total_ns=self.own_time.total,
             own_p50_us=self.own_time.percentile(50) / 1e3,
@@ -129,7 +129,7 @@ class RelayFigures:
 
     def _cursors(self) -> list[Connection]:
         """Every subscriber not at the head for sure: those behind on their sockets, and the mapped log's readers."""
-        return [*self._behind, *self._shared]
+        return [*self.cursors.members(*CATCHING_UP), *self.cursors.members(CursorMode.MAPPED)]
 
     def verdict_counts(self) -> dict[str, int]:
         total = self.retired_counts.copy()

@@ -18,6 +18,7 @@ from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.domains import RelayLogic
 from jitrelay.server.connection import Connection
+from jitrelay.server.cursors import CursorFlag, CursorMode, CursorTable
 from jitrelay.server.journal import Journal, find_replay
 from jitrelay.server.log import RelayLog
 
@@ -35,8 +36,7 @@ class Resume:
     journal: Journal | None
     tables: kernels.KernelTables
     gap_notices: int
-    _behind: set[Connection]
-    _positioned: set[Connection]
+    cursors: CursorTable[Connection]
     _targets_dirty: bool
     stop_sending: Callable[[Connection], None]
     _consume: Callable[[Connection, int, int], None]
@@ -51,24 +51,22 @@ class Resume:
             if resumed is None:
                 return
             start = resumed
-        conn.positioned = True
+        cursors = self.cursors
+        cursors.set_flag(conn, CursorFlag.POSITIONED)
+        cursors.set_flag(conn, CursorFlag.POSITION_NOTICES)
         if start < 0:  # from the journal first: its notices say where each part starts
-            self._positioned.add(conn)
             if not conn.behind:
-                conn.behind = True
-                self._behind.add(conn)
                 self._targets_dirty = True
+            cursors.set_mode(conn, CursorMode.REPLAYING)
             conn.stream_at = None
             if not conn.writing:
                 self._write_when_ready(conn)
             return
-        self._positioned.add(conn)
         if not conn.behind:
-            conn.behind = True
-            self._behind.add(conn)
+            cursors.set_mode(conn, CursorMode.BEHIND)
             self._targets_dirty = True
         if conn.filter == protocol.EVERYTHING:
-            conn.position = start
+            cursors.set_position(conn, start)
         else:
             conn.owed = self._reroute(conn.filter, start, log_.head)
         conn.prefix += protocol.position_notice(protocol.Position(log_.epoch, start, log_.message_number(start)))
@@ -160,7 +158,7 @@ class Resume:
         conn.prefix += protocol.gap_notice(gap)
         self.gap_notices += 1
         if conn.filter == protocol.EVERYTHING:
-            conn.position = tail
+            self.cursors.set_position(conn, tail)
         else:
             while conn.owed and int(conn.owed[0][-1, 1]) <= tail:
                 conn.owed.popleft()
@@ -186,7 +184,8 @@ class Resume:
             at = replay.offset if replay.epoch == log_.epoch else log_.tail
             replay.close()
             conn.replay = None
-            conn.position = at
+            self.cursors.set_mode(conn, CursorMode.BEHIND)  # from the log now
+            self.cursors.set_position(conn, at)
             conn.stream_at = at if conn.replay_epoch == log_.epoch else None  # else a notice names this epoch
             log.info("%s: replay from the journal done; the log takes over at %d", conn.peer, at)
             return

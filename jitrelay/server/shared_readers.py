@@ -17,6 +17,7 @@ from collections.abc import Callable
 from jitrelay.core import protocol
 from jitrelay.core.shared_log import S_POSITION
 from jitrelay.server.connection import Connection
+from jitrelay.server.cursors import CursorFlag, CursorMode, CursorTable
 from jitrelay.server.log import RelayLog
 from jitrelay.server.shared_memory import SharedLogMemory
 
@@ -36,9 +37,7 @@ class SharedReaders:
     gap_notices: int
     slow_disconnects: int
     slow_pids: deque[int]
-    _behind: set[Connection]
-    _held: set[Connection]
-    _shared: set[Connection]
+    cursors: CursorTable[Connection]
     _shared_timer: asyncio.TimerHandle | None
     _targets_dirty: bool
     stop_sending: Callable[[Connection], None]
@@ -53,11 +52,10 @@ class SharedReaders:
         if conn.address is not None:
             log.warning("%s asked for shared memory over TCP; its stream stays on the socket", conn.peer)
             return
-        conn.sharing = True
+        self.cursors.set_flag(conn, CursorFlag.SHARING)
         if not conn.behind:
-            conn.behind = True
-            conn.position = self.log.head
-            self._behind.add(conn)
+            self.cursors.set_mode(conn, CursorMode.BEHIND)
+            self.cursors.set_position(conn, self.log.head)
             self._targets_dirty = True
         if not conn.writing:
             self._write_when_ready(conn)
@@ -99,10 +97,9 @@ class SharedReaders:
                 return
         elif conn.prefix:
             return
-        conn.sharing = False
-        conn.granted = True
-        self.stop_sending(conn)
-        self._shared.add(conn)
+        self.cursors.clear_flag(conn, CursorFlag.SHARING)
+        self.cursors.set_flag(conn, CursorFlag.GRANTED)
+        self.stop_sending(conn)  # its cursor rests as mapped from here on
         log.info(
             "%s reads the log from shared memory (slot %d) from offset %d",
             conn.peer,
@@ -144,5 +141,5 @@ class SharedReaders:
         """Held under ``block`` by a reader of the mapped log, which moves without telling: look again soon."""
         self._shared_timer = None
         self._release_held()
-        if self._held and self._shared:
+        if self.cursors.count_flagged(CursorFlag.HELD) and self.cursors.count(CursorMode.MAPPED):
             self._shared_timer = asyncio.get_running_loop().call_later(SHARED_POLL_SECONDS, self._poll_shared)

@@ -19,6 +19,7 @@ from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.domains import DISCONNECT, RelayLogic
 from jitrelay.server.connection import Connection
+from jitrelay.server.cursors import CATCHING_UP, CursorFlag, CursorMode, CursorTable
 from jitrelay.server.log import RelayLog
 from jitrelay.server.shared_memory import SharedLogMemory
 from jitrelay.server.shared_readers import SHARED_POLL_SECONDS
@@ -43,9 +44,7 @@ class SlowReaders:
     never_reading: int
     retired_unread_messages: int
     retired_unread_bytes: int
-    _behind: set[Connection]
-    _held: set[Connection]
-    _shared: set[Connection]
+    cursors: CursorTable[Connection]
     _shared_timer: asyncio.TimerHandle | None
     _unread: set[Connection]
     _cannot_judge_said: bool
@@ -56,6 +55,7 @@ class SlowReaders:
     on_data: Callable[[Connection, int], None]
     _drop_cursor: Callable[[Connection], None]
     _retarget: Callable[[], None]
+    _retire: Callable[[Connection], None]
     _skip_to: Callable[[Connection, int], None]
     _poll_shared: Callable[[], None]
 
@@ -64,7 +64,7 @@ class SlowReaders:
 
         A publisher that never read a byte is not a subscriber falling behind: it is detached instead.
         """
-        for conn in [c for c in self._behind if c.needed() < tail]:
+        for conn in [c for c in self.cursors.members(*CATCHING_UP) if c.needed() < tail]:
             if self._never_read(conn, sender):
                 continue
             if conn.positioned:
@@ -78,7 +78,7 @@ class SlowReaders:
             return
         head = self.log.head
         loop = asyncio.get_running_loop()
-        for conn in self._behind:
+        for conn in self.cursors.members(*CATCHING_UP):
             if conn.positioned:  # it asked to hear of gaps: it stays until the log leaves it behind
                 continue
             if conn.slow_timer is None and head - conn.needed() > self.logic.pending_high:
@@ -126,35 +126,38 @@ class SlowReaders:
         A cursor in the way whose connection has published and never read is detached, not waited for.
         """
         tail = self.log.tail_after(min(nbytes, self.log.capacity))
-        if self._shared and int(self.memory.positions([c.shared_slot for c in self._shared]).min()) < tail:
+        mapped = self.cursors.members(CursorMode.MAPPED)
+        if mapped and int(self.memory.positions([c.shared_slot for c in mapped]).min()) < tail:
             return False
-        in_the_way = [c for c in self._behind if c.needed() < tail]  # a list: detaching one changes ``_behind``
+        in_the_way = [c for c in self.cursors.members(*CATCHING_UP) if c.needed() < tail]
         return all(self._never_read(conn, sender) for conn in in_the_way)
 
     def _hold(self, conn: Connection) -> None:
+        cursors = self.cursors
         if not conn.held:
-            conn.held = True
-            self._held.add(conn)
+            cursors.set_flag(conn, CursorFlag.HELD)
             self.slow_pauses += 1
             conn.transport.pause_reading()
-            if len(self._held) == 1:
+            if cursors.count_flagged(CursorFlag.HELD) == 1:
                 log.info("the log is full up to the slowest subscriber; holding %s", conn.peer)
-        if self._shared and self._shared_timer is None:
+        if cursors.count(CursorMode.MAPPED) and self._shared_timer is None:
             self._shared_timer = asyncio.get_running_loop().call_later(SHARED_POLL_SECONDS, self._poll_shared)
 
     def _release_held(self) -> None:
-        """Let held publishers go on, oldest first, as far as the log has room for what they already sent."""
-        if not self._held:
+        """Let held publishers go on, in slot order, as far as the log has room for what they already sent."""
+        cursors = self.cursors
+        if not cursors.count_flagged(CursorFlag.HELD):
             return
-        for conn in list(self._held):
+        for conn in cursors.flagged(CursorFlag.HELD):
             if not self._has_room(conn.filled):
                 return
-            conn.held = False
-            self._held.discard(conn)
+            if conn.held:  # else a release nested in an earlier one's ``on_data`` let it go already
+                cursors.clear_flag(conn, CursorFlag.HELD)
             self.on_data(conn, time.perf_counter_ns())  # a publisher that closed meanwhile still has these sent
             if not conn.held and self._reading and not conn.transport.is_closing():
                 conn.transport.resume_reading()
-        if not self._held:
+            self._retire(conn)  # one that closed meanwhile is done with, once its batch is taken
+        if not cursors.count_flagged(CursorFlag.HELD):
             log.info("subscribers made room; publishers resume")
 
     def _never_read(self, conn: Connection, sender: Connection | None = None) -> bool:
@@ -230,7 +233,7 @@ class SlowReaders:
         owed_messages = sum(log_.message_number(b) - log_.message_number(a) for a, b in ranges)
         owed_bytes = sum(b - a for a, b in ranges)
         self._drop_cursor(conn)
-        conn.never_reads = True
+        self.cursors.set_flag(conn, CursorFlag.NEVER_READS)
         conn.unread_from = (
             owed_messages,
             owed_bytes,
@@ -253,7 +256,8 @@ class SlowReaders:
             conn.prefix += prefix
             conn.writing = True
             loop.add_writer(conn.fd, self._finish_message, conn)
-        if self._held:  # publishers it held may have room now; judged again outside whatever judges room now
+        if self.cursors.count_flagged(CursorFlag.HELD):
+            # Publishers it held may have room now; judged again outside whatever judges room now.
             loop.call_soon(self._release_held)
 
     def _unfinished_share(self, conn: Connection, selection: protocol.Filter | None = None) -> bytes:

@@ -115,6 +115,8 @@ def test_execution_crosses_exactly_once_through_kills(
     assert b.bridge.figure("js_echoes_total") > 0
 
 
+# 48 MB through a stream that holds 2 MiB for 1 s: a minute on this machine alone, more beside the rest of the suite.
+@pytest.mark.timeout(300)
 def test_full_stream_holds_the_relay_back_under_block(
     js_cluster: NatsCluster, start_hosts: StartHosts, clients: Clients
 ) -> None:

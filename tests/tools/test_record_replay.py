@@ -156,7 +156,9 @@ def test_a_w1_recording_survives_a_restart_and_replays_byte_for_byte_at_max_and_
     bursts_at = np.arange(0, messages, BURST)
     want = np.diff(recorded[bursts_at]) / 1e9  # seconds between bursts, the restart's pause among them
     got = np.diff(replayed[bursts_at]) / 1e9
-    assert want.min() >= PAUSE / 2 and want.max() > 0.1  # the shape to reproduce: pauses and the restart
+    # The shape to reproduce: pauses and the restart. The first gap is left out of the check (not of the
+    # comparison below): a fresh relay and recorder may stamp the first burst late, which shortens it.
+    assert want[1:].min() >= PAUSE / 2 and want.max() > 0.1
     off = np.abs(got - want)
     assert np.median(off) <= NOISE_MEDIAN, (want, got)
     assert np.percentile(off, 90) <= NOISE_P90, (want, got)

@@ -236,38 +236,36 @@ class Connection(asyncio.BufferedProtocol):
     @property
     def held(self) -> bool:
         """A publisher paused under ``block`` until the log has room for its bytes."""
-        slot = self.cursor_slot
-        return slot >= 0 and bool(self.relay.cursors.flags[slot] & _HELD)
+        return self._flagged(_HELD)
 
     @property
     def positioned(self) -> bool:
         """It asked for position notices."""
-        slot = self.cursor_slot
-        return slot >= 0 and bool(self.relay.cursors.flags[slot] & _POSITIONED)
+        return self._flagged(_POSITIONED)
 
     @property
     def publish_only(self) -> bool:
         """It declared it never reads: no target list holds it, so it is never slow."""
-        slot = self.cursor_slot
-        return slot >= 0 and bool(self.relay.cursors.flags[slot] & _PUBLISH_ONLY)
+        return self._flagged(_PUBLISH_ONLY)
 
     @property
     def never_reads(self) -> bool:
         """A publisher found never to read its socket: treated as publish-only from then on."""
-        slot = self.cursor_slot
-        return slot >= 0 and bool(self.relay.cursors.flags[slot] & _NEVER_READS)
+        return self._flagged(_NEVER_READS)
 
     @property
     def sharing(self) -> bool:
         """It asked for shared memory; the socket still carries its stream until the grant."""
-        slot = self.cursor_slot
-        return slot >= 0 and bool(self.relay.cursors.flags[slot] & _SHARING)
+        return self._flagged(_SHARING)
 
     @property
     def granted(self) -> bool:
         """The grant is out: it reads the log from shared memory, the socket carries nothing."""
+        return self._flagged(_GRANTED)
+
+    def _flagged(self, flag: int) -> bool:
         slot = self.cursor_slot
-        return slot >= 0 and bool(self.relay.cursors.flags[slot] & _GRANTED)
+        return slot >= 0 and bool(self.relay.cursors.flags[slot] & flag)
 
     def needed(self, selection: protocol.Filter | None = None) -> int:
         """The oldest stream offset this subscriber still has to receive (the head when it keeps up).

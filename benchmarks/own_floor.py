@@ -8,7 +8,7 @@ warm (back to back) and after a 0.2 ms sleep each (caches and branch
 predictors as cold as between W2 messages at 5,000 msg/s). The relay's own
 time can be no less than this. Both ways the relay has: the engine's Python
 steps around the compiled calls (``--read-path python``), and the one
-compiled call of the read loop (``kernels.ReadPath``, no targets). Last, the
+compiled call of the read loop (``ReadPath``, no targets). Last, the
 scan alone over a batch of 1 MiB of such messages, per message: the part of
 W1's own time per batch that no read path removes.
 
@@ -26,6 +26,7 @@ import numpy as np
 from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.domains import logic_for
+from jitrelay.kernels.read_path import ReadPath
 from jitrelay.server.log import RelayLog
 
 
@@ -39,7 +40,7 @@ def measure(samples: int, pause: float, compiled: bool = False) -> list[int]:
     counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
     fan = kernels.FanOut(4, 2)
     message = np.frombuffer(protocol.build_message(protocol.MARKET_DATA, [(1, bytes(37))]), dtype=np.uint8)
-    path = kernels.ReadPath(log.ring, tables, scanned, log.state, log.index)
+    path = ReadPath(log.ring, tables, scanned, log.state, log.index)
     timings = []
     for _ in range(samples):
         if pause:

@@ -32,9 +32,9 @@ DISCONNECT = "disconnect"
 BLOCK = "block"
 SLOW_POLICIES = (DISCONNECT, BLOCK)
 # How an ordinary read is made and forwarded: by the relay's own epoll set and one compiled call per wake-up
-# (``kernels.polling``); by the event loop's read callbacks and one compiled call per read (``kernels.ReadPath``);
-# or by the engine's Python steps around smaller compiled calls. The same bytes every way: the last two are
-# there to compare and profile.
+# (``kernels.polling``); by the event loop's read callbacks and one compiled call per read
+# (``kernels.read_path``); or by the engine's Python steps around smaller compiled calls. The same bytes every
+# way: the last two are there to compare and profile.
 READ_COMPILED = "compiled"
 READ_UVLOOP = "uvloop"
 READ_PYTHON = "python"

@@ -90,7 +90,7 @@ READ_SIGNATURES: dict[str, str] = {
     "forward_read": (
         f"UniTuple(int64, 7)({_SCAN_ARGS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, int64, "
         f"{_INTS}, int64, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS}, int64, {_INTS}, "
-        f"int64, int64, int64, {_GROUP_ARGS})"
+        f"int64, int64, int64, {_GROUP_ARGS}, {_INTS})"
     ),
 }
 
@@ -100,7 +100,7 @@ POLL_SIGNATURES: dict[str, str] = {
         f"int64(int64, {_BYTES}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, int64[:, ::1], int64, int64[:, ::1], "
         f"{_BYTES}, int64, int64, int64, {_BYTES}, {_BYTES}, {_INTS}, {_BYTES}, {_INTS}, {_INTS}, {_CRC_TABLES}, "
         f"{_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS}, "
-        f"{_INTS}, {_INTS}, int64, {_GROUP_ARGS})"
+        f"{_INTS}, {_INTS}, int64, {_GROUP_ARGS}, {_INTS})"
     ),
 }
 

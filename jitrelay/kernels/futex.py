@@ -15,10 +15,10 @@ import errno
 import os
 import platform
 
-_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine(), -1)  # -1: ENOSYS
+SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine(), -1)  # -1: ENOSYS
 FUTEX_WAIT = 0
 FUTEX_WAKE = 1
-_EVERYONE = 0x7FFFFFFF
+EVERYONE = 0x7FFFFFFF  # wake this many: all
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -34,7 +34,7 @@ class Waker:
 
     def __init__(self, address: int) -> None:
         self._args = (
-            ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(FUTEX_WAKE), ctypes.c_int(_EVERYONE),
+            ctypes.c_long(SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(FUTEX_WAKE), ctypes.c_int(EVERYONE),
             None, None, ctypes.c_int(0),
         )  # fmt: skip
 
@@ -53,7 +53,7 @@ class Waiter:
         self._seen = ctypes.c_uint(0)
         self._timespec = _Timespec(0, 0)
         self._args = (
-            ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(FUTEX_WAIT), self._seen,
+            ctypes.c_long(SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(FUTEX_WAIT), self._seen,
             ctypes.byref(self._timespec), None, ctypes.c_int(0),
         )  # fmt: skip
 

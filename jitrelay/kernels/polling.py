@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from jitrelay.core import protocol as p
-from jitrelay.kernels import FanOut, GroupRoute, ReadPath, _bytes, _io_loop
+from jitrelay.kernels import FanOut, GroupRoute, _bytes, _io_loop
 from jitrelay.kernels.constants import (
     EPOLL_DATA_AT,
     EPOLL_EVENT_BYTES,
@@ -28,6 +28,7 @@ from jitrelay.kernels.constants import (
     POLL_WORDS,
     STAGE_SEND,
 )
+from jitrelay.kernels.read_path import ReadPath
 
 _EPOLL_EVENT = struct.Struct(f"=I{EPOLL_DATA_AT - 4}xQ")  # events, padding where the ABI has it, data
 _EPOLL_CTL_ADD, _EPOLL_CTL_DEL = 1, 2
@@ -96,23 +97,33 @@ class PollLoop:
         return filled
 
     def read_ready(
-        self, fan: FanOut, targets: int, carry_limit: int, judge_only: bool = False, route: GroupRoute | None = None
+        self,
+        fan: FanOut,
+        targets: int,
+        carry_limit: int,
+        judge_only: bool = False,
+        route: GroupRoute | None = None,
+        reads: int = 0,
     ) -> int:
         """Read and forward what is ready (``poll_loop.read_ready``); how many rows of ``reports`` it wrote.
 
         ``judge_only``: a read of whole forwarded messages is judged, not sent, and ends the call; the caller
         journals it and hands it to ``send_judged``. ``route``: what filtered targets get (``ReadPath.forward``).
+        ``reads``: at most this many reads (0: as many as ``reports`` has rows).
         """
         if not 0 <= targets <= len(fan.fds) or len(fan.iovecs) < 4:
             raise ValueError(f"{targets} targets, room for {len(fan.fds)}, or fewer than two iovecs")
+        if not 0 <= reads <= len(self.reports):
+            raise ValueError(f"{reads} reads in one call, room for {len(self.reports)}")
+        reports = self.reports[:reads] if reads else self.reports
         fds, first, count, sent, totals = fan.target_views(targets)
         fan._uniform = None  # every target's slice is the loop's from here
         path = self.path
         return int(
             _io_loop("read_ready")(
                 self.fileno(), self._ready, self.fd, self.origin, self.filled, self.carry, self.counts, carry_limit,
-                self.reports, path.ring, *path._scan, *path._log, fds, first, count, fan.iovecs, fan.msghdr, sent,
-                totals, path._timespec, self._tally, int(judge_only), *path.route_args(route, targets),
+                reports, path.ring, *path._scan, *path._log, fds, first, count, fan.iovecs, fan.msghdr, sent,
+                totals, path._timespec, self._tally, int(judge_only), *path.route_args(route, targets), path.shared,
             )
         )  # fmt: skip
 

@@ -15,7 +15,10 @@ relay's own figures), so it lives beside the send loop, out of the pure
 ``loops``; its tests run it on socket pairs in every build.
 
 The log's scalars travel in ``state`` (``LOG_*`` slots), read and written
-back here, so that the call passes arrays and a few integers only.
+back here, so that the call passes arrays and a few integers only. While
+local readers map the log, each commit also publishes the new extent in the
+mapped header and wakes them (``_publish``): one ``futex`` call, as the
+relay's Python side does after its own appends.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
+from numba import config, types
+from numba.extending import intrinsic
 
 from jitrelay.core import protocol as p
+from jitrelay.core.shared_log import W_HEAD, W_HEAD_MESSAGE, W_SEQUENCE, W_TAIL, W_TAIL_MESSAGE, W_WAKE
 from jitrelay.kernels.constants import (
     LOG_BATCH_CAPACITY,
     LOG_HEAD,
@@ -42,12 +48,40 @@ from jitrelay.kernels.constants import (
     STAGE_JUDGE,
     STAGE_SEND,
 )
+from jitrelay.kernels.futex import EVERYONE, FUTEX_WAKE, SYS_FUTEX
 from jitrelay.kernels.loops import _MEMCPY, _c_function, group_iovecs, group_masks, group_runs, kernel, scan
 from jitrelay.kernels.send_loop import send_all
 
 CLOCK_MONOTONIC = 1
 
 _CLOCK_GETTIME = _c_function(None, "clock_gettime", [ctypes.c_int, ctypes.c_size_t], ctypes.c_int)
+_SYSCALL = _c_function(
+    None, "syscall",
+    [ctypes.c_long, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int],
+    ctypes.c_long,
+)  # fmt: skip
+
+if config.DISABLE_JIT:  # type: ignore[attr-defined]  # numba sets its config attributes at import
+
+    def _stores_in_order() -> None:
+        """Plain Python makes its stores in program order."""
+
+else:
+
+    @intrinsic
+    def _stores_in_order(typingctx):  # type: ignore[no-untyped-def]
+        """A release fence: the stores before it are made before the ones after it, by the compiler and the CPU.
+
+        A seqlock's writer needs it twice: else the compiler may drop the
+        first, odd, bump of the sequence (the second overwrites it) or move
+        the words it guards past it.
+        """
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            builder.fence("release")
+            return context.get_dummy_value()
+
+        return types.none(), codegen
 
 
 @kernel
@@ -114,6 +148,32 @@ def _commit(ring, at, forwarded, n, origin, state, starts, origins, first_messag
 
 
 @kernel
+def _publish(shared, state, first_message):
+    """Readers of the mapped log see the new extent, then wake (``shared_log.publish``, ``SharedLogMemory.wake``).
+
+    ``shared`` is the mapped log's header, or empty while no reader maps it.
+    """
+    if len(shared) <= W_WAKE:
+        return
+    messages = state[LOG_MESSAGES]
+    lo = state[LOG_LO]
+    oldest = messages
+    if lo < state[LOG_HI]:
+        oldest = first_message[lo]
+    shared[W_SEQUENCE] += 1
+    _stores_in_order()
+    shared[W_HEAD] = state[LOG_HEAD]
+    shared[W_HEAD_MESSAGE] = messages
+    shared[W_TAIL] = state[LOG_TAIL]
+    shared[W_TAIL_MESSAGE] = oldest
+    _stores_in_order()
+    shared[W_SEQUENCE] += 1
+    shared[W_WAKE] = (shared[W_WAKE] + 1) & 0xFFFFFFFF
+    word = np.uint64(shared.ctypes.data) + np.uint64(8 * W_WAKE)
+    _SYSCALL(SYS_FUTEX, word, np.int32(FUTEX_WAKE), np.int32(EVERYONE), np.uint64(0), np.uint64(0), np.int32(0))
+
+
+@kernel
 def _aim_everyone(at, forwarded, size, address, targets, iov_first, iov_count, iovecs):
     """Every target's iovecs: the batch's one or two pieces of the ring."""
     first = min(forwarded, size - at)
@@ -160,7 +220,7 @@ def forward_read(
     ring, at, end, domain, max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts, runs,
     scratch, crc_tables, counts, state, starts, origins, first_message, origin, fds, skip, iov_first, iov_count,
     iovecs, msghdr, sent, totals, address, timespec, stage, judged_messages, judged_bytes, groups, type_groups,
-    source_groups, untyped, masks, group_first, group_counts, group_sizes, group_bounds, target_group, placed,
+    source_groups, untyped, masks, group_first, group_counts, group_sizes, group_bounds, target_group, placed, shared,
 ):
     """Scan ``ring[at:end]``; if it starts with whole forwarded messages only, commit and send them.
 
@@ -184,6 +244,10 @@ def forward_read(
     all of it: ``placed`` holds each group's first iovec, iovec count and
     bytes afterwards. A read whose groups' runs do not fit the arrays is not
     taken. The judge stage routes; the send stage uses what it left.
+
+    ``shared``: the mapped log's header while local readers map it (else
+    empty); a committed batch is published there and its readers woken
+    before the sockets are sent it.
     """
     if stage == STAGE_SEND:
         n, forwarded, clean = judged_messages, judged_bytes, True
@@ -220,6 +284,7 @@ def forward_read(
     _commit(ring, at, forwarded, n, origin, state, starts, origins, first_message)
     for v in range(len(scratch)):
         counts[v] += scratch[v]
+    _publish(shared, state, first_message)
     pieces = _aim_everyone(at, forwarded, size, address, len(fds), iov_first, iov_count, iovecs)
     if groups > 0:
         _aim_groups(

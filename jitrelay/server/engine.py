@@ -2,8 +2,9 @@
 
 Data path, per read: in the ordinary case the relay reads a publisher
 itself, from its own epoll set, and one compiled call per wake-up reads,
-judges, logs and sends (``polled_reads``; ``_forward_compiled`` is the same
-path for a read the event loop made). Otherwise, step by step: uvloop reads
+judges, logs and sends, waking the readers of the mapped log
+(``polled_reads``; ``_forward_compiled`` is the same path for a read the
+event loop made). Otherwise, step by step: uvloop reads
 straight into the log's ring or the connection's numpy buffer
 (``BufferedProtocol``); one ``kernels.scan_into`` call frames and judges every
 complete message in it; the accepted runs are appended once to the relay's
@@ -53,6 +54,7 @@ from jitrelay.core import protocol
 from jitrelay.core.domains import BLOCK, FSYNC_BATCH, JOURNAL_PAUSE, READ_PYTHON, RelayLogic
 from jitrelay.core.histogram import Histogram
 from jitrelay.kernels.constants import KEEP_EVERYTHING_EVICTABLE
+from jitrelay.kernels.read_path import ReadPath
 from jitrelay.server.catch_up import CatchUp, ranges_after
 from jitrelay.server.connection import Connection as Connection  # re-exported: the engine's connections
 from jitrelay.server.controls import Controls
@@ -105,7 +107,7 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         # The send loop's targets: every subscriber keeping up, in ``_targets`` order; rebuilt when that changes.
         self._fan = kernels.FanOut()
         self._compiled_reads = logic.read_path != READ_PYTHON
-        self._read_path = kernels.ReadPath(
+        self._read_path = ReadPath(
             self.log.ring, self.tables, self.scan_out, self.log.state, self.log.index
         )  # the ordinary read's whole path, compiled: ``_forward_compiled``
         self._start_polling()  # the relay's own epoll set: ``polled_reads``
@@ -324,7 +326,7 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         ring = self.log.ring
         if conn.positioned and not (conn.behind or conn.granted):
             self._publishing(conn)
-        if self._compiled_reads and self._send_loop_suffices():
+        if self._compiled_reads:
             if self._forward_compiled(conn, at, n, arrived):
                 return
         elif not self._must_hold(n, conn):
@@ -341,36 +343,40 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         conn.buf[:n] = ring[at : at + n]
         self.on_data(conn, arrived)
 
-    def _send_loop_suffices(self) -> bool:
-        """Whether a forwarded batch needs nothing but the send loop and the figures, so compiled code may take it.
+    def _prepare_compiled(self) -> None:
+        """What the compiled loops read of the control plane, brought up to date before a call.
 
-        No reader of the mapped log (each batch wakes them) and every cursor behind unfiltered: its position
-        is all it needs, and ``_keep_for_cursors`` stops the read loop from evicting what it has not read. A
-        filtered cursor behind is owed its group's ranges of every batch, which Python makes.
+        The send loop's targets; the oldest stream offset anyone still needs
+        (``LOG_KEEP``: every cursor behind, and under ``block`` every reader
+        of the mapped log, whose positions only move on, so a stale one errs on
+        the safe side), past which a read is not taken; and the mapped log's
+        header, while it is published, for each commit to publish to.
         """
-        return not (self.cursors.count(CursorMode.MAPPED) or self.log.publisher) and all(
-            conn.filter == protocol.EVERYTHING for conn in self.cursors.members(*CATCHING_UP)
-        )
+        if self._targets_dirty:
+            self._rebuild_targets()
+        keep = min((conn.needed() for conn in self.cursors.members(*CATCHING_UP)), default=KEEP_EVERYTHING_EVICTABLE)
+        if self.logic.slow_policy == BLOCK and self.cursors.count(CursorMode.MAPPED):
+            slots = [conn.shared_slot for conn in self.cursors.members(CursorMode.MAPPED)]
+            keep = min(keep, int(self.memory.positions(slots).min()))
+        self.log.keep = keep
+        self._read_path.publish_to(self.memory.header if self.log.publisher is not None else None)
 
-    def _keep_for_cursors(self) -> None:
-        """Tell the read loop the oldest stream offset a cursor behind still needs (``LOG_KEEP``)."""
-        self.log.keep = min(
-            (conn.needed() for conn in self.cursors.members(*CATCHING_UP)), default=KEEP_EVERYTHING_EVICTABLE
+    def _owing(self) -> bool:
+        """Whether a filtered cursor is behind: every batch owes it its group's ranges, made from the batch's scan."""
+        return bool(self._groups) and any(
+            conn.filter != protocol.EVERYTHING for conn in self.cursors.members(*CATCHING_UP)
         )
 
     def _forward_compiled(self, sender: Connection, at: int, n: int, arrived: int) -> bool:
-        """The ordinary read in one compiled call (``kernels.ReadPath``): scan, commit, fan out; False if not taken.
+        """The ordinary read in one compiled call (``ReadPath``): scan, commit, fan out; False if not taken.
 
-        Only while nothing but the send loop's targets and unfiltered cursors behind want the batch
-        (``_send_loop_suffices``); a filtered target gets its group's runs (``_read_route``), and a read that
-        would evict what a cursor behind still needs is not taken. With a
+        A filtered target gets its group's runs (``_read_route``); a read that would evict what a cursor behind
+        or, under ``block``, a reader of the mapped log still needs is not taken (``_prepare_compiled``). With a
         journal the call is cut in two around its append: judged, journaled, then committed and sent. Else, or
         for anything but whole forwarded messages, the usual way takes the read, judging it again (and holding
         it, if the journal refused it).
         """
-        if self._targets_dirty:
-            self._rebuild_targets()
-        self._keep_for_cursors()
+        self._prepare_compiled()
         path, fan, targets, route = self._read_path, self._fan, len(self._targets), self._read_route()
         if self.journal is None:
             status, messages, size, start, short, sending, sent_at = path.forward(
@@ -412,10 +418,15 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         self.batches += 1
         self.send_time.record(sent_at - sending)
         self.own_time.record(sending - arrived)
-        if short:  # the read loop's batch is one run of ``messages`` messages, from the log's last batch on
-            first, route = self.log.messages - messages, self._route
+        first = self.log.messages - messages  # the read loop's batch is one run of ``messages`` messages
+        ranges = None
+        if self._owing():  # the last batch of the call (``PolledReads``): its scan and routes are still there
+            ranges = self._group_ranges(start, first, 1, messages)
+            self._owe(sender, ranges)
+        if short:
+            route = self._route
             due = None if route is None else route.due(len(self._targets), size)
-            self._left_short(start, size, due, lambda: self._group_ranges(start, first, 1, messages))
+            self._left_short(start, size, due, lambda: ranges or self._group_ranges(start, first, 1, messages))
         self._wake_positioned(sender)
         self.forward_time.record((done or time.perf_counter_ns()) - arrived)
         self.messages_timed += messages

@@ -12,16 +12,20 @@ long to carry, no room at the head) stops the call: its publisher goes back
 to the event loop's callbacks, and its bytes take the usual way, exactly as
 if the event loop had read them.
 
-The compiled read loop takes a read only while everything else allows it
-(``_polling_allowed``): no cursor behind but unfiltered ones (the loop leaves
-in the log what they have not read), no reader of the mapped log, nobody
-held, the relay reading, the journal writing. Filtered subscribers keeping up
-are targets like the others: the loop routes each read and sends each its
-group's runs. A relay with a
-journal gets each read back from the loop judged only: Python appends it to
-the journal where it lies in the ring, then one more compiled call commits
-and sends it, and the loop reads on. When that stops being so,
-the next wake-up hands every publisher back to the event loop.
+The compiled loop reads while the relay reads and its journal writes
+(``_polling_allowed``); when that stops being so, the next wake-up hands
+every publisher back to the event loop. Whoever else wants a batch is served
+around it: filtered subscribers keeping up are targets like the others (the
+loop routes each read and sends each its group's runs); readers of the mapped
+log get each commit published and a wake from the loop itself; and no read is
+taken that would evict what a cursor behind, or under ``block`` a reader of
+the mapped log, has not read (``Relay._prepare_compiled``): that read goes
+the usual way, whose slow-reader policy decides. Two things need Python
+after every read, so the loop then makes one read per call: a relay with a
+journal gets each read back judged only (Python appends it to the journal
+where it lies in the ring, then one more compiled call commits and sends
+it), and while a filtered cursor is behind, each batch's group ranges are
+added to what it owes (``Relay._owing``).
 """
 
 from __future__ import annotations
@@ -35,13 +39,15 @@ from jitrelay.core import protocol
 from jitrelay.core.domains import READ_COMPILED, RelayLogic
 from jitrelay.kernels import constants as c
 from jitrelay.kernels.polling import PollLoop
+from jitrelay.kernels.read_path import ReadPath
 from jitrelay.server.connection import Connection
-from jitrelay.server.cursors import CursorFlag, CursorTable
+from jitrelay.server.cursors import CursorTable
 from jitrelay.server.journal import Journal
 from jitrelay.server.log import RelayLog
 
 log = logging.getLogger("jitrelay.relay")
 
+_READ_ON = (c.POLLED_JUDGED, c.POLLED_FORWARDED, c.POLLED_UNFINISHED)  # the poll loop may read again after these
 POLLED_READS_PER_CALL = 16  # at most this many reads per wake-up, so that timers and other callbacks get their turn
 DIRECT_CARRY_LIMIT = 64 * 1024  # the most of an unfinished message copied into the ring to read the rest there
 
@@ -56,7 +62,7 @@ class PolledReads:
     log: RelayLog
     connections: dict[int, Connection]
     journal: Journal | None
-    _read_path: kernels.ReadPath
+    _read_path: ReadPath
     _fan: kernels.FanOut
     _targets: list[Connection]
     _targets_dirty: bool
@@ -65,9 +71,8 @@ class PolledReads:
     _read_route: Callable[[], kernels.GroupRoute | None]
     _journal_retry: object
     _reading: bool
-    _rebuild_targets: Callable[[], None]
-    _send_loop_suffices: Callable[[], bool]
-    _keep_for_cursors: Callable[[], None]
+    _prepare_compiled: Callable[[], None]
+    _owing: Callable[[], bool]
     _forwarded: Callable[[Connection, int, int, int, int, tuple], None]
     _journal: Callable[[list, tuple[int, int, int]], bool]
     ring_bytes: memoryview
@@ -86,14 +91,12 @@ class PolledReads:
         self._free_slots = list(range(slots - 1, -1, -1))
 
     def _polling_allowed(self) -> bool:
-        """Whether a read may be forwarded by the compiled loop alone: nothing but the send loop's targets wants it."""
+        """Whether the compiled loop may read: the relay reads, and its journal, if any, writes."""
         return (
             self.logic.read_path == READ_COMPILED
             and not self._polling_failed
             and self._journal_retry is None
             and self._reading
-            and not self.cursors.count_flagged(CursorFlag.HELD)
-            and self._send_loop_suffices()
         )
 
     def after_read(self, conn: Connection) -> None:
@@ -154,26 +157,28 @@ class PolledReads:
     def _on_polled(self) -> None:
         """The relay's epoll set is ready: read and forward in one compiled call, then what it reports.
 
-        A relay with a journal gets each read back judged only: journaled, it is sent, and the loop goes on.
+        A relay with a journal gets each read back judged only: journaled, it is sent, and the loop goes on. So
+        does one with a filtered cursor behind: each read is owed to it before the next.
         """
         loop = self._poll_loop
         assert loop is not None  # the reader is removed with the loop
         judge_only = self.journal is not None
         try:
-            for _ in range(POLLED_READS_PER_CALL):  # with a journal, one read per call: as many calls, then others'
+            for _ in range(POLLED_READS_PER_CALL):  # one read per call: as many calls, then others' turn
                 if not self._polling_allowed():
                     self._unpoll_all()
                     return
-                if self._targets_dirty:
-                    self._rebuild_targets()
-                self._keep_for_cursors()
+                self._prepare_compiled()
+                one_by_one = judge_only or self._owing()
                 route = self._read_route()
-                made = loop.read_ready(self._fan, len(self._targets), DIRECT_CARRY_LIMIT, judge_only, route)
+                made = loop.read_ready(
+                    self._fan, len(self._targets), DIRECT_CARRY_LIMIT, judge_only, route, 1 if one_by_one else 0
+                )
                 self.reads_polled += made
                 rows = loop.reports[:made].tolist()
                 for row in rows:
                     self._polled_read(loop, row)
-                if not (rows and rows[-1][c.POLL_KIND] == c.POLLED_JUDGED):
+                if not (one_by_one and rows and rows[-1][c.POLL_KIND] in _READ_ON):
                     return
         except Exception:  # a bug, not a peer's doing: the event loop reads from here on, and says why
             log.exception("the relay's own reads failed; the event loop reads every connection from now on")

@@ -26,6 +26,7 @@ from jitrelay.core import protocol
 from jitrelay.core.domains import logic_for
 from jitrelay.kernels import constants as c
 from jitrelay.kernels.polling import PollLoop
+from jitrelay.kernels.read_path import ReadPath
 from jitrelay.server.log import RelayLog
 
 pytestmark = pytest.mark.kernels
@@ -50,7 +51,7 @@ class Setup:
     def __init__(self, pairs: list, log: RelayLog, publishers: int, subscribers: int, reads: int = 16) -> None:
         """``pairs`` gets every socket pair made, for the caller to close."""
         self.log = log
-        path = kernels.ReadPath(log.ring, TABLES, kernels.ScanBuffers(RESERVE), log.state, log.index)
+        path = ReadPath(log.ring, TABLES, kernels.ScanBuffers(RESERVE), log.state, log.index)
         self.loop = PollLoop(8, path, reads)
         self.fan = kernels.FanOut()
         self.fan.reserve(subscribers + publishers, 2)

@@ -1,4 +1,4 @@
-"""The compiled read path (``kernels.ReadPath``): scan, commit to the log and fan out in one call, on socket pairs.
+"""The compiled read path (``kernels.read_path``): scan, commit to the log and fan out in one call, on socket pairs.
 
 Runs for every build of the loops (ahead of time, JIT, Python) with the other
 kernel tests. The model is the Python log (``RelayLog.commit``) and the send
@@ -11,6 +11,8 @@ messages changes nothing.
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -20,9 +22,11 @@ from support.reference import selects
 from support.streams import drain
 
 from jitrelay import kernels
-from jitrelay.core import protocol
+from jitrelay.core import protocol, shared_log
 from jitrelay.core.domains import logic_for
+from jitrelay.kernels import futex
 from jitrelay.kernels.constants import LOG_KEEP
+from jitrelay.kernels.read_path import ReadPath
 from jitrelay.server.log import RelayLog
 
 pytestmark = pytest.mark.kernels
@@ -43,8 +47,8 @@ def new_log(size: int, reserve: int, batch_capacity: int | None = None) -> Relay
     return RelayLog(size, MIRROR, batch_capacity=batch_capacity, ring=ring, reserve=reserve)
 
 
-def path_for(log: RelayLog) -> kernels.ReadPath:
-    return kernels.ReadPath(log.ring, TABLES, kernels.ScanBuffers(log.reserve), log.state, log.index)
+def path_for(log: RelayLog) -> ReadPath:
+    return ReadPath(log.ring, TABLES, kernels.ScanBuffers(log.reserve), log.state, log.index)
 
 
 def land(log: RelayLog, data: bytes) -> int:
@@ -94,6 +98,9 @@ def test_the_compiled_path_commits_exactly_as_the_python_log(
     reserve = 700  # the relay's receive buffer: a read is never more, and the log holds at least two
     model, compiled = new_log(size, reserve, capacity), new_log(size, reserve, capacity)
     path = path_for(compiled)
+    header = np.zeros(shared_log.WORDS, dtype=np.int64)  # a mapped log's: each commit of the loop's is published
+    path.publish_to(header)
+    published = 0
     fan = kernels.FanOut()
     counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
     n = 0
@@ -122,8 +129,11 @@ def test_the_compiled_path_commits_exactly_as_the_python_log(
                 start = compiled.commit(end, count, origin)
             else:
                 assert (messages, forwarded, short) == (count, end, 0)
+                published += 1
+                assert shared_log.snapshot(header) == compiled.extent()
             assert model.commit(end, count, origin) == start
         assert log_facts(compiled) == log_facts(model)
+        assert (header[shared_log.W_SEQUENCE], header[shared_log.W_WAKE]) == (2 * published, published)
 
 
 def test_a_read_goes_out_to_every_target_but_its_sender_exactly(pairs: list) -> None:
@@ -222,7 +232,7 @@ def test_the_read_path_refuses_arguments_that_would_reach_outside_its_arrays() -
     with pytest.raises(ValueError, match="targets"):
         path.forward(0, 10, counts, 1, kernels.FanOut(targets=1), 5, -1)
     with pytest.raises(ValueError, match="ring"):
-        kernels.ReadPath(np.zeros(10, dtype=np.uint8), TABLES, kernels.ScanBuffers(100), log.state, log.index)
+        ReadPath(np.zeros(10, dtype=np.uint8), TABLES, kernels.ScanBuffers(100), log.state, log.index)
 
 
 def test_judged_then_sent_is_the_one_call_cut_in_two(pairs: list) -> None:
@@ -386,3 +396,48 @@ def test_a_read_that_would_evict_what_a_cursor_still_needs_is_not_taken(pairs: l
     log.state[LOG_KEEP] = 1500  # it has read the first batch
     status, *_ = path_for(log).forward(at, at + len(read), counts, 1, fan, 1, -1)
     assert status == kernels.READ_FORWARDED and log.tail == 1500 and drain(peers[0]) == read
+
+
+def test_a_committed_read_is_published_to_the_mapped_log_and_wakes_its_sleeping_readers(pairs: list) -> None:
+    """The header gets the log's new extent, then one futex wake reaches every reader asleep on its word."""
+    log = new_log(1 << 16, 1 << 12)
+    path = path_for(log)
+    header = np.zeros(shared_log.WORDS, dtype=np.int64)
+    header[shared_log.W_WAKE] = 0xFFFFFFFF  # the word wraps at 32 bits, as the Python side's does
+    path.publish_to(header)
+    fan = kernels.FanOut()
+    peers = targets(fan, pairs, 1)
+    word = header.ctypes.data + 8 * shared_log.W_WAKE
+    woken: list[bool] = []
+    sleepers = [threading.Thread(target=lambda: woken.append(futex.Waiter(word)(0xFFFFFFFF, 30.0))) for _ in range(3)]
+    for sleeper in sleepers:
+        sleeper.start()
+    time.sleep(0.2)  # asleep on the word, or about to find it moved: either way they return
+    read = b"".join(message(k, 40) for k in range(5))
+    at = land(log, read)
+    status, *_ = path.forward(at, at + len(read), np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64), 3, fan, 1, -1)
+    assert status == kernels.READ_FORWARDED
+    for sleeper in sleepers:
+        sleeper.join(10)
+    assert woken == [True, True, True]
+    assert shared_log.snapshot(header) == shared_log.Snapshot(len(read), 5, 0, 0)
+    assert header[shared_log.W_WAKE] == 0
+    assert drain(peers[0]) == read
+
+    path.publish_to(None)  # no reader maps the log any more: the header stays as it was
+    again = message(5, 40)
+    at = land(log, again)
+    path.forward(at, at + len(again), np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64), 3, fan, 1, -1)
+    assert shared_log.snapshot(header).head == len(read) and log.head == len(read) + len(again)
+
+
+def test_only_a_writable_header_of_the_mapped_log_is_published_to() -> None:
+    path = path_for(new_log(1 << 12, 1 << 10))
+    with pytest.raises(ValueError, match="too short"):
+        path.publish_to(np.zeros(shared_log.W_WAKE, dtype=np.int64))
+    read_only = np.zeros(shared_log.WORDS, dtype=np.int64)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        path.publish_to(read_only)
+    with pytest.raises(TypeError):
+        path.publish_to(np.zeros(shared_log.WORDS, dtype=np.int32))

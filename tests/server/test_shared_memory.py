@@ -389,6 +389,7 @@ def test_under_block_a_stopped_mapped_reader_holds_the_publisher_and_nobody_lose
     assert figures["slow_actions"]["hold"] > 0
     assert figures["slow_actions"]["disconnect"] == 0 and figures["slow_actions"]["gap_notice"] == 0
     assert relay.find_line("disconnecting slow subscriber") is None
+    assert figures["reads_polled"] > 0  # the relay's own reads went on beside the mapped reader, which they woke
 
 
 # --- resume -------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ _SCAN_ARGS = (
 _ROUTE_ARGS = f"{_MASKS}, {_MASKS}, uint64[::1], int64, {_MASKS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}"
 # What the read and poll loops take to give filtered groups their runs: the group count, the route, the targets' groups.
 _GROUP_ARGS = f"int64, {_MASKS}, {_MASKS}, uint64[::1], {_MASKS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}"
+# The cursor table's arrays the read and poll loops read: each slot's mode, position and group.
+_CURSORS = f"int8[::1], {_INTS}, {_INTS}"
 
 # Every entry point of ``loops`` that ``kernels`` calls, with its one signature.
 SIGNATURES: dict[str, str] = {
@@ -90,7 +92,7 @@ READ_SIGNATURES: dict[str, str] = {
     "forward_read": (
         f"UniTuple(int64, 7)({_SCAN_ARGS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, int64, "
         f"{_INTS}, int64, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS}, int64, {_INTS}, "
-        f"int64, int64, int64, {_GROUP_ARGS}, {_INTS})"
+        f"int64, int64, int64, {_GROUP_ARGS}, {_INTS}, {_CURSORS})"
     ),
 }
 
@@ -100,7 +102,7 @@ POLL_SIGNATURES: dict[str, str] = {
         f"int64(int64, {_BYTES}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, int64[:, ::1], int64, int64[:, ::1], "
         f"{_BYTES}, int64, int64, int64, {_BYTES}, {_BYTES}, {_INTS}, {_BYTES}, {_INTS}, {_INTS}, {_CRC_TABLES}, "
         f"{_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, uint64[::1], uint64[::1], {_INTS}, {_INTS}, "
-        f"{_INTS}, {_INTS}, int64, {_GROUP_ARGS}, {_INTS})"
+        f"{_INTS}, {_INTS}, int64, {_GROUP_ARGS}, {_INTS}, {_CURSORS})"
     ),
 }
 

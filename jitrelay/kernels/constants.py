@@ -29,6 +29,9 @@ LOG_SIZE, LOG_MIRROR, LOG_RESERVE, LOG_BATCH_CAPACITY, LOG_HEAD, LOG_TAIL, LOG_M
 LOG_KEEP = 9
 LOG_STATE_SLOTS = 10
 KEEP_EVERYTHING_EVICTABLE = 1 << 62  # ``LOG_KEEP`` when no cursor is behind: any commit may evict
+# A cursor in the relay's cursor table (``server.cursors``) whose own writer serves it from its position in the log:
+# ``CursorMode.BEHIND``. The read loop lowers ``LOG_KEEP`` to the position of every unfiltered one.
+CURSOR_BEHIND = 2
 
 # What the poll loop (``poll_loop.read_ready``) reports for each read it made: one row of ``POLL_WORDS`` per read.
 

@@ -97,7 +97,7 @@ def _read_slot(
     max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts, runs, scratch, crc_tables, state,
     starts, origins, first_message, fds, iov_first, iov_count, iovecs, msghdr, sent, totals, timespec, tally,
     judge_only, groups, type_groups, source_groups, untyped, masks, group_first, group_counts, group_sizes,
-    group_bounds, target_group, placed, shared,
+    group_bounds, target_group, placed, shared, cursor_mode, cursor_position, cursor_group,
 ):
     """One read of ``slot`` into the log at the head, forwarded if it may be; its report in ``reports[r]``.
 
@@ -131,7 +131,7 @@ def _read_slot(
         runs, scratch, crc_tables, tally, state, starts, origins, first_message, slot_origin[slot], fds, fd,
         iov_first, iov_count, iovecs, msghdr, sent, totals, np.int64(address), timespec, stage, 0, 0, groups,
         type_groups, source_groups, untyped, masks, group_first, group_counts, group_sizes, group_bounds, target_group,
-        placed, shared,
+        placed, shared, cursor_mode, cursor_position, cursor_group,
     )
     if status == READ_JUDGED:  # for the journal first: Python sends it on (``PollLoop.send_judged``)
         reports[r, POLL_MESSAGES] = messages
@@ -170,7 +170,7 @@ def read_ready(
     max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts, runs, scratch, crc_tables, state,
     starts, origins, first_message, fds, iov_first, iov_count, iovecs, msghdr, sent, totals, timespec, tally,
     judge_only, groups, type_groups, source_groups, untyped, masks, group_first, group_counts, group_sizes,
-    group_bounds, target_group, placed, shared,
+    group_bounds, target_group, placed, shared, cursor_mode, cursor_position, cursor_group,
 ):
     """Read every ready slot of ``epfd`` into the log and forward it, until nothing is ready or Python is needed.
 
@@ -181,7 +181,8 @@ def read_ready(
     ``tally`` is zeroed scratch for one read's verdicts, left zeroed. With
     ``judge_only`` (a relay that journals before it forwards) a read of whole
     forwarded messages is judged only and stops the call (``POLLED_JUDGED``).
-    The group arguments are ``read_loop.forward_read``'s: what filtered targets get; ``shared`` too.
+    The group arguments are ``read_loop.forward_read``'s (what filtered
+    targets get), and so are ``shared`` and the cursor table's arrays.
     """
     most = len(ready) // EPOLL_EVENT_BYTES
     made = 0
@@ -200,7 +201,8 @@ def read_ready(
                 domain, max_payload, checksum_policy, type_allowed, version_allowed, offsets, verdicts, runs, scratch,
                 crc_tables, state, starts, origins, first_message, fds, iov_first, iov_count, iovecs, msghdr, sent,
                 totals, timespec, tally, judge_only, groups, type_groups, source_groups, untyped, masks, group_first,
-                group_counts, group_sizes, group_bounds, target_group, placed, shared,
+                group_counts, group_sizes, group_bounds, target_group, placed, shared, cursor_mode, cursor_position,
+                cursor_group,
             ) or made == len(reports):
                 return made
     return made

@@ -124,6 +124,7 @@ class PollLoop:
                 self.fileno(), self._ready, self.fd, self.origin, self.filled, self.carry, self.counts, carry_limit,
                 reports, path.ring, *path._scan, *path._log, fds, first, count, fan.iovecs, fan.msghdr, sent,
                 totals, path._timespec, self._tally, int(judge_only), *path.route_args(route, targets), path.shared,
+                *path.cursors,
             )
         )  # fmt: skip
 

@@ -32,6 +32,7 @@ from numba.extending import intrinsic
 from jitrelay.core import protocol as p
 from jitrelay.core.shared_log import W_HEAD, W_HEAD_MESSAGE, W_SEQUENCE, W_TAIL, W_TAIL_MESSAGE, W_WAKE
 from jitrelay.kernels.constants import (
+    CURSOR_BEHIND,
     LOG_BATCH_CAPACITY,
     LOG_HEAD,
     LOG_HI,
@@ -115,6 +116,26 @@ def _tail_after(forwarded, state, starts):
         keep = _first_at_or_after(starts, lo, hi, needed)
     keep = max(keep, hi - state[LOG_BATCH_CAPACITY] + 1)
     return starts[keep] if keep < hi else head
+
+
+@kernel
+def _evicts_needed(forwarded, state, starts, cursor_mode, cursor_position, cursor_group):
+    """Whether committing ``forwarded`` bytes would evict what someone still needs.
+
+    That is, past ``LOG_KEEP`` (what Python keeps for filtered cursors behind
+    and readers of the mapped log) or past the position of an unfiltered
+    cursor behind in the cursor table. The table is read only when the commit
+    evicts anything.
+    """
+    tail = _tail_after(forwarded, state, starts)
+    if tail <= state[LOG_TAIL]:
+        return False
+    if tail > state[LOG_KEEP]:
+        return True
+    for s in range(len(cursor_mode)):
+        if cursor_mode[s] == CURSOR_BEHIND and cursor_group[s] < 0 and cursor_position[s] < tail:
+            return True
+    return False
 
 
 @kernel
@@ -221,6 +242,7 @@ def forward_read(
     scratch, crc_tables, counts, state, starts, origins, first_message, origin, fds, skip, iov_first, iov_count,
     iovecs, msghdr, sent, totals, address, timespec, stage, judged_messages, judged_bytes, groups, type_groups,
     source_groups, untyped, masks, group_first, group_counts, group_sizes, group_bounds, target_group, placed, shared,
+    cursor_mode, cursor_position, cursor_group,
 ):
     """Scan ``ring[at:end]``; if it starts with whole forwarded messages only, commit and send them.
 
@@ -230,8 +252,10 @@ def forward_read(
     moved, ``sent``/``totals`` as the send loop leaves them; a partial
     message after it stays where it is), else ``READ_NOT_TAKEN`` with
     nothing changed but ``scratch`` and the scan buffers. A read whose
-    commit would evict the log past ``state[LOG_KEEP]`` (what a cursor behind
-    still needs) is not taken either: the caller's slow-reader policy decides.
+    commit would evict what a cursor behind still needs is not taken either
+    (``_evicts_needed``: ``state[LOG_KEEP]``, and the cursor table's
+    ``cursor_mode``, ``cursor_position`` and ``cursor_group``, its slots'
+    arrays, or empty): the caller's slow-reader policy decides.
 
     ``stage`` splits the call for a relay that journals before forwarding:
     ``STAGE_JUDGE`` stops after the scan (``READ_JUDGED`` when it would have
@@ -267,7 +291,7 @@ def forward_read(
         or forwarded > size - state[LOG_RESERVE]
         or at + forwarded > size + state[LOG_MIRROR]
         or state[LOG_HI] >= len(starts)
-        or _tail_after(forwarded, state, starts) > state[LOG_KEEP]
+        or _evicts_needed(forwarded, state, starts, cursor_mode, cursor_position, cursor_group)
     ):
         return READ_NOT_TAKEN, n, forwarded, head, 0, 0, 0
     if (

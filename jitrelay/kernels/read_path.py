@@ -28,6 +28,7 @@ from jitrelay.kernels import (
 from jitrelay.kernels.constants import LOG_MIRROR, LOG_SIZE, LOG_STATE_SLOTS, STAGE_ALL
 
 _NOT_SHARED = np.zeros(0, dtype=np.int64)  # no reader maps the log: nothing to publish
+_NO_CURSORS = (np.zeros(0, dtype=np.int8), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
 
 class ReadPath:
@@ -60,6 +61,15 @@ class ReadPath:
         self._address = ring.ctypes.data
         self._timespec = np.zeros(2, dtype=np.int64)
         self.shared = _NOT_SHARED
+        self.cursors = _NO_CURSORS
+
+    def watch_cursors(self, mode: np.ndarray, position: np.ndarray, group: np.ndarray) -> None:
+        """Read the relay's cursor table (``server.cursors``): no read is taken that would evict what an unfiltered
+        cursor behind (``CURSOR_BEHIND``, group -1) has not read. Its arrays, one slot each, bound for good."""
+        _array(mode, np.dtype(np.int8), 1, "the cursors' modes")
+        if not len(mode) == len(_array(position, _I64, 1, "positions")) == len(_array(group, _I64, 1, "groups")):
+            raise ValueError("the cursor table's arrays differ in length")
+        self.cursors = (mode, position, group)
 
     def publish_to(self, header: np.ndarray | None) -> None:
         """Publish each committed batch in the header of the mapped log, and wake its readers; None: no one maps it."""
@@ -108,7 +118,7 @@ class ReadPath:
         return _io_loop("forward_read")(
             self.ring, at, end, *self._scan, counts, *self._log, origin, fds, skip, first, count, fan.iovecs,
             fan.msghdr, sent, totals, self._address, self._timespec, stage, *judged, *self.route_args(route, targets),
-            self.shared,
+            self.shared, *self.cursors,
         )  # fmt: skip
 
     def route_args(self, route: GroupRoute | None, targets: int) -> tuple:

@@ -4,7 +4,9 @@ The relay asks the same questions of its cursors again and again (is anyone
 behind? who is held? who reads the mapped log?). One table with a mode per
 cursor and counts per mode answers them in O(1), and cannot drift out of step
 the way separate sets kept by hand can. Arrays, not objects, so that compiled
-code can read the same state the Python control plane writes.
+code reads the same state the Python control plane writes: the read loop
+keeps in the log whatever an unfiltered cursor behind has not read, from
+``mode``, ``group`` and ``position`` (``kernels.read_path.ReadPath.watch_cursors``).
 
 A mode says what serves a cursor now; a flag says something that holds
 whatever the mode (a positioned subscriber keeps up or is behind, a publisher
@@ -20,13 +22,15 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
+from jitrelay.kernels.constants import CURSOR_BEHIND
+
 
 class CursorMode(enum.IntEnum):
     """What serves a connection's cursor now."""
 
     FREE = 0  # the slot holds no connection
     KEEPING_UP = 1  # at the head: the send loop hands it each batch
-    BEHIND = 2  # its socket took less than its share: its own writer sends from its position in the log
+    BEHIND = CURSOR_BEHIND  # its socket took less than its share: its own writer sends from its position in the log
     REPLAYING = 3  # behind, and resuming from the journal before the log takes over
     MAPPED = 4  # a reader of the mapped log, granted its slot: the socket carries nothing
     PUBLISH_ONLY = 5  # it declared it never reads: it is sent nothing

@@ -110,6 +110,7 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         self._read_path = ReadPath(
             self.log.ring, self.tables, self.scan_out, self.log.state, self.log.index
         )  # the ordinary read's whole path, compiled: ``_forward_compiled``
+        self._read_path.watch_cursors(self.cursors.mode, self.cursors.position, self.cursors.group)
         self._start_polling()  # the relay's own epoll set: ``polled_reads``
         self._targets: list[Connection] = []
         self._target_group = np.zeros(0, dtype=np.int64)  # -1 for the unfiltered, else the group index
@@ -344,17 +345,22 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         self.on_data(conn, arrived)
 
     def _prepare_compiled(self) -> None:
-        """What the compiled loops read of the control plane, brought up to date before a call.
+        """What the compiled loops read of the control plane besides the cursor table, up to date before a call.
 
-        The send loop's targets; the oldest stream offset anyone still needs
-        (``LOG_KEEP``: every cursor behind, and under ``block`` every reader
-        of the mapped log, whose positions only move on, so a stale one errs on
-        the safe side), past which a read is not taken; and the mapped log's
-        header, while it is published, for each commit to publish to.
+        The send loop's targets; the oldest stream offset that a filtered cursor
+        behind (its owed ranges) or, under ``block``, a reader of the mapped log
+        (its slot's position, which only moves on, so a stale one errs on the
+        safe side) still needs (``LOG_KEEP``), past which no read is taken (the
+        loop reads the positions of unfiltered cursors behind from the table
+        itself); and the mapped log's header, while it is published, for each
+        commit to publish to.
         """
         if self._targets_dirty:
             self._rebuild_targets()
-        keep = min((conn.needed() for conn in self.cursors.members(*CATCHING_UP)), default=KEEP_EVERYTHING_EVICTABLE)
+        keep = KEEP_EVERYTHING_EVICTABLE
+        if self._owing():
+            filtered = self.cursors.members(*CATCHING_UP)
+            keep = min(conn.needed() for conn in filtered if conn.filter != protocol.EVERYTHING)
         if self.logic.slow_policy == BLOCK and self.cursors.count(CursorMode.MAPPED):
             slots = [conn.shared_slot for conn in self.cursors.members(CursorMode.MAPPED)]
             keep = min(keep, int(self.memory.positions(slots).min()))

@@ -25,7 +25,7 @@ from jitrelay import kernels
 from jitrelay.core import protocol, shared_log
 from jitrelay.core.domains import logic_for
 from jitrelay.kernels import futex
-from jitrelay.kernels.constants import LOG_KEEP
+from jitrelay.kernels.constants import CURSOR_BEHIND, LOG_KEEP
 from jitrelay.kernels.read_path import ReadPath
 from jitrelay.server.log import RelayLog
 
@@ -396,6 +396,51 @@ def test_a_read_that_would_evict_what_a_cursor_still_needs_is_not_taken(pairs: l
     log.state[LOG_KEEP] = 1500  # it has read the first batch
     status, *_ = path_for(log).forward(at, at + len(read), counts, 1, fan, 1, -1)
     assert status == kernels.READ_FORWARDED and log.tail == 1500 and drain(peers[0]) == read
+
+
+@pytest.mark.parametrize(
+    ("mode", "group", "position", "taken"),
+    [
+        (CURSOR_BEHIND, -1, 1499, False),  # an unfiltered cursor behind still needs the first batch's last byte
+        (CURSOR_BEHIND, -1, 1500, True),  # it has read the first batch
+        (CURSOR_BEHIND, 0, 0, True),  # a filtered one: its owed ranges are the relay's to keep (``LOG_KEEP``)
+        (CURSOR_BEHIND - 1, -1, 0, True),  # a cursor keeping up holds nothing in the log
+        (CURSOR_BEHIND + 1, -1, 0, True),  # nor does one replaying the journal
+    ],
+)
+def test_the_read_loop_keeps_what_an_unfiltered_cursor_behind_in_the_table_has_not_read(
+    pairs: list, mode: int, group: int, position: int, taken: bool
+) -> None:
+    """The cursor table's arrays, read by the loop itself: the same rule as ``LOG_KEEP`` for the cursors it covers."""
+    size, reserve = 4096, 1024
+    log = new_log(size, reserve)
+    for length in (1500, 1500):
+        filler = np.frombuffer(message(0, length - protocol.HEADER_SIZE - 2), dtype=np.uint8)
+        log.append(filler, np.array([0, length], dtype=np.int64), 1, length, 1, 1)
+    path = path_for(log)
+    modes = np.zeros(8, dtype=np.int8)  # slot 5 is the cursor; the others are free
+    positions, groups = np.zeros(8, dtype=np.int64), np.full(8, -1, dtype=np.int64)
+    modes[5], groups[5], positions[5] = mode, group, position
+    path.watch_cursors(modes, positions, groups)
+    fan = kernels.FanOut()
+    peers = targets(fan, pairs, 1)
+    counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
+    read = b"".join(message(k, 66) for k in range(10))
+    at = land(log, read)
+    before = log_facts(log)
+    status, *_ = path.forward(at, at + len(read), counts, 1, fan, 1, -1)
+    if taken:
+        assert status == kernels.READ_FORWARDED and log.tail == 1500 and drain(peers[0]) == read
+    else:
+        assert status == kernels.READ_NOT_TAKEN and log_facts(log) == before and drain(peers[0]) == b""
+
+
+def test_the_cursor_tables_arrays_are_checked_once_when_bound() -> None:
+    path = path_for(new_log(1 << 12, 1 << 10))
+    with pytest.raises(TypeError):
+        path.watch_cursors(np.zeros(4, dtype=np.int64), np.zeros(4, dtype=np.int64), np.zeros(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="differ in length"):
+        path.watch_cursors(np.zeros(4, dtype=np.int8), np.zeros(3, dtype=np.int64), np.zeros(4, dtype=np.int64))
 
 
 def test_a_committed_read_is_published_to_the_mapped_log_and_wakes_its_sleeping_readers(pairs: list) -> None:

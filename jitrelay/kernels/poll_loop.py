@@ -109,15 +109,17 @@ def _read_slot(
     reserve = state[LOG_RESERVE]
     at = state[LOG_HEAD] % size
     reports[r, POLL_AT] = at
-    if size + state[LOG_MIRROR] - at < reserve:
+    # Near the ring's end a read is cut to what is left before the mirror's end (which the log keeps free then).
+    room = min(reserve, size + state[LOG_MIRROR] - at)
+    filled = slot_filled[slot]
+    if room <= filled:
         reports[r, POLL_KIND] = POLLED_NO_ROOM
         return True
-    filled = slot_filled[slot]
     if filled:
         _MEMCPY(address + np.uint64(at), np.uint64(slot_carry[slot]), np.uint64(filled))
     fd = slot_fd[slot]
     into = address + np.uint64(at + filled)
-    got = np.int64(_RECV(np.int32(fd), into, np.uint64(reserve - filled), np.int32(MSG_DONTWAIT)))
+    got = np.int64(_RECV(np.int32(fd), into, np.uint64(room - filled), np.int32(MSG_DONTWAIT)))
     reports[r, POLL_ARRIVED] = _now(timespec)
     reports[r, POLL_GOT] = got
     if got <= 0:

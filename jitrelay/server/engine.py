@@ -310,8 +310,8 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         """
         if self._journal_retry is not None or conn.filled > DIRECT_CARRY_LIMIT:
             return -1
-        at, room = self.log.space()
-        if room < self.log.reserve:  # near the end of the ring: the usual way, until the head wraps
+        at, room = self.log.space()  # near the ring's end, less than a whole read: the read is cut to it
+        if room <= conn.filled:
             return -1
         if conn.filled:
             self.log.ring[at : at + conn.filled] = conn.buf[: conn.filled]

@@ -219,12 +219,47 @@ def test_a_close_stops_the_call_and_keeps_the_carry(setup: Setup) -> None:
     assert setup.loop.filled[0] == 10 and drain(setup.peers[0]) == message(1, 40)
 
 
-def test_no_room_at_the_head_reads_nothing(pairs: list) -> None:
-    log = new_log(4 * RESERVE, mirror=100)  # the relay's shape: a mirror shorter than a read
+def head_near_the_end(log: RelayLog, left: int) -> None:
+    """Fill the log's first lap with messages until exactly ``left`` bytes are left before the ring's end."""
+    overhead = len(message(0, 0))  # a message of n payload bytes is this much longer
+    while (rest := log.size - left - log.head) > 0:
+        size = rest if rest <= 2 * overhead + 200 else overhead + 200  # the last one fills it exactly
+        one = message(0, size - overhead)
+        log.append(np.frombuffer(one, dtype=np.uint8), np.array([0, len(one)], dtype=np.int64), 1, len(one), 1, 7)
+
+
+def test_near_the_rings_end_a_read_is_cut_to_what_is_left_and_the_head_wraps(pairs: list) -> None:
+    """Less than a whole read before the mirror's end: the loop reads that much, runs on into the mirror, and the
+    batch lands across the wrap; every byte reaches the subscriber once, in order, and the log ends as Python's."""
+    log = new_log(4 * RESERVE, mirror=300)  # the relay's shape: a mirror shorter than a read, longer than a message
+    model = new_log(4 * RESERVE, mirror=300)
     setup = Setup(pairs, log, 1, 1)
-    batch = b"".join(message(n, 200) for n in range(8))
-    while log.head < 4 * RESERVE - RESERVE // 2:  # the head near the ring's end, in its first lap
-        log.append(np.frombuffer(batch, dtype=np.uint8), np.array([0, len(batch)], dtype=np.int64), 1, len(batch), 8, 7)
+    for each in (log, model):
+        head_near_the_end(each, RESERVE // 2)
+    at = log.head % log.size
+    assert log.size + log.mirror - at < RESERVE  # the zone where a whole read would not fit
+    stream = b"".join(message(n, 90) for n in range(20))  # 2,440 bytes: more than is left, less than two reads
+    setup.senders[0].sendall(stream)
+    rows = setup.run()
+    assert rows[0][c.POLL_KIND] == c.POLLED_FORWARDED and rows[0][c.POLL_GOT] == log.size + log.mirror - at
+    assert all(row[c.POLL_KIND] in (c.POLLED_FORWARDED, c.POLLED_UNFINISHED) for row in rows)
+    assert drain(setup.peers[0]) == stream and log.head == model.head + len(stream) and log.head > log.size
+    model.append(
+        np.frombuffer(stream, dtype=np.uint8), np.array([0, len(stream)], dtype=np.int64), 1, len(stream), 20, 0
+    )
+    assert b"".join(bytes(v) for v in log.views(model.tail, log.head)) == b"".join(
+        bytes(v) for v in model.views(model.tail, model.head)
+    )
+
+
+def test_no_room_even_for_the_carry_reads_nothing(pairs: list) -> None:
+    log = new_log(4 * RESERVE, mirror=100)  # a mirror shorter than a message: never so in the relay
+    setup = Setup(pairs, log, 1, 1)
+    head_near_the_end(log, 50)
+    left = log.size + log.mirror - log.head % log.size
+    unfinished = message(98, 400)[: left + 10]  # a carry longer than what is left
+    setup.carries[0][: len(unfinished)] = np.frombuffer(unfinished, dtype=np.uint8)
+    setup.loop.filled[0] = len(unfinished)
     whole = log.head
     setup.senders[0].sendall(message(99, 10))
     (row,) = setup.run()

@@ -10,8 +10,9 @@ the read where it landed: scan, commit, fan-out; the unfinished message after
 the last whole one becomes the slot's carry. It goes on until nothing is
 ready or ``len(reports)`` reads were made, and stops at the first read that
 needs Python: anything but whole forwarded messages (and the start of one
-more), a close, a failure, a target left short, no room at the head, a carry
-over the limit. Each read it made is one row of
+more), a close, a failure, a target left short, no room even for the
+carry, a carry over the limit. Near the ring's end a read is cut to what is
+left before the mirror's end. Each read it made is one row of
 ``reports``, which the relay's figures and bookkeeping read afterwards.
 
 Connections are slots: ``slot_fd``, ``slot_origin`` (the connection id the

@@ -70,7 +70,7 @@ if config.DISABLE_JIT:  # type: ignore[attr-defined]  # numba sets its config at
 else:
 
     @intrinsic
-    def _stores_in_order(typingctx):  # type: ignore[no-untyped-def]
+    def _stores_in_order(typingctx):
         """A release fence: the stores before it are made before the ones after it, by the compiler and the CPU.
 
         A seqlock's writer needs it twice: else the compiler may drop the
@@ -78,7 +78,7 @@ else:
         the words it guards past it.
         """
 
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):
             builder.fence("release")
             return context.get_dummy_value()
 

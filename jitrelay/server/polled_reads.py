@@ -8,7 +8,7 @@ compiled call reads every ready publisher into the log, judges, commits and
 sends each read, and goes on until nothing is ready; Python only reads its
 report rows for the figures. A read that needs more than that (a control, a
 rejected message, a close, a target left short, an unfinished message too
-long to carry, no room at the head) stops the call: its publisher goes back
+long to carry) stops the call: its publisher goes back
 to the event loop's callbacks, and its bytes take the usual way, exactly as
 if the event loop had read them.
 

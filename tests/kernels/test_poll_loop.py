@@ -17,7 +17,7 @@ import socket
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support.streams import drain
 
@@ -96,22 +96,33 @@ streams = st.lists(  # per publisher: message sizes, and where its stream is cut
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    plan=streams, size=st.integers(2 * RESERVE, 6 * RESERVE), subscribers=st.integers(0, 2), reads=st.integers(1, 16)
+    plan=streams,
+    size=st.integers(2 * RESERVE, 6 * RESERVE),
+    mirror=st.sampled_from([RESERVE, 400]),  # 400: the relay's shape, reads cut short near the ring's end
+    subscribers=st.integers(0, 2),
+    reads=st.integers(1, 16),
+)
+@example(  # three publishers, 30 KB, wrapping a small log seven times: reads cut short at every lap's end
+    plan=[([300, 17, 250] * 10, [700, 1900, 4000, 6100]) for _ in range(3)],
+    size=2 * RESERVE,
+    mirror=400,
+    subscribers=1,
+    reads=16,
 )
 def test_every_batch_is_its_publishers_next_piece_and_the_log_ends_as_the_python_log(
-    plan: list, size: int, subscribers: int, reads: int
+    plan: list, size: int, mirror: int, subscribers: int, reads: int
 ) -> None:
     pairs: list = []
     try:
-        check_batches(Setup(pairs, new_log(size), len(plan), subscribers, reads), plan, size)
+        check_batches(Setup(pairs, new_log(size, mirror), len(plan), subscribers, reads), plan, size, mirror)
     finally:
         for a, b in pairs:
             a.close()
             b.close()
 
 
-def check_batches(setup: Setup, plan: list, size: int) -> None:
-    model = new_log(size)
+def check_batches(setup: Setup, plan: list, size: int, mirror: int = RESERVE) -> None:
+    model = new_log(size, mirror)
     streams_, sent = [], []
     n = 0
     for sizes, cuts in plan:

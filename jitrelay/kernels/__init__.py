@@ -477,6 +477,7 @@ class GroupRoute:
         if len(target_group) and not (int(target_group.min()) >= -1 and int(target_group.max()) < groups):
             raise ValueError(f"target groups outside -1..{groups - 1}")
         self.routed = routed
+        self._bound = (routed.runs, routed.masks)  # the arrays the loops get: ``routed`` may grow new ones
         self.groups = groups
         self.placed = np.zeros(3 * max(1, groups), dtype=np.int64)
         self.args = (
@@ -486,7 +487,8 @@ class GroupRoute:
 
     def current(self, routed: RouteBuffers) -> bool:
         """Whether this binding still holds ``routed``'s arrays (a scan elsewhere may have grown them)."""
-        return routed is self.routed and routed.runs is self.args[8] and routed.masks is self.args[4]
+        runs, masks = self._bound
+        return routed is self.routed and routed.runs is runs and routed.masks is masks
 
     def due(self, targets: int, size: int) -> np.ndarray:
         """What each of the first ``targets`` targets was to be sent of the last forwarded batch of ``size`` bytes."""

@@ -62,8 +62,8 @@ _SCAN_ARGS = (
 _ROUTE_ARGS = f"{_MASKS}, {_MASKS}, uint64[::1], int64, {_MASKS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}"
 # What the read and poll loops take to give filtered groups their runs: the group count, the route, the targets' groups.
 _GROUP_ARGS = f"int64, {_MASKS}, {_MASKS}, uint64[::1], {_MASKS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}, {_INTS}"
-# The cursor table's arrays the read and poll loops read: each slot's mode, position and group.
-_CURSORS = f"int8[::1], {_INTS}, {_INTS}"
+# The cursor table's arrays the read and poll loops read: each slot's mode, position and group; cursors per mode.
+_CURSORS = f"int8[::1], {_INTS}, {_INTS}, {_INTS}"
 
 # Every entry point of ``loops`` that ``kernels`` calls, with its one signature.
 SIGNATURES: dict[str, str] = {

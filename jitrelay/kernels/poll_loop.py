@@ -99,6 +99,7 @@ def _read_slot(
     starts, origins, first_message, fds, iov_first, iov_count, iovecs, msghdr, sent, totals, timespec, tally,
     judge_only, groups, type_groups, source_groups, untyped, masks, group_first, group_counts, group_sizes,
     group_bounds, target_group, placed, shared, cursor_mode, cursor_position, cursor_group,
+    cursor_counts,
 ):
     """One read of ``slot`` into the log at the head, forwarded if it may be; its report in ``reports[r]``.
 
@@ -134,7 +135,7 @@ def _read_slot(
         runs, scratch, crc_tables, tally, state, starts, origins, first_message, slot_origin[slot], fds, fd,
         iov_first, iov_count, iovecs, msghdr, sent, totals, np.int64(address), timespec, stage, 0, 0, groups,
         type_groups, source_groups, untyped, masks, group_first, group_counts, group_sizes, group_bounds, target_group,
-        placed, shared, cursor_mode, cursor_position, cursor_group,
+        placed, shared, cursor_mode, cursor_position, cursor_group, cursor_counts,
     )
     if status == READ_JUDGED:  # for the journal first: Python sends it on (``PollLoop.send_judged``)
         reports[r, POLL_MESSAGES] = messages
@@ -174,6 +175,7 @@ def read_ready(
     starts, origins, first_message, fds, iov_first, iov_count, iovecs, msghdr, sent, totals, timespec, tally,
     judge_only, groups, type_groups, source_groups, untyped, masks, group_first, group_counts, group_sizes,
     group_bounds, target_group, placed, shared, cursor_mode, cursor_position, cursor_group,
+    cursor_counts,
 ):
     """Read every ready slot of ``epfd`` into the log and forward it, until nothing is ready or Python is needed.
 
@@ -205,7 +207,7 @@ def read_ready(
                 crc_tables, state, starts, origins, first_message, fds, iov_first, iov_count, iovecs, msghdr, sent,
                 totals, timespec, tally, judge_only, groups, type_groups, source_groups, untyped, masks, group_first,
                 group_counts, group_sizes, group_bounds, target_group, placed, shared, cursor_mode, cursor_position,
-                cursor_group,
+                cursor_group, cursor_counts,
             ) or made == len(reports):
                 return made
     return made

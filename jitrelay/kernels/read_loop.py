@@ -119,19 +119,22 @@ def _tail_after(forwarded, state, starts):
 
 
 @kernel
-def _evicts_needed(forwarded, state, starts, cursor_mode, cursor_position, cursor_group):
+def _evicts_needed(forwarded, state, starts, cursor_mode, cursor_position, cursor_group, cursor_counts):
     """Whether committing ``forwarded`` bytes would evict what someone still needs.
 
     That is, past ``LOG_KEEP`` (what Python keeps for filtered cursors behind
     and readers of the mapped log) or past the position of an unfiltered
-    cursor behind in the cursor table. The table is read only when the commit
-    evicts anything.
+    cursor behind in the cursor table. The table's slots are read only when
+    the commit evicts anything and its ``cursor_counts`` (cursors per mode)
+    say that some cursor is behind.
     """
     tail = _tail_after(forwarded, state, starts)
     if tail <= state[LOG_TAIL]:
         return False
     if tail > state[LOG_KEEP]:
         return True
+    if len(cursor_counts) <= CURSOR_BEHIND or cursor_counts[CURSOR_BEHIND] == 0:
+        return False
     for s in range(len(cursor_mode)):
         if cursor_mode[s] == CURSOR_BEHIND and cursor_group[s] < 0 and cursor_position[s] < tail:
             return True
@@ -242,7 +245,7 @@ def forward_read(
     scratch, crc_tables, counts, state, starts, origins, first_message, origin, fds, skip, iov_first, iov_count,
     iovecs, msghdr, sent, totals, address, timespec, stage, judged_messages, judged_bytes, groups, type_groups,
     source_groups, untyped, masks, group_first, group_counts, group_sizes, group_bounds, target_group, placed, shared,
-    cursor_mode, cursor_position, cursor_group,
+    cursor_mode, cursor_position, cursor_group, cursor_counts,
 ):
     """Scan ``ring[at:end]``; if it starts with whole forwarded messages only, commit and send them.
 
@@ -255,7 +258,8 @@ def forward_read(
     commit would evict what a cursor behind still needs is not taken either
     (``_evicts_needed``: ``state[LOG_KEEP]``, and the cursor table's
     ``cursor_mode``, ``cursor_position`` and ``cursor_group``, its slots'
-    arrays, or empty): the caller's slow-reader policy decides.
+    arrays, and ``cursor_counts``, its cursors per mode; or empty): the
+    caller's slow-reader policy decides.
 
     ``stage`` splits the call for a relay that journals before forwarding:
     ``STAGE_JUDGE`` stops after the scan (``READ_JUDGED`` when it would have
@@ -291,7 +295,7 @@ def forward_read(
         or forwarded > size - state[LOG_RESERVE]
         or at + forwarded > size + state[LOG_MIRROR]
         or state[LOG_HI] >= len(starts)
-        or _evicts_needed(forwarded, state, starts, cursor_mode, cursor_position, cursor_group)
+        or _evicts_needed(forwarded, state, starts, cursor_mode, cursor_position, cursor_group, cursor_counts)
     ):
         return READ_NOT_TAKEN, n, forwarded, head, 0, 0, 0
     if (

@@ -25,10 +25,10 @@ from jitrelay.kernels import (
     _check_tables,
     _io_loop,
 )
-from jitrelay.kernels.constants import LOG_MIRROR, LOG_SIZE, LOG_STATE_SLOTS, STAGE_ALL
+from jitrelay.kernels.constants import CURSOR_BEHIND, LOG_MIRROR, LOG_SIZE, LOG_STATE_SLOTS, STAGE_ALL
 
 _NOT_SHARED = np.zeros(0, dtype=np.int64)  # no reader maps the log: nothing to publish
-_NO_CURSORS = (np.zeros(0, dtype=np.int8), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+_NO_CURSORS = (np.zeros(0, dtype=np.int8), *(np.zeros(0, dtype=np.int64) for _ in range(3)))
 
 
 class ReadPath:
@@ -63,13 +63,16 @@ class ReadPath:
         self.shared = _NOT_SHARED
         self.cursors = _NO_CURSORS
 
-    def watch_cursors(self, mode: np.ndarray, position: np.ndarray, group: np.ndarray) -> None:
+    def watch_cursors(self, mode: np.ndarray, position: np.ndarray, group: np.ndarray, counts: np.ndarray) -> None:
         """Read the relay's cursor table (``server.cursors``): no read is taken that would evict what an unfiltered
-        cursor behind (``CURSOR_BEHIND``, group -1) has not read. Its arrays, one slot each, bound for good."""
+        cursor behind (``CURSOR_BEHIND``, group -1) has not read. Its arrays, one slot each, and its cursors per
+        mode (``counts``), bound for good."""
         _array(mode, np.dtype(np.int8), 1, "the cursors' modes")
         if not len(mode) == len(_array(position, _I64, 1, "positions")) == len(_array(group, _I64, 1, "groups")):
             raise ValueError("the cursor table's arrays differ in length")
-        self.cursors = (mode, position, group)
+        if len(_array(counts, _I64, 1, "the cursors per mode")) <= CURSOR_BEHIND:
+            raise ValueError("the cursors per mode must count every mode")
+        self.cursors = (mode, position, group, counts)
 
     def publish_to(self, header: np.ndarray | None) -> None:
         """Publish each committed batch in the header of the mapped log, and wake its readers; None: no one maps it."""

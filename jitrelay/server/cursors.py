@@ -6,7 +6,8 @@ cursor and counts per mode answers them in O(1), and cannot drift out of step
 the way separate sets kept by hand can. Arrays, not objects, so that compiled
 code reads the same state the Python control plane writes: the read loop
 keeps in the log whatever an unfiltered cursor behind has not read, from
-``mode``, ``group`` and ``position`` (``kernels.read_path.ReadPath.watch_cursors``).
+``mode``, ``group`` and ``position``, and looks at them only while
+``mode_counts`` says a cursor is behind (``kernels.read_path.ReadPath.watch_cursors``).
 
 A mode says what serves a cursor now; a flag says something that holds
 whatever the mode (a positioned subscriber keeps up or is behind, a publisher
@@ -76,7 +77,8 @@ class CursorTableFull(RuntimeError):
 
 
 class CursorTable(Generic[C]):
-    """One slot per connection: ``fd``, ``mode``, ``flags``, ``position`` and ``group`` arrays, and counts.
+    """One slot per connection: ``fd``, ``mode``, ``flags``, ``position`` and ``group`` arrays, and counts
+    (``mode_counts``: cursors per mode, an array too).
 
     ``group`` is the subscription group a cursor is in (-1: none), as the relay last worked it out.
     """
@@ -94,6 +96,7 @@ class CursorTable(Generic[C]):
         self._free = list(range(capacity - 1, -1, -1))  # a stack: the lowest slots first, then the latest freed
         self._mode_counts = [0] * len(CursorMode)
         self._mode_counts[CursorMode.FREE] = capacity
+        self.mode_counts = np.array(self._mode_counts, dtype=np.int64)  # the same, for compiled code
         self._flag_counts = dict.fromkeys(map(int, CursorFlag), 0)
 
     @property
@@ -193,8 +196,11 @@ class CursorTable(Generic[C]):
         return slot
 
     def _set_mode(self, slot: int, mode: int) -> None:
-        self._mode_counts[int(self.mode[slot])] -= 1
+        old = int(self.mode[slot])
+        self._mode_counts[old] -= 1
         self._mode_counts[mode] += 1
+        self.mode_counts[old] -= 1
+        self.mode_counts[mode] += 1
         self.mode[slot] = mode
 
     def _follow_flags(self, slot: int) -> None:

@@ -110,7 +110,8 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         self._read_path = ReadPath(
             self.log.ring, self.tables, self.scan_out, self.log.state, self.log.index
         )  # the ordinary read's whole path, compiled: ``_forward_compiled``
-        self._read_path.watch_cursors(self.cursors.mode, self.cursors.position, self.cursors.group)
+        table = self.cursors
+        self._read_path.watch_cursors(table.mode, table.position, table.group, table.mode_counts)
         self._start_polling()  # the relay's own epoll set: ``polled_reads``
         self._targets: list[Connection] = []
         self._target_group = np.zeros(0, dtype=np.int64)  # -1 for the unfiltered, else the group index

@@ -421,7 +421,8 @@ def test_the_read_loop_keeps_what_an_unfiltered_cursor_behind_in_the_table_has_n
     modes = np.zeros(8, dtype=np.int8)  # slot 5 is the cursor; the others are free
     positions, groups = np.zeros(8, dtype=np.int64), np.full(8, -1, dtype=np.int64)
     modes[5], groups[5], positions[5] = mode, group, position
-    path.watch_cursors(modes, positions, groups)
+    counts = np.bincount(modes, minlength=8).astype(np.int64)
+    path.watch_cursors(modes, positions, groups, counts)
     fan = kernels.FanOut()
     peers = targets(fan, pairs, 1)
     counts = np.zeros(len(protocol.VERDICT_NAMES), dtype=np.int64)
@@ -437,10 +438,13 @@ def test_the_read_loop_keeps_what_an_unfiltered_cursor_behind_in_the_table_has_n
 
 def test_the_cursor_tables_arrays_are_checked_once_when_bound() -> None:
     path = path_for(new_log(1 << 12, 1 << 10))
+    ints = np.zeros(4, dtype=np.int64)
     with pytest.raises(TypeError):
-        path.watch_cursors(np.zeros(4, dtype=np.int64), np.zeros(4, dtype=np.int64), np.zeros(4, dtype=np.int64))
+        path.watch_cursors(ints, ints, ints, ints)
     with pytest.raises(ValueError, match="differ in length"):
-        path.watch_cursors(np.zeros(4, dtype=np.int8), np.zeros(3, dtype=np.int64), np.zeros(4, dtype=np.int64))
+        path.watch_cursors(np.zeros(4, dtype=np.int8), np.zeros(3, dtype=np.int64), ints, ints)
+    with pytest.raises(ValueError, match="every mode"):
+        path.watch_cursors(np.zeros(4, dtype=np.int8), ints, ints, np.zeros(CURSOR_BEHIND, dtype=np.int64))
 
 
 def test_a_committed_read_is_published_to_the_mapped_log_and_wakes_its_sleeping_readers(pairs: list) -> None:

@@ -25,7 +25,7 @@ WAIT_SECONDS = 60.0  # the first relay of a session may build the kernels first
 def assert_recount(table: CursorTable) -> None:
     """The table's counts are those of its arrays."""
     for mode in CursorMode:
-        assert table.count(mode) == int(np.count_nonzero(table.mode == mode)), mode
+        assert table.count(mode) == int(np.count_nonzero(table.mode == mode)) == table.mode_counts[mode], mode
     for flag in CursorFlag:
         assert table.count_flagged(flag) == int(np.count_nonzero(table.flags & flag)), flag
 

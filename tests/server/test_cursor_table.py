@@ -39,7 +39,7 @@ def assert_counts_match(table: CursorTable[Peer]) -> None:
     """Every count and query equals a recount from the ``mode`` and ``flags`` arrays."""
     for mode in CursorMode:
         slots = np.flatnonzero(table.mode == mode)
-        assert table.count(mode) == len(slots), mode
+        assert table.count(mode) == len(slots) == table.mode_counts[mode], mode
         if mode != CursorMode.FREE:
             assert table.members(mode) == [table.connections[s] for s in slots], mode
     for flag in CursorFlag:

@@ -254,12 +254,9 @@ def forward_read(
     to the log and out (``counts`` tallied, ``state`` and the batch index
     moved, ``sent``/``totals`` as the send loop leaves them; a partial
     message after it stays where it is), else ``READ_NOT_TAKEN`` with
-    nothing changed but ``scratch`` and the scan buffers. A read whose
-    commit would evict what a cursor behind still needs is not taken either
-    (``_evicts_needed``: ``state[LOG_KEEP]``, and the cursor table's
-    ``cursor_mode``, ``cursor_position`` and ``cursor_group``, its slots'
-    arrays, and ``cursor_counts``, its cursors per mode; or empty): the
-    caller's slow-reader policy decides.
+    nothing changed but ``scratch`` and the scan buffers. Nor is a read
+    whose commit would evict what a cursor behind still needs
+    (``_evicts_needed``, over the ``cursor_*`` arrays of the cursor table).
 
     ``stage`` splits the call for a relay that journals before forwarding:
     ``STAGE_JUDGE`` stops after the scan (``READ_JUDGED`` when it would have
@@ -273,9 +270,8 @@ def forward_read(
     bytes afterwards. A read whose groups' runs do not fit the arrays is not
     taken. The judge stage routes; the send stage uses what it left.
 
-    ``shared``: the mapped log's header while local readers map it (else
-    empty); a committed batch is published there and its readers woken
-    before the sockets are sent it.
+    ``shared``: the mapped log's header (else empty); a commit is published
+    there and its readers woken before the sockets are sent it.
     """
     if stage == STAGE_SEND:
         n, forwarded, clean = judged_messages, judged_bytes, True

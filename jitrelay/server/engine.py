@@ -358,21 +358,21 @@ class Relay(CatchUp, SlowReaders, Resume, SharedReaders, Journaling, Controls, P
         """
         if self._targets_dirty:
             self._rebuild_targets()
-        keep = KEEP_EVERYTHING_EVICTABLE
-        if self._owing():
-            filtered = self.cursors.members(*CATCHING_UP)
-            keep = min(conn.needed() for conn in filtered if conn.filter != protocol.EVERYTHING)
-        if self.logic.slow_policy == BLOCK and self.cursors.count(CursorMode.MAPPED):
-            slots = [conn.shared_slot for conn in self.cursors.members(CursorMode.MAPPED)]
-            keep = min(keep, int(self.memory.positions(slots).min()))
+        keep = min((conn.needed() for conn in self._filtered_behind()), default=KEEP_EVERYTHING_EVICTABLE)
+        if self.logic.slow_policy == BLOCK:
+            keep = min(keep, self._slowest_mapped())
         self.log.keep = keep
         self._read_path.publish_to(self.memory.header if self.log.publisher is not None else None)
 
+    def _filtered_behind(self) -> list[Connection]:
+        """Filtered cursors behind: every batch owes them their group's ranges, made from the batch's scan."""
+        if not (self._groups and self.cursors.count(*CATCHING_UP)):
+            return []
+        return [conn for conn in self.cursors.members(*CATCHING_UP) if conn.filter != protocol.EVERYTHING]
+
     def _owing(self) -> bool:
-        """Whether a filtered cursor is behind: every batch owes it its group's ranges, made from the batch's scan."""
-        return bool(self._groups) and any(
-            conn.filter != protocol.EVERYTHING for conn in self.cursors.members(*CATCHING_UP)
-        )
+        """Whether a batch is owed to a filtered cursor behind: then the poll loop reads one batch per call."""
+        return bool(self._filtered_behind())
 
     def _forward_compiled(self, sender: Connection, at: int, n: int, arrived: int) -> bool:
         """The ordinary read in one compiled call (``ReadPath``): scan, commit, fan out; False if not taken.

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from jitrelay import kernels
 from jitrelay.core import protocol
 from jitrelay.core.domains import DISCONNECT, RelayLogic
+from jitrelay.kernels.constants import KEEP_EVERYTHING_EVICTABLE
 from jitrelay.server.connection import Connection
 from jitrelay.server.cursors import CATCHING_UP, CursorFlag, CursorMode, CursorTable
 from jitrelay.server.log import RelayLog
@@ -126,11 +127,17 @@ class SlowReaders:
         A cursor in the way whose connection has published and never read is detached, not waited for.
         """
         tail = self.log.tail_after(min(nbytes, self.log.capacity))
-        mapped = self.cursors.members(CursorMode.MAPPED)
-        if mapped and int(self.memory.positions([c.shared_slot for c in mapped]).min()) < tail:
+        if self._slowest_mapped() < tail:
             return False
         in_the_way = [c for c in self.cursors.members(*CATCHING_UP) if c.needed() < tail]
         return all(self._never_read(conn, sender) for conn in in_the_way)
+
+    def _slowest_mapped(self) -> int:
+        """How far the slowest reader of the mapped log says it has read (``KEEP_EVERYTHING_EVICTABLE``: none)."""
+        mapped = self.cursors.members(CursorMode.MAPPED)
+        if not mapped:
+            return KEEP_EVERYTHING_EVICTABLE
+        return int(self.memory.positions([conn.shared_slot for conn in mapped]).min())
 
     def _hold(self, conn: Connection) -> None:
         cursors = self.cursors
